@@ -1,0 +1,27 @@
+"""ecar_infer: an inference-optimized sampling engine for E-CAR (multistage continuous AR image generation)."""
+import platform
+
+from setuptools import setup
+
+# Triton wheels exist only for Linux x86-64; elsewhere the reference backends run.
+TRITON = ["triton"] if platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64") else []
+
+setup(
+    name="ecar_infer",
+    version="0.1.0",
+    description="Fast, exact sampling engine for E-CAR multistage continuous autoregressive image models",
+    python_requires=">=3.10",
+    packages=["ecar_infer", "ecar_infer.model", "ecar_infer.kernels", "benchmarks"],
+    package_dir={"ecar_infer.kernels": "kernels"},
+    install_requires=["torch", "diffusers", "safetensors", "numpy", "pillow", "tqdm"] + TRITON,
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"],
+        "flash": ["flash-attn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ecar-sample=ecar_infer.cli:main",
+            "ecar-train=ecar_infer.train:main",
+        ]
+    },
+)
