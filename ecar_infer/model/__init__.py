@@ -1,0 +1,5 @@
+from .ar import ARTransformer
+from .ecar import ECARModel
+from .head import FlowHead
+
+__all__ = ["ECARModel", "ARTransformer", "FlowHead"]

@@ -1,0 +1,107 @@
+"""Static buffers and the capturable units of one sampling request shape.
+
+A `StageEngine` is built for one (batch, step plan, dtype) and owns every buffer the request touches:
+labels, AdaLN modulations, the static KV cache, per-stage token states, the AR outputs, all noise and
+per-step guidance weights. Its units only read and write those buffers, with no host syncs, no
+`.item()` and no data-dependent Python branches, so each can be captured as a CUDA graph and replayed
+(ecar_infer/graphs.py); on the CPU they simply run eagerly. Inputs are copied in by `load` beforehand.
+"""
+from __future__ import annotations
+
+import torch
+
+from .cache import StaticKVCache
+from .kernels import ops
+from .kernels.reference import upsample2x
+from .model import ECARModel
+from .noise import RequestNoise
+from .schedule import StageSteps, stage_jumps
+from .stages import patchify, unpatchify
+
+
+class StageEngine:
+    def __init__(self, model: ECARModel, batch: int, steps: list[StageSteps]) -> None:
+        cfg, plan = model.config, model.plan
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        self.model, self.plan, self.steps, self.batch = model, plan, steps, batch
+        # the null branch exists only if some step of some stage is guided
+        self.guided = any(st.any_guided for st in steps)
+        rows = 2 * batch if self.guided else batch
+        c, d, sides = cfg.latent_channels, cfg.token_dim, plan.latent_sides
+        zeros = lambda *shape, dt=dtype: torch.zeros(shape, device=device, dtype=dt)  # noqa: E731
+        self.labels = torch.full((rows,), cfg.null_class, device=device, dtype=torch.long)
+        self.mods = zeros(6 * cfg.depth + 2, rows, cfg.width)
+        self.cache = StaticKVCache(cfg.depth, rows, plan.total_tokens, cfg.num_heads, cfg.head_dim, device, dtype)
+        self.h = [zeros(rows, n, cfg.width) for n in plan.tokens]
+        # token states stay fp32 across Euler steps whatever the model dtype
+        self.x = [zeros(batch, n, d, dt=torch.float32) for n in plan.tokens]
+        self.ups = [None] + [zeros(batch, c, side, side) for side in sides[1:]]
+        self.start_noise = zeros(batch, c, sides[0], sides[0], dt=torch.float32)
+        self.jump_noise = [zeros(batch, c, side, side, dt=torch.float32) for side in sides[1:]]
+        self.weights = [torch.ones(st.steps, batch, device=device) for st in steps]
+        self.sigmas = [torch.tensor(st.sigmas, device=device, dtype=torch.float32) for st in steps]
+        self.jumps = stage_jumps(plan.num_stages)
+
+    @property
+    def rows(self) -> int:
+        return self.labels.shape[0]
+
+    def load(self, class_labels: torch.Tensor, noise: RequestNoise) -> None:
+        """Copy a request's labels and noise into the static buffers (outside any graph)."""
+        b = self.batch
+        self.labels[:b].copy_(class_labels)
+        self.start_noise.copy_(noise.start)
+        for buf, xi in zip(self.jump_noise, noise.jumps):
+            buf.copy_(xi)
+        for buf, st in zip(self.weights, self.steps):
+            buf.copy_(torch.tensor(st.guidance, dtype=torch.float32)[:, None].expand(st.steps, b))
+
+    # ---- units -------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Modulations of the whole request, and the first stage's starting state (pure noise)."""
+        self.mods.copy_(self.model.trunk.condition(self.labels))
+        self.x[0].copy_(patchify(self.start_noise, self.model.config.patch_size))
+
+    def ar_stage(self, s: int) -> None:
+        """The AR transformer on stage s over the static KV cache; writes h[s]."""
+        trunk = self.model.trunk
+        up = self.ups[s]
+        if up is not None and self.guided:
+            up = torch.cat([up, up])  # both branches see the same previous stage
+        tokens = trunk.stage_inputs(s, self.labels, up)
+        self.h[s].copy_(trunk.forward_stage(s, tokens, self.mods, self.cache))
+
+    def flow_stage(self, s: int) -> None:
+        """All N_s Euler steps of stage s, guidance included: x[s] goes from x_start to x_end in place."""
+        head, st, b = self.model.head, self.steps[s], self.batch
+        x = self.x[s]
+        n, d = x.shape[1], x.shape[2]
+        dtype = self.h[s].dtype
+        cond = head.condition(self.h[s].flatten(0, 1))               # [rows * n, W], fixed for the stage
+        temb = head.time_embedding(self.sigmas[s])                    # [N, W]
+        for k, guided in enumerate(st.guided):
+            if guided:
+                x_in = x.to(dtype).flatten(0, 1).repeat(2, 1)
+                v = head.velocity(x_in, cond + temb[k]).view(2 * b, n, d)
+                ops.guided_euler_step_(x, v[:b], v[b:], self.weights[s][k], st.dr)
+            else:
+                v = head.velocity(x.to(dtype).flatten(0, 1), cond[: b * n] + temb[k]).view(b, n, d)
+                ops.euler_step_(x, v, st.dr)
+
+    def jump(self, s: int) -> None:
+        """From stage s's end to stage s+1: the AR input Up(x_end) and the re-noised start state."""
+        cfg = self.model.config
+        x_end = unpatchify(self.x[s], cfg.patch_size, cfg.latent_channels)
+        self.ups[s + 1].copy_(upsample2x(x_end))
+        if cfg.renoise:
+            alpha, beta = self.jumps[s]
+            x_start = ops.upsample_renoise(x_end, self.jump_noise[s], alpha, beta)
+        else:
+            x_start = upsample2x(x_end)
+        self.x[s + 1].copy_(patchify(x_start, cfg.patch_size))
+
+    def final_latent(self) -> torch.Tensor:
+        """The last stage's end state as a [B, C, H, W] latent in the scaled latent space."""
+        cfg = self.model.config
+        return unpatchify(self.x[-1], cfg.patch_size, cfg.latent_channels)

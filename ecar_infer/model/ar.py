@@ -1,0 +1,117 @@
+"""The AR transformer: DiT-style AdaLN-Zero blocks over the stage pyramid, with two forwards.
+
+* forward_full: the whole sequence under the block-causal mask (training, and the parity oracle);
+* forward_stage: one stage over the static KV cache (inference).
+Both run the same block loop; only the attention call differs. Ops go through ecar_infer.kernels.ops.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..cache import StaticKVCache
+from ..config import ECARConfig
+from ..kernels import ops
+from ..stages import StagePlan, patchify, stage_position_embedding
+
+# attend(layer, q, k, v) -> attention output [B, n, H, Dh]
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+NUM_BLOCK_MODS = 6  # shift, scale, gate for attention; shift, scale, gate for the MLP
+
+
+class ARBlock(nn.Module):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.adaLN = nn.Linear(width, NUM_BLOCK_MODS * width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        hidden = int(width * mlp_ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def qkv_heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, d = h.shape
+        q, k, v = self.qkv(h).view(b, n, 3, self.num_heads, d // self.num_heads).unbind(dim=2)
+        return q, k, v
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
+
+class ARTransformer(nn.Module):
+    def __init__(self, config: ECARConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.plan = StagePlan(config)
+        d = config.width
+        self.class_emb = nn.Embedding(config.num_classes + 1, d)  # last row: the null class
+        self.stage_emb = nn.Embedding(config.num_stages, d)
+        self.input_proj = nn.Linear(config.token_dim, d)          # W_in for stages after the first
+        self.blocks = nn.ModuleList(ARBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_adaLN = nn.Linear(d, 2 * d)
+        pos = torch.cat([stage_position_embedding(g, config.grid_size, d) for g in self.plan.grids])
+        self.register_buffer("pos", pos, persistent=False)  # fixed, derived from the config
+
+    # ---- conditioning --------------------------------------------------------------------
+    def condition(self, class_labels: torch.Tensor) -> torch.Tensor:
+        """All AdaLN modulations of a request, computed once: [depth * 6 + 2, B, D], each [B, D] contiguous.
+
+        Rows 6i..6i+5 are block i's (shift, scale, gate) for attention then MLP; the last two rows
+        are the final LayerNorm's (shift, scale).
+        """
+        c = F.silu(self.class_emb(class_labels))
+        b, d = c.shape
+        mods = [blk.adaLN(c).view(b, NUM_BLOCK_MODS, d) for blk in self.blocks]
+        mods.append(self.final_adaLN(c).view(b, 2, d))
+        return torch.cat(mods, dim=1).transpose(0, 1).contiguous()
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def stage_inputs(self, s: int, class_labels: torch.Tensor, prev_up: torch.Tensor | None) -> torch.Tensor:
+        """Input tokens of stage s: [B, n_s, D].
+
+        Stage 0: the class embedding; later stages: W_in of the patchified, upsampled end state of the
+        previous stage (prev_up: [B, C, side_s, side_s]). Each adds its positions and stage embedding.
+        """
+        rows = self.plan.stage_slice(s)
+        extra = self.pos[rows] + self.stage_emb.weight[s]
+        if s == 0:
+            return self.class_emb(class_labels)[:, None, :] + extra
+        return self.input_proj(patchify(prev_up, self.config.patch_size)) + extra
+
+    # ---- the block loop -------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, mods: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        eps = self.config.norm_eps
+        h = ops.layernorm_modulate(x, mods[0], mods[1], eps)
+        for i, blk in enumerate(self.blocks):
+            m = NUM_BLOCK_MODS * i
+            b, n, d = h.shape
+            a = blk.proj(attend(i, *blk.qkv_heads(h)).reshape(b, n, d))
+            x, h = ops.gated_residual_layernorm_modulate(x, mods[m + 2], a, mods[m + 3], mods[m + 4], eps)
+            # the MLP's residual fuses with the next LayerNorm: the next block's, or the final one
+            x, h = ops.gated_residual_layernorm_modulate(x, mods[m + 5], blk.mlp(h), mods[m + 6], mods[m + 7], eps)
+        return h
+
+    def forward_full(self, tokens: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
+        """All L tokens under the block-causal mask: tokens [B, L, D] -> h [B, L, D]."""
+        stage_ids = self.plan.stage_ids(tokens.device)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return ops.block_causal_attention(q, k, v, stage_ids)
+
+        return self._run(tokens, mods, attend)
+
+    def forward_stage(self, s: int, tokens: torch.Tensor, mods: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+        """Stage s over the static KV cache: tokens [B, n_s, D] -> h [B, n_s, D]; writes the stage's K/V."""
+        start = self.plan.prefixes[s]
+        kv_len = start + self.plan.tokens[s]
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.write(layer, start, k, v)
+            return ops.stage_attention(q, cache.keys(layer), cache.values(layer), kv_len)
+
+        return self._run(tokens, mods, attend)

@@ -1,0 +1,54 @@
+"""ECARModel: the AR transformer (trunk) and the flow head, with the config they were built from."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from ..config import ECARConfig
+from ..stages import StagePlan
+from .ar import ARTransformer
+from .head import FlowHead
+
+
+class ECARModel(nn.Module):
+    def __init__(self, config: ECARConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.plan = StagePlan(config)
+        self.trunk = ARTransformer(config)
+        self.head = FlowHead(config)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, zero_init: bool = True) -> "ECARModel":
+        """Deterministic initialisation from `seed`.
+
+        zero_init=True is the training init (AdaLN-Zero: modulations and the output layer start at 0,
+        so every block starts as the identity). zero_init=False gives every weight a random value,
+        which makes random-weight sampling and parity tests exercise every path.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                values = torch.zeros(p.shape) if zero_init else torch.randn(p.shape, generator=gen) * 0.02
+            elif "emb" in name:
+                values = torch.randn(p.shape, generator=gen) * 0.02
+            else:  # Linear weight [out, in]: Xavier-uniform
+                bound = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))
+                values = (torch.rand(p.shape, generator=gen) * 2 - 1) * bound
+            if zero_init and any(key in name for key in ("adaLN", "modulation", "head.out.")):
+                values = torch.zeros(p.shape)
+            p.copy_(values.to(p.dtype))
+        return self
+
+    def whole_sequence_inputs(self, class_labels: torch.Tensor, prev_ups: list[torch.Tensor]) -> torch.Tensor:
+        """[B, L, D] input tokens of all stages; prev_ups[s-1] is Up(x_end of stage s-1) for s >= 1."""
+        parts = [self.trunk.stage_inputs(0, class_labels, None)]
+        parts += [self.trunk.stage_inputs(s, class_labels, up) for s, up in enumerate(prev_ups, start=1)]
+        return torch.cat(parts, dim=1)
+
+    def forward_full(self, class_labels: torch.Tensor, prev_ups: list[torch.Tensor]) -> torch.Tensor:
+        """AR outputs h of every stage at once under the block-causal mask: [B, L, D]."""
+        mods = self.trunk.condition(class_labels)
+        return self.trunk.forward_full(self.whole_sequence_inputs(class_labels, prev_ups), mods)

@@ -1,0 +1,179 @@
+"""Sampler: checkpoint or config -> model -> [per stage: AR forward, flow loop, re-noise] -> decode -> images."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import ECARConfig
+from .engine import StageEngine
+from .model import ECARModel
+from .noise import draw_noise
+from .output import OUTPUT_TYPES, SampleOutput, convert
+from .schedule import CFG_SCHEDULES, plan_steps
+from .vae import build_decoder
+
+logger = logging.getLogger("ecar_infer")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None means bf16 on CUDA and fp32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Defaults of generate(); a checkpoint's recommended_* metadata overrides them."""
+
+    cfg_scale: float = 1.0
+    steps_per_stage: int | tuple[int, ...] = 20
+    cfg_schedule: str = "constant"
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> "SamplingDefaults":
+        out = cls()
+        if "recommended_cfg" in metadata:
+            out = cls(float(metadata["recommended_cfg"]), out.steps_per_stage, out.cfg_schedule)
+        if "recommended_steps" in metadata:
+            steps = tuple(int(v) for v in str(metadata["recommended_steps"]).split(","))
+            out = cls(out.cfg_scale, steps[0] if len(steps) == 1 else steps, out.cfg_schedule)
+        if "recommended_cfg_schedule" in metadata:
+            out = cls(out.cfg_scale, out.steps_per_stage, metadata["recommended_cfg_schedule"])
+        return out
+
+
+class Sampler:
+    def __init__(self, model: ECARModel, decoder=None, defaults: SamplingDefaults | None = None,
+                 cuda_graphs: bool = True, progress: bool = True) -> None:
+        self.model = model.eval().requires_grad_(False)
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.decoder = decoder if decoder is not None else build_decoder(model.config)
+        self.defaults = defaults or SamplingDefaults()
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.progress = progress
+
+    @property
+    def config(self) -> ECARConfig:
+        return self.model.config
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = "auto",
+                        dtype: str | torch.dtype | None = None, vae=None, vae_slicing: bool = False,
+                        vae_tiling: bool = False, **kwargs) -> "Sampler":
+        """A sampler for a safetensors checkpoint written by save_checkpoint."""
+        from .checkpoint import load_checkpoint
+
+        device = resolve_device(device)
+        model = load_checkpoint(path, device=device, dtype=resolve_dtype(dtype, device))
+        decoder = build_decoder(model.config, vae, device, slicing=vae_slicing, tiling=vae_tiling)
+        metadata = getattr(model, "checkpoint_metadata", {})
+        return cls(model, decoder, SamplingDefaults.from_metadata(metadata), **kwargs)
+
+    @classmethod
+    def from_config(cls, config: ECARConfig, device: str | torch.device | None = "auto",
+                    dtype: str | torch.dtype | None = None, seed: int = 0, vae=None, random_vae: bool = True,
+                    **kwargs) -> "Sampler":
+        """A sampler with random weights drawn from `seed` (every weight random, see init_weights)."""
+        device = resolve_device(device)
+        model = ECARModel(config).init_weights(seed, zero_init=False)
+        model = model.to(device=device, dtype=resolve_dtype(dtype, device))
+        decoder = build_decoder(config, vae, device, random_vae=random_vae)
+        return cls(model, decoder, **kwargs)
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def _validate_labels(self, class_labels: Sequence[int]) -> list[int]:
+        labels = [int(y) for y in class_labels]
+        if not labels:
+            raise ValueError("class_labels is empty: give at least one class")
+        bad = [y for y in labels if not 0 <= y < self.config.num_classes]
+        if bad:
+            raise ValueError(f"class label(s) {sorted(set(bad))} outside this model's range "
+                             f"0..{self.config.num_classes - 1}")
+        return labels
+
+    @staticmethod
+    def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
+        if isinstance(seed, int):
+            return [seed + k for k in range(count)]
+        seeds = [int(s) for s in seed]
+        if len(seeds) != count:
+            raise ValueError(f"got {len(seeds)} seeds for {count} class labels; give one int or one seed per image")
+        return seeds
+
+    @torch.no_grad()
+    def generate(self, class_labels: Sequence[int], seed: int | Sequence[int] = 0, cfg_scale: float | None = None,
+                 steps_per_stage: int | Sequence[int] | None = None, cfg_schedule: str | None = None,
+                 cfg_interval: tuple[float, float] | None = None, output_type: str = "pil",
+                 batch_size: int | None = None, progress: bool | None = None) -> SampleOutput:
+        """Generate one image per class label. Image k uses seed + k (or seed[k] when a list is given)."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        labels = self._validate_labels(class_labels)
+        seeds = self._seeds(seed, len(labels))
+        cfg_scale = self.defaults.cfg_scale if cfg_scale is None else float(cfg_scale)
+        cfg_schedule = cfg_schedule or self.defaults.cfg_schedule
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        steps = plan_steps(self.config.num_stages, steps_per_stage or self.defaults.steps_per_stage,
+                           cfg_scale, cfg_schedule, cfg_interval)
+        batch_size = batch_size or len(labels)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+        from tqdm.auto import tqdm
+
+        show = self.progress if progress is None else progress
+        chunks = [range(i, min(i + batch_size, len(labels))) for i in range(0, len(labels), batch_size)]
+        bar = tqdm(total=len(chunks) * sum(st.steps for st in steps), unit="step", disable=not show,
+                   desc="sampling")
+        started = time.perf_counter()
+        pieces = []
+        for chunk in chunks:
+            latent = self._sample_latents([labels[i] for i in chunk], [seeds[i] for i in chunk], steps, bar)
+            pieces.append(latent if output_type == "latent" else self.decoder.decode(latent))
+        bar.close()
+        result = torch.cat(pieces)
+        images = result.float().cpu() if output_type == "latent" else convert(result, output_type)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - started
+        return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": len(labels) / elapsed})
+
+    def _sample_latents(self, labels: list[int], seeds: list[int], steps, bar) -> torch.Tensor:
+        """One chunk through every stage: [B, C, H, W] scaled latents."""
+        engine = StageEngine(self.model, len(labels), steps)
+        noise = draw_noise(seeds, self.model.plan).to(self.device)
+        engine.load(torch.tensor(labels, device=self.device), noise)
+        engine.begin()
+        for s in range(self.config.num_stages):
+            engine.ar_stage(s)
+            engine.flow_stage(s)
+            if s + 1 < self.config.num_stages:
+                engine.jump(s)
+            bar.update(steps[s].steps)
+        return engine.final_latent().clone()

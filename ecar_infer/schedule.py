@@ -1,0 +1,116 @@
+"""The noise schedule of DESIGN.md section 2: stage windows, the re-noise jump, Euler grids, guidance.
+
+Conventions: sigma in [0, 1], sigma = 1 is pure noise, x_sigma = (1 - sigma) * x0 + sigma * eps.
+Stage indices are 0-based here (stage s here is stage s+1 in DESIGN.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def stage_end(s: int, num_stages: int) -> float:
+    """Nominal end sigma e_s = 1 - (s+1)/S of stage s (0-based); the last stage ends at 0."""
+    return 1.0 - (s + 1) / num_stages
+
+
+def jump_coefficients(c: float) -> tuple[float, float]:
+    """(alpha, beta) of the re-noise jump from a stage that ended at signal level c = 1 - e."""
+    return 1.0 / (2.0 - c), math.sqrt(3.0) * (1.0 - c) / (2.0 - c)
+
+
+def stage_windows(num_stages: int) -> list[tuple[float, float]]:
+    """[(start_s, end_s)] for every stage: stage 0 starts at 1, stage s+1 at 1 - alpha*c of stage s."""
+    windows = []
+    start = 1.0
+    for s in range(num_stages):
+        end = stage_end(s, num_stages)
+        windows.append((start, end))
+        c = 1.0 - end
+        alpha, _ = jump_coefficients(c)
+        start = 1.0 - alpha * c
+    return windows
+
+
+def stage_jumps(num_stages: int) -> list[tuple[float, float]]:
+    """[(alpha, beta)] for the jump after each stage but the last."""
+    return [jump_coefficients(1.0 - stage_end(s, num_stages)) for s in range(num_stages - 1)]
+
+
+def euler_ratios(steps: int) -> torch.Tensor:
+    """Local ratios r_k = 1 - k/N, k = 0..N (r = 1 is the stage start, r = 0 its end), float64."""
+    return 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
+
+
+def global_sigma(r: torch.Tensor | float, window: tuple[float, float]) -> torch.Tensor | float:
+    """t = e_s + r * (start_s - e_s): the global sigma of local ratio r inside a stage window."""
+    start, end = window
+    return end + r * (start - end)
+
+
+def stage_guidance(cfg_scale: float, schedule: str, s: int, num_stages: int) -> float:
+    """w_s for stage s: constant w, or linear from 1 at the first stage to w at the last."""
+    if schedule == "constant":
+        return float(cfg_scale)
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * (s / (num_stages - 1) if num_stages > 1 else 1.0)
+    raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+
+
+@dataclass(frozen=True)
+class StageSteps:
+    """Everything the flow loop of one stage needs, fixed before sampling starts."""
+
+    steps: int
+    window: tuple[float, float]
+    sigmas: tuple[float, ...]     # global sigma at each of the N evaluations
+    guidance: tuple[float, ...]   # guidance weight at each evaluation (1.0 means unguided)
+
+    @property
+    def dr(self) -> float:
+        """Uniform Euler step in the local ratio: r_(k+1) - r_k = -1/N."""
+        return -1.0 / self.steps
+
+    @property
+    def guided(self) -> tuple[bool, ...]:
+        return tuple(w != 1.0 for w in self.guidance)
+
+    @property
+    def any_guided(self) -> bool:
+        return any(self.guided)
+
+
+def plan_steps(num_stages: int, steps_per_stage: int | Sequence[int], cfg_scale: float = 1.0,
+               cfg_schedule: str = "constant", cfg_interval: tuple[float, float] | None = None) -> list[StageSteps]:
+    """Per-stage step tables. steps_per_stage is one int for all stages or one per stage.
+
+    cfg_interval=(lo, hi) applies guidance only at evaluations whose global sigma t has lo <= t <= hi.
+    """
+    if isinstance(steps_per_stage, int):
+        steps = [steps_per_stage] * num_stages
+    else:
+        steps = [int(n) for n in steps_per_stage]
+        if len(steps) != num_stages:
+            raise ValueError(f"steps_per_stage has {len(steps)} entries but the model has {num_stages} stages; "
+                             f"give one int or exactly {num_stages}")
+    if any(n <= 0 for n in steps):
+        raise ValueError(f"steps_per_stage must be positive, got {steps}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+    if cfg_interval is not None:
+        lo, hi = cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {cfg_interval}")
+    plans = []
+    for s, (n, window) in enumerate(zip(steps, stage_windows(num_stages))):
+        sigmas = tuple(float(global_sigma(r, window)) for r in euler_ratios(n)[:-1].tolist())
+        w_s = stage_guidance(cfg_scale, cfg_schedule, s, num_stages)
+        guidance = tuple(w_s if cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1] else 1.0
+                         for t in sigmas)
+        plans.append(StageSteps(n, window, sigmas, guidance))
+    return plans
