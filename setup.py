@@ -11,8 +11,10 @@ setup(
     version="0.1.0",
     description="Fast, exact sampling engine for E-CAR multistage continuous autoregressive image models",
     python_requires=">=3.10",
-    packages=["ecar_infer", "ecar_infer.model", "ecar_infer.kernels", "benchmarks"],
-    package_dir={"ecar_infer.kernels": "kernels"},
+    packages=["ecar_infer", "ecar_infer.model", "ecar_infer.kernels", "ecar_infer.weights", "benchmarks"],
+    # kernels/ and weights/ live at the top of the repo but install inside the package
+    package_dir={"ecar_infer.kernels": "kernels", "ecar_infer.weights": "weights"},
+    package_data={"ecar_infer.weights": ["*.safetensors", "*.md", "*.png"]},
     install_requires=["torch", "diffusers", "safetensors", "numpy", "pillow", "tqdm"] + TRITON,
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"],
