@@ -97,8 +97,9 @@ class ARTransformer(nn.Module):
         return h
 
     def forward_full(self, tokens: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
-        """All L tokens under the block-causal mask: tokens [B, L, D] -> h [B, L, D]."""
-        stage_ids = self.plan.stage_ids(tokens.device)
+        """The first stages' tokens under the block-causal mask: tokens [B, P, D] -> h [B, P, D], where P is
+        the token count of a whole number of stages (all L tokens for training)."""
+        stage_ids = self.plan.stage_ids(tokens.device)[: tokens.shape[1]]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return ops.block_causal_attention(q, k, v, stage_ids)

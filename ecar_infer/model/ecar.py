@@ -49,6 +49,7 @@ class ECARModel(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward_full(self, class_labels: torch.Tensor, prev_ups: list[torch.Tensor]) -> torch.Tensor:
-        """AR outputs h of every stage at once under the block-causal mask: [B, L, D]."""
+        """AR outputs h under the block-causal mask, [B, P, D], for stage 0 and the stages prev_ups feeds
+        (all L tokens when prev_ups covers every later stage)."""
         mods = self.trunk.condition(class_labels)
         return self.trunk.forward_full(self.whole_sequence_inputs(class_labels, prev_ups), mods)

@@ -1,0 +1,153 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_model
+from ecar_infer import ECARConfig, Sampler
+from ecar_infer.kernels.reference import block_noise, upsample2x
+from ecar_infer.schedule import jump_coefficients, stage_windows
+from ecar_infer.stages import patchify, unpatchify
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return Sampler(random_model(ECARConfig.preset("ecar-tiny"), seed=3), progress=False)
+
+
+def naive_sample(model, label: int, seed: int, steps: int, w: float) -> torch.Tensor:
+    """DESIGN.md section 2 written out plainly for one image: the whole sequence is re-run through the
+    block-causal forward at every stage, guidance is computed on both branches at every step."""
+    cfg, plan = model.config, model.plan
+    S, p, C = cfg.num_stages, cfg.patch_size, cfg.latent_channels
+    gen = torch.Generator().manual_seed(seed)
+    x_start = torch.randn(1, C, plan.latent_sides[0], plan.latent_sides[0], generator=gen)
+    xis = [torch.randn(1, C, side, side, generator=gen) for side in plan.latent_sides[1:]]
+    prev_ups = []
+    for s, (start, end) in enumerate(stage_windows(S)):
+        labels = torch.tensor([label, cfg.num_classes])
+        h_all = model.forward_full(labels, [torch.cat([u, u]) for u in prev_ups])
+        h = h_all[:, plan.stage_slice(s)]                        # [2, n_s, D]
+        x = patchify(x_start, p)[0]                              # [n_s, d]
+        for k in range(steps):
+            r = 1 - k / steps
+            t = torch.full((x.shape[0],), end + r * (start - end))
+            v_c = model.head(x, t, h[0])
+            v_u = model.head(x, t, h[1])
+            x = x + (-1 / steps) * (v_u + w * (v_c - v_u))
+        x_end = unpatchify(x[None], p, C)
+        if s + 1 < S:
+            alpha, beta = jump_coefficients(1 - end)
+            prev_ups.append(upsample2x(x_end))
+            x_start = alpha * upsample2x(x_end) + beta * block_noise(xis[s])
+    return x_end[0]
+
+
+def test_sampler_matches_the_plain_transcription_of_the_spec(sampler):
+    out = sampler.generate([4, 7], seed=11, cfg_scale=2.5, steps_per_stage=3, output_type="latent")
+    with torch.no_grad():
+        for k, (label, seed) in enumerate(zip(out.class_labels, out.seeds)):
+            expected = naive_sample(sampler.model, label, seed, steps=3, w=2.5)
+            torch.testing.assert_close(out.images[k], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, position", [(2, 1), (5, 0), (5, 3), (8, 7)])
+def test_each_image_regenerates_alone_from_its_seed(sampler, batch, position):
+    labels = [(3 * i + 1) % 10 for i in range(batch)]
+    out = sampler.generate(labels, seed=100, cfg_scale=2.0, steps_per_stage=2, output_type="latent")
+    alone = sampler.generate([labels[position]], seed=out.seeds[position], cfg_scale=2.0, steps_per_stage=2,
+                             output_type="latent")
+    torch.testing.assert_close(alone.images[0], out.images[position], rtol=1e-4, atol=1e-5)
+
+
+def test_batch_size_chunking_does_not_change_images(sampler):
+    a = sampler.generate([1, 2, 3, 4, 5], seed=[9, 8, 7, 6, 5], steps_per_stage=2, output_type="latent")
+    b = sampler.generate([1, 2, 3, 4, 5], seed=[9, 8, 7, 6, 5], steps_per_stage=2, output_type="latent", batch_size=2)
+    torch.testing.assert_close(a.images, b.images, rtol=1e-4, atol=1e-5)
+    assert a.seeds == [9, 8, 7, 6, 5] and a.class_labels == [1, 2, 3, 4, 5]
+
+
+def test_different_seeds_give_different_images(sampler):
+    out = sampler.generate([2, 2], seed=0, steps_per_stage=2, output_type="latent")
+    assert (out.images[0] - out.images[1]).abs().max() > 1e-2
+
+
+def test_output_types(sampler):
+    kwargs = dict(seed=1, steps_per_stage=2)
+    latent = sampler.generate([0, 1], output_type="latent", **kwargs).images
+    assert isinstance(latent, torch.Tensor) and latent.shape == (2, 1, 16, 16)
+    pt = sampler.generate([0, 1], output_type="pt", **kwargs).images
+    torch.testing.assert_close(pt, ((latent + 1) / 2).clamp(0, 1))
+    arr = sampler.generate([0, 1], output_type="np", **kwargs).images
+    assert arr.dtype == np.uint8 and arr.shape == (2, 16, 16, 1)
+    expected = ((latent.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert np.array_equal(arr, expected)
+    pil = sampler.generate([0, 1], output_type="pil", **kwargs).images
+    assert len(pil) == 2 and pil[0].size == (16, 16) and np.array_equal(np.asarray(pil[1]), arr[1, ..., 0])
+
+
+def head_rows_per_call(sampler, **kwargs) -> list[int]:
+    rows = []
+    head = sampler.model.head
+    original = head.velocity
+
+    def spy(x, c):
+        rows.append(x.shape[0])
+        return original(x, c)
+
+    head.velocity = spy
+    try:
+        sampler.generate([1, 2], seed=0, steps_per_stage=2, output_type="latent", **kwargs)
+    finally:
+        del head.velocity
+    return rows
+
+
+def test_guidance_skips_the_null_branch_where_the_weight_is_one(sampler):
+    tokens = sampler.model.plan.tokens  # (4, 16, 64) for ecar-tiny
+    unguided = [2 * n for n in tokens for _ in range(2)]
+    assert head_rows_per_call(sampler, cfg_scale=1.0) == unguided
+    assert head_rows_per_call(sampler, cfg_scale=3.0) == [2 * r for r in unguided]
+    # linear schedule: the first stage has w = 1, so its head runs on the conditional rows only
+    linear = head_rows_per_call(sampler, cfg_scale=3.0, cfg_schedule="linear")
+    assert linear == [2 * tokens[0]] * 2 + [4 * n for n in tokens[1:] for _ in range(2)]
+
+
+def test_guidance_changes_images_and_weight_one_equals_unguided(sampler):
+    base = sampler.generate([5], seed=3, cfg_scale=1.0, steps_per_stage=2, output_type="latent").images
+    interval_off = sampler.generate([5], seed=3, cfg_scale=4.0, cfg_interval=(0.0, 0.0), steps_per_stage=[2, 2, 2],
+                                    output_type="latent").images
+    guided = sampler.generate([5], seed=3, cfg_scale=4.0, steps_per_stage=2, output_type="latent").images
+    torch.testing.assert_close(interval_off, base, rtol=1e-5, atol=1e-6)
+    assert (guided - base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(class_labels=[10]), "outside this model's range 0..9"),
+    (dict(class_labels=[-1]), "outside"),
+    (dict(class_labels=[]), "empty"),
+    (dict(class_labels=[1], steps_per_stage=[2, 2]), "3 stages"),
+    (dict(class_labels=[1, 2], seed=[1]), "seeds"),
+    (dict(class_labels=[1], output_type="jpeg"), "output_type"),
+    (dict(class_labels=[1], cfg_schedule="cosine"), "cfg_schedule"),
+    (dict(class_labels=[1], batch_size=-1), "batch_size"),
+])
+def test_bad_arguments_raise_clear_errors(sampler, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(**kwargs)
+
+
+def test_progress_bar_switch(sampler, capsys):
+    sampler.generate([1], seed=0, steps_per_stage=2, output_type="latent", progress=True)
+    assert "sampling" in capsys.readouterr().err
+    sampler.generate([1], seed=0, steps_per_stage=2, output_type="latent", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_from_config_is_deterministic_in_its_seed():
+    cfg = ECARConfig.preset("ecar-tiny")
+    a = Sampler.from_config(cfg, device="cpu", seed=5, progress=False)
+    b = Sampler.from_config(cfg, device="cpu", seed=5, progress=False)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    out = a.generate([1], seed=0, steps_per_stage=2, output_type="latent")
+    assert torch.isfinite(out.images).all()
