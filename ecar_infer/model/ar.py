@@ -54,8 +54,13 @@ class ARTransformer(nn.Module):
         self.input_proj = nn.Linear(config.token_dim, d)          # W_in for stages after the first
         self.blocks = nn.ModuleList(ARBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_adaLN = nn.Linear(d, 2 * d)
-        pos = torch.cat([stage_position_embedding(g, config.grid_size, d) for g in self.plan.grids])
-        self.register_buffer("pos", pos, persistent=False)  # fixed, derived from the config
+        self.register_buffer("pos", self.position_table(), persistent=False)  # fixed, derived from the config
+
+    def position_table(self) -> torch.Tensor:
+        """[L, D] float32 positions of every token of the whole sequence (the `pos` buffer; load_checkpoint
+        recomputes it after building the model on the meta device)."""
+        grid, width = self.config.grid_size, self.config.width
+        return torch.cat([stage_position_embedding(g, grid, width) for g in self.plan.grids])
 
     # ---- conditioning --------------------------------------------------------------------
     def condition(self, class_labels: torch.Tensor) -> torch.Tensor:

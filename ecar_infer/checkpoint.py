@@ -1,0 +1,237 @@
+"""Safetensors checkpoints (DESIGN.md section 4): save_checkpoint and load_checkpoint.
+
+A checkpoint is one .safetensors file, or a `*.safetensors.index.json` index of shards in the diffusers /
+transformers layout ({"metadata": {...}, "weight_map": {tensor name: shard file name}}). The metadata
+holds format="ecar", format_version="1", config=the ECARConfig as JSON, plus any extra string entries
+(recommended_cfg, recommended_steps, ...). Every tensor shares one float dtype. Only safetensors are
+read, never pickle, so loading a checkpoint cannot run code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ECARConfig
+from .model import ECARModel
+from .output import atomic_path
+
+FORMAT = "ecar"
+FORMAT_VERSION = "1"
+RESERVED_KEYS = ("format", "format_version", "config")
+INDEX_SUFFIX = ".safetensors.index.json"
+# safetensors' dtype names of the float dtypes a checkpoint may hold
+FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a bare pickle (protocol 2+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read as an E-CAR checkpoint; the message names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(f"checkpoint {path}: {problem}")
+        self.path, self.problem = Path(path), problem
+
+
+# ---- saving ----------------------------------------------------------------------------------------
+def save_checkpoint(model: ECARModel, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None,
+                    max_shard_bytes: int | None = None) -> None:
+    """Write `model` (its config and persistent weights) atomically.
+
+    With max_shard_bytes, `path` must end in .safetensors.index.json: the weights go to shards of at most
+    that many bytes (a tensor larger than that gets a shard of its own) named after the index.
+    """
+    path = Path(path)
+    metadata = _metadata(path, model.config, extra_metadata or {})
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1 or not dtypes <= set(DTYPE_NAMES):
+        raise CheckpointError(path, f"all tensors must share one dtype of {sorted(map(str, DTYPE_NAMES))}, "
+                                    f"the model has {sorted(map(str, dtypes))}")
+    if max_shard_bytes is None:
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+        return
+    if not path.name.endswith(INDEX_SUFFIX):
+        raise CheckpointError(path, f"a sharded checkpoint is named by its index, which must end in {INDEX_SUFFIX}")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    stem = path.name[: -len(INDEX_SUFFIX)]
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        shard_name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        with atomic_path(path.parent / shard_name) as tmp:
+            save_file(shard, tmp, metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, shard_name))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=1, sort_keys=True))
+
+
+def _metadata(path: Path, config: ECARConfig, extra: dict[str, str]) -> dict[str, str]:
+    clash = sorted(set(extra) & set(RESERVED_KEYS))
+    if clash:
+        raise CheckpointError(path, f"extra_metadata may not set the reserved key(s) {clash}")
+    bad = sorted(k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str))
+    if bad:
+        raise CheckpointError(path, f"extra_metadata keys and values must be strings; not so for {bad}")
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_json(), **extra}
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> ECARModel:
+    """An ECARModel in eval mode from a checkpoint written by save_checkpoint.
+
+    The model is built on the meta device, every stored tensor's name, shape and dtype is checked against
+    it, then the weights are assigned (cast to `dtype` unless it is None) and moved to `device`.
+    model.checkpoint_metadata holds the extra metadata entries.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "file not found")
+    if path.is_dir():
+        raise CheckpointError(path, f"is a directory; give a .safetensors file or a *{INDEX_SUFFIX} index")
+    metadata, entries = _read_index(path) if path.name.endswith(INDEX_SUFFIX) else _read_file(path)
+    config = _config(path, metadata)
+    with torch.device("meta"):
+        model = ECARModel(config)
+    stored_dtype = _check_tensors(path, model, entries)
+    dtype = stored_dtype if dtype is None else dtype
+    device = torch.device(device)
+    by_file: dict[Path, list[str]] = {}
+    for name, (_, _, file) in entries.items():
+        by_file.setdefault(file, []).append(name)
+    state = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            state.update({name: f.get_tensor(name).to(dtype) for name in names})
+    model.load_state_dict(state, strict=True, assign=True)
+    # the meta build left the config-derived (non-persistent) buffers on meta: compute them for real
+    model.trunk.pos = model.trunk.position_table().to(device=device, dtype=dtype)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"load_checkpoint does not know how to build the tensors {leftover}")
+    model.checkpoint_metadata = {k: v for k, v in metadata.items() if k not in RESERVED_KEYS}
+    return model.eval()
+
+
+# name -> (shape, safetensors dtype name, file holding it)
+Entries = dict[str, tuple[tuple[int, ...], str, Path]]
+
+
+def _read_file(path: Path) -> tuple[dict[str, str], Entries]:
+    """The metadata and tensor table of one .safetensors file (its header only; no tensor data is read)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            entries = {}
+            for name in f.keys():
+                piece = f.get_slice(name)
+                entries[name] = (tuple(piece.get_shape()), piece.get_dtype(), path)
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(path, _why_unreadable(path, err)) from None
+    return metadata, entries
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    """Explain why safetensors could not open a file (its own messages are terse)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith(PICKLE_MAGIC):
+        return ("looks like a torch.save pickle, not safetensors; pickles can run code and are never loaded "
+                "(convert it in a trusted session: load it, then save_checkpoint(model, PATH))")
+    size = path.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{":  # a safetensors file begins with its header's length, then "{"
+        header_len = int.from_bytes(head[:8], "little")
+        if 8 + header_len > size or 8 + header_len + _data_bytes(path, header_len) > size:
+            return f"truncated safetensors file (only {size} bytes; its header describes more)"
+        return f"corrupt safetensors file ({err})"
+    return f"not a safetensors file ({size} bytes that do not start with a safetensors header)"
+
+
+def _data_bytes(path: Path, header_len: int) -> int:
+    """How many data bytes a safetensors header describes (0 if the header cannot be parsed)."""
+    with open(path, "rb") as f:
+        f.seek(8)
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return 0
+    ends = [v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and "data_offsets" in v]
+    return max(ends, default=0)
+
+
+def _read_index(path: Path) -> tuple[dict[str, str], Entries]:
+    """The metadata of a shard index and the tensor table of all its shards."""
+    try:
+        index = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(path, f"shard index is not valid JSON ({err})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    metadata = index.get("metadata") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
+        raise CheckpointError(path, 'shard index must be a JSON object with "metadata" and "weight_map" objects')
+    entries: Entries = {}
+    for shard_name in sorted(set(weight_map.values())):
+        shard = path.parent / shard_name
+        if not shard.is_file():
+            raise CheckpointError(path, f"shard {shard_name} listed in the index is missing")
+        _, shard_entries = _read_file(shard)
+        for name in (n for n, s in weight_map.items() if s == shard_name):
+            if name not in shard_entries:
+                raise CheckpointError(shard, f"lacks tensor {name!r} that the index {path.name} places there")
+            entries[name] = shard_entries[name]
+    return {str(k): str(v) for k, v in metadata.items()}, entries
+
+
+def _config(path: Path, metadata: dict[str, str]) -> ECARConfig:
+    if metadata.get("format") != FORMAT:
+        found = f"format={metadata['format']!r}" if "format" in metadata else "no format entry"
+        raise CheckpointError(path, f"not an E-CAR checkpoint: its metadata has {found}, expected format={FORMAT!r}")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(path, f"format_version={metadata.get('format_version')!r} is not supported; this "
+                                    f"ecar_infer reads format_version={FORMAT_VERSION!r}")
+    if "config" not in metadata:
+        raise CheckpointError(path, "its metadata has no config entry")
+    try:
+        return ECARConfig.from_json(metadata["config"])
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(path, f"invalid config: {err}") from None
+
+
+def _check_tensors(path: Path, model: ECARModel, entries: Entries) -> torch.dtype:
+    """Compare the stored tensors with the model's state; return their common dtype."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(entries))
+    unexpected = sorted(set(entries) - set(expected))
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing tensor(s) {_some(missing)}"] if missing else []
+        parts += [f"{len(unexpected)} unexpected tensor(s) {_some(unexpected)}"] if unexpected else []
+        raise CheckpointError(path, f"does not match its config: {'; '.join(parts)}")
+    misshaped = [f"{n} is {list(entries[n][0])}, expected {list(t.shape)}"
+                 for n, t in expected.items() if entries[n][0] != tuple(t.shape)]
+    if misshaped:
+        raise CheckpointError(path, f"{len(misshaped)} tensor(s) with the wrong shape: {_some(misshaped)}")
+    dtypes = {entries[n][1] for n in expected}
+    not_float = sorted(n for n in expected if entries[n][1] not in FLOAT_DTYPES)
+    if not_float or len(dtypes) != 1:
+        detail = (f"{_some([f'{n} is {entries[n][1]}' for n in not_float])}" if not_float
+                  else f"found {sorted(dtypes)}")
+        raise CheckpointError(path, f"all tensors must share one dtype of {sorted(FLOAT_DTYPES)}: {detail}")
+    return FLOAT_DTYPES[dtypes.pop()]
+
+
+def _some(items: list[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

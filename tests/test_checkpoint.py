@@ -1,0 +1,179 @@
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import random_model
+from ecar_infer import CheckpointError, ECARConfig, Sampler, load_checkpoint, save_checkpoint
+from ecar_infer.checkpoint import FORMAT, FORMAT_VERSION
+from ecar_infer.model import ECARModel
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(ECARConfig.preset("ecar-tiny"), seed=5)
+
+
+@pytest.fixture(scope="module")
+def ckpt(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(model, path, extra_metadata={"recommended_cfg": "2.0", "recommended_steps": "2"})
+    return path
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def metadata(model, **changes):
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def generate(model):
+    sampler = Sampler(model, progress=False)
+    return sampler.generate([1, 8], seed=3, cfg_scale=2.0, steps_per_stage=2, output_type="latent").images
+
+
+# ---- round trips -----------------------------------------------------------------------------------
+def test_round_trip_gives_identical_weights_metadata_and_samples(model, ckpt):
+    loaded = load_checkpoint(ckpt)
+    assert isinstance(loaded, ECARModel) and loaded.config == model.config and not loaded.training
+    assert loaded.checkpoint_metadata == {"recommended_cfg": "2.0", "recommended_steps": "2"}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    # the non-persistent position table is rebuilt on the device, not left on meta
+    assert torch.equal(loaded.trunk.pos, model.trunk.pos)
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    assert torch.equal(generate(loaded), generate(model))
+
+
+def test_sampler_from_pretrained_uses_the_recommended_settings(ckpt):
+    sampler = Sampler.from_pretrained(ckpt, device="cpu", progress=False)
+    assert sampler.defaults.cfg_scale == 2.0 and sampler.defaults.steps_per_stage == 2
+
+
+def test_dtype_is_kept_or_cast(model, ckpt, tmp_path):
+    cast = load_checkpoint(ckpt, dtype=torch.bfloat16)
+    assert {t.dtype for t in [*cast.parameters(), *cast.buffers()]} == {torch.bfloat16}
+    path = tmp_path / "bf16.safetensors"
+    save_checkpoint(cast, path)
+    kept = load_checkpoint(path)
+    assert {t.dtype for t in [*kept.parameters(), *kept.buffers()]} == {torch.bfloat16}
+    assert torch.equal(kept.trunk.pos, model.trunk.pos.to(torch.bfloat16))
+
+
+def test_sharded_index_round_trip(model, tmp_path):
+    index = tmp_path / "tiny.safetensors.index.json"
+    save_checkpoint(model, index, extra_metadata={"note": "sharded"}, max_shard_bytes=20_000)
+    shards = sorted(p.name for p in tmp_path.glob("tiny-*-of-*.safetensors"))
+    assert len(shards) > 1 and set(json.loads(index.read_text())["weight_map"].values()) == set(shards)
+    loaded = load_checkpoint(index)
+    assert loaded.checkpoint_metadata == {"note": "sharded"}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    (tmp_path / shards[-1]).unlink()
+    with pytest.raises(CheckpointError, match=f"shard {shards[-1]} .*missing"):
+        load_checkpoint(index)
+
+
+def test_save_leaves_no_temporary_files_and_rejects_bad_metadata(model, tmp_path):
+    save_checkpoint(model, tmp_path / "m.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    with pytest.raises(CheckpointError, match="reserved"):
+        save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"config": "{}"})
+    with pytest.raises(CheckpointError, match="strings"):
+        save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"recommended_cfg": 3.0})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# ---- one clear error per bad file ------------------------------------------------------------------
+def write_bad(kind, model, path):
+    """Write the bad checkpoint `kind` to path."""
+    tensors = state(model)
+    meta = metadata(model)
+    if kind == "missing file":
+        return
+    if kind == "directory":
+        path.mkdir()
+        return
+    if kind == "not safetensors":
+        path.write_text("definitely not a checkpoint\n")
+        return
+    if kind == "pickle":
+        torch.save(tensors, path)
+        return
+    if kind == "truncated":
+        save_file(tensors, path, metadata=meta)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 100])
+        return
+    if kind == "truncated header":
+        save_file(tensors, path, metadata=meta)
+        path.write_bytes(path.read_bytes()[:40])
+        return
+    if kind == "missing tensor":
+        del tensors["head.out.weight"]
+    elif kind == "unexpected tensor":
+        tensors["head.extra"] = torch.zeros(3)
+    elif kind == "misshaped tensor":
+        tensors["trunk.input_proj.weight"] = torch.zeros(32, 5)
+    elif kind == "mixed dtypes":
+        tensors["head.out.bias"] = tensors["head.out.bias"].half()
+    elif kind == "integer tensor":
+        tensors["head.out.bias"] = tensors["head.out.bias"].long()
+    elif kind == "no metadata":
+        meta = None
+    elif kind == "wrong format":
+        meta = metadata(model, format="pt")
+    elif kind == "wrong version":
+        meta = metadata(model, format_version="2")
+    elif kind == "no config":
+        meta = metadata(model, config=None)
+    elif kind == "invalid config JSON":
+        meta = metadata(model, config='{"width": 32,')
+    elif kind == "config fails validation":
+        meta = metadata(model, config=model.config.to_json().replace('"num_heads": 2', '"num_heads": 3'))
+    elif kind == "unknown config field":
+        meta = metadata(model, config=json.dumps({**model.config.to_dict(), "colour": "blue"}))
+    save_file(tensors, path, metadata=meta)
+
+
+BAD_FILES = {
+    "missing file": "file not found",
+    "directory": "is a directory",
+    "not safetensors": "not a safetensors file",
+    "pickle": "torch.save pickle",
+    "truncated": "truncated safetensors file",
+    "truncated header": "truncated safetensors file",
+    "missing tensor": r"1 missing tensor\(s\) head.out.weight",
+    "unexpected tensor": r"1 unexpected tensor\(s\) head.extra",
+    "misshaped tensor": r"trunk.input_proj.weight is \[32, 5\], expected \[32, 4\]",
+    "mixed dtypes": r"one dtype .*found \['F16', 'F32'\]",
+    "integer tensor": "one dtype .*head.out.bias is I64",
+    "no metadata": "not an E-CAR checkpoint: its metadata has no format entry",
+    "wrong format": "not an E-CAR checkpoint: its metadata has format='pt'",
+    "wrong version": "format_version='2' is not supported",
+    "no config": "no config entry",
+    "invalid config JSON": "invalid config: config is not valid JSON",
+    "config fails validation": r"invalid config: ECARConfig.num_heads=3: must divide width=32",
+    "unknown config field": r"invalid config: unknown config field\(s\) \['colour'\]",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_FILES))
+def test_each_bad_file_gets_one_clear_error(kind, model, tmp_path):
+    path = tmp_path / "bad.safetensors"
+    write_bad(kind, model, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert message.startswith(f"checkpoint {path}: ") and "\n" not in message
+    assert info.value.path == path
+    assert re.search(BAD_FILES[kind], message), message
+
+
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError)
