@@ -62,8 +62,12 @@ def _check_name(name: str) -> str:
 def forced_backend() -> str | None:
     """The backend forced by `force_backend` (innermost) or by the ECAR_BACKEND variable, else None."""
     stack = getattr(_state, "stack", None)
-    name = stack[-1] if stack else os.environ.get("ECAR_BACKEND", "auto").strip().lower() or "auto"
-    name = _check_name(name)
+    if stack:
+        name = stack[-1]
+    else:
+        name = os.environ.get("ECAR_BACKEND", "auto").strip().lower() or "auto"
+        if name not in BACKEND_NAMES + ("auto",):
+            raise ValueError(f"ECAR_BACKEND={name!r} is not a backend: choose one of {BACKEND_NAMES + ('auto',)}")
     return None if name == "auto" else name
 
 
@@ -99,9 +103,11 @@ def select(op: str, *args: Any, **kwargs: Any) -> Backend:
     for name in order:
         backend = backends[name]
         if backend.supports(*args, **kwargs):
-            if forced is not None and name != forced and forced in backends:
-                _log_once(op, "!" + forced, f"backend {forced!r} forced but cannot run {op} for this call; "
-                          f"using {name!r}", logging.WARNING)
+            # Forcing a backend the op never has (sdpa for a LayerNorm) is silent; any other miss is not.
+            if forced is not None and name != forced and forced in PREFERENCE.get(op, DEFAULT_PREFERENCE):
+                why = "cannot run it for this call" if forced in backends else "is not installed"
+                _log_once(op, "!" + forced, f"backend {forced!r} forced for {op} but {why}; using {name!r}",
+                          logging.WARNING)
             return backend
     raise RuntimeError(f"no backend can run {op} for these inputs (tried {order})")
 

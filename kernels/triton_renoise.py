@@ -1,0 +1,62 @@
+"""Triton stage jump: 2x nearest upsample fused with the block re-noise.
+
+Reference: reference.upsample_renoise, x_high = alpha * Up(x_low) + beta * (2/sqrt(3)) * (xi - blockmean(xi))
+with xi ([B, C, 2h, 2w], standard normal) drawn by the caller, so the result is reproducible.
+
+Each program takes BLOCK low-resolution elements; each reads its 2x2 block of xi once, removes the block
+mean and writes the four outputs. All arithmetic is fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import BLOCK_NOISE_GAIN
+from .triton_support import runs_on, same_dtype
+
+BLOCK = 256
+
+
+@triton.jit
+def _upsample_renoise_kernel(X_LOW, XI, OUT, n_low, h, w, alpha, beta_gain, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_low
+    col = offs % w
+    row = (offs // w) % h
+    plane = offs // (w * h)  # batch * channel index
+    # Top-left of the 2x2 block in the [2h, 2w] plane; contiguous NCHW.
+    top_left = plane * (4 * h * w) + (2 * row) * (2 * w) + 2 * col
+    corners = (top_left, top_left + 1, top_left + 2 * w, top_left + 2 * w + 1)
+
+    x = alpha * tl.load(X_LOW + offs, mask=mask).to(tl.float32)
+    a = tl.load(XI + corners[0], mask=mask).to(tl.float32)
+    b = tl.load(XI + corners[1], mask=mask).to(tl.float32)
+    c = tl.load(XI + corners[2], mask=mask).to(tl.float32)
+    d = tl.load(XI + corners[3], mask=mask).to(tl.float32)
+    mean = (a + b + c + d) * 0.25
+    dtype = OUT.dtype.element_ty
+    tl.store(OUT + corners[0], (x + beta_gain * (a - mean)).to(dtype), mask=mask)
+    tl.store(OUT + corners[1], (x + beta_gain * (b - mean)).to(dtype), mask=mask)
+    tl.store(OUT + corners[2], (x + beta_gain * (c - mean)).to(dtype), mask=mask)
+    tl.store(OUT + corners[3], (x + beta_gain * (d - mean)).to(dtype), mask=mask)
+
+
+def upsample_renoise(x_low: torch.Tensor, xi: torch.Tensor, alpha: float, beta: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha * Up(x_low) + beta * block_noise(xi) for x_low [B, C, h, w] and xi [B, C, 2h, 2w]."""
+    if out is None:
+        out = torch.empty(xi.shape, dtype=x_low.dtype, device=x_low.device)
+    elif not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    h, w = x_low.shape[-2:]
+    n_low = x_low.numel()
+    _upsample_renoise_kernel[(triton.cdiv(n_low, BLOCK),)](
+        x_low.contiguous(), xi.contiguous(), out, n_low, h, w, alpha, beta * BLOCK_NOISE_GAIN, BLOCK=BLOCK)
+    return out
+
+
+def supports_upsample_renoise(x_low: torch.Tensor, xi: torch.Tensor, alpha: float, beta: float) -> bool:
+    b, c, h, w = x_low.shape if x_low.dim() == 4 else (0, 0, 0, 0)
+    return (runs_on(x_low, xi) and same_dtype(x_low, xi) and x_low.numel() > 0
+            and xi.shape == (b, c, 2 * h, 2 * w))

@@ -1,0 +1,58 @@
+"""What the Triton backends share: whether kernels are interpreted, and the device/dtype gate of every
+Triton `supports` predicate.
+
+Import this module only after `import triton` has succeeded (kernels/__init__.py does).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import dispatch
+
+# triton.jit decides when a kernel is decorated (at import) whether it is interpreted, so read the
+# variable once, here, before any kernel module is imported.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRETER_DTYPES = (torch.float32, torch.float16)  # bf16 arithmetic gives garbage in the interpreter
+
+
+def runs_on(*tensors: torch.Tensor) -> bool:
+    """True if Triton can take these tensors: one device, and a dtype the kernels handle there.
+
+    On the CPU the interpreter runs only when Triton is forced (ECAR_BACKEND=triton or
+    force_backend("triton")): it is a test tool, far slower than the reference, never an automatic choice.
+    """
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return False
+    if device.type == "cuda" and not INTERPRETING:
+        dtypes = CUDA_DTYPES
+    elif device.type == "cpu" and INTERPRETING and dispatch.forced_backend() == "triton":
+        dtypes = INTERPRETER_DTYPES
+    else:
+        return False
+    return all(t.dtype in dtypes for t in tensors)
+
+
+def same_dtype(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == tensors[0].dtype for t in tensors)
+
+
+def configs(tuned: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
+    """Autotune candidates: one config when interpreting (the interpreter cannot benchmark several)."""
+    return [interpreted] if INTERPRETING else tuned
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """t as a [rows, last dim] matrix with unit column stride (a view where possible)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous 1-D tensor (a view when t is already contiguous)."""
+    return t.contiguous().view(-1)
