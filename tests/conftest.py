@@ -27,3 +27,20 @@ def tiny_config() -> ECARConfig:
 def random_model(config: ECARConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> ECARModel:
     """A model whose every weight is random (no zero-initialised gates), in eval mode."""
     return ECARModel(config).init_weights(seed, zero_init=False).to(dtype).eval()
+
+
+def assert_matches_reference(out: torch.Tensor, oracle: torch.Tensor, same_precision: torch.Tensor,
+                             atol: float = 1e-5) -> None:
+    """flash-attn's test rule for a fast kernel's output.
+
+    oracle: the reference computed from fp32 copies of the inputs; same_precision: the reference run at
+    the kernel's own precision. The kernel may be at most twice as far from the oracle as the reference
+    is, plus one rounding of the output to its dtype, plus atol (relative to the output's magnitude).
+    """
+    assert not out.isnan().any(), "the kernel left NaN (poisoned or unwritten) elements"
+    oracle = oracle.float()
+    err = (out.float() - oracle).abs().max().item()
+    err_torch = (same_precision.float() - oracle).abs().max().item()
+    rounding = (oracle.to(out.dtype).float() - oracle).abs().max().item()
+    bound = 2 * err_torch + rounding + atol * max(1.0, oracle.abs().max().item())
+    assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (same-precision torch: {err_torch:.3g})"

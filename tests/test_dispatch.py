@@ -1,0 +1,154 @@
+"""The per-call backend dispatch: preference order, forcing (ECAR_BACKEND and force_backend), fallback,
+one-time logging, clear errors, and an import that survives missing optional packages."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ecar_infer.kernels import dispatch, flash, ops
+
+HAS_TRITON = "triton" in dispatch.registered("layernorm_modulate")
+needs_interpreter = pytest.mark.skipif(
+    not (HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"), reason="needs triton in interpreter mode")
+
+
+@pytest.fixture(autouse=True)
+def clean_dispatch(monkeypatch):
+    """No ECAR_BACKEND from the caller's shell, and a fresh once-only log."""
+    monkeypatch.delenv("ECAR_BACKEND", raising=False)
+    monkeypatch.setattr(dispatch, "_logged", set())
+
+
+def ln_args(dtype=torch.float32):
+    x = torch.randn(2, 3, 8, dtype=dtype)
+    return x, torch.randn(2, 8, dtype=dtype), torch.randn(2, 8, dtype=dtype), 1e-6
+
+
+def attention_args(dtype=torch.float32):
+    q = torch.randn(1, 2, 2, 16, dtype=dtype)
+    return q, torch.randn(1, 5, 2, 16, dtype=dtype), torch.randn(1, 5, 2, 16, dtype=dtype), 4
+
+
+def test_preference_order():
+    assert dispatch.registered("stage_attention")[-2:] == ["sdpa", "reference"]
+    assert dispatch.registered("layernorm_modulate")[-1] == "reference"
+    if flash.AVAILABLE:
+        assert dispatch.registered("stage_attention")[0] == "flash"
+    if HAS_TRITON:
+        assert dispatch.registered("upsample_renoise") == ["triton", "reference"]
+
+
+def test_cpu_defaults():
+    """On the CPU, fp32 stays on the exact reference; half-precision attention goes to SDPA; the Triton
+    interpreter is never an automatic choice, even when TRITON_INTERPRET=1."""
+    assert dispatch.select("layernorm_modulate", *ln_args()).name == "reference"
+    assert dispatch.select("stage_attention", *attention_args()).name == "reference"
+    assert dispatch.select("stage_attention", *attention_args(torch.float16)).name == "sdpa"
+
+
+def test_env_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("ECAR_BACKEND", "reference")  # half-precision attention would go to SDPA
+    assert dispatch.forced_backend() == "reference"
+    assert dispatch.select("stage_attention", *attention_args(torch.float16)).name == "reference"
+    monkeypatch.setenv("ECAR_BACKEND", " Auto ")
+    assert dispatch.forced_backend() is None
+
+
+@needs_interpreter
+def test_env_variable_forces_triton(monkeypatch):
+    monkeypatch.setenv("ECAR_BACKEND", "triton")
+    assert dispatch.select("layernorm_modulate", *ln_args()).name == "triton"
+
+
+def test_context_manager_forces_and_nests(monkeypatch):
+    monkeypatch.setenv("ECAR_BACKEND", "sdpa")
+    with dispatch.force_backend("reference"):
+        assert dispatch.select("stage_attention", *attention_args(torch.float16)).name == "reference"
+        with dispatch.force_backend("auto"):
+            assert dispatch.forced_backend() is None
+            assert dispatch.select("stage_attention", *attention_args(torch.float16)).name == "sdpa"
+        assert dispatch.forced_backend() == "reference"
+    assert dispatch.forced_backend() == "sdpa"
+
+
+@needs_interpreter
+def test_force_triton_runs_triton():
+    with dispatch.force_backend("triton"):
+        out = ops.layernorm_modulate(*ln_args())
+    assert dispatch.chosen_backends()["layernorm_modulate"] == "triton"
+    assert out.shape == (2, 3, 8)
+
+
+@needs_interpreter
+def test_forced_backend_that_cannot_run_falls_back_with_one_warning(caplog):
+    caplog.set_level(logging.INFO, logger="ecar_infer.kernels")
+    with dispatch.force_backend("triton"):
+        for _ in range(2):  # bf16 does not run in the interpreter
+            ops.layernorm_modulate(*ln_args(torch.bfloat16))
+    assert dispatch.chosen_backends()["layernorm_modulate"] == "reference"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "cannot run it for this call" in warnings[0].getMessage()
+
+
+@pytest.mark.skipif(flash.AVAILABLE, reason="flash-attn is installed")
+def test_forcing_a_missing_backend_says_so(caplog):
+    caplog.set_level(logging.INFO, logger="ecar_infer.kernels")
+    with dispatch.force_backend("flash"):
+        ops.stage_attention(*attention_args())
+        ops.layernorm_modulate(*ln_args())  # flash never serves this op: no warning for it
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["backend 'flash' forced for stage_attention but is not installed; using 'reference'"]
+
+
+def test_first_use_is_logged_once(caplog):
+    caplog.set_level(logging.INFO, logger="ecar_infer.kernels")
+    for _ in range(3):
+        ops.euler_step_(torch.zeros(2, 3), torch.ones(2, 3), 0.5)
+    assert [r.getMessage() for r in caplog.records] == ["ecar_infer: euler_step_ -> reference"]
+
+
+def test_bad_backend_names_are_clear_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*reference"):
+        with dispatch.force_backend("cuda"):
+            pass
+    monkeypatch.setenv("ECAR_BACKEND", "tritn")
+    with pytest.raises(ValueError, match="ECAR_BACKEND='tritn' is not a backend"):
+        ops.euler_step_(torch.zeros(2), torch.ones(2), 0.5)
+    with pytest.raises(ValueError, match="unknown backend"):
+        dispatch.register("euler_step_", "cuda", lambda *a: None)
+
+
+def test_unknown_op_is_a_clear_error():
+    with pytest.raises(KeyError, match="no backend registered for op 'nope'"):
+        dispatch.call("nope")
+
+
+def test_flash_never_claims_cpu_tensors():
+    assert not flash.supports(*attention_args(torch.float16))
+
+
+def test_import_and_cpu_path_without_triton_or_flash():
+    """Hide triton and flash_attn (an import of either raises) and check the package still works."""
+    code = """
+import sys
+sys.modules["triton"] = None
+sys.modules["flash_attn"] = None
+import torch
+import ecar_infer
+from ecar_infer.kernels import dispatch, force_backend, ops
+assert dispatch.registered("stage_attention") == ["sdpa", "reference"], dispatch.registered("stage_attention")
+assert dispatch.registered("euler_step_") == ["reference"]
+with force_backend("triton"):
+    x = ops.euler_step_(torch.zeros(3), torch.ones(3), 0.5)
+assert x.tolist() == [0.5, 0.5, 0.5]
+print("ok")
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
