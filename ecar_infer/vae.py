@@ -1,6 +1,15 @@
-"""Latent decoders: diffusers' AutoencoderKL for latent_kind "sd-vae", the identity for "pixel"."""
+"""Latent decoders: diffusers' AutoencoderKL for latent_kind "sd-vae", the identity for "pixel".
+
+A VAE is loaded from a local diffusers folder (config.json + weights, as save_pretrained writes it) or
+from one .safetensors file. diffusers' from_single_file cannot build a VAE offline from the weights alone
+(it fetches a reference config from the Hub), so a single file carries its diffusers config in its
+safetensors metadata: save_autoencoder writes such a file from any AutoencoderKL. Other single files
+(original LDM-format VAEs) go through from_single_file, which works offline only where diffusers'
+reference config is already in the Hugging Face cache.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -8,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ECARConfig
+from .output import atomic_path
 
 logger = logging.getLogger("ecar_infer")
 
@@ -23,11 +33,18 @@ class VAEError(ValueError):
     """A VAE could not be loaded or does not fit the model."""
 
 
+# safetensors metadata key of a single-file VAE: the AutoencoderKL config as JSON (see save_autoencoder)
+CONFIG_KEY = "diffusers_config"
+
+
 class IdentityDecoder:
     """The pixel latent: the model's output already is the image in [-1, 1]."""
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return latent.float()
+
+    def set_memory_options(self, slicing: bool, tiling: bool) -> None:
+        """Nothing to slice or tile."""
 
 
 class AutoencoderDecoder:
@@ -37,6 +54,11 @@ class AutoencoderDecoder:
         self.vae = vae
         self.scaling_factor = scaling_factor
 
+    def set_memory_options(self, slicing: bool, tiling: bool) -> None:
+        """Slicing decodes a batch one image at a time; tiling decodes large images in overlapping tiles."""
+        self.vae.enable_slicing() if slicing else self.vae.disable_slicing()
+        self.vae.enable_tiling() if tiling else self.vae.disable_tiling()
+
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         param = next(self.vae.parameters())
@@ -44,12 +66,36 @@ class AutoencoderDecoder:
         return self.vae.decode(z).sample.float()
 
 
-def sd_vae_random(seed: int = 0):
-    """An SD-VAE-architecture AutoencoderKL with random weights (benchmarks; no download)."""
+def sd_vae_random(seed: int = 0, config: ECARConfig | None = None):
+    """An AutoencoderKL of the SD-VAE architecture with random weights (benchmarks, --random-init; no download).
+
+    With `config`, the architecture is fitted to it: its latent channels, scaling factor, and as many of the
+    SD-VAE's blocks as its downsampling needs (one block more than the number of 2x downsamplings).
+    """
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(**SD_VAE_ARCHITECTURE)
+    arch = dict(SD_VAE_ARCHITECTURE)
+    if config is not None:
+        down = config.vae_downsample
+        if down & (down - 1):
+            raise VAEError(f"no AutoencoderKL has {down}x downsampling (it must be a power of 2)")
+        blocks = down.bit_length()  # log2(down) + 1
+        widths = (arch["block_out_channels"] + (arch["block_out_channels"][-1],) * blocks)[:blocks]
+        arch.update(latent_channels=config.latent_channels, sample_size=config.image_size,
+                    scaling_factor=config.vae_scaling_factor, block_out_channels=widths,
+                    down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**arch)
+
+
+def save_autoencoder(vae, path: str | os.PathLike) -> None:
+    """Write an AutoencoderKL as one .safetensors file (weights, and its config in the metadata) atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", CONFIG_KEY: vae.to_json_string()})
 
 
 def load_autoencoder(path: str | os.PathLike):
@@ -61,10 +107,23 @@ def load_autoencoder(path: str | os.PathLike):
         raise VAEError(f"VAE not found: {path} (give a local diffusers AutoencoderKL folder or a .safetensors file)")
     try:
         if path.is_dir():
-            return AutoencoderKL.from_pretrained(path, local_files_only=True)
-        return AutoencoderKL.from_single_file(path, local_files_only=True)
-    except Exception as err:  # diffusers raises many types; report one clear line
-        raise VAEError(f"could not load the VAE at {path}: {err}") from err
+            return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            config = (f.metadata() or {}).get(CONFIG_KEY)
+        if config is None:
+            return AutoencoderKL.from_single_file(path, local_files_only=True)
+        vae = AutoencoderKL.from_config(json.loads(config))
+        from safetensors.torch import load_file
+
+        vae.load_state_dict(load_file(path), strict=True)
+        return vae
+    except Exception as err:  # diffusers and safetensors raise many types; report one clear line
+        hint = ("" if path.is_dir() else "; a single-file VAE must carry its diffusers config (write it with "
+                "ecar_infer.vae.save_autoencoder) unless diffusers' reference config is in the Hugging Face cache")
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VAEError(f"could not load the VAE at {path}: {first_line}{hint}") from err
 
 
 def build_decoder(config: ECARConfig, vae: str | os.PathLike | None = None, device: str | torch.device = "cpu",
@@ -72,13 +131,15 @@ def build_decoder(config: ECARConfig, vae: str | os.PathLike | None = None, devi
                   random_vae: bool = False):
     """The decoder a model needs. sd-vae models need `vae` (a path or an AutoencoderKL) or random_vae=True."""
     if config.latent_kind == "pixel":
+        if vae is not None:
+            logger.warning("this model works in pixel space and needs no VAE: the VAE given is not used")
         return IdentityDecoder()
     if vae is None:
         if not random_vae:
             raise VAEError("this model decodes through an SD-VAE: pass --vae PATH (a local diffusers "
                            "AutoencoderKL folder or .safetensors file)")
         logger.warning("using an SD-VAE-architecture AutoencoderKL with RANDOM weights: images are noise")
-        vae = sd_vae_random()
+        vae = sd_vae_random(config=config)
     elif isinstance(vae, (str, os.PathLike)):
         vae = load_autoencoder(vae)
     vae_cfg = vae.config
@@ -86,9 +147,9 @@ def build_decoder(config: ECARConfig, vae: str | os.PathLike | None = None, devi
     if vae_cfg.latent_channels != config.latent_channels or down != config.vae_downsample:
         raise VAEError(f"the VAE has {vae_cfg.latent_channels} latent channels and {down}x downsampling, but the "
                        f"model expects {config.latent_channels} and {config.vae_downsample}x")
-    if slicing:
-        vae.enable_slicing()
-    if tiling:
-        vae.enable_tiling()
-    vae = vae.to(device=device, dtype=dtype).eval()
-    return AutoencoderDecoder(vae, config.vae_scaling_factor)
+    if abs(vae_cfg.scaling_factor - config.vae_scaling_factor) > 1e-6:
+        logger.warning(f"the VAE's scaling_factor {vae_cfg.scaling_factor} differs from the model's "
+                       f"{config.vae_scaling_factor}; decoding with the model's (it was trained with it)")
+    decoder = AutoencoderDecoder(vae.to(device=device, dtype=dtype).eval(), config.vae_scaling_factor)
+    decoder.set_memory_options(slicing, tiling)
+    return decoder

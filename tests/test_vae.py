@@ -1,0 +1,141 @@
+import logging
+
+import pytest
+import torch
+
+from conftest import random_model
+from ecar_infer import ECARConfig, Sampler, save_checkpoint
+from ecar_infer.vae import (AutoencoderDecoder, IdentityDecoder, VAEError, build_decoder, load_autoencoder,
+                            save_autoencoder)
+
+TINY_VAE = ECARConfig.preset("ecar-tiny-vae")  # 32 px, 2x down, 4 latent channels, scaling factor 0.5
+
+
+def tiny_autoencoder(latent_channels=4, blocks=2, seed=0):
+    """A random AutoencoderKL small enough for CPU tests; blocks=2 gives 2x downsampling."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8,) * blocks,
+                         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+                         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.5).eval()
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_autoencoder()
+
+
+@pytest.fixture(scope="module")
+def vae_folder(vae, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_file(vae, tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae.safetensors"
+    save_autoencoder(vae, path)
+    return path
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_loads_from_a_diffusers_folder_and_from_a_single_file(vae, vae_folder, vae_file):
+    assert same_weights(load_autoencoder(vae_folder), vae)
+    loaded = load_autoencoder(vae_file)
+    assert same_weights(loaded, vae) and list(loaded.config.block_out_channels) == [8, 8]
+    assert [p.name for p in vae_file.parent.iterdir()] == [vae_file.name]  # no temporary file left
+
+
+def test_unloadable_vaes_raise_vae_error(vae, tmp_path):
+    with pytest.raises(VAEError, match="VAE not found"):
+        load_autoencoder(tmp_path / "nowhere")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_text("not weights")
+    with pytest.raises(VAEError, match="could not load the VAE at .*garbage"):
+        load_autoencoder(garbage)
+    # a bare state dict without its config cannot be built offline
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, bare)
+    with pytest.raises(VAEError, match="must carry its diffusers config"):
+        load_autoencoder(bare)
+
+
+def test_decoder_divides_by_the_model_scaling_factor(vae):
+    decoder = build_decoder(TINY_VAE, vae)
+    z = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        expected = vae.decode(z / 0.5).sample
+    images = decoder.decode(z)
+    assert isinstance(decoder, AutoencoderDecoder) and images.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(images, expected)
+
+
+def test_slicing_and_tiling_switches(vae):
+    z = torch.randn(3, 4, 16, 16)
+    plain = build_decoder(TINY_VAE, vae).decode(z)
+    sliced = build_decoder(TINY_VAE, vae, slicing=True)
+    assert sliced.vae.use_slicing and not sliced.vae.use_tiling
+    torch.testing.assert_close(sliced.decode(z), plain, rtol=1e-4, atol=1e-5)
+    tiled = build_decoder(TINY_VAE, vae, tiling=True)
+    assert tiled.vae.use_tiling and not tiled.vae.use_slicing
+    tiled.vae.tile_latent_min_size, tiled.vae.tile_sample_min_size = 8, 16  # force 2x2 tiles on a 16x16 latent
+    out = tiled.decode(z)
+    assert out.shape == plain.shape and torch.isfinite(out).all()
+    tiled.set_memory_options(slicing=False, tiling=False)
+    assert not tiled.vae.use_tiling
+
+
+@pytest.mark.parametrize("latent_channels, blocks, problem", [(3, 2, "3 latent channels"), (4, 3, "4x downsampling")])
+def test_mismatched_vae_raises_vae_error(latent_channels, blocks, problem):
+    with pytest.raises(VAEError, match=problem):
+        build_decoder(TINY_VAE, tiny_autoencoder(latent_channels, blocks))
+
+
+def test_sd_vae_model_without_a_vae_asks_for_one():
+    with pytest.raises(VAEError, match="--vae PATH"):
+        build_decoder(TINY_VAE)
+
+
+def test_scaling_factor_mismatch_warns(caplog):
+    vae = tiny_autoencoder()
+    vae.register_to_config(scaling_factor=0.18215)
+    with caplog.at_level(logging.WARNING, logger="ecar_infer"):
+        build_decoder(TINY_VAE, vae)
+    assert "scaling_factor 0.18215 differs from the model's 0.5" in caplog.text
+
+
+def test_pixel_kind_is_the_identity(caplog, vae_folder):
+    pixel = ECARConfig.preset("ecar-tiny")
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    assert torch.equal(build_decoder(pixel).decode(x), x)
+    with caplog.at_level(logging.WARNING, logger="ecar_infer"):
+        assert isinstance(build_decoder(pixel, vae_folder), IdentityDecoder)
+    assert "needs no VAE" in caplog.text
+
+
+def test_sampler_decodes_through_the_vae_to_full_size_images(vae_folder, vae_file, tmp_path):
+    model = random_model(TINY_VAE, seed=1)
+    ckpt = tmp_path / "tiny-vae-model.safetensors"
+    save_checkpoint(model, ckpt)
+    from_file = Sampler.from_pretrained(ckpt, device="cpu", vae=vae_file, vae_slicing=True, progress=False)
+    from_folder = Sampler.from_pretrained(ckpt, device="cpu", vae=vae_folder, progress=False)
+    assert from_file.decoder.vae.use_slicing
+    kwargs = dict(class_labels=[0, 9], seed=4, steps_per_stage=2, output_type="np")
+    images = from_file.generate(**kwargs).images
+    assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
+    assert (images == from_folder.generate(**kwargs).images).all()
+
+
+def test_random_vae_is_fitted_to_the_config():
+    sampler = Sampler.from_config(TINY_VAE, device="cpu", seed=0, progress=False)
+    assert list(sampler.decoder.vae.config.block_out_channels) == [128, 256]  # the SD-VAE's first two blocks
+    images = sampler.generate([3], steps_per_stage=1, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
