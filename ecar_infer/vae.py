@@ -100,11 +100,11 @@ def save_autoencoder(vae, path: str | os.PathLike) -> None:
 
 def load_autoencoder(path: str | os.PathLike):
     """AutoencoderKL from a local diffusers folder (config.json + weights) or a single .safetensors file."""
-    from diffusers import AutoencoderKL
-
     path = Path(path)
     if not path.exists():
         raise VAEError(f"VAE not found: {path} (give a local diffusers AutoencoderKL folder or a .safetensors file)")
+    from diffusers import AutoencoderKL
+
     try:
         if path.is_dir():
             return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
@@ -150,6 +150,8 @@ def build_decoder(config: ECARConfig, vae: str | os.PathLike | None = None, devi
     if abs(vae_cfg.scaling_factor - config.vae_scaling_factor) > 1e-6:
         logger.warning(f"the VAE's scaling_factor {vae_cfg.scaling_factor} differs from the model's "
                        f"{config.vae_scaling_factor}; decoding with the model's (it was trained with it)")
-    decoder = AutoencoderDecoder(vae.to(device=device, dtype=dtype).eval(), config.vae_scaling_factor)
+    if vae.dtype != dtype:  # (diffusers warns on every .to() that names a dtype)
+        vae = vae.to(dtype=dtype)
+    decoder = AutoencoderDecoder(vae.to(device).eval(), config.vae_scaling_factor)
     decoder.set_memory_options(slicing, tiling)
     return decoder

@@ -16,9 +16,10 @@ def tiny_autoencoder(latent_channels=4, blocks=2, seed=0):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8,) * blocks,
-                         down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-                         layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=0.5).eval()
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         block_out_channels=(8,) * blocks, down_block_types=("DownEncoderBlock2D",) * blocks,
+                         up_block_types=("UpDecoderBlock2D",) * blocks, layers_per_block=1, norm_num_groups=8,
+                         sample_size=32, scaling_factor=0.5).eval()
 
 
 @pytest.fixture(scope="module")
