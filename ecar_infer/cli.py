@@ -1,0 +1,267 @@
+"""`ecar-sample`: class-conditional images from an E-CAR checkpoint (or random weights) to PNG or NPZ files.
+
+    ecar-sample --class 3 --n 16                          # a PNG grid, samples.png, from the shipped model
+    ecar-sample --class all --n 100 --npz digits.npz       # ADM-evaluator file: uint8 NHWC arr_0 + labels
+    ecar-sample --class 0-9 --outdir out/ --steps 8,10,12  # one PNG per image: out/class003_seed000017.png
+    ecar-sample --random-init ecar-b --class 207 --n 1     # random weights: noise, for smoke tests and timing
+
+Every user error prints one line `ecar-sample: error: ...` and exits with status 2; outputs are checked
+for writability before sampling and written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .output import make_grid, save_npz, save_png
+from .registry import get_preset, preset_names
+from .schedule import CFG_SCHEDULES, plan_steps
+from .vae import VAEError
+
+PROG = "ecar-sample"
+DEFAULT_OUT = "samples.png"
+MAX_GRID_COLUMNS = 16  # a grid has one row per class while --n fits in a row
+
+
+class UsageError(Exception):
+    """A mistake in the command line; printed as one line, exit status 2."""
+
+
+USER_ERRORS = (UsageError, ConfigError, CheckpointError, VAEError, ValueError)
+
+
+# ---- argument types ----------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def class_spec(text: str) -> list[tuple[int, int] | None]:
+    """'3', '0-9', 'all' or a comma list of them -> inclusive ranges (None: all classes)."""
+    ranges = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if part == "all":
+            ranges.append(None)
+        elif match and int(match[1]) <= int(match[2] or match[1]):
+            ranges.append((int(match[1]), int(match[2] or match[1])))
+        else:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a class: give an index, a range like 0-9, or all")
+    return ranges
+
+
+def steps_spec(text: str) -> int | tuple[int, ...]:
+    """'10' (every stage) or '8,10,12' (one per stage)."""
+    steps = tuple(positive_int(v) for v in text.split(","))
+    return steps[0] if len(steps) == 1 else steps
+
+
+def interval_spec(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give LO,HI (two sigmas in [0, 1]), got {text!r}") from None
+    return lo, hi
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors are user errors too: one line, status 2
+        raise UsageError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .weights import default_checkpoint
+
+    p = Parser(prog=PROG, description="Sample class-conditional images from an E-CAR model. Options may "
+                                      "also be spelled with underscores (--cfg_scale).")
+    what = p.add_argument_group("what to sample")
+    what.add_argument("--class", dest="classes", action="append", type=class_spec, required=True, metavar="C",
+                      help="class index, range (0-9), comma list or 'all'; repeatable")
+    what.add_argument("--n", type=positive_int, default=1, help="images per class (default 1)")
+    what.add_argument("--seed", type=int, default=0, metavar="S", help="image k gets seed SEED+k (default 0)")
+    model = p.add_argument_group("model")
+    model.add_argument("--ckpt", metavar="PATH", help=f"checkpoint .safetensors or *.safetensors.index.json "
+                                      f"(default: {default_checkpoint()})")
+    model.add_argument("--random-init", choices=preset_names(), metavar="PRESET",
+                       help=f"random weights of a preset instead of a checkpoint: the images are noise "
+                            f"({', '.join(preset_names())})")
+    model.add_argument("--vae", metavar="PATH",
+                       help="local diffusers AutoencoderKL folder or .safetensors file (sd-vae models)")
+    model.add_argument("--vae-slicing", action="store_true", help="decode the batch one image at a time")
+    model.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles")
+    sampling = p.add_argument_group("sampling (defaults: the checkpoint's recommended settings)")
+    sampling.add_argument("--cfg-scale", type=float, metavar="W", help="classifier-free guidance weight w")
+    sampling.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance over the stages")
+    sampling.add_argument("--cfg-interval", type=interval_spec, metavar="LO,HI",
+                          help="guide only where LO <= sigma <= HI")
+    sampling.add_argument("--steps", type=steps_spec, metavar="N|a,b,c", help="Euler steps per stage")
+    run = p.add_argument_group("execution")
+    run.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="images per batch (default 64)")
+    run.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    run.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on CUDA, fp32 on CPU")
+    run.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly on CUDA")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    out = p.add_argument_group("output (one of)").add_mutually_exclusive_group()
+    out.add_argument("--out", metavar="FILE", help=f"one PNG grid, a row per class (default {DEFAULT_OUT})")
+    out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png")
+    out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file: uint8 NHWC arr_0 and labels")
+    return p
+
+
+def normalize(argv: list[str]) -> list[str]:
+    """--cfg_scale -> --cfg-scale (option names only; everything after a bare -- is left alone)."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            arg = name.replace("_", "-") + eq + value
+        out.append(arg)
+    return out
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+def check_writable(args) -> None:
+    """Fail before any sampling if the output cannot be written."""
+    if args.outdir:
+        folder = Path(args.outdir)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create --outdir {folder}: {err.strerror or err}") from None
+    else:
+        target = Path(args.npz or args.out)
+        folder = target.parent
+        if target.is_dir():
+            raise UsageError(f"cannot write {target}: it is a directory")
+        if not folder.is_dir():
+            raise UsageError(f"cannot write {target}: directory {folder} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise UsageError(f"cannot write to {folder}: {err.strerror or err}") from None
+
+
+def load_sampler(args):
+    from .sampler import Sampler
+    from .weights import default_checkpoint
+
+    options = dict(device=args.device, dtype=args.dtype, vae=args.vae, cuda_graphs=not args.no_cuda_graphs,
+                   progress=not (args.no_progress or args.quiet))
+    if args.random_init:
+        if args.ckpt:
+            raise UsageError("give --ckpt or --random-init, not both")
+        print(f"{PROG}: warning: --random-init {args.random_init}: RANDOM weights, the images are noise "
+              f"(for smoke tests and timing only)", file=sys.stderr)
+        sampler = Sampler.from_config(get_preset(args.random_init), random_vae=args.vae is None, **options)
+        sampler.decoder.set_memory_options(args.vae_slicing, args.vae_tiling)
+        return sampler
+    path = Path(args.ckpt) if args.ckpt else default_checkpoint()
+    if not args.ckpt and not path.exists():
+        raise UsageError(f"no checkpoint given and the default model is not installed at {path}; train it with "
+                         f"`ecar-train --preset {path.stem} --out {path}` (see the model card in {path.parent}), "
+                         f"pass --ckpt PATH, or sample random weights with --random-init ecar-tiny")
+    return Sampler.from_pretrained(path, vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, **options)
+
+
+def expand_classes(specs: list[list[tuple[int, int] | None]], num_classes: int, n: int) -> list[int]:
+    classes = []
+    for lo_hi in (r for spec in specs for r in spec):
+        lo, hi = lo_hi if lo_hi is not None else (0, num_classes - 1)
+        if hi >= num_classes:
+            given = f"{lo}" if lo == hi else f"{lo}-{hi}"
+            raise UsageError(f"--class {given} is outside this model's classes 0-{num_classes - 1}")
+        classes.extend(range(lo, hi + 1))
+    return [c for c in classes for _ in range(n)]
+
+
+def prepare(args):
+    """Everything before sampling, where every user error shows up: (sampler, class labels)."""
+    check_writable(args)
+    sampler = load_sampler(args)
+    config = sampler.config
+    labels = expand_classes(args.classes, config.num_classes, args.n)
+    # the step and interval checks of generate(), made now so that a bad value stops before any work
+    plan_steps(config.num_stages, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
+    return sampler, labels
+
+
+def write(args, images, labels: list[int], seeds: list[int]) -> str:
+    """Write the uint8 [B, H, W, C] images; return a description of what was written."""
+    if args.npz:
+        save_npz(images, labels, args.npz)
+        return args.npz
+    if args.outdir:
+        for image, label, seed in zip(images, labels, seeds):
+            save_png(image, Path(args.outdir) / f"class{label:03d}_seed{seed:06d}.png")
+        return f"{len(labels)} PNG files in {args.outdir}"
+    columns = args.n if 1 < args.n <= MAX_GRID_COLUMNS else None
+    save_png(make_grid(images, columns=columns), args.out)
+    return f"{args.out} (a grid of {len(labels)})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    _route_warnings()
+    try:
+        args = build_parser().parse_args(normalize(sys.argv[1:] if argv is None else list(argv)))
+        args.out = args.out or (None if args.outdir or args.npz else DEFAULT_OUT)
+        sampler, labels = prepare(args)
+    except USER_ERRORS as err:
+        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    out = sampler.generate(labels, seed=args.seed, cfg_scale=args.cfg_scale, steps_per_stage=args.steps,
+                           cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval, output_type="np",
+                           batch_size=args.batch_size)
+    try:
+        written = write(args, out.images, out.class_labels, out.seeds)
+    except OSError as err:
+        print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"sampled {len(out.class_labels)} images in {out.timings['total_s']:.2f} s "
+              f"({out.timings['images_per_s']:.2f} images/s); wrote {written}; "
+              f"total {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes each record to sys.stderr as it is at that moment (tests and callers may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _route_warnings() -> None:
+    """ecar_infer's warnings (random VAE, unused VAE, ...) print as `ecar-sample: warning: ...`."""
+    logger = logging.getLogger("ecar_infer")
+    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
