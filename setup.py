@@ -17,7 +17,8 @@ setup(
     package_data={"ecar_infer.weights": ["*.safetensors", "*.md", "*.png"]},
     install_requires=["torch", "diffusers", "safetensors", "numpy", "pillow", "tqdm"] + TRITON,
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy", "matplotlib"],
+        "train": ["matplotlib"],  # the digits32 data set renders matplotlib's bundled fonts
         "flash": ["flash-attn"],
     },
     entry_points={
