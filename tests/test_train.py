@@ -1,0 +1,146 @@
+"""The reference trainer: the objective against DESIGN.md section 2 by hand, learning, resume, DDP."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from ecar_infer import ECARConfig, load_checkpoint
+from ecar_infer.data import build_split
+from ecar_infer.train import (FlowMatchingObjective, StepDraws, Trainer, TrainSettings, main, setup_distributed,
+                              stage_targets)
+
+SETTINGS = TrainSettings(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread (and far faster than on two on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    images, labels = build_split("train", 64, image_size=16)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def make_trainer(config, data, settings=SETTINGS, rank=0, world=1):
+    return Trainer(config, settings, *data, torch.device("cpu"), rank, world)
+
+
+def test_stage_targets_match_design_by_hand():
+    """S = 3: windows (1 -> 2/3), (0.8 -> 1/3), (0.5 -> 0); eps of each stage used for both ends."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 1, 8, 8, generator=gen)
+    eps = [torch.randn(2, 1, side, side, generator=gen) for side in (2, 4, 8)]
+    r = torch.tensor([[0.25, 0.5, 0.75], [0.9, 0.1, 0.6]])
+
+    def pool(x):  # 2x2 average
+        return x.reshape(2, 1, x.shape[2] // 2, 2, x.shape[3] // 2, 2).mean(dim=(3, 5))
+
+    def up(x):  # 2x nearest
+        return torch.kron(x, torch.ones(2, 2))
+
+    x0_2 = pool(x0)
+    x0_1 = pool(x0_2)
+    ends = [1 / 3 * x0_1 + 2 / 3 * eps[0], 2 / 3 * x0_2 + 1 / 3 * eps[1], x0]
+    starts = [eps[0], 0.2 * up(x0_1) + 0.8 * eps[1], 0.5 * up(x0_2) + 0.5 * eps[2]]
+    windows = [(1.0, 2 / 3), (0.8, 1 / 3), (0.5, 0.0)]
+    got = stage_targets(x0, eps, r)
+    for s in range(3):
+        rs = r[:, s].view(2, 1, 1, 1)
+        torch.testing.assert_close(got[s].x_end, ends[s])
+        torch.testing.assert_close(got[s].target, starts[s] - ends[s])
+        torch.testing.assert_close(got[s].x_r, rs * starts[s] + (1 - rs) * ends[s])
+        start, end = windows[s]
+        torch.testing.assert_close(got[s].sigma, end + r[:, s] * (start - end))
+
+
+def test_a_few_steps_lower_the_loss(tiny_config, digits16):
+    trainer = make_trainer(tiny_config, digits16)
+    gen = torch.Generator().manual_seed(123)
+    x0 = digits16[0][:32]
+    fixed = StepDraws(torch.arange(32), [torch.randn(32, 1, s, s, generator=gen) for s in (4, 8, 16)],
+                      torch.rand(32, 3, generator=gen), torch.zeros(32, dtype=torch.bool))
+    objective = FlowMatchingObjective(trainer.model)
+
+    def eval_loss():
+        with torch.no_grad():
+            return objective(x0, digits16[1][:32], fixed.eps, fixed.r).item()
+
+    before = eval_loss()
+    for _ in range(SETTINGS.steps):
+        trainer.train_step()
+    assert eval_loss() < 0.8 * before
+
+
+def test_resume_continues_from_the_saved_step_with_identical_state(tiny_config, digits16, tmp_path):
+    straight = make_trainer(tiny_config, digits16)
+    for _ in range(4):
+        straight.train_step()
+
+    first = make_trainer(tiny_config, digits16)
+    for _ in range(2):
+        first.train_step()
+    first.save_state(tmp_path / "state.safetensors")
+    resumed = make_trainer(tiny_config, digits16)
+    resumed.load_state(tmp_path / "state.safetensors")
+    assert resumed.step == 2
+    for _ in range(2):
+        resumed.train_step()
+
+    assert resumed.step == 4
+    want, got = straight.state_tensors(), resumed.state_tensors()
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    assert resumed.loss_avg == straight.loss_avg
+
+
+def test_cli_checkpoints_resume_and_metadata(tmp_path):
+    config = tmp_path / "tiny.json"
+    config.write_text(ECARConfig.preset("ecar-tiny").to_json())
+    common = ["--config", str(config), "--batch-size", "4", "--train-size", "20", "--workdir", str(tmp_path),
+              "--ckpt-every", "2", "--device", "cpu"]
+    main(common + ["--steps", "2"])
+    main(common + ["--steps", "3", "--resume", "--metadata", "recommended_cfg=2.5"])
+    model = load_checkpoint(tmp_path / "final.safetensors")
+    assert model.checkpoint_metadata["training_steps"] == "3"
+    assert model.checkpoint_metadata["recommended_cfg"] == "2.5"
+    assert load_checkpoint(tmp_path / "ema.safetensors").checkpoint_metadata["training_steps"] == "3"
+
+
+def _ddp_worker(rank, port, config, data, out):
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device, rank, world = setup_distributed("cpu")
+    trainer = make_trainer(config, data, TrainSettings(steps=3, batch_size=8, seed=0), rank, world)
+    for _ in range(3):
+        trainer.train_step()
+    if rank == 0:
+        out.update(trainer.state_tensors())
+    torch.distributed.destroy_process_group()
+
+
+def test_two_rank_gloo_ddp_matches_one_process(tiny_config, digits16):
+    """Each rank trains on its shard of the same global batch; the averaged gradients equal the
+    one-process gradient of the whole batch, so the weights agree after a few steps."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_ddp_worker, args=(port, tiny_config, digits16, out), nprocs=2)
+        ddp = dict(out)
+    single = make_trainer(tiny_config, digits16, TrainSettings(steps=3, batch_size=8, seed=0))
+    for _ in range(3):
+        single.train_step()
+    for name, value in single.state_tensors().items():
+        if name.startswith("model."):
+            torch.testing.assert_close(ddp[name], value, atol=1e-5, rtol=1e-4, msg=name)
