@@ -18,6 +18,10 @@ PRESETS: dict[str, ECARConfig] = {
     "ecar-tiny-vae": ECARConfig(latent_kind="sd-vae", latent_channels=4, image_size=32, vae_downsample=2,
                                 vae_scaling_factor=0.5, patch_size=2, num_stages=3, width=32, depth=2,
                                 num_heads=2, head_width=32, head_blocks=2, num_classes=10),
+    # the shipped CPU-trainable model (weights/ecar-digits32.safetensors, digits32 data set)
+    "ecar-digits32": ECARConfig(latent_kind="pixel", latent_channels=1, image_size=32, vae_downsample=1,
+                                vae_scaling_factor=1.0, patch_size=4, num_stages=3, width=128, depth=4,
+                                num_heads=4, head_width=128, head_blocks=3, num_classes=10),
 }
 
 
