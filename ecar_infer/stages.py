@@ -74,7 +74,7 @@ def unpatchify(tokens: torch.Tensor, p: int, channels: int) -> torch.Tensor:
 def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """[N] float positions -> [N, dim] sin-cos features with frequencies 1/10000^(k/(dim/2))."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=positions.device) / half)
     angles = positions.to(torch.float64)[:, None] * freqs[None, :]
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
