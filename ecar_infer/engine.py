@@ -1,12 +1,21 @@
 """Static buffers and the capturable units of one sampling request shape.
 
-A `StageEngine` is built for one (batch, step plan, dtype) and owns every buffer the request touches:
-labels, AdaLN modulations, the static KV cache, per-stage token states, the AR outputs, all noise and
-per-step guidance weights. Its units only read and write those buffers, with no host syncs, no
-`.item()` and no data-dependent Python branches, so each can be captured as a CUDA graph and replayed
-(ecar_infer/graphs.py); on the CPU they simply run eagerly. Inputs are copied in by `load` beforehand.
+A `StageEngine` is built for one (batch, step structure, dtype) and owns every buffer the request
+touches: labels, AdaLN modulations, the static KV cache, per-stage start and end token states, the AR
+outputs, all noise and per-step guidance weights. Its units only read and write those buffers, with no
+host syncs, no `.item()`, no host->device copies and no data-dependent Python branches, so each can be
+captured as a CUDA graph and replayed (ecar_infer/graphs.py); on the CPU they simply run eagerly.
+Inputs are copied in by `load` beforehand, outside any graph.
+
+Every unit is idempotent: it overwrites all it writes from buffers it does not write, so running it
+again on the same buffers gives the same result (the graph runner's warm-up runs rely on this).
+A request of fewer images than the engine's batch is padded; images never interact, so padding rows
+cannot change the real ones.
 """
 from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 
@@ -19,12 +28,23 @@ from .schedule import StageSteps, stage_jumps
 from .stages import patchify, unpatchify
 
 
+def step_structure(steps: list[StageSteps]) -> tuple[tuple[int, tuple[bool, ...]], ...]:
+    """What a step plan fixes in the units: per stage, the step count and which steps are guided.
+
+    The guidance weights themselves are loaded into buffers, so plans that differ only in their
+    weights (another cfg_scale, the same pattern) share one engine and its graphs.
+    """
+    return tuple((st.steps, st.guided) for st in steps)
+
+
 class StageEngine:
     def __init__(self, model: ECARModel, batch: int, steps: list[StageSteps]) -> None:
         cfg, plan = model.config, model.plan
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         self.model, self.plan, self.steps, self.batch = model, plan, steps, batch
+        self.structure = step_structure(steps)
+        self.key = (batch, self.structure, dtype)  # names this engine's shapes; graph keys extend it
         # the null branch exists only if some step of some stage is guided
         self.guided = any(st.any_guided for st in steps)
         rows = 2 * batch if self.guided else batch
@@ -34,7 +54,9 @@ class StageEngine:
         self.mods = zeros(6 * cfg.depth + 2, rows, cfg.width)
         self.cache = StaticKVCache(cfg.depth, rows, plan.total_tokens, cfg.num_heads, cfg.head_dim, device, dtype)
         self.h = [zeros(rows, n, cfg.width) for n in plan.tokens]
-        # token states stay fp32 across Euler steps whatever the model dtype
+        # token states stay fp32 across Euler steps whatever the model dtype; each stage's start state
+        # is kept apart from its running state so the flow loop can be rerun from the same start
+        self.starts = [zeros(batch, n, d, dt=torch.float32) for n in plan.tokens]
         self.x = [zeros(batch, n, d, dt=torch.float32) for n in plan.tokens]
         self.ups = [None] + [zeros(batch, c, side, side) for side in sides[1:]]
         self.start_noise = zeros(batch, c, sides[0], sides[0], dt=torch.float32)
@@ -47,21 +69,41 @@ class StageEngine:
     def rows(self) -> int:
         return self.labels.shape[0]
 
-    def load(self, class_labels: torch.Tensor, noise: RequestNoise) -> None:
-        """Copy a request's labels and noise into the static buffers (outside any graph)."""
-        b = self.batch
-        self.labels[:b].copy_(class_labels)
-        self.start_noise.copy_(noise.start)
-        for buf, xi in zip(self.jump_noise, noise.jumps):
-            buf.copy_(xi)
-        for buf, st in zip(self.weights, self.steps):
+    def load(self, class_labels: torch.Tensor, noise: RequestNoise, steps: list[StageSteps] | None = None) -> None:
+        """Copy a request's labels, noise and guidance weights into the static buffers (outside any graph).
+
+        Up to `batch` images: padding rows get image 0's label and zero noise. `steps` (default: the plan
+        the engine was built with) must have the engine's step structure; its guidance weights are used.
+        """
+        count, b = class_labels.shape[0], self.batch
+        if not 0 < count <= b:
+            raise ValueError(f"this engine takes 1..{b} images, got {count}")
+        steps = self.steps if steps is None else steps
+        if step_structure(steps) != self.structure:
+            raise ValueError("the step plan's structure (steps, guided steps) differs from this engine's")
+        self.labels[:count].copy_(class_labels)
+        self.labels[count:b].copy_(class_labels[:1].expand(b - count))
+        for buf, src in zip([self.start_noise, *self.jump_noise], [noise.start, *noise.jumps]):
+            buf[:count].copy_(src)
+            buf[count:].zero_()
+        for buf, st in zip(self.weights, steps):
             buf.copy_(torch.tensor(st.guidance, dtype=torch.float32)[:, None].expand(st.steps, b))
+
+    def units(self) -> Iterator[tuple[str, int, Callable[[], None]]]:
+        """The request's units in order, as (kind, stage, fn): begin, then per stage ar, flow and (but
+        after the last) jump."""
+        yield "begin", 0, self.begin
+        for s in range(self.plan.num_stages):
+            yield "ar", s, partial(self.ar_stage, s)
+            yield "flow", s, partial(self.flow_stage, s)
+            if s + 1 < self.plan.num_stages:
+                yield "jump", s, partial(self.jump, s)
 
     # ---- units -------------------------------------------------------------------------------
     def begin(self) -> None:
         """Modulations of the whole request, and the first stage's starting state (pure noise)."""
         self.mods.copy_(self.model.trunk.condition(self.labels))
-        self.x[0].copy_(patchify(self.start_noise, self.model.config.patch_size))
+        self.starts[0].copy_(patchify(self.start_noise, self.model.config.patch_size))
 
     def ar_stage(self, s: int) -> None:
         """The AR transformer on stage s over the static KV cache; writes h[s]."""
@@ -73,9 +115,9 @@ class StageEngine:
         self.h[s].copy_(trunk.forward_stage(s, tokens, self.mods, self.cache))
 
     def flow_stage(self, s: int) -> None:
-        """All N_s Euler steps of stage s, guidance included: x[s] goes from x_start to x_end in place."""
+        """All N_s Euler steps of stage s, guidance included: x[s] goes from starts[s] to the stage's end."""
         head, st, b = self.model.head, self.steps[s], self.batch
-        x = self.x[s]
+        x = self.x[s].copy_(self.starts[s])
         n, d = x.shape[1], x.shape[2]
         dtype = self.h[s].dtype
         cond = head.condition(self.h[s].flatten(0, 1))               # [rows * n, W], fixed for the stage
@@ -90,7 +132,7 @@ class StageEngine:
                 ops.euler_step_(x, v, st.dr)
 
     def jump(self, s: int) -> None:
-        """From stage s's end to stage s+1: the AR input Up(x_end) and the re-noised start state."""
+        """From stage s's end to stage s+1: the AR input Up(x_end) and the re-noised start state starts[s+1]."""
         cfg = self.model.config
         x_end = unpatchify(self.x[s], cfg.patch_size, cfg.latent_channels)
         self.ups[s + 1].copy_(upsample2x(x_end))
@@ -99,7 +141,7 @@ class StageEngine:
             x_start = ops.upsample_renoise(x_end, self.jump_noise[s], alpha, beta)
         else:
             x_start = upsample2x(x_end)
-        self.x[s + 1].copy_(patchify(x_start, cfg.patch_size))
+        self.starts[s + 1].copy_(patchify(x_start, cfg.patch_size))
 
     def final_latent(self) -> torch.Tensor:
         """The last stage's end state as a [B, C, H, W] latent in the scaled latent space."""
