@@ -190,7 +190,8 @@ def test_generate_through_fast_backends_matches_reference():
     from ecar_infer import ECARConfig, Sampler
 
     sampler = Sampler.from_config(ECARConfig.preset("ecar-tiny"), device="cuda", dtype="fp32", seed=0)
-    kwargs = dict(class_labels=[1, 2], seed=0, cfg_scale=2.0, steps_per_stage=2, output_type="latent")
+    kwargs = dict(class_labels=[1, 2], seed=0, cfg_scale=2.0, steps_per_stage=2, output_type="latent",
+                  progress=False)
     with force_backend("reference"):
         expected = sampler.generate(**kwargs).images
     got = sampler.generate(**kwargs).images
