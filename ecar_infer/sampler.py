@@ -1,6 +1,15 @@
-"""Sampler: checkpoint or config -> model -> [per stage: AR forward, flow loop, re-noise] -> decode -> images."""
+"""Sampler: checkpoint or config -> model -> [per stage: AR forward, flow loop, re-noise] -> decode -> images.
+
+On CUDA the fast path is the default: bf16 weights and activations (from_config / from_pretrained), the
+engine's units replayed as CUDA graphs (ecar_infer/graphs.py), batches padded up to a few bucket sizes so
+that few graphs are recorded, and engines (static buffers and their graphs) kept per (bucket, step
+structure) so repeated requests reuse them. Every generate() on CUDA runs with TF32 allowed for fp32
+matmuls and convolutions (tf32=True; the previous setting is restored afterwards). Elsewhere, or with
+cuda_graphs=False, the units run eagerly on exactly the requested batch: the reference path.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -10,7 +19,8 @@ from typing import Sequence
 import torch
 
 from .config import ECARConfig
-from .engine import StageEngine
+from .engine import StageEngine, step_structure
+from .graphs import GraphRunner, batch_bucket
 from .model import ECARModel
 from .noise import draw_noise
 from .output import OUTPUT_TYPES, SampleOutput, convert
@@ -65,16 +75,36 @@ class SamplingDefaults:
         return out
 
 
+@contextlib.contextmanager
+def tf32_allowed(enabled: bool):
+    """Within the block, TF32 is (dis)allowed for fp32 CUDA matmuls and cuDNN convolutions."""
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    saved = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        for f, value in zip(flags, saved):
+            f.allow_tf32 = value
+
+
 class Sampler:
+    """cuda_graphs: replay the units as CUDA graphs (CUDA only). compile: wrap each unit in torch.compile
+    (optional, slow first call). tf32: on CUDA, allow TF32 for fp32 matmuls/convolutions during generate()."""
+
     def __init__(self, model: ECARModel, decoder=None, defaults: SamplingDefaults | None = None,
-                 cuda_graphs: bool = True, progress: bool = True) -> None:
+                 cuda_graphs: bool = True, progress: bool = True, compile: bool = False, tf32: bool = True) -> None:
         self.model = model.eval().requires_grad_(False)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.decoder = decoder if decoder is not None else build_decoder(model.config)
         self.defaults = defaults or SamplingDefaults()
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.runner = GraphRunner(self.device, cuda_graphs=cuda_graphs, compile=compile)
+        self.cuda_graphs = self.runner.graphs_enabled
+        self.tf32 = tf32
         self.progress = progress
+        self._engines: dict[tuple, StageEngine] = {}
 
     @property
     def config(self) -> ECARConfig:
@@ -153,27 +183,37 @@ class Sampler:
                    desc="sampling")
         started = time.perf_counter()
         pieces = []
-        for chunk in chunks:
-            latent = self._sample_latents([labels[i] for i in chunk], [seeds[i] for i in chunk], steps, bar)
-            pieces.append(latent if output_type == "latent" else self.decoder.decode(latent))
-        bar.close()
-        result = torch.cat(pieces)
-        images = result.float().cpu() if output_type == "latent" else convert(result, output_type)
+        with tf32_allowed(self.tf32) if self.device.type == "cuda" else contextlib.nullcontext():
+            for chunk in chunks:
+                latent = self._sample_latents([labels[i] for i in chunk], [seeds[i] for i in chunk], steps, bar)
+                pieces.append(latent if output_type == "latent" else self.decoder.decode(latent))
+            bar.close()
+            result = torch.cat(pieces)
+            images = result.float().cpu() if output_type == "latent" else convert(result, output_type)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
         return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": len(labels) / elapsed})
 
+    def _engine(self, count: int, steps) -> StageEngine:
+        """The cached engine for `count` images and this step structure (built on first use).
+
+        With graphs the batch is padded up to its bucket, so one engine (and one set of graphs) serves
+        every batch size of the bucket; without them the engine has exactly `count` rows.
+        """
+        batch = batch_bucket(count) if self.runner.graphs_enabled else count
+        key = (batch, step_structure(steps))
+        if key not in self._engines:
+            self._engines[key] = StageEngine(self.model, batch, steps)
+        return self._engines[key]
+
     def _sample_latents(self, labels: list[int], seeds: list[int], steps, bar) -> torch.Tensor:
         """One chunk through every stage: [B, C, H, W] scaled latents."""
-        engine = StageEngine(self.model, len(labels), steps)
+        engine = self._engine(len(labels), steps)
         noise = draw_noise(seeds, self.model.plan).to(self.device)
-        engine.load(torch.tensor(labels, device=self.device), noise)
-        engine.begin()
-        for s in range(self.config.num_stages):
-            engine.ar_stage(s)
-            engine.flow_stage(s)
-            if s + 1 < self.config.num_stages:
-                engine.jump(s)
-            bar.update(steps[s].steps)
-        return engine.final_latent().clone()
+        engine.load(torch.tensor(labels, device=self.device), noise, steps)
+        for kind, s, fn in engine.units():
+            self.runner.run(engine.key + (kind, s), fn)
+            if kind == "flow":
+                bar.update(steps[s].steps)
+        return engine.final_latent()[: len(labels)].clone()

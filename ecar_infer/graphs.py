@@ -1,0 +1,103 @@
+"""Runs the engine's units: a CUDA graph per unit key, captured lazily and replayed; eager elsewhere.
+
+A key names one unit of one engine: (batch bucket, step structure, dtype, unit kind, stage), see
+StageEngine.key and StageEngine.units; the runner adds the backend forced at the call (force_backend,
+ECAR_BACKEND), since a graph replays the kernels that dispatch chose when it was captured. The first call of a key on CUDA runs the unit a few times on a
+side stream (warm-up: cuBLAS handles, Triton autotuning, torch.compile), captures one run into a graph
+whose memory comes from a pool shared by all of this runner's graphs, then replays it; later calls
+only replay. Sharing the pool is safe because a unit keeps nothing it allocates: its results go to
+the engine's static buffers, which live outside the pool, and units run one after another on one
+stream. Outputs therefore never alias, the guided and unguided branches' included.
+
+Units run eagerly where graphs are off (cuda_graphs=False), on any device but CUDA, and for a key whose
+capture failed (logged once; that key stays eager). With compile=True each unit is first wrapped in
+torch.compile (an optional mode, never required); the graphs then capture the compiled code.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Hashable
+
+import torch
+
+from .kernels.dispatch import forced_backend
+
+logger = logging.getLogger("ecar_infer")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+WARMUP_RUNS = 2
+# every (engine, unit, stage) is its own torch.compile variant of a few methods; allow all of them
+COMPILE_RECOMPILE_LIMIT = 256
+
+
+def batch_bucket(batch: int) -> int:
+    """The smallest bucket that holds `batch` images; beyond the largest, the next multiple of 256."""
+    if batch <= 0:
+        raise ValueError(f"batch must be positive, got {batch}")
+    for bucket in BATCH_BUCKETS:
+        if batch <= bucket:
+            return bucket
+    step = BATCH_BUCKETS[-1]
+    return -(-batch // step) * step
+
+
+class GraphRunner:
+    def __init__(self, device: torch.device, cuda_graphs: bool = True, compile: bool = False) -> None:
+        self.graphs_enabled = cuda_graphs and device.type == "cuda"
+        self.compile = compile
+        self.capture_seconds = 0.0  # wall time spent in warm-up and capture, all keys together
+        self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+        self._eager_keys: set[Hashable] = set()  # keys whose capture failed
+        self._compiled: dict[Hashable, Callable[[], None]] = {}
+        self._pool = None
+
+    @property
+    def num_captures(self) -> int:
+        """How many graphs this runner has recorded."""
+        return len(self._graphs)
+
+    def run(self, key: Hashable, fn: Callable[[], None]) -> None:
+        """Run the unit `fn` named by `key`: replay its graph, capturing it first if needed, or run eagerly."""
+        key = (key, forced_backend())
+        if self.compile:
+            fn = self._compiled_fn(key, fn)
+        if not self.graphs_enabled or key in self._eager_keys:
+            fn()
+            return
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(key, fn)
+            if graph is None:
+                fn()
+                return
+        graph.replay()
+
+    def _compiled_fn(self, key: Hashable, fn: Callable[[], None]) -> Callable[[], None]:
+        if key not in self._compiled:
+            compiled = torch.compile(fn, dynamic=False)
+            self._compiled[key] = torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT)(compiled)
+        return self._compiled[key]
+
+    def _capture(self, key: Hashable, fn: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
+        started = time.perf_counter()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_RUNS):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                fn()
+        except Exception as err:  # any failure to warm up or capture: this key runs eagerly from now on
+            logger.warning("ecar_infer: CUDA graph capture failed for unit %s; it runs eagerly: %s", key, err)
+            self._eager_keys.add(key)
+            return None
+        torch.cuda.synchronize()
+        self.capture_seconds += time.perf_counter() - started
+        self._graphs[key] = graph
+        return graph
