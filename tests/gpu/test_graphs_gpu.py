@@ -1,0 +1,115 @@
+"""The CUDA-graph fast path on a GPU (skipped without CUDA): replay equals eager bitwise, bf16 stays near
+the fp32 reference, captures happen once per (bucket, structure), a failed capture falls back to eager."""
+import logging
+
+import pytest
+import torch
+
+from ecar_infer import ECARConfig
+from ecar_infer.graphs import GraphRunner
+from ecar_infer.kernels import force_backend
+from ecar_infer.sampler import Sampler
+
+pytestmark = pytest.mark.gpu
+
+# guided and unguided steps in one request, so both flow branches are captured
+GUIDED = dict(cfg_scale=2.5, cfg_schedule="linear", cfg_interval=(0.3, 0.9), output_type="latent")
+
+
+def tiny_sampler(**kwargs) -> Sampler:
+    return Sampler.from_config(ECARConfig.preset("ecar-tiny"), device="cuda", dtype="bf16", seed=0,
+                               progress=False, **kwargs)
+
+
+def units_per_request(sampler: Sampler) -> int:
+    return 3 * sampler.config.num_stages  # begin; ar and flow per stage; a jump between stages
+
+
+@torch.no_grad()
+def test_graph_replay_equals_eager_bitwise():
+    graphs = tiny_sampler()
+    eager = Sampler(graphs.model, graphs.decoder, cuda_graphs=False, progress=False)
+    for labels, seed in (([1, 2], 0), ([7, 3], 40)):  # the second request replays the graphs on new inputs
+        got = graphs.generate(labels, seed=seed, steps_per_stage=3, **GUIDED).images
+        expected = eager.generate(labels, seed=seed, steps_per_stage=3, **GUIDED).images
+        assert torch.equal(got, expected)
+    assert graphs.runner.num_captures == units_per_request(graphs)
+    assert eager.runner.num_captures == 0
+
+
+@torch.no_grad()
+def test_padded_graph_batch_matches_the_exact_eager_batch():
+    graphs = tiny_sampler()
+    eager = Sampler(graphs.model, graphs.decoder, cuda_graphs=False, progress=False)
+    got = graphs.generate([1, 2, 3], seed=5, steps_per_stage=2, **GUIDED).images  # bucket 4
+    expected = eager.generate([1, 2, 3], seed=5, steps_per_stage=2, **GUIDED).images
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16: a 4-row GEMM may round differently
+
+
+@torch.no_grad()
+def test_captures_once_per_bucket_and_structure():
+    sampler = tiny_sampler()
+    per_request = units_per_request(sampler)
+    sampler.generate([1, 2, 3], seed=0, steps_per_stage=2, **GUIDED)
+    assert sampler.runner.num_captures == per_request
+    sampler.generate([4, 5, 6], seed=9, steps_per_stage=2, **GUIDED)  # same shape: nothing new
+    sampler.generate([4, 5, 6, 7], seed=9, steps_per_stage=2, **GUIDED)  # same bucket (4)
+    sampler.generate([1, 2, 3], seed=0, steps_per_stage=2, **{**GUIDED, "cfg_scale": 4.0})  # same pattern
+    assert sampler.runner.num_captures == per_request
+    sampler.generate([1, 2, 3, 4, 5], seed=0, steps_per_stage=2, **GUIDED)  # a new bucket (8): once
+    assert sampler.runner.num_captures == 2 * per_request
+    sampler.generate(list(range(7)), seed=1, steps_per_stage=2, **GUIDED)
+    assert sampler.runner.num_captures == 2 * per_request
+    assert sampler.runner.capture_seconds > 0
+
+
+@torch.no_grad()
+def test_bf16_fast_path_near_fp32_reference_ecar_b():
+    config = ECARConfig.preset("ecar-b")
+    kwargs = dict(class_labels=[0, 207, 980], seed=0, steps_per_stage=2, cfg_scale=1.5, output_type="latent")
+    fast = Sampler.from_config(config, device="cuda", dtype="bf16", seed=0, progress=False)
+    got = fast.generate(**kwargs).images
+    del fast
+    reference = Sampler.from_config(config, device="cuda", dtype="fp32", seed=0, progress=False,
+                                    cuda_graphs=False, tf32=False)
+    with force_backend("reference"):
+        expected = reference.generate(**kwargs).images
+    error = ((got - expected).norm() / expected.norm()).item()
+    assert error <= 2e-2, f"bf16 fast path is {error:.3g} (relative L2) from the fp32 reference"
+
+
+def test_failed_capture_is_logged_once_and_stays_eager(caplog):
+    runner = GraphRunner(torch.device("cuda"))
+    x = torch.zeros(4, device="cuda")
+
+    def unit():
+        x.add_(1)
+        if x.sum().item() < 0:  # a host sync: cannot be captured
+            x.zero_()
+
+    with caplog.at_level(logging.WARNING, logger="ecar_infer"):
+        runner.run("host-sync", unit)
+        runner.run("host-sync", unit)
+    assert runner.num_captures == 0
+    assert sum("capture failed" in r.message for r in caplog.records) == 1
+    assert x[0].item() == 2 + 2  # two warm-up runs, then one eager run per call
+
+
+@torch.no_grad()
+def test_graph_keys_follow_the_forced_backend():
+    sampler = tiny_sampler()
+    with force_backend("reference"):
+        expected = sampler.generate([1, 2], seed=0, steps_per_stage=2, **GUIDED).images
+    got = sampler.generate([1, 2], seed=0, steps_per_stage=2, **GUIDED).images
+    assert sampler.runner.num_captures == 2 * units_per_request(sampler)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compile_mode_matches_eager():
+    sampler = tiny_sampler()
+    compiled = Sampler(sampler.model, sampler.decoder, compile=True, progress=False)
+    kwargs = dict(class_labels=[1, 2], seed=0, steps_per_stage=1, output_type="latent")
+    torch.testing.assert_close(compiled.generate(**kwargs).images, sampler.generate(**kwargs).images,
+                               rtol=2e-2, atol=2e-2)
