@@ -25,21 +25,23 @@ def _upsample_renoise_kernel(X_LOW, XI, OUT, n_low, h, w, alpha, beta_gain, BLOC
     col = offs % w
     row = (offs // w) % h
     plane = offs // (w * h)  # batch * channel index
-    # Top-left of the 2x2 block in the [2h, 2w] plane; contiguous NCHW.
+    # The 2x2 block of the [2h, 2w] plane (contiguous NCHW): top-left, top-right, bottom-left, bottom-right.
     top_left = plane * (4 * h * w) + (2 * row) * (2 * w) + 2 * col
-    corners = (top_left, top_left + 1, top_left + 2 * w, top_left + 2 * w + 1)
+    top_right = top_left + 1
+    bottom_left = top_left + 2 * w
+    bottom_right = bottom_left + 1
 
     x = alpha * tl.load(X_LOW + offs, mask=mask).to(tl.float32)
-    a = tl.load(XI + corners[0], mask=mask).to(tl.float32)
-    b = tl.load(XI + corners[1], mask=mask).to(tl.float32)
-    c = tl.load(XI + corners[2], mask=mask).to(tl.float32)
-    d = tl.load(XI + corners[3], mask=mask).to(tl.float32)
+    a = tl.load(XI + top_left, mask=mask).to(tl.float32)
+    b = tl.load(XI + top_right, mask=mask).to(tl.float32)
+    c = tl.load(XI + bottom_left, mask=mask).to(tl.float32)
+    d = tl.load(XI + bottom_right, mask=mask).to(tl.float32)
     mean = (a + b + c + d) * 0.25
     dtype = OUT.dtype.element_ty
-    tl.store(OUT + corners[0], (x + beta_gain * (a - mean)).to(dtype), mask=mask)
-    tl.store(OUT + corners[1], (x + beta_gain * (b - mean)).to(dtype), mask=mask)
-    tl.store(OUT + corners[2], (x + beta_gain * (c - mean)).to(dtype), mask=mask)
-    tl.store(OUT + corners[3], (x + beta_gain * (d - mean)).to(dtype), mask=mask)
+    tl.store(OUT + top_left, (x + beta_gain * (a - mean)).to(dtype), mask=mask)
+    tl.store(OUT + top_right, (x + beta_gain * (b - mean)).to(dtype), mask=mask)
+    tl.store(OUT + bottom_left, (x + beta_gain * (c - mean)).to(dtype), mask=mask)
+    tl.store(OUT + bottom_right, (x + beta_gain * (d - mean)).to(dtype), mask=mask)
 
 
 def upsample_renoise(x_low: torch.Tensor, xi: torch.Tensor, alpha: float, beta: float,

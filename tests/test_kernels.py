@@ -253,3 +253,57 @@ def test_model_forward_through_triton():
         assert used[op] == "triton", used
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+# ---- the compiled path, without a GPU ---------------------------------------------------------------
+
+COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ecar_infer.kernels import triton_adaln, triton_attention, triton_euler, triton_renoise
+
+def build(kernel, consts, pointers, floats=(), num_warps=4):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    sig = {name: "constexpr" if name in consts else pointers.get(name) or ("fp32" if name in floats else "i32")
+           for name in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+for dtype, causal in (("bf16", False), ("bf16", True), ("fp32", False)):
+    pointers = dict.fromkeys(("Q", "K", "V", "O"), "*" + dtype)
+    consts = dict(HEAD_DIM=72, BLOCK_D=128, BLOCK_CAUSAL=causal, FP32=dtype == "fp32", BLOCK_M=64, BLOCK_N=64)
+    if causal:
+        pointers.update(STAGE="*i32", STAGE_END="*i32")
+    else:
+        consts.update(STAGE=None, STAGE_END=None)
+    build(triton_attention._attention_kernel, consts, pointers, floats=("qk_scale",))
+for residual, norm in ((True, True), (False, True), (True, False)):
+    pointers = dict.fromkeys(("X", "Y", "GATE", "SHIFT", "SCALE", "X_OUT", "H_OUT"), "*bf16")
+    build(triton_adaln._adaln_kernel, dict(RESIDUAL=residual, NORM=norm, BLOCK_R=2, BLOCK_D=2048), pointers,
+          floats=("eps",), num_warps=8)
+for guided in (True, False):
+    pointers = {"X": "*fp32", "V_COND": "*bf16", "V_UNCOND": "*bf16", "W": "*fp32"}
+    build(triton_euler._euler_kernel, dict(GUIDED=guided, BLOCK=1024), pointers, floats=("dr",))
+build(triton_renoise._upsample_renoise_kernel, dict(BLOCK=256), dict.fromkeys(("X_LOW", "XI", "OUT"), "*bf16"),
+      floats=("alpha", "beta_gain"))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """The interpreter never compiles a kernel, so build the GPU variants (bf16, and fp32 attention) for
+    sm_90 with Triton's NVIDIA backend, which needs no GPU: it catches what only compilation sees."""
+    import os
+    import subprocess
+    import sys
+
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "compiled"
