@@ -37,7 +37,7 @@ _CONFIGS = configs(
 
 @triton.autotune(configs=_CONFIGS, key=["n_q", "kv_len", "HEAD_DIM", "BLOCK_CAUSAL"],
                  prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@triton.jit(do_not_specialize=["n_q", "kv_len"])  # lengths only bound masks and loops: one binary per config
 def _attention_kernel(Q, K, V, O, STAGE, STAGE_END,
                       sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
                       n_q, kv_len, n_heads, qk_scale,
