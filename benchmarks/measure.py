@@ -1,0 +1,96 @@
+"""Device-synchronized timing, peak memory, and the device's measured matmul peak."""
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+_STATM = Path("/proc/self/statm")
+RSS_SAMPLE_S = 0.005
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one call of fn: CUDA events around it on a GPU (the device drained before and
+    after), the wall clock elsewhere."""
+    if device.type != "cuda":
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _rss_bytes() -> int:
+    return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory of what runs inside the block, in bytes (None where it cannot be measured).
+
+    CUDA: torch.cuda.max_memory_allocated, which includes every resident tensor (the model's weights).
+    CPU (Linux): the process's resident set sampled every few ms by a thread, minus its size on entry.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._base = self._max = 0
+
+    @property
+    def kind(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated (weights included)"
+        return "resident set growth, sampled every 5 ms" if _STATM.exists() else "n/a"
+
+    def _sample(self) -> None:
+        while not self._stop.wait(RSS_SAMPLE_S):
+            self._max = max(self._max, _rss_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif _STATM.exists():
+            self._base = self._max = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self._max, _rss_bytes()) - self._base
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> dict[str, Any]:
+    """The device's measured matmul rate in FLOP/s (median of repeats after warm-up), the MFU reference.
+
+    GPU: an 8192^3 product in `dtype` (bf16 by default). CPU: a 1024^3 fp32 product.
+    """
+    n, dtype = (8192, dtype) if device.type == "cuda" else (1024, torch.float32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    seconds = median([time_call(lambda: a @ b, device) for _ in range(repeats)])
+    return {"flops_per_s": 2 * n ** 3 / seconds, "how": f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')} matmul, "
+                                                        f"median of {repeats}"}
