@@ -1,0 +1,85 @@
+"""The FLOPs counting of benchmarks/flops.py against formulas derived by hand from the architecture.
+
+FLOPs = 2 x multiply-accumulates. A Linear(i -> o) on r rows costs 2*r*i*o; attention of n queries
+over kv keys at width D (all heads together) costs 2*n*kv*D for Q K^T and the same for P V.
+"""
+import pytest
+
+from benchmarks import flops
+from ecar_infer import ECARConfig
+
+# small enough to count in a moment, with every dimension distinct so a swapped factor shows
+CONFIG = ECARConfig(latent_kind="pixel", latent_channels=1, image_size=8, vae_downsample=1, vae_scaling_factor=1.0,
+                    patch_size=2, num_stages=2, width=32, depth=2, num_heads=4, head_width=24, head_blocks=2,
+                    num_classes=10)
+D, DEPTH, W, K = 32, 2, 24, 2
+TOKEN_DIM = 1 * 2 * 2           # C * p^2
+TOKENS = (4, 16)                # stage grids 2x2 and 4x4
+PREFIXES = (0, 4)
+TIME_FREQ = 256                 # sin-cos features of the head's time embedding
+STEPS = 3
+ROWS = 2                        # guidance: conditional and null branch, one image
+
+
+def condition_flops(rows: int) -> int:
+    """AdaLN modulations from the class embedding: 6D per block and 2D for the final norm."""
+    return 2 * rows * (DEPTH * D * 6 * D + D * 2 * D)
+
+
+def blocks_flops(rows: int, n: int, kv: int) -> int:
+    """All blocks on n query tokens attending over kv tokens: qkv 3D^2, proj D^2, MLP 2 * 4D^2, attention."""
+    return DEPTH * (2 * rows * n * 12 * D * D + 2 * 2 * rows * n * kv * D)
+
+
+def test_staged_ar_matches_hand_formula():
+    expected = condition_flops(ROWS)
+    for s, n in enumerate(TOKENS):
+        input_proj = 2 * ROWS * n * TOKEN_DIM * D if s > 0 else 0  # stage 0's input is the class embedding
+        expected += input_proj + blocks_flops(ROWS, n, PREFIXES[s] + n)
+    counted = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0)
+    assert counted["ar"] == expected
+
+
+def test_flow_head_matches_hand_formula():
+    expected = 0
+    for n in TOKENS:
+        rows = ROWS * n                                   # every token of both branches is one row
+        cond = 2 * rows * D * W                           # Linear(h) once per stage
+        time = 2 * STEPS * (TIME_FREQ * W + W * W)        # TimeMLP of the stage's N sigmas
+        velocity = 2 * rows * (TOKEN_DIM * W + W * (3 * K + 2) * W + K * 2 * W * W + W * TOKEN_DIM)
+        expected += cond + time + STEPS * velocity
+    counted = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0)
+    assert counted["head"] == expected
+    assert counted["generator"] == counted["ar"] + counted["head"]  # the re-noise jumps have no matmuls
+
+
+def test_unguided_sampling_counts_one_branch():
+    guided = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0)
+    plain = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=1.0)
+    time = len(TOKENS) * 2 * STEPS * (TIME_FREQ * W + W * W)  # per request, not per branch
+    assert 2 * plain["ar"] == guided["ar"]
+    assert 2 * (plain["head"] - time) == guided["head"] - time
+
+
+def test_naive_loop_reruns_every_prefix():
+    expected = 0
+    for s in range(len(TOKENS)):
+        seen = PREFIXES[s] + TOKENS[s]
+        input_proj = 2 * ROWS * (seen - TOKENS[0]) * TOKEN_DIM * D
+        expected += condition_flops(ROWS) + input_proj + blocks_flops(ROWS, seen, seen)
+    assert flops.naive_ar_flops(CONFIG, guided=True) == expected
+
+
+def test_dit_xl_2_step_matches_hand_count():
+    """One DiT-XL/2 forward per image; diffusers gives every block (and the final layer) its own
+    timestep MLP (256 -> d -> d), beside the 6d AdaLN-Zero projection."""
+    pytest.importorskip("diffusers")
+    d, n, depth = 1152, 256, 28
+    embed = 256 * d + d * d
+    block = 12 * d * d * n + 2 * n * n * d + 6 * d * d + embed
+    patch_embed = n * (4 * 2 * 2) * d
+    final = embed + d * 2 * d + n * d * (2 * 2 * 8)
+    macs = depth * block + patch_embed + final
+    counted = flops.dit_step_flops(guided=True)["step"]
+    assert counted == 2 * 2 * macs  # two branches, two FLOPs per MAC
+    assert abs(macs / 1e9 - 118.6) < 0.1  # the DiT paper's "Gflops" (MACs) of DiT-XL/2
