@@ -7,7 +7,8 @@ Three paths through Sampler.generate on random weights, at the settings of bench
 * graphs: bf16, CUDA graphs (the default on CUDA): the batch padded to its bucket, every unit replayed;
 * eager: bf16, cuda_graphs=False: the same kernels, launched one by one;
 * reference: fp32, force_backend("reference"), no graphs, TF32 off: the plain-PyTorch oracle.
-The VAE is the SD-VAE-architecture AutoencoderKL with random weights, in the path's dtype.
+The VAE is the SD-VAE-architecture AutoencoderKL with random weights, in bf16 for the bf16 paths (as
+Sampler.from_config builds it) and in fp32 for the reference.
 
 Per (preset, batch, path): one untimed first call (for graphs it records the graphs: its capture time
 is reported apart), then up to --repeats timed calls each with output_type="latent" (VAE decode
@@ -38,7 +39,8 @@ import torch
 from ecar_infer import ECARConfig, Sampler
 from ecar_infer.kernels import force_backend
 from ecar_infer.model import ECARModel
-from ecar_infer.vae import AutoencoderDecoder, build_decoder, sd_vae_random
+from ecar_infer.sampler import vae_dtype
+from ecar_infer.vae import build_decoder, sd_vae_random
 
 from .flops import GUIDANCE_SCALE, STEPS_PER_STAGE
 from .measure import PeakMemory, median, time_call
@@ -104,23 +106,18 @@ class Bench:
         self.rows: list[Row] = []
         self.profiles: list[str] = []
         self.env = environment(self.device)
-        self._vae = None
 
     # ---- setup -------------------------------------------------------------------------------------
-    def decoder(self, config: ECARConfig, dtype: torch.dtype):
-        if config.latent_kind != "sd-vae":
-            return build_decoder(config)
-        if self._vae is None:
-            self._vae = sd_vae_random(self.args.seed).eval()
-        vae = copy.deepcopy(self._vae).to(self.device)
-        vae = vae if dtype == torch.float32 else vae.to(dtype)  # diffusers warns at any cast
-        return AutoencoderDecoder(vae, config.vae_scaling_factor)
-
     def models(self, config: ECARConfig) -> dict[torch.dtype, tuple[ECARModel, Any]]:
-        """(model, decoder) per dtype the paths need, all from the same random weights."""
+        """(model, decoder) per dtype the paths need, all from the same random weights; the decoder in the
+        dtype the sampler gives it (sampler.vae_dtype)."""
         base = ECARModel(config).init_weights(self.args.seed, zero_init=False)
-        dtypes = {PATHS[p].dtype for p in self.args.paths}
-        return {dt: (copy.deepcopy(base).to(self.device, dt).eval(), self.decoder(config, dt)) for dt in dtypes}
+        out = {}
+        for dtype in {PATHS[p].dtype for p in self.args.paths}:
+            vae = sd_vae_random(self.args.seed, config=config) if config.latent_kind == "sd-vae" else None
+            decoder = build_decoder(config, vae, self.device, vae_dtype(dtype))
+            out[dtype] = copy.deepcopy(base).to(self.device, dtype).eval(), decoder
+        return out
 
     # ---- measuring ---------------------------------------------------------------------------------
     def run_row(self, preset: str, config: ECARConfig, batch: int, path: str, model, decoder) -> Row:

@@ -1,13 +1,15 @@
 """Runs the engine's units: a CUDA graph per unit key, captured lazily and replayed; eager elsewhere.
 
 A key names one unit of one engine: (batch bucket, step structure, dtype, unit kind, stage), see
-StageEngine.key and StageEngine.units; the runner adds the backend forced at the call (force_backend,
-ECAR_BACKEND), since a graph replays the kernels that dispatch chose when it was captured. The first call of a key on CUDA runs the unit a few times on a
-side stream (warm-up: cuBLAS handles, Triton autotuning, torch.compile), captures one run into a graph
-whose memory comes from a pool shared by all of this runner's graphs, then replays it; later calls
-only replay. Sharing the pool is safe because a unit keeps nothing it allocates: its results go to
-the engine's static buffers, which live outside the pool, and units run one after another on one
-stream. Outputs therefore never alias, the guided and unguided branches' included.
+StageEngine.key and StageEngine.units. The runner adds the backend forced at the call (force_backend,
+ECAR_BACKEND), since a graph replays the kernels that dispatch chose when it was captured.
+
+The first call of a key on CUDA runs the unit a few times on a side stream (warm-up: cuBLAS handles,
+Triton autotuning, torch.compile), captures one run into a graph whose memory comes from a pool shared
+by all of this runner's graphs, then replays it; later calls only replay. Sharing the pool is safe
+because a unit keeps nothing it allocates: its results go to the engine's static buffers, which live
+outside the pool, and units run one after another on one stream. Outputs therefore never alias, the
+guided and unguided branches' included.
 
 Units run eagerly where graphs are off (cuda_graphs=False), on any device but CUDA, and for a key whose
 capture failed (logged once; that key stays eager). With compile=True each unit is first wrapped in

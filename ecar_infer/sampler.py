@@ -1,7 +1,7 @@
 """Sampler: checkpoint or config -> model -> [per stage: AR forward, flow loop, re-noise] -> decode -> images.
 
-On CUDA the fast path is the default: bf16 weights and activations (from_config / from_pretrained), the
-engine's units replayed as CUDA graphs (ecar_infer/graphs.py), batches padded up to a few bucket sizes so
+On CUDA the fast path is the default: bf16 weights and activations (from_config / from_pretrained; the
+VAE too), the engine's units replayed as CUDA graphs (ecar_infer/graphs.py), batches padded up to a few bucket sizes so
 that few graphs are recorded, and engines (static buffers and their graphs) kept per (bucket, step
 structure) so repeated requests reuse them. Every generate() on CUDA runs with TF32 allowed for fp32
 matmuls and convolutions (tf32=True; the previous setting is restored afterwards). Elsewhere, or with
@@ -40,6 +40,11 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but CUDA is not available here; use --device cpu")
     return device
+
+
+def vae_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The VAE decodes in bf16 with a bf16 model, else in fp32 (the SD-VAE can overflow in fp16)."""
+    return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float32
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -119,8 +124,9 @@ class Sampler:
         from .checkpoint import load_checkpoint
 
         device = resolve_device(device)
-        model = load_checkpoint(path, device=device, dtype=resolve_dtype(dtype, device))
-        decoder = build_decoder(model.config, vae, device, slicing=vae_slicing, tiling=vae_tiling)
+        dtype = resolve_dtype(dtype, device)
+        model = load_checkpoint(path, device=device, dtype=dtype)
+        decoder = build_decoder(model.config, vae, device, vae_dtype(dtype), slicing=vae_slicing, tiling=vae_tiling)
         metadata = getattr(model, "checkpoint_metadata", {})
         return cls(model, decoder, SamplingDefaults.from_metadata(metadata), **kwargs)
 
@@ -130,9 +136,9 @@ class Sampler:
                     **kwargs) -> "Sampler":
         """A sampler with random weights drawn from `seed` (every weight random, see init_weights)."""
         device = resolve_device(device)
-        model = ECARModel(config).init_weights(seed, zero_init=False)
-        model = model.to(device=device, dtype=resolve_dtype(dtype, device))
-        decoder = build_decoder(config, vae, device, random_vae=random_vae)
+        dtype = resolve_dtype(dtype, device)
+        model = ECARModel(config).init_weights(seed, zero_init=False).to(device=device, dtype=dtype)
+        decoder = build_decoder(config, vae, device, vae_dtype(dtype), random_vae=random_vae)
         return cls(model, decoder, **kwargs)
 
     # ---- sampling ----------------------------------------------------------------------------

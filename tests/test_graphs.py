@@ -132,7 +132,10 @@ def test_load_checks_the_request(model):
 @torch.no_grad()
 def test_sampler_reuses_engines_per_batch_and_step_structure(model):
     sampler = Sampler(model, progress=False)
-    run = lambda labels, **kw: sampler.generate(labels, seed=0, steps_per_stage=2, output_type="latent", **kw)  # noqa: E731
+
+    def run(labels, **kwargs):
+        return sampler.generate(labels, seed=0, steps_per_stage=2, output_type="latent", **kwargs)
+
     first = run([1, 2], cfg_scale=2.0).images
     assert len(sampler._engines) == 1
     assert torch.equal(run([1, 2], cfg_scale=2.0).images, first)
