@@ -15,9 +15,9 @@ is reported apart), then up to --repeats timed calls each with output_type="late
 excluded) and "pt" (decode included), fewer once --row-seconds of timed calls are spent. Latency is the
 median call, timed with CUDA events. A failing row (out of memory) records its error and the sweep goes
 on; results are rewritten after every row, and the rows the targets name run first, so a run cut short
-(Ctrl-C, `timeout -s INT`) keeps them. A full default sweep takes about 3 minutes on an H100. For ecar-xl at batch 1 and 64, torch.profiler's top ops by
-CUDA time for one call (decode included) of the graph and eager paths go to
-DIR/profile-<preset>-b<batch>-<path>.txt.
+(Ctrl-C, `timeout -s INT`) keeps them. A full default sweep should take about 3 minutes on an H100 (an
+estimate from FLOP counts: not run yet). For ecar-xl at batch 1 and 64, torch.profiler's top ops by CUDA
+time for one call (decode included) of the graph and eager paths go to DIR/profile-<preset>-b<batch>-<path>.txt.
 
 Targets (issue 6; reported, never asserted): graphs >= 3x the reference at batch 1 and >= 1.5x at
 batch 64; ecar-xl batch-1 latency including the VAE decode <= 20 ms on an H100.

@@ -1,11 +1,11 @@
 """Sampler: checkpoint or config -> model -> [per stage: AR forward, flow loop, re-noise] -> decode -> images.
 
-On CUDA the fast path is the default: bf16 weights and activations (from_config / from_pretrained; the
-VAE too), the engine's units replayed as CUDA graphs (ecar_infer/graphs.py), batches padded up to a few bucket sizes so
-that few graphs are recorded, and engines (static buffers and their graphs) kept per (bucket, step
-structure) so repeated requests reuse them. Every generate() on CUDA runs with TF32 allowed for fp32
-matmuls and convolutions (tf32=True; the previous setting is restored afterwards). Elsewhere, or with
-cuda_graphs=False, the units run eagerly on exactly the requested batch: the reference path.
+On CUDA the fast path is the default: bf16 weights and activations (from_config / from_pretrained, the
+VAE included), the engine's units replayed as CUDA graphs (ecar_infer/graphs.py), batches padded up to a
+few bucket sizes so that few graphs are recorded, and engines (static buffers and their graphs) kept per
+(bucket, step structure) so repeated requests reuse them. Every generate() on CUDA runs with TF32 allowed
+for fp32 matmuls and convolutions (tf32=True; the previous setting is restored afterwards). Elsewhere, or
+with cuda_graphs=False, the units run eagerly on exactly the requested batch: the reference path.
 """
 from __future__ import annotations
 
@@ -95,8 +95,12 @@ def tf32_allowed(enabled: bool):
 
 
 class Sampler:
-    """cuda_graphs: replay the units as CUDA graphs (CUDA only). compile: wrap each unit in torch.compile
-    (optional, slow first call). tf32: on CUDA, allow TF32 for fp32 matmuls/convolutions during generate()."""
+    """Generates images from a model and its decoder.
+
+    cuda_graphs: capture and replay the units as CUDA graphs (CUDA only; eager elsewhere).
+    compile: wrap each unit in torch.compile (optional; minutes of compilation on first use).
+    tf32: on CUDA, allow TF32 for fp32 matmuls and cuDNN convolutions during generate().
+    """
 
     def __init__(self, model: ECARModel, decoder=None, defaults: SamplingDefaults | None = None,
                  cuda_graphs: bool = True, progress: bool = True, compile: bool = False, tf32: bool = True) -> None:
