@@ -1,6 +1,8 @@
 """The CUDA-graph fast path on a GPU (skipped without CUDA): replay equals eager bitwise, bf16 stays near
-the fp32 reference, captures happen once per (bucket, structure), a failed capture falls back to eager."""
+the fp32 reference, captures happen once per (bucket, structure), a failed capture falls back to eager.
+The torch.compile test takes minutes and runs only with ECAR_TEST_COMPILE=1."""
 import logging
+import os
 
 import pytest
 import torch
@@ -19,6 +21,11 @@ GUIDED = dict(cfg_scale=2.5, cfg_schedule="linear", cfg_interval=(0.3, 0.9), out
 def tiny_sampler(**kwargs) -> Sampler:
     return Sampler.from_config(ECARConfig.preset("ecar-tiny"), device="cuda", dtype="bf16", seed=0,
                                progress=False, **kwargs)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """||got - expected|| / ||expected|| (L2 over the whole batch)."""
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def units_per_request(sampler: Sampler) -> int:
@@ -43,7 +50,7 @@ def test_padded_graph_batch_matches_the_exact_eager_batch():
     eager = Sampler(graphs.model, graphs.decoder, cuda_graphs=False, progress=False)
     got = graphs.generate([1, 2, 3], seed=5, steps_per_stage=2, **GUIDED).images  # bucket 4
     expected = eager.generate([1, 2, 3], seed=5, steps_per_stage=2, **GUIDED).images
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16: a 4-row GEMM may round differently
+    assert relative_error(got, expected) <= 1e-2  # bf16: a 4-row GEMM may round differently from a 3-row one
 
 
 @torch.no_grad()
@@ -74,7 +81,7 @@ def test_bf16_fast_path_near_fp32_reference_ecar_b():
                                     cuda_graphs=False, tf32=False)
     with force_backend("reference"):
         expected = reference.generate(**kwargs).images
-    error = ((got - expected).norm() / expected.norm()).item()
+    error = relative_error(got, expected)
     assert error <= 2e-2, f"bf16 fast path is {error:.3g} (relative L2) from the fp32 reference"
 
 
@@ -102,14 +109,15 @@ def test_graph_keys_follow_the_forced_backend():
         expected = sampler.generate([1, 2], seed=0, steps_per_stage=2, **GUIDED).images
     got = sampler.generate([1, 2], seed=0, steps_per_stage=2, **GUIDED).images
     assert sampler.runner.num_captures == 2 * units_per_request(sampler)
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    assert relative_error(got, expected) <= 2e-2  # fused bf16 kernels against the bf16 reference ops
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("ECAR_TEST_COMPILE") != "1", reason="minutes of torch.compile: ECAR_TEST_COMPILE=1")
 @torch.no_grad()
 def test_compile_mode_matches_eager():
     sampler = tiny_sampler()
     compiled = Sampler(sampler.model, sampler.decoder, compile=True, progress=False)
     kwargs = dict(class_labels=[1, 2], seed=0, steps_per_stage=1, output_type="latent")
-    torch.testing.assert_close(compiled.generate(**kwargs).images, sampler.generate(**kwargs).images,
-                               rtol=2e-2, atol=2e-2)
+    assert relative_error(compiled.generate(**kwargs).images, sampler.generate(**kwargs).images) <= 2e-2
+    assert compiled.runner.num_captures == units_per_request(compiled)
