@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -11,10 +12,11 @@ from typing import Any, Sequence
 import torch
 
 
-def _version(module: str) -> str:
+def _version(distribution: str) -> str:
+    """The installed version, read from package metadata (importing diffusers or triton takes seconds)."""
     try:
-        return __import__(module).__version__
-    except Exception:  # not installed, or unusable here
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return "not installed"
 
 
