@@ -1,0 +1,402 @@
+"""Throughput in one harness: the E-CAR sampler against diffusers' DiTPipeline with DiT-XL/2.
+
+    python -m benchmarks.throughput --quick                              # CPU: batch 1, a few minutes
+    python -m benchmarks.throughput --json OUT.json --markdown OUT.md    # GPU: batch sweep 1, 8, 64, 256
+
+One device, one dtype (bf16 on CUDA, fp32 on the CPU) and the same batch sizes for everything. For
+each batch size it times
+* the SD-VAE-architecture AutoencoderKL decode alone: one module, random weights, decodes for both;
+* each E-CAR preset (random weights) through Sampler.generate at the default settings with guidance
+  (20 Euler steps per stage, cfg 4.0, decode included), once per backend choice: automatic dispatch,
+  then each registered backend forced first, with CUDA graphs on and off where the sampler has them;
+* DiTPipeline with DiT-XL/2 (random weights, DDPMScheduler with 1000 linear-beta training steps,
+  guidance 4.0, decode included) at 250 and 50 steps. Where one call would take longer than
+  --max-call-s, DiT runs fewer steps and the time is extrapolated linearly in the step count
+  (decode time + steps x per-step time); such rows say "extrapolated".
+Warm-up calls are excluded: on CUDA they are identical calls (graphs are captured there); on the CPU
+they run the same shapes with 1 step per stage (DiT: 1 step). Each row is the median of --repeats
+device-synchronized calls (CUDA events on GPU). MFU = counted FLOPs per image (benchmarks.flops) x
+images/s / the device's measured matmul peak. Results are rewritten after every row, so a run that is
+cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ecar_infer import ECARConfig, Sampler
+from ecar_infer.kernels import chosen_backends, dispatch, force_backend, ops
+from ecar_infer.model import ECARModel
+from ecar_infer.sampler import resolve_device, resolve_dtype
+from ecar_infer.vae import AutoencoderDecoder, build_decoder, sd_vae_random
+
+from . import flops
+from .dit import DIT_NAME, DIT_XL_2, dit_pipeline, dit_xl_2
+from .measure import PeakMemory, matmul_peak, median, time_call
+from .report import environment, environment_line, markdown_table, write_outputs
+
+GPU_BATCHES = [1, 8, 64, 256]
+VAE_NAME = "SD-VAE decode"
+# Issue 5's throughput targets, for one H100 at batch 64 (reported, never asserted).
+TARGET_PRESET, TARGET_BATCH, TARGET_SPEEDUP, TARGET_IMAGES_PER_S = "ecar-xl", 64, 25.0, 150.0
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    batch: int
+    steps: str
+    flops_per_image: float
+    times: list[float] = field(default_factory=list)
+    latency_s: float | None = None          # per batch: the median call, or its extrapolation
+    peak_bytes: int | None = None
+    backends: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+    error: str | None = None
+
+    @property
+    def images_per_s(self) -> float | None:
+        return self.batch / self.latency_s if self.latency_s else None
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def available_backends() -> list[str]:
+    """Every backend registered for at least one hot-path op, in dispatch preference order."""
+    op_names = [name for name, fn in vars(ops).items()
+                if callable(fn) and getattr(fn, "__module__", None) == ops.__name__]
+    found = {backend for op in op_names for backend in dispatch.registered(op)}
+    return [name for name in dispatch.BACKEND_NAMES if name in found]
+
+
+def ecar_variants(device: torch.device, backends: list[str] | None) -> list[tuple[str, bool | None]]:
+    """(backend, cuda_graphs) pairs; cuda_graphs is None where the sampler or the device has no graphs.
+
+    The first pair is the default path. On the CPU only automatic dispatch runs unless backends are named
+    (the Triton interpreter is a test tool, far too slow to time).
+    """
+    graphs = device.type == "cuda" and "cuda_graphs" in inspect.signature(Sampler).parameters
+    variants: list[tuple[str, bool | None]] = [("auto", True), ("auto", False)] if graphs else [("auto", None)]
+    if backends is None:
+        backends = available_backends() if device.type == "cuda" else []
+    return variants + [(name, True if graphs else None) for name in backends]
+
+
+def variant_label(backend: str, graphs: bool | None) -> str:
+    return backend + ("" if graphs is None else f", graphs {'on' if graphs else 'off'}")
+
+
+class Harness:
+    def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
+        self.args, self.device, self.dtype = args, device, dtype
+        self.cheap_warmup = device.type != "cuda"
+        self.peak = matmul_peak(device, dtype)
+        self.rows: list[Row] = []
+        self.decode_s: dict[int, float] = {}
+        self.profile_path: str | None = None
+        self.env = environment(device)
+        self.vae = None
+
+    # ---- measuring -------------------------------------------------------------------------------
+    def measure(self, row: Row, call: Callable[[], Any], warmup: Callable[[], Any],
+                backend: str = "auto") -> Row:
+        """Warm-up, then --repeats timed calls under one peak-memory window; failures become the row's error."""
+        try:
+            with force_backend(backend):
+                for _ in range(self.args.warmup):
+                    warmup()
+                with PeakMemory(self.device) as memory:
+                    row.times = [time_call(call, self.device) for _ in range(self.args.repeats)]
+            row.latency_s, row.peak_bytes = median(row.times), memory.peak_bytes
+        except Exception as err:  # one failing case (OOM, a kernel that cannot run) must not end the sweep
+            row.error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        release(self.device)
+        return row
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        self.write()
+
+    def shared_vae(self):
+        if self.vae is None:
+            self.vae = sd_vae_random().to(self.device, self.dtype).eval()
+        return self.vae
+
+    # ---- cases -----------------------------------------------------------------------------------
+    def vae_decode(self, batch: int) -> None:
+        latent_side = DIT_XL_2["sample_size"]
+        decoder = AutoencoderDecoder(self.shared_vae(), self.shared_vae().config.scaling_factor)
+        z = torch.randn(batch, DIT_XL_2["in_channels"], latent_side, latent_side, device=self.device)
+        row = Row(VAE_NAME, "AutoencoderKL", batch, "-", flops.vae_decode_flops(latent_side))
+        warm = functools.partial(decoder.decode, z[:1] if self.cheap_warmup else z)
+        self.measure(row, functools.partial(decoder.decode, z), warm)
+        if row.latency_s:
+            self.decode_s[batch] = row.latency_s
+        self.add(row)
+
+    def ecar(self, preset: str) -> None:
+        config = ECARConfig.preset(preset)
+        counted = flops.ecar_flops(config, self.args.steps)
+        per_image = counted["generator"] + (flops.vae_decode_flops(config.latent_size)
+                                            if config.latent_kind == "sd-vae" else 0)
+        model = ECARModel(config).init_weights(self.args.seed, zero_init=False).to(self.device, self.dtype)
+        decoder = (AutoencoderDecoder(self.shared_vae(), config.vae_scaling_factor)
+                   if config.latent_kind == "sd-vae" else build_decoder(config))
+        variants = ecar_variants(self.device, self.args.backends)
+        for index, (backend, graphs) in enumerate(variants):
+            for batch in self.args.batches if index == 0 else self.args.variant_batches:
+                options = {} if graphs is None else {"cuda_graphs": graphs}
+                sampler = Sampler(model, decoder, progress=False, **options)
+                labels = [k % config.num_classes for k in range(batch)]
+                call = functools.partial(sampler.generate, labels, seed=self.args.seed, cfg_scale=flops.GUIDANCE_SCALE,
+                                         steps_per_stage=self.args.steps, output_type="pt")
+                warm = functools.partial(call, steps_per_stage=1) if self.cheap_warmup else call
+                row = Row(preset, variant_label(backend, graphs), batch,
+                          f"{self.args.steps} x {config.num_stages} stages", per_image)
+                self.measure(row, call, warm, backend)
+                row.backends = {op: name for op, name in sorted(chosen_backends().items())}
+                self.add(row)
+                if index == 0 and self.args.profile and batch == self.profile_batch():
+                    self.profile(preset, batch, call)
+                del sampler
+                release(self.device)
+        del model
+        release(self.device)
+
+    def dit(self, pipe, batch: int) -> None:
+        """DiT at every requested step count for one batch size; long runs are measured short and extrapolated."""
+        per_step = flops.dit_step_flops()["step"]  # per image, guidance included
+        decode_flops = flops.vae_decode_flops(DIT_XL_2["sample_size"])
+        labels = [k % DIT_XL_2["num_embeds_ada_norm"] for k in range(batch)]
+
+        def call(steps: int) -> Any:
+            return pipe(class_labels=labels, guidance_scale=flops.GUIDANCE_SCALE, num_inference_steps=steps,
+                        output_type="pt")
+
+        decode = self.decode_s.get(batch, 0.0)
+        try:
+            for _ in range(self.args.warmup):
+                call(1)
+            step_guess = max(time_call(functools.partial(call, 1), self.device) - decode, 1e-6)
+        except Exception as err:
+            self.add(Row(DIT_NAME, "DDPM, CFG", batch, "-", 0, error=f"{type(err).__name__}: {err}"[:200]))
+            return
+        measured: Row | None = None
+        for steps in sorted(self.args.dit_steps):
+            row = Row(DIT_NAME, "DDPM, CFG", batch, str(steps), steps * per_step + decode_flops)
+            if measured is None or decode + steps * step_guess <= self.args.max_call_s:
+                run_steps = max(1, min(steps, int((self.args.max_call_s - decode) / step_guess)))
+                measured = self.measure(dataclasses.replace(row, steps=str(run_steps)),
+                                        functools.partial(call, run_steps), lambda: None)
+            run_steps = int(measured.steps)
+            row.times, row.peak_bytes, row.error = measured.times, measured.peak_bytes, measured.error
+            if measured.latency_s is not None:
+                step_s = max(measured.latency_s - decode, 0.0) / run_steps
+                row.latency_s = measured.latency_s + (steps - run_steps) * step_s
+            if run_steps != steps:
+                row.note = f"extrapolated from {run_steps}-step runs (decode {decode:.3g} s + {steps} x per-step time)"
+            self.add(row)
+
+    def profile_batch(self) -> int:
+        return TARGET_BATCH if TARGET_BATCH in self.args.batches else max(self.args.batches)
+
+    def profile(self, preset: str, batch: int, call: Callable[[], Any]) -> None:
+        """One call of the default E-CAR path under torch.profiler: the ops that take the time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        path = Path(self.args.profile) / f"profile-{preset}-b{batch}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with profile(activities=activities) as prof:
+                call()
+            path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
+        except Exception as err:  # a profiler problem must not cost the measurements
+            path.write_text(f"profiling failed: {type(err).__name__}: {err}\n")
+        self.profile_path = str(path)
+
+    # ---- results ---------------------------------------------------------------------------------
+    def derived(self, row: Row) -> dict[str, Any]:
+        out = {"images_per_s": row.images_per_s, "mfu": None, "images_per_s_without_decode": None}
+        if row.images_per_s:
+            out["mfu"] = row.flops_per_image * row.images_per_s / self.peak["flops_per_s"]
+            decode = self.decode_s.get(row.batch)
+            if row.model != VAE_NAME and decode and row.latency_s > decode:
+                out["images_per_s_without_decode"] = row.batch / (row.latency_s - decode)
+        return out
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per batch and E-CAR preset: its fastest variant against DiT at each step count."""
+        out = []
+        ecar_models = [m for m in dict.fromkeys(r.model for r in self.rows) if m not in (VAE_NAME, DIT_NAME)]
+        for batch in sorted({r.batch for r in self.rows}):
+            dit = {r.steps: r.images_per_s for r in self.rows if r.model == DIT_NAME and r.batch == batch
+                   and r.images_per_s}
+            for model in ecar_models:
+                timed = [r for r in self.rows if r.model == model and r.batch == batch and r.images_per_s]
+                if timed:
+                    best = max(timed, key=lambda r: r.images_per_s)
+                    out.append({"batch": batch, "model": model, "variant": best.variant,
+                                "images_per_s": best.images_per_s,
+                                "speedup_vs_dit": {steps: best.images_per_s / v for steps, v in dit.items()}})
+        return out
+
+    def targets(self, summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.device.type != "cuda":
+            return []
+        out = []
+        for s in summary:
+            if s["model"] == TARGET_PRESET and s["batch"] == TARGET_BATCH:
+                checks = [("images/s including decode", s["images_per_s"], TARGET_IMAGES_PER_S)]
+                if "250" in s["speedup_vs_dit"]:
+                    checks.insert(0, ("speedup over DiT-XL/2 at 250 steps", s["speedup_vs_dit"]["250"],
+                                      TARGET_SPEEDUP))
+                out += [{"what": what, "measured": value, "required": need, "met": value >= need,
+                         "margin": value / need} for what, value, need in checks]
+        return out
+
+    def payload(self) -> dict[str, Any]:
+        summary = self.summary()
+        return {
+            "settings": {"device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                         "repeats": self.args.repeats, "warmup": self.args.warmup,
+                         "warmup_kind": "cheap (1 step per stage)" if self.cheap_warmup else "identical calls",
+                         "max_call_s": self.args.max_call_s, "memory": PeakMemory(self.device).kind,
+                         "ecar": f"{self.args.steps} Euler steps per stage, cfg {flops.GUIDANCE_SCALE}",
+                         "dit": f"DDPM (1000 linear-beta training steps), guidance {flops.GUIDANCE_SCALE}"},
+            "environment": self.env,
+            "peak": self.peak,
+            "rows": [{**dataclasses.asdict(r), **self.derived(r)} for r in self.rows],
+            "summary": summary,
+            "targets": self.targets(summary),
+            "profile": self.profile_path,
+        }
+
+    def write(self) -> None:
+        payload = self.payload()
+        write_outputs(payload, render_markdown(payload), self.args.json, self.args.markdown)
+
+
+def _num(value: float | None, fmt: str = ".3g") -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1000 else format(value, fmt)
+
+
+def _memory(value: int | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+
+
+def _backends(chosen: dict[str, str]) -> str:
+    return "+".join(sorted(set(chosen.values()))) or "-"
+
+
+def render_markdown(payload: dict[str, Any]) -> str:
+    s, peak = payload["settings"], payload["peak"]
+    headers = ["model", "variant", "backends used", "batch", "steps", "latency / batch (s)", "images/s",
+               "images/s without decode", "peak memory", "GFLOPs / image", "MFU", "note"]
+    rows = []
+    for r in sorted(payload["rows"], key=lambda r: r["batch"]):
+        note = r["error"] or r["note"]
+        rows.append([r["model"], r["variant"], _backends(r["backends"]), r["batch"], r["steps"],
+                     _num(r["latency_s"]), _num(r["images_per_s"]), _num(r["images_per_s_without_decode"]),
+                     _memory(r["peak_bytes"]), f"{r['flops_per_image'] / 1e9:,.0f}",
+                     "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", note])
+    parts = [f"Device {payload['environment']['device']}, {s['dtype']}; peak {peak['flops_per_s'] / 1e12:.3g} "
+             f"TFLOP/s measured ({peak['how']}). E-CAR: {s['ecar']}; {DIT_NAME}: {s['dit']}. Median of "
+             f"{s['repeats']} timed calls after {s['warmup']} warm-up call(s), {s['warmup_kind']}; peak memory: "
+             f"{s['memory']}. Every latency includes the VAE decode; \"without decode\" subtracts the "
+             f"{VAE_NAME} row of the same batch.",
+             markdown_table(headers, rows)]
+    if payload["summary"]:
+        steps = sorted({k for x in payload["summary"] for k in x["speedup_vs_dit"]}, key=int, reverse=True)
+        parts.append(markdown_table(
+            ["batch", "model (fastest variant)", "images/s"] + [f"speedup vs {DIT_NAME}, {k} steps" for k in steps],
+            [[x["batch"], f"{x['model']} ({x['variant']})", _num(x["images_per_s"])]
+             + [_num(x["speedup_vs_dit"].get(k), ".1f") + "x" if k in x["speedup_vs_dit"] else "-" for k in steps]
+             for x in payload["summary"]]))
+    if payload["targets"]:
+        parts.append(markdown_table(
+            ["target (issue 5, one H100, batch 64)", "required", "measured", "result"],
+            [[t["what"], _num(t["required"]), _num(t["measured"]),
+              "met" if t["met"] else f"MISSED by {1 / t['margin']:.2f}x"] for t in payload["targets"]]))
+    if payload["profile"]:
+        parts.append(f"Profile of one default-path call: `{payload['profile']}`.")
+    parts.append(environment_line(payload["environment"]) + ".")
+    return "\n\n".join(parts)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="ecar-b and DiT at batch 1, 2 repeats, DiT runs of at most 30 s (extrapolated)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 elsewhere")
+    parser.add_argument("--models", nargs="+", help="E-CAR presets (default: ecar-b ecar-l ecar-xl)")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sweep (default: 1 8 64 256 on GPU, 1 on CPU)")
+    parser.add_argument("--variant-batches", type=int, nargs="+",
+                        help="batches at which the non-default E-CAR variants run (default: --batches)")
+    parser.add_argument("--dit-batches", type=int, nargs="+", help="batches at which DiT runs (default: --batches)")
+    parser.add_argument("--backends", nargs="+", help="backends to force besides auto (default: all registered, "
+                                                      "on GPU; none on the CPU)")
+    parser.add_argument("--steps", type=int, default=flops.STEPS_PER_STAGE, help="E-CAR Euler steps per stage")
+    parser.add_argument("--dit-steps", type=int, nargs="+", default=list(flops.DIT_STEPS))
+    parser.add_argument("--no-dit", action="store_true", help="skip DiT-XL/2")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--max-call-s", type=float, help="longest DiT call before extrapolating (default 60; quick 30)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write results as JSON here (rewritten after every row)")
+    parser.add_argument("--markdown", help="write the tables as Markdown here (rewritten after every row)")
+    parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of one default E-CAR call here")
+    args = parser.parse_args(argv)
+    gpu = resolve_device(args.device).type == "cuda"
+    args.models = args.models or (["ecar-b"] if args.quick else list(flops.PRESETS))
+    args.batches = args.batches or ([1] if args.quick or not gpu else GPU_BATCHES)
+    args.variant_batches = args.variant_batches or args.batches
+    args.dit_batches = [] if args.no_dit else (args.dit_batches or args.batches)
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    args.max_call_s = args.max_call_s or (30.0 if args.quick else 60.0)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    harness = Harness(args, device, resolve_dtype(args.dtype, device))
+    needs_vae = args.dit_batches or any(ECARConfig.preset(m).latent_kind == "sd-vae" for m in args.models)
+    if needs_vae:
+        for batch in sorted(set(args.batches) | set(args.dit_batches)):
+            harness.vae_decode(batch)
+    for preset in args.models:
+        harness.ecar(preset)
+    if args.dit_batches:
+        with torch.device(device):
+            transformer = dit_xl_2()
+        pipe = dit_pipeline(transformer.to(device, harness.dtype).eval(), harness.shared_vae())
+        for batch in args.dit_batches:
+            harness.dit(pipe, batch)
+    harness.write()
+    print(render_markdown(harness.payload()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
