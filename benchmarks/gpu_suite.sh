@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, at most 10 minutes: GPU tests, kernel and CUDA-graph benchmarks,
+# the FLOPs table and the E-CAR vs DiT-XL/2 throughput sweep, every result under OUTDIR.
+#
+#   bash benchmarks/gpu_suite.sh OUTDIR
+#
+# Needs a CUDA machine with torch and triton installed; nothing is downloaded. The repo is installed
+# with `pip install --no-deps -e .`. Python packages missing there (diffusers and importlib_metadata on
+# the project's GPU image; pytest-benchmark elsewhere) are installed from wheels in $ECAR_WHEELS
+# (default .whl/, which git ignores). Fetch them once on a machine with network access:
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata pytest-benchmark py-cpuinfo
+#
+# Each part runs under `timeout` with its own budget (seconds below); a part that fails or runs out of
+# time is logged in OUTDIR/parts.txt and the suite goes on. The throughput harness rewrites its JSON and
+# Markdown after every row, so a part cut short still leaves what it measured.
+set -u
+OUTDIR=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+PY=${PYTHON:-python3}
+WHEELS=${ECAR_WHEELS:-.whl}
+export PYTHONUNBUFFERED=1
+
+# budgets in seconds (each can be overridden from the environment); their sum plus set-up stays under 600
+T_TESTS=${T_TESTS:-80} T_KERNELS=${T_KERNELS:-80} T_GRAPHS=${T_GRAPHS:-90} T_FLOPS=${T_FLOPS:-40}
+T_THROUGHPUT=${T_THROUGHPUT:-270}
+
+log() { echo "[gpu_suite $(date +%T)] $*" | tee -a "$OUTDIR/suite.log"; }
+
+part() {  # part NAME SECONDS COMMAND...: run under a time limit, output to OUTDIR/NAME.log
+    local name=$1 limit=$2 started=$SECONDS rc
+    shift 2
+    log "$name: start (limit ${limit}s): $*"
+    timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+    rc=$?
+    log "$name: exit $rc after $((SECONDS - started))s"
+    echo "$name exit=$rc seconds=$((SECONDS - started))" >>"$OUTDIR/parts.txt"
+}
+
+install() {  # the repo, and from wheels whatever of diffusers / pytest-benchmark is missing
+    local missing
+    missing=$("$PY" -c 'import importlib.util as u; print(*[m for m in ("diffusers", "pytest_benchmark") if u.find_spec(m) is None])')
+    if [ -n "$missing" ]; then
+        if compgen -G "$WHEELS/*.whl" >/dev/null; then
+            "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl || return 1
+        else
+            echo "missing: $missing, and no wheels in $WHEELS (see the header of benchmarks/gpu_suite.sh)"
+        fi
+    fi
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+}
+
+: >"$OUTDIR/parts.txt"
+log "repo $(git rev-parse --short HEAD 2>/dev/null || echo unknown), outdir $OUTDIR"
+nvidia-smi -q >"$OUTDIR/nvidia-smi-q.txt" 2>&1
+{
+    grep -E "Product Name|Product Brand|Product Architecture|Form Factor|Part Number|Driver Version|CUDA Version|Power Limit|PCIe Generation|Link Width" "$OUTDIR/nvidia-smi-q.txt"
+    echo "SXM or PCIe: 'H100 80GB HBM3' is the SXM part (about 700 W limit), 'H100 PCIe' / 'H100 NVL' are not (350-400 W)"
+} >"$OUTDIR/nvidia-smi-excerpt.txt"
+cat "$OUTDIR/nvidia-smi-excerpt.txt"
+
+install >"$OUTDIR/install.log" 2>&1
+log "install: exit $? (log in install.log)"
+"$PY" -c 'import platform, torch, triton, diffusers; print("python", platform.python_version(), "torch", torch.__version__,
+"triton", triton.__version__, "diffusers", diffusers.__version__, "gpu", torch.cuda.get_device_name())' \
+    >"$OUTDIR/versions.txt" 2>&1
+
+part gpu-tests "$T_TESTS" "$PY" -m pytest -m gpu tests/ -q -rs --junitxml="$OUTDIR/gpu-tests.xml"
+
+if [ -f benchmarks/bench_kernels.py ]; then
+    part kernels "$T_KERNELS" "$PY" -m pytest benchmarks/bench_kernels.py --benchmark-only -q \
+        --benchmark-json "$OUTDIR/kernels.json"
+else
+    log "kernels: benchmarks/bench_kernels.py not present, skipped"
+fi
+
+if [ -f benchmarks/bench_graphs.py ]; then
+    # the rows issue 6's targets name (ecar-xl at batch 1 and 64); the throughput part sweeps the rest
+    part graphs "$T_GRAPHS" "$PY" -m benchmarks.bench_graphs --out "$OUTDIR/graphs" --presets ecar-xl --batches 1 64
+else
+    log "graphs: benchmarks/bench_graphs.py not present, skipped"
+fi
+
+part flops "$T_FLOPS" "$PY" -m benchmarks.flops --json "$OUTDIR/flops.json" --markdown "$OUTDIR/flops.md"
+
+# ecar-xl is the preset the issue-5 targets name; batch 64 first so the target rows come first
+part throughput "$T_THROUGHPUT" "$PY" -m benchmarks.throughput --models ecar-xl --batches 64 1 8 256 \
+    --variant-batches 64 1 --repeats 3 --max-call-s 25 --profile "$OUTDIR" \
+    --json "$OUTDIR/throughput.json" --markdown "$OUTDIR/throughput.md"
+
+log "done in ${SECONDS}s; results in $OUTDIR"
