@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     run.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on CUDA, fp32 on CPU")
     run.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly on CUDA")
+    run.add_argument("--compile", action="store_true",
+                     help="wrap each sampling unit in torch.compile (optional; minutes of compilation at first use)")
+    run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                     help="allow TF32 for fp32 matmuls on CUDA (default on)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     out = p.add_argument_group("output (one of)").add_mutually_exclusive_group()
@@ -163,7 +167,7 @@ def load_sampler(args):
     from .weights import default_checkpoint
 
     options = dict(device=args.device, dtype=args.dtype, vae=args.vae, cuda_graphs=not args.no_cuda_graphs,
-                   progress=not (args.no_progress or args.quiet))
+                   compile=args.compile, tf32=args.tf32, progress=not (args.no_progress or args.quiet))
     if args.random_init:
         if args.ckpt:
             raise UsageError("give --ckpt or --random-init, not both")

@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import torch
+
 logger = logging.getLogger("ecar_infer.kernels")
 
 BACKEND_NAMES = ("flash", "triton", "sdpa", "reference")
@@ -113,6 +115,11 @@ def select(op: str, *args: Any, **kwargs: Any) -> Backend:
 
 
 def call(op: str, *args: Any, **kwargs: Any) -> Any:
+    if torch.compiler.is_compiling():
+        # Inside torch.compile: plain torch ops that the compiler fuses itself (SDPA for attention), and no
+        # thread-local or logging bookkeeping for it to trace, which would break the graph at every call.
+        backends = _REGISTRY[op]
+        return backends.get("sdpa", backends["reference"]).fn(*args, **kwargs)
     backend = select(op, *args, **kwargs)
     _chosen[op] = backend.name
     _log_once(op, backend.name, f"ecar_infer: {op} -> {backend.name}")

@@ -144,3 +144,15 @@ def test_console_script_smoke(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.exists() and "images/s" in done.stdout
+
+
+def test_execution_flags_reach_the_sampler(ckpt, monkeypatch):
+    from ecar_infer.cli import build_parser, load_sampler
+
+    seen = {}
+    monkeypatch.setattr(Sampler, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
+    load_sampler(build_parser().parse_args(["--class", "1", "--ckpt", str(ckpt), "--no-tf32", "--no-cuda-graphs",
+                                            "--compile"]))
+    assert (seen["tf32"], seen["cuda_graphs"], seen["compile"]) == (False, False, True)
+    load_sampler(build_parser().parse_args(["--class", "1", "--ckpt", str(ckpt)]))
+    assert (seen["tf32"], seen["cuda_graphs"], seen["compile"]) == (True, True, False)
