@@ -26,7 +26,7 @@ export PYTHONUNBUFFERED=1
 
 # budgets in seconds (each can be overridden from the environment); their sum plus set-up stays under 600
 T_TESTS=${T_TESTS:-80} T_KERNELS=${T_KERNELS:-80} T_GRAPHS=${T_GRAPHS:-90} T_FLOPS=${T_FLOPS:-40}
-T_THROUGHPUT=${T_THROUGHPUT:-270}
+T_THROUGHPUT=${T_THROUGHPUT:-255}
 
 log() { echo "[gpu_suite $(date +%T)] $*" | tee -a "$OUTDIR/suite.log"; }
 
