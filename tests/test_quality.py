@@ -1,0 +1,56 @@
+"""Quality of the shipped model (weights/ecar-digits32.safetensors) at its default sampling settings, judged
+by an independent classifier (PCA + SVM, scikit-learn) fit here on the real digits32 train split.
+The full measurement, with more samples, is `python -m ecar_infer.quality` (numbers in the model card)."""
+import numpy as np
+import pytest
+
+from ecar_infer import Sampler
+from ecar_infer.quality import build_reference, diversity, frechet_distance, generate
+from ecar_infer.weights import default_checkpoint
+
+PER_CLASS = 20  # 200 generated images
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_reference(train_size=3000, heldout_size=1000)
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return Sampler.from_pretrained(default_checkpoint(), device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def samples(sampler):
+    return generate(sampler, PER_CLASS, seed=0)   # the checkpoint's recommended guidance and steps
+
+
+def test_the_defaults_come_from_the_checkpoint(sampler):
+    meta = sampler.model.checkpoint_metadata
+    assert sampler.defaults.cfg_scale == float(meta["recommended_cfg"])
+    assert sampler.defaults.cfg_schedule == meta["recommended_cfg_schedule"]
+
+
+def test_generated_digits_are_classified_as_their_class(reference, samples):
+    real = reference.accuracy(reference.heldout, reference.heldout_labels)
+    assert real >= 0.9, f"the classifier itself is weak: {real:.3f} on held-out real digits"
+    images, labels = samples
+    generated = reference.accuracy(images, labels)
+    assert generated >= 0.9 * real, f"generated {generated:.3f} vs real held-out {real:.3f}"
+
+
+def test_samples_neither_collapse_nor_copy(reference, samples):
+    images, labels = samples
+    threes = images[labels == 3]   # one class, 20 different seeds
+    stats = diversity(threes, reference.heldout[reference.heldout_labels == 3], reference.train)
+    assert stats["min_sample_pair"] > 0.3 * stats["median_real_pair"], stats
+    assert stats["min_nearest_train"] > 0.2 * stats["median_real_pair"], stats
+
+
+def test_frechet_distance_is_sane(reference, samples):
+    real = reference.features(reference.heldout)
+    generated = frechet_distance(reference.features(samples[0]), real)
+    noise = np.random.default_rng(0).uniform(-1, 1, size=(500, 1, 32, 32))
+    assert np.isfinite(generated)
+    assert generated < 0.2 * frechet_distance(reference.features(noise), real)
