@@ -73,13 +73,15 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(sq, 0.0))
 
 
+def off_diagonal(d: np.ndarray) -> np.ndarray:
+    """The entries of a square matrix that are not on its diagonal (distances between distinct items)."""
+    return d[~np.eye(len(d), dtype=bool)]
+
+
 def diversity(samples: np.ndarray, real: np.ndarray, train: np.ndarray) -> dict[str, float]:
     """Distances between images of ONE class: the closest pair of samples and the median real pair
     (collapse check), and the closest training image to any sample (copying check)."""
     samples, real = flat(samples), flat(real)
-    def off_diagonal(d):
-        return d[~np.eye(len(d), dtype=bool)]
-
     return {"min_sample_pair": float(off_diagonal(pairwise_distances(samples, samples)).min()),
             "median_real_pair": float(np.median(off_diagonal(pairwise_distances(real, real)))),
             "min_nearest_train": float(pairwise_distances(samples, train).min())}

@@ -53,4 +53,4 @@ def test_frechet_distance_is_sane(reference, samples):
     generated = frechet_distance(reference.features(samples[0]), real)
     noise = np.random.default_rng(0).uniform(-1, 1, size=(500, 1, 32, 32))
     assert np.isfinite(generated)
-    assert generated < 0.2 * frechet_distance(reference.features(noise), real)
+    assert generated < 0.25 * frechet_distance(reference.features(noise), real)
