@@ -6,11 +6,12 @@
 #
 # Needs a CUDA machine with torch and triton installed; nothing is downloaded. The repo is installed
 # with `pip install --no-deps -e .`. Python packages missing there (diffusers and importlib_metadata on
-# the project's GPU image; pytest-benchmark elsewhere) are installed from wheels in $ECAR_WHEELS
-# (default .whl/, which git ignores). Fetch them once on a machine with network access:
+# the project's GPU image) are installed from wheels in $ECAR_WHEELS (default .whl/, which git ignores).
+# Fetch them once on a machine with network access (add pytest-benchmark py-cpuinfo where those are
+# missing too):
 #
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata pytest-benchmark py-cpuinfo
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 #
 # Each part runs under `timeout` with its own budget (seconds below); a part that fails or runs out of
 # time is logged in OUTDIR/parts.txt and the suite goes on. The throughput harness rewrites its JSON and
