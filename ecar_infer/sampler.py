@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -158,8 +159,8 @@ class Sampler:
 
     @staticmethod
     def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
-        if isinstance(seed, int):
-            return [seed + k for k in range(count)]
+        if isinstance(seed, numbers.Integral):
+            return [int(seed) + k for k in range(count)]
         seeds = [int(s) for s in seed]
         if len(seeds) != count:
             raise ValueError(f"got {len(seeds)} seeds for {count} class labels; give one int or one seed per image")

@@ -66,6 +66,11 @@ def test_batch_size_chunking_does_not_change_images(sampler):
     assert a.seeds == [9, 8, 7, 6, 5] and a.class_labels == [1, 2, 3, 4, 5]
 
 
+def test_numpy_integer_seed_is_a_base_seed(sampler):
+    out = sampler.generate([1, 2], seed=np.int64(5), steps_per_stage=1, output_type="latent")
+    assert out.seeds == [5, 6]
+
+
 def test_different_seeds_give_different_images(sampler):
     out = sampler.generate([2, 2], seed=0, steps_per_stage=2, output_type="latent")
     assert (out.images[0] - out.images[1]).abs().max() > 1e-2
