@@ -119,7 +119,7 @@ def draw_step(gen: torch.Generator, plan: StagePlan, data_size: int, batch: int)
 @dataclass(frozen=True)
 class TrainSettings:
     # defaults: the recipe of the shipped weights/ecar-digits32.safetensors
-    steps: int = 1400
+    steps: int = 3000
     batch_size: int = 64            # global batch, split over the ranks
     lr: float = 1e-3
     warmup: int = 50                # linear warmup steps, then cosine decay to lr * min_lr_ratio
