@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import gc
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from ecar_infer.sampler import vae_dtype
 from ecar_infer.vae import build_decoder, sd_vae_random
 
 from .flops import GUIDANCE_SCALE, STEPS_PER_STAGE
-from .measure import PeakMemory, median, time_call
+from .measure import PeakMemory, median, release, time_call
 from .report import environment, environment_line, markdown_table, write_outputs
 
 
@@ -84,12 +83,6 @@ class Row:
 
 def one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def speedup(rows: list[Row], row: Row, field: str) -> float | None:

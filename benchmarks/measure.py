@@ -1,6 +1,7 @@
 """Device-synchronized timing, peak memory, and the device's measured matmul peak."""
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import threading
@@ -28,6 +29,13 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3
+
+
+def release(device: torch.device) -> None:
+    """Free what the last measurement left behind, so the next one starts from a clean allocator."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def median(values: list[float]) -> float:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import gc
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from ecar_infer.vae import AutoencoderDecoder, build_decoder, sd_vae_random
 
 from . import flops
 from .dit import DIT_NAME, DIT_XL_2, dit_pipeline, dit_xl_2
-from .measure import PeakMemory, matmul_peak, median, time_call
+from .measure import PeakMemory, matmul_peak, median, release, time_call
 from .report import environment, environment_line, markdown_table, write_outputs
 
 GPU_BATCHES = [1, 8, 64, 256]
@@ -67,12 +66,6 @@ class Row:
     @property
     def images_per_s(self) -> float | None:
         return self.batch / self.latency_s if self.latency_s else None
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def available_backends() -> list[str]:
