@@ -6,7 +6,8 @@
     ecar-sample --random-init ecar-b --class 207 --n 1     # random weights: noise, for smoke tests and timing
 
 Every user error prints one line `ecar-sample: error: ...` and exits with status 2; outputs are checked
-for writability before sampling and written atomically.
+for writability before sampling and written atomically. With --outdir each batch is written as soon as it
+is sampled and images already on disk are skipped, so rerunning an interrupted command resumes it.
 """
 from __future__ import annotations
 
@@ -206,18 +207,36 @@ def prepare(args):
     return sampler, labels
 
 
-def write(args, images, labels: list[int], seeds: list[int]) -> str:
-    """Write the uint8 [B, H, W, C] images; return a description of what was written."""
+def image_path(outdir: str, label: int, seed: int) -> Path:
+    return Path(outdir) / f"class{label:03d}_seed{seed:06d}.png"
+
+
+def sample_outdir(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
+    """One PNG per image, written batch by batch; images whose file exists already are skipped, so an
+    interrupted run resumes where it stopped. Returns (images sampled, sampling seconds, description)."""
+    todo = [(y, s) for y, s in zip(labels, seeds) if not image_path(args.outdir, y, s).exists()]
+    if len(todo) < len(labels) and not args.quiet:
+        print(f"{PROG}: {len(labels) - len(todo)} of {len(labels)} images exist in {args.outdir}; "
+              f"sampling the other {len(todo)}", file=sys.stderr)
+    seconds = 0.0
+    for i in range(0, len(todo), args.batch_size):
+        chunk = todo[i:i + args.batch_size]
+        out = sampler.generate([y for y, _ in chunk], seed=[s for _, s in chunk], **sampling_kwargs)
+        seconds += out.timings["total_s"]
+        for image, label, seed in zip(out.images, out.class_labels, out.seeds):
+            save_png(image, image_path(args.outdir, label, seed))
+    return len(todo), seconds, f"{len(todo)} PNG files in {args.outdir}"
+
+
+def sample_one_file(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
+    """All images into one file: the --npz archive or the --out grid."""
+    out = sampler.generate(labels, seed=seeds, batch_size=args.batch_size, **sampling_kwargs)
     if args.npz:
-        save_npz(images, labels, args.npz)
-        return args.npz
-    if args.outdir:
-        for image, label, seed in zip(images, labels, seeds):
-            save_png(image, Path(args.outdir) / f"class{label:03d}_seed{seed:06d}.png")
-        return f"{len(labels)} PNG files in {args.outdir}"
+        save_npz(out.images, out.class_labels, args.npz)
+        return len(labels), out.timings["total_s"], args.npz
     columns = args.n if 1 < args.n <= MAX_GRID_COLUMNS else None
-    save_png(make_grid(images, columns=columns), args.out)
-    return f"{args.out} (a grid of {len(labels)})"
+    save_png(make_grid(out.images, columns=columns), args.out)
+    return len(labels), out.timings["total_s"], f"{args.out} (a grid of {len(labels)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,17 +249,18 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    out = sampler.generate(labels, seed=args.seed, cfg_scale=args.cfg_scale, steps_per_stage=args.steps,
-                           cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval, output_type="np",
-                           batch_size=args.batch_size)
+    seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
+    sampling_kwargs = dict(cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,
+                           cfg_interval=args.cfg_interval, output_type="np")
+    sample = sample_outdir if args.outdir else sample_one_file
     try:
-        written = write(args, out.images, out.class_labels, out.seeds)
+        count, seconds, written = sample(args, sampler, labels, seeds, sampling_kwargs)
     except OSError as err:
         print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)
         return 1
     if not args.quiet:
-        print(f"sampled {len(out.class_labels)} images in {out.timings['total_s']:.2f} s "
-              f"({out.timings['images_per_s']:.2f} images/s); wrote {written}; "
+        rate = f" ({count / seconds:.2f} images/s)" if seconds > 0 else ""
+        print(f"sampled {count} images in {seconds:.2f} s{rate}; wrote {written}; "
               f"total {time.perf_counter() - started:.2f} s")
     return 0
 

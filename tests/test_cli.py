@@ -57,6 +57,18 @@ def test_outdir_names_each_image_by_class_and_seed(ckpt, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / names[-1])), alone.images[0, ..., 0])
 
 
+def test_outdir_resumes_an_interrupted_run(ckpt, tmp_path, capsys):
+    args = ("--ckpt", ckpt, "--class", "2", "--n", "3", "--steps", "2", "--outdir", tmp_path / "out",
+            "--batch-size", "2", "--no-progress")
+    assert run(capsys, *args)[0] == 0
+    files = sorted((tmp_path / "out").iterdir())
+    before = {p.name: p.read_bytes() for p in files}
+    files[1].unlink()  # as if the run had stopped before writing this image
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0 and "2 of 3 images exist" in stderr and "sampled 1 images" in stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+
+
 def test_npz_is_an_adm_evaluator_file(ckpt, tmp_path, capsys):
     path = tmp_path / "samples.npz"
     # underscore spellings are accepted too
