@@ -283,6 +283,15 @@ def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu"), dist.get_rank(), world
 
 
+def teardown_distributed(trainer: Trainer) -> None:
+    """Leave the process group cleanly: every rank waits for the others (rank 0 may still be
+    writing), then DDP's reducer is released before the group is destroyed, so no gloo work object
+    outlives the group into interpreter shutdown (a known source of SIGABRT at exit)."""
+    dist.barrier()
+    trainer.objective = trainer.objective.module
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
@@ -325,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.export_ema(out, dict(kv.split("=", 1) for kv in args.metadata))
         print(f"ecar-train: wrote {out} (step {trainer.step}, loss {trainer.loss_avg:.5f})", flush=True)
     if world > 1:
-        dist.destroy_process_group()
+        teardown_distributed(trainer)
 
 
 if __name__ == "__main__":
