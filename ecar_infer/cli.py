@@ -6,22 +6,28 @@
     ecar-sample --random-init ecar-b --class 207 --n 1     # random weights: noise, for smoke tests and timing
 
 Every user error prints one line `ecar-sample: error: ...` and exits with status 2; outputs are checked
-for writability before sampling and written atomically. With --outdir each batch is written as soon as it
-is sampled and images already on disk are skipped, so rerunning an interrupted command resumes it.
+for writability before sampling and written atomically. --outdir and --npz write each batch as soon as it
+is sampled (--npz into FILE.parts/, joined into FILE at the end), so rerunning an interrupted command
+resumes it.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import re
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .output import make_grid, save_npz, save_png
+from .output import atomic_path, make_grid, save_npz, save_png
 from .registry import get_preset, preset_names
 from .schedule import CFG_SCHEDULES, plan_steps
 from .vae import VAEError
@@ -204,6 +210,8 @@ def prepare(args):
     labels = expand_classes(args.classes, config.num_classes, args.n)
     # the step and interval checks of generate(), made now so that a bad value stops before any work
     plan_steps(config.num_stages, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
+    if args.npz:
+        check_npz_parts(args, labels)
     return sampler, labels
 
 
@@ -228,12 +236,73 @@ def sample_outdir(args, sampler, labels: list[int], seeds: list[int], sampling_k
     return len(todo), seconds, f"{len(todo)} PNG files in {args.outdir}"
 
 
-def sample_one_file(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
-    """All images into one file: the --npz archive or the --out grid."""
+def npz_parts_folder(args) -> Path:
+    return Path(f"{args.npz}.parts")
+
+
+def npz_run_settings(args, labels: list[int]) -> dict:
+    """What decides the pixels of an --npz run: a rerun resumes from saved batches only if all agree."""
+    from .weights import default_checkpoint
+
+    return dict(ckpt=None if args.random_init else str(Path(args.ckpt or default_checkpoint()).resolve()),
+                random_init=args.random_init, vae=args.vae, seed=args.seed, batch_size=args.batch_size,
+                labels_sha256=hashlib.sha256(json.dumps(labels).encode()).hexdigest(), cfg_scale=args.cfg_scale,
+                cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval, steps=args.steps,
+                device=args.device, dtype=args.dtype)
+
+
+def check_npz_parts(args, labels: list[int]) -> None:
+    """A parts folder left by an interrupted run with other settings stops the run before sampling."""
+    manifest = npz_parts_folder(args) / "run.json"
+    if not manifest.exists():
+        return
+    try:
+        saved = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    now = json.loads(json.dumps(npz_run_settings(args, labels)))  # tuples -> lists, as saved
+    differ = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+    if differ:
+        raise UsageError(f"{manifest.parent} holds batches of an interrupted run with other settings "
+                         f"({', '.join(differ)}): rerun that command to finish it, or delete the folder")
+
+
+def sample_npz(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
+    """The --npz archive, sampled batch by batch into FILE.parts/ (one atomic .npz per batch), so a rerun
+    of an interrupted command resumes from the batches on disk; joined into FILE at the end, after which
+    the folder is removed."""
+    parts = npz_parts_folder(args)
+    parts.mkdir(exist_ok=True)
+    manifest = parts / "run.json"
+    if not manifest.exists():
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(json.dumps(npz_run_settings(args, labels), indent=1))
+    starts = range(0, len(labels), args.batch_size)
+    files = [parts / f"batch{b:06d}.npz" for b in range(len(starts))]
+    done = sum(f.exists() for f in files)
+    if done and not args.quiet:
+        print(f"{PROG}: {done} of {len(files)} batches exist in {parts}; sampling the other "
+              f"{len(files) - done}", file=sys.stderr)
+    count, seconds = 0, 0.0
+    for start, file in zip(starts, files):
+        if file.exists():
+            continue
+        chunk = slice(start, start + args.batch_size)
+        out = sampler.generate(labels[chunk], seed=seeds[chunk], **sampling_kwargs)
+        save_npz(out.images, out.class_labels, file)
+        count, seconds = count + len(out.seeds), seconds + out.timings["total_s"]
+    arrays = []
+    for file in files:
+        with np.load(file) as data:
+            arrays.append(data["arr_0"])
+    save_npz(np.concatenate(arrays), labels, args.npz)
+    shutil.rmtree(parts)
+    return count, seconds, args.npz
+
+
+def sample_grid(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
+    """All images into one PNG grid, a row per class while --n fits in a row."""
     out = sampler.generate(labels, seed=seeds, batch_size=args.batch_size, **sampling_kwargs)
-    if args.npz:
-        save_npz(out.images, out.class_labels, args.npz)
-        return len(labels), out.timings["total_s"], args.npz
     columns = args.n if 1 < args.n <= MAX_GRID_COLUMNS else None
     save_png(make_grid(out.images, columns=columns), args.out)
     return len(labels), out.timings["total_s"], f"{args.out} (a grid of {len(labels)})"
@@ -252,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
     sampling_kwargs = dict(cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,
                            cfg_interval=args.cfg_interval, output_type="np")
-    sample = sample_outdir if args.outdir else sample_one_file
+    sample = sample_outdir if args.outdir else sample_npz if args.npz else sample_grid
     try:
         count, seconds, written = sample(args, sampler, labels, seeds, sampling_kwargs)
     except OSError as err:

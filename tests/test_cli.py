@@ -81,6 +81,54 @@ def test_npz_is_an_adm_evaluator_file(ckpt, tmp_path, capsys):
     assert leftovers(tmp_path) == []
 
 
+def interrupt_generate(monkeypatch, at_call: int):
+    """Make Sampler.generate raise KeyboardInterrupt on its at_call-th call, as if the user pressed ^C."""
+    real_generate, calls = Sampler.generate, []
+
+    def generate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "generate", generate)
+
+
+def test_npz_resumes_an_interrupted_run_from_its_saved_batches(ckpt, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "samples.npz"
+    args = ("--ckpt", ckpt, "--class", "0-2", "--n", "2", "--steps", "2", "--batch-size", "4", "--npz", path,
+            "--no-progress")
+    assert run(capsys, *args)[0] == 0
+    with np.load(path) as data:
+        whole = data["arr_0"].copy()
+    path.unlink()
+    with monkeypatch.context() as patch:
+        interrupt_generate(patch, at_call=2)  # the second batch never finishes
+        with pytest.raises(KeyboardInterrupt):
+            run(capsys, *args)
+    assert not path.exists()
+    assert sorted(p.name for p in (tmp_path / "samples.npz.parts").iterdir()) == ["batch000000.npz", "run.json"]
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0 and "1 of 2 batches exist" in stderr and "sampled 2 images" in stdout
+    with np.load(path) as data:
+        assert np.array_equal(data["arr_0"], whole) and data["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]  # the parts folder is gone
+
+
+def test_npz_refuses_to_resume_a_run_with_other_settings(ckpt, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "samples.npz"
+    common = ("--ckpt", ckpt, "--class", "1", "--n", "3", "--steps", "2", "--batch-size", "2", "--npz", path, "-q")
+    with monkeypatch.context() as patch:
+        interrupt_generate(patch, at_call=2)
+        with pytest.raises(KeyboardInterrupt):
+            run(capsys, *common, "--seed", "5")
+    code, _, stderr = run(capsys, *common, "--seed", "6")
+    assert code == 2 and stderr.count("\n") == 1
+    assert (f"{path}.parts holds batches of an interrupted run with other settings (seed): rerun that command"
+            in stderr)
+    assert run(capsys, *common, "--seed", "5")[0] == 0 and path.exists()
+
+
 def test_random_init_warns_that_the_images_are_noise(tmp_path, capsys):
     out = tmp_path / "noise.png"
     code, stdout, stderr = run(capsys, "--random-init", "ecar-tiny", "--class", "all", "--steps", "2",
