@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output (one of)").add_mutually_exclusive_group()
     out.add_argument("--out", metavar="FILE", help=f"one PNG grid, a row per class (default {DEFAULT_OUT})")
     out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png")
-    out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file: uint8 NHWC arr_0 and labels")
+    out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file: uint8 NHWC arr_0 and labels "
+                                                   "(an interrupted run resumes from FILE.parts/)")
     return p
 
 
@@ -236,8 +237,9 @@ def sample_outdir(args, sampler, labels: list[int], seeds: list[int], sampling_k
     return len(todo), seconds, f"{len(todo)} PNG files in {args.outdir}"
 
 
-def npz_parts_folder(args) -> Path:
-    return Path(f"{args.npz}.parts")
+def npz_manifest(args) -> Path:
+    """FILE.parts/run.json: the settings of the --npz run whose batches FILE.parts/ holds."""
+    return Path(f"{args.npz}.parts") / "run.json"
 
 
 def npz_run_settings(args, labels: list[int]) -> dict:
@@ -253,7 +255,7 @@ def npz_run_settings(args, labels: list[int]) -> dict:
 
 def check_npz_parts(args, labels: list[int]) -> None:
     """A parts folder left by an interrupted run with other settings stops the run before sampling."""
-    manifest = npz_parts_folder(args) / "run.json"
+    manifest = npz_manifest(args)
     if not manifest.exists():
         return
     try:
@@ -271,9 +273,9 @@ def sample_npz(args, sampler, labels: list[int], seeds: list[int], sampling_kwar
     """The --npz archive, sampled batch by batch into FILE.parts/ (one atomic .npz per batch), so a rerun
     of an interrupted command resumes from the batches on disk; joined into FILE at the end, after which
     the folder is removed."""
-    parts = npz_parts_folder(args)
+    manifest = npz_manifest(args)
+    parts = manifest.parent
     parts.mkdir(exist_ok=True)
-    manifest = parts / "run.json"
     if not manifest.exists():
         with atomic_path(manifest) as tmp:
             tmp.write_text(json.dumps(npz_run_settings(args, labels), indent=1))

@@ -126,7 +126,6 @@ def _ddp_worker(rank, port, config, data, out):
     if rank == 0:
         out.update(trainer.state_tensors())
     teardown_distributed(trainer)
-    del trainer
     # Skip interpreter finalization: gloo's worker threads have been seen to abort a rank there
     # (CI, torch 2.13) after all the work, and the result, were done.
     os._exit(0)
