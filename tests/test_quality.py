@@ -1,11 +1,11 @@
 """Quality of the shipped model (weights/ecar-digits32.safetensors) at its default sampling settings, judged
 by an independent classifier (PCA + SVM, scikit-learn) fit here on the real digits32 train split.
-The full measurement, with more samples, is `python -m ecar_infer.quality` (numbers in the model card)."""
+The full measurement, with more samples, is `python -m ecar_infer.training.quality` (numbers in the model card)."""
 import numpy as np
 import pytest
 
 from ecar_infer import Sampler
-from ecar_infer.quality import build_reference, diversity, frechet_distance, generate
+from ecar_infer.training.quality import build_reference, diversity, frechet_distance, generate
 from ecar_infer.weights import default_checkpoint
 
 PER_CLASS = 20  # 200 generated images

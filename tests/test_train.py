@@ -7,9 +7,9 @@ import torch
 import torch.multiprocessing as mp
 
 from ecar_infer import ECARConfig, load_checkpoint
-from ecar_infer.data import build_split
-from ecar_infer.train import (FlowMatchingObjective, StepDraws, Trainer, TrainSettings, main, setup_distributed,
-                              stage_targets, teardown_distributed)
+from ecar_infer.training.digits import build_split
+from ecar_infer.training.objective import FlowMatchingObjective, StepDraws, stage_targets
+from ecar_infer.training.trainer import Trainer, TrainSettings, main, setup_distributed, teardown_distributed
 
 SETTINGS = TrainSettings(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0)
 
@@ -71,7 +71,7 @@ def test_a_few_steps_lower_the_loss(tiny_config, digits16):
 
     def eval_loss():
         with torch.no_grad():
-            return objective(x0, digits16[1][:32], fixed.eps, fixed.r).item()
+            return objective(x0, digits16[1][:32], fixed).item()
 
     before = eval_loss()
     for _ in range(SETTINGS.steps):

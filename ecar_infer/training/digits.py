@@ -8,7 +8,7 @@ resolution with a random stroke thickening, rotation, shear, scale and shift, th
 
 The build is deterministic (seeded numpy RNG) and takes seconds. The "train" and "heldout" splits
 use the same fonts with independent random draws (different seeds), so no held-out image is a training
-image. `python -m ecar_infer.data --out digits32.npz` writes both splits to a file.
+image. `python -m ecar_infer.training.digits --out digits32.npz` writes both splits to a file.
 """
 from __future__ import annotations
 

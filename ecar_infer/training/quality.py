@@ -4,7 +4,7 @@ The classifier is scikit-learn's PCA (whitened) + RBF SVM on raw pixels, fit on 
 Its PCA features are the feature space of the Frechet distance (FD): mean and covariance of the features
 of two image sets, FD = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)).
 
-    python -m ecar_infer.quality [--ckpt weights/ecar-digits32.safetensors] [--per-class 100]
+    python -m ecar_infer.training.quality [--ckpt weights/ecar-digits32.safetensors] [--per-class 100]
 
 prints the held-out accuracy of real images, the accuracy and FD of generated images without guidance
 and at the checkpoint's recommended settings, the FD of real images against real images, and the
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import NUM_CLASSES, build_split
+from .digits import NUM_CLASSES, build_split
 
 PCA_COMPONENTS = 40
 CLASSIFIER_TRAIN_SIZE = 4000
@@ -115,8 +115,8 @@ def evaluate(sampler, per_class: int = 100, seed: int = 10_000) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .sampler import Sampler
-    from .weights import default_checkpoint
+    from ..sampler import Sampler
+    from ..weights import default_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=str(default_checkpoint()))

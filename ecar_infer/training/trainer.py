@@ -2,7 +2,7 @@
 ships), periodic and resumable checkpoints, and data parallel training with torchrun.
 
     ecar-train --preset ecar-digits32 --threads 1 --workdir runs/digits32 --out my-digits32.safetensors
-    torchrun --nproc_per_node 8 -m ecar_infer.train ...     # DistributedDataParallel, one GPU per rank
+    torchrun --nproc_per_node 8 -m ecar_infer.training ...     # DistributedDataParallel, one GPU per rank
 
 Every random draw of a step (batch indices, per-stage noise, r, label drops) comes from one CPU
 generator for the whole global batch, and rank k trains on rows k, k+W, k+2W, ... of it. A run is
@@ -24,95 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 
-from .config import ECARConfig
-from .kernels.reference import upsample2x
-from .model import ECARModel
-from .schedule import stage_windows
-from .stages import StagePlan, patchify
+from ..config import ECARConfig
+from ..model import ECARModel
+from .objective import build_objective, draw_step
 
-LABEL_DROP_PROB = 0.1
 STATE_FILE = "state.safetensors"
 EMA_FILE = "ema.safetensors"
-
-
-# ---- the objective (DESIGN.md section 2, "Training objective") ------------------------------------
-def data_pyramid(x0: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
-    """[x0^(1), ..., x0^(S)] coarse to fine: x0^(S) = x0, x0^(s) = avgpool2(x0^(s+1))."""
-    levels = [x0]
-    for _ in range(num_stages - 1):
-        levels.insert(0, F.avg_pool2d(levels[0], 2))
-    return levels
-
-
-@dataclass
-class StageTargets:
-    x_r: torch.Tensor      # [B, C, side, side] the state at local ratio r
-    x_end: torch.Tensor    # [B, C, side, side] the stage's end point
-    target: torch.Tensor   # [B, C, side, side] x_start - x_end
-    sigma: torch.Tensor    # [B] the global sigma of r, the head's time input
-
-
-def stage_targets(x0: torch.Tensor, eps: list[torch.Tensor], r: torch.Tensor) -> list[StageTargets]:
-    """Per stage s: x_end = (1-e_s) x0^(s) + e_s eps_s; x_start = (1-start_s) Up(x0^(s-1)) + start_s eps_s
-    (x_start = eps_1 at the first stage); x_r = r x_start + (1-r) x_end; target x_start - x_end.
-
-    eps[s]: [B, C, side_s, side_s] standard normal, used for both ends; r: [B, S] in [0, 1).
-    """
-    pyramid = data_pyramid(x0, len(eps))
-    out = []
-    for s, ((start, end), x0_s, eps_s) in enumerate(zip(stage_windows(len(eps)), pyramid, eps)):
-        x_end = (1 - end) * x0_s + end * eps_s
-        x_start = eps_s if s == 0 else (1 - start) * upsample2x(pyramid[s - 1]) + start * eps_s
-        r_s = r[:, s].view(-1, 1, 1, 1).to(x0.dtype)
-        out.append(StageTargets(r_s * x_start + (1 - r_s) * x_end, x_end, x_start - x_end,
-                                end + r[:, s] * (start - end)))
-    return out
-
-
-class FlowMatchingObjective(nn.Module):
-    """forward(x0, labels, eps, r) -> the MSE of the head's v against x_start - x_end over every token of
-    every stage, all stages in one block-causal pass of the trunk. A module so DDP can wrap it."""
-
-    def __init__(self, model: ECARModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x0: torch.Tensor, labels: torch.Tensor, eps: list[torch.Tensor], r: torch.Tensor) -> torch.Tensor:
-        p, plan = self.model.config.patch_size, self.model.plan
-        stages = stage_targets(x0, eps, r)
-        # the AR input of stage s > 1 is Up of stage s-1's x_end
-        h = self.model.forward_full(labels, [upsample2x(st.x_end) for st in stages[:-1]])
-        x_rows = torch.cat([patchify(st.x_r, p) for st in stages], dim=1)
-        targets = torch.cat([patchify(st.target, p) for st in stages], dim=1)
-        sigmas = torch.cat([st.sigma[:, None].expand(-1, n) for st, n in zip(stages, plan.tokens)], dim=1)
-        v = self.model.head(x_rows.flatten(0, 1), sigmas.flatten().to(x0.dtype), h.flatten(0, 1))
-        return F.mse_loss(v.float(), targets.flatten(0, 1).float())
-
-
-@dataclass
-class StepDraws:
-    """All random inputs of one training step for the whole global batch."""
-
-    index: torch.Tensor        # [G] rows of the data set
-    eps: list[torch.Tensor]    # per stage [G, C, side_s, side_s]
-    r: torch.Tensor            # [G, S]
-    drop: torch.Tensor         # [G] bool: replace the label by the null class
-
-    def shard(self, rank: int, world: int) -> "StepDraws":
-        return StepDraws(self.index[rank::world], [e[rank::world] for e in self.eps], self.r[rank::world],
-                         self.drop[rank::world])
-
-
-def draw_step(gen: torch.Generator, plan: StagePlan, data_size: int, batch: int) -> StepDraws:
-    c = plan.config.latent_channels
-    index = torch.randint(data_size, (batch,), generator=gen)
-    eps = [torch.randn(batch, c, side, side, generator=gen) for side in plan.latent_sides]
-    r = torch.rand(batch, plan.num_stages, generator=gen)
-    drop = torch.rand(batch, generator=gen) < LABEL_DROP_PROB
-    return StepDraws(index, eps, r, drop)
 
 
 # ---- the trainer ------------------------------------------------------------------------------
@@ -150,7 +68,7 @@ class Trainer:
         self.data, self.labels = data.to(device), labels.to(device)
         self.model = ECARModel(config).init_weights(settings.seed, zero_init=True).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.objective = FlowMatchingObjective(self.model)
+        self.objective = build_objective(self.model, self.ema)
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -164,14 +82,12 @@ class Trainer:
 
     def train_step(self) -> float:
         s = self.settings
-        draws = draw_step(self.gen, self.model.plan, len(self.data), s.batch_size).shard(self.rank, self.world)
-        index = draws.index.to(self.device)
-        labels = torch.where(draws.drop.to(self.device), self.config.null_class, self.labels[index])
-        eps = [e.to(self.device) for e in draws.eps]
+        draws = draw_step(self.gen, self.model.plan, len(self.data), s.batch_size)
+        draws = draws.shard(self.rank, self.world).to(self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr_at(self.step)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss = self.objective(self.data[index], labels, eps, draws.r.to(self.device))
+            loss = self.objective(self.data[draws.index], self.labels[draws.index], draws)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
@@ -237,7 +153,7 @@ class Trainer:
                     self.settings.__dict__, sort_keys=True)}
 
     def export_ema(self, path: Path, extra: dict[str, str] | None = None) -> None:
-        from .checkpoint import save_checkpoint
+        from ..checkpoint import save_checkpoint
 
         save_checkpoint(self.ema, str(path), extra_metadata={**self.training_metadata(), **(extra or {})})
 
@@ -295,7 +211,7 @@ def teardown_distributed(trainer: Trainer) -> None:
 def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
 
-    from .data import NUM_CLASSES, build_split
+    from .digits import NUM_CLASSES, build_split
 
     args = parse_args(argv)
     if args.threads:
