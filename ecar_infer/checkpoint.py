@@ -119,7 +119,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
             state.update({name: f.get_tensor(name).to(dtype) for name in names})
     model.load_state_dict(state, strict=True, assign=True)
     # the meta build left the config-derived (non-persistent) buffers on meta: compute them for real
-    model.trunk.pos = model.trunk.position_table().to(device=device, dtype=dtype)
+    for name, value in model.config_buffers().items():
+        owner, attr = name.rsplit(".", 1)
+        setattr(model.get_submodule(owner), attr, value.to(device=device, dtype=dtype))
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"load_checkpoint does not know how to build the tensors {leftover}")

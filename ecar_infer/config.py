@@ -1,4 +1,4 @@
-"""The frozen model configuration: everything a checkpoint needs to mean something (DESIGN.md section 2)."""
+"""The frozen model configuration: everything a checkpoint needs to mean something (docs/MODEL.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +8,9 @@ from typing import Any
 
 LATENT_KINDS = ("sd-vae", "pixel")
 STAGE_WINDOWS = ("uniform",)
+HEAD_KINDS = ("mlp", "attention")       # per-token MLP, or blocks that also attend within a stage
+HEAD_OBJECTIVES = ("flow", "shortcut")  # flow matching (any step count), or shortcut (2^l steps)
+MAX_SHORTCUT_LEVEL = 10
 
 
 class ConfigError(ValueError):
@@ -33,6 +36,10 @@ class ECARConfig:
     # flow head
     head_width: int = 1024
     head_blocks: int = 3
+    head_kind: str = "mlp"               # "mlp" or "attention" (docs/MODEL.md, "Head variants")
+    head_num_heads: int = 4              # attention heads of an "attention" head
+    head_objective: str = "flow"         # "flow" or "shortcut" (docs/MODEL.md, "Head variants")
+    shortcut_max_level: int = 6          # l_max: the finest (flow) level of a shortcut head, step 2^-l_max
     # conditioning
     num_classes: int = 1000
     # schedule options
@@ -63,6 +70,14 @@ class ECARConfig:
         return self.width // self.num_heads
 
     @property
+    def head_attention_dim(self) -> int:
+        return self.head_width // self.head_num_heads
+
+    @property
+    def shortcut(self) -> bool:
+        return self.head_objective == "shortcut"
+
+    @property
     def null_class(self) -> int:
         return self.num_classes
 
@@ -75,8 +90,13 @@ class ECARConfig:
             fail("latent_kind", f"must be one of {LATENT_KINDS}")
         if self.stage_windows not in STAGE_WINDOWS:
             fail("stage_windows", f"must be one of {STAGE_WINDOWS}")
+        if self.head_kind not in HEAD_KINDS:
+            fail("head_kind", f"must be one of {HEAD_KINDS}")
+        if self.head_objective not in HEAD_OBJECTIVES:
+            fail("head_objective", f"must be one of {HEAD_OBJECTIVES}")
         positive = ("latent_channels", "image_size", "vae_downsample", "patch_size", "num_stages",
-                    "width", "depth", "num_heads", "head_width", "head_blocks", "num_classes")
+                    "width", "depth", "num_heads", "head_width", "head_blocks", "head_num_heads",
+                    "shortcut_max_level", "num_classes")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -99,6 +119,13 @@ class ECARConfig:
             fail("width", f"width/num_heads={self.head_dim} must be a multiple of 4")
         if self.width % 4:
             fail("width", "must be a multiple of 4 (2-D sin-cos position embedding)")
+        if self.head_kind == "attention":
+            if self.head_width % self.head_num_heads:
+                fail("head_num_heads", f"must divide head_width={self.head_width}")
+            if self.head_width % 4:
+                fail("head_width", "must be a multiple of 4 for an attention head (2-D sin-cos positions)")
+        if self.shortcut_max_level > MAX_SHORTCUT_LEVEL:
+            fail("shortcut_max_level", f"must be at most {MAX_SHORTCUT_LEVEL} (2^{MAX_SHORTCUT_LEVEL} steps)")
 
     # ---- serialization --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

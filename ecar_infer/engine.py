@@ -23,6 +23,7 @@ from .cache import StaticKVCache
 from .kernels import ops
 from .kernels.reference import upsample2x
 from .model import ECARModel
+from .model.ar import trunk_modulation_rows
 from .noise import RequestNoise
 from .schedule import StageSteps, stage_jumps
 from .stages import patchify, unpatchify
@@ -34,7 +35,7 @@ def step_structure(steps: list[StageSteps]) -> tuple[tuple[int, tuple[bool, ...]
     The guidance weights themselves are loaded into buffers, so plans that differ only in their
     weights (another cfg_scale, the same pattern) share one engine and its graphs.
     """
-    return tuple((st.steps, st.guided) for st in steps)
+    return tuple((st.steps, st.guided, st.level) for st in steps)
 
 
 class StageEngine:
@@ -51,7 +52,7 @@ class StageEngine:
         c, d, sides = cfg.latent_channels, cfg.token_dim, plan.latent_sides
         zeros = lambda *shape, dt=dtype: torch.zeros(shape, device=device, dtype=dt)  # noqa: E731
         self.labels = torch.full((rows,), cfg.null_class, device=device, dtype=torch.long)
-        self.mods = zeros(6 * cfg.depth + 2, rows, cfg.width)
+        self.mods = zeros(trunk_modulation_rows(cfg.depth), rows, cfg.width)
         self.cache = StaticKVCache(cfg.depth, rows, plan.total_tokens, cfg.num_heads, cfg.head_dim, device, dtype)
         self.h = [zeros(rows, n, cfg.width) for n in plan.tokens]
         # token states stay fp32 across Euler steps whatever the model dtype; each stage's start state
@@ -63,6 +64,9 @@ class StageEngine:
         self.jump_noise = [zeros(batch, c, side, side, dt=torch.float32) for side in sides[1:]]
         self.weights = [torch.ones(st.steps, batch, device=device) for st in steps]
         self.sigmas = [torch.tensor(st.sigmas, device=device, dtype=torch.float32) for st in steps]
+        # shortcut heads: each stage's step-size level, as a tensor so the flow unit reads no host value
+        self.levels = [None if st.level is None else torch.tensor([float(st.level)], device=device)
+                       for st in steps]
         self.jumps = stage_jumps(plan.num_stages)
 
     @property
@@ -118,17 +122,17 @@ class StageEngine:
         """All N_s Euler steps of stage s, guidance included: x[s] goes from starts[s] to the stage's end."""
         head, st, b = self.model.head, self.steps[s], self.batch
         x = self.x[s].copy_(self.starts[s])
-        n, d = x.shape[1], x.shape[2]
         dtype = self.h[s].dtype
-        cond = head.condition(self.h[s].flatten(0, 1))               # [rows * n, W], fixed for the stage
+        cond = head.condition(self.h[s])                              # [rows, n, W], fixed for the stage
         temb = head.time_embedding(self.sigmas[s])                    # [N, W]
+        if self.levels[s] is not None:
+            temb = temb + head.level_embedding(self.levels[s])        # one step size for the whole stage
         for k, guided in enumerate(st.guided):
             if guided:
-                x_in = x.to(dtype).flatten(0, 1).repeat(2, 1)
-                v = head.velocity(x_in, cond + temb[k]).view(2 * b, n, d)
+                v = head.velocity(x.to(dtype).repeat(2, 1, 1), cond + temb[k], s)
                 ops.guided_euler_step_(x, v[:b], v[b:], self.weights[s][k], st.dr)
             else:
-                v = head.velocity(x.to(dtype).flatten(0, 1), cond[: b * n] + temb[k]).view(b, n, d)
+                v = head.velocity(x.to(dtype), cond[:b] + temb[k], s)
                 ops.euler_step_(x, v, st.dr)
 
     def jump(self, s: int) -> None:

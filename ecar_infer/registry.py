@@ -1,10 +1,14 @@
-"""Named ECARConfig presets (DESIGN.md section 2, "Presets")."""
+"""Named ECARConfig presets (docs/MODEL.md, "Presets")."""
 from __future__ import annotations
 
 from .config import ECARConfig
 
 _IMAGENET_256 = dict(latent_kind="sd-vae", latent_channels=4, image_size=256, vae_downsample=8,
                      vae_scaling_factor=0.18215, patch_size=2, num_stages=5, num_classes=1000)
+
+_DIGITS32 = ECARConfig(latent_kind="pixel", latent_channels=1, image_size=32, vae_downsample=1, vae_scaling_factor=1.0,
+                       patch_size=4, num_stages=3, width=128, depth=4, num_heads=4, head_width=128, head_blocks=3,
+                       num_classes=10)
 
 PRESETS: dict[str, ECARConfig] = {
     # ImageNet 256 px family (random weights until trained checkpoints exist)
@@ -19,9 +23,11 @@ PRESETS: dict[str, ECARConfig] = {
                                 vae_scaling_factor=0.5, patch_size=2, num_stages=3, width=32, depth=2,
                                 num_heads=2, head_width=32, head_blocks=2, num_classes=10),
     # the shipped CPU-trainable model (weights/ecar-digits32.safetensors, digits32 data set)
-    "ecar-digits32": ECARConfig(latent_kind="pixel", latent_channels=1, image_size=32, vae_downsample=1,
-                                vae_scaling_factor=1.0, patch_size=4, num_stages=3, width=128, depth=4,
-                                num_heads=4, head_width=128, head_blocks=3, num_classes=10),
+    "ecar-digits32": _DIGITS32,
+    # its head variants, at the same parameter budget (within 20%; docs/MODEL.md, "Head variants")
+    "ecar-digits32-attn": _DIGITS32.replace(head_kind="attention", head_blocks=2),
+    "ecar-digits32-sc": _DIGITS32.replace(head_objective="shortcut"),
+    "ecar-digits32-attn-sc": _DIGITS32.replace(head_kind="attention", head_blocks=2, head_objective="shortcut"),
 }
 
 

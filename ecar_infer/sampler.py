@@ -60,6 +60,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
 
 
+SHORTCUT_DEFAULT_STEPS = 4
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """Defaults of generate(); a checkpoint's recommended_* metadata overrides them."""
@@ -69,8 +72,13 @@ class SamplingDefaults:
     cfg_schedule: str = "constant"
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, str]) -> "SamplingDefaults":
-        out = cls()
+    def for_config(cls, config: ECARConfig | None) -> "SamplingDefaults":
+        """A shortcut head samples in few steps: 4 per stage unless its checkpoint recommends otherwise."""
+        return cls(steps_per_stage=SHORTCUT_DEFAULT_STEPS) if config is not None and config.shortcut else cls()
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], config: ECARConfig | None = None) -> "SamplingDefaults":
+        out = cls.for_config(config)
         if "recommended_cfg" in metadata:
             out = cls(float(metadata["recommended_cfg"]), out.steps_per_stage, out.cfg_schedule)
         if "recommended_steps" in metadata:
@@ -109,7 +117,7 @@ class Sampler:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.decoder = decoder if decoder is not None else build_decoder(model.config)
-        self.defaults = defaults or SamplingDefaults()
+        self.defaults = defaults or SamplingDefaults.for_config(model.config)
         self.runner = GraphRunner(self.device, cuda_graphs=cuda_graphs, compile=compile)
         self.cuda_graphs = self.runner.graphs_enabled
         self.tf32 = tf32
@@ -133,7 +141,7 @@ class Sampler:
         model = load_checkpoint(path, device=device, dtype=dtype)
         decoder = build_decoder(model.config, vae, device, vae_dtype(dtype), slicing=vae_slicing, tiling=vae_tiling)
         metadata = getattr(model, "checkpoint_metadata", {})
-        return cls(model, decoder, SamplingDefaults.from_metadata(metadata), **kwargs)
+        return cls(model, decoder, SamplingDefaults.from_metadata(metadata, model.config), **kwargs)
 
     @classmethod
     def from_config(cls, config: ECARConfig, device: str | torch.device | None = "auto",
@@ -181,7 +189,8 @@ class Sampler:
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         steps = plan_steps(self.config.num_stages, steps_per_stage or self.defaults.steps_per_stage,
-                           cfg_scale, cfg_schedule, cfg_interval)
+                           cfg_scale, cfg_schedule, cfg_interval,
+                           self.config.shortcut_max_level if self.config.shortcut else None)
         batch_size = batch_size or len(labels)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -1,7 +1,7 @@
-"""The noise schedule of DESIGN.md section 2: stage windows, the re-noise jump, Euler grids, guidance.
+"""The noise schedule of docs/MODEL.md: stage windows, the re-noise jump, Euler grids, guidance.
 
 Conventions: sigma in [0, 1], sigma = 1 is pure noise, x_sigma = (1 - sigma) * x0 + sigma * eps.
-Stage indices are 0-based here (stage s here is stage s+1 in DESIGN.md).
+Stage indices are 0-based here (stage s here is stage s+1 in docs/MODEL.md).
 """
 from __future__ import annotations
 
@@ -70,6 +70,7 @@ class StageSteps:
     window: tuple[float, float]
     sigmas: tuple[float, ...]     # global sigma at each of the N evaluations
     guidance: tuple[float, ...]   # guidance weight at each evaluation (1.0 means unguided)
+    level: int | None = None      # shortcut heads: the step-size level log2(steps); None for flow heads
 
     @property
     def dr(self) -> float:
@@ -85,11 +86,24 @@ class StageSteps:
         return any(self.guided)
 
 
+def shortcut_level(steps: int, max_level: int) -> int:
+    """The level l = log2(steps) of a shortcut head sampled with `steps` steps of size 2^-l per stage."""
+    level = steps.bit_length() - 1
+    if steps != 1 << level or level > max_level:
+        allowed = ", ".join(str(1 << k) for k in range(max_level + 1))
+        raise ValueError(f"a shortcut head takes a power of two steps per stage, at most 2^{max_level} "
+                         f"(its finest trained level): one of {allowed}; got {steps}")
+    return level
+
+
 def plan_steps(num_stages: int, steps_per_stage: int | Sequence[int], cfg_scale: float = 1.0,
-               cfg_schedule: str = "constant", cfg_interval: tuple[float, float] | None = None) -> list[StageSteps]:
+               cfg_schedule: str = "constant", cfg_interval: tuple[float, float] | None = None,
+               shortcut_max_level: int | None = None) -> list[StageSteps]:
     """Per-stage step tables. steps_per_stage is one int for all stages or one per stage.
 
     cfg_interval=(lo, hi) applies guidance only at evaluations whose global sigma t has lo <= t <= hi.
+    shortcut_max_level: for a shortcut head, its finest level; each stage's step count must then be a
+    power of two up to 2^shortcut_max_level, and the plan carries the level the head is told.
     """
     if isinstance(steps_per_stage, int):
         steps = [steps_per_stage] * num_stages
@@ -112,5 +126,6 @@ def plan_steps(num_stages: int, steps_per_stage: int | Sequence[int], cfg_scale:
         w_s = stage_guidance(cfg_scale, cfg_schedule, s, num_stages)
         guidance = tuple(w_s if cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1] else 1.0
                          for t in sigmas)
-        plans.append(StageSteps(n, window, sigmas, guidance))
+        level = None if shortcut_max_level is None else shortcut_level(n, shortcut_max_level)
+        plans.append(StageSteps(n, window, sigmas, guidance, level))
     return plans

@@ -95,9 +95,9 @@ def head_rows_per_call(sampler, **kwargs) -> list[int]:
     head = sampler.model.head
     original = head.velocity
 
-    def spy(x, c):
-        rows.append(x.shape[0])
-        return original(x, c)
+    def spy(x, c, stage):
+        rows.append(x.shape[0] * x.shape[1])   # images x tokens of the stage
+        return original(x, c, stage)
 
     head.velocity = spy
     try:

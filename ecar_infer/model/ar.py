@@ -16,18 +16,24 @@ from ..cache import StaticKVCache
 from ..config import ECARConfig
 from ..kernels import ops
 from ..stages import StagePlan, patchify, stage_position_embedding
+from .adaln import adaln_stack, modulation_rows
 
 # attend(layer, q, k, v) -> attention output [B, n, H, Dh]
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-NUM_BLOCK_MODS = 6  # shift, scale, gate for attention; shift, scale, gate for the MLP
+SUBBLOCKS_PER_BLOCK = 2  # attention, then the MLP (model/adaln.py gives the modulation rows)
+
+
+def trunk_modulation_rows(depth: int) -> int:
+    return modulation_rows(SUBBLOCKS_PER_BLOCK * depth)
 
 
 class ARBlock(nn.Module):
     def __init__(self, width: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.adaLN = nn.Linear(width, NUM_BLOCK_MODS * width)
+        # this block's rows of the layout in model/adaln.py: (shift, scale, gate) of attention, then of the MLP
+        self.adaLN = nn.Linear(width, 3 * SUBBLOCKS_PER_BLOCK * width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         hidden = int(width * mlp_ratio)
@@ -64,14 +70,12 @@ class ARTransformer(nn.Module):
 
     # ---- conditioning --------------------------------------------------------------------
     def condition(self, class_labels: torch.Tensor) -> torch.Tensor:
-        """All AdaLN modulations of a request, computed once: [depth * 6 + 2, B, D], each [B, D] contiguous.
-
-        Rows 6i..6i+5 are block i's (shift, scale, gate) for attention then MLP; the last two rows
-        are the final LayerNorm's (shift, scale).
-        """
+        """All AdaLN modulations of a request, computed once: [trunk_modulation_rows(depth), B, D], each row
+        [B, D] contiguous, in the layout of model/adaln.py (sub-blocks: block i's attention is 2i, its MLP
+        2i + 1)."""
         c = F.silu(self.class_emb(class_labels))
         b, d = c.shape
-        mods = [blk.adaLN(c).view(b, NUM_BLOCK_MODS, d) for blk in self.blocks]
+        mods = [blk.adaLN(c).view(b, 3 * SUBBLOCKS_PER_BLOCK, d) for blk in self.blocks]
         mods.append(self.final_adaLN(c).view(b, 2, d))
         return torch.cat(mods, dim=1).transpose(0, 1).contiguous()
 
@@ -90,16 +94,11 @@ class ARTransformer(nn.Module):
 
     # ---- the block loop -------------------------------------------------------------------
     def _run(self, x: torch.Tensor, mods: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        eps = self.config.norm_eps
-        h = ops.layernorm_modulate(x, mods[0], mods[1], eps)
-        for i, blk in enumerate(self.blocks):
-            m = NUM_BLOCK_MODS * i
-            b, n, d = h.shape
-            a = blk.proj(attend(i, *blk.qkv_heads(h)).reshape(b, n, d))
-            x, h = ops.gated_residual_layernorm_modulate(x, mods[m + 2], a, mods[m + 3], mods[m + 4], eps)
-            # the MLP's residual fuses with the next LayerNorm: the next block's, or the final one
-            x, h = ops.gated_residual_layernorm_modulate(x, mods[m + 5], blk.mlp(h), mods[m + 6], mods[m + 7], eps)
-        return h
+        def attention(i: int, blk: ARBlock) -> Callable[[torch.Tensor], torch.Tensor]:
+            return lambda h: blk.proj(attend(i, *blk.qkv_heads(h)).reshape(h.shape))
+
+        subblocks = [f for i, blk in enumerate(self.blocks) for f in (attention(i, blk), blk.mlp)]
+        return adaln_stack(x, mods.__getitem__, subblocks, self.config.norm_eps)
 
     def forward_full(self, tokens: torch.Tensor, mods: torch.Tensor) -> torch.Tensor:
         """The first stages' tokens under the block-causal mask: tokens [B, P, D] -> h [B, P, D], where P is

@@ -12,6 +12,11 @@ from .ar import ARTransformer
 from .head import FlowHead
 
 
+# AdaLN-Zero: modulations and the head's output start at zero; the shortcut level MLP's output too, so
+# that a fresh shortcut head is the flow head at every level (docs/MODEL.md, "Head variants")
+ZERO_INIT = ("adaLN", "modulation", "head.out.", "head.level_fc2.")
+
+
 class ECARModel(nn.Module):
     def __init__(self, config: ECARConfig) -> None:
         super().__init__()
@@ -24,8 +29,8 @@ class ECARModel(nn.Module):
     def init_weights(self, seed: int = 0, zero_init: bool = True) -> "ECARModel":
         """Deterministic initialisation from `seed`.
 
-        zero_init=True is the training init (AdaLN-Zero: modulations and the output layer start at 0,
-        so every block starts as the identity). zero_init=False gives every weight a random value,
+        zero_init=True is the training init (the ZERO_INIT layers start at 0, so every block starts as
+        the identity). zero_init=False gives every weight a random value,
         which makes random-weight sampling and parity tests exercise every path.
         """
         gen = torch.Generator().manual_seed(seed)
@@ -37,7 +42,7 @@ class ECARModel(nn.Module):
             else:  # Linear weight [out, in]: Xavier-uniform
                 bound = math.sqrt(6.0 / (p.shape[0] + p.shape[1]))
                 values = (torch.rand(p.shape, generator=gen) * 2 - 1) * bound
-            if zero_init and any(key in name for key in ("adaLN", "modulation", "head.out.")):
+            if zero_init and any(key in name for key in ZERO_INIT):
                 values = torch.zeros(p.shape)
             p.copy_(values.to(p.dtype))
         return self
@@ -47,6 +52,14 @@ class ECARModel(nn.Module):
         parts = [self.trunk.stage_inputs(0, class_labels, None)]
         parts += [self.trunk.stage_inputs(s, class_labels, up) for s, up in enumerate(prev_ups, start=1)]
         return torch.cat(parts, dim=1)
+
+    def config_buffers(self) -> dict[str, torch.Tensor]:
+        """The non-persistent buffers derived from the config alone (positions), by module path; a model built
+        on the meta device gets them recomputed from here."""
+        out = {"trunk.pos": self.trunk.position_table()}
+        if hasattr(self.head, "pos"):
+            out["head.pos"] = self.head.position_table()
+        return out
 
     def forward_full(self, class_labels: torch.Tensor, prev_ups: list[torch.Tensor]) -> torch.Tensor:
         """AR outputs h under the block-causal mask, [B, P, D], for stage 0 and the stages prev_ups feeds

@@ -16,6 +16,8 @@ from ..schedule import stage_windows
 from ..stages import StagePlan, patchify
 
 LABEL_DROP_PROB = 0.1
+SHORTCUT_FRACTION = 0.25     # share of (image, stage) pairs that train on self-consistency targets
+SHORTCUT_TARGET_CLIP = 4.0   # consistency targets are clipped to +-this (as shortcut models do)
 
 
 # ---- the objective (DESIGN.md section 2, "Training objective") ------------------------------------
@@ -55,11 +57,11 @@ def stage_targets(x0: torch.Tensor, eps: list[torch.Tensor], r: torch.Tensor) ->
 def build_objective(model: ECARModel, ema: ECARModel) -> nn.Module:
     """The training objective of the model's config: forward(x0, labels, draws) -> scalar loss. A module
     so that DDP can wrap it; `ema` is the EMA model (targets of objectives that bootstrap from it)."""
-    return FlowMatchingObjective(model)
+    return ShortcutObjective(model, ema) if model.config.shortcut else FlowMatchingObjective(model)
 
 
 class FlowMatchingObjective(nn.Module):
-    """forward(x0, labels, eps, r) -> the MSE of the head's v against x_start - x_end over every token of
+    """forward(x0, labels, draws) -> the MSE of the head's v against x_start - x_end over every token of
     every stage, all stages in one block-causal pass of the trunk. A module so DDP can wrap it."""
 
     def __init__(self, model: ECARModel) -> None:
@@ -77,8 +79,8 @@ class FlowMatchingObjective(nn.Module):
         x_rows = torch.cat([patchify(st.x_r, p) for st in stages], dim=1)
         targets = torch.cat([patchify(st.target, p) for st in stages], dim=1)
         sigmas = torch.cat([st.sigma[:, None].expand(-1, n) for st, n in zip(stages, plan.tokens)], dim=1)
-        v = self.model.head(x_rows.flatten(0, 1), sigmas.flatten().to(x0.dtype), h.flatten(0, 1))
-        return F.mse_loss(v.float(), targets.flatten(0, 1).float())
+        v = self.model.head(x_rows, sigmas.to(x0.dtype), h)
+        return F.mse_loss(v.float(), targets.float())
 
 
 @dataclass
@@ -89,14 +91,17 @@ class StepDraws:
     eps: list[torch.Tensor]    # per stage [G, C, side_s, side_s]
     r: torch.Tensor            # [G, S]
     drop: torch.Tensor         # [G] bool: replace the label by the null class
+    # shortcut heads: [G, S] the level each (image, stage) trains at; shortcut_max_level marks a flow row,
+    # a lower level a self-consistency row (whose r is then on that level's grid)
+    level: torch.Tensor | None = None
 
     def shard(self, rank: int, world: int) -> "StepDraws":
         return StepDraws(self.index[rank::world], [e[rank::world] for e in self.eps], self.r[rank::world],
-                         self.drop[rank::world])
+                         self.drop[rank::world], None if self.level is None else self.level[rank::world])
 
     def to(self, device: torch.device) -> "StepDraws":
         return StepDraws(self.index.to(device), [e.to(device) for e in self.eps], self.r.to(device),
-                         self.drop.to(device))
+                         self.drop.to(device), None if self.level is None else self.level.to(device))
 
 
 def draw_step(gen: torch.Generator, plan: StagePlan, data_size: int, batch: int) -> StepDraws:
@@ -105,4 +110,66 @@ def draw_step(gen: torch.Generator, plan: StagePlan, data_size: int, batch: int)
     eps = [torch.randn(batch, c, side, side, generator=gen) for side in plan.latent_sides]
     r = torch.rand(batch, plan.num_stages, generator=gen)
     drop = torch.rand(batch, generator=gen) < LABEL_DROP_PROB
-    return StepDraws(index, eps, r, drop)
+    if not plan.config.shortcut:
+        return StepDraws(index, eps, r, drop)
+    # shortcut rows: level l ~ U{0..l_max-1}, d = 2^-l, r ~ U{d, 2d, ..., 1}
+    top = plan.config.shortcut_max_level
+    consistency = torch.rand(batch, plan.num_stages, generator=gen) < SHORTCUT_FRACTION
+    level = torch.randint(top, (batch, plan.num_stages), generator=gen)
+    k = (torch.rand(batch, plan.num_stages, generator=gen) * 2.0 ** level).floor() + 1
+    r = torch.where(consistency, k * 2.0 ** -level, r)
+    return StepDraws(index, eps, r, drop, torch.where(consistency, level, top))
+
+
+def shortcut_target(head: nn.Module, x_r: torch.Tensor, h: torch.Tensor, stage: int, r: torch.Tensor,
+                    level: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
+    """The self-consistency target of a step of size d = 2^-level from local ratio r: the mean of two
+    half steps of `head` (docs/MODEL.md, "Shortcut objective"), clipped.
+
+    x_r: [B, n, d] states; h: [B, n, D] trunk outputs; r, level: [B]. Returns [B, n, d].
+    """
+    start, end = window
+    half = 2.0 ** -(level.to(x_r.dtype) + 1)
+    sigma = lambda ratio: end + ratio * (start - end)  # noqa: E731
+    finer = level + 1
+    a = head.forward_stage(x_r, sigma(r), h, stage, finer.to(x_r.dtype))
+    b = head.forward_stage(x_r - half.view(-1, 1, 1) * a, sigma(r - half), h, stage, finer.to(x_r.dtype))
+    return ((a + b) / 2).clamp(-SHORTCUT_TARGET_CLIP, SHORTCUT_TARGET_CLIP)
+
+
+class ShortcutObjective(nn.Module):
+    """Flow matching on the rows at the finest level, self-consistency on the others (docs/MODEL.md,
+    "Shortcut objective"): one MSE over all rows.
+
+    The consistency targets come from the EMA head, without gradient, on the trunk's detached output,
+    and the trunk gets gradient from the flow rows only. Labels are dropped on both kinds of rows, so
+    that the null class (the unguided branch of every guided step) learns the large steps too.
+    """
+
+    def __init__(self, model: ECARModel, ema: ECARModel) -> None:
+        super().__init__()
+        self.model = model
+        self._ema = (ema,)   # not a submodule: DDP must not see (or broadcast) the EMA
+
+    def forward(self, x0: torch.Tensor, labels: torch.Tensor, draws: StepDraws) -> torch.Tensor:
+        cfg, plan = self.model.config, self.model.plan
+        p, top = cfg.patch_size, cfg.shortcut_max_level
+        labels = torch.where(draws.drop, cfg.null_class, labels)
+        stages = stage_targets(x0, draws.eps, draws.r)
+        h = self.model.forward_full(labels, [upsample2x(st.x_end) for st in stages[:-1]])
+        targets, windows = [], stage_windows(plan.num_stages)
+        for s, (st, sl) in enumerate(zip(stages, map(plan.stage_slice, range(plan.num_stages)))):
+            target = patchify(st.target, p)
+            rows = (draws.level[:, s] < top).nonzero().squeeze(1)
+            if len(rows):
+                with torch.no_grad():
+                    consistency = shortcut_target(self._ema[0].head, patchify(st.x_r, p)[rows], h[rows, sl].detach(),
+                                                  s, draws.r[rows, s], draws.level[rows, s], windows[s])
+                target = target.index_copy(0, rows, consistency.to(target.dtype))
+            targets.append(target)
+        level = torch.cat([draws.level[:, s, None].expand(-1, n) for s, n in enumerate(plan.tokens)], dim=1)
+        h = torch.where((level < top)[..., None], h.detach(), h)
+        x_rows = torch.cat([patchify(st.x_r, p) for st in stages], dim=1)
+        sigmas = torch.cat([st.sigma[:, None].expand(-1, n) for st, n in zip(stages, plan.tokens)], dim=1)
+        v = self.model.head(x_rows, sigmas.to(x0.dtype), h, level.to(x0.dtype))
+        return F.mse_loss(v.float(), torch.cat(targets, dim=1).float())

@@ -146,6 +146,19 @@ class Trainer:
         self.gen.set_state(tensors["rng"])
         self.step, self.loss_avg = int(meta["step"]), float(meta["loss_avg"])
 
+    def init_from(self, path: Path) -> None:
+        """Copy the weights of a checkpoint into the model and the EMA; tensors the checkpoint lacks (new
+        layers, e.g. the level MLP that turns a flow head into a shortcut head) keep their init."""
+        from ..checkpoint import load_checkpoint
+
+        source = load_checkpoint(path, device=self.device).state_dict()
+        own = self.model.state_dict()
+        misfit = [k for k, v in source.items() if k not in own or own[k].shape != v.shape]
+        if misfit:
+            raise SystemExit(f"ecar-train: --init {path} does not fit this config: {misfit[:5]}")
+        for module in (self.model, self.ema):
+            module.load_state_dict(source, strict=False)
+
     def training_metadata(self) -> dict[str, str]:
         return {"training_data": f"digits32 train split, {len(self.data)} images (ecar_infer.data)",
                 "training_steps": str(self.step), "training_batch_size": str(self.settings.batch_size),
@@ -175,6 +188,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", default="runs/digits32", help="resume state and periodic EMA checkpoints")
     p.add_argument("--out", help="final EMA checkpoint (default <workdir>/final.safetensors)")
     p.add_argument("--ckpt-every", type=int, default=100, help="steps between resume states / EMA checkpoints")
+    p.add_argument("--until", type=int, help="stop after this step (the schedule still spans --steps) and write "
+                   "the EMA to <workdir>/ema-step<N>.safetensors; continue later with --resume")
+    p.add_argument("--init", help="start from this checkpoint's weights (same architecture; layers it lacks, such "
+                   "as a shortcut head's level MLP, keep their initialisation)")
     p.add_argument("--resume", action="store_true", help="continue from <workdir>/state.safetensors if present")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                    help="extra metadata for the final checkpoint, e.g. recommended_cfg=2.0 (repeatable)")
@@ -232,21 +249,26 @@ def main(argv: list[str] | None = None) -> None:
     state_path = workdir / STATE_FILE
     if args.resume and state_path.exists():
         trainer.load_state(state_path)
+    elif args.init:
+        trainer.init_from(Path(args.init))
+    stop = settings.steps if args.until is None else min(args.until, settings.steps)
     if rank == 0:
         print(f"ecar-train: {sum(p.numel() for p in trainer.model.parameters()):,} parameters, "
               f"step {trainer.step}/{settings.steps}, world {world}, device {device}", flush=True)
     bar = tqdm(total=settings.steps, initial=trainer.step, disable=rank != 0, unit="step", dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    while trainer.step < settings.steps:
+    while trainer.step < stop:
         loss = trainer.train_step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", avg=f"{trainer.loss_avg:.4f}", refresh=False)
-        if rank == 0 and (trainer.step % args.ckpt_every == 0 or trainer.step == settings.steps):
+        if rank == 0 and (trainer.step % args.ckpt_every == 0 or trainer.step == stop):
             trainer.save_state(state_path)
             trainer.export_ema(workdir / EMA_FILE)
     bar.close()
     if rank == 0:
         out = Path(args.out) if args.out else workdir / "final.safetensors"
+        if stop < settings.steps:
+            out = workdir / f"ema-step{trainer.step}.safetensors"
         trainer.export_ema(out, dict(kv.split("=", 1) for kv in args.metadata))
         print(f"ecar-train: wrote {out} (step {trainer.step}, loss {trainer.loss_avg:.5f})", flush=True)
     if world > 1:
