@@ -24,11 +24,21 @@ PRESETS: dict[str, ECARConfig] = {
                                 num_heads=2, head_width=32, head_blocks=2, num_classes=10),
     # the shipped CPU-trainable model (weights/ecar-digits32.safetensors, digits32 data set)
     "ecar-digits32": _DIGITS32,
-    # its head variants, at the same parameter budget (within 20%; docs/MODEL.md, "Head variants")
-    "ecar-digits32-attn": _DIGITS32.replace(head_kind="attention", head_blocks=2),
-    "ecar-digits32-sc": _DIGITS32.replace(head_objective="shortcut"),
-    "ecar-digits32-attn-sc": _DIGITS32.replace(head_kind="attention", head_blocks=2, head_objective="shortcut"),
 }
+
+
+def head_variants(name: str, attention_heads: int) -> dict[str, ECARConfig]:
+    """<name>-attn, -sc and -attn-sc: the head variants of a preset (docs/MODEL.md, "Head variants"). The
+    attention head gets half the blocks (rounded up), so its parameters stay near the mlp head's
+    (12 W^2 per block against 5 W^2)."""
+    base = PRESETS[name]
+    attention = dict(head_kind="attention", head_blocks=(base.head_blocks + 1) // 2, head_num_heads=attention_heads)
+    return {f"{name}-attn": base.replace(**attention), f"{name}-sc": base.replace(head_objective="shortcut"),
+            f"{name}-attn-sc": base.replace(**attention, head_objective="shortcut")}
+
+
+for _name, _heads in (("ecar-b", 16), ("ecar-l", 16), ("ecar-xl", 16), ("ecar-digits32", 4)):
+    PRESETS.update(head_variants(_name, _heads))
 
 
 def preset_names() -> list[str]:

@@ -21,8 +21,13 @@ pytestmark = pytest.mark.skipif(not INTERPRETING and not torch.cuda.is_available
                                 reason="triton kernels need CUDA or TRITON_INTERPRET=1")
 
 
-def test_generate_through_triton_matches_reference():
-    sampler = Sampler.from_config(ECARConfig.preset("ecar-tiny"), device=DEVICE, dtype="fp32", seed=0)
+TINY = ECARConfig.preset("ecar-tiny")
+
+
+@pytest.mark.parametrize("config", [TINY, TINY.replace(head_kind="attention", head_num_heads=2, head_objective="shortcut",
+                                                       shortcut_max_level=2)], ids=["mlp-flow", "attention-shortcut"])
+def test_generate_through_triton_matches_reference(config):
+    sampler = Sampler.from_config(config, device=DEVICE, dtype="fp32", seed=0)
     kwargs = dict(class_labels=[1, 2], seed=0, cfg_scale=2.0, steps_per_stage=2, output_type="latent",
                   progress=False)
     with force_backend("reference"):

@@ -18,9 +18,15 @@ pytestmark = pytest.mark.gpu
 GUIDED = dict(cfg_scale=2.5, cfg_schedule="linear", cfg_interval=(0.3, 0.9), output_type="latent")
 
 
-def tiny_sampler(**kwargs) -> Sampler:
-    return Sampler.from_config(ECARConfig.preset("ecar-tiny"), device="cuda", dtype="bf16", seed=0,
-                               progress=False, **kwargs)
+TINY = ECARConfig.preset("ecar-tiny")
+# the head variants (docs/MODEL.md, "Head variants"); steps of 2 and 4 suit every one of them
+HEADS = {"mlp-flow": TINY,
+         "attention-flow": TINY.replace(head_kind="attention", head_num_heads=2),
+         "attention-shortcut": TINY.replace(head_kind="attention", head_num_heads=2, head_objective="shortcut")}
+
+
+def tiny_sampler(config: ECARConfig = TINY, **kwargs) -> Sampler:
+    return Sampler.from_config(config, device="cuda", dtype="bf16", seed=0, progress=False, **kwargs)
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -32,13 +38,14 @@ def units_per_request(sampler: Sampler) -> int:
     return 3 * sampler.config.num_stages  # begin; ar and flow per stage; a jump between stages
 
 
+@pytest.mark.parametrize("head", HEADS)
 @torch.no_grad()
-def test_graph_replay_equals_eager_bitwise():
-    graphs = tiny_sampler()
+def test_graph_replay_equals_eager_bitwise(head):
+    graphs = tiny_sampler(HEADS[head])
     eager = Sampler(graphs.model, graphs.decoder, cuda_graphs=False, progress=False)
     for labels, seed in (([1, 2], 0), ([7, 3], 40)):  # the second request replays the graphs on new inputs
-        got = graphs.generate(labels, seed=seed, steps_per_stage=3, **GUIDED).images
-        expected = eager.generate(labels, seed=seed, steps_per_stage=3, **GUIDED).images
+        got = graphs.generate(labels, seed=seed, steps_per_stage=[2, 4, 2], **GUIDED).images
+        expected = eager.generate(labels, seed=seed, steps_per_stage=[2, 4, 2], **GUIDED).images
         assert torch.equal(got, expected)
     assert graphs.runner.num_captures == units_per_request(graphs)
     assert eager.runner.num_captures == 0
@@ -70,9 +77,10 @@ def test_captures_once_per_bucket_and_structure():
     assert sampler.runner.capture_seconds > 0
 
 
+@pytest.mark.parametrize("head", ["mlp", "attention-shortcut"])
 @torch.no_grad()
-def test_bf16_fast_path_near_fp32_reference_ecar_b():
-    config = ECARConfig.preset("ecar-b")
+def test_bf16_fast_path_near_fp32_reference_ecar_b(head):
+    config = ECARConfig.preset("ecar-b" if head == "mlp" else "ecar-b-attn-sc")
     kwargs = dict(class_labels=[0, 207, 980], seed=0, steps_per_stage=2, cfg_scale=1.5, output_type="latent")
     fast = Sampler.from_config(config, device="cuda", dtype="bf16", seed=0, progress=False)
     got = fast.generate(**kwargs).images
@@ -102,9 +110,10 @@ def test_failed_capture_is_logged_once_and_stays_eager(caplog):
     assert x[0].item() == 2 + 2  # two warm-up runs, then one eager run per call
 
 
+@pytest.mark.parametrize("head", HEADS)
 @torch.no_grad()
-def test_graph_keys_follow_the_forced_backend():
-    sampler = tiny_sampler()
+def test_graph_keys_follow_the_forced_backend(head):
+    sampler = tiny_sampler(HEADS[head])
     with force_backend("reference"):
         expected = sampler.generate([1, 2], seed=0, steps_per_stage=2, **GUIDED).images
     got = sampler.generate([1, 2], seed=0, steps_per_stage=2, **GUIDED).images

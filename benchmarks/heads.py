@@ -1,0 +1,102 @@
+"""Head variants of digits32 models side by side: quality and CPU cost at several step counts, with and
+without guidance (issue 13's table; docs/MODEL.md, "Head variants").
+
+    python -m benchmarks.heads --ckpt runs/a/ema.safetensors --ckpt runs/b/ema.safetensors \
+        --steps 1,2,4,10 --cfg 1,4 --per-class 50 --out heads.json
+
+For every checkpoint and setting: the independent classifier's accuracy on the samples (PCA + RBF SVM fit
+on the real digits32 train split, ecar_infer/training/quality.py), the Frechet distance in its feature
+space against the held-out real images, the mean distance from a sample to its nearest training image
+(pixels in [-1, 1]; real held-out images give the reference value), the head evaluations per image (one
+evaluation runs the head on every token of a stage, per guidance branch), and the wall time to sample 64
+images (one warm-up, then the median of --repeats). A shortcut model takes only powers of two: a step
+count that is not one is replaced by the largest power of two below it, and the row says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ecar_infer import Sampler
+from ecar_infer.training.digits import NUM_CLASSES, build_split
+from ecar_infer.training.quality import build_reference, flat, frechet_distance, generate, pairwise_distances
+
+
+def head_evaluations(sampler: Sampler, steps: int, cfg: float) -> int:
+    """Head evaluations per image of one request: every step of every stage, once per guidance branch."""
+    branches = 2 if cfg != 1.0 else 1
+    return sampler.config.num_stages * steps * branches
+
+
+def usable_steps(sampler: Sampler, steps: int) -> int:
+    if not sampler.config.shortcut:
+        return steps
+    return 1 << (steps.bit_length() - 1)
+
+
+def time_64(sampler: Sampler, steps: int, cfg: float, repeats: int) -> float:
+    labels = [k % NUM_CLASSES for k in range(64)]
+    run = lambda: sampler.generate(labels, seed=0, cfg_scale=cfg, steps_per_stage=steps,  # noqa: E731
+                                   output_type="np", progress=False)
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def nearest_train_distance(images: np.ndarray, train: np.ndarray) -> float:
+    """Mean over images of the distance to the closest training image."""
+    chunks = np.array_split(flat(images), max(1, len(images) // 256))  # bounded memory for the distance matrix
+    return float(np.concatenate([pairwise_distances(chunk, train).min(1) for chunk in chunks]).mean())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeatable)")
+    parser.add_argument("--steps", default="1,2,4,10", help="steps per stage, comma separated")
+    parser.add_argument("--cfg", default="1,4", help="guidance scales, comma separated")
+    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of 64 images per setting")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", required=True, help="JSON results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ref = build_reference()
+    real_features = ref.features(ref.heldout)
+    real_nearest = nearest_train_distance(ref.heldout[:NUM_CLASSES * args.per_class], ref.train)
+    rows = []
+    for ckpt in args.ckpt:
+        sampler = Sampler.from_pretrained(ckpt, device="cpu", progress=False)
+        cfg_model = sampler.config
+        name = f"{cfg_model.head_kind}/{cfg_model.head_objective}"
+        for steps in [int(v) for v in args.steps.split(",")]:
+            used = usable_steps(sampler, steps)
+            for cfg in [float(v) for v in args.cfg.split(",")]:
+                images, labels = generate(sampler, args.per_class, args.seed, cfg_scale=cfg, steps_per_stage=used)
+                row = {"ckpt": ckpt, "head": name, "params": sum(p.numel() for p in sampler.model.parameters()),
+                       "steps": used, "asked_steps": steps, "cfg": cfg,
+                       "accuracy": ref.accuracy(images, labels),
+                       "fd": frechet_distance(ref.features(images), real_features),
+                       "nearest_train": nearest_train_distance(images, ref.train),
+                       "head_evals_per_image": head_evaluations(sampler, used, cfg),
+                       "seconds_64": time_64(sampler, used, cfg, args.repeats)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    report = {"rows": rows, "real_heldout_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),
+              "real_nearest_train": real_nearest, "threads": args.threads, "per_class": args.per_class,
+              "seed": args.seed, "torch": torch.__version__}
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
