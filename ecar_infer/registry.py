@@ -22,6 +22,10 @@ PRESETS: dict[str, ECARConfig] = {
     "ecar-digits32": ECARConfig(latent_kind="pixel", latent_channels=1, image_size=32, vae_downsample=1,
                                 vae_scaling_factor=1.0, patch_size=4, num_stages=3, width=128, depth=4,
                                 num_heads=4, head_width=128, head_blocks=3, num_classes=10),
+    # the color model of the Noto Emoji categories (ecar_infer/training/emoji.py: nine classes)
+    "ecar-emoji32": ECARConfig(latent_kind="pixel", latent_channels=3, image_size=32, vae_downsample=1,
+                               vae_scaling_factor=1.0, patch_size=4, num_stages=3, width=128, depth=4,
+                               num_heads=4, head_width=128, head_blocks=3, num_classes=9),
 }
 
 
