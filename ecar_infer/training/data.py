@@ -125,10 +125,12 @@ class ImageSet:
         latent model, the VAE's input channels)."""
         want = channels or config.latent_channels
         if self.channels != want:
-            what = "the VAE takes" if channels else f"the config has latent_channels={config.latent_channels}"
-            raise DataError(f"{self.description}: the images have {self.channels} channel(s) but {what} "
-                            f"{want}; use a config that matches the data (--set latent_channels={self.channels}) "
-                            f"or convert the images")
+            if channels:
+                raise DataError(f"{self.description}: the images have {self.channels} channel(s) but the VAE "
+                                f"takes {want}; convert the images")
+            raise DataError(f"{self.description}: the images have {self.channels} channel(s) but the config has "
+                            f"latent_channels={want}; use a config that matches the data (--set "
+                            f"latent_channels={self.channels}) or convert the images")
         if len(self.class_names) != config.num_classes:
             raise DataError(f"{self.description}: {len(self.class_names)} classes but the config has "
                             f"num_classes={config.num_classes}; use --set num_classes={len(self.class_names)}")
@@ -338,6 +340,8 @@ class PixelBatches:
     def __init__(self, images: ImageSet, flip: bool = False) -> None:
         self.images, self.flip = images, flip
         self.labels = torch.from_numpy(np.asarray(images.labels))
+        self.class_names = images.class_names
+        self.description = images.description + (", flipped at random" if flip else "")
 
     def __len__(self) -> int:
         return len(self.images)

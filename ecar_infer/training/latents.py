@@ -63,9 +63,12 @@ class LatentBatches:
     """Training batches of a latent model, read from the latent cache: x0 = scaling_factor * (mean + std * eps)
     of the drawn flip."""
 
-    def __init__(self, moments: np.ndarray, labels: np.ndarray, scaling_factor: float) -> None:
+    def __init__(self, moments: np.ndarray, images: ImageSet, scaling_factor: float) -> None:
         self.moments, self.scaling_factor = moments, scaling_factor
-        self.labels = torch.from_numpy(np.asarray(labels))
+        self.labels = torch.from_numpy(np.asarray(images.labels))
+        self.class_names = images.class_names
+        flips = ", flipped at random" if moments.shape[1] == 2 else ""
+        self.description = f"{images.description}{flips}, as cached VAE latents"
 
     def __len__(self) -> int:
         return len(self.moments)
