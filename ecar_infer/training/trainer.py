@@ -222,7 +222,7 @@ def sample_grid(trainer: Trainer, decoder, path: Path, metadata: dict[str, str],
     from ..sampler import Sampler, SamplingDefaults
 
     num_classes = trainer.config.num_classes
-    classes = sorted({round(i * (num_classes - 1) / max(1, max_rows - 1)) for i in range(min(max_rows, num_classes))})
+    classes = np.linspace(0, num_classes - 1, min(max_rows, num_classes)).round().astype(int).tolist()
     sampler = Sampler(copy.deepcopy(trainer.ema), decoder, SamplingDefaults.from_metadata(metadata),
                       cuda_graphs=False, progress=False)
     labels = [c for c in classes for _ in range(per_class)]
