@@ -18,7 +18,9 @@ setup(
     install_requires=["torch", "diffusers", "safetensors", "numpy", "pillow", "tqdm"] + TRITON,
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy", "matplotlib"],
-        "train": ["matplotlib"],  # the digits32 data set renders matplotlib's bundled fonts
+        # digits32 renders matplotlib's bundled fonts, which also draws loss.png; quality evaluation
+        # uses scikit-learn and scipy
+        "train": ["matplotlib", "scikit-learn", "scipy"],
         "flash": ["flash-attn"],
     },
     entry_points={

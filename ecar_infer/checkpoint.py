@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .class_names import METADATA_KEY as CLASS_NAMES_KEY
+from .class_names import ClassNameError, parse_class_names
 from .config import ConfigError, ECARConfig
 from .model import ECARModel
 from .output import atomic_path
@@ -86,7 +88,16 @@ def _metadata(path: Path, config: ECARConfig, extra: dict[str, str]) -> dict[str
     bad = sorted(k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str))
     if bad:
         raise CheckpointError(path, f"extra_metadata keys and values must be strings; not so for {bad}")
+    _check_class_names(path, config, extra)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_json(), **extra}
+
+
+def _check_class_names(path: Path, config: ECARConfig, metadata: dict[str, str]) -> None:
+    """The optional class_names entry: one name per class (ecar_infer/class_names.py)."""
+    try:
+        parse_class_names(metadata.get(CLASS_NAMES_KEY), config.num_classes)
+    except ClassNameError as err:
+        raise CheckpointError(path, str(err)) from None
 
 
 # ---- loading ---------------------------------------------------------------------------------------
@@ -105,6 +116,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(path, f"is a directory; give a .safetensors file or a *{INDEX_SUFFIX} index")
     metadata, entries = _read_index(path) if path.name.endswith(INDEX_SUFFIX) else _read_file(path)
     config = _config(path, metadata)
+    _check_class_names(path, config, metadata)
     with torch.device("meta"):
         model = ECARModel(config)
     stored_dtype = _check_tensors(path, model, entries)

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import CheckpointError
+from .class_names import METADATA_KEY as CLASS_NAMES_KEY
+from .class_names import ClassNameError, label_rows, list_classes, parse_class_names, resolve_class
 from .config import ConfigError
 from .output import atomic_path, make_grid, save_npz, save_png
 from .registry import get_preset, preset_names
@@ -55,8 +57,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def class_spec(text: str) -> list[tuple[int, int] | None]:
-    """'3', '0-9', 'all' or a comma list of them -> inclusive ranges (None: all classes)."""
+def class_spec(text: str) -> list[tuple[int, int] | str | None]:
+    """'3', '0-9', 'all', a class name or a comma list of them -> inclusive ranges (None: all classes;
+    a name stays a string until the model's class names resolve it)."""
     ranges = []
     for part in text.split(","):
         part = part.strip().lower()
@@ -65,6 +68,8 @@ def class_spec(text: str) -> list[tuple[int, int] | None]:
             ranges.append(None)
         elif match and int(match[1]) <= int(match[2] or match[1]):
             ranges.append((int(match[1]), int(match[2] or match[1])))
+        elif part and not part[0].isdigit():
+            ranges.append(part)
         else:
             raise argparse.ArgumentTypeError(f"{part!r} is not a class: give an index, a range like 0-9, or all")
     return ranges
@@ -96,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "also be spelled with underscores (--cfg_scale).")
     what = p.add_argument_group("what to sample")
     what.add_argument("--class", dest="classes", action="append", type=class_spec, required=True, metavar="C",
-                      help="class index, range (0-9), comma list or 'all'; repeatable")
+                      help="class index, name (or an unambiguous prefix of one), range (0-9), comma list or "
+                           "'all'; repeatable")
     what.add_argument("--n", type=positive_int, default=1, help="images per class (default 1)")
     what.add_argument("--seed", type=int, default=0, metavar="S", help="image k gets seed SEED+k (default 0)")
     model = p.add_argument_group("model")
@@ -128,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     out = p.add_argument_group("output (one of)").add_mutually_exclusive_group()
     out.add_argument("--out", metavar="FILE", help=f"one PNG grid, a row per class (default {DEFAULT_OUT})")
+    p.add_argument("--label-rows", action="store_true", help="write each row's class name beside the --out grid")
     out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png")
     out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file: uint8 NHWC arr_0 and labels "
                                                    "(an interrupted run resumes from FILE.parts/)")
@@ -192,15 +199,26 @@ def load_sampler(args):
     return Sampler.from_pretrained(path, vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, **options)
 
 
-def expand_classes(specs: list[list[tuple[int, int] | None]], num_classes: int, n: int) -> list[int]:
+def expand_classes(specs: list[list[tuple[int, int] | str | None]], num_classes: int, n: int,
+                   names: list[str] | None = None) -> list[int]:
     classes = []
     for lo_hi in (r for spec in specs for r in spec):
+        if isinstance(lo_hi, str):
+            try:
+                lo_hi = (resolve_class(lo_hi, names, num_classes),) * 2
+            except ClassNameError as err:
+                raise UsageError(f"--class: {err}") from None
         lo, hi = lo_hi if lo_hi is not None else (0, num_classes - 1)
         if hi >= num_classes:
             given = f"{lo}" if lo == hi else f"{lo}-{hi}"
-            raise UsageError(f"--class {given} is outside this model's classes 0-{num_classes - 1}")
+            raise UsageError(f"--class {given} is outside this model's classes: {list_classes(names, num_classes)}")
         classes.extend(range(lo, hi + 1))
     return [c for c in classes for _ in range(n)]
+
+
+def model_class_names(sampler) -> list[str] | None:
+    meta = getattr(sampler.model, "checkpoint_metadata", {})
+    return parse_class_names(meta.get(CLASS_NAMES_KEY), sampler.config.num_classes)
 
 
 def prepare(args):
@@ -208,7 +226,7 @@ def prepare(args):
     check_writable(args)
     sampler = load_sampler(args)
     config = sampler.config
-    labels = expand_classes(args.classes, config.num_classes, args.n)
+    labels = expand_classes(args.classes, config.num_classes, args.n, model_class_names(sampler))
     # the step and interval checks of generate(), made now so that a bad value stops before any work
     plan_steps(config.num_stages, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
     if args.npz:
@@ -306,7 +324,14 @@ def sample_grid(args, sampler, labels: list[int], seeds: list[int], sampling_kwa
     """All images into one PNG grid, a row per class while --n fits in a row."""
     out = sampler.generate(labels, seed=seeds, batch_size=args.batch_size, **sampling_kwargs)
     columns = args.n if 1 < args.n <= MAX_GRID_COLUMNS else None
-    save_png(make_grid(out.images, columns=columns), args.out)
+    grid = make_grid(out.images, columns=columns)
+    if args.label_rows:
+        names = model_class_names(sampler) or [str(i) for i in range(sampler.config.num_classes)]
+        per_row = columns or int(np.ceil(np.sqrt(len(labels))))   # make_grid's layout
+        rows = [labels[i:i + per_row] for i in range(0, len(labels), per_row)]
+        grid = label_rows(grid, [", ".join(names[y] for y in dict.fromkeys(row)) for row in rows],
+                          out.images.shape[1])
+    save_png(grid, args.out)
     return len(labels), out.timings["total_s"], f"{args.out} (a grid of {len(labels)})"
 
 

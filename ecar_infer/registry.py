@@ -24,6 +24,10 @@ PRESETS: dict[str, ECARConfig] = {
                                 num_heads=2, head_width=32, head_blocks=2, num_classes=10),
     # the shipped CPU-trainable model (weights/ecar-digits32.safetensors, digits32 data set)
     "ecar-digits32": _DIGITS32,
+    # the color model of the Noto Emoji categories (ecar_infer/training/emoji.py: nine classes)
+    "ecar-emoji32": ECARConfig(latent_kind="pixel", latent_channels=3, image_size=32, vae_downsample=1,
+                               vae_scaling_factor=1.0, patch_size=4, num_stages=3, width=128, depth=4,
+                               num_heads=4, head_width=128, head_blocks=3, num_classes=9),
 }
 
 

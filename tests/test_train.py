@@ -1,4 +1,7 @@
-"""The reference trainer: the objective against DESIGN.md section 2 by hand, learning, resume, DDP."""
+"""The reference trainer: the objective against docs/MODEL.md by hand, learning, resume, DDP, gradient
+accumulation, the label drop rate, and the command line's work folder (logs, plots, samples, class names)."""
+import csv
+import json
 import os
 import socket
 
@@ -7,8 +10,9 @@ import torch
 import torch.multiprocessing as mp
 
 from ecar_infer import ECARConfig, load_checkpoint
+from ecar_infer.training.data import ImageSet, PixelBatches
 from ecar_infer.training.digits import build_split
-from ecar_infer.training.objective import FlowMatchingObjective, StepDraws, stage_targets
+from ecar_infer.training.objective import FlowMatchingObjective, StepDraws, draw_step, stage_targets
 from ecar_infer.training.trainer import Trainer, TrainSettings, main, setup_distributed, teardown_distributed
 
 SETTINGS = TrainSettings(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0)
@@ -29,8 +33,10 @@ def digits16():
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def make_trainer(config, data, settings=SETTINGS, rank=0, world=1):
-    return Trainer(config, settings, *data, torch.device("cpu"), rank, world)
+def make_trainer(config, data, settings=SETTINGS, rank=0, world=1, **options):
+    images, labels = data
+    batches = PixelBatches(ImageSet(images.numpy(), labels.numpy(), [str(d) for d in range(10)], "digits16"))
+    return Trainer(config, settings, batches, torch.device("cpu"), rank, world, **options)
 
 
 def test_stage_targets_match_design_by_hand():
@@ -102,19 +108,80 @@ def test_resume_continues_from_the_saved_step_with_identical_state(tiny_config, 
     assert resumed.loss_avg == straight.loss_avg
 
 
-def test_cli_checkpoints_resume_and_metadata(tmp_path):
+def test_gradient_accumulation_of_two_halves_equals_one_full_step(tiny_config, digits16):
+    """2 micro-batches of B/2 give the gradient (and so the update) of one batch of B."""
+    settings = TrainSettings(steps=2, batch_size=16, lr=3e-3, warmup=1, seed=3)
+    whole, halves = make_trainer(tiny_config, digits16, settings), make_trainer(tiny_config, digits16, settings, accum=2)
+    for _ in range(2):
+        assert whole.train_step() == pytest.approx(halves.train_step(), rel=1e-5)
+    want, got = whole.state_tensors(), halves.state_tensors()
+    for name in want:
+        if name.startswith(("model.", "adamw.")):
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_leaves_the_step_unchanged(tiny_config, digits16):
+    plain = make_trainer(tiny_config, digits16)
+    recomputed = make_trainer(tiny_config, digits16, grad_checkpoint=True)
+    for _ in range(2):
+        plain.train_step()
+        recomputed.train_step()
+    want, got = plain.state_tensors(), recomputed.state_tensors()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_trainer_drops_a_tenth_of_the_labels(tiny_config, digits16):
+    """The labels the model sees: the null class for about 10% of the batch (not 0%, not 90%), the true
+    class for the rest."""
+    trainer = make_trainer(tiny_config, digits16, TrainSettings(steps=1, batch_size=2000, seed=0))
+    seen = []
+    forward_full = trainer.model.forward_full
+
+    def spy(labels, prev_ups):
+        seen.append(labels.clone())
+        return forward_full(labels, prev_ups)
+
+    trainer.model.forward_full = spy
+    gen = trainer.gen.clone_state()
+    trainer.train_step()
+    draws = draw_step(gen, trainer.model.plan, len(trainer.data), 2000)   # the step's draws, again
+    labels = seen[0]
+    null = labels == tiny_config.null_class
+    assert 0.085 < null.float().mean().item() < 0.115   # binomial sd 0.0067 at n = 2000
+    assert torch.equal(null, draws.drop)
+    assert torch.equal(labels[~null], trainer.data.labels[draws.index][~null])
+
+
+def test_cli_work_folder_resume_and_metadata(tmp_path):
+    """Checkpoints, the resume state, class names, loss.csv (each step once across a resume), loss.png
+    and the EMA sample grids."""
     config = tmp_path / "tiny.json"
     config.write_text(ECARConfig.preset("ecar-tiny").to_json())
     common = ["--config", str(config), "--batch-size", "4", "--train-size", "20", "--workdir", str(tmp_path),
-              "--ckpt-every", "2", "--device", "cpu"]
-    main(common + ["--steps", "2"])
+              "--ckpt-every", "2", "--device", "cpu", "--metadata", "recommended_steps=1"]
+    main(common + ["--steps", "3"])
+    main(common + ["--steps", "2"])  # a fresh run over the same folder starts the log afresh
     main(common + ["--steps", "3", "--resume", "--metadata", "recommended_cfg=2.5"])
     model = load_checkpoint(tmp_path / "final.safetensors")
     assert model.checkpoint_metadata["training_steps"] == "3"
     assert model.checkpoint_metadata["recommended_cfg"] == "2.5"
+    assert json.loads(model.checkpoint_metadata["class_names"]) == [str(d) for d in range(10)]
     assert load_checkpoint(tmp_path / "ema.safetensors").checkpoint_metadata["training_steps"] == "3"
+    with open(tmp_path / "loss.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["images_per_s"]) > 0 and float(r["tokens_per_s"]) == pytest.approx(
+        84 * float(r["images_per_s"]), rel=1e-4) for r in rows)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step0000002.png", "step0000003.png"]
 
 
+def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="ecar-train: error: .*nowhere.*not found"):
+        main(["--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path), "--steps", "1"])
+    with pytest.raises(SystemExit, match="digits32 train split: the images have 1 channel.*latent_channels=3"):
+        main(["--preset", "ecar-emoji32", "--train-size", "10", "--workdir", str(tmp_path), "--steps", "1"])
 def _ddp_worker(rank, port, config, data, out):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -1,0 +1,87 @@
+"""Class names that travel with a model: the checkpoint metadata entry `class_names` (a JSON list of
+one string per class, written by ecar-train), resolving a user's class by index or name, and labelling
+the rows of an image grid."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+METADATA_KEY = "class_names"
+
+
+class ClassNameError(ValueError):
+    """A class the model does not have, or a malformed class_names entry; the message lists the classes."""
+
+
+def parse_class_names(text: str | None, num_classes: int) -> list[str] | None:
+    """The class names of a checkpoint's metadata entry (None when it has none)."""
+    if text is None:
+        return None
+    try:
+        names = json.loads(text)
+    except (TypeError, ValueError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise ClassNameError(f"{METADATA_KEY} must be a JSON list of non-empty strings")
+    if len(names) != num_classes:
+        raise ClassNameError(f"{METADATA_KEY} has {len(names)} names for {num_classes} classes")
+    if len({n.casefold() for n in names}) != len(names):
+        raise ClassNameError(f"{METADATA_KEY} has names that differ only in case")
+    return names
+
+
+def encode_class_names(names: list[str], num_classes: int) -> str:
+    """The metadata entry for `names` (checked as parse_class_names checks it)."""
+    text = json.dumps(list(names))
+    parse_class_names(text, num_classes)
+    return text
+
+
+def list_classes(names: list[str] | None, num_classes: int, limit: int = 50) -> str:
+    """'0 Smileys & Emotion, 1 People & Body, ...' (or the index range of a model without names)."""
+    if not names:
+        return f"indices 0-{num_classes - 1} (this model has no class names)"
+    shown = ", ".join(f"{i} {n}" for i, n in enumerate(names[:limit]))
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:
+    """A class index from an index ('3') or a name: exact (case-insensitive) or an unambiguous prefix."""
+    text = text.strip()
+    if text.isdigit():
+        index = int(text)
+        if index < num_classes:
+            return index
+        raise ClassNameError(f"class {index} is outside this model's classes: {list_classes(names, num_classes)}")
+    if not names:
+        raise ClassNameError(f"class {text!r}: this model has no class names; give an index 0-{num_classes - 1}")
+    key = text.casefold()
+    exact = [i for i, n in enumerate(names) if n.casefold() == key]
+    if exact:
+        return exact[0]
+    matches = [i for i, n in enumerate(names) if n.casefold().startswith(key)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ClassNameError(f"class {text!r} is ambiguous: it begins {', '.join(names[i] for i in matches)}")
+    raise ClassNameError(f"no class {text!r}; the classes are {list_classes(names, num_classes)}")
+
+
+def label_rows(grid: np.ndarray, labels: list[str], row_height: int, pad: int = 2) -> np.ndarray:
+    """A uint8 [H, W, C] grid with a white margin on the left holding one text label per row of
+    images (rows of `row_height` pixels separated by `pad`)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    margin = max(int(measure.textlength(label, font=font)) for label in labels) + 2 * pad
+    h, w, c = grid.shape
+    canvas = Image.new("RGB", (margin + w, h), (255, 255, 255))
+    canvas.paste(Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB"), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, label in enumerate(labels):
+        top = r * (row_height + pad)
+        draw.text((pad, top + row_height // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
+    out = np.asarray(canvas)
+    return out[..., :1] if c == 1 else out

@@ -1,0 +1,356 @@
+"""Training data for ecar-train: an image folder, an .npz of uint8 images, or the built-in digits32.
+
+    --data digits32    the built-in digit glyphs (ecar_infer/training/digits.py)
+    --data FILE.npz    `images` uint8 [N, H, W, C], `labels` integers [N], optional `class_names` strings [K]
+    --data DIR         the ImageFolder layout: one sub-folder per class, classes sorted by folder name,
+                       the folder names are the class names
+
+Images are brought to the config's size S by the ADM / DiT rule: while the shorter side is at least 2S,
+halve the image with a box filter; then resize bicubically so the shorter side is S; then crop the
+centre S x S. Images with transparency are composited on white; folders give RGB (3-channel configs) or
+grayscale (1-channel configs).
+
+Nothing holds the whole data set in memory: an uncompressed .npz at the right size is memory-mapped in
+place; an image folder, a compressed .npz or one of another size is converted once into a uint8
+memory-mapped cache file (ecar_infer/training/diskcache.py: resumable, shared by the ranks), and every
+unreadable image is reported then, before training starts. Training reads only the rows it draws.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ECARConfig
+from .diskcache import cached_array
+
+DIGITS32 = "digits32"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+CACHE_CHUNK = 1024   # images decoded per step of the cache build (and per progress record)
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file and what to do."""
+
+
+# ---- one image ---------------------------------------------------------------------------------------
+def resize_center_crop(image, size: int):
+    """The ADM / DiT rule: box-halve while the shorter side is >= 2*size, bicubic to a shorter side of
+    `size`, centre crop. A PIL image in, a PIL image of size x size out."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(max(size, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def on_white(image):
+    """A PIL image without transparency: RGBA, LA and transparent palette images composited on white."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image
+
+
+def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """uint8 [size, size, channels] (channels 1 or 3) from an image file, by the rules above."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = on_white(image).convert("L" if channels == 1 else "RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the image ({err}); remove or replace the file") from None
+    array = np.asarray(resize_center_crop(image, size), dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+def resize_array(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, H, W, C] (C 1 or 3) -> uint8 [N, size, size, C] by the rule above."""
+    from PIL import Image
+
+    if pixels.shape[1:3] == (size, size):
+        return np.asarray(pixels)
+    c = pixels.shape[-1]
+    out = [np.asarray(resize_center_crop(Image.fromarray(p[..., 0] if c == 1 else p), size)) for p in pixels]
+    return np.stack(out).reshape(len(pixels), size, size, c)
+
+
+# ---- a data set --------------------------------------------------------------------------------------
+@dataclass
+class ImageSet:
+    """Images at the model's size with their labels: `pixels` is uint8 [N, S, S, C] (memory-mapped) or,
+    for digits32, float32 [N, C, S, S] in [-1, 1]; labels int64 [N]; one name per class."""
+
+    pixels: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    description: str
+    fingerprint: str = ""   # identifies the content (what caches built from it are keyed by)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return self.pixels.shape[1] if self.pixels.dtype == np.float32 else self.pixels.shape[-1]
+
+    @property
+    def size(self) -> int:
+        return self.pixels.shape[2] if self.pixels.dtype == np.float32 else self.pixels.shape[1]
+
+    def images(self, index) -> torch.Tensor:
+        """float32 [B, C, S, S] in [-1, 1] of the rows `index` (only those rows are read)."""
+        rows = np.asarray(self.pixels[np.asarray(index)])
+        if rows.dtype == np.float32:
+            return torch.from_numpy(rows)
+        return torch.from_numpy(rows).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+    def check(self, config: ECARConfig, channels: int | None = None) -> None:
+        """Fail early if the data cannot train `config` (channels: the images the model sees; for a
+        latent model, the VAE's input channels)."""
+        want = channels or config.latent_channels
+        if self.channels != want:
+            if channels:
+                raise DataError(f"{self.description}: the images have {self.channels} channel(s) but the VAE "
+                                f"takes {want}; convert the images")
+            raise DataError(f"{self.description}: the images have {self.channels} channel(s) but the config has "
+                            f"latent_channels={want}; use a config that matches the data (--set "
+                            f"latent_channels={self.channels}) or convert the images")
+        if len(self.class_names) != config.num_classes:
+            raise DataError(f"{self.description}: {len(self.class_names)} classes but the config has "
+                            f"num_classes={config.num_classes}; use --set num_classes={len(self.class_names)}")
+        if not len(self):
+            raise DataError(f"{self.description}: no images")
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> np.ndarray:
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        raise DataError(f"{where}: label {labels[bad[0]]} of image {bad[0]} is outside the classes "
+                        f"0-{num_classes - 1} ({len(bad)} such label(s))")
+    return labels.astype(np.int64)
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- .npz ------------------------------------------------------------------------------------------
+def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    return (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
+
+
+def _npz_member_memmap(path: Path, name: str) -> np.ndarray | None:
+    """The member `name`.npy of an .npz memory-mapped in place, or None if it is compressed."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name + ".npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)   # the local file header: its name and extra field lengths are at 26 and 28
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        shape, fortran, dtype = _npy_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+class _CompressedRows:
+    """The rows of a compressed .npz member, decompressed as they are read: rows[a:b] for increasing a
+    (what a cache build asks for), so the whole array is never in memory."""
+
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name = path, name
+        with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
+            self.shape, fortran, self.dtype = _npy_header(f)
+        if fortran or len(self.shape) != 4:
+            raise DataError(f"{path}: `{name}` must be a C-ordered [N, H, W, C] array")
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        self._stream, self._row = None, 0
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(len(self))
+        if self._stream is None or a < self._row:   # (re)open at the start of the member
+            self._archive = zipfile.ZipFile(self.path)
+            self._stream = self._archive.open(self.name + ".npy")
+            _npy_header(self._stream)
+            self._row = 0
+        while self._row < a:   # skip rows a resumed build has already done
+            self._stream.read(self.row_bytes)
+            self._row += 1
+        data = self._stream.read(self.row_bytes * (b - a))
+        self._row = b
+        return np.frombuffer(data, self.dtype).reshape((b - a,) + self.shape[1:])
+
+
+def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.PathLike,
+             channels: int | None = None) -> ImageSet:
+    """An .npz data set (see the module docstring) at the config's size."""
+    path = Path(path)
+    size = config.image_size
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            names = set(f.files)
+            if not {"images", "labels"} <= names:
+                raise DataError(f"{path}: an .npz data set needs `images` (uint8 [N, H, W, C]) and `labels` "
+                                f"([N] integers); it has {sorted(names)}")
+            labels = np.asarray(f["labels"])
+            class_names = [str(n) for n in f["class_names"]] if "class_names" in names else None
+            images = _npz_member_memmap(path, "images")
+            if images is None:   # compressed: decompressed row by row into the cache below
+                images = _CompressedRows(path, "images")
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: cannot read the .npz ({err})") from None
+    if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{path}: `images` must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype} "
+                        f"{list(images.shape)}")
+    if len(images) != len(labels):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    num_classes = len(class_names) if class_names else config.num_classes
+    labels = _check_labels(labels, num_classes, str(path))
+    class_names = class_names or [str(i) for i in range(config.num_classes)]
+    if not isinstance(images, np.memmap) or images.shape[1:3] != (size, size):
+        stat = path.stat()
+        key = {"npz": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "size": size}
+        source = images
+        images = cached_array(Path(cache_dir) / f"pixels-{digest(key)}.npy", key,
+                              (len(source), size, size, source.shape[-1]), np.uint8,
+                              lambda a, b: resize_array(source[a:b], size), CACHE_CHUNK)
+    stat = path.stat()
+    data = ImageSet(images, labels, class_names, str(path),
+                    digest([str(path.resolve()), stat.st_size, stat.st_mtime_ns, config.image_size]))
+    data.check(config, channels)
+    return data
+
+
+# ---- image folder ------------------------------------------------------------------------------------
+def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[Path], np.ndarray]:
+    """(class names, image files, labels) of an ImageFolder-layout directory, in a fixed order."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class sub-folders; an image folder holds one sub-folder of images per class")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            raise DataError(f"{root / name}: class {name!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            f"add some or remove the folder")
+        files += found
+        labels += [label] * len(found)
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: str | os.PathLike,
+                      channels: int | None = None, workers: int | None = None) -> ImageSet:
+    """An image folder decoded once into a uint8 cache at the config's size."""
+    root = Path(root)
+    class_names, files, labels = list_image_folder(root)
+    c = channels or config.latent_channels
+    if c not in (1, 3):
+        raise DataError(f"{root}: image folders give 1 (grayscale) or 3 (RGB) channels, the config needs {c}")
+    data = ImageSet(np.zeros((len(files), 0, 0, c), np.uint8), labels, class_names, str(root))
+    data.check(config, channels)   # before hours of decoding
+    size = config.image_size
+    key = {"folder": str(root.resolve()), "channels": c, "size": size,
+           "files": digest([(str(f.relative_to(root)), f.stat().st_size) for f in files])}
+
+    def decode(a: int, b: int) -> np.ndarray:   # PIL releases the GIL while decoding and resizing
+        with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+            return np.stack(list(pool.map(lambda f: load_image(f, size, c), files[a:b])))
+
+    data.fingerprint = digest(key)
+    data.pixels = cached_array(Path(cache_dir) / f"pixels-{data.fingerprint}.npy", key, (len(files), size, size, c),
+                               np.uint8, decode, CACHE_CHUNK)
+    return data
+
+
+# ---- any source --------------------------------------------------------------------------------------
+def open_digits32(config: ECARConfig, train_size: int | None = None) -> ImageSet:
+    from .digits import NUM_CLASSES, build_split
+
+    images, labels = build_split("train", train_size, config.image_size)
+    data = ImageSet(images, labels, [str(d) for d in range(NUM_CLASSES)], f"{DIGITS32} train split",
+                    digest([DIGITS32, len(labels), config.image_size]))
+    data.check(config)
+    return data
+
+
+def open_data(spec: str, config: ECARConfig, cache_dir: str | os.PathLike, channels: int | None = None,
+              train_size: int | None = None) -> ImageSet:
+    """The data set `spec` names (digits32, an .npz file or an image folder) at the config's size.
+    channels: the images' channels where they differ from the config's (a latent model's VAE input)."""
+    if spec == DIGITS32:
+        if channels:
+            raise DataError("digits32 is grayscale pixel data: train it with a pixel config, without --vae")
+        return open_digits32(config, train_size)
+    if train_size is not None:
+        raise DataError("--train-size applies to digits32 only")
+    path = Path(spec)
+    if path.is_dir():
+        return open_image_folder(path, config, cache_dir, channels)
+    if path.suffix == ".npz" and path.is_file():
+        return open_npz(path, config, cache_dir, channels)
+    raise DataError(f"--data {spec}: not found; give {DIGITS32}, an .npz file or an image folder "
+                    f"(one sub-folder per class)")
+
+
+# ---- what one training step draws -------------------------------------------------------------------
+@dataclass
+class DataDraws:
+    """The data's random inputs of one step for the whole global batch, drawn after the objective's
+    draws from the same generator (so a run is the same on any number of ranks): horizontal flips and,
+    for latent models, the noise of the latent's posterior sample. None where unused."""
+
+    flip: torch.Tensor | None = None     # [G] bool
+    eps: torch.Tensor | None = None      # [G, C, h, w]
+
+    def shard(self, rank: int, world: int) -> "DataDraws":
+        return DataDraws(*(None if t is None else t[rank::world] for t in (self.flip, self.eps)))
+
+
+class PixelBatches:
+    """Training batches of a pixel-space model: x0 is the image itself, optionally flipped."""
+
+    def __init__(self, images: ImageSet, flip: bool = False) -> None:
+        self.images, self.flip = images, flip
+        self.labels = torch.from_numpy(np.asarray(images.labels))
+        self.class_names = images.class_names
+        self.description = images.description + (", flipped at random" if flip else "")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def draw(self, gen: torch.Generator, batch: int) -> DataDraws:
+        return DataDraws(flip=torch.rand(batch, generator=gen) < 0.5 if self.flip else None)
+
+    def x0(self, index: torch.Tensor, draws: DataDraws) -> torch.Tensor:
+        x = self.images.images(index.numpy())
+        if draws.flip is not None:
+            x = torch.where(draws.flip[:, None, None, None], x.flip(-1), x)
+        return x

@@ -1,0 +1,77 @@
+"""Arrays computed once and kept on disk as memory-mapped .npy files (decoded image folders, VAE latents).
+
+A cache file is filled chunk by chunk into NAME.partial.npy; after each chunk the rows done are recorded
+in NAME.progress, so an interrupted build resumes where it stopped; the finished file is renamed to
+NAME.npy, so a reader never sees a half-built array. NAME.json records what the array was computed from
+(the key): a cache built from anything else is rebuilt. One process builds at a time: the others (the
+other ranks of a torchrun job) wait on a file lock and then find the finished file.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..output import atomic_path
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (released when the block ends or the process dies)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def cached_array(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dtype: np.dtype,
+                 fill: Callable[[int, int], np.ndarray], chunk: int,
+                 report: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """The read-only memory-mapped array at `path` (a .npy file), built first if it is missing.
+
+    key: what the array is computed from (JSON-able); fill(start, stop): rows [start, stop) of the array;
+    report(done, total): called after each chunk (progress display).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stem = path.with_suffix("")
+    meta_path, progress_path = stem.with_suffix(".json"), stem.with_suffix(".progress")
+    partial = stem.with_name(stem.name + ".partial.npy")
+    want = json.dumps({"key": key, "shape": list(shape), "dtype": np.dtype(dtype).str}, sort_keys=True)
+    with _locked(stem.with_suffix(".lock")):
+        same = meta_path.exists() and meta_path.read_text() == want
+        if same and path.exists():
+            return np.load(path, mmap_mode="r")
+        if same and partial.exists() and progress_path.exists():
+            done = int(progress_path.read_text())
+            array = np.lib.format.open_memmap(partial, mode="r+")
+        else:   # nothing usable: start afresh
+            for stale in (path, partial, progress_path):
+                stale.unlink(missing_ok=True)
+            _write_text(meta_path, want)
+            done = 0
+            array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=tuple(shape))
+        total = shape[0]
+        for start in range(done, total, chunk):
+            stop = min(start + chunk, total)
+            array[start:stop] = fill(start, stop)
+            array.flush()
+            _write_text(progress_path, str(stop))
+            if report:
+                report(stop, total)
+        del array
+        os.replace(partial, path)
+        progress_path.unlink(missing_ok=True)
+        return np.load(path, mmap_mode="r")

@@ -1,0 +1,56 @@
+"""The training log in the work folder: loss.csv (one row per step) and loss.png (a plot of it)."""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from ..output import atomic_path
+
+COLUMNS = ("step", "loss", "loss_avg", "lr", "step_seconds", "images_per_s", "tokens_per_s")
+
+
+class TrainLog:
+    """Appends one row per step to `path`. A resumed run first drops the rows after the step it resumes
+    from (steps an interrupted run logged after its last saved state), so the log has each step once."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0) -> None:
+        self.path = Path(path)
+        rows = []
+        if resume_step and self.path.exists():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(text.getvalue())
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, COLUMNS)
+
+    def append(self, **row: float) -> None:
+        self._writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def plot(self, png: str | Path) -> None:
+        """loss.png: the loss of every step and its running mean, on a log scale (matplotlib, imported here)."""
+        from matplotlib.figure import Figure
+
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            return
+        steps = [int(r["step"]) for r in rows]
+        fig = Figure(figsize=(7, 4), dpi=100)
+        ax = fig.subplots()
+        ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.5, alpha=0.4, label="loss")
+        ax.plot(steps, [float(r["loss_avg"]) for r in rows], lw=1.5, label="running mean")
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title="ecar-train")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, format="png")

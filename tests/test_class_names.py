@@ -1,0 +1,115 @@
+"""Class names: parsing and resolving, the checkpoint round trip, ecar-sample --class NAME, row labels."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import random_model
+from ecar_infer import ECARConfig, load_checkpoint, save_checkpoint
+from ecar_infer.checkpoint import CheckpointError
+from ecar_infer.class_names import (ClassNameError, encode_class_names, label_rows, list_classes,
+                                    parse_class_names, resolve_class)
+from ecar_infer.cli import main as sample_main
+
+NAMES = ["Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places",
+         "Activities", "Objects", "Symbols", "Flags", "Sports"]
+
+
+def test_resolve_by_index_name_and_prefix():
+    assert resolve_class("3", NAMES, 10) == 3
+    assert resolve_class("objects", NAMES, 10) == 6
+    assert resolve_class("FOOD", NAMES, 10) == 3
+    assert resolve_class("  flags ", NAMES, 10) == 8
+    assert resolve_class("sy", NAMES, 10) == 7
+    with pytest.raises(ClassNameError, match="ambiguous: it begins Smileys & Emotion, Symbols, Sports"):
+        resolve_class("s", NAMES, 10)
+    with pytest.raises(ClassNameError, match="no class 'robots'; the classes are 0 Smileys & Emotion, .*9 Sports"):
+        resolve_class("robots", NAMES, 10)
+    with pytest.raises(ClassNameError, match="class 12 is outside this model's classes: 0 Smileys"):
+        resolve_class("12", NAMES, 10)
+    with pytest.raises(ClassNameError, match="has no class names; give an index 0-9"):
+        resolve_class("cat", None, 10)
+
+
+def test_exact_name_wins_over_a_longer_one():
+    assert resolve_class("cat", ["catfish", "cat"], 2) == 1
+
+
+@pytest.mark.parametrize("text, problem", [("not json", "JSON list"), ('{"a": 1}', "JSON list"),
+                                           ('["a", 3]', "JSON list"), ('["a", ""]', "JSON list"),
+                                           ('["a"]', "1 names for 2 classes"),
+                                           ('["Cat", "cat"]', "differ only in case")])
+def test_malformed_entries_are_refused(text, problem):
+    with pytest.raises(ClassNameError, match=problem):
+        parse_class_names(text, 2)
+
+
+def test_listing_is_bounded():
+    assert list_classes(None, 5) == "indices 0-4 (this model has no class names)"
+    many = [f"c{i}" for i in range(1000)]
+    assert list_classes(many, 1000, limit=3) == "0 c0, 1 c1, 2 c2, ... (997 more)"
+
+
+@pytest.fixture
+def named_checkpoint(tmp_path):
+    config = ECARConfig.preset("ecar-tiny")
+    path = tmp_path / "named.safetensors"
+    save_checkpoint(random_model(config), path, extra_metadata={"class_names": encode_class_names(NAMES, 10),
+                                                                "recommended_steps": "1"})
+    return path
+
+
+def test_names_round_trip_through_a_checkpoint(named_checkpoint, tmp_path):
+    model = load_checkpoint(named_checkpoint)
+    assert json.loads(model.checkpoint_metadata["class_names"]) == NAMES
+    with pytest.raises(CheckpointError, match="class_names has 3 names for 10 classes"):
+        save_checkpoint(model, tmp_path / "bad.safetensors", extra_metadata={"class_names": '["a", "b", "c"]'})
+
+
+def test_a_checkpoint_with_bad_names_is_refused_on_load(named_checkpoint, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(named_checkpoint, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, tmp_path / "forged.safetensors", metadata={**meta, "class_names": "[1, 2]"})
+    with pytest.raises(CheckpointError, match="forged.safetensors: class_names must be a JSON list"):
+        load_checkpoint(tmp_path / "forged.safetensors")
+
+
+def test_ecar_sample_takes_names_and_lists_them_on_error(named_checkpoint, tmp_path, capsys):
+    by_name, by_index = tmp_path / "name.npz", tmp_path / "index.npz"
+    common = ["--ckpt", str(named_checkpoint), "--n", "2", "--device", "cpu", "-q"]
+    assert sample_main(common + ["--class", "animals,flags", "--npz", str(by_name)]) == 0
+    assert sample_main(common + ["--class", "2,8", "--npz", str(by_index)]) == 0
+    with np.load(by_name) as a, np.load(by_index) as b:
+        assert a["labels"].tolist() == [2, 2, 8, 8]
+        assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert sample_main(common + ["--class", "robots", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--class: no class 'robots'; the classes are 0 Smileys & Emotion" in err and "9 Sports" in err
+    assert sample_main(common + ["--class", "11", "--out", str(tmp_path / "x.png")]) == 2
+    assert "outside this model's classes: 0 Smileys & Emotion" in capsys.readouterr().err
+
+
+def test_grid_rows_are_labelled(named_checkpoint, tmp_path):
+    from PIL import Image
+
+    plain, labelled = tmp_path / "plain.png", tmp_path / "labelled.png"
+    common = ["--ckpt", str(named_checkpoint), "--n", "3", "--class", "food,objects", "--device", "cpu", "-q"]
+    assert sample_main(common + ["--out", str(plain)]) == 0
+    assert sample_main(common + ["--out", str(labelled), "--label-rows"]) == 0
+    a, b = np.asarray(Image.open(plain)), np.asarray(Image.open(labelled))
+    margin = b.shape[1] - a.shape[1]
+    assert b.shape[0] == a.shape[0] and margin > 20
+    assert np.array_equal(b[:, margin:], a)   # the images are untouched, the labels sit in the margin
+    assert (b[:, :margin] < 128).any()   # some dark text
+
+
+def test_label_rows_keeps_grayscale_and_places_each_label_by_its_row():
+    grid = np.full((16 * 2 + 2, 16, 1), 128, np.uint8)
+    out = label_rows(grid, ["top", "bottom"], row_height=16)
+    assert out.shape[2] == 1 and out.shape[0] == grid.shape[0]
+    margin = out.shape[1] - 16
+    ink_rows = np.flatnonzero((out[:, :margin, 0] < 128).any(axis=1))
+    assert ink_rows.min() < 16 and ink_rows.max() >= 18   # ink in both rows

@@ -1,0 +1,183 @@
+"""Training data sources: image folders and .npz files on tiny generated images, the resize rule, the
+resumable disk cache, and every bad-data error."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ecar_infer import ECARConfig
+from ecar_infer.training import diskcache
+from ecar_infer.training.data import (DataError, DataDraws, PixelBatches, load_image, open_data, open_image_folder,
+                                      open_npz, resize_center_crop)
+
+RGB16 = ECARConfig.preset("ecar-tiny").replace(latent_channels=3, num_classes=3)   # 16 px, 3 classes
+
+
+def random_images(n, h, w, c=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, h, w, c), dtype=np.uint8)
+
+
+def make_folder(root, sizes=((16, 16), (40, 24), (64, 64)), per_class=2):
+    """classes b_cat, a_dog, c_eel (sorted: a_dog, b_cat, c_eel); images of assorted sizes and modes."""
+    for k, name in enumerate(("b_cat", "a_dog", "c_eel")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            h, w = sizes[(k + i) % len(sizes)]
+            Image.fromarray(random_images(1, h, w, seed=10 * k + i)[0]).save(root / name / f"{i}.png")
+    return root
+
+
+def test_resize_rule_box_halves_then_bicubic_then_centre_crop():
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 256, size=(70, 140, 3), dtype=np.uint8))  # 140 wide, 70 high
+    # by hand: 70 >= 2*16 -> box to 70x35; 35 >= 32 -> box to 35x17; bicubic to a shorter side of 16: 33x16;
+    # then the centre 16x16 of the 33 columns starts at column 8
+    step = big.resize((70, 35), Image.BOX).resize((35, 17), Image.BOX).resize((33, 16), Image.BICUBIC)
+    want = np.asarray(step)[:, 8:24]
+    assert np.array_equal(np.asarray(resize_center_crop(big, 16)), want)
+    small = Image.fromarray(rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8))
+    assert np.asarray(resize_center_crop(small, 16)).shape == (16, 16, 3)   # upscaled bicubically
+
+
+def test_transparent_images_are_composited_on_white(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[:8, :, :] = (255, 0, 0, 255)   # top half opaque red, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = load_image(tmp_path / "a.png", 16, 3)
+    assert (out[:8] == (255, 0, 0)).all() and (out[8:] == 255).all()
+    assert load_image(tmp_path / "a.png", 16, 1).shape == (16, 16, 1)
+
+
+def test_image_folder_classes_labels_and_cache(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    data = open_image_folder(root, RGB16, tmp_path / "cache")
+    assert data.class_names == ["a_dog", "b_cat", "c_eel"]
+    assert data.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert isinstance(data.pixels, np.memmap) and data.pixels.shape == (6, 16, 16, 3)
+    want = load_image(root / "b_cat" / "1.png", 16, 3).copy()
+    x = data.images([3])
+    assert x.shape == (1, 3, 16, 16) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0], torch.from_numpy(want).permute(2, 0, 1).float() / 127.5 - 1)
+    again = open_image_folder(root, RGB16, tmp_path / "cache")   # reuses the finished cache
+    assert np.array_equal(again.pixels, data.pixels)
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".npy"]
+
+
+def test_npz_is_memory_mapped_in_place_or_cached_when_compressed_or_resized(tmp_path):
+    images, labels = random_images(5, 16, 16), np.array([0, 1, 2, 1, 0])
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, images=images, labels=labels, class_names=np.array(["x", "y", "z"]))
+    data = open_npz(plain, RGB16, tmp_path / "cache")
+    assert isinstance(data.pixels, np.memmap) and data.class_names == ["x", "y", "z"]
+    assert np.array_equal(data.pixels, images) and not (tmp_path / "cache").exists()
+    packed = tmp_path / "packed.npz"
+    np.savez_compressed(packed, images=images, labels=labels)
+    data = open_npz(packed, RGB16, tmp_path / "cache")
+    assert np.array_equal(data.pixels, images) and data.class_names == ["0", "1", "2"]
+    bigger = tmp_path / "bigger.npz"
+    np.savez_compressed(bigger, images=random_images(3, 40, 32), labels=np.array([0, 1, 2]))
+    data = open_npz(bigger, RGB16, tmp_path / "cache")
+    want = np.asarray(resize_center_crop(Image.fromarray(np.load(bigger)["images"][2]), 16))
+    assert np.array_equal(data.pixels[2], want)
+
+
+def test_an_interrupted_cache_build_resumes_and_a_changed_key_rebuilds(tmp_path):
+    rows = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    asked, interrupt = [], [False, True]
+
+    def fill(a, b):
+        asked.append(a)
+        if a == 3 and interrupt[-1]:
+            interrupt.pop()
+            raise KeyboardInterrupt   # interrupted in the second chunk
+        return rows[a:b]
+
+    path = tmp_path / "c.npy"
+    with pytest.raises(KeyboardInterrupt):
+        diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3)
+    assert not path.exists()   # nothing half-built is published
+    asked.clear()
+    out = diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3)
+    assert asked == [3, 6] and np.array_equal(out, rows)   # rows 0-2 were not computed again
+    asked.clear()
+    assert np.array_equal(diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3), rows)
+    assert asked == []
+    diskcache.cached_array(path, {"v": 2}, (7, 2), np.float32, fill, chunk=3)
+    assert asked == [0, 3, 6]
+
+
+def test_flips_mirror_exactly_the_drawn_rows():
+    images = np.random.default_rng(0).uniform(-1, 1, size=(4, 1, 8, 8)).astype(np.float32)
+    from ecar_infer.training.data import ImageSet
+
+    batches = PixelBatches(ImageSet(images, np.zeros(4, np.int64), ["a"], "t"), flip=True)
+    draws = DataDraws(flip=torch.tensor([True, False, True]))
+    x = batches.x0(torch.tensor([0, 1, 3]), draws)
+    torch.testing.assert_close(x[0], torch.from_numpy(images[0]).flip(-1))
+    torch.testing.assert_close(x[1], torch.from_numpy(images[1]))
+    torch.testing.assert_close(x[2], torch.from_numpy(images[3]).flip(-1))
+    share = batches.draw(torch.Generator().manual_seed(0), 4000).flip.float().mean().item()
+    assert 0.47 < share < 0.53
+
+
+# ---- bad data ------------------------------------------------------------------------------------
+def test_unreadable_image_is_named(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "b_cat" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"b_cat/broken.png: cannot read the image"):
+        open_image_folder(root, RGB16, tmp_path / "cache")
+
+
+def test_empty_class_and_missing_classes_are_named(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    (root / "d_fox").mkdir()
+    (root / "d_fox" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"d_fox: class 'd_fox' has no images"):
+        open_image_folder(root, RGB16.replace(num_classes=4), tmp_path / "cache")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders"):
+        open_image_folder(tmp_path / "flat", RGB16, tmp_path / "cache")
+
+
+def test_class_count_must_match_the_config(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match=r"imgs: 3 classes but the config has num_classes=10; use --set num_classes=3"):
+        open_image_folder(root, RGB16.replace(num_classes=10), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("labels, problem", [([0, 1, 3], "label 3 of image 2 is outside the classes 0-2"),
+                                             ([0, -1, 1], "label -1 of image 1 is outside"),
+                                             ([0.0, 1.0, 2.0], "labels must be a 1-D integer array")])
+def test_npz_labels_out_of_range(tmp_path, labels, problem):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=random_images(3, 16, 16), labels=np.array(labels))
+    with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
+def test_npz_channel_mismatch_and_malformed_files(tmp_path):
+    gray = tmp_path / "gray.npz"
+    np.savez(gray, images=random_images(3, 16, 16, c=1), labels=np.arange(3))
+    with pytest.raises(DataError, match="gray.npz: the images have 1 channel.*latent_channels=3.*--set latent_channels=1"):
+        open_npz(gray, RGB16, tmp_path / "cache")
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, images=np.zeros((3, 16, 16, 3), np.float32), labels=np.arange(3))
+    with pytest.raises(DataError, match=r"floats.npz: `images` must be uint8"):
+        open_npz(floats, RGB16, tmp_path / "cache")
+    nolabels = tmp_path / "nolabels.npz"
+    np.savez(nolabels, x=np.zeros(3))
+    with pytest.raises(DataError, match="nolabels.npz: an .npz data set needs `images`"):
+        open_npz(nolabels, RGB16, tmp_path / "cache")
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="garbage.npz: cannot read the .npz"):
+        open_npz(garbage, RGB16, tmp_path / "cache")
+
+
+def test_open_data_dispatch_and_errors(tmp_path):
+    digits = open_data("digits32", ECARConfig.preset("ecar-tiny"), tmp_path, train_size=20)
+    assert len(digits) == 20 and digits.images([0]).shape == (1, 1, 16, 16)
+    with pytest.raises(DataError, match="not found"):
+        open_data(str(tmp_path / "missing.npz"), RGB16, tmp_path)
+    with pytest.raises(DataError, match="--train-size applies to digits32 only"):
+        open_data(str(tmp_path), RGB16, tmp_path, train_size=3)

@@ -1,0 +1,106 @@
+"""The latent cache of latent models, with a tiny random AutoencoderKL: it matches a direct encode, an
+interrupted encode resumes, training samples z from it and never runs the encoder."""
+import numpy as np
+import pytest
+import torch
+
+from ecar_infer import ECARConfig, load_checkpoint
+from ecar_infer.training import latents
+from ecar_infer.training.data import DataDraws, open_npz
+from ecar_infer.training.latents import LatentBatches, encode_moments, latent_moments
+from ecar_infer.training.trainer import main
+from ecar_infer.vae import save_autoencoder
+from test_vae import tiny_autoencoder
+
+CONFIG = ECARConfig.preset("ecar-tiny-vae").replace(num_classes=2)   # 32 px images, 4 x 16 x 16 latents
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny_autoencoder()
+
+
+@pytest.fixture
+def images(tmp_path):
+    path = tmp_path / "five.npz"
+    pixels = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    np.savez(path, images=pixels, labels=np.array([0, 1, 0, 1, 1]), class_names=np.array(["cat", "dog"]))
+    return open_npz(path, CONFIG, tmp_path / "cache", channels=3)
+
+
+def test_cache_holds_the_posterior_of_each_image_and_its_mirror(vae, images, tmp_path):
+    moments = latent_moments(images, vae, flips=True, cache_dir=tmp_path / "cache", batch=2)
+    assert isinstance(moments, np.memmap) and moments.shape == (5, 2, 2, 4, 16, 16)
+    x = images.images(np.arange(5))
+    with torch.no_grad():
+        posterior = vae.encode(x).latent_dist
+        mirrored = vae.encode(x.flip(-1)).latent_dist
+    for view, want in ((0, posterior), (1, mirrored)):
+        torch.testing.assert_close(torch.from_numpy(moments[:, view, 0].copy()), want.mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(moments[:, view, 1].copy()), want.std, rtol=1e-5, atol=1e-5)
+    assert latent_moments(images, vae, flips=False, cache_dir=tmp_path / "cache").shape == (5, 1, 2, 4, 16, 16)
+
+
+def test_an_interrupted_encode_resumes(vae, images, tmp_path, monkeypatch):
+    straight = np.array(latent_moments(images, vae, flips=False, cache_dir=tmp_path / "a", batch=2))
+    calls, armed = [], [True]
+
+    def interrupted(vae, x):
+        calls.append(len(x))
+        if len(calls) == 2 and armed:   # interrupt the second batch, once
+            armed.clear()
+            raise KeyboardInterrupt
+        return encode_moments(vae, x)
+
+    monkeypatch.setattr(latents, "encode_moments", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        latent_moments(images, vae, flips=False, cache_dir=tmp_path / "b", batch=2)
+    calls.clear()
+    resumed = latent_moments(images, vae, flips=False, cache_dir=tmp_path / "b", batch=2)
+    assert calls == [2, 1]   # images 2-3 and 4: images 0-1 were encoded before the interruption
+    np.testing.assert_allclose(resumed, straight, rtol=1e-5, atol=1e-6)
+
+
+def test_training_batches_sample_from_the_posterior(vae, images, tmp_path):
+    moments = latent_moments(images, vae, flips=True, cache_dir=tmp_path / "cache")
+    batches = LatentBatches(moments, images, scaling_factor=0.5)
+    draws = batches.draw(torch.Generator().manual_seed(0), 3)
+    assert draws.eps.shape == (3, 4, 16, 16) and draws.flip.dtype == torch.bool
+    draws = DataDraws(flip=torch.tensor([False, True, True]), eps=draws.eps)
+    z = batches.x0(torch.tensor([4, 0, 2]), draws)
+    m = torch.from_numpy(moments[[4, 0, 2]][np.arange(3), [0, 1, 1]].copy())
+    torch.testing.assert_close(z, 0.5 * (m[:, 0] + m[:, 1] * draws.eps))
+
+
+def test_ecar_train_on_latents_takes_the_vae_scaling_factor_and_never_encodes_after_the_cache(
+        images, tmp_path, monkeypatch):
+    vae = tiny_autoencoder()
+    vae.register_to_config(scaling_factor=0.3)
+    vae_path = tmp_path / "vae.safetensors"
+    save_autoencoder(vae, vae_path)
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    common = ["--config", str(config), "--data", images.description, "--vae", str(vae_path), "--flip",
+              "--batch-size", "4", "--workdir", str(tmp_path / "run"), "--ckpt-every", "1", "--sample-every", "0",
+              "--device", "cpu"]
+    main(common + ["--steps", "1"])
+    from diffusers import AutoencoderKL
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("training ran the VAE encoder")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", no_encoder)
+    main(common + ["--steps", "2", "--resume"])
+    model = load_checkpoint(tmp_path / "run" / "final.safetensors")
+    assert model.config.vae_scaling_factor == pytest.approx(0.3)
+    assert model.checkpoint_metadata["class_names"] == '["cat", "dog"]'
+    with pytest.raises(SystemExit, match="give --vae PATH"):
+        main(common[:4] + common[6:] + ["--steps", "1"])
