@@ -211,7 +211,8 @@ def expand_classes(specs: list[list[tuple[int, int] | str | None]], num_classes:
         lo, hi = lo_hi if lo_hi is not None else (0, num_classes - 1)
         if hi >= num_classes:
             given = f"{lo}" if lo == hi else f"{lo}-{hi}"
-            raise UsageError(f"--class {given} is outside this model's classes: {list_classes(names, num_classes)}")
+            listing = f": {list_classes(names, num_classes)}" if names else f" 0-{num_classes - 1}"
+            raise UsageError(f"--class {given} is outside this model's classes{listing}")
         classes.extend(range(lo, hi + 1))
     return [c for c in classes for _ in range(n)]
 

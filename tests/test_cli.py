@@ -148,7 +148,7 @@ def corrupt_ckpt(tmp_path):
 USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error line must say
     "class out of range": ("--ckpt {ckpt} --class 10", "--class 10 is outside this model's classes 0-9"),
     "range out of range": ("--ckpt {ckpt} --class 5-12", "--class 5-12 is outside"),
-    "bad class": ("--ckpt {ckpt} --class seven", "'seven' is not a class"),
+    "bad class": ("--ckpt {ckpt} --class seven", "class 'seven': this model has no class names"),
     "no class": ("--ckpt {ckpt}", "the following arguments are required: --class"),
     "n zero": ("--ckpt {ckpt} --class 1 --n 0", "argument --n: must be a positive integer"),
     "steps list length": ("--ckpt {ckpt} --class 1 --steps 2,2", "steps_per_stage has 2 entries but the model has 3"),
