@@ -238,7 +238,7 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # a PIL image
         mask = np.asarray(mask.convert("L"))
     if isinstance(mask, np.ndarray):
-        mask = torch.from_numpy(np.ascontiguousarray(mask))
+        mask = torch.from_numpy(np.array(mask))  # a copy: arrays from PIL are read-only
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"cannot read a mask of type {type(mask).__name__}: give a PIL image, a bool array or "
                          f"one of {REGIONS}")
