@@ -158,8 +158,8 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
     """Images -> float32 [N, C, H, W] in [-1, 1] on the CPU.
 
     Accepted: a PIL image or a list of them (converted to L or RGB as the model needs); a uint8 array
-    [H, W], [H, W, C] (C = 1 or 3), [N, H, W] (grayscale) or [N, H, W, C]; a float tensor [C, H, W] or [N, C, H, W] in [-1, 1]; a list of
-    arrays or tensors.
+    [H, W], [H, W, C] (C = 1 or 3), [N, H, W] (grayscale) or [N, H, W, C]; a float tensor [C, H, W] or
+    [N, C, H, W] in [-1, 1]; a list of arrays or tensors.
     """
     size, channels = config.image_size, image_channels(config)
     if _is_sequence(images):

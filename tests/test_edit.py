@@ -18,7 +18,6 @@ from ecar_infer.editing import (EditRequest, as_keep_masks, known_endpoints, mas
 from ecar_infer.engine import StageEngine
 from ecar_infer.kernels import reference
 from ecar_infer.noise import draw_noise
-from ecar_infer.schedule import stage_windows
 from ecar_infer.stages import patchify
 
 TINY = ECARConfig.preset("ecar-tiny")  # pixel space, 16 px, 1 channel, patch 2, 3 stages (latent sides 4, 8, 16)

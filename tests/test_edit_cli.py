@@ -109,7 +109,7 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
         (("--image", path, "--mask", "left", "--mode", "erase"), "invalid choice: 'erase'"),
     ]
     for args, message in cases:
-        code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", out, *args)
+        code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", out, *args)
         assert code == 2, (args, stderr)
         assert stderr.startswith("ecar-edit: error: ") and stderr.count("\n") == 1, stderr
         assert re.search(message, stderr), (message, stderr)
