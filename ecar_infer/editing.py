@@ -12,8 +12,9 @@
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +87,10 @@ class EditRequest:
     def select(self, rows: Sequence[int]) -> "EditRequest":
         index = torch.as_tensor(list(rows), dtype=torch.long)
         return EditRequest(self.latents[index], self.keep[index], self.from_stage)
+
+    def kept_wholly(self) -> list[int]:
+        """The images whose every latent element is kept (their output is their input)."""
+        return [k for k, m in enumerate(self.keep.flatten(1)) if bool(m.all())]
 
     def stage_keeps(self, num_stages: int) -> list[torch.Tensor]:
         """The mask pyramid with every stage below from_stage kept wholly."""
@@ -260,3 +265,37 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
     if tuple(keep.shape[-2:]) != (size, size):
         raise ValueError(f"the mask is {keep.shape[-1]}x{keep.shape[-2]} pixels but the images are {size}x{size}")
     return keep
+
+
+def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_stage: int | None,
+                  config: ECARConfig, encode: Callable[[torch.Tensor], torch.Tensor]) -> EditRequest:
+    """The EditRequest of `count` output images from their input pixels [1 or count, C, H, W] in [-1, 1],
+    the user's mask, mode and from_stage (checked here, with clear errors), and the model's encoder."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    from_stage = (1 if mode == "vary" else 0) if from_stage is None else from_stage
+    if not isinstance(from_stage, numbers.Integral) or not 0 <= from_stage < config.num_stages:
+        raise ValueError(f"from_stage must be an integer in 0..{config.num_stages - 1} (this model has "
+                         f"{config.num_stages} stages), got {from_stage!r}")
+    size, down = config.image_size, config.vae_downsample
+    if mode == "vary":
+        if mask is not None:
+            raise ValueError("mode 'vary' takes no mask (it keeps the coarse stages below from_stage); to keep a "
+                             "region as well, use mode 'inpaint' with the mask and from_stage")
+        keep = torch.zeros(1, 1, size, size, dtype=torch.bool)
+    elif mask is None:
+        raise ValueError(f"mode {mode!r} needs a mask: True (white) where the pixels are kept, or a region "
+                         f"such as 'left' or 'center'")
+    else:
+        keep = as_keep_masks(mask, size, mode)
+    if len(keep) not in (1, count):
+        raise ValueError(f"got {len(keep)} masks for {count} images: give one mask, or one per image")
+    keep = min_pool(keep, down).expand(count, -1, -1, -1)
+    if from_stage == 0 and mode != "vary":
+        nothing = [k for k, m in enumerate(keep.flatten(1)) if not bool(m.any())]
+        if nothing:
+            block = "" if down == 1 else f" (a latent element is kept only if all its {down}x{down} pixels are)"
+            raise ValueError(f"the mask keeps nothing of image(s) {nothing}{block}: there is nothing to edit; use "
+                             f"generate() for new images (uint8 masks keep values >= 128)")
+    latents = encode(pixels).cpu().expand(count, -1, -1, -1)
+    return EditRequest(latents, keep, int(from_stage))

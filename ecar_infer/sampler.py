@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .config import ECARConfig
-from .editing import MODES, EditRequest, as_images, as_keep_masks, min_pool
+from .editing import EditRequest, as_images, build_request
 from .engine import StageEngine, step_structure
 from .graphs import GraphRunner, batch_bucket
 from .model import ECARModel
@@ -203,8 +203,6 @@ class Sampler:
         seed + k (or seed[k]) for both its sampling noise and its editing noise.
         """
         cfg = self.config
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         pixels = as_images(images, cfg)
@@ -216,39 +214,13 @@ class Sampler:
                              f"one label for all images, or one image")
         count = len(labels)
         seeds = self._seeds(seed, count)
-        from_stage = (1 if mode == "vary" else 0) if from_stage is None else from_stage
-        if not isinstance(from_stage, numbers.Integral) or not 0 <= from_stage < cfg.num_stages:
-            raise ValueError(f"from_stage must be an integer in 0..{cfg.num_stages - 1} (this model has "
-                             f"{cfg.num_stages} stages), got {from_stage!r}")
-        if mode == "vary":
-            if mask is not None:
-                raise ValueError("mode 'vary' takes no mask (it keeps the coarse stages below from_stage); to keep a "
-                                 "region as well, use mode 'inpaint' with the mask and from_stage")
-            keep = torch.zeros(1, 1, cfg.image_size, cfg.image_size, dtype=torch.bool)
-        elif mask is None:
-            raise ValueError(f"mode {mode!r} needs a mask: True (white) where the pixels are kept, or a region "
-                             f"such as 'left' or 'center'")
-        else:
-            keep = as_keep_masks(mask, cfg.image_size, mode)
-        if len(keep) not in (1, count):
-            raise ValueError(f"got {len(keep)} masks for {count} images: give one mask, or one per image")
-        keep = min_pool(keep, cfg.vae_downsample).expand(count, -1, -1, -1)
-        latents = self.decoder.encode(pixels.to(self.device)).cpu().expand(count, -1, -1, -1)
-        request = EditRequest(latents, keep, int(from_stage))
-
-        kept = keep.flatten(1)
-        nothing = [k for k in range(count) if not kept[k].any()] if from_stage == 0 and mode != "vary" else []
-        if nothing:
-            block = "" if cfg.vae_downsample == 1 else (f" (a latent element is kept only if all its "
-                                                       f"{cfg.vae_downsample}x{cfg.vae_downsample} pixels are)")
-            raise ValueError(f"the mask keeps nothing of image(s) {nothing}{block}: there is nothing to edit; use "
-                             f"generate() for new images (uint8 masks keep values >= 128)")
-        everything = [k for k in range(count) if kept[k].all()]
+        request = build_request(pixels.to(self.device), count, mask, mode, from_stage, cfg, self.decoder.encode)
+        everything = request.kept_wholly()
         steps = self._plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
         if len(everything) == count:
             logger.warning("the mask keeps every pixel: the input is returned unchanged")
-            images = latents.clone() if output_type == "latent" else convert(pixels.expand(count, -1, -1, -1),
-                                                                              output_type)
+            images = (request.latents.clone() if output_type == "latent"
+                      else convert(pixels.expand(count, -1, -1, -1), output_type))
             return SampleOutput(images, seeds, labels, {"total_s": 0.0})
         if everything:
             logger.warning(f"the mask keeps every pixel of image(s) {everything}: their outputs are their inputs")
