@@ -26,6 +26,7 @@ setup(
     entry_points={
         "console_scripts": [
             "ecar-sample=ecar_infer.cli:main",
+            "ecar-edit=ecar_infer.edit_cli:main",
             "ecar-train=ecar_infer.training.trainer:main",
         ]
     },

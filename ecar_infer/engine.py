@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 import torch
 
 from .cache import StaticKVCache
+from .editing import EditBuffers
 from .kernels import ops
 from .kernels.reference import upsample2x
 from .model import ECARModel
@@ -39,7 +40,8 @@ def step_structure(steps: list[StageSteps]) -> tuple[tuple[int, tuple[bool, ...]
 
 
 class StageEngine:
-    def __init__(self, model: ECARModel, batch: int, steps: list[StageSteps]) -> None:
+    def __init__(self, model: ECARModel, batch: int, steps: list[StageSteps],
+                 edit_modes: tuple[str, ...] | None = None) -> None:
         cfg, plan = model.config, model.plan
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
@@ -68,6 +70,12 @@ class StageEngine:
         self.levels = [None if st.level is None else torch.tensor([float(st.level)], device=device)
                        for st in steps]
         self.jumps = stage_jumps(plan.num_stages)
+        # editing (ecar_infer/editing.py): buffers only for an edit with a stage that is not free; the stage
+        # modes are part of the shapes' name, so an edit never replays a plain engine's graphs
+        self.edit = None
+        if edit_modes is not None and set(edit_modes) != {"free"}:
+            self.edit = EditBuffers(plan, batch, edit_modes, device)
+            self.key += ("edit", edit_modes)
 
     @property
     def rows(self) -> int:
@@ -94,12 +102,15 @@ class StageEngine:
             buf.copy_(torch.tensor(st.guidance, dtype=torch.float32)[:, None].expand(st.steps, b))
 
     def units(self) -> Iterator[tuple[str, int, Callable[[], None]]]:
-        """The request's units in order, as (kind, stage, fn): begin, then per stage ar, flow and (but
-        after the last) jump."""
+        """The request's units in order, as (kind, stage, fn): begin, then per stage ar, flow (for a stage
+        an edit keeps wholly: known) and (but after the last) jump."""
         yield "begin", 0, self.begin
         for s in range(self.plan.num_stages):
             yield "ar", s, partial(self.ar_stage, s)
-            yield "flow", s, partial(self.flow_stage, s)
+            if self.edit is not None and self.edit.modes[s] == "known":
+                yield "known", s, partial(self.known_stage, s)
+            else:
+                yield "flow", s, partial(self.flow_stage, s)
             if s + 1 < self.plan.num_stages:
                 yield "jump", s, partial(self.jump, s)
 
@@ -122,6 +133,8 @@ class StageEngine:
         """All N_s Euler steps of stage s, guidance included: x[s] goes from starts[s] to the stage's end."""
         head, st, b = self.model.head, self.steps[s], self.batch
         x = self.x[s].copy_(self.starts[s])
+        if self.edit is not None:
+            self.edit.clamp_start_(s, x)
         dtype = self.h[s].dtype
         cond = head.condition(self.h[s])                              # [rows, n, W], fixed for the stage
         temb = head.time_embedding(self.sigmas[s])                    # [N, W]
@@ -130,10 +143,26 @@ class StageEngine:
         for k, guided in enumerate(st.guided):
             if guided:
                 v = head.velocity(x.to(dtype).repeat(2, 1, 1), cond + temb[k], s)
-                ops.guided_euler_step_(x, v[:b], v[b:], self.weights[s][k], st.dr)
+                self.euler_step_(s, k, x, v[:b], v[b:], self.weights[s][k], st.dr)
             else:
                 v = head.velocity(x.to(dtype), cond[:b] + temb[k], s)
-                ops.euler_step_(x, v, st.dr)
+                self.euler_step_(s, k, x, v, None, None, st.dr)
+
+    def euler_step_(self, s: int, k: int, x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None,
+                    w: torch.Tensor | None, dr: float) -> None:
+        """Step k of stage s in place, guided when v_uncond is given; on a clamped stage of an edit, fused
+        with the clamp at the step's new local ratio (docs/MODEL.md, "Editing without retraining")."""
+        if self.edit is not None and self.edit.clamps(s):
+            r = 1.0 - (k + 1) / self.steps[s].steps  # exactly 0 after the last step
+            self.edit.euler_step_(s, x, v_cond, v_uncond, w, dr, r)
+        elif v_uncond is None:
+            ops.euler_step_(x, v_cond, dr)
+        else:
+            ops.guided_euler_step_(x, v_cond, v_uncond, w, dr)
+
+    def known_stage(self, s: int) -> None:
+        """An edit's stage kept wholly: no flow loop, its end is the known X_end."""
+        self.x[s].copy_(self.edit.end[s])
 
     def jump(self, s: int) -> None:
         """From stage s's end to stage s+1: the AR input Up(x_end) and the re-noised start state starts[s+1]."""

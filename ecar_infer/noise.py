@@ -17,19 +17,31 @@ from .stages import StagePlan
 class RequestNoise:
     start: torch.Tensor        # [B, C, side_0, side_0]: the first stage's starting state (sigma = 1)
     jumps: list[torch.Tensor]  # jumps[s-1]: [B, C, side_s, side_s] standard normal xi for the jump into stage s
+    # editing only: edit[s] [B, C, side_s, side_s], the eps_s of stage s's known endpoints (ecar_infer/editing.py)
+    edit: list[torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> "RequestNoise":
-        return RequestNoise(self.start.to(device), [xi.to(device) for xi in self.jumps])
+        edit = None if self.edit is None else [eps.to(device) for eps in self.edit]
+        return RequestNoise(self.start.to(device), [xi.to(device) for xi in self.jumps], edit)
 
 
-def draw_noise(seeds: list[int], plan: StagePlan) -> RequestNoise:
-    """Noise for a batch of images, image k drawn from torch.Generator().manual_seed(seeds[k]) on the CPU."""
+def draw_noise(seeds: list[int], plan: StagePlan, edit: bool = False) -> RequestNoise:
+    """Noise for a batch of images, image k drawn from torch.Generator().manual_seed(seeds[k]) on the CPU.
+
+    edit=True also draws each image's editing noise, from the same generator after its sampling noise,
+    so the sampling noise of a seed is the same with or without editing.
+    """
     c = plan.config.latent_channels
     starts, jumps = [], [[] for _ in range(plan.num_stages - 1)]
+    edits = [[] for _ in range(plan.num_stages)]
     for seed in seeds:
         gen = torch.Generator().manual_seed(int(seed))
         starts.append(torch.randn(c, plan.latent_sides[0], plan.latent_sides[0], generator=gen))
         for s in range(1, plan.num_stages):
             side = plan.latent_sides[s]
             jumps[s - 1].append(torch.randn(c, side, side, generator=gen))
-    return RequestNoise(torch.stack(starts), [torch.stack(xs) for xs in jumps])
+        if edit:
+            for s, side in enumerate(plan.latent_sides):
+                edits[s].append(torch.randn(c, side, side, generator=gen))
+    return RequestNoise(torch.stack(starts), [torch.stack(xs) for xs in jumps],
+                        [torch.stack(eps) for eps in edits] if edit else None)

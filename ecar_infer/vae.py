@@ -43,6 +43,10 @@ class IdentityDecoder:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         return latent.float()
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] are the latent."""
+        return images.float()
+
     def set_memory_options(self, slicing: bool, tiling: bool) -> None:
         """Nothing to slice or tile."""
 
@@ -64,6 +68,13 @@ class AutoencoderDecoder:
         param = next(self.vae.parameters())
         z = (latent / self.scaling_factor).to(param.device, param.dtype)
         return self.vae.decode(z).sample.float()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the scaled latent z = scaling_factor * mean of the VAE's posterior (editing)."""
+        param = next(self.vae.parameters())
+        posterior = self.vae.encode(images.to(param.device, param.dtype)).latent_dist
+        return posterior.mean.float() * self.scaling_factor
 
 
 def sd_vae_random(seed: int = 0, config: ECARConfig | None = None):

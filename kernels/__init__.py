@@ -9,7 +9,8 @@ from . import dispatch, flash, ops, reference, sdpa
 from .dispatch import chosen_backends, force_backend
 
 _REFERENCE_OPS = ("stage_attention", "block_causal_attention", "layernorm_modulate", "gated_residual",
-                  "gated_residual_layernorm_modulate", "guided_euler_step_", "euler_step_", "upsample_renoise")
+                  "gated_residual_layernorm_modulate", "guided_euler_step_", "euler_step_", "upsample_renoise",
+                  "clamped_euler_step_")
 for _op in _REFERENCE_OPS:
     dispatch.register(_op, "reference", getattr(reference, _op))
 for _op in ("stage_attention", "block_causal_attention"):
@@ -25,9 +26,9 @@ def _register_triton() -> None:
     except Exception as exc:  # not installed, or unusable here: the reference backends still run
         logging.getLogger(__name__).debug("triton backend unavailable: %s", exc)
         return
-    from . import triton_adaln, triton_attention, triton_euler, triton_renoise
+    from . import triton_adaln, triton_attention, triton_clamp, triton_euler, triton_renoise
 
-    for module in (triton_attention, triton_adaln, triton_euler, triton_renoise):
+    for module in (triton_attention, triton_adaln, triton_euler, triton_renoise, triton_clamp):
         for op in _REFERENCE_OPS:
             if hasattr(module, op):
                 dispatch.register(op, "triton", getattr(module, op), supports=getattr(module, "supports_" + op))

@@ -39,5 +39,11 @@ def euler_step_(x: torch.Tensor, v: torch.Tensor, dr: float) -> torch.Tensor:
     return dispatch.call("euler_step_", x, v, dr)
 
 
+def clamped_euler_step_(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None, w: torch.Tensor | None,
+                        dr: float, keep: torch.Tensor, known_start: torch.Tensor, known_end: torch.Tensor,
+                        r: float) -> torch.Tensor:
+    return dispatch.call("clamped_euler_step_", x, v_cond, v_uncond, w, dr, keep, known_start, known_end, r)
+
+
 def upsample_renoise(x_low: torch.Tensor, xi: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     return dispatch.call("upsample_renoise", x_low, xi, alpha, beta)

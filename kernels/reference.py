@@ -90,6 +90,23 @@ def euler_step_(x: torch.Tensor, v: torch.Tensor, dr: float) -> torch.Tensor:
     return x
 
 
+def clamped_euler_step_(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None, w: torch.Tensor | None,
+                        dr: float, keep: torch.Tensor, known_start: torch.Tensor, known_end: torch.Tensor,
+                        r: float) -> torch.Tensor:
+    """In place: the Euler step (guided when v_uncond is given, as guided_euler_step_; else as euler_step_),
+    then the editing clamp at the step's new local ratio r (docs/MODEL.md, "Editing without retraining"):
+    x <- where(keep, r * known_start + (1 - r) * known_end, x).
+
+    keep: bool, x's shape; known_start, known_end: x's shape (fp32 in the engine).
+    """
+    if v_uncond is None:
+        euler_step_(x, v_cond, dr)
+    else:
+        guided_euler_step_(x, v_cond, v_uncond, w, dr)
+    known = r * known_start.float() + (1.0 - r) * known_end.float()
+    return x.copy_(torch.where(keep, known.to(x.dtype), x))
+
+
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
     """2x nearest-neighbour upsampling of [B, C, h, w]."""
     return x.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)

@@ -1,0 +1,301 @@
+"""Editing without retraining: inpaint, outpaint and vary (docs/MODEL.md, "Editing without retraining").
+
+* Inputs: `as_images` and `as_keep_masks` turn what a user gives (PIL images, uint8 arrays, tensors in
+  [-1, 1]; PIL mode-L masks, bool arrays, built-in region names) into tensors, with clear errors.
+* The math: the data pyramid (average pooling, as in training), the mask pyramid (min pooling: a coarse
+  element is kept only if all it covers is kept), and each stage's known endpoints X_start, X_end.
+* `EditRequest`: what one request keeps (the known latents, the keep-mask at latent resolution, from_stage).
+* `EditBuffers`: an engine's static buffers for an edit, in token layout, and the per-stage clamp. Each
+  stage has a mode fixed per request shape: "known" (kept wholly: no flow loop, its end is X_end),
+  "clamp" (the Euler step fused with the clamp) or "free" (the plain loop). A request whose stages are
+  all free is plain sampling and runs on a plain engine.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ECARConfig
+from .kernels import ops
+from .kernels.reference import upsample2x
+from .schedule import stage_windows
+from .stages import StagePlan, patchify
+
+MODES = ("inpaint", "outpaint", "vary")
+REGIONS = ("left", "right", "top", "bottom", "center", "border")
+STAGE_MODES = ("known", "clamp", "free")
+
+
+# ---- the math ------------------------------------------------------------------------------------
+def data_pyramid(x0: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+    """[x0^(1), ..., x0^(S)] coarse to fine: x0^(S) = x0, x0^(s) = avgpool2(x0^(s+1))."""
+    levels = [x0]
+    for _ in range(num_stages - 1):
+        levels.insert(0, F.avg_pool2d(levels[0], 2))
+    return levels
+
+
+def min_pool(keep: torch.Tensor, factor: int) -> torch.Tensor:
+    """bool [N, 1, H, W] -> [N, 1, H/factor, W/factor]: an element is kept only if all it covers is kept."""
+    if factor == 1:
+        return keep
+    return ~F.max_pool2d((~keep).float(), factor).bool()
+
+
+def mask_pyramid(keep: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
+    """[m^(1), ..., m^(S)] coarse to fine from the latent keep-mask m^(S) = keep, m^(s) = minpool2(m^(s+1))."""
+    levels = [keep]
+    for _ in range(num_stages - 1):
+        levels.insert(0, min_pool(levels[0], 2))
+    return levels
+
+
+def known_endpoints(x0: torch.Tensor, eps: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """[(X_start^(s), X_end^(s))] per stage, paired with eps[s] exactly as the training objective pairs them:
+    X_end = (1 - e_s) x0^(s) + e_s eps_s; X_start = (1 - start_s) Up(x0^(s-1)) + start_s eps_s (eps_1 at s = 1)."""
+    pyramid = data_pyramid(x0, len(eps))
+    out = []
+    for s, ((start, end), x0_s, eps_s) in enumerate(zip(stage_windows(len(eps)), pyramid, eps)):
+        x_end = (1 - end) * x0_s + end * eps_s
+        x_start = eps_s if s == 0 else (1 - start) * upsample2x(pyramid[s - 1]) + start * eps_s
+        out.append((x_start, x_end))
+    return out
+
+
+def stage_mode(keep: torch.Tensor) -> str:
+    """The mode of one stage from its keep-mask over the batch: "known", "clamp" or "free"."""
+    if bool(keep.all()):
+        return "known"
+    return "clamp" if bool(keep.any()) else "free"
+
+
+# ---- requests --------------------------------------------------------------------------------------
+@dataclass
+class EditRequest:
+    """The known content of an edit: scaled latents [N, C, h, w] (fp32), their keep-mask [N, 1, h, w]
+    (bool, latent resolution), and from_stage (stages 0..from_stage-1 are kept wholly)."""
+
+    latents: torch.Tensor
+    keep: torch.Tensor
+    from_stage: int = 0
+
+    def select(self, rows: Sequence[int]) -> "EditRequest":
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        return EditRequest(self.latents[index], self.keep[index], self.from_stage)
+
+    def kept_wholly(self) -> list[int]:
+        """The images whose every latent element is kept (their output is their input)."""
+        return [k for k, m in enumerate(self.keep.flatten(1)) if bool(m.all())]
+
+    def stage_keeps(self, num_stages: int) -> list[torch.Tensor]:
+        """The mask pyramid with every stage below from_stage kept wholly."""
+        return [torch.ones_like(m) if s < self.from_stage else m
+                for s, m in enumerate(mask_pyramid(self.keep, num_stages))]
+
+    def stage_modes(self, num_stages: int) -> tuple[str, ...]:
+        return tuple(stage_mode(m) for m in self.stage_keeps(num_stages))
+
+
+class EditBuffers:
+    """The static editing buffers of one engine, in token layout [batch, n_s, d]: per clamp stage the
+    keep-mask and both known endpoints, per known stage its end. Loaded outside any graph by `load`."""
+
+    def __init__(self, plan: StagePlan, batch: int, modes: tuple[str, ...], device: torch.device) -> None:
+        if len(modes) != plan.num_stages or not set(modes) <= set(STAGE_MODES):
+            raise ValueError(f"stage modes must be {plan.num_stages} of {STAGE_MODES}, got {modes}")
+        self.plan, self.modes, self.batch, self.device = plan, modes, batch, device
+        d = plan.config.token_dim
+        zeros = lambda n, dt: torch.zeros(batch, n, d, device=device, dtype=dt)  # noqa: E731
+        self.keep = [zeros(n, torch.bool) if m == "clamp" else None for n, m in zip(plan.tokens, modes)]
+        self.start = [zeros(n, torch.float32) if m == "clamp" else None for n, m in zip(plan.tokens, modes)]
+        self.end = [zeros(n, torch.float32) if m != "free" else None for n, m in zip(plan.tokens, modes)]
+
+    def load(self, request: EditRequest, eps: Sequence[torch.Tensor]) -> None:
+        """Copy the request's mask pyramid and known endpoints in; eps[s]: [count, C, side_s, side_s]."""
+        count, cfg = request.latents.shape[0], self.plan.config
+        if request.stage_modes(self.plan.num_stages) != self.modes:
+            raise ValueError("the request's stage modes differ from this engine's")
+        device, p, c = self.device, cfg.patch_size, cfg.latent_channels
+        keeps = request.stage_keeps(self.plan.num_stages)
+        ends = known_endpoints(request.latents.to(device, torch.float32), [e.to(device) for e in eps])
+        for s, mode in enumerate(self.modes):
+            if mode == "free":
+                continue
+            buffers = [(self.end[s], ends[s][1])]
+            if mode == "clamp":
+                keep = keeps[s].to(device).expand(-1, c, -1, -1)
+                buffers += [(self.start[s], ends[s][0]), (self.keep[s], keep)]
+            for buf, value in buffers:
+                buf[:count].copy_(patchify(value, p))
+                buf[count:].zero_()  # padding rows: nothing kept, zero endpoints
+
+    # ---- used by the engine's units --------------------------------------------------------------
+    def clamps(self, s: int) -> bool:
+        return self.modes[s] == "clamp"
+
+    def clamp_start_(self, s: int, x: torch.Tensor) -> None:
+        """At a clamped stage's start (r = 1): x <- where(keep, X_start, x)."""
+        if self.clamps(s):
+            x.copy_(torch.where(self.keep[s], self.start[s], x))
+
+    def euler_step_(self, s: int, x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None,
+                    w: torch.Tensor | None, dr: float, r: float) -> None:
+        """The Euler step fused with the clamp at the new local ratio r (a clamp stage only)."""
+        ops.clamped_euler_step_(x, v_cond, v_uncond, w, dr, self.keep[s], self.start[s], self.end[s], r)
+
+
+# ---- user inputs ------------------------------------------------------------------------------------
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def image_channels(config: ECARConfig) -> int:
+    """Channels of the model's images: the latent's for pixel models, RGB through a VAE."""
+    return config.latent_channels if config.latent_kind == "pixel" else 3
+
+
+def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
+    """Images -> float32 [N, C, H, W] in [-1, 1] on the CPU.
+
+    Accepted: a PIL image or a list of them (converted to L or RGB as the model needs); a uint8 array
+    [H, W], [H, W, C] (C = 1 or 3), [N, H, W] (grayscale) or [N, H, W, C]; a float tensor [C, H, W] or
+    [N, C, H, W] in [-1, 1]; a list of arrays or tensors.
+    """
+    size, channels = config.image_size, image_channels(config)
+    if _is_sequence(images):
+        if not images:
+            raise ValueError("images is empty: give at least one image")
+        return torch.cat([as_images(one, config) for one in images])
+    if hasattr(images, "convert") and hasattr(images, "size"):  # a PIL image
+        images = np.asarray(images.convert("L" if channels == 1 else "RGB"))
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8 (0..255), got {images.dtype}; give floats in [-1, 1] "
+                             f"as a torch tensor [N, C, H, W]")
+        array = images
+        if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] not in (1, 3)):
+            array = array[..., None]  # [H, W] or a grayscale batch [N, H, W]
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4:
+            raise ValueError(f"an image array must be [H, W], [H, W, C], [N, H, W] or [N, H, W, C], got shape "
+                             f"{images.shape}")
+        x = torch.from_numpy(array.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    elif isinstance(images, torch.Tensor):
+        if not images.is_floating_point():
+            raise ValueError(f"image tensors must be float in [-1, 1] ([N, C, H, W]), got {images.dtype}; give "
+                             f"uint8 images as numpy arrays [N, H, W, C]")
+        x = images.detach().to("cpu", torch.float32)
+        if x.dim() == 3:
+            x = x[None]
+        if x.dim() != 4:
+            raise ValueError(f"an image tensor must be [C, H, W] or [N, C, H, W], got shape {tuple(images.shape)}")
+        if x.abs().max() > 1.0 + 1e-3:
+            raise ValueError(f"image tensors must be in the model's pixel range [-1, 1], got values up to "
+                             f"{x.abs().max().item():.3g}")
+        x = x.clamp(-1, 1)
+    else:
+        raise ValueError(f"cannot read images of type {type(images).__name__}: give PIL images, uint8 arrays "
+                         f"or float tensors in [-1, 1]")
+    if x.shape[1] == 3 and channels == 1:
+        raise ValueError("the images have 3 channels but the model makes grayscale images: convert them first")
+    if x.shape[1] != channels:
+        raise ValueError(f"the images have {x.shape[1]} channels but the model makes {channels}-channel images")
+    if tuple(x.shape[-2:]) != (size, size):
+        raise ValueError(f"the images are {x.shape[-1]}x{x.shape[-2]} pixels but the model makes {size}x{size} "
+                         f"images: resize or crop them first")
+    return x
+
+
+def region_mask(region: str, size: int, mode: str) -> torch.Tensor:
+    """bool [size, size] keep-mask of a built-in region: inpaint regenerates the region, outpaint keeps it."""
+    if region not in REGIONS:
+        raise ValueError(f"unknown mask region {region!r}: choose one of {REGIONS}, or give a mask image")
+    if mode not in ("inpaint", "outpaint"):
+        raise ValueError(f"a built-in mask region needs mode 'inpaint' or 'outpaint', not {mode!r}")
+    rows = torch.arange(size)[:, None].expand(size, size)
+    cols = torch.arange(size)[None, :].expand(size, size)
+    half, quarter = size // 2, size // 4
+    inside = lambda t: (t >= quarter) & (t < quarter + half)  # noqa: E731
+    regions = {"left": cols < half, "right": cols >= half, "top": rows < half, "bottom": rows >= half,
+               "center": inside(rows) & inside(cols), "border": ~(inside(rows) & inside(cols))}
+    return ~regions[region] if mode == "inpaint" else regions[region]
+
+
+def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
+    """A mask -> bool [N, 1, size, size] on the CPU (N = 1 or one per image), True where kept.
+
+    Accepted: a built-in region name (see region_mask); a PIL image (mode L after conversion; >= 128 is
+    kept); a bool array or tensor; a uint8 array (>= 128 is kept); a float array or tensor (>= 0.5 is
+    kept); shapes [H, W], [N, H, W] or [N, 1, H, W]; or a list of masks.
+    """
+    if isinstance(mask, str):
+        return region_mask(mask, size, mode)[None, None]
+    if _is_sequence(mask):
+        if not mask:
+            raise ValueError("mask is an empty list")
+        return torch.cat([as_keep_masks(one, size, mode) for one in mask])
+    if hasattr(mask, "convert") and hasattr(mask, "size"):  # a PIL image
+        mask = np.asarray(mask.convert("L"))
+    if isinstance(mask, np.ndarray):
+        mask = torch.from_numpy(np.array(mask))  # a copy: arrays from PIL are read-only
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"cannot read a mask of type {type(mask).__name__}: give a PIL image, a bool array or "
+                         f"one of {REGIONS}")
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif mask.dtype == torch.uint8:
+        keep = mask >= 128
+    elif mask.is_floating_point():
+        keep = mask >= 0.5
+    else:
+        raise ValueError(f"masks must be bool, uint8 (>= 128 kept) or float (>= 0.5 kept), got {mask.dtype}")
+    keep = keep.cpu()
+    if keep.dim() == 2:
+        keep = keep[None]
+    if keep.dim() == 3:
+        keep = keep[:, None]
+    if keep.dim() != 4 or keep.shape[1] != 1:
+        raise ValueError(f"a mask must be [H, W], [N, H, W] or [N, 1, H, W], got shape {tuple(mask.shape)}")
+    if tuple(keep.shape[-2:]) != (size, size):
+        raise ValueError(f"the mask is {keep.shape[-1]}x{keep.shape[-2]} pixels but the images are {size}x{size}")
+    return keep
+
+
+def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_stage: int | None,
+                  config: ECARConfig, encode: Callable[[torch.Tensor], torch.Tensor]) -> EditRequest:
+    """The EditRequest of `count` output images from their input pixels [1 or count, C, H, W] in [-1, 1],
+    the user's mask, mode and from_stage (checked here, with clear errors), and the model's encoder."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    from_stage = (1 if mode == "vary" else 0) if from_stage is None else from_stage
+    if not isinstance(from_stage, numbers.Integral) or not 0 <= from_stage < config.num_stages:
+        raise ValueError(f"from_stage must be an integer in 0..{config.num_stages - 1} (this model has "
+                         f"{config.num_stages} stages), got {from_stage!r}")
+    size, down = config.image_size, config.vae_downsample
+    if mode == "vary":
+        if mask is not None:
+            raise ValueError("mode 'vary' takes no mask (it keeps the coarse stages below from_stage); to keep a "
+                             "region as well, use mode 'inpaint' with the mask and from_stage")
+        keep = torch.zeros(1, 1, size, size, dtype=torch.bool)
+    elif mask is None:
+        raise ValueError(f"mode {mode!r} needs a mask: True (white) where the pixels are kept, or a region "
+                         f"such as 'left' or 'center'")
+    else:
+        keep = as_keep_masks(mask, size, mode)
+    if len(keep) not in (1, count):
+        raise ValueError(f"got {len(keep)} masks for {count} images: give one mask, or one per image")
+    keep = min_pool(keep, down).expand(count, -1, -1, -1)
+    if from_stage == 0 and mode != "vary":
+        nothing = [k for k, m in enumerate(keep.flatten(1)) if not bool(m.any())]
+        if nothing:
+            block = "" if down == 1 else f" (a latent element is kept only if all its {down}x{down} pixels are)"
+            raise ValueError(f"the mask keeps nothing of image(s) {nothing}{block}: there is nothing to edit; use "
+                             f"generate() for new images (uint8 masks keep values >= 128)")
+    latents = encode(pixels).cpu().expand(count, -1, -1, -1)
+    return EditRequest(latents, keep, int(from_stage))

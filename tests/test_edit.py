@@ -1,0 +1,432 @@
+"""Editing without retraining (docs/MODEL.md, "Editing without retraining"): the mask pyramid and the known
+endpoints against hand-built examples, the clamp checked inside the Euler loop, kept pixels exact,
+`vary` from stage 0 equal to generate, input errors, and the fused kernel against its reference."""
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_matches_reference, random_model
+from ecar_infer import ECARConfig, Sampler
+from ecar_infer.editing import (EditRequest, as_keep_masks, known_endpoints, mask_pyramid, min_pool,
+                                region_mask)
+from ecar_infer.engine import StageEngine
+from ecar_infer.kernels import reference
+from ecar_infer.noise import draw_noise
+from ecar_infer.stages import patchify
+
+TINY = ECARConfig.preset("ecar-tiny")  # pixel space, 16 px, 1 channel, patch 2, 3 stages (latent sides 4, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return Sampler(random_model(TINY, seed=5), progress=False)
+
+
+def digit_like(count: int, seed: int = 0) -> np.ndarray:
+    """uint8 [count, 16, 16] images with structure (a bright random rectangle on a dark noisy ground)."""
+    rng = np.random.default_rng(seed)
+    out = rng.integers(0, 60, size=(count, 16, 16)).astype(np.uint8)
+    for img in out:
+        r, c = rng.integers(2, 8, size=2)
+        img[r:r + 6, c:c + 5] = rng.integers(180, 256)
+    return out
+
+
+# ---- the math against hand-built examples ------------------------------------------------------------
+
+def test_mask_pyramid_min_pools_a_hand_built_mask():
+    keep = torch.tensor([[1, 1, 1, 1],
+                         [1, 1, 1, 0],
+                         [1, 1, 1, 1],
+                         [0, 1, 1, 1]], dtype=torch.bool)[None, None]
+    coarse, middle, fine = mask_pyramid(keep, 3)
+    assert torch.equal(fine, keep)
+    # each 2x2 block is kept only if all four are: top-left yes, top-right no (a 0), bottom-left no, bottom-right yes
+    assert torch.equal(middle[0, 0], torch.tensor([[True, False], [False, True]]))
+    assert torch.equal(coarse[0, 0], torch.tensor([[False]]))
+    assert torch.equal(mask_pyramid(torch.ones(1, 1, 4, 4, dtype=torch.bool), 3)[0], torch.ones(1, 1, 1, 1).bool())
+
+
+def test_latent_mask_is_a_min_pool_over_each_latent_element():
+    keep = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    keep[0, 0, 5, 2] = False
+    latent = min_pool(keep, 4)
+    assert torch.equal(latent[0, 0], torch.tensor([[True, True], [False, True]]))
+
+
+def test_known_endpoints_of_a_hand_built_example():
+    # S = 3: windows (1 -> 2/3), (0.8 -> 1/3), (0.5 -> 0)
+    x0 = torch.arange(16, dtype=torch.float64).view(1, 1, 4, 4)
+    eps = [torch.full((1, 1, side, side), float(s + 1), dtype=torch.float64) for s, side in enumerate((1, 2, 4))]
+    (s1, e1), (s2, e2), (s3, e3) = known_endpoints(x0, eps)
+    mean = 7.5                                   # x0^(1)
+    quads = torch.tensor([[2.5, 4.5], [10.5, 12.5]], dtype=torch.float64)  # x0^(2): 2x2 block means
+    torch.testing.assert_close(s1, torch.ones(1, 1, 1, 1, dtype=torch.float64))           # eps_1
+    torch.testing.assert_close(e1, torch.full((1, 1, 1, 1), (1 / 3) * mean + (2 / 3) * 1, dtype=torch.float64))
+    torch.testing.assert_close(s2, torch.full((1, 1, 2, 2), 0.2 * mean + 0.8 * 2, dtype=torch.float64))
+    torch.testing.assert_close(e2[0, 0], (2 / 3) * quads + (1 / 3) * 2)
+    up = quads.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    torch.testing.assert_close(s3[0, 0], 0.5 * up + 0.5 * 3)
+    assert torch.equal(e3, x0)  # the last stage ends at the data itself, exactly
+
+
+def test_known_endpoints_pair_noise_exactly_as_the_training_objective():
+    from ecar_infer.training.objective import stage_targets
+
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 3, 16, 16, generator=gen)
+    eps = [torch.randn(2, 3, side, side, generator=gen) for side in (4, 8, 16)]
+    for (x_start, x_end), st in zip(known_endpoints(x0, eps), stage_targets(x0, eps, torch.ones(2, 3))):
+        torch.testing.assert_close(x_end, st.x_end, rtol=0, atol=0)
+        torch.testing.assert_close(x_start, st.x_r, rtol=0, atol=1e-6)  # x_r at r = 1 is x_start
+
+
+@pytest.mark.parametrize("region, kept_pixel, free_pixel", [
+    ("left", (0, 12), (0, 3)), ("right", (0, 3), (0, 12)), ("top", (12, 0), (3, 0)), ("bottom", (3, 0), (12, 0)),
+    ("center", (0, 0), (8, 8)), ("border", (8, 8), (0, 0))])
+def test_inpaint_regions_name_what_is_regenerated_and_outpaint_regions_what_is_kept(region, kept_pixel, free_pixel):
+    inpaint, outpaint = region_mask(region, 16, "inpaint"), region_mask(region, 16, "outpaint")
+    assert inpaint[kept_pixel] and not inpaint[free_pixel]
+    assert torch.equal(outpaint, ~inpaint)
+    assert inpaint.sum() in (128, 192, 64)  # halves, or the centre square of half the side (a quarter)
+
+
+def test_editing_noise_comes_after_the_sampling_noise():
+    plan = random_model(TINY).plan
+    plain, edit = draw_noise([4, 9], plan), draw_noise([4, 9], plan, edit=True)
+    assert plain.edit is None and torch.equal(plain.start, edit.start)
+    assert all(torch.equal(a, b) for a, b in zip(plain.jumps, edit.jumps))
+    gen = torch.Generator().manual_seed(9)
+    for side in plan.latent_sides:  # the seed's sampling noise: the start (side 4), then the jumps (8, 16)
+        torch.randn(1, side, side, generator=gen)
+    for side, eps in zip(plan.latent_sides, edit.edit):
+        assert torch.equal(eps[1], torch.randn(1, side, side, generator=gen))
+
+
+# ---- the clamp, inside the loop ----------------------------------------------------------------------
+
+def expected_endpoints(image: np.ndarray, seed: int, plan) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """X_start, X_end of every stage for one image, the editing noise drawn here from the seed directly."""
+    gen = torch.Generator().manual_seed(seed)
+    for side in plan.latent_sides:  # the sampling noise: the start, then one jump per later stage
+        torch.randn(1, side, side, generator=gen)
+    eps = [torch.randn(1, 1, side, side, generator=gen) for side in plan.latent_sides]
+    x0 = torch.from_numpy(image.astype(np.float32))[None, None] / 127.5 - 1
+    return known_endpoints(x0, eps)
+
+
+def test_clamped_tokens_equal_their_known_values_at_every_step(sampler, monkeypatch):
+    plan, p = sampler.model.plan, TINY.patch_size
+    images = digit_like(2, seed=1)
+    keep = np.zeros((2, 16, 16), dtype=bool)
+    keep[0, :, 9:] = True           # image 0 keeps its right part (not stage-aligned)
+    keep[1, 3:13, 2:15] = True      # image 1 keeps an off-centre box
+    seeds = [21, 22]
+    states = []
+    original = StageEngine.euler_step_
+
+    def spy(self, s, k, x, *args):
+        states.append((s, k, "before", x.clone()))
+        original(self, s, k, x, *args)
+        states.append((s, k, "after", x.clone()))
+
+    monkeypatch.setattr(StageEngine, "euler_step_", spy)
+    steps = 3
+    sampler.edit(images, [3, 8], mask=keep, seed=seeds, cfg_scale=2.0, cfg_schedule="linear",
+                 steps_per_stage=steps, output_type="latent")
+    pyramids = [mask_pyramid(torch.from_numpy(keep[i])[None, None], 3) for i in range(2)]
+    ends = [expected_endpoints(images[i], seeds[i], plan) for i in range(2)]
+    checked = 0
+    for s, k, when, x in states:
+        r = 1 - (k + (when == "after")) / steps
+        for i in range(2):
+            x_start, x_end = ends[i][s]
+            known = patchify(r * x_start + (1 - r) * x_end, p)[0]
+            kept = patchify(pyramids[i][s].float(), p)[0].bool()
+            assert kept.any()
+            torch.testing.assert_close(x[i][kept], known[kept], rtol=1e-6, atol=1e-6)
+            assert not torch.allclose(x[i][~kept], known[~kept], atol=1e-3)  # the free part is not clamped
+            checked += 1
+    assert checked == 2 * 2 * 3 * steps  # both images, before and after, every step of every stage
+
+
+def test_kept_pixels_are_exact_for_a_pixel_model(sampler):
+    images = digit_like(3, seed=2)
+    keep = np.random.default_rng(0).random((3, 16, 16)) < 0.6
+    out = sampler.edit(images, [1, 2, 3], mask=keep, seed=0, cfg_scale=3.0, steps_per_stage=2, output_type="np")
+    got = out.images[..., 0]
+    assert np.array_equal(got[keep], images[keep])
+    assert (got[~keep] != images[~keep]).mean() > 0.5
+
+
+def test_vary_from_stage_zero_equals_generate_with_the_same_seeds(sampler):
+    kwargs = dict(seed=[7, 30], cfg_scale=2.5, steps_per_stage=2, output_type="latent")
+    plain = sampler.generate([4, 6], **kwargs).images
+    varied = sampler.edit(digit_like(2), [4, 6], mode="vary", from_stage=0, **kwargs).images
+    assert torch.equal(varied, plain)
+
+
+def test_vary_keeps_the_stages_below_from_stage_without_running_their_flow(sampler, monkeypatch):
+    plan = sampler.model.plan
+    image = digit_like(1, seed=3)[0]
+    ends, head_rows = [], []
+    original_known, original_velocity = StageEngine.known_stage, sampler.model.head.velocity
+
+    def known_spy(self, s):
+        original_known(self, s)
+        ends.append((s, self.x[s].clone()))
+
+    def velocity_spy(x, c, stage):
+        head_rows.append(x.shape[0] * x.shape[1])   # images x tokens of the stage
+        return original_velocity(x, c, stage)
+
+    monkeypatch.setattr(StageEngine, "known_stage", known_spy)
+    monkeypatch.setattr(sampler.model.head, "velocity", velocity_spy)
+    out = sampler.edit(image, [5, 5], mode="vary", from_stage=2, seed=40, steps_per_stage=2, output_type="latent")
+    assert [s for s, _ in ends] == [0, 1]
+    assert head_rows == [2 * plan.tokens[2]] * 2  # only the last stage's flow loop runs (unguided)
+    for i, seed in enumerate(out.seeds):
+        expected = expected_endpoints(image, seed, plan)
+        for s, x in ends:
+            torch.testing.assert_close(x[i], patchify(expected[s][1], TINY.patch_size)[0], rtol=0, atol=1e-6)
+    # two seeds give two variations that share the coarse content
+    assert (out.images[0] - out.images[1]).abs().max() > 1e-2
+
+
+def test_edits_regenerate_alone_and_do_not_depend_on_batching(sampler):
+    images = digit_like(5, seed=4)
+    kwargs = dict(mask="center", mode="outpaint", seed=50, steps_per_stage=2, cfg_scale=2.0, output_type="latent")
+    whole = sampler.edit(images, [0, 1, 2, 3, 4], **kwargs)
+    chunked = sampler.edit(images, [0, 1, 2, 3, 4], batch_size=2, **kwargs)
+    alone = sampler.edit(images[3], [3], **{**kwargs, "seed": whole.seeds[3]})
+    torch.testing.assert_close(chunked.images, whole.images, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(alone.images[0], whole.images[3], rtol=1e-4, atol=1e-5)
+
+
+def test_one_image_is_edited_once_per_label_with_its_own_seed(sampler):
+    out = sampler.edit(digit_like(1)[0], [2, 2, 7], mask="left", seed=3, steps_per_stage=2, output_type="pil")
+    assert out.seeds == [3, 4, 5] and out.class_labels == [2, 2, 7] and len(out.images) == 3
+    a, b = (np.asarray(im) for im in out.images[:2])
+    assert not np.array_equal(a, b)
+
+
+def test_pil_images_and_masks_are_accepted(sampler):
+    image = digit_like(1, seed=6)[0]
+    keep = region_mask("top", 16, "outpaint").numpy()  # keep the top half
+    mask = Image.fromarray(np.where(keep, 255, 0).astype(np.uint8))
+    out = sampler.edit(Image.fromarray(image), 4, mask=mask, seed=0, steps_per_stage=2, output_type="np")
+    assert np.array_equal(out.images[0, :8, :, 0], image[:8])
+    torch.testing.assert_close(as_keep_masks(mask, 16, "inpaint")[0, 0], torch.from_numpy(keep))
+
+
+def test_latent_model_encodes_and_keeps_the_known_latent_exactly():
+    pytest.importorskip("diffusers")
+    config = ECARConfig.preset("ecar-tiny-vae")  # 32 px RGB, 2x VAE, latent 16x16x4
+    sampler = Sampler.from_config(config, device="cpu", seed=0, progress=False)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 32, 32, 3)).astype(np.uint8)
+    keep = np.ones((32, 32), dtype=bool)
+    keep[:, :16] = False
+    keep[5, 20] = False  # one pixel: its whole 2x2 latent element becomes free
+    out = sampler.edit(images, [1, 2], mask=keep, seed=0, steps_per_stage=2, output_type="latent").images
+    latent_keep = min_pool(torch.from_numpy(keep)[None, None], 2)[0, 0]
+    assert not latent_keep[2, 10] and latent_keep[3, 10]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    z = sampler.decoder.encode(x)
+    assert torch.equal(out[:, :, latent_keep], z[:, :, latent_keep])
+    pixels = sampler.edit(images, [1, 2], mask=keep, seed=0, steps_per_stage=2, output_type="np").images
+    assert pixels.shape == (2, 32, 32, 3)
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mask=np.ones((8, 8), dtype=bool)), "mask is 8x8 pixels but the images are 16x16"),
+    (dict(mask=np.zeros((16, 16), dtype=bool)), "keeps nothing of image"),
+    (dict(mask=np.ones((16, 16), dtype=np.uint8)), "uint8 masks keep values >= 128"),
+    (dict(class_labels=[10]), r"class label\(s\) \[10\] outside this model's range 0..9"),
+    (dict(mode="repaint"), "mode must be one of"),
+    (dict(mask=None), "mode 'inpaint' needs a mask"),
+    (dict(mode="vary"), "mode 'vary' takes no mask"),
+    (dict(mask="middle"), "unknown mask region 'middle'"),
+    (dict(from_stage=3), r"from_stage must be an integer in 0..2"),
+    (dict(images=np.zeros((2, 16, 16), dtype=np.uint8), class_labels=[1, 2, 3]), "2 images and 3 class labels"),
+    (dict(images=np.zeros((20, 20), dtype=np.uint8)), "images are 20x20 pixels but the model makes 16x16"),
+    (dict(images=np.zeros((16, 16, 3), dtype=np.uint8)), "3 channels but the model makes grayscale"),
+    (dict(images=torch.full((1, 16, 16), 3.0)), r"pixel range \[-1, 1\]"),
+    (dict(images=np.zeros((16, 16), dtype=np.float32)), "image arrays must be uint8"),
+    (dict(mask=[np.ones((16, 16), dtype=bool)] * 3), "3 masks for 1 images"),
+    (dict(output_type="jpeg"), "output_type"),
+])
+def test_bad_edit_arguments_raise_clear_errors(sampler, kwargs, match):
+    args = dict(images=digit_like(1)[0], class_labels=[1], mask="left")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        sampler.edit(**args, steps_per_stage=1)
+
+
+def test_a_mask_that_keeps_everything_returns_the_input_with_a_warning(sampler, caplog, monkeypatch):
+    image = digit_like(1, seed=7)[0]
+    monkeypatch.setattr(StageEngine, "units", lambda self: pytest.fail("nothing should be sampled"))
+    with caplog.at_level(logging.WARNING, logger="ecar_infer"):
+        out = sampler.edit(image, [3, 4], mask=np.ones((16, 16), dtype=bool), seed=0, output_type="np")
+    assert "keeps every pixel" in caplog.text
+    assert np.array_equal(out.images[..., 0], np.stack([image, image]))
+
+
+# ---- the engine's buffers and the fused kernel -------------------------------------------------------
+
+def test_edit_engines_have_their_own_buffers_and_graph_keys(sampler):
+    steps = sampler._plan(2.0, 2, None, None)
+    plain = sampler._engine(2, steps)
+    edit = sampler._engine(2, steps, ("clamp", "clamp", "clamp"))
+    vary = sampler._engine(2, steps, ("known", "free", "free"))
+    assert plain.edit is None and sampler._engine(2, steps, ("free",) * 3) is plain
+    assert len({plain.key, edit.key, vary.key}) == 3
+    assert [b is None for b in vary.edit.keep] == [True, True, True]
+    assert [b is None for b in vary.edit.end] == [False, True, True]
+    assert [b.dtype for b in edit.edit.keep] == [torch.bool] * 3
+    request = EditRequest(torch.zeros(2, 1, 16, 16), torch.ones(2, 1, 16, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="stage modes differ"):
+        edit.edit.load(request, draw_noise([0, 1], sampler.model.plan, edit=True).edit)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_reference_clamped_step_is_the_euler_step_then_the_clamp(guided):
+    gen = torch.Generator().manual_seed(1)
+    x, vc, vu = (torch.randn(2, 3, 5, generator=gen) for _ in range(3))
+    w = torch.tensor([1.5, 3.0])
+    keep = torch.rand(2, 3, 5, generator=gen) < 0.5
+    start, end = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)
+    stepped = (reference.guided_euler_step_(x.clone(), vc, vu, w, -0.25) if guided
+               else reference.euler_step_(x.clone(), vc, -0.25))
+    got = reference.clamped_euler_step_(x.clone(), vc, vu if guided else None, w if guided else None, -0.25,
+                                        keep, start, end, 0.25)
+    assert torch.equal(got[~keep], stepped[~keep])
+    assert torch.equal(got[keep], (0.25 * start + 0.75 * end)[keep])
+    # the ends of the path are exact: r = 1 gives X_start, r = 0 gives X_end
+    for r, value in ((1.0, start), (0.0, end)):
+        got = reference.clamped_euler_step_(x.clone(), vc, None, None, -0.25, keep, start, end, r)
+        assert torch.equal(got[keep], value[keep])
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from ecar_infer.kernels import triton_clamp as module
+    from ecar_infer.kernels.triton_support import INTERPRETING
+
+    if not INTERPRETING and not torch.cuda.is_available():
+        pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
+    return module, "cpu" if INTERPRETING else "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("v_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("guided", [False, True])
+def test_fused_clamped_euler_kernel_matches_its_reference(request, dtype, v_dtype, guided):
+    module, device = _triton()
+    gen = torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    rand = lambda *shape, dt=torch.float32: torch.randn(*shape, generator=gen).to(device, dt)  # noqa: E731
+    shape = (3, 7, 5)  # 105 elements: one partial block
+    x = rand(*shape, dt=dtype)
+    v_cond, v_uncond = rand(*shape, dt=v_dtype), rand(*shape, dt=v_dtype)
+    w = rand(3).abs() + 1
+    keep = (torch.rand(*shape, generator=gen) < 0.4).to(device)
+    start, end = rand(*shape), rand(*shape)
+    vu, ww = (v_uncond, w) if guided else (None, None)
+    oracle = reference.clamped_euler_step_(x.float().clone(), v_cond.float(), None if vu is None else vu.float(), ww,
+                                           -0.2, keep, start, end, 0.4)
+    same = reference.clamped_euler_step_(x.clone(), v_cond, vu, ww, -0.2, keep, start, end, 0.4)
+    ptr = x.data_ptr()
+    assert module.clamped_euler_step_(x, v_cond, vu, ww, -0.2, keep, start, end, 0.4) is x and x.data_ptr() == ptr
+    assert_matches_reference(x, oracle, same)
+    assert torch.equal(x[keep], (0.4 * start + 0.6 * end)[keep].to(dtype))
+
+
+def test_fused_kernel_reads_strided_velocities_and_skips_unkept_endpoints():
+    """v[:b] of a doubled batch, and NaN endpoints where nothing is kept (they must never be read)."""
+    module, device = _triton()
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(4, 5, 3, generator=gen).to(device)
+    x = torch.randn(2, 5, 3, generator=gen).to(device)
+    keep = torch.zeros(2, 5, 3, dtype=torch.bool, device=device)
+    keep[1, 2:] = True
+    start = torch.where(keep, torch.randn(2, 5, 3, generator=gen).to(device), float("nan"))
+    end = torch.where(keep, torch.randn(2, 5, 3, generator=gen).to(device), float("nan"))
+    w = torch.tensor([2.0, 0.5], device=device)
+    expected = reference.clamped_euler_step_(x.clone(), v[:2], v[2:], w, -0.5, keep, start, end, 0.5)
+    got = module.clamped_euler_step_(x.clone(), v[:2], v[2:], w, -0.5, keep, start, end, 0.5)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, expected)
+
+
+def test_edit_through_triton_matches_the_reference_backend():
+    _, device = _triton()
+    from ecar_infer.kernels import chosen_backends, force_backend
+
+    sampler = Sampler(random_model(TINY, seed=8).to(device), progress=False)
+    kwargs = dict(images=digit_like(2, seed=9), class_labels=[1, 2], mask="center", seed=0, cfg_scale=2.0,
+                  cfg_schedule="linear", steps_per_stage=2, output_type="latent")
+    with force_backend("reference"):
+        expected = sampler.edit(**kwargs).images
+    with force_backend("triton"):
+        got = sampler.edit(**kwargs).images
+        assert chosen_backends()["clamped_euler_step_"] == "triton"
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+COMPILE_SCRIPT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ecar_infer.kernels import triton_clamp
+
+fn = triton_clamp._clamped_euler_kernel
+for guided in (True, False):
+    consts = dict(GUIDED=guided, BLOCK=1024)
+    types = {"X": "*fp32", "V_COND": "*bf16", "V_UNCOND": "*bf16", "W": "*fp32", "KEEP": "*i1",
+             "KNOWN_START": "*fp32", "KNOWN_END": "*fp32", "dr": "fp32", "r": "fp32"}
+    sig = {name: "constexpr" if name in consts else types.get(name, "i32") for name in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_fused_kernel_compiles_for_hopper():
+    """The interpreter never compiles: build the bf16-velocity variants for sm_90 with Triton's NVIDIA backend."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "compiled"
+
+
+@pytest.mark.gpu
+def test_edit_under_cuda_graphs_equals_eager_and_keeps_pixels():
+    model = random_model(TINY, seed=8).to("cuda")
+    graphs, eager = Sampler(model, progress=False), Sampler(model, cuda_graphs=False, progress=False)
+    images = digit_like(4, seed=10)  # a full bucket: padding rows could change GEMM rounding
+    keep = np.random.default_rng(1).random((4, 16, 16)) < 0.5
+    for seed in (0, 9):  # the second request replays the captured graphs on new buffers
+        kwargs = dict(mask=keep, seed=seed, cfg_scale=2.0, steps_per_stage=3, output_type="np")
+        got = graphs.edit(images, [1, 2, 3, 4], **kwargs).images
+        expected = eager.edit(images, [1, 2, 3, 4], **kwargs).images
+        assert np.array_equal(got, expected)
+        assert np.array_equal(got[..., 0][keep], images[keep])
+    assert graphs.runner.num_captures == 3 * TINY.num_stages
