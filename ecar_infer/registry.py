@@ -41,7 +41,7 @@ def head_variants(name: str, attention_heads: int) -> dict[str, ECARConfig]:
             f"{name}-attn-sc": base.replace(**attention, head_objective="shortcut")}
 
 
-for _name, _heads in (("ecar-b", 16), ("ecar-l", 16), ("ecar-xl", 16), ("ecar-digits32", 4)):
+for _name, _heads in (("ecar-b", 16), ("ecar-l", 16), ("ecar-xl", 16), ("ecar-digits32", 4), ("ecar-emoji32", 4)):
     PRESETS.update(head_variants(_name, _heads))
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..editing import known_endpoints   # the endpoint pairing, shared with editing
 from ..kernels.reference import upsample2x
 from ..model import ECARModel
 from ..schedule import stage_windows
@@ -20,15 +21,7 @@ SHORTCUT_FRACTION = 0.25     # share of (image, stage) pairs that train on self-
 SHORTCUT_TARGET_CLIP = 4.0   # consistency targets are clipped to +-this (as shortcut models do)
 
 
-# ---- the objective (DESIGN.md section 2, "Training objective") ------------------------------------
-def data_pyramid(x0: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
-    """[x0^(1), ..., x0^(S)] coarse to fine: x0^(S) = x0, x0^(s) = avgpool2(x0^(s+1))."""
-    levels = [x0]
-    for _ in range(num_stages - 1):
-        levels.insert(0, F.avg_pool2d(levels[0], 2))
-    return levels
-
-
+# ---- the objective (docs/MODEL.md, "Training objective") ------------------------------------
 @dataclass
 class StageTargets:
     x_r: torch.Tensor      # [B, C, side, side] the state at local ratio r
@@ -43,11 +36,8 @@ def stage_targets(x0: torch.Tensor, eps: list[torch.Tensor], r: torch.Tensor) ->
 
     eps[s]: [B, C, side_s, side_s] standard normal, used for both ends; r: [B, S] in [0, 1).
     """
-    pyramid = data_pyramid(x0, len(eps))
     out = []
-    for s, ((start, end), x0_s, eps_s) in enumerate(zip(stage_windows(len(eps)), pyramid, eps)):
-        x_end = (1 - end) * x0_s + end * eps_s
-        x_start = eps_s if s == 0 else (1 - start) * upsample2x(pyramid[s - 1]) + start * eps_s
+    for s, ((start, end), (x_start, x_end)) in enumerate(zip(stage_windows(len(eps)), known_endpoints(x0, eps))):
         r_s = r[:, s].view(-1, 1, 1, 1).to(x0.dtype)
         out.append(StageTargets(r_s * x_start + (1 - r_s) * x_end, x_end, x_start - x_end,
                                 end + r[:, s] * (start - end)))
