@@ -1,6 +1,9 @@
 """FLOPs per image: E-CAR presets against DiT-XL/2, and the staged (KV-cache) sampler against a naive loop.
 
-    python -m benchmarks.flops [--presets ecar-b ecar-l ecar-xl] [--json PATH] [--markdown PATH]
+    python -m benchmarks.flops [--presets ecar-b ecar-xl ecar-xl-attn-sc@2 ...] [--json PATH] [--markdown PATH]
+
+A preset may carry its own steps per stage as NAME@STEPS (the head variants' few-step sampling); others
+take --steps.
 
 Counted with torch.utils.flop_counter.FlopCounterMode while the models run on the meta device (shapes
 only: no memory, no arithmetic, so it runs anywhere in seconds). FLOPs = 2 x multiply-accumulates of
@@ -28,19 +31,22 @@ from ecar_infer.engine import StageEngine
 from ecar_infer.kernels import force_backend
 from ecar_infer.model import ECARModel
 from ecar_infer.noise import draw_noise
-from ecar_infer.schedule import plan_steps
+from ecar_infer.schedule import plan_for
 from ecar_infer.vae import SD_VAE_ARCHITECTURE
 
 from .dit import DIT_NAME, DIT_XL_2, dit_xl_2
 from .report import environment, environment_line, markdown_table, write_outputs
 
-PRESETS = ("ecar-b", "ecar-l", "ecar-xl")
+# the flow heads at the default 20 Euler steps; the shortcut heads (docs/MODEL.md, "Head variants") at 2
+PRESETS = ("ecar-b", "ecar-l", "ecar-xl", "ecar-xl-attn", "ecar-xl-sc@2", "ecar-xl-attn-sc@4", "ecar-xl-attn-sc@2",
+           "ecar-xl-attn-sc@1")
 STEPS_PER_STAGE = 20
 GUIDANCE_SCALE = 4.0
 DIT_STEPS = (250, 50)
-# Issue 5: ecar-xl's generator at most 1/10 of DiT-XL/2's at 50 steps and 1/40 at 250 (reported, never asserted).
-TARGET_PRESET = "ecar-xl"
-TARGET_RATIOS = {50: 10.0, 250: 40.0}
+# (row, DiT steps, required DiT / E-CAR generator ratio), reported, never asserted. Issue 5: ecar-xl at most
+# 1/10 of DiT-XL/2 at 50 steps and 1/40 at 250. Issue 13: with a shortcut head at 2 steps, 1/150 at 250.
+TARGETS = (("ecar-xl", 50, 10.0), ("ecar-xl", 250, 40.0), ("ecar-xl-attn-sc@2", 250, 150.0),
+           ("ecar-xl-sc@2", 250, 150.0))
 GIGA = 1e9
 T = TypeVar("T")
 
@@ -70,7 +76,7 @@ def ecar_flops(config: ECARConfig, steps_per_stage: int = STEPS_PER_STAGE,
     ar: begin (the AdaLN modulations) and every AR stage; head: every flow stage; generator: every
     unit, the re-noise jumps between stages included (elementwise, so they count 0).
     """
-    steps = plan_steps(config.num_stages, steps_per_stage, cfg_scale)
+    steps = plan_for(config, steps_per_stage, cfg_scale)
     model = on_meta(lambda: ECARModel(config))
     engine = StageEngine(model, 1, steps)
     engine.load(torch.zeros(1, dtype=torch.long), draw_noise([0], model.plan))
@@ -118,9 +124,12 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
     dit_decode = vae_decode_flops(DIT_XL_2["sample_size"])
     dit_rows = [{"steps": n, "generator": n * dit["step"], "vae_decode": dit_decode} for n in dit_steps]
     ecar_rows = []
-    for name in presets:
+    for spec in presets:
+        name, _, own_steps = spec.partition("@")
         config = ECARConfig.preset(name)
-        row = {"preset": name, "stages": config.num_stages, **ecar_flops(config, steps_per_stage, cfg_scale)}
+        steps = int(own_steps) if own_steps else steps_per_stage
+        row = {"preset": spec, "stages": config.num_stages, "steps": steps,
+               "head_variant": f"{config.head_kind} {config.head_objective}", **ecar_flops(config, steps, cfg_scale)}
         row["naive_ar"] = naive_ar_flops(config, guided)
         row["naive_generator"] = row["generator"] - row["ar"] + row["naive_ar"]  # the head is the same
         row["vae_decode"] = vae_decode_flops(config.latent_size) if config.latent_kind == "sd-vae" else 0
@@ -138,15 +147,13 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
 
 
 def targets(ecar_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue-5 FLOPs targets against what was counted (empty if ecar-xl or the DiT step count is absent)."""
+    """The FLOPs targets against what was counted (those whose row or DiT step count is absent are left out)."""
     out = []
     for row in ecar_rows:
-        if row["preset"] != TARGET_PRESET:
-            continue
-        for steps, required in TARGET_RATIOS.items():
-            if steps in row["dit_ratio"]:
+        for preset, steps, required in TARGETS:
+            if row["preset"] == preset and steps in row["dit_ratio"]:
                 ratio = row["dit_ratio"][steps]
-                out.append({"preset": TARGET_PRESET, "dit_steps": steps, "required_ratio": required,
+                out.append({"preset": preset, "dit_steps": steps, "required_ratio": required,
                             "ratio": ratio, "met": ratio >= required, "margin": ratio / required})
     return out
 
@@ -164,18 +171,20 @@ def _target_text(t: dict[str, Any]) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    dit, steps = report["dit"], report["settings"]["ecar_steps_per_stage"]
+    dit = report["dit"]
     dit_steps = [r["steps"] for r in dit["runs"]]
     ratio_headers = [f"{DIT_NAME} generator / this, {n} steps" for n in dit_steps]
-    headers = ["model", "params", "sampling", "AR transformer", "flow head", "generator", "VAE decode",
+    headers = ["model", "head", "params", "sampling", "AR transformer", "flow head", "generator", "VAE decode",
                "generator + decode"] + ratio_headers
     rows = []
     for r in report["ecar"]:
-        rows.append([r["preset"], f"{r['params'] / 1e6:.0f}M", f"{steps} Euler steps x {r['stages']} stages, CFG",
+        rows.append([r["preset"], r["head_variant"], f"{r['params'] / 1e6:.0f}M",
+                     f"{r['steps']} {'shortcut' if 'shortcut' in r['head_variant'] else 'Euler'} "
+                     f"step{'s' if r['steps'] > 1 else ''} x {r['stages']} stages, CFG",
                      _g(r["ar"]), _g(r["head"]), _g(r["generator"]), _g(r["vae_decode"]),
                      _g(r["generator"] + r["vae_decode"])] + [f"{r['dit_ratio'][n]:.1f}x" for n in dit_steps])
     for d in dit["runs"]:
-        rows.append([DIT_NAME, f"{dit['params'] / 1e6:.0f}M", f"{d['steps']} DDPM steps, CFG", "-", "-",
+        rows.append([DIT_NAME, "-", f"{dit['params'] / 1e6:.0f}M", f"{d['steps']} DDPM steps, CFG", "-", "-",
                      _g(d["generator"]), _g(d["vae_decode"]), _g(d["generator"] + d["vae_decode"])]
                     + ["-"] * len(dit_steps))
     parts = [f"FLOPs per image in GFLOPs (2 x multiply-accumulates; {report['settings']['guidance']}).",
@@ -184,7 +193,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              "are MACs)."]
     if report["targets"]:
         parts.append(markdown_table(
-            ["target (issue 5)", "counted ratio", "result"],
+            ["target", "counted ratio", "result"],
             [[f"{t['preset']} generator <= 1/{t['required_ratio']:.0f} of {DIT_NAME} at {t['dit_steps']} steps",
               f"{t['ratio']:.2f}x", _target_text(t)] for t in report["targets"]]))
     parts.append("Staged sampler (AR transformer once per stage over the KV cache) against a naive loop that "
@@ -201,7 +210,8 @@ def render_markdown(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS))
-    parser.add_argument("--steps", type=int, default=STEPS_PER_STAGE, help="E-CAR Euler steps per stage")
+    parser.add_argument("--steps", type=int, default=STEPS_PER_STAGE,
+                        help="E-CAR steps per stage for presets without their own @STEPS")
     parser.add_argument("--cfg-scale", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--dit-steps", type=int, nargs="+", default=list(DIT_STEPS))
     parser.add_argument("--json", help="write the counts as JSON here")

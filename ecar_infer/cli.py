@@ -31,7 +31,7 @@ from .class_names import ClassNameError, label_rows, list_classes, parse_class_n
 from .config import ConfigError
 from .output import atomic_path, make_grid, save_npz, save_png
 from .registry import get_preset, preset_names
-from .schedule import CFG_SCHEDULES, plan_steps
+from .schedule import CFG_SCHEDULES, plan_for
 from .vae import VAEError
 
 PROG = "ecar-sample"
@@ -229,7 +229,7 @@ def prepare(args):
     config = sampler.config
     labels = expand_classes(args.classes, config.num_classes, args.n, model_class_names(sampler))
     # the step and interval checks of generate(), made now so that a bad value stops before any work
-    plan_steps(config.num_stages, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
+    plan_for(config, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
     if args.npz:
         check_npz_parts(args, labels)
     return sampler, labels

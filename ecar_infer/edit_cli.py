@@ -21,7 +21,7 @@ from pathlib import Path
 from . import cli
 from .editing import MODES, REGIONS
 from .output import make_grid, save_npz, save_png
-from .schedule import plan_steps
+from .schedule import plan_for
 
 PROG = "ecar-edit"
 DEFAULT_OUT = "edits.png"
@@ -81,7 +81,7 @@ def prepare(args):
     sampler = cli.load_sampler(args)
     config = sampler.config
     labels = cli.expand_classes(args.classes, config.num_classes, args.n)
-    plan_steps(config.num_stages, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
+    plan_for(config, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
     image = read_image(args.image, "--image", config.image_size)
     mask = args.mask
     if mask is not None and mask not in REGIONS:

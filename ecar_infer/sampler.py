@@ -26,7 +26,7 @@ from .graphs import GraphRunner, batch_bucket
 from .model import ECARModel
 from .noise import draw_noise
 from .output import OUTPUT_TYPES, SampleOutput, convert
-from .schedule import CFG_SCHEDULES, plan_steps
+from .schedule import CFG_SCHEDULES, plan_for
 from .vae import build_decoder
 
 logger = logging.getLogger("ecar_infer")
@@ -240,9 +240,8 @@ class Sampler:
         cfg_schedule = cfg_schedule or self.defaults.cfg_schedule
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        return plan_steps(self.config.num_stages, steps_per_stage or self.defaults.steps_per_stage,
-                          cfg_scale, cfg_schedule, cfg_interval,
-                          self.config.shortcut_max_level if self.config.shortcut else None)
+        return plan_for(self.config, steps_per_stage or self.defaults.steps_per_stage, cfg_scale, cfg_schedule,
+                        cfg_interval)
 
     def _run(self, labels: list[int], seeds: list[int], steps, output_type: str, batch_size: int | None,
              progress: bool | None, edit: EditRequest | None = None) -> SampleOutput:

@@ -129,3 +129,10 @@ def plan_steps(num_stages: int, steps_per_stage: int | Sequence[int], cfg_scale:
         level = None if shortcut_max_level is None else shortcut_level(n, shortcut_max_level)
         plans.append(StageSteps(n, window, sigmas, guidance, level))
     return plans
+
+
+def plan_for(config, steps_per_stage: int | Sequence[int], cfg_scale: float = 1.0, cfg_schedule: str = "constant",
+             cfg_interval: tuple[float, float] | None = None) -> list[StageSteps]:
+    """plan_steps for a model config: its stage count, and for a shortcut head its level grid."""
+    return plan_steps(config.num_stages, steps_per_stage, cfg_scale, cfg_schedule, cfg_interval,
+                      config.shortcut_max_level if config.shortcut else None)
