@@ -7,7 +7,8 @@ without guidance (issue 13's table; docs/MODEL.md, "Head variants").
 For every checkpoint and setting: the independent classifier's accuracy on the samples (PCA + RBF SVM fit
 on the real digits32 train split, ecar_infer/training/quality.py), the Frechet distance in its feature
 space against the held-out real images, the mean distance from a sample to its nearest training image
-(pixels in [-1, 1]; real held-out images give the reference value), the head evaluations per image (one
+(pixels in [-1, 1]; real held-out images give the reference value), speckle (isolated foreground pixels
+per image), the head evaluations per image (one
 evaluation runs the head on every token of a stage, per guidance branch), and the wall time to sample 64
 images (one warm-up, then the median of --repeats). A shortcut model takes only powers of two: a step
 count that is not one is replaced by the largest power of two below it, and the row says so.
@@ -26,6 +27,16 @@ import torch
 from ecar_infer import Sampler
 from ecar_infer.training.digits import NUM_CLASSES, build_split
 from ecar_infer.training.quality import build_reference, flat, frechet_distance, generate, pairwise_distances
+
+
+def isolated_pixels(images: np.ndarray) -> float:
+    """Speckle: foreground pixels (brighter than mid-grey) none of whose 8 neighbours is foreground, per image."""
+    fg = images[:, 0] > 0
+    padded = np.pad(fg, ((0, 0), (1, 1), (1, 1)))
+    h, w = fg.shape[1:]
+    neighbours = sum(padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+                     for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+    return float((fg & (neighbours == 0)).sum() / len(images))
 
 
 def head_evaluations(sampler: Sampler, steps: int, cfg: float) -> int:
@@ -61,15 +72,21 @@ def nearest_train_distance(images: np.ndarray, train: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", action="append", required=True, help="checkpoint (repeatable)")
+    parser.add_argument("--ckpt", action="append", default=[], help="checkpoint (repeatable)")
+    parser.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved report")
     parser.add_argument("--steps", default="1,2,4,10", help="steps per stage, comma separated")
     parser.add_argument("--cfg", default="1,4", help="guidance scales, comma separated")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of 64 images per setting")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", required=True, help="JSON results")
+    parser.add_argument("--out", help="JSON results (the Markdown table goes to stdout)")
     args = parser.parse_args(argv)
+    if args.render:
+        print(render_markdown(json.loads(Path(args.render).read_text())))
+        return
+    if not args.ckpt or not args.out:
+        parser.error("give --ckpt (one or more) and --out, or --render JSON")
     torch.set_num_threads(args.threads)
     ref = build_reference()
     real_features = ref.features(ref.heldout)
@@ -88,14 +105,34 @@ def main(argv: list[str] | None = None) -> None:
                        "accuracy": ref.accuracy(images, labels),
                        "fd": frechet_distance(ref.features(images), real_features),
                        "nearest_train": nearest_train_distance(images, ref.train),
+                       "isolated_pixels": isolated_pixels(images),
                        "head_evals_per_image": head_evaluations(sampler, used, cfg),
                        "seconds_64": time_64(sampler, used, cfg, args.repeats)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     report = {"rows": rows, "real_heldout_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),
-              "real_nearest_train": real_nearest, "threads": args.threads, "per_class": args.per_class,
-              "seed": args.seed, "torch": torch.__version__}
+              "real_nearest_train": real_nearest, "real_isolated_pixels": isolated_pixels(ref.heldout),
+              "threads": args.threads, "per_class": args.per_class, "seed": args.seed, "torch": torch.__version__}
     Path(args.out).write_text(json.dumps(report, indent=1))
+    print(render_markdown(report))
+
+
+def render_markdown(report: dict) -> str:
+    """The report as one Markdown table, with the real images' reference values underneath."""
+    lines = ["| model | head | steps/stage | cfg | accuracy | FD | nearest train | isolated px | head evals/image "
+             "| s / 64 images |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        steps = f"{r['steps']}" + (f" (asked {r['asked_steps']})" if r["steps"] != r["asked_steps"] else "")
+        speckle = f"{r['isolated_pixels']:.2f}" if "isolated_pixels" in r else "-"
+        lines.append(f"| {Path(r['ckpt']).parent.name}/{Path(r['ckpt']).name} | {r['head']} | {steps} | {r['cfg']:g} "
+                     f"| {100 * r['accuracy']:.1f}% | {r['fd']:.2f} | {r['nearest_train']:.2f} | {speckle} "
+                     f"| {r['head_evals_per_image']} | {r['seconds_64']:.2f} |")
+    real = (f"Real held-out images: accuracy {100 * report['real_heldout_accuracy']:.1f}%, nearest train "
+            f"{report['real_nearest_train']:.2f}")
+    if "real_isolated_pixels" in report:
+        real += f", isolated px {report['real_isolated_pixels']:.2f}"
+    return "\n".join(lines) + f"\n\n{real}; {report['per_class']} images per class and setting, seeds from " \
+        f"{report['seed']}, {report['threads']} thread(s), torch {report['torch']}."
 
 
 if __name__ == "__main__":
