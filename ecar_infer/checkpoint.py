@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from .config import ConfigError, ECARConfig
 from .model import ECARModel
-from .output import atomic_path
+from .atomic import atomic_path
 
 FORMAT = "ecar"
 FORMAT_VERSION = "1"

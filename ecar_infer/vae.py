@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ECARConfig
-from .output import atomic_path
+from .atomic import atomic_path
 
 logger = logging.getLogger("ecar_infer")
 

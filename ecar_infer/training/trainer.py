@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_path
 from ..config import ECARConfig
 from ..model import ECARModel
 from .objective import build_objective, draw_step
@@ -122,9 +123,8 @@ class Trainer:
 
         meta = {"step": str(self.step), "loss_avg": repr(self.loss_avg), "config": self.config.to_json(),
                 "settings": json.dumps(self.settings.__dict__, sort_keys=True)}
-        tmp = path.with_suffix(".tmp")
-        save_file(self.state_tensors(), str(tmp), metadata=meta)
-        os.replace(tmp, path)   # never leave a half-written state behind
+        with atomic_path(path) as tmp:  # never leave a half-written state behind
+            save_file(self.state_tensors(), str(tmp), metadata=meta)
 
     def load_state(self, path: Path) -> None:
         from safetensors import safe_open
