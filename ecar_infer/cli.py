@@ -236,7 +236,10 @@ def sampling_device(args, group: distributed.Group) -> str:
     if group.local_rank >= torch.cuda.device_count():
         raise UsageError(f"local rank {group.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
                          f"start at most that many ranks per machine (torchrun --nproc-per-node)")
-    return f"cuda:{group.local_rank}" if group.world > 1 else "cuda"
+    if group.world == 1:
+        return "cuda"
+    torch.cuda.set_device(group.local_rank)  # so that CUDA graphs and streams of this rank live on its GPU
+    return f"cuda:{group.local_rank}"
 
 
 def load_sampler(args, group: distributed.Group = distributed.Group()):
@@ -475,12 +478,13 @@ class StderrHandler(logging.StreamHandler):
 
 
 def _route_warnings() -> None:
-    """ecar_infer's warnings (random VAE, unused VAE, ...) print as `ecar-sample: warning: ...`."""
+    """ecar_infer's warnings (random VAE, unused VAE, ...) print as `ecar-sample: warning: ...`, once: under
+    torchrun every rank would say the same, so only rank 0 does."""
     logger = logging.getLogger("ecar_infer")
     if not any(isinstance(h, StderrHandler) for h in logger.handlers):
         handler = StderrHandler()
         handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
-        handler.setLevel(logging.WARNING)
+        handler.setLevel(logging.WARNING if distributed.launched_rank() == 0 else logging.CRITICAL + 1)
         logger.addHandler(handler)
 
 
