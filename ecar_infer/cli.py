@@ -368,33 +368,31 @@ def agree(group: distributed.Group, error: str | None) -> str | None:
     return None
 
 
-def sample(args, group: distributed.Group, started: float, started_job: list) -> int:
-    """Everything after parsing; `started_job` receives the job once sampling begins (for main's messages)."""
+def plan(args, group: distributed.Group) -> tuple[Job | None, list[int] | str]:
+    """Prepare on every rank, then rank 0 checks the target's settings record and lists the batches it
+    lacks. Every rank gets the same answer: the batches to sample, or the error that stops the run."""
     try:
         job, error = prepare(args, group), None
     except USER_ERRORS as err:
         job, error = None, one_line(err)
-    error = agree(group, error)
-    if error is None and group.rank == 0:  # rank 0 checks the settings record and lists what is missing
+    answer = agree(group, error)
+    if answer is None and group.rank == 0:
         try:
-            todo = job.target.start(job.settings)
+            answer = job.target.start(job.settings)
         except ResumeError as err:
-            error = one_line(err)
-    todo_or_error = group.broadcast(todo if error is None and group.rank == 0 else error)
-    if isinstance(todo_or_error, str):
-        if group.rank == 0:
-            print(f"{PROG}: error: {todo_or_error}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    todo, target = todo_or_error, job.target
-    started_job.append(job)
-    report = group.rank == 0 and not args.quiet
-    done = len(target.batches) - len(todo)
-    if done and report:
-        print(f"{PROG}: {done} of {len(target.batches)} batches are already in {target.where()}; sampling the "
-              f"other {len(todo)}", file=sys.stderr)
+            answer = one_line(err)
+    return job, group.broadcast(answer)
 
+
+def sample(args, group: distributed.Group, job: Job, todo: list[int], started: float) -> int:
+    """Sample this rank's share of the batches `todo`; rank 0 then completes the output and reports."""
     from tqdm.auto import tqdm
 
+    target = job.target
+    report = group.rank == 0 and not args.quiet
+    if len(todo) < len(target.batches) and report:
+        print(f"{PROG}: {len(target.batches) - len(todo)} of {len(target.batches)} batches are already in "
+              f"{target.where()}; sampling the other {len(todo)}", file=sys.stderr)
     missing = set(todo)
     bar = tqdm(total=len(target.labels), unit="img", desc="sampling", dynamic_ncols=True,
                initial=sum(len(batch) for b, batch in enumerate(target.batches) if b not in missing),
@@ -424,39 +422,45 @@ def sample(args, group: distributed.Group, started: float, started_job: list) ->
 
 
 def summary(tally: distributed.Tally, seconds: float, written: str, total: float) -> str:
+    """One line: images/s of the whole run (wall time of the sampling loop) and, with several ranks, of
+    each rank (its own sampling time)."""
     count = sum(tally.images)
-    rate = f" ({count / seconds:.2f} images/s" if seconds > 0 and count else " ("
+    rate = f"{count / seconds if seconds > 0 else 0.0:.2f} images/s"
     if len(tally.images) > 1:
-        per_rank = ", ".join(f"{n / s:.2f}" if s > 0 else "-" for n, s in zip(tally.images, tally.seconds))
+        per_rank = ", ".join(f"{n / s if s > 0 else 0.0:.2f}" for n, s in zip(tally.images, tally.seconds))
         rate += f" on {len(tally.images)} ranks; per rank: {per_rank} images/s"
-    rate = "" if rate == " (" else rate + ")"
-    return f"sampled {count} images in {seconds:.2f} s{rate}; wrote {written}; total {total:.2f} s"
+    return f"sampled {count} images in {seconds:.2f} s ({rate}); wrote {written}; total {total:.2f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     _route_warnings()
+    rank0 = distributed.launched_rank() == 0  # under torchrun every rank runs this; rank 0 speaks for all
     try:
         args = parse_args(sys.argv[1:] if argv is None else list(argv))
     except UsageError as err:
-        if distributed.launched_rank() == 0:  # every rank parses the same command: one of them says so
+        if rank0:
             print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    group, started_job = None, []
+    group = job = None
     try:
         group = distributed.join(args.rank_timeout)
-        return sample(args, group, started, started_job)
+        job, todo = plan(args, group)
+        if isinstance(todo, str):
+            if rank0:
+                print(f"{PROG}: error: {todo}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return sample(args, group, job, todo, started)
     except KeyboardInterrupt:
-        if distributed.launched_rank() == 0:
-            saved = started_job[0].target.saved() if started_job else "nothing was written"
-            resume = "; rerun the same command to resume" if started_job and started_job[0].target.resumable else ""
+        if rank0:
+            saved = job.target.saved() if job else "nothing was written"
+            resume = "; rerun the same command to resume" if job and job.target.resumable else ""
             print(f"\n{PROG}: interrupted: {saved}{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except distributed.RankLost as err:
-        rank = f"rank {group.rank}: " if group else ""
-        where = started_job[0].target.where() if started_job and started_job[0].target.resumable else None
-        keep = f"; the finished batches are kept in {where}, rerun the same command to resume" if where else ""
-        print(f"{PROG}: error: {rank}{one_line(err)}{keep}", file=sys.stderr)
+        keep = (f"; the finished batches are kept in {job.target.where()}, rerun the same command to resume"
+                if job and job.target.resumable else "")
+        print(f"{PROG}: error: rank {distributed.launched_rank()}: {one_line(err)}{keep}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as err:
         print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)

@@ -78,7 +78,11 @@ def join(timeout_s: float) -> Group:
         return Group()
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as err:  # a rank never came (torch's store and gloo errors are RuntimeErrors)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RankLost(f"could not meet the other ranks within {timeout_s:g} s ({detail})") from None
     return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), timeout_s)
 
 

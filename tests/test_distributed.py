@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from conftest import random_model
@@ -26,6 +27,16 @@ from test_cli import ecar_sample_command, run, run_interrupted
 RANK_TIMEOUT = 3  # seconds; a dead rank is noticed at once (its connection drops), a hung one after this
 # 10 images in 5 batches of 2: with 2 ranks, rank 0 samples 3 batches and rank 1 samples 2
 REQUEST = ["--class", "0-4", "--per-class", "2", "--steps", "2", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every process of these tests computes with one thread, as torchrun's ranks do: on the CPU the
+    thread count changes how sums are split, and so the last bits of the images."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +69,6 @@ def free_port() -> int:
 def _rank(rank: int, world: int, port: int, argv: list[str], logs: Path, die_at_call: int | None) -> None:
     """One spawned rank: ecar-sample's main() with this rank's torchrun environment, its stdout and
     stderr in logs/rankR.out and .err. With die_at_call, rank 1 exits abruptly in that batch."""
-    import torch
-
     from ecar_infer import Sampler
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
