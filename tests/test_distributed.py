@@ -22,7 +22,7 @@ from conftest import random_model
 from ecar_infer import ECARConfig, save_checkpoint
 from ecar_infer.cli import main
 
-from test_cli import ecar_sample_command, run, run_interrupted
+from test_cli import ecar_sample_command, run_interrupted
 
 RANK_TIMEOUT = 3  # seconds; a dead rank is noticed at once (its connection drops), a hung one after this
 # 10 images in 5 batches of 2: with 2 ranks, rank 0 samples 3 batches and rank 1 samples 2
