@@ -406,9 +406,9 @@ def sample(args, group: distributed.Group, job: Job, todo: list[int], started: f
         return len(batch), out.timings["total_s"]
 
     loop_started = time.perf_counter()
-    tally = distributed.sample_in_rounds(group, todo, sample_batch, bar.update)
+    with bar:  # closed (its last state drawn) before any message about an interruption
+        tally = distributed.sample_in_rounds(group, todo, sample_batch, bar.update)
     seconds = time.perf_counter() - loop_started
-    bar.close()
     if group.rank != 0:
         return 0
     try:
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank0:
             saved = job.target.saved() if job else "nothing was written"
             resume = "; rerun the same command to resume" if job and job.target.resumable else ""
-            print(f"\n{PROG}: interrupted: {saved}{resume}", file=sys.stderr)
+            print(f"{PROG}: interrupted: {saved}{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except distributed.RankLost as err:
         keep = (f"; the finished batches are kept in {job.target.where()}, rerun the same command to resume"
