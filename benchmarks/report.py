@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ecar_infer.atomic import atomic_write_text
+
 
 def _version(distribution: str) -> str:
     """The installed version, read from package metadata (importing diffusers or triton takes seconds)."""
@@ -66,6 +68,4 @@ def write_outputs(payload: dict[str, Any], markdown: str, json_path: str | None,
     for path, text in ((json_path, json.dumps(payload, indent=2) + "\n"), (markdown_path, markdown + "\n")):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(str(path) + ".tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write_text(path, text)

@@ -20,7 +20,7 @@ from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
 from .config import ConfigError, ECARConfig
 from .model import ECARModel
-from .output import atomic_path
+from .atomic import atomic_path
 
 FORMAT = "ecar"
 FORMAT_VERSION = "1"
@@ -45,11 +45,14 @@ def save_checkpoint(model: ECARModel, path: str | os.PathLike, extra_metadata: d
                     max_shard_bytes: int | None = None) -> None:
     """Write `model` (its config and persistent weights) atomically.
 
+    The metadata of a model read by load_checkpoint (model.checkpoint_metadata: recommended_steps,
+    recommended_cfg, ...) is carried over; extra_metadata adds entries or overrides them.
     With max_shard_bytes, `path` must end in .safetensors.index.json: the weights go to shards of at most
     that many bytes (a tensor larger than that gets a shard of its own) named after the index.
     """
     path = Path(path)
-    metadata = _metadata(path, model.config, extra_metadata or {})
+    carried = getattr(model, "checkpoint_metadata", {})
+    metadata = _metadata(path, model.config, {**carried, **(extra_metadata or {})})
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1 or not dtypes <= set(DTYPE_NAMES):

@@ -1,14 +1,18 @@
-"""`ecar-sample`: class-conditional images from an E-CAR checkpoint (or random weights) to PNG or NPZ files.
+"""`ecar-sample`: class-conditional images from an E-CAR checkpoint (or random weights) to image or NPZ files.
 
-    ecar-sample --class 3 --n 16                          # a PNG grid, samples.png, from the shipped model
-    ecar-sample --class all --n 100 --npz digits.npz       # ADM-evaluator file: uint8 NHWC arr_0 + labels
-    ecar-sample --class 0-9 --outdir out/ --steps 8,10,12  # one PNG per image: out/class003_seed000017.png
-    ecar-sample --random-init ecar-b --class 207 --n 1     # random weights: noise, for smoke tests and timing
+    ecar-sample --class 3 --n 16                             # a PNG grid, samples.png, from the shipped model
+    ecar-sample --class all --per-class 100 --npz digits.npz  # ADM-evaluator file: uint8 NHWC arr_0 + labels
+    ecar-sample --class 0-9 --outdir out/ --steps 8,10,12     # one PNG per image: out/class003_seed000017.png
+    ecar-sample --random-init ecar-b --class 207 --n 1        # random weights: noise, for smoke tests and timing
+    torchrun --nproc-per-node 8 -m ecar_infer.cli --class all --per-class 50 --npz fid50k.npz
 
-Every user error prints one line `ecar-sample: error: ...` and exits with status 2; outputs are checked
-for writability before sampling and written atomically. --outdir and --npz write each batch as soon as it
-is sampled (--npz into FILE.parts/, joined into FILE at the end), so rerunning an interrupted command
-resumes it.
+Errors the user can fix print one line `ecar-sample: error: ...` and exit with status 2; anything else is
+a bug and shows its traceback (status 1). Outputs are checked for writability before sampling and written
+atomically. --outdir and --npz write each batch as soon as it is sampled (--npz into FILE.parts/, joined
+into FILE at the end) beside a record of the run's settings, so rerunning an interrupted command (Ctrl-C
+exits with status 130) resumes it, with any number of ranks, and a rerun with other settings is refused.
+Under torchrun (WORLD_SIZE > 1) each rank samples its share of the batches on its own device; the result
+is byte-identical to one process (ecar_infer/distributed.py).
 """
 from __future__ import annotations
 
@@ -16,34 +20,39 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import re
-import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from . import distributed
 from .checkpoint import CheckpointError
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
-from .class_names import ClassNameError, label_rows, list_classes, parse_class_names, resolve_class
+from .class_names import ClassNameError, list_classes, parse_class_names, resolve_class
 from .config import ConfigError
-from .output import atomic_path, make_grid, save_npz, save_png
+from .output import IMAGE_FORMATS
 from .registry import get_preset, preset_names
-from .schedule import CFG_SCHEDULES, plan_for
+from .schedule import CFG_SCHEDULES
+from .targets import FolderTarget, GridTarget, NpzTarget, ResumeError, Target
 from .vae import VAEError
 
 PROG = "ecar-sample"
 DEFAULT_OUT = "samples.png"
-MAX_GRID_COLUMNS = 16  # a grid has one row per class while --n fits in a row
+MAX_GRID_COLUMNS = 16  # a grid has one row per class while --per-class fits in a row
+MAX_SEED = 2**64 - 1   # torch.Generator's seed range
+DEFAULT_RANK_TIMEOUT = 600
+EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class UsageError(Exception):
-    """A mistake in the command line; printed as one line, exit status 2."""
+    """A mistake the user can fix (the command line, an input file, the output path); one line, status 2."""
 
 
-USER_ERRORS = (UsageError, ConfigError, CheckpointError, VAEError, ValueError)
+# Only these are user errors; any other exception is a bug and keeps its traceback.
+USER_ERRORS = (UsageError, ResumeError, ConfigError, CheckpointError, VAEError)
 
 
 # ---- argument types ----------------------------------------------------------------------------------
@@ -54,6 +63,26 @@ def positive_int(text: str) -> int:
         value = 0
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED} (2**64-1), got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -85,7 +114,9 @@ def interval_spec(text: str) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"give LO,HI (two sigmas in [0, 1]), got {text!r}") from None
+        lo = hi = math.nan
+    if not 0.0 <= lo <= hi <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"give LO,HI with 0 <= LO <= HI <= 1 (sigmas), got {text!r}")
     return lo, hi
 
 
@@ -95,16 +126,21 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every option is spelled so that torchrun passes it through to the script: none is a prefix of a
+    torchrun option (as --n is of --nnodes and --nproc-per-node), which tests/test_cli.py checks."""
     from .weights import default_checkpoint
 
-    p = Parser(prog=PROG, description="Sample class-conditional images from an E-CAR model. Options may "
-                                      "also be spelled with underscores (--cfg_scale).")
+    p = Parser(prog=PROG, description="Sample class-conditional images from an E-CAR model, in one process or "
+                                      "as every rank of torchrun. Options may also be spelled with "
+                                      "underscores (--cfg_scale).")
     what = p.add_argument_group("what to sample")
     what.add_argument("--class", dest="classes", action="append", type=class_spec, required=True, metavar="C",
                       help="class index, name (or an unambiguous prefix of one), range (0-9), comma list or "
                            "'all'; repeatable")
-    what.add_argument("--n", type=positive_int, default=1, help="images per class (default 1)")
-    what.add_argument("--seed", type=int, default=0, metavar="S", help="image k gets seed SEED+k (default 0)")
+    what.add_argument("--per-class", "--n", dest="per_class", type=positive_int, default=1, metavar="N",
+                      help="images per class (default 1); under torchrun spell it --per-class (torchrun takes "
+                           "--n for its own --nnodes / --nproc-per-node)")
+    what.add_argument("--seed", type=seed_int, default=0, metavar="S", help="image k gets seed SEED+k (default 0)")
     model = p.add_argument_group("model")
     model.add_argument("--ckpt", metavar="PATH", help=f"checkpoint .safetensors or *.safetensors.index.json "
                                       f"(default: {default_checkpoint()})")
@@ -116,28 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--vae-slicing", action="store_true", help="decode the batch one image at a time")
     model.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles")
     sampling = p.add_argument_group("sampling (defaults: the checkpoint's recommended settings)")
-    sampling.add_argument("--cfg-scale", type=float, metavar="W", help="classifier-free guidance weight w")
+    sampling.add_argument("--cfg-scale", type=finite_float, metavar="W", help="classifier-free guidance weight w")
     sampling.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance over the stages")
     sampling.add_argument("--cfg-interval", type=interval_spec, metavar="LO,HI",
                           help="guide only where LO <= sigma <= HI")
     sampling.add_argument("--steps", type=steps_spec, metavar="N|a,b,c", help="Euler steps per stage")
     run = p.add_argument_group("execution")
     run.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="images per batch (default 64)")
-    run.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    run.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                     help="under torchrun, CUDA means each rank's cuda:LOCAL_RANK")
     run.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on CUDA, fp32 on CPU")
     run.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly on CUDA")
     run.add_argument("--compile", action="store_true",
                      help="wrap each sampling unit in torch.compile (optional; minutes of compilation at first use)")
     run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                      help="allow TF32 for fp32 matmuls on CUDA (default on)")
+    run.add_argument("--rank-timeout", type=positive_int, default=DEFAULT_RANK_TIMEOUT, metavar="S",
+                     help=f"under torchrun, how long a rank waits for the others before it stops with an error "
+                          f"(default {DEFAULT_RANK_TIMEOUT}; a rank that exits is noticed at once)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     out = p.add_argument_group("output (one of)").add_mutually_exclusive_group()
-    out.add_argument("--out", metavar="FILE", help=f"one PNG grid, a row per class (default {DEFAULT_OUT})")
+    out.add_argument("--out", metavar="FILE", help=f"one grid image (.png, .jpg or .webp), a row per class while "
+                                                   f"--per-class is 2-{MAX_GRID_COLUMNS} (default {DEFAULT_OUT})")
     p.add_argument("--label-rows", action="store_true", help="write each row's class name beside the --out grid")
-    out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png")
-    out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file: uint8 NHWC arr_0 and labels "
-                                                   "(an interrupted run resumes from FILE.parts/)")
+    out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png "
+                                                     "(resumes; torchrun shards it)")
+    out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file FILE.npz: uint8 NHWC arr_0 and labels "
+                                                   "(resumes from FILE.parts/; torchrun shards it)")
     return p
 
 
@@ -154,9 +196,17 @@ def normalize(argv: list[str]) -> list[str]:
     return out
 
 
-# ---- the run -----------------------------------------------------------------------------------------
-def check_writable(args) -> None:
-    """Fail before any sampling if the output cannot be written."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(normalize(argv))
+    args.out = args.out or (None if args.outdir or args.npz else DEFAULT_OUT)
+    return args
+
+
+# ---- before sampling: every user error shows up here -------------------------------------------------
+def check_output(args, world: int) -> None:
+    """Fail before any sampling if the output is misnamed or cannot be written."""
+    if args.out and world > 1:
+        raise UsageError("--out writes one grid from one process; under torchrun write --npz FILE or --outdir DIR")
     if args.outdir:
         folder = Path(args.outdir)
         try:
@@ -170,6 +220,11 @@ def check_writable(args) -> None:
             raise UsageError(f"cannot write {target}: it is a directory")
         if not folder.is_dir():
             raise UsageError(f"cannot write {target}: directory {folder} does not exist")
+        if args.out and target.suffix.lower() not in IMAGE_FORMATS:
+            raise UsageError(f"--out {target}: name the grid image with one of {', '.join(IMAGE_FORMATS)} (the "
+                             f"format follows the extension)")
+        if args.npz and target.suffix.lower() != ".npz":
+            raise UsageError(f"--npz {target}: the file name must end in .npz")
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass
@@ -177,17 +232,35 @@ def check_writable(args) -> None:
         raise UsageError(f"cannot write to {folder}: {err.strerror or err}") from None
 
 
-def load_sampler(args):
+def sampling_device(args, group: distributed.Group) -> str:
+    """--device as a torch device string; under torchrun CUDA means this rank's cuda:LOCAL_RANK."""
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available here; use --device cpu (or auto)")
+    if args.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    if group.local_rank >= torch.cuda.device_count():
+        raise UsageError(f"local rank {group.local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                         f"start at most that many ranks per machine (torchrun --nproc-per-node)")
+    if group.world == 1:
+        return "cuda"
+    torch.cuda.set_device(group.local_rank)  # so that CUDA graphs and streams of this rank live on its GPU
+    return f"cuda:{group.local_rank}"
+
+
+def load_sampler(args, group: distributed.Group = distributed.Group()):
     from .sampler import Sampler
     from .weights import default_checkpoint
 
-    options = dict(device=args.device, dtype=args.dtype, vae=args.vae, cuda_graphs=not args.no_cuda_graphs,
-                   compile=args.compile, tf32=args.tf32, progress=not (args.no_progress or args.quiet))
+    options = dict(device=sampling_device(args, group), dtype=args.dtype, vae=args.vae,
+                   cuda_graphs=not args.no_cuda_graphs, compile=args.compile, tf32=args.tf32, progress=False)
     if args.random_init:
         if args.ckpt:
             raise UsageError("give --ckpt or --random-init, not both")
-        print(f"{PROG}: warning: --random-init {args.random_init}: RANDOM weights, the images are noise "
-              f"(for smoke tests and timing only)", file=sys.stderr)
+        if group.rank == 0:
+            print(f"{PROG}: warning: --random-init {args.random_init}: RANDOM weights, the images are noise "
+                  f"(for smoke tests and timing only)", file=sys.stderr)
         sampler = Sampler.from_config(get_preset(args.random_init), random_vae=args.vae is None, **options)
         sampler.decoder.set_memory_options(args.vae_slicing, args.vae_tiling)
         return sampler
@@ -196,7 +269,13 @@ def load_sampler(args):
         raise UsageError(f"no checkpoint given and the default model is not installed at {path}; train it with "
                          f"`ecar-train --preset {path.stem} --out {path}` (see the model card in {path.parent}), "
                          f"pass --ckpt PATH, or sample random weights with --random-init ecar-tiny")
-    return Sampler.from_pretrained(path, vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, **options)
+    try:
+        return Sampler.from_pretrained(path, vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, **options)
+    except VAEError:
+        if args.vae is None:  # the one VAE error without a VAE given: the model needs one
+            raise UsageError(f"{path} is a latent-space model that decodes through an SD-VAE: pass --vae PATH "
+                             f"(a local diffusers AutoencoderKL folder or .safetensors file)") from None
+        raise
 
 
 def expand_classes(specs: list[list[tuple[int, int] | str | None]], num_classes: int, n: int,
@@ -222,144 +301,201 @@ def model_class_names(sampler) -> list[str] | None:
     return parse_class_names(meta.get(CLASS_NAMES_KEY), sampler.config.num_classes)
 
 
-def prepare(args):
-    """Everything before sampling, where every user error shows up: (sampler, class labels)."""
-    check_writable(args)
-    sampler = load_sampler(args)
-    config = sampler.config
-    labels = expand_classes(args.classes, config.num_classes, args.n, model_class_names(sampler))
-    # the step and interval checks of generate(), made now so that a bad value stops before any work
-    plan_for(config, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
-    if args.npz:
-        check_npz_parts(args, labels)
-    return sampler, labels
+def check_sampling_args(args, sampler, count: int) -> None:
+    """What generate() would refuse, said in the command line's terms before any work."""
+    from .schedule import plan_for
+
+    num_stages = sampler.config.num_stages
+    if isinstance(args.steps, tuple) and len(args.steps) != num_stages:
+        raise UsageError(f"--steps gives {len(args.steps)} values but the model has {num_stages} stages: give one "
+                         f"value for every stage or exactly {num_stages}")
+    if args.seed + count - 1 > MAX_SEED:
+        raise UsageError(f"--seed {args.seed} is too large for {count} images: image k gets seed SEED+k, which "
+                         f"must stay at most 2**64-1; use a --seed of at most {MAX_SEED - count + 1}")
+    if sampler.config.shortcut:   # a shortcut head's power-of-two step counts
+        try:
+            plan_for(sampler.config, args.steps or sampler.defaults.steps_per_stage)
+        except ValueError as err:
+            raise UsageError(f"--steps: {err}") from None
 
 
-def image_path(outdir: str, label: int, seed: int) -> Path:
-    return Path(outdir) / f"class{label:03d}_seed{seed:06d}.png"
+DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
-def sample_outdir(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
-    """One PNG per image, written batch by batch; images whose file exists already are skipped, so an
-    interrupted run resumes where it stopped. Returns (images sampled, sampling seconds, description)."""
-    todo = [(y, s) for y, s in zip(labels, seeds) if not image_path(args.outdir, y, s).exists()]
-    if len(todo) < len(labels) and not args.quiet:
-        print(f"{PROG}: {len(labels) - len(todo)} of {len(labels)} images exist in {args.outdir}; "
-              f"sampling the other {len(todo)}", file=sys.stderr)
-    seconds = 0.0
-    for i in range(0, len(todo), args.batch_size):
-        chunk = todo[i:i + args.batch_size]
-        out = sampler.generate([y for y, _ in chunk], seed=[s for _, s in chunk], **sampling_kwargs)
-        seconds += out.timings["total_s"]
-        for image, label, seed in zip(out.images, out.class_labels, out.seeds):
-            save_png(image, image_path(args.outdir, label, seed))
-    return len(todo), seconds, f"{len(todo)} PNG files in {args.outdir}"
-
-
-def npz_manifest(args) -> Path:
-    """FILE.parts/run.json: the settings of the --npz run whose batches FILE.parts/ holds."""
-    return Path(f"{args.npz}.parts") / "run.json"
-
-
-def npz_run_settings(args, labels: list[int]) -> dict:
-    """What decides the pixels of an --npz run: a rerun resumes from saved batches only if all agree."""
+def run_settings(args, sampler, labels: list[int]) -> dict:
+    """What decides the pixels of a run, with every default resolved (so spelling out a default is no
+    change): a rerun writes into the same --npz or --outdir only if all of it agrees."""
     from .weights import default_checkpoint
 
-    return dict(ckpt=None if args.random_init else str(Path(args.ckpt or default_checkpoint()).resolve()),
-                random_init=args.random_init, vae=args.vae, seed=args.seed, batch_size=args.batch_size,
-                labels_sha256=hashlib.sha256(json.dumps(labels).encode()).hexdigest(), cfg_scale=args.cfg_scale,
-                cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval, steps=args.steps,
-                device=args.device, dtype=args.dtype)
+    config, defaults = sampler.config, sampler.defaults
+    latent = config.latent_kind != "pixel"  # only latent-space models decode through a VAE
+    steps = defaults.steps_per_stage if args.steps is None else args.steps
+    interval = None if args.cfg_interval in (None, (0.0, 1.0)) else list(args.cfg_interval)  # [0, 1]: everywhere
+    cuda = sampler.device.type == "cuda"
+    return dict(
+        ckpt=None if args.random_init else str(Path(args.ckpt or default_checkpoint()).resolve()),
+        random_init=args.random_init,
+        vae=(str(Path(args.vae).resolve()) if args.vae else "random") if latent else None,
+        vae_slicing=args.vae_slicing if latent else None,
+        vae_tiling=args.vae_tiling if latent else None,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        labels_sha256=hashlib.sha256(json.dumps(labels).encode()).hexdigest(),
+        cfg_scale=float(defaults.cfg_scale if args.cfg_scale is None else args.cfg_scale),
+        cfg_schedule=args.cfg_schedule or defaults.cfg_schedule,
+        cfg_interval=interval,
+        steps=[steps] * config.num_stages if isinstance(steps, int) else list(steps),
+        device=sampler.device.type,
+        dtype=DTYPE_NAMES[str(sampler.dtype)],
+        cuda_graphs=sampler.runner.graphs_enabled,
+        compile=args.compile,
+        tf32=args.tf32 if cuda else None,
+    )
 
 
-def check_npz_parts(args, labels: list[int]) -> None:
-    """A parts folder left by an interrupted run with other settings stops the run before sampling."""
-    manifest = npz_manifest(args)
-    if not manifest.exists():
-        return
+@dataclass
+class Job:
+    sampler: object
+    target: Target
+    settings: dict
+    sampling_kwargs: dict
+
+
+def make_target(args, sampler, labels: list[int], seeds: list[int]) -> Target:
+    if args.npz:
+        return NpzTarget(args.npz, labels, seeds, args.batch_size)
+    if args.outdir:
+        return FolderTarget(args.outdir, labels, seeds, args.batch_size)
+    columns = args.per_class if 1 < args.per_class <= MAX_GRID_COLUMNS else None
+    names = (model_class_names(sampler) or [str(i) for i in range(sampler.config.num_classes)]
+             if args.label_rows else None)
+    return GridTarget(args.out, labels, seeds, args.batch_size, columns, names)
+
+
+def prepare(args, group: distributed.Group) -> Job:
+    check_output(args, group.world)
+    sampler = load_sampler(args, group)
+    labels = expand_classes(args.classes, sampler.config.num_classes, args.per_class, model_class_names(sampler))
+    check_sampling_args(args, sampler, len(labels))
+    seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
+    kwargs = dict(cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,
+                  cfg_interval=args.cfg_interval, output_type="np", progress=False)
+    return Job(sampler, make_target(args, sampler, labels, seeds), run_settings(args, sampler, labels), kwargs)
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def agree(group: distributed.Group, error: str | None) -> str | None:
+    """Every rank learns whether any rank failed; the first failure, named by its rank if not rank 0."""
+    errors = group.gather(error)
+    for rank, message in enumerate(errors):
+        if message is not None:
+            return message if rank == 0 or message == errors[0] else f"rank {rank}: {message}"
+    return None
+
+
+def plan(args, group: distributed.Group) -> tuple[Job | None, list[int] | str]:
+    """Prepare on every rank, then rank 0 checks the target's settings record and lists the batches it
+    lacks. Every rank gets the same answer: the batches to sample, or the error that stops the run."""
     try:
-        saved = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        saved = {}
-    now = json.loads(json.dumps(npz_run_settings(args, labels)))  # tuples -> lists, as saved
-    differ = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
-    if differ:
-        raise UsageError(f"{manifest.parent} holds batches of an interrupted run with other settings "
-                         f"({', '.join(differ)}): rerun that command to finish it, or delete the folder")
+        job, error = prepare(args, group), None
+    except USER_ERRORS as err:
+        job, error = None, one_line(err)
+    answer = agree(group, error)
+    if answer is None and group.rank == 0:
+        try:
+            answer = job.target.start(job.settings)
+        except ResumeError as err:
+            answer = one_line(err)
+    return job, group.broadcast(answer)
 
 
-def sample_npz(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
-    """The --npz archive, sampled batch by batch into FILE.parts/ (one atomic .npz per batch), so a rerun
-    of an interrupted command resumes from the batches on disk; joined into FILE at the end, after which
-    the folder is removed."""
-    manifest = npz_manifest(args)
-    parts = manifest.parent
-    parts.mkdir(exist_ok=True)
-    if not manifest.exists():
-        with atomic_path(manifest) as tmp:
-            tmp.write_text(json.dumps(npz_run_settings(args, labels), indent=1))
-    starts = range(0, len(labels), args.batch_size)
-    files = [parts / f"batch{b:06d}.npz" for b in range(len(starts))]
-    done = sum(f.exists() for f in files)
-    if done and not args.quiet:
-        print(f"{PROG}: {done} of {len(files)} batches exist in {parts}; sampling the other "
-              f"{len(files) - done}", file=sys.stderr)
-    count, seconds = 0, 0.0
-    for start, file in zip(starts, files):
-        if file.exists():
-            continue
-        chunk = slice(start, start + args.batch_size)
-        out = sampler.generate(labels[chunk], seed=seeds[chunk], **sampling_kwargs)
-        save_npz(out.images, out.class_labels, file)
-        count, seconds = count + len(out.seeds), seconds + out.timings["total_s"]
-    arrays = []
-    for file in files:
-        with np.load(file) as data:
-            arrays.append(data["arr_0"])
-    save_npz(np.concatenate(arrays), labels, args.npz)
-    shutil.rmtree(parts)
-    return count, seconds, args.npz
+def sample(args, group: distributed.Group, job: Job, todo: list[int], started: float) -> int:
+    """Sample this rank's share of the batches `todo`; rank 0 then completes the output and reports."""
+    from tqdm.auto import tqdm
+
+    target = job.target
+    report = group.rank == 0 and not args.quiet
+    if len(todo) < len(target.batches) and report:
+        print(f"{PROG}: {len(target.batches) - len(todo)} of {len(target.batches)} batches are already in "
+              f"{target.where()}; sampling the other {len(todo)}", file=sys.stderr)
+    missing = set(todo)
+    bar = tqdm(total=len(target.labels), unit="img", desc="sampling", dynamic_ncols=True,
+               initial=sum(len(batch) for b, batch in enumerate(target.batches) if b not in missing),
+               disable=not report or args.no_progress)
+
+    def sample_batch(b: int) -> tuple[int, float]:
+        batch = target.batches[b]
+        out = job.sampler.generate([target.labels[i] for i in batch], seed=[target.seeds[i] for i in batch],
+                                   **job.sampling_kwargs)
+        target.write(b, out.images)
+        return len(batch), out.timings["total_s"]
+
+    loop_started = time.perf_counter()
+    with bar:  # closed (its last state drawn) before any message about an interruption
+        tally = distributed.sample_in_rounds(group, todo, sample_batch, bar.update)
+    seconds = time.perf_counter() - loop_started
+    if group.rank != 0:
+        return 0
+    try:
+        written = target.finish()
+    except ResumeError as err:
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if report:
+        print(summary(tally, seconds, written, time.perf_counter() - started))
+    return 0
 
 
-def sample_grid(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
-    """All images into one PNG grid, a row per class while --n fits in a row."""
-    out = sampler.generate(labels, seed=seeds, batch_size=args.batch_size, **sampling_kwargs)
-    columns = args.n if 1 < args.n <= MAX_GRID_COLUMNS else None
-    grid = make_grid(out.images, columns=columns)
-    if args.label_rows:
-        names = model_class_names(sampler) or [str(i) for i in range(sampler.config.num_classes)]
-        per_row = columns or int(np.ceil(np.sqrt(len(labels))))   # make_grid's layout
-        rows = [labels[i:i + per_row] for i in range(0, len(labels), per_row)]
-        grid = label_rows(grid, [", ".join(names[y] for y in dict.fromkeys(row)) for row in rows],
-                          out.images.shape[1])
-    save_png(grid, args.out)
-    return len(labels), out.timings["total_s"], f"{args.out} (a grid of {len(labels)})"
+def summary(tally: distributed.Tally, seconds: float, written: str, total: float) -> str:
+    """One line: images/s of the whole run (wall time of the sampling loop) and, with several ranks, of
+    each rank (its own sampling time)."""
+    count = sum(tally.images)
+    rate = f"{count / seconds if seconds > 0 else 0.0:.2f} images/s"
+    if len(tally.images) > 1:
+        per_rank = ", ".join(f"{n / s if s > 0 else 0.0:.2f}" for n, s in zip(tally.images, tally.seconds))
+        rate += f" on {len(tally.images)} ranks; per rank: {per_rank} images/s"
+    return f"sampled {count} images in {seconds:.2f} s ({rate}); wrote {written}; total {total:.2f} s"
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     _route_warnings()
+    rank0 = distributed.launched_rank() == 0  # under torchrun every rank runs this; rank 0 speaks for all
     try:
-        args = build_parser().parse_args(normalize(sys.argv[1:] if argv is None else list(argv)))
-        args.out = args.out or (None if args.outdir or args.npz else DEFAULT_OUT)
-        sampler, labels = prepare(args)
-    except USER_ERRORS as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
-    sampling_kwargs = dict(cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,
-                           cfg_interval=args.cfg_interval, output_type="np")
-    sample = sample_outdir if args.outdir else sample_npz if args.npz else sample_grid
+        args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    except UsageError as err:
+        if rank0:
+            print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    group = job = None
     try:
-        count, seconds, written = sample(args, sampler, labels, seeds, sampling_kwargs)
+        group = distributed.join(args.rank_timeout)
+        job, todo = plan(args, group)
+        if isinstance(todo, str):
+            if rank0:
+                print(f"{PROG}: error: {todo}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        return sample(args, group, job, todo, started)
+    except KeyboardInterrupt:
+        if rank0:
+            saved = job.target.saved() if job else "nothing was written"
+            resume = "; rerun the same command to resume" if job and job.target.resumable else ""
+            print(f"{PROG}: interrupted: {saved}{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except distributed.RankLost as err:
+        keep = (f"; the finished batches are kept in {job.target.where()}, rerun the same command to resume"
+                if job and job.target.resumable else "")
+        print(f"{PROG}: error: rank {distributed.launched_rank()}: {one_line(err)}{keep}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as err:
         print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)
-        return 1
-    if not args.quiet:
-        rate = f" ({count / seconds:.2f} images/s)" if seconds > 0 else ""
-        print(f"sampled {count} images in {seconds:.2f} s{rate}; wrote {written}; "
-              f"total {time.perf_counter() - started:.2f} s")
-    return 0
+        return EXIT_FAILED
+    finally:
+        distributed.leave(group)
 
 
 class StderrHandler(logging.StreamHandler):
@@ -375,12 +511,13 @@ class StderrHandler(logging.StreamHandler):
 
 
 def _route_warnings() -> None:
-    """ecar_infer's warnings (random VAE, unused VAE, ...) print as `ecar-sample: warning: ...`."""
+    """ecar_infer's warnings (random VAE, unused VAE, ...) print as `ecar-sample: warning: ...`, once: under
+    torchrun every rank would say the same, so only rank 0 does."""
     logger = logging.getLogger("ecar_infer")
     if not any(isinstance(h, StderrHandler) for h in logger.handlers):
         handler = StderrHandler()
         handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
-        handler.setLevel(logging.WARNING)
+        handler.setLevel(logging.WARNING if distributed.launched_rank() == 0 else logging.CRITICAL + 1)
         logger.addHandler(handler)
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from . import cli
 from .editing import MODES, REGIONS
-from .output import make_grid, save_npz, save_png
-from .schedule import plan_for
+from .editing import EditInputError
+from .output import make_grid, save_image, save_npz
 
 PROG = "ecar-edit"
 DEFAULT_OUT = "edits.png"
@@ -77,11 +77,11 @@ def read_image(path: str, what: str, size: int):
 
 def prepare(args):
     """Everything before editing, where every user error shows up: (sampler, labels, image, mask)."""
-    cli.check_writable(args)
+    cli.check_output(args, world=1)
     sampler = cli.load_sampler(args)
     config = sampler.config
-    labels = cli.expand_classes(args.classes, config.num_classes, args.n)
-    plan_for(config, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
+    labels = cli.expand_classes(args.classes, config.num_classes, args.per_class, cli.model_class_names(sampler))
+    cli.check_sampling_args(args, sampler, len(labels))
     image = read_image(args.image, "--image", config.image_size)
     mask = args.mask
     if mask is not None and mask not in REGIONS:
@@ -95,13 +95,13 @@ def write(args, images, labels: list[int], seeds: list[int]) -> str:
     """The edits as a grid, one PNG each, or an NPZ file; returns what was written."""
     if args.outdir:
         for image, label, seed in zip(images, labels, seeds):
-            save_png(image, cli.image_path(args.outdir, label, seed))
+            save_image(image, Path(args.outdir) / f"class{label:03d}_seed{seed:06d}.png")
         return f"{len(labels)} PNG files in {args.outdir}"
     if args.npz:
         save_npz(images, labels, args.npz)
         return args.npz
-    columns = args.n if 1 < args.n <= cli.MAX_GRID_COLUMNS else None
-    save_png(make_grid(images, columns=columns), args.out)
+    columns = args.per_class if 1 < args.per_class <= cli.MAX_GRID_COLUMNS else None
+    save_image(make_grid(images, columns=columns), args.out)
     return f"{args.out} (a grid of {len(labels)})"
 
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             out = sampler.edit(image, labels, mask=mask, mode=args.mode, from_stage=args.from_stage, seed=seeds,
                                cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,
                                cfg_interval=args.cfg_interval, output_type="np", batch_size=args.batch_size)
-        except cli.USER_ERRORS as err:
+        except (*cli.USER_ERRORS, EditInputError) as err:
             print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         try:

@@ -74,6 +74,10 @@ def stage_mode(keep: torch.Tensor) -> str:
     return "clamp" if bool(keep.any()) else "free"
 
 
+class EditInputError(ValueError):
+    """An edit's image, mask, mode or stage is not usable (the caller can fix it)."""
+
+
 # ---- requests --------------------------------------------------------------------------------------
 @dataclass
 class EditRequest:
@@ -107,7 +111,7 @@ class EditBuffers:
 
     def __init__(self, plan: StagePlan, batch: int, modes: tuple[str, ...], device: torch.device) -> None:
         if len(modes) != plan.num_stages or not set(modes) <= set(STAGE_MODES):
-            raise ValueError(f"stage modes must be {plan.num_stages} of {STAGE_MODES}, got {modes}")
+            raise EditInputError(f"stage modes must be {plan.num_stages} of {STAGE_MODES}, got {modes}")
         self.plan, self.modes, self.batch, self.device = plan, modes, batch, device
         d = plan.config.token_dim
         zeros = lambda n, dt: torch.zeros(batch, n, d, device=device, dtype=dt)  # noqa: E731
@@ -119,7 +123,7 @@ class EditBuffers:
         """Copy the request's mask pyramid and known endpoints in; eps[s]: [count, C, side_s, side_s]."""
         count, cfg = request.latents.shape[0], self.plan.config
         if request.stage_modes(self.plan.num_stages) != self.modes:
-            raise ValueError("the request's stage modes differ from this engine's")
+            raise EditInputError("the request's stage modes differ from this engine's")
         device, p, c = self.device, cfg.patch_size, cfg.latent_channels
         keeps = request.stage_keeps(self.plan.num_stages)
         ends = known_endpoints(request.latents.to(device, torch.float32), [e.to(device) for e in eps])
@@ -169,13 +173,13 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
     size, channels = config.image_size, image_channels(config)
     if _is_sequence(images):
         if not images:
-            raise ValueError("images is empty: give at least one image")
+            raise EditInputError("images is empty: give at least one image")
         return torch.cat([as_images(one, config) for one in images])
     if hasattr(images, "convert") and hasattr(images, "size"):  # a PIL image
         images = np.asarray(images.convert("L" if channels == 1 else "RGB"))
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
-            raise ValueError(f"image arrays must be uint8 (0..255), got {images.dtype}; give floats in [-1, 1] "
+            raise EditInputError(f"image arrays must be uint8 (0..255), got {images.dtype}; give floats in [-1, 1] "
                              f"as a torch tensor [N, C, H, W]")
         array = images
         if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] not in (1, 3)):
@@ -183,31 +187,31 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
         if array.ndim == 3:
             array = array[None]
         if array.ndim != 4:
-            raise ValueError(f"an image array must be [H, W], [H, W, C], [N, H, W] or [N, H, W, C], got shape "
+            raise EditInputError(f"an image array must be [H, W], [H, W, C], [N, H, W] or [N, H, W, C], got shape "
                              f"{images.shape}")
         x = torch.from_numpy(array.astype(np.float32)).permute(0, 3, 1, 2) / 127.5 - 1.0
     elif isinstance(images, torch.Tensor):
         if not images.is_floating_point():
-            raise ValueError(f"image tensors must be float in [-1, 1] ([N, C, H, W]), got {images.dtype}; give "
+            raise EditInputError(f"image tensors must be float in [-1, 1] ([N, C, H, W]), got {images.dtype}; give "
                              f"uint8 images as numpy arrays [N, H, W, C]")
         x = images.detach().to("cpu", torch.float32)
         if x.dim() == 3:
             x = x[None]
         if x.dim() != 4:
-            raise ValueError(f"an image tensor must be [C, H, W] or [N, C, H, W], got shape {tuple(images.shape)}")
+            raise EditInputError(f"an image tensor must be [C, H, W] or [N, C, H, W], got shape {tuple(images.shape)}")
         if x.abs().max() > 1.0 + 1e-3:
-            raise ValueError(f"image tensors must be in the model's pixel range [-1, 1], got values up to "
+            raise EditInputError(f"image tensors must be in the model's pixel range [-1, 1], got values up to "
                              f"{x.abs().max().item():.3g}")
         x = x.clamp(-1, 1)
     else:
-        raise ValueError(f"cannot read images of type {type(images).__name__}: give PIL images, uint8 arrays "
+        raise EditInputError(f"cannot read images of type {type(images).__name__}: give PIL images, uint8 arrays "
                          f"or float tensors in [-1, 1]")
     if x.shape[1] == 3 and channels == 1:
-        raise ValueError("the images have 3 channels but the model makes grayscale images: convert them first")
+        raise EditInputError("the images have 3 channels but the model makes grayscale images: convert them first")
     if x.shape[1] != channels:
-        raise ValueError(f"the images have {x.shape[1]} channels but the model makes {channels}-channel images")
+        raise EditInputError(f"the images have {x.shape[1]} channels but the model makes {channels}-channel images")
     if tuple(x.shape[-2:]) != (size, size):
-        raise ValueError(f"the images are {x.shape[-1]}x{x.shape[-2]} pixels but the model makes {size}x{size} "
+        raise EditInputError(f"the images are {x.shape[-1]}x{x.shape[-2]} pixels but the model makes {size}x{size} "
                          f"images: resize or crop them first")
     return x
 
@@ -215,9 +219,9 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
 def region_mask(region: str, size: int, mode: str) -> torch.Tensor:
     """bool [size, size] keep-mask of a built-in region: inpaint regenerates the region, outpaint keeps it."""
     if region not in REGIONS:
-        raise ValueError(f"unknown mask region {region!r}: choose one of {REGIONS}, or give a mask image")
+        raise EditInputError(f"unknown mask region {region!r}: choose one of {REGIONS}, or give a mask image")
     if mode not in ("inpaint", "outpaint"):
-        raise ValueError(f"a built-in mask region needs mode 'inpaint' or 'outpaint', not {mode!r}")
+        raise EditInputError(f"a built-in mask region needs mode 'inpaint' or 'outpaint', not {mode!r}")
     rows = torch.arange(size)[:, None].expand(size, size)
     cols = torch.arange(size)[None, :].expand(size, size)
     half, quarter = size // 2, size // 4
@@ -238,14 +242,14 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
         return region_mask(mask, size, mode)[None, None]
     if _is_sequence(mask):
         if not mask:
-            raise ValueError("mask is an empty list")
+            raise EditInputError("mask is an empty list")
         return torch.cat([as_keep_masks(one, size, mode) for one in mask])
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # a PIL image
         mask = np.asarray(mask.convert("L"))
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.array(mask))  # a copy: arrays from PIL are read-only
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"cannot read a mask of type {type(mask).__name__}: give a PIL image, a bool array or "
+        raise EditInputError(f"cannot read a mask of type {type(mask).__name__}: give a PIL image, a bool array or "
                          f"one of {REGIONS}")
     if mask.dtype == torch.bool:
         keep = mask
@@ -254,16 +258,16 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
     elif mask.is_floating_point():
         keep = mask >= 0.5
     else:
-        raise ValueError(f"masks must be bool, uint8 (>= 128 kept) or float (>= 0.5 kept), got {mask.dtype}")
+        raise EditInputError(f"masks must be bool, uint8 (>= 128 kept) or float (>= 0.5 kept), got {mask.dtype}")
     keep = keep.cpu()
     if keep.dim() == 2:
         keep = keep[None]
     if keep.dim() == 3:
         keep = keep[:, None]
     if keep.dim() != 4 or keep.shape[1] != 1:
-        raise ValueError(f"a mask must be [H, W], [N, H, W] or [N, 1, H, W], got shape {tuple(mask.shape)}")
+        raise EditInputError(f"a mask must be [H, W], [N, H, W] or [N, 1, H, W], got shape {tuple(mask.shape)}")
     if tuple(keep.shape[-2:]) != (size, size):
-        raise ValueError(f"the mask is {keep.shape[-1]}x{keep.shape[-2]} pixels but the images are {size}x{size}")
+        raise EditInputError(f"the mask is {keep.shape[-1]}x{keep.shape[-2]} pixels but the images are {size}x{size}")
     return keep
 
 
@@ -272,30 +276,30 @@ def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_s
     """The EditRequest of `count` output images from their input pixels [1 or count, C, H, W] in [-1, 1],
     the user's mask, mode and from_stage (checked here, with clear errors), and the model's encoder."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise EditInputError(f"mode must be one of {MODES}, got {mode!r}")
     from_stage = (1 if mode == "vary" else 0) if from_stage is None else from_stage
     if not isinstance(from_stage, numbers.Integral) or not 0 <= from_stage < config.num_stages:
-        raise ValueError(f"from_stage must be an integer in 0..{config.num_stages - 1} (this model has "
+        raise EditInputError(f"from_stage must be an integer in 0..{config.num_stages - 1} (this model has "
                          f"{config.num_stages} stages), got {from_stage!r}")
     size, down = config.image_size, config.vae_downsample
     if mode == "vary":
         if mask is not None:
-            raise ValueError("mode 'vary' takes no mask (it keeps the coarse stages below from_stage); to keep a "
+            raise EditInputError("mode 'vary' takes no mask (it keeps the coarse stages below from_stage); to keep a "
                              "region as well, use mode 'inpaint' with the mask and from_stage")
         keep = torch.zeros(1, 1, size, size, dtype=torch.bool)
     elif mask is None:
-        raise ValueError(f"mode {mode!r} needs a mask: True (white) where the pixels are kept, or a region "
+        raise EditInputError(f"mode {mode!r} needs a mask: True (white) where the pixels are kept, or a region "
                          f"such as 'left' or 'center'")
     else:
         keep = as_keep_masks(mask, size, mode)
     if len(keep) not in (1, count):
-        raise ValueError(f"got {len(keep)} masks for {count} images: give one mask, or one per image")
+        raise EditInputError(f"got {len(keep)} masks for {count} images: give one mask, or one per image")
     keep = min_pool(keep, down).expand(count, -1, -1, -1)
     if from_stage == 0 and mode != "vary":
         nothing = [k for k, m in enumerate(keep.flatten(1)) if not bool(m.any())]
         if nothing:
             block = "" if down == 1 else f" (a latent element is kept only if all its {down}x{down} pixels are)"
-            raise ValueError(f"the mask keeps nothing of image(s) {nothing}{block}: there is nothing to edit; use "
+            raise EditInputError(f"the mask keeps nothing of image(s) {nothing}{block}: there is nothing to edit; use "
                              f"generate() for new images (uint8 masks keep values >= 128)")
     latents = encode(pixels).cpu().expand(count, -1, -1, -1)
     return EditRequest(latents, keep, int(from_stage))

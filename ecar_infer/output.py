@@ -1,16 +1,18 @@
-"""Sampling results and their conversions: uint8 images, PIL, grids, and atomic PNG / NPZ writes."""
+"""Sampling results and their conversions: uint8 images, PIL, grids, and atomic image / NPZ writes."""
 from __future__ import annotations
 
+import itertools
 import math
 import os
-import tempfile
-from contextlib import contextmanager
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from .atomic import atomic_path
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -57,33 +59,71 @@ def make_grid(array: np.ndarray, columns: int | None = None, pad: int = 2) -> np
     return grid
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}  # Pillow's names
+LOSSY_QUALITY = 95  # JPEG and WebP quality (Pillow's default of 75 blurs small samples visibly)
+NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # every member's zip timestamp: the same images give the same bytes
 
 
-def save_png(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write one uint8 [H, W, C] image atomically."""
+def image_format(path: str | os.PathLike) -> str:
+    """Pillow's format name for the image file `path` names by its extension."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"cannot tell the image format of {str(path)!r}: name it with one of "
+                         f"{', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
+def save_image(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write one uint8 [H, W, C] image atomically, as PNG, JPEG or WebP after the path's extension."""
     from PIL import Image
 
+    fmt = image_format(path)
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    options = {} if fmt == "PNG" else {"quality": LOSSY_QUALITY}
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=fmt, **options)
 
 
-def save_npz(array: np.ndarray, labels: list[int], path: str | os.PathLike) -> None:
+def rgb(array: np.ndarray) -> np.ndarray:
+    """uint8 [..., C] with C = 1 or 3 -> 3 channels (evaluators read RGB)."""
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def save_npz(array: np.ndarray, labels: Sequence[int], path: str | os.PathLike) -> None:
     """Write an ADM-evaluator sample file atomically: uint8 NHWC `arr_0` (3 channels) and `labels`."""
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, arr_0=array, labels=np.asarray(labels, dtype=np.int64))
+    _write_npz(path, [array], labels)
+
+
+def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: str | os.PathLike) -> None:
+    """Join the `arr_0` of several sample files, in order, into one sample file for `labels`, streaming
+    one file at a time (a 50,000-image file need not fit in memory twice)."""
+
+    def arrays() -> Iterator[np.ndarray]:
+        for file in files:
+            with np.load(file) as data:
+                yield data["arr_0"]
+
+    _write_npz(path, arrays(), labels)
+
+
+def _write_npz(path: str | os.PathLike, arrays: Iterable[np.ndarray], labels: Sequence[int]) -> None:
+    """What np.savez writes (an uncompressed zip of arr_0.npy and labels.npy, readable by np.load), with
+    arr_0 streamed from `arrays` and fixed timestamps, so the file's bytes depend only on the images."""
+    labels = np.asarray(labels, dtype=np.int64)
+    arrays = iter(arrays)
+    first = rgb(next(arrays))
+    shape = (len(labels), *first.shape[1:])
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open(zipfile.ZipInfo("arr_0.npy", NPZ_DATE), "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, header)
+            rows = 0
+            for array in itertools.chain([first], map(rgb, arrays)):
+                if array.dtype != np.uint8 or array.shape[1:] != shape[1:]:
+                    raise ValueError(f"images of {array.dtype} {array.shape[1:]} do not fit uint8 {shape[1:]}")
+                member.write(np.ascontiguousarray(array).tobytes())
+                rows += len(array)
+            if rows != len(labels):
+                raise ValueError(f"{rows} images for {len(labels)} labels")
+        with archive.open(zipfile.ZipInfo("labels.npy", NPZ_DATE), "w", force_zip64=True) as member:
+            np.lib.format.write_array(member, labels, allow_pickle=False)

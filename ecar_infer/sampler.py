@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import numbers
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from .config import ECARConfig
-from .editing import EditRequest, as_images, build_request
+from .editing import EditInputError, EditRequest, as_images, build_request
 from .engine import StageEngine, step_structure
 from .graphs import GraphRunner, batch_bucket
 from .model import ECARModel
@@ -35,12 +37,35 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (negative seeds would alias large ones)
+
+
+def is_integer(value) -> bool:
+    """An int or numpy integer (bool excluded: True is no class label or seed)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integers(name: str, values) -> list[int]:
+    """A sequence (or integer tensor) of integers as a list of ints; anything else is an error."""
+    if isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got a tensor of {values.dtype}")
+        return values.flatten().tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of integers, got {values!r}")
+    values = list(values)
+    bad = [v for v in values if not is_integer(v)]
+    if bad:
+        raise ValueError(f"{name} must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(v) for v in values]
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available here; use --device cpu")
+        raise ValueError("device='cuda' was asked for but CUDA is not available here; use device='cpu' or 'auto'")
     return device
 
 
@@ -157,7 +182,7 @@ class Sampler:
 
     # ---- sampling ----------------------------------------------------------------------------
     def _validate_labels(self, class_labels: Sequence[int]) -> list[int]:
-        labels = [int(y) for y in class_labels]
+        labels = integers("class_labels", class_labels)
         if not labels:
             raise ValueError("class_labels is empty: give at least one class")
         bad = [y for y in labels if not 0 <= y < self.config.num_classes]
@@ -168,11 +193,17 @@ class Sampler:
 
     @staticmethod
     def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
-        if isinstance(seed, numbers.Integral):
-            return [int(seed) + k for k in range(count)]
-        seeds = [int(s) for s in seed]
-        if len(seeds) != count:
-            raise ValueError(f"got {len(seeds)} seeds for {count} class labels; give one int or one seed per image")
+        if is_integer(seed):
+            seeds = [int(seed) + k for k in range(count)]
+        else:
+            seeds = integers("seed", seed)
+            if len(seeds) != count:
+                raise ValueError(f"got {len(seeds)} seeds for {count} class labels; give one int or one seed per image")
+        bad = [s for s in seeds if not 0 <= s <= MAX_SEED]
+        if bad:
+            raise ValueError(f"seeds must lie in 0..2**64-1 (torch.Generator's range), got {bad[0]}"
+                             + (f" (image k has seed + k, so seed may be at most 2**64 - {count})"
+                                if is_integer(seed) else ""))
         return seeds
 
     @torch.no_grad()
@@ -218,7 +249,7 @@ class Sampler:
         if len(labels) == 1 and len(pixels) > 1:
             labels = labels * len(pixels)
         if len(pixels) not in (1, len(labels)):
-            raise ValueError(f"got {len(pixels)} images and {len(labels)} class labels: give one label per image, "
+            raise EditInputError(f"got {len(pixels)} images and {len(labels)} class labels: give one label per image, "
                              f"one label for all images, or one image")
         count = len(labels)
         seeds = self._seeds(seed, count)
@@ -235,20 +266,23 @@ class Sampler:
         return self._run(labels, seeds, steps, output_type, batch_size, progress, request)
 
     def _plan(self, cfg_scale, steps_per_stage, cfg_schedule, cfg_interval):
-        """The per-stage step plan of a request, the sampler's defaults filling what is not given."""
+        """The per-stage step plan of a request, the sampler's defaults filling what is not given.
+        None means the default; any other value is checked (0, "" or [] are errors, not defaults)."""
         cfg_scale = self.defaults.cfg_scale if cfg_scale is None else float(cfg_scale)
-        cfg_schedule = cfg_schedule or self.defaults.cfg_schedule
+        if not math.isfinite(cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
+        cfg_schedule = self.defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        return plan_for(self.config, steps_per_stage or self.defaults.steps_per_stage, cfg_scale, cfg_schedule,
-                        cfg_interval)
+        steps_per_stage = self.defaults.steps_per_stage if steps_per_stage is None else steps_per_stage
+        return plan_for(self.config, steps_per_stage, cfg_scale, cfg_schedule, cfg_interval)
 
     def _run(self, labels: list[int], seeds: list[int], steps, output_type: str, batch_size: int | None,
              progress: bool | None, edit: EditRequest | None = None) -> SampleOutput:
         """Sample (or, with `edit`, edit) the images batch by batch, decode and convert them."""
-        batch_size = batch_size or len(labels)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        batch_size = len(labels) if batch_size is None else batch_size
+        if not is_integer(batch_size) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
         from tqdm.auto import tqdm
 

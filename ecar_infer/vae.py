@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import ECARConfig
-from .output import atomic_path
+from .atomic import atomic_path
 
 logger = logging.getLogger("ecar_infer")
 
@@ -147,7 +147,7 @@ def build_decoder(config: ECARConfig, vae: str | os.PathLike | None = None, devi
         return IdentityDecoder()
     if vae is None:
         if not random_vae:
-            raise VAEError("this model decodes through an SD-VAE: pass --vae PATH (a local diffusers "
+            raise VAEError("this model decodes through an SD-VAE: pass vae=PATH (a local diffusers "
                            "AutoencoderKL folder or .safetensors file)")
         logger.warning("using an SD-VAE-architecture AutoencoderKL with RANDOM weights: images are noise")
         vae = sd_vae_random(config=config)

@@ -1,3 +1,4 @@
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from PIL import Image
 import ecar_infer.weights
 from conftest import random_model
 from ecar_infer import ECARConfig, Sampler, save_checkpoint
-from ecar_infer.cli import main
+from ecar_infer.cli import build_parser, main
 
 TINY = ECARConfig.preset("ecar-tiny")  # pixel space, 16 px, 1 channel, 10 classes, 3 stages
 
@@ -44,39 +45,48 @@ def test_default_output_is_a_png_grid_with_a_row_per_class(ckpt, tmp_path, capsy
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("name, fmt", [("grid.jpg", "JPEG"), ("grid.JPEG", "JPEG"), ("grid.webp", "WEBP")])
+def test_the_grid_is_written_in_the_format_its_extension_names(ckpt, tmp_path, capsys, name, fmt):
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1,2", "--steps", "1", "--out", tmp_path / name, "-q")
+    assert code == 0, stderr
+    assert Image.open(tmp_path / name).format == fmt and leftovers(tmp_path) == []
+
+
 def test_outdir_names_each_image_by_class_and_seed(ckpt, tmp_path, capsys):
     code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "3", "--class", "7", "--n", "2", "--seed", "17",
                           "--steps", "2", "--outdir", tmp_path / "out", "--no-progress")
     assert code == 0 and stderr == ""
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["class003_seed000017.png", "class003_seed000018.png", "class007_seed000019.png",
-                     "class007_seed000020.png"]
+                     "class007_seed000020.png", "run.json"]  # run.json: the settings record
     # the file named with class 7 and seed 20 is what that seed gives alone
     alone = Sampler.from_pretrained(ckpt, device="cpu", progress=False).generate([7], seed=20, steps_per_stage=2,
                                                                                   output_type="np")
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / names[-1])), alone.images[0, ..., 0])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / names[3])), alone.images[0, ..., 0])
 
 
 def test_outdir_resumes_an_interrupted_run(ckpt, tmp_path, capsys):
-    args = ("--ckpt", ckpt, "--class", "2", "--n", "3", "--steps", "2", "--outdir", tmp_path / "out",
+    args = ("--ckpt", ckpt, "--class", "2", "--per-class", "3", "--steps", "2", "--outdir", tmp_path / "out",
             "--batch-size", "2", "--no-progress")
     assert run(capsys, *args)[0] == 0
-    files = sorted((tmp_path / "out").iterdir())
+    files = sorted((tmp_path / "out").glob("*.png"))
     before = {p.name: p.read_bytes() for p in files}
-    files[1].unlink()  # as if the run had stopped before writing this image
+    files[2].unlink()  # as if the run had stopped before writing the second batch
     code, stdout, stderr = run(capsys, *args)
-    assert code == 0 and "2 of 3 images exist" in stderr and "sampled 1 images" in stdout
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    assert code == 0 and "1 of 2 batches are already in" in stderr and "sampled 1 images" in stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.png")} == before
 
 
 def test_npz_is_an_adm_evaluator_file(ckpt, tmp_path, capsys):
     path = tmp_path / "samples.npz"
     # underscore spellings are accepted too
-    code, _, _ = run(capsys, "--ckpt", ckpt, "--class", "1,4", "--n", "3", "--steps", "2", "--batch_size", "4",
-                     "--cfg_scale=1.5", "--npz", path, "-q")
+    code, _, _ = run(capsys, "--ckpt", ckpt, "--class", "1,4", "--per_class", "3", "--steps", "2", "--batch_size",
+                     "4", "--cfg_scale=1.5", "--npz", path, "-q")
     assert code == 0
     with np.load(path) as data:
+        assert sorted(data.keys()) == ["arr_0", "labels"]
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (6, 16, 16, 3)
+        assert np.array_equal(data["arr_0"][..., 0], data["arr_0"][..., 2])  # the gray channel, replicated
         assert data["labels"].tolist() == [1, 1, 1, 4, 4, 4]
     assert leftovers(tmp_path) == []
 
@@ -94,39 +104,141 @@ def interrupt_generate(monkeypatch, at_call: int):
     monkeypatch.setattr(Sampler, "generate", generate)
 
 
+def run_interrupted(capsys, monkeypatch, at_call, *args):
+    """main() with ^C pressed during the at_call-th batch: (exit status, stderr)."""
+    with monkeypatch.context() as patch:
+        interrupt_generate(patch, at_call)
+        code, _, stderr = run(capsys, *args)
+    return code, stderr
+
+
 def test_npz_resumes_an_interrupted_run_from_its_saved_batches(ckpt, tmp_path, capsys, monkeypatch):
     path = tmp_path / "samples.npz"
     args = ("--ckpt", ckpt, "--class", "0-2", "--n", "2", "--steps", "2", "--batch-size", "4", "--npz", path,
             "--no-progress")
     assert run(capsys, *args)[0] == 0
-    with np.load(path) as data:
-        whole = data["arr_0"].copy()
+    whole = path.read_bytes()
     path.unlink()
-    with monkeypatch.context() as patch:
-        interrupt_generate(patch, at_call=2)  # the second batch never finishes
-        with pytest.raises(KeyboardInterrupt):
-            run(capsys, *args)
+    code, stderr = run_interrupted(capsys, monkeypatch, 2, *args)  # the second batch never finishes
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip() == (f"ecar-sample: interrupted: 1 of 2 batches are saved in {path}.parts/; rerun the "
+                              f"same command to resume")
     assert not path.exists()
     assert sorted(p.name for p in (tmp_path / "samples.npz.parts").iterdir()) == ["batch000000.npz", "run.json"]
     code, stdout, stderr = run(capsys, *args)
-    assert code == 0 and "1 of 2 batches exist" in stderr and "sampled 2 images" in stdout
+    assert code == 0 and "1 of 2 batches are already in" in stderr and "sampled 2 images" in stdout
+    assert path.read_bytes() == whole  # byte for byte what the uninterrupted run wrote
     with np.load(path) as data:
-        assert np.array_equal(data["arr_0"], whole) and data["labels"].tolist() == [0, 0, 1, 1, 2, 2]
+        assert data["labels"].tolist() == [0, 0, 1, 1, 2, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]  # the parts folder is gone
 
 
-def test_npz_refuses_to_resume_a_run_with_other_settings(ckpt, tmp_path, capsys, monkeypatch):
-    path = tmp_path / "samples.npz"
-    common = ("--ckpt", ckpt, "--class", "1", "--n", "3", "--steps", "2", "--batch-size", "2", "--npz", path, "-q")
-    with monkeypatch.context() as patch:
-        interrupt_generate(patch, at_call=2)
-        with pytest.raises(KeyboardInterrupt):
-            run(capsys, *common, "--seed", "5")
-    code, _, stderr = run(capsys, *common, "--seed", "6")
-    assert code == 2 and stderr.count("\n") == 1
-    assert (f"{path}.parts holds batches of an interrupted run with other settings (seed): rerun that command"
-            in stderr)
-    assert run(capsys, *common, "--seed", "5")[0] == 0 and path.exists()
+@pytest.mark.parametrize("output, saved", [
+    ("--outdir {tmp}/out", "0 of 2 batches are saved in {tmp}/out/; rerun the same command to resume"),
+    ("--out {tmp}/grid.png", "nothing was written"),
+])
+def test_ctrl_c_prints_one_line_and_exits_130(ckpt, tmp_path, capsys, monkeypatch, output, saved):
+    args = ["--ckpt", ckpt, "--class", "1", "--n", "3", "--steps", "2", "--batch-size", "2", "-q",
+            *output.format(tmp=tmp_path).split()]
+    code, stderr = run_interrupted(capsys, monkeypatch, 1, *args)
+    assert code == 130 and stderr.strip() == f"ecar-sample: interrupted: {saved.format(tmp=tmp_path)}"
+
+
+# ---- a rerun with other settings is refused, for every field of the settings record -------------------
+@pytest.fixture(scope="module")
+def ckpt_copy(ckpt, tmp_path_factory):
+    path = tmp_path_factory.mktemp("copy") / "tiny-copy.safetensors"
+    shutil.copy(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    from ecar_infer.vae import save_autoencoder, sd_vae_random
+
+    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
+    save_autoencoder(sd_vae_random(config=ECARConfig.preset("ecar-tiny-vae")), path)
+    return path
+
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+TINY_VAE = "--random-init ecar-tiny-vae"
+# settings field -> (the first run's arguments, the rerun's); each pair differs in that field
+FIELD_CHANGES = {
+    "ckpt": ("--ckpt {ckpt}", "--ckpt {ckpt_copy}"),
+    "random_init": ("--ckpt {ckpt}", "--random-init ecar-tiny"),
+    "vae": (TINY_VAE, TINY_VAE + " --vae {vae}"),
+    "vae_slicing": (TINY_VAE, TINY_VAE + " --vae-slicing"),
+    "vae_tiling": (TINY_VAE, TINY_VAE + " --vae-tiling"),
+    "seed": ("--ckpt {ckpt} --seed 5", "--ckpt {ckpt} --seed 6"),
+    "batch_size": ("--ckpt {ckpt}", "--ckpt {ckpt} --batch-size 3"),
+    "labels_sha256": ("--ckpt {ckpt}", "--ckpt {ckpt} --per-class 2"),
+    "cfg_scale": ("--ckpt {ckpt}", "--ckpt {ckpt} --cfg-scale 3"),
+    "cfg_schedule": ("--ckpt {ckpt}", "--ckpt {ckpt} --cfg-schedule linear"),
+    "cfg_interval": ("--ckpt {ckpt}", "--ckpt {ckpt} --cfg-interval 0.2,0.8"),
+    "steps": ("--ckpt {ckpt}", "--ckpt {ckpt} --steps 2,2,3"),
+    "dtype": ("--ckpt {ckpt}", "--ckpt {ckpt} --dtype bf16"),
+    "compile": ("--ckpt {ckpt}", "--ckpt {ckpt} --compile"),
+    "device": pytest.param("--ckpt {ckpt} --device cpu", "--ckpt {ckpt} --device cuda", marks=CUDA_ONLY),
+    "cuda_graphs": pytest.param("--ckpt {ckpt} --device cuda", "--ckpt {ckpt} --device cuda --no-cuda-graphs",
+                                marks=CUDA_ONLY),
+    "tf32": pytest.param("--ckpt {ckpt} --device cuda --dtype fp32", "--ckpt {ckpt} --device cuda --dtype fp32 "
+                         "--no-tf32", marks=CUDA_ONLY),
+}
+OUTPUTS = {"npz": ("--npz {tmp}/s.npz", "{tmp}/s.npz.parts/"), "outdir": ("--outdir {tmp}/out", "{tmp}/out/")}
+
+
+def field_case(field):
+    case = FIELD_CHANGES[field]
+    return case if isinstance(case, tuple) else case.values
+
+
+def start_and_interrupt(capsys, monkeypatch, args):
+    """A run stopped by ^C during its first batch: its settings record is written, no batch is."""
+    code, stderr = run_interrupted(capsys, monkeypatch, 1, *args)
+    assert code == 130, stderr
+
+
+def test_the_field_table_covers_every_settings_field(ckpt, tmp_path, capsys, monkeypatch):
+    start_and_interrupt(capsys, monkeypatch, ["--ckpt", ckpt, "--class", "1", "--outdir", tmp_path, "-q"])
+    assert sorted(json.loads((tmp_path / "run.json").read_text())) == sorted(FIELD_CHANGES)
+
+
+@pytest.mark.parametrize("output", sorted(OUTPUTS))
+@pytest.mark.parametrize("field", [pytest.param(f, marks=getattr(c, "marks", ())) for f, c in FIELD_CHANGES.items()])
+def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, ckpt_copy, tmp_path, capsys, monkeypatch,
+                                                request):
+    first, second = field_case(field)
+    files = dict(ckpt=ckpt, ckpt_copy=ckpt_copy, tmp=tmp_path)
+    if "{vae}" in second:
+        files["vae"] = request.getfixturevalue("vae_file")
+    out_args, where = OUTPUTS[output]
+    common = ["--class", "1", "--per-class", "3", "--steps", "2", "--batch-size", "2", "-q",
+              *out_args.format(**files).split()]
+    start_and_interrupt(capsys, monkeypatch, [*common, *first.format(**files).split()])  # the last of a flag wins
+    record = sorted(tmp_path.rglob("run.json"))[0].read_bytes()
+    code, stdout, stderr = run(capsys, *common, *second.format(**files).split())
+    lines = [line for line in stderr.splitlines() if not line.startswith("ecar-sample: warning:")]
+    assert code == 2 and stdout == "" and len(lines) == 1, stderr
+    line = lines[0]
+    assert line.startswith(f"ecar-sample: error: {where.format(**files)} holds images of a run with other settings (")
+    assert field in line.split("(")[1].split(")")[0].split(", ")
+    assert "rerun that command to finish it" in line
+    assert sorted(tmp_path.rglob("run.json"))[0].read_bytes() == record  # the record is left as it was
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the defaults spelled out are those of a CPU-only machine")
+@pytest.mark.parametrize("output", sorted(OUTPUTS))
+def test_spelling_out_a_default_is_no_change(ckpt, tmp_path, capsys, monkeypatch, output):
+    common = ["--ckpt", ckpt, "--class", "1", "--per-class", "3", "--batch-size", "2", "-q",
+              *OUTPUTS[output][0].format(tmp=tmp_path).split()]
+    start_and_interrupt(capsys, monkeypatch, common)
+    # the checkpoint recommends guidance 2; 20 steps per stage is the library default; on a machine
+    # without CUDA, auto is the CPU, where fp32 is the default dtype and graphs and TF32 do not apply
+    explicit = ["--cfg-scale", "2", "--steps", "20,20,20", "--cfg-schedule", "constant", "--cfg-interval", "0,1",
+                "--device", "cpu", "--dtype", "fp32", "--no-cuda-graphs", "--no-tf32", "--vae-tiling"]
+    code, stderr = run_interrupted(capsys, monkeypatch, 1, *common, *explicit)
+    assert code == 130, stderr  # ^C in the first batch: the settings agreed and sampling had begun
 
 
 def test_random_init_warns_that_the_images_are_noise(tmp_path, capsys):
@@ -136,6 +248,13 @@ def test_random_init_warns_that_the_images_are_noise(tmp_path, capsys):
                                "--out", out, "--quiet")
     assert code == 0 and out.exists() and stdout == ""
     assert "ecar-sample: warning: --random-init ecar-tiny: RANDOM weights, the images are noise" in stderr
+
+
+@pytest.fixture(scope="module")
+def vae_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae-ckpt") / "tiny-vae.safetensors"
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny-vae")), path)
+    return path
 
 
 @pytest.fixture
@@ -150,9 +269,22 @@ USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error
     "range out of range": ("--ckpt {ckpt} --class 5-12", "--class 5-12 is outside"),
     "bad class": ("--ckpt {ckpt} --class seven", "class 'seven': this model has no class names"),
     "no class": ("--ckpt {ckpt}", "the following arguments are required: --class"),
-    "n zero": ("--ckpt {ckpt} --class 1 --n 0", "argument --n: must be a positive integer"),
-    "steps list length": ("--ckpt {ckpt} --class 1 --steps 2,2", "steps_per_stage has 2 entries but the model has 3"),
-    "bad interval": ("--ckpt {ckpt} --class 1 --cfg-interval 0.9,0.1", "cfg_interval must satisfy"),
+    "n zero": ("--ckpt {ckpt} --class 1 --n 0", "argument --per-class/--n: must be a positive integer, got '0'"),
+    "steps list length": ("--ckpt {ckpt} --class 1 --steps 2,2", "--steps gives 2 values but the model has 3 stages"),
+    "bad interval": ("--ckpt {ckpt} --class 1 --cfg-interval 0.9,0.1", "give LO,HI with 0 <= LO <= HI <= 1"),
+    "nan interval": ("--ckpt {ckpt} --class 1 --cfg-interval nan,1", "give LO,HI with 0 <= LO <= HI <= 1"),
+    "cfg nan": ("--ckpt {ckpt} --class 1 --cfg-scale nan", "argument --cfg-scale: must be a finite number, got 'nan'"),
+    "cfg inf": ("--ckpt {ckpt} --class 1 --cfg-scale inf", "argument --cfg-scale: must be a finite number"),
+    "cfg -inf": ("--ckpt {ckpt} --class 1 --cfg-scale=-inf", "argument --cfg-scale: must be a finite number"),
+    "seed above 2**64-1": ("--ckpt {ckpt} --class 1 --seed 18446744073709551616",
+                           "argument --seed: must be an integer in 0..18446744073709551615"),
+    "negative seed": ("--ckpt {ckpt} --class 1 --seed -1", "argument --seed: must be an integer in 0.."),
+    "seeds run past 2**64-1": ("--ckpt {ckpt} --class 1 --n 3 --seed 18446744073709551614",
+                               "--seed 18446744073709551614 is too large for 3 images"),
+    "grid not an image name": ("--ckpt {ckpt} --class 1 --out {tmp}/x.txt", "name the grid image with one of .png"),
+    "grid named npz": ("--ckpt {ckpt} --class 1 --out {tmp}/x.npz", "name the grid image with one of .png"),
+    "npz named png": ("--ckpt {ckpt} --class 1 --npz {tmp}/x.png", "--npz {tmp}/x.png: the file name must end in .npz"),
+    "latent model without a vae": ("--ckpt {vae_ckpt} --class 1", "decodes through an SD-VAE: pass --vae PATH"),
     "missing checkpoint": ("--ckpt {tmp}/nowhere.safetensors --class 1", "file not found"),
     "corrupt checkpoint": ("--ckpt {corrupt} --class 1", "not a safetensors file"),
     "ckpt and random init": ("--ckpt {ckpt} --random-init ecar-tiny --class 1", "not both"),
@@ -165,14 +297,15 @@ USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error
 
 
 @pytest.mark.parametrize("case", sorted(USER_ERRORS))
-def test_user_errors_print_one_line_and_exit_2(case, ckpt, corrupt_ckpt, tmp_path, capsys):
+def test_user_errors_print_one_line_and_exit_2(case, ckpt, corrupt_ckpt, vae_ckpt, tmp_path, capsys):
     args, expected = USER_ERRORS[case]
     before = sorted(tmp_path.iterdir())
-    code, stdout, stderr = run(capsys, *args.format(ckpt=ckpt, tmp=tmp_path, corrupt=corrupt_ckpt).split(),
-                               "--no-progress")
+    files = dict(ckpt=ckpt, tmp=tmp_path, corrupt=corrupt_ckpt, vae_ckpt=vae_ckpt)
+    code, stdout, stderr = run(capsys, *args.format(**files).split(), "--no-progress")
     lines = [line for line in stderr.splitlines() if not line.startswith("ecar-sample: warning:")]
     assert code == 2 and stdout == ""
-    assert len(lines) == 1 and lines[0].startswith("ecar-sample: error: ") and expected in lines[0], stderr
+    assert len(lines) == 1 and lines[0].startswith("ecar-sample: error: ") and expected.format(**files) in lines[0], \
+        stderr
     assert "Traceback" not in stderr
     assert sorted(tmp_path.iterdir()) == before  # nothing written
 
@@ -207,7 +340,7 @@ def test_console_script_smoke(tmp_path):
 
 
 def test_execution_flags_reach_the_sampler(ckpt, monkeypatch):
-    from ecar_infer.cli import build_parser, load_sampler
+    from ecar_infer.cli import load_sampler
 
     seen = {}
     monkeypatch.setattr(Sampler, "from_pretrained", classmethod(lambda cls, path, **kw: seen.update(kw)))
@@ -216,3 +349,45 @@ def test_execution_flags_reach_the_sampler(ckpt, monkeypatch):
     assert (seen["tf32"], seen["cuda_graphs"], seen["compile"]) == (False, False, True)
     load_sampler(build_parser().parse_args(["--class", "1", "--ckpt", str(ckpt)]))
     assert (seen["tf32"], seen["cuda_graphs"], seen["compile"]) == (True, True, False)
+
+
+def test_internal_errors_are_not_user_errors(ckpt, tmp_path, monkeypatch):
+    """A bug (here a ValueError from inside sampling) keeps its traceback (status 1), never one line and 2."""
+    def broken(self, *args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(Sampler, "generate", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["--ckpt", str(ckpt), "--class", "1", "--out", str(tmp_path / "x.png"), "-q"])
+
+
+def option_spellings():
+    """Every option of ecar-sample as a user may type it (with a value where it takes one), underscores too."""
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            value = [] if action.nargs == 0 else ["1"]
+            for spelling in {option, option[:2] + option[2:].replace("-", "_")}:
+                yield [spelling, *value]
+                if value and spelling.startswith("--"):
+                    yield [f"{spelling}=1"]
+
+
+def test_every_option_reaches_the_script_through_torchrun(capsys):
+    """torchrun's own parser sees the script's options too, and refuses any that abbreviates two of its own
+    ("ambiguous option: --n could match --nnodes, --nproc-per-node, ..."): each option of ecar-sample must
+    pass through it untouched, except --n, the short form kept for the plain command."""
+    from torch.distributed.run import get_args_parser
+
+    torchrun = get_args_parser()
+    passed, refused = [], []
+    for option in option_spellings():
+        script_args = [*option, "--class", "1"]
+        try:
+            parsed = torchrun.parse_args(["--nproc-per-node", "2", "-m", "ecar_infer.cli", *script_args])
+        except SystemExit:
+            refused.append(option[0].split("=")[0])
+            continue
+        assert parsed.training_script == "ecar_infer.cli" and parsed.training_script_args == script_args
+        passed.append(option[0])
+    assert sorted(set(refused)) == ["--n"], capsys.readouterr().err
+    assert "--per-class" in passed and "--rank-timeout" in passed and len(passed) > 60

@@ -101,7 +101,7 @@ def test_mismatched_vae_raises_vae_error(latent_channels, blocks, problem):
 
 
 def test_sd_vae_model_without_a_vae_asks_for_one():
-    with pytest.raises(VAEError, match="--vae PATH"):
+    with pytest.raises(VAEError, match="vae=PATH"):
         build_decoder(TINY_VAE)
 
 

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
 from ..config import ECARConfig
 from ..model import ECARModel
-from ..output import atomic_path
 from .objective import build_objective, draw_step
 
 STATE_FILE = "state.safetensors"
@@ -169,7 +169,7 @@ class Trainer:
 
         meta = {"step": str(self.step), "loss_avg": repr(self.loss_avg), "config": self.config.to_json(),
                 "settings": json.dumps(self.settings.__dict__, sort_keys=True)}
-        with atomic_path(path) as tmp:   # never leave a half-written state behind
+        with atomic_path(path) as tmp:  # never leave a half-written state behind
             save_file(self.state_tensors(), str(tmp), metadata=meta)
 
     def load_state(self, path: Path) -> None:

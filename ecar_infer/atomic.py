@@ -1,0 +1,48 @@
+"""Atomic file writes: the one helper that every output of the project (samples, checkpoints, trainer
+state, benchmark reports) goes through.
+
+A write goes to a temporary file beside the target and is renamed onto it only when complete, so the
+target is either absent, the old file, or the whole new file: never half written (resume logic that
+skips finished files relies on this). The temporary file is created with mode 0o666 filtered by the
+umask, as open() would create the target itself, not mkstemp's 0600.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new empty file beside `path`, named `.NAME.XXXXXXXX.tmp`, created with the umask's mode."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for the block to write; rename it onto `path` only if the
+    block succeeds (on any exception, KeyboardInterrupt included, the temporary file is removed)."""
+    path = Path(path)
+    tmp = _create_temporary(path)
+    mode = tmp.stat().st_mode
+    try:
+        yield tmp
+        os.chmod(tmp, mode)  # in case the writer replaced the file (safetensors does, with mode 0600)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,189 @@
+"""Where ecar-sample writes a request, batch by batch: one grid image, a folder with one image file per
+image, or an ADM-evaluator .npz. Each target knows which batches it already holds, so a rerun of an
+interrupted command samples only the others, and the resumable ones (folder, npz) keep a record of the
+run's settings (run.json) so that a rerun with other settings is refused instead of mixing images.
+
+The batches are fixed by the batch size alone (see ecar_infer/distributed.py), so any rank of any run
+may write any batch; every file is written atomically, so a file that exists is whole.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .atomic import atomic_write_text
+from .output import join_npz, make_grid, save_image, save_npz
+
+RECORD = "run.json"
+
+
+class ResumeError(Exception):
+    """The target holds images of a run with other settings, or lacks batches it should hold."""
+
+
+class Target:
+    """A request's images split into batches of `batch_size`, written somewhere."""
+
+    resumable = True
+
+    def __init__(self, labels: Sequence[int], seeds: Sequence[int], batch_size: int) -> None:
+        self.labels, self.seeds = list(labels), list(seeds)
+        self.batches = [range(i, min(i + batch_size, len(labels))) for i in range(0, len(labels), batch_size)]
+
+    # ---- what a target must say --------------------------------------------------------------------
+    def where(self) -> str:
+        """The place the batches are written to, for messages."""
+        raise NotImplementedError
+
+    def holds(self, batch: int) -> bool:
+        raise NotImplementedError
+
+    def write(self, batch: int, images: np.ndarray) -> None:
+        """Write the uint8 NHWC images of one batch."""
+        raise NotImplementedError
+
+    def finish(self) -> str:
+        """After every batch is written: complete the output; returns what was written, for the summary."""
+        raise NotImplementedError
+
+    def record_path(self) -> Path:
+        raise NotImplementedError
+
+    # ---- resume -----------------------------------------------------------------------------------
+    def start(self, settings: dict) -> list[int]:
+        """Check the settings record against this run's settings (refusing a mismatch), write it, and
+        return the batches still to sample."""
+        record = self.record_path()
+        if record.exists():
+            try:
+                saved = json.loads(record.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
+            differ = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+            if differ:
+                raise ResumeError(f"{self.where()} holds images of a run with other settings ({', '.join(differ)}): "
+                                  f"rerun that command to finish it, write elsewhere, or delete {self.where()}")
+        else:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+        return [b for b in range(len(self.batches)) if not self.holds(b)]
+
+    def check_complete(self) -> None:
+        """Every batch must be there before finishing (they are not when ranks on other machines wrote
+        into a folder of the same name that this machine does not see)."""
+        missing = [b for b in range(len(self.batches)) if not self.holds(b)]
+        if missing:
+            raise ResumeError(f"{len(missing)} of {len(self.batches)} batches sampled by the ranks are not in "
+                              f"{self.where()} (batch {missing[0]} is one): with several machines, write to a "
+                              f"folder that all of them share")
+
+    def saved(self) -> str:
+        """What is on disk now, for the line printed when the run is interrupted."""
+        done = sum(self.holds(b) for b in range(len(self.batches)))
+        return f"{done} of {len(self.batches)} batches are saved in {self.where()}"
+
+
+class NpzTarget(Target):
+    """An ADM-evaluator file: uint8 NHWC `arr_0` with 3 channels and int64 `labels`. Each batch is written
+    to FILE.parts/batchNNNNNN.npz; finish() joins them into FILE and removes the folder."""
+
+    def __init__(self, path: str | Path, labels: Sequence[int], seeds: Sequence[int], batch_size: int) -> None:
+        super().__init__(labels, seeds, batch_size)
+        self.path = Path(path)
+        self.parts = Path(f"{self.path}.parts")
+
+    def where(self) -> str:
+        return f"{self.parts}/"
+
+    def record_path(self) -> Path:
+        return self.parts / RECORD
+
+    def part(self, batch: int) -> Path:
+        return self.parts / f"batch{batch:06d}.npz"
+
+    def holds(self, batch: int) -> bool:
+        return self.part(batch).exists()
+
+    def write(self, batch: int, images: np.ndarray) -> None:
+        save_npz(images, [self.labels[i] for i in self.batches[batch]], self.part(batch))
+
+    def finish(self) -> str:
+        self.check_complete()
+        join_npz([self.part(b) for b in range(len(self.batches))], self.labels, self.path)
+        shutil.rmtree(self.parts)
+        return str(self.path)
+
+
+class FolderTarget(Target):
+    """One PNG per image, DIR/class003_seed000017.png, and the settings record DIR/run.json (kept)."""
+
+    def __init__(self, folder: str | Path, labels: Sequence[int], seeds: Sequence[int], batch_size: int) -> None:
+        super().__init__(labels, seeds, batch_size)
+        self.folder = Path(folder)
+
+    def where(self) -> str:
+        return f"{self.folder}/"
+
+    def record_path(self) -> Path:
+        return self.folder / RECORD
+
+    def image_path(self, index: int) -> Path:
+        return self.folder / f"class{self.labels[index]:03d}_seed{self.seeds[index]:06d}.png"
+
+    def holds(self, batch: int) -> bool:
+        return all(self.image_path(i).exists() for i in self.batches[batch])
+
+    def write(self, batch: int, images: np.ndarray) -> None:
+        for i, image in zip(self.batches[batch], images):
+            save_image(image, self.image_path(i))
+
+    def finish(self) -> str:
+        self.check_complete()
+        return f"{len(self.labels)} PNG files in {self.where()}"
+
+
+class GridTarget(Target):
+    """All images in one grid image (PNG, JPEG or WebP after the extension), written at the end; nothing
+    is saved before that, so it does not resume."""
+
+    resumable = False
+
+    def __init__(self, path: str | Path, labels: Sequence[int], seeds: Sequence[int], batch_size: int,
+                 columns: int | None, row_names: Sequence[str] | None = None) -> None:
+        super().__init__(labels, seeds, batch_size)
+        self.path, self.columns = Path(path), columns
+        self.row_names = row_names   # class names: label each row of the grid with its classes
+        self.images: dict[int, np.ndarray] = {}
+
+    def where(self) -> str:
+        return str(self.path)
+
+    def start(self, settings: dict) -> list[int]:
+        return list(range(len(self.batches)))
+
+    def holds(self, batch: int) -> bool:
+        return batch in self.images
+
+    def write(self, batch: int, images: np.ndarray) -> None:
+        self.images[batch] = images
+
+    def finish(self) -> str:
+        images = np.concatenate([self.images[b] for b in range(len(self.batches))])
+        grid = make_grid(images, columns=self.columns)
+        if self.row_names is not None:
+            from .class_names import label_rows
+
+            per_row = self.columns or int(np.ceil(np.sqrt(len(self.labels))))   # make_grid's layout
+            rows = [self.labels[i:i + per_row] for i in range(0, len(self.labels), per_row)]
+            grid = label_rows(grid, [", ".join(self.row_names[y] for y in dict.fromkeys(row)) for row in rows],
+                              images.shape[1])
+        save_image(grid, self.path)
+        return f"{self.path} (a grid of {len(self.labels)})"
+
+    def saved(self) -> str:
+        return "nothing was written"

@@ -1,0 +1,106 @@
+"""The Python API's argument rules: None means the default, anything else is checked (0, "" and [] are
+errors); labels and seeds are integers; library errors speak Python, not ecar-sample's flags; a copy of
+a loaded checkpoint keeps its metadata."""
+import ast
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_model
+from ecar_infer import ECARConfig, Sampler, load_checkpoint, save_checkpoint
+from ecar_infer.sampler import SamplingDefaults, resolve_device
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    return Sampler(random_model(ECARConfig.preset("ecar-tiny"), seed=3), progress=False,
+                   defaults=SamplingDefaults(steps_per_stage=2))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps_per_stage=0), "steps_per_stage must be positive"),
+    (dict(steps_per_stage=[]), "steps_per_stage has 0 entries"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(batch_size=2.5), "batch_size must be a positive integer"),
+    (dict(cfg_schedule=""), "cfg_schedule must be one of"),
+    (dict(cfg_scale=math.nan), "cfg_scale must be a finite number"),
+    (dict(cfg_scale=math.inf), "cfg_scale must be a finite number"),
+    (dict(cfg_scale=-math.inf), "cfg_scale must be a finite number"),
+    (dict(class_labels=["3"]), "class_labels must be integers, got '3'"),
+    (dict(class_labels=[3.0]), "class_labels must be integers, got 3.0"),
+    (dict(class_labels=[True]), "class_labels must be integers"),
+    (dict(class_labels="3"), "class_labels must be a sequence of integers"),
+    (dict(class_labels=3), "class_labels must be a sequence of integers"),
+    (dict(class_labels=torch.tensor([3.0])), "class_labels must hold integers"),
+    (dict(seed=2**64), "seeds must lie in 0..2\\*\\*64-1"),
+    (dict(seed=-1), "seeds must lie in 0..2\\*\\*64-1"),
+    (dict(seed=2**64 - 1, class_labels=[1, 2]), "seed may be at most 2\\*\\*64 - 2"),
+    (dict(seed=[1.5]), "seed must be integers"),
+    (dict(seed="7"), "seed must be a sequence of integers"),
+])
+def test_bad_arguments_are_errors_not_defaults(sampler, kwargs, match):
+    kwargs = {"class_labels": [1], **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(**kwargs, output_type="latent")
+
+
+def test_none_means_the_default_and_integer_kinds_are_accepted(sampler):
+    defaults = dict(steps_per_stage=2, cfg_scale=1.0, cfg_schedule="constant")
+    plain = sampler.generate([1, 2], seed=5, output_type="latent")
+    explicit = sampler.generate([1, 2], seed=5, output_type="latent", batch_size=2, **defaults)
+    assert torch.equal(plain.images, explicit.images)
+    for labels in ([np.int64(1), np.int32(2)], np.array([1, 2]), torch.tensor([1, 2])):
+        out = sampler.generate(labels, seed=[np.uint64(5), 6], output_type="latent", batch_size=None,
+                               cfg_scale=None, cfg_schedule=None, steps_per_stage=None)
+        assert out.class_labels == [1, 2] and out.seeds == [5, 6]
+        assert torch.equal(out.images, plain.images)
+    assert sampler.generate([1], seed=2**64 - 1, output_type="latent").seeds == [2**64 - 1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_error_speaks_python():
+    with pytest.raises(ValueError, match="device='cuda' was asked for .* use device='cpu' or 'auto'"):
+        resolve_device("cuda")
+
+
+def cli_flags() -> set[str]:
+    from ecar_infer.cli import build_parser
+
+    return {s for action in build_parser()._actions for s in action.option_strings if s.startswith("--")}
+
+
+def raised_messages(path: Path) -> list[str]:
+    """The string constants (f-string parts included) in the raise statements of a source file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            found += [n.value for n in ast.walk(node.exc) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    return found
+
+
+def test_library_errors_never_name_command_line_flags():
+    """Only the command line (cli.py) may tell the user to pass --something; the library's errors name
+    Python arguments (device='cpu', vae=PATH)."""
+    flags = cli_flags()
+    sources = [p for p in [*(ROOT / "ecar_infer").glob("*.py"), *(ROOT / "ecar_infer" / "model").glob("*.py"),
+                           *(ROOT / "kernels").glob("*.py")] if p.name != "cli.py"]
+    assert len(sources) > 10
+    offending = [(p.name, m) for p in sources for m in raised_messages(p)
+                 if any(f"{flag} " in f"{m} " or f"{flag}=" in m for flag in flags)]
+    assert offending == []
+
+
+def test_a_copy_of_a_loaded_checkpoint_keeps_its_metadata(tmp_path):
+    original = tmp_path / "original.safetensors"
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny")), original,
+                    extra_metadata={"recommended_steps": "10", "recommended_cfg": "4.0", "note": "kept"})
+    model = load_checkpoint(original)
+    save_checkpoint(model, tmp_path / "copy.safetensors", extra_metadata={"recommended_cfg": "2.0"})
+    copy = load_checkpoint(tmp_path / "copy.safetensors")
+    assert copy.checkpoint_metadata == {"recommended_steps": "10", "recommended_cfg": "2.0", "note": "kept"}
+    assert Sampler.from_pretrained(tmp_path / "copy.safetensors", device="cpu").defaults.steps_per_stage == 10
