@@ -65,10 +65,6 @@ class StageEngine:
         self.sigmas = [torch.tensor(st.sigmas, device=device, dtype=torch.float32) for st in steps]
         self.jumps = stage_jumps(plan.num_stages)
 
-    @property
-    def rows(self) -> int:
-        return self.labels.shape[0]
-
     def load(self, class_labels: torch.Tensor, noise: RequestNoise, steps: list[StageSteps] | None = None) -> None:
         """Copy a request's labels, noise and guidance weights into the static buffers (outside any graph).
 
