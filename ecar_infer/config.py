@@ -1,4 +1,4 @@
-"""The frozen model configuration: everything a checkpoint needs to mean something (DESIGN.md section 2)."""
+"""The frozen model configuration: everything a checkpoint needs to mean something (docs/MODEL.md)."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Named ECARConfig presets (DESIGN.md section 2, "Presets")."""
+"""Named ECARConfig presets (docs/MODEL.md, "Presets")."""
 from __future__ import annotations
 
 from .config import ECARConfig

@@ -1,7 +1,7 @@
-"""The noise schedule of DESIGN.md section 2: stage windows, the re-noise jump, Euler grids, guidance.
+"""The noise schedule of docs/MODEL.md: stage windows, the re-noise jump, Euler grids, guidance.
 
 Conventions: sigma in [0, 1], sigma = 1 is pure noise, x_sigma = (1 - sigma) * x0 + sigma * eps.
-Stage indices are 0-based here (stage s here is stage s+1 in DESIGN.md).
+Stage indices are 0-based here (stage s here is stage s+1 in docs/MODEL.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The reference trainer: the objective against DESIGN.md section 2 by hand, learning, resume, DDP."""
+"""The reference trainer: the objective against docs/MODEL.md by hand, learning, resume, DDP."""
 import os
 import socket
 

@@ -18,7 +18,7 @@ from ..stages import StagePlan, patchify
 LABEL_DROP_PROB = 0.1
 
 
-# ---- the objective (DESIGN.md section 2, "Training objective") ------------------------------------
+# ---- the objective (docs/MODEL.md, "Training objective") ------------------------------------
 def data_pyramid(x0: torch.Tensor, num_stages: int) -> list[torch.Tensor]:
     """[x0^(1), ..., x0^(S)] coarse to fine: x0^(S) = x0, x0^(s) = avgpool2(x0^(s+1))."""
     levels = [x0]

@@ -1,4 +1,4 @@
-"""Reference trainer: the training objective of DESIGN.md section 2, AdamW, an EMA of the weights (what
+"""Reference trainer: the training objective of docs/MODEL.md, AdamW, an EMA of the weights (what
 ships), periodic and resumable checkpoints, and data parallel training with torchrun.
 
     ecar-train --preset ecar-digits32 --threads 1 --workdir runs/digits32 --out my-digits32.safetensors
