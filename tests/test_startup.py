@@ -1,0 +1,49 @@
+"""Start-up stays light: importing ecar_infer and sampling a pixel-space model import neither diffusers
+(needed only for a VAE or a benchmark) nor triton where it cannot run (no CUDA, no interpreter), nor the
+training subpackage, nor torch._dynamo (seconds of import). Checked in a fresh interpreter, by what lands in
+sys.modules."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("diffusers", "triton", "torch._dynamo", "ecar_infer.training", "sklearn", "matplotlib")
+
+
+def heavy_imports(code: str) -> list[str]:
+    """The HEAVY modules in sys.modules after running `code` in a fresh CPU-only interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # as on a machine without a GPU, where triton cannot run
+    script = code + f"\nimport sys\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return eval(result.stdout.strip().splitlines()[-1])
+
+
+def test_sampling_random_weights_imports_nothing_heavy():
+    assert heavy_imports("""
+from ecar_infer import ECARConfig, Sampler
+Sampler.from_config(ECARConfig.preset("ecar-tiny"), device="cpu", progress=False).generate([3], steps_per_stage=1)
+""") == []
+
+
+def test_sampling_the_shipped_model_imports_no_diffusers():
+    found = heavy_imports("""
+from ecar_infer import Sampler
+from ecar_infer.weights import default_checkpoint
+Sampler.from_pretrained(default_checkpoint(), device="cpu", progress=False).generate([3], steps_per_stage=1)
+""")
+    assert not {"diffusers", "ecar_infer.training", "sklearn", "matplotlib"} & set(found), found
+
+
+@pytest.mark.xfail(strict=True, reason="load_checkpoint's meta build runs ARTransformer.position_table on the "
+                   "meta device, whose ops import torch._dynamo (and with it triton): seconds of start-up. "
+                   "Fixed by registering an uncomputed [L, D] pos buffer when building on meta (model/ar.py); "
+                   "this test then passes and its xfail mark must go")
+def test_loading_a_checkpoint_imports_nothing_heavy():
+    assert heavy_imports("""
+from ecar_infer import load_checkpoint
+from ecar_infer.weights import default_checkpoint
+load_checkpoint(default_checkpoint())
+""") == []
