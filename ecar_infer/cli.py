@@ -25,12 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import CheckpointError
 from .config import ConfigError
-from .output import atomic_path, make_grid, save_npz, save_png
 from .registry import get_preset, preset_names
-from .schedule import CFG_SCHEDULES, plan_steps
-from .vae import VAEError
+from .schedule import CFG_SCHEDULES
 
 PROG = "ecar-sample"
 DEFAULT_OUT = "samples.png"
@@ -41,7 +38,12 @@ class UsageError(Exception):
     """A mistake in the command line; printed as one line, exit status 2."""
 
 
-USER_ERRORS = (UsageError, ConfigError, CheckpointError, VAEError, ValueError)
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors printed as one line with status 2 (imported when needed: `--help` must not load torch)."""
+    from .checkpoint import CheckpointError
+    from .vae import VAEError
+
+    return UsageError, ConfigError, CheckpointError, VAEError, ValueError
 
 
 # ---- argument types ----------------------------------------------------------------------------------
@@ -209,6 +211,8 @@ def prepare(args):
     sampler = load_sampler(args)
     config = sampler.config
     labels = expand_classes(args.classes, config.num_classes, args.n)
+    from .schedule import plan_steps
+
     # the step and interval checks of generate(), made now so that a bad value stops before any work
     plan_steps(config.num_stages, args.steps or sampler.defaults.steps_per_stage, cfg_interval=args.cfg_interval)
     if args.npz:
@@ -223,6 +227,8 @@ def image_path(outdir: str, label: int, seed: int) -> Path:
 def sample_outdir(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
     """One PNG per image, written batch by batch; images whose file exists already are skipped, so an
     interrupted run resumes where it stopped. Returns (images sampled, sampling seconds, description)."""
+    from .output import save_png
+
     todo = [(y, s) for y, s in zip(labels, seeds) if not image_path(args.outdir, y, s).exists()]
     if len(todo) < len(labels) and not args.quiet:
         print(f"{PROG}: {len(labels) - len(todo)} of {len(labels)} images exist in {args.outdir}; "
@@ -273,6 +279,8 @@ def sample_npz(args, sampler, labels: list[int], seeds: list[int], sampling_kwar
     """The --npz archive, sampled batch by batch into FILE.parts/ (one atomic .npz per batch), so a rerun
     of an interrupted command resumes from the batches on disk; joined into FILE at the end, after which
     the folder is removed."""
+    from .output import atomic_path, save_npz
+
     manifest = npz_manifest(args)
     parts = manifest.parent
     parts.mkdir(exist_ok=True)
@@ -304,6 +312,8 @@ def sample_npz(args, sampler, labels: list[int], seeds: list[int], sampling_kwar
 
 def sample_grid(args, sampler, labels: list[int], seeds: list[int], sampling_kwargs) -> tuple[int, float, str]:
     """All images into one PNG grid, a row per class while --n fits in a row."""
+    from .output import make_grid, save_png
+
     out = sampler.generate(labels, seed=seeds, batch_size=args.batch_size, **sampling_kwargs)
     columns = args.n if 1 < args.n <= MAX_GRID_COLUMNS else None
     save_png(make_grid(out.images, columns=columns), args.out)
@@ -317,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(normalize(sys.argv[1:] if argv is None else list(argv)))
         args.out = args.out or (None if args.outdir or args.npz else DEFAULT_OUT)
         sampler, labels = prepare(args)
-    except USER_ERRORS as err:
+    except Exception as err:  # (not `except user_errors()`: that would import torch for --help's SystemExit)
+        if not isinstance(err, user_errors()):
+            raise
         print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k

@@ -47,3 +47,16 @@ from ecar_infer import load_checkpoint
 from ecar_infer.weights import default_checkpoint
 load_checkpoint(default_checkpoint())
 """) == []
+
+
+def test_command_line_help_imports_no_torch():
+    """`ecar-sample --help` answers without importing torch (about 2 s on a 2-core machine)."""
+    found = heavy_imports("""
+import contextlib, io, sys
+from ecar_infer import cli
+with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):
+    cli.main(["--help"])
+assert "--class" in out.getvalue()
+assert "torch" not in sys.modules, "torch was imported"
+""")
+    assert found == []
