@@ -25,9 +25,8 @@ from ecar_infer import CheckpointError, ECARConfig, load_checkpoint, save_checkp
 CASE_SECONDS = 2.0          # generous for a loaded 2-core CI machine; a tiny load takes milliseconds
 MEMORY_HEADROOM = 2 << 30   # bytes of address space a case may add (the real position table of an absurd
                             # image_size would need terabytes)
-ABSURD = [0, -1, 1, 2, 3, 7, 64, 10 ** 5, 10 ** 6, 10 ** 9, 10 ** 12, 2 ** 63, 10 ** 30, -(10 ** 9),
-          0.5, -0.0, 1e308, float("inf"), float("-inf"), float("nan"),
-          True, False, None, "", "7", "pixel", [], [1], {}, {"a": 1}]
+ABSURD = [0, -1, 3, 10 ** 6, 10 ** 12, 2 ** 63, 10 ** 30, 0.5, 1e308, float("inf"), float("nan"),
+          True, None, "", "7", [], {}]
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +129,9 @@ def test_every_config_field_with_values_of_every_type_and_size(good, tmp_path):
     fields = [f.name for f in dataclasses.fields(ECARConfig)]
     assert set(config) == set(fields)
     cases = []
+    values = list({json.dumps(v): v for v in ABSURD + list(config.values())}.values())  # + every field's value
     for name in fields:
-        for value in ABSURD + [config[other] for other in fields]:  # also every other field's value
+        for value in values:
             edited = json.loads(json.dumps(header))
             edited["__metadata__"]["config"] = json.dumps({**config, name: value})
             cases.append((f"{name}={value!r}", join(edited, body)))
