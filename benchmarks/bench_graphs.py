@@ -16,7 +16,7 @@ excluded) and "pt" (decode included), fewer once --row-seconds of timed calls ar
 median call, timed with CUDA events. A failing row (out of memory) records its error and the sweep goes
 on; results are rewritten after every row, and the rows the targets name run first, so a run cut short
 (Ctrl-C, `timeout -s INT`) keeps them. A full default sweep should take about 3 minutes on an H100 (an
-estimate from FLOP counts: not run yet). For ecar-xl at batch 1 and 64, torch.profiler's top ops by CUDA
+estimate from FLOP counts: not run yet). For ecar-xl at batch 1 and 64, torch.profiler's top ops by device
 time for one call (decode included) of the graph and eager paths go to DIR/profile-<preset>-b<batch>-<path>.txt.
 
 Targets (issue 6; reported, never asserted): graphs >= 3x the reference at batch 1 and >= 1.5x at
@@ -42,7 +42,7 @@ from ecar_infer.sampler import vae_dtype
 from ecar_infer.vae import build_decoder, sd_vae_random
 
 from .flops import GUIDANCE_SCALE, STEPS_PER_STAGE
-from .measure import PeakMemory, median, release, time_call
+from .measure import PeakMemory, median, release, time_call, write_profile
 from .report import environment, environment_line, markdown_table, write_outputs
 
 
@@ -143,18 +143,9 @@ class Bench:
         return row
 
     def profile(self, name: str, fn: Callable[[], Any]) -> None:
-        """One call under torch.profiler: the ops that take the time, by self CUDA (or CPU) time."""
-        from torch.profiler import ProfilerActivity, profile
-
-        cuda = self.device.type == "cuda"
+        """One call under torch.profiler: the ops that take the time, by self device (or CPU) time."""
         path = self.out / f"profile-{name}.txt"
-        try:
-            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-                fn()
-            sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-            path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
-        except Exception as err:  # a profiler failure costs the profile, not the row's timings
-            path.write_text(f"profiling failed: {one_line(err)}\n")
+        write_profile(fn, self.device, path)
         self.profiles.append(path.name)
 
     def run(self) -> None:
@@ -224,7 +215,7 @@ class Bench:
             verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
             lines.append(f"- {t['what']}: {shown} (target {t['target']}): {verdict}")
         if self.profiles:
-            lines += ["", "Profiles (torch.profiler, top ops by self CUDA time): " + ", ".join(self.profiles)]
+            lines += ["", "Profiles (torch.profiler, top ops by self device time): " + ", ".join(self.profiles)]
         return "\n".join(lines)
 
     def write(self) -> None:

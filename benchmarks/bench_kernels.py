@@ -1,8 +1,9 @@
 """Hot-path kernels at ecar-xl's real stage shapes, every backend that can run them, on one GPU.
 
-Shapes: batch 64 doubled for guidance (128 rows through the AR transformer and the flow head), width 1152,
-16 heads of 72, head width 1280, token dim 16, stages of 1, 4, 16, 64 and 256 tokens after prefixes of
-0, 1, 5, 21 and 85 (L = 341); bf16 activations, fp32 token states (as in ecar_infer/engine.py).
+Shapes: ecar-xl's, from its config and StagePlan: batch 64 doubled for guidance (128 rows through the AR
+transformer and the flow head), width 1152, 16 heads of 72, head width 1280, token dim 16, stages of 1, 4,
+16, 64 and 256 tokens after prefixes of 0, 1, 5, 21 and 85 (L = 341); bf16 activations, fp32 token states
+(as in ecar_infer/engine.py).
 
 Each benchmark runs CALLS back-to-back calls per round and synchronizes; the time per call is measured
 with CUDA events. Beside it stands the roofline floor, max(bytes / bandwidth, FLOPs / peak) for an
@@ -13,7 +14,6 @@ table is printed at the end. Skipped without CUDA.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +22,9 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
+from ecar_infer import ECARConfig  # noqa: E402
 from ecar_infer.kernels import dispatch, flash, force_backend  # noqa: E402
+from ecar_infer.stages import StagePlan  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -31,9 +33,14 @@ PEAK_FLOPS = 989e12        # H100 SXM dense bf16/fp16 tensor cores
 CALLS = 20   # back-to-back calls per timed round
 ROUNDS = 20
 
-ROWS, IMAGES, WIDTH, HEADS, HEAD_DIM, HEAD_WIDTH, TOKEN_DIM, CHANNELS = 128, 64, 1152, 16, 72, 1280, 16, 4
-STAGES = [(1, 0), (4, 1), (16, 5), (64, 21), (256, 85)]  # (tokens, prefix)
-TOTAL = 341
+XL = ECARConfig.preset("ecar-xl")
+PLAN = StagePlan(XL)
+IMAGES = 64
+ROWS = 2 * IMAGES  # guidance doubles the batch
+WIDTH, HEADS, HEAD_DIM, HEAD_WIDTH, TOKEN_DIM, CHANNELS = (XL.width, XL.num_heads, XL.head_dim, XL.head_width,
+                                                           XL.token_dim, XL.latent_channels)
+STAGES = list(zip(PLAN.tokens, PLAN.prefixes))  # (tokens, prefix)
+TOTAL = PLAN.total_tokens
 ACT, STATE = torch.bfloat16, torch.float32
 BF16, FP32 = 2, 4  # bytes per element
 
@@ -71,11 +78,9 @@ def _cases() -> list[Case]:
             bytes=2 * q_bytes + 2 * ROWS * kv * HEADS * HEAD_DIM * BF16,  # q, out; k and v rows [0, kv)
             flops=4 * ROWS * HEADS * n * kv * HEAD_DIM))
     visible_pairs = sum(n * (prefix + n) for n, prefix in STAGES)
-    stage_ids = [s for s, (n, _) in enumerate(STAGES) for _ in range(n)]
     cases.append(Case(
         "block_causal_attention", f"L={TOTAL}",
-        lambda: (*(_randn(ROWS, TOTAL, HEADS, HEAD_DIM) for _ in range(3)),
-                 torch.tensor(stage_ids, device="cuda", dtype=torch.int32)),
+        lambda: (*(_randn(ROWS, TOTAL, HEADS, HEAD_DIM) for _ in range(3)), PLAN.stage_ids("cuda")),
         bytes=4 * ROWS * TOTAL * WIDTH * BF16, flops=4 * ROWS * HEADS * visible_pairs * HEAD_DIM))
 
     for s, (n, _) in enumerate(STAGES):
@@ -86,9 +91,6 @@ def _cases() -> list[Case]:
             Case("layernorm_modulate", f"trunk s{s + 1} [{ROWS},{n},{WIDTH}]",
                  lambda x_shape=x_shape: (_randn(*x_shape), _randn(ROWS, WIDTH), _randn(ROWS, WIDTH), 1e-6),
                  bytes=2 * act + 2 * mod, flops=8 * ROWS * n * WIDTH),
-            Case("gated_residual", f"trunk s{s + 1} [{ROWS},{n},{WIDTH}]",
-                 lambda x_shape=x_shape: (_randn(*x_shape), _randn(ROWS, WIDTH), _randn(*x_shape)),
-                 bytes=3 * act + mod, flops=2 * ROWS * n * WIDTH),
             Case("gated_residual_layernorm_modulate", f"trunk s{s + 1} [{ROWS},{n},{WIDTH}]",
                  lambda x_shape=x_shape: (_randn(*x_shape), _randn(ROWS, WIDTH), _randn(*x_shape),
                                           _randn(ROWS, WIDTH), _randn(ROWS, WIDTH), 1e-6),
@@ -114,8 +116,7 @@ def _cases() -> list[Case]:
                  lambda n=n: (_randn(IMAGES, n, TOKEN_DIM, dtype=STATE), _randn(IMAGES, n, TOKEN_DIM), -0.05),
                  bytes=state * (2 * FP32 + BF16), flops=2 * state),
         ]
-    for s, (n, _) in enumerate(STAGES[:-1]):
-        side = 2 * math.isqrt(n)  # latent side of stage s (patch 2)
+    for s, side in enumerate(PLAN.latent_sides[:-1]):
         low = IMAGES * CHANNELS * side * side
         cases.append(Case(
             "upsample_renoise", f"s{s + 1}->s{s + 2} [{IMAGES},{CHANNELS},{side}]->{2 * side}",

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ecar_infer import Sampler
-from ecar_infer.training.digits import NUM_CLASSES, build_split
+from ecar_infer.training.digits import NUM_CLASSES
 from ecar_infer.training.quality import build_reference, flat, frechet_distance, generate, pairwise_distances
 
 

@@ -1,4 +1,4 @@
-"""Device-synchronized timing, peak memory, and the device's measured matmul peak."""
+"""Device-synchronized timing, peak memory, the device's measured matmul peak, and profiler tables."""
 from __future__ import annotations
 
 import gc
@@ -29,6 +29,23 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) / 1e3
+
+
+def write_profile(fn: Callable[[], Any], device: torch.device, path: Path, row_limit: int = 30) -> None:
+    """One call of fn under torch.profiler, written to `path` as a table of the ops that take the time,
+    by self device time on a GPU (kernel time, however the device is called) and self CPU time elsewhere.
+    A profiler failure is written to the file instead: it costs the profile, never the measurements."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
+            fn()
+        sort = "self_device_time_total" if gpu else "self_cpu_time_total"
+        path.write_text(prof.key_averages().table(sort_by=sort, row_limit=row_limit) + "\n")
+    except Exception as err:  # any profiler failure (see above)
+        path.write_text(f"profiling failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}\n")
 
 
 def release(device: torch.device) -> None:

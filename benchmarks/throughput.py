@@ -40,7 +40,7 @@ from ecar_infer.vae import AutoencoderDecoder, build_decoder, sd_vae_random
 
 from . import flops
 from .dit import DIT_NAME, DIT_XL_2, dit_pipeline, dit_xl_2
-from .measure import PeakMemory, matmul_peak, median, release, time_call
+from .measure import PeakMemory, matmul_peak, median, release, time_call, write_profile
 from .report import environment, environment_line, markdown_table, write_outputs
 
 GPU_BATCHES = [1, 8, 64, 256]
@@ -217,18 +217,8 @@ class Harness:
 
     def profile(self, preset: str, batch: int, call: Callable[[], Any]) -> None:
         """One call of the default E-CAR path under torch.profiler: the ops that take the time."""
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         path = Path(self.args.profile) / f"profile-{preset}-b{batch}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with profile(activities=activities) as prof:
-                call()
-            path.write_text(prof.key_averages().table(sort_by=sort, row_limit=40) + "\n")
-        except Exception as err:  # a profiler problem must not cost the measurements
-            path.write_text(f"profiling failed: {type(err).__name__}: {err}\n")
+        write_profile(call, self.device, path, row_limit=40)
         self.profile_path = str(path)
 
     # ---- results ---------------------------------------------------------------------------------

@@ -14,10 +14,6 @@ class StaticKVCache:
         shape = (depth, 2, batch, total_tokens, num_heads, head_dim)
         self.buffer = torch.zeros(shape, device=device, dtype=dtype)
 
-    @property
-    def batch(self) -> int:
-        return self.buffer.shape[2]
-
     def keys(self, layer: int) -> torch.Tensor:
         return self.buffer[layer, 0]
 

@@ -1,20 +1,33 @@
-"""Safetensors checkpoints (DESIGN.md section 4): save_checkpoint and load_checkpoint.
+"""Safetensors checkpoints (docs/MODEL.md, "Checkpoints"): save_checkpoint and load_checkpoint.
 
 A checkpoint is one .safetensors file, or a `*.safetensors.index.json` index of shards in the diffusers /
 transformers layout ({"metadata": {...}, "weight_map": {tensor name: shard file name}}). The metadata
 holds format="ecar", format_version="1", config=the ECARConfig as JSON, plus any extra string entries
 (recommended_cfg, recommended_steps, ...). Every tensor shares one float dtype. Only safetensors are
 read, never pickle, so loading a checkpoint cannot run code.
+
+Loading treats the file as untrusted: a corrupted or crafted file costs time and memory bounded by the
+file itself and ends in a CheckpointError. The config is checked against the file's own tensor table
+(the safetensors header: names, shapes, dtypes) before anything real is built: the model is first built
+on the meta device (shapes only), and that build stops as soon as it asks for more than the file could
+describe (see _build_on_meta), so an absurd depth or width in the config costs nothing.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import math
 import os
+import threading
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.nn.modules.module import register_module_buffer_registration_hook, register_module_parameter_registration_hook
+from torch.overrides import TorchFunctionMode
 
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
@@ -30,6 +43,9 @@ INDEX_SUFFIX = ".safetensors.index.json"
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a bare pickle (protocol 2+)
+# The meta build may register at most this many times the file's tensors, and elements: the stored weights
+# plus the config-derived tables that are not stored (the position table), which are far smaller.
+BUILD_BUDGET = 2
 
 
 class CheckpointError(ValueError):
@@ -108,9 +124,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> ECARModel:
     """An ECARModel in eval mode from a checkpoint written by save_checkpoint.
 
-    The model is built on the meta device, every stored tensor's name, shape and dtype is checked against
-    it, then the weights are assigned (cast to `dtype` unless it is None) and moved to `device`.
-    model.checkpoint_metadata holds the extra metadata entries.
+    The model is built on the meta device within what the file's tensor table allows, every stored
+    tensor's name, shape and dtype is checked against it, then the weights are assigned (cast to `dtype`
+    unless it is None) and moved to `device`. model.checkpoint_metadata holds the extra metadata entries.
+    Any file that is not such a checkpoint raises CheckpointError.
     """
     path = Path(path)
     if not path.exists():
@@ -120,8 +137,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     metadata, entries = _read_index(path) if path.name.endswith(INDEX_SUFFIX) else _read_file(path)
     config = _config(path, metadata)
     _check_class_names(path, config, metadata)
-    with torch.device("meta"):
-        model = ECARModel(config)
+    model = _build_on_meta(path, config, entries)
     stored_dtype = _check_tensors(path, model, entries)
     dtype = stored_dtype if dtype is None else dtype
     device = torch.device(device)
@@ -184,10 +200,12 @@ def _data_bytes(path: Path, header_len: int) -> int:
         f.seek(8)
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except ValueError:  # not UTF-8, not JSON
             return 0
-    ends = [v["data_offsets"][1] for v in header.values() if isinstance(v, dict) and "data_offsets" in v]
-    return max(ends, default=0)
+    if not isinstance(header, dict):
+        return 0
+    offsets = [v.get("data_offsets") for v in header.values() if isinstance(v, dict)]
+    return max((o[1] for o in offsets if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)), default=0)
 
 
 def _read_index(path: Path) -> tuple[dict[str, str], Entries]:
@@ -200,8 +218,11 @@ def _read_index(path: Path) -> tuple[dict[str, str], Entries]:
     metadata = index.get("metadata") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
         raise CheckpointError(path, 'shard index must be a JSON object with "metadata" and "weight_map" objects')
+    names = set(weight_map.values())
+    if not all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..") for n in names):
+        raise CheckpointError(path, "shard index: every weight_map value must be a file name in the index's folder")
     entries: Entries = {}
-    for shard_name in sorted(set(weight_map.values())):
+    for shard_name in sorted(names):
         shard = path.parent / shard_name
         if not shard.is_file():
             raise CheckpointError(path, f"shard {shard_name} listed in the index is missing")
@@ -223,9 +244,99 @@ def _config(path: Path, metadata: dict[str, str]) -> ECARConfig:
     if "config" not in metadata:
         raise CheckpointError(path, "its metadata has no config entry")
     try:
-        return ECARConfig.from_json(metadata["config"])
+        data = json.loads(metadata["config"])
+    except ValueError as err:  # JSONDecodeError, or an integer too long to convert
+        raise CheckpointError(path, f"invalid config: config is not valid JSON: {err}") from None
+    if isinstance(data, dict):
+        _check_field_types(path, data)
+    try:
+        return ECARConfig.from_dict(data)
     except (ConfigError, TypeError, ValueError) as err:
         raise CheckpointError(path, f"invalid config: {err}") from None
+
+
+def _check_field_types(path: Path, data: dict[str, Any]) -> None:
+    """Each known config field must hold a JSON value of its default's type (an int is a float too, a
+    bool is not an int) and floats must be finite, so a config that loads also samples."""
+    for field in dataclasses.fields(ECARConfig):
+        if field.name not in data or field.default is None:
+            continue
+        value, want = data[field.name], type(field.default)
+        if want is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        else:
+            ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if not ok:
+            raise CheckpointError(path, f"invalid config: ECARConfig.{field.name}={value!r}: must be "
+                                        f"{'a finite number' if want is float else f'a JSON {want.__name__}'}")
+
+
+class _OverBudget(Exception):
+    """The meta build asked for more tensors or elements than the file's header allows."""
+
+
+_building = threading.local()  # the budget of the meta build running in this thread, if any
+
+
+def _count_registration(module: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> None:
+    budget = getattr(_building, "budget", None)
+    if budget is None or tensor is None:
+        return
+    budget["tensors"] -= 1
+    budget["elements"] -= tensor.numel()
+    if budget["tensors"] < 0 or budget["elements"] < 0:
+        raise _OverBudget
+
+
+@contextlib.contextmanager
+def _registration_budget(tensors: int, elements: int) -> Iterator[None]:
+    """Within the block, this thread's modules may register at most `tensors` parameters and buffers of
+    at most `elements` elements in all; one more raises _OverBudget from inside the module's __init__."""
+    _building.budget = {"tensors": tensors, "elements": elements}
+    handles = [register_module_parameter_registration_hook(_count_registration),
+               register_module_buffer_registration_hook(_count_registration)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        _building.budget = None
+
+
+class _ShapesOnly(TorchFunctionMode):
+    """Skips in-place ops on meta tensors (the modules' random initialisers): there are no values to fill, and
+    the meta implementation of most ops is a Python reference (torch._refs) whose first call imports
+    torch._dynamo, seconds of start-up for nothing."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
+            if isinstance(target, torch.Tensor) and target.is_meta:
+                return target
+        return func(*args, **kwargs)
+
+
+def _build_on_meta(path: Path, config: ECARConfig, entries: Entries) -> ECARModel:
+    """The model of `config` on the meta device, built only as far as the file's tensor table allows.
+
+    The build registers every parameter and buffer the model has; it stops at the first that takes the
+    count past BUILD_BUDGET x the file's tensors or elements. So however large the config's sizes
+    (depth, widths, image size), the work and the shapes are bounded by what the file holds, and the
+    expected tensors come from the model itself, whatever modules it has.
+    """
+    elements = sum(math.prod(shape) for shape, _, _ in entries.values())
+    try:
+        with (_registration_budget(BUILD_BUDGET * len(entries), BUILD_BUDGET * elements), torch.device("meta"),
+              _ShapesOnly()):
+            return ECARModel(config)
+    except _OverBudget:
+        raise CheckpointError(path, f"does not match its config: the config describes a model larger than the "
+                                    f"{len(entries)} tensor(s) ({elements:,} elements) the file holds") from None
+    except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as err:  # sizes torch cannot hold
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise CheckpointError(path, f"its config cannot be built: {first_line}") from None
 
 
 def _check_tensors(path: Path, model: ECARModel, entries: Entries) -> torch.dtype:

@@ -4,8 +4,10 @@ the rows of an image grid."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 METADATA_KEY = "class_names"
 
@@ -83,5 +85,7 @@ def label_rows(grid: np.ndarray, labels: list[str], row_height: int, pad: int = 
     for r, label in enumerate(labels):
         top = r * (row_height + pad)
         draw.text((pad, top + row_height // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
+    import numpy as np
+
     out = np.asarray(canvas)
     return out[..., :1] if c == 1 else out

@@ -29,15 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
-from .checkpoint import CheckpointError
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, list_classes, parse_class_names, resolve_class
 from .config import ConfigError
-from .output import IMAGE_FORMATS
 from .registry import get_preset, preset_names
 from .schedule import CFG_SCHEDULES
-from .targets import FolderTarget, GridTarget, NpzTarget, ResumeError, Target
-from .vae import VAEError
 
 PROG = "ecar-sample"
 DEFAULT_OUT = "samples.png"
@@ -52,7 +48,13 @@ class UsageError(Exception):
 
 
 # Only these are user errors; any other exception is a bug and keeps its traceback.
-USER_ERRORS = (UsageError, ResumeError, ConfigError, CheckpointError, VAEError)
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors printed as one line with status 2 (imported when needed: `--help` must not load torch)."""
+    from .checkpoint import CheckpointError
+    from .targets import ResumeError
+    from .vae import VAEError
+
+    return UsageError, ResumeError, ConfigError, CheckpointError, VAEError
 
 
 # ---- argument types ----------------------------------------------------------------------------------
@@ -220,6 +222,8 @@ def check_output(args, world: int) -> None:
             raise UsageError(f"cannot write {target}: it is a directory")
         if not folder.is_dir():
             raise UsageError(f"cannot write {target}: directory {folder} does not exist")
+        from .output import IMAGE_FORMATS
+
         if args.out and target.suffix.lower() not in IMAGE_FORMATS:
             raise UsageError(f"--out {target}: name the grid image with one of {', '.join(IMAGE_FORMATS)} (the "
                              f"format follows the extension)")
@@ -269,6 +273,8 @@ def load_sampler(args, group: distributed.Group = distributed.Group()):
         raise UsageError(f"no checkpoint given and the default model is not installed at {path}; train it with "
                          f"`ecar-train --preset {path.stem} --out {path}` (see the model card in {path.parent}), "
                          f"pass --ckpt PATH, or sample random weights with --random-init ecar-tiny")
+    from .vae import VAEError
+
     try:
         return Sampler.from_pretrained(path, vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, **options)
     except VAEError:
@@ -356,12 +362,14 @@ def run_settings(args, sampler, labels: list[int]) -> dict:
 @dataclass
 class Job:
     sampler: object
-    target: Target
+    target: object   # an ecar_infer.targets.Target, imported where it is built (--help must not load torch)
     settings: dict
     sampling_kwargs: dict
 
 
-def make_target(args, sampler, labels: list[int], seeds: list[int]) -> Target:
+def make_target(args, sampler, labels: list[int], seeds: list[int]):
+    from .targets import FolderTarget, GridTarget, NpzTarget
+
     if args.npz:
         return NpzTarget(args.npz, labels, seeds, args.batch_size)
     if args.outdir:
@@ -402,9 +410,11 @@ def plan(args, group: distributed.Group) -> tuple[Job | None, list[int] | str]:
     lacks. Every rank gets the same answer: the batches to sample, or the error that stops the run."""
     try:
         job, error = prepare(args, group), None
-    except USER_ERRORS as err:
+    except user_errors() as err:
         job, error = None, one_line(err)
     answer = agree(group, error)
+    from .targets import ResumeError
+
     if answer is None and group.rank == 0:
         try:
             answer = job.target.start(job.settings)
@@ -440,6 +450,8 @@ def sample(args, group: distributed.Group, job: Job, todo: list[int], started: f
     seconds = time.perf_counter() - loop_started
     if group.rank != 0:
         return 0
+    from .targets import ResumeError
+
     try:
         written = target.finish()
     except ResumeError as err:

@@ -110,9 +110,11 @@ class ECARConfig:
             fail("image_size", f"must be divisible by vae_downsample={self.vae_downsample}")
         if self.latent_size % self.patch_size:
             fail("patch_size", f"must divide the latent side {self.latent_size}")
-        if self.grid_size % (2 ** (self.num_stages - 1)):
-            fail("num_stages", f"the token grid {self.grid_size} must be divisible by 2^(num_stages-1)="
-                 f"{2 ** (self.num_stages - 1)} so that every stage halves it exactly")
+        # (the bit_length test first: an absurd num_stages is refused without computing 2^(num_stages-1))
+        if self.num_stages > self.grid_size.bit_length() or self.grid_size % (2 ** (self.num_stages - 1)):
+            power = f"={2 ** (self.num_stages - 1)}" if self.num_stages <= 64 else ""
+            fail("num_stages", f"the token grid {self.grid_size} must be divisible by 2^(num_stages-1){power} "
+                 f"so that every stage halves it exactly")
         if self.width % self.num_heads:
             fail("num_heads", f"must divide width={self.width}")
         if self.head_dim % 4:

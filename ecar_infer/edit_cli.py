@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             out = sampler.edit(image, labels, mask=mask, mode=args.mode, from_stage=args.from_stage, seed=seeds,
                                cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,
                                cfg_interval=args.cfg_interval, output_type="np", batch_size=args.batch_size)
-        except (*cli.USER_ERRORS, EditInputError) as err:
+        except (*cli.user_errors(), EditInputError) as err:
             print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         try:

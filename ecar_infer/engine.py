@@ -77,10 +77,6 @@ class StageEngine:
             self.edit = EditBuffers(plan, batch, edit_modes, device)
             self.key += ("edit", edit_modes)
 
-    @property
-    def rows(self) -> int:
-        return self.labels.shape[0]
-
     def load(self, class_labels: torch.Tensor, noise: RequestNoise, steps: list[StageSteps] | None = None) -> None:
         """Copy a request's labels, noise and guidance weights into the static buffers (outside any graph).
 

@@ -145,7 +145,6 @@ class Sampler:
         self.decoder = decoder if decoder is not None else build_decoder(model.config)
         self.defaults = defaults or SamplingDefaults.for_config(model.config)
         self.runner = GraphRunner(self.device, cuda_graphs=cuda_graphs, compile=compile)
-        self.cuda_graphs = self.runner.graphs_enabled
         self.tf32 = tf32
         self.progress = progress
         self._engines: dict[tuple, StageEngine] = {}

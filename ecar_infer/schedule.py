@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 CFG_SCHEDULES = ("constant", "linear")
 
@@ -44,6 +45,8 @@ def stage_jumps(num_stages: int) -> list[tuple[float, float]]:
 
 def euler_ratios(steps: int) -> torch.Tensor:
     """Local ratios r_k = 1 - k/N, k = 0..N (r = 1 is the stage start, r = 0 its end), float64."""
+    import torch  # here, not at the top: `ecar-sample --help` imports this module and must not wait for torch
+
     return 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
 
 

@@ -1,6 +1,6 @@
 """Token geometry of the stage pyramid: grids, token counts, prefixes, (un)patchify, positions.
 
-Stage s (1-based in DESIGN.md, 0-based here) has a g_s x g_s token grid, g_s = g / 2^(S-1-s), and
+Stage s (1-based in docs/MODEL.md, 0-based here) has a g_s x g_s token grid, g_s = g / 2^(S-1-s), and
 n_s = g_s^2 tokens of dim d = C*p^2; its tokens sit at rows [P_s, P_s + n_s) of the whole sequence.
 """
 from __future__ import annotations

@@ -1,10 +1,17 @@
-"""Per-call backend choice for the hot-path ops (DESIGN.md section 3; a diffusers-style registry).
+"""Backend choice for the hot-path ops (docs/KERNELS.md; a diffusers-style registry).
 
 Each op has backends in preference order (attention: flash -> triton -> sdpa -> reference; every other
 op: triton -> reference). A call goes to the first backend that is installed and accepts the call's
 device, dtype and shapes. ECAR_BACKEND=<name> or `with force_backend(name):` puts one backend first; a
 forced backend that cannot take a call falls back down the usual order, with a one-time warning.
 The first use of each (op, backend) pair is logged once, so the log names the backends chosen.
+
+The choice is made in two steps, so that a call costs little more than the op itself:
+* once per (op, device, dtype, forced backend): the backends whose `accepts(device, dtype)` gate passes,
+  in order (cached; device and dtype are those of the call's first tensor);
+* per call: the first of those whose `supports(*args)` check takes the call's shapes and layouts (most
+  backends have no such check), so a backend that refuses one call still gets the next.
+ECAR_BACKEND is read once, at the first call; `reread_environment()` reads it again.
 """
 from __future__ import annotations
 
@@ -25,28 +32,49 @@ PREFERENCE = {op: ("flash", "triton", "sdpa", "reference") for op in ATTENTION_O
 DEFAULT_PREFERENCE = ("triton", "reference")
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    fn: Callable[..., Any]
-    supports: Callable[..., bool]  # called with the op's arguments; True if this backend can run the call
-
-
-_REGISTRY: dict[str, dict[str, Backend]] = {}
-_state = threading.local()
-_logged: set[tuple[str, str]] = set()
-_chosen: dict[str, str] = {}
-
-
 def _always(*args: Any, **kwargs: Any) -> bool:
     return True
 
 
-def register(op: str, backend: str, fn: Callable[..., Any], supports: Callable[..., bool] | None = None) -> None:
-    """Register `fn` as `backend`'s implementation of `op`. `supports(*args, **kwargs)` gates each call."""
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn: Callable[..., Any]
+    supports: Callable[..., bool]              # called with the op's arguments: can this backend run the call?
+    accepts: Callable[[torch.device, torch.dtype], bool]  # can it run anything on this device and dtype?
+    checks_calls: bool                          # False where supports accepts every call (nothing to ask)
+
+
+_REGISTRY: dict[str, dict[str, Backend]] = {}
+class _ForcedStack(threading.local):
+    """Each thread's stack of force_backend() names, innermost last."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+
+_forced = _ForcedStack()
+_logged: set[tuple[str, str]] = set()
+_chosen: dict[str, str] = {}
+# (op, device, dtype, forced) -> the backends that accept that device and dtype, in the order tried
+_candidates: dict[tuple, tuple[Backend, ...]] = {}
+_UNREAD = object()
+_env_backend: Any = _UNREAD  # ECAR_BACKEND as read at the first call (None for auto)
+
+
+def register(op: str, backend: str, fn: Callable[..., Any], supports: Callable[..., bool] | None = None,
+             accepts: Callable[[torch.device, torch.dtype], bool] | None = None) -> None:
+    """Register `fn` as `backend`'s implementation of `op`.
+
+    accepts(device, dtype) is the backend's fixed gate, asked once per device and dtype (of the call's
+    first tensor); supports(*args, **kwargs) is asked at every call the gate lets through. Both default
+    to "always".
+    """
     if backend not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {backend!r}; known: {BACKEND_NAMES}")
-    _REGISTRY.setdefault(op, {})[backend] = Backend(backend, fn, supports or _always)
+    _REGISTRY.setdefault(op, {})[backend] = Backend(backend, fn, supports or _always, accepts or _always,
+                                                    supports is not None)
+    _candidates.clear()
 
 
 def registered(op: str) -> list[str]:
@@ -61,30 +89,39 @@ def _check_name(name: str) -> str:
     return name
 
 
-def forced_backend() -> str | None:
-    """The backend forced by `force_backend` (innermost) or by the ECAR_BACKEND variable, else None."""
-    stack = getattr(_state, "stack", None)
-    if stack:
-        name = stack[-1]
-    else:
+def reread_environment() -> None:
+    """Read ECAR_BACKEND again at the next call (it is otherwise read once per process)."""
+    global _env_backend
+    _env_backend = _UNREAD
+
+
+def _environment_backend() -> str | None:
+    global _env_backend
+    if _env_backend is _UNREAD:
         name = os.environ.get("ECAR_BACKEND", "auto").strip().lower() or "auto"
         if name not in BACKEND_NAMES + ("auto",):
             raise ValueError(f"ECAR_BACKEND={name!r} is not a backend: choose one of {BACKEND_NAMES + ('auto',)}")
-    return None if name == "auto" else name
+        _env_backend = None if name == "auto" else name
+    return _env_backend
+
+
+def forced_backend() -> str | None:
+    """The backend forced by `force_backend` (innermost) or by the ECAR_BACKEND variable, else None."""
+    if _forced.names:
+        name = _forced.names[-1]
+        return None if name == "auto" else name
+    return _environment_backend()
 
 
 @contextlib.contextmanager
 def force_backend(name: str) -> Iterator[None]:
     """Within the block, every op tries backend `name` first ("auto" restores the usual order)."""
     _check_name(name)
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    stack.append(name)
+    _forced.names.append(name)
     try:
         yield
     finally:
-        stack.pop()
+        _forced.names.pop()
 
 
 def _log_once(op: str, backend: str, message: str, level: int = logging.INFO) -> None:
@@ -93,25 +130,34 @@ def _log_once(op: str, backend: str, message: str, level: int = logging.INFO) ->
         logger.log(level, message)
 
 
+def _resolve(op: str, device: torch.device, dtype: torch.dtype, forced: str | None) -> tuple[Backend, ...]:
+    """The backends that may run `op` on this device and dtype, in the order they are tried (cached)."""
+    key = (op, device, dtype, forced)
+    found = _candidates.get(key)
+    if found is None:
+        backends = _REGISTRY[op]
+        order = registered(op)
+        if forced is not None and forced in backends:
+            order = [forced] + [name for name in order if name != forced]
+        found = _candidates[key] = tuple(backends[n] for n in order if backends[n].accepts(device, dtype))
+    return found
+
+
 def select(op: str, *args: Any, **kwargs: Any) -> Backend:
     """The backend that will run this call of `op`."""
-    backends = _REGISTRY.get(op)
-    if not backends:
+    if op not in _REGISTRY:
         raise KeyError(f"no backend registered for op {op!r}")
-    order = registered(op)
     forced = forced_backend()
-    if forced is not None and forced in backends:
-        order = [forced] + [name for name in order if name != forced]
-    for name in order:
-        backend = backends[name]
-        if backend.supports(*args, **kwargs):
+    first = args[0]
+    for backend in _resolve(op, first.device, first.dtype, forced):
+        if not backend.checks_calls or backend.supports(*args, **kwargs):
             # Forcing a backend the op never has (sdpa for a LayerNorm) is silent; any other miss is not.
-            if forced is not None and name != forced and forced in PREFERENCE.get(op, DEFAULT_PREFERENCE):
-                why = "cannot run it for this call" if forced in backends else "is not installed"
-                _log_once(op, "!" + forced, f"backend {forced!r} forced for {op} but {why}; using {name!r}",
+            if forced is not None and backend.name != forced and forced in PREFERENCE.get(op, DEFAULT_PREFERENCE):
+                why = "cannot run it for this call" if forced in _REGISTRY[op] else "is not installed"
+                _log_once(op, "!" + forced, f"backend {forced!r} forced for {op} but {why}; using {backend.name!r}",
                           logging.WARNING)
             return backend
-    raise RuntimeError(f"no backend can run {op} for these inputs (tried {order})")
+    raise RuntimeError(f"no backend can run {op} for these inputs (tried {registered(op)})")
 
 
 def call(op: str, *args: Any, **kwargs: Any) -> Any:

@@ -35,6 +35,10 @@ def _ampere_or_newer(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def accepts(device: torch.device, dtype: torch.dtype) -> bool:
+    return AVAILABLE and device.type == "cuda" and dtype in DTYPES and _ampere_or_newer(device)
+
+
 def supports(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int) -> bool:
     head_dim = q.shape[-1]
     return (AVAILABLE and q.is_cuda and q.dtype in DTYPES and k_cache.dtype == v_cache.dtype == q.dtype

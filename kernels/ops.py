@@ -21,10 +21,6 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     return dispatch.call("layernorm_modulate", x, shift, scale, eps)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return dispatch.call("gated_residual", x, gate, y)
-
-
 def gated_residual_layernorm_modulate(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                                       scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return dispatch.call("gated_residual_layernorm_modulate", x, gate, y, shift, scale, eps)

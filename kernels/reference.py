@@ -63,15 +63,11 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     return out.to(x.dtype)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + gate * y (the AdaLN-Zero residual)."""
-    return x + _per_sample(gate, x) * y
-
-
 def gated_residual_layernorm_modulate(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
                                       scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The residual add followed by the next LayerNorm + modulation: returns (x_new, modulated LN(x_new))."""
-    x_new = gated_residual(x, gate, y)
+    """The AdaLN-Zero residual x_new = x + gate * y followed by the next LayerNorm + modulation:
+    returns (x_new, modulated LN(x_new))."""
+    x_new = x + _per_sample(gate, x) * y
     return x_new, layernorm_modulate(x_new, shift, scale, eps)
 
 

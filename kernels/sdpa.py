@@ -18,7 +18,6 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
     return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask).transpose(1, 2)
 
 
-def supports(*tensors_and_args, **kwargs) -> bool:
+def accepts(device: torch.device, dtype: torch.dtype) -> bool:
     """SDPA is used for half precision and on CUDA; fp32 on the CPU stays on the exact reference."""
-    q = tensors_and_args[0]
-    return q.is_cuda or q.dtype in (torch.float16, torch.bfloat16)
+    return device.type == "cuda" or dtype in (torch.float16, torch.bfloat16)

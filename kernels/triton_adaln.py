@@ -1,11 +1,10 @@
-"""Triton AdaLN ops: LayerNorm (no affine, fp32 statistics) + modulation in one pass, the gated residual
-add, and the two fused (x_new = x + gate*y, then the next LayerNorm + modulation of x_new).
+"""Triton AdaLN ops: LayerNorm (no affine, fp32 statistics) + modulation in one pass, and the same fused
+with the gated residual add before it (x_new = x + gate*y, then the LayerNorm + modulation of x_new).
 
-References: reference.layernorm_modulate, reference.gated_residual and
-reference.gated_residual_layernorm_modulate. Modulation tensors are per sample ([B, D] for x of
-[B, ..., D]) or per token (x-shaped), each on its own.
+References: reference.layernorm_modulate and reference.gated_residual_layernorm_modulate. Modulation
+tensors are per sample ([B, D] for x of [B, ..., D]) or per token (x-shaped), each on its own.
 
-One kernel serves all three: x is seen as a [rows, D] matrix and each program takes BLOCK_R whole rows.
+One kernel serves both: x is seen as a [rows, D] matrix and each program takes BLOCK_R whole rows.
 A modulation tensor is a matrix too; row r of x reads its row r // div, where div is the tokens per
 sample (per-sample modulation) or 1 (per token).
 """
@@ -23,7 +22,7 @@ MAX_WIDTH = 8192  # a whole row lives in one program's registers
 def _adaln_kernel(X, Y, GATE, SHIFT, SCALE, X_OUT, H_OUT,
                   sx, sy, sg, s_shift, s_scale, s_xo, s_ho, div_g, div_shift, div_scale,
                   n_rows, D, eps,
-                  RESIDUAL: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                  RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_D)
     mask = (r < n_rows)[:, None] & (c < D)[None, :]
@@ -37,15 +36,14 @@ def _adaln_kernel(X, Y, GATE, SHIFT, SCALE, X_OUT, H_OUT,
         # Round x_new to its stored dtype before normalizing, so h is exactly LN(the stored x_new).
         x = (x.to(tl.float32) + gate * y).to(X_OUT.dtype.element_ty)
         tl.store(X_OUT + r2 * s_xo + c2, x, mask=mask)
-    if NORM:
-        xf = x.to(tl.float32)
-        mean = tl.sum(xf, axis=1) / D
-        diff = tl.where(mask, xf - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
-        shift = tl.load(SHIFT + (r2 // div_shift) * s_shift + c2, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + (r2 // div_scale) * s_scale + c2, mask=mask, other=0.0).to(tl.float32)
-        h = diff * rstd[:, None] * (1.0 + scale) + shift
-        tl.store(H_OUT + r2 * s_ho + c2, h.to(H_OUT.dtype.element_ty), mask=mask)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=1) / D
+    diff = tl.where(mask, xf - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=1) / D + eps)
+    shift = tl.load(SHIFT + (r2 // div_shift) * s_shift + c2, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + (r2 // div_scale) * s_scale + c2, mask=mask, other=0.0).to(tl.float32)
+    h = diff * rstd[:, None] * (1.0 + scale) + shift
+    tl.store(H_OUT + r2 * s_ho + c2, h.to(H_OUT.dtype.element_ty), mask=mask)
 
 
 def _mod_rows(mod: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -55,25 +53,21 @@ def _mod_rows(mod: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return rows(mod), x[0].numel() // x.shape[-1]
 
 
-def _launch(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor | None, shift: torch.Tensor | None,
-            scale: torch.Tensor | None, eps: float, x_out: torch.Tensor | None,
-            h_out: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    residual, norm = gate is not None, shift is not None
+def _launch(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor | None, shift: torch.Tensor,
+            scale: torch.Tensor, eps: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(x_new, h), x_new = x + gate * y (None without gate), h = LN(x_new) * (1 + scale) + shift."""
+    residual = gate is not None
     d = x.shape[-1]
-    if any(o is not None and not o.is_contiguous() for o in (x_out, h_out)):
-        raise ValueError("out tensors must be contiguous")
-    if residual and x_out is None:
-        x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if norm and h_out is None:
-        h_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    # Absent tensors still need a pointer and strides; x stands in, and constexpr flags skip their loads.
+    x_out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual else None
+    h_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # Absent tensors still need a pointer and strides; x stands in, and the constexpr flag skips their loads.
     x2 = rows(x)
     y2 = rows(y) if residual else x2
     g2, div_g = _mod_rows(gate, x) if residual else (x2, 1)
-    sh2, div_sh = _mod_rows(shift, x) if norm else (x2, 1)
-    sc2, div_sc = _mod_rows(scale, x) if norm else (x2, 1)
+    sh2, div_sh = _mod_rows(shift, x)
+    sc2, div_sc = _mod_rows(scale, x)
     xo2 = rows(x_out) if residual else x2
-    ho2 = rows(h_out) if norm else x2
+    ho2 = rows(h_out)
 
     block_d = triton.next_power_of_2(d)
     block_r = max(1, min(16, 4096 // block_d))
@@ -82,30 +76,20 @@ def _launch(x: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor | None, 
         x2, y2, g2, sh2, sc2, xo2, ho2,
         x2.stride(0), y2.stride(0), g2.stride(0), sh2.stride(0), sc2.stride(0), xo2.stride(0), ho2.stride(0),
         div_g, div_sh, div_sc, n_rows, d, eps,
-        RESIDUAL=residual, NORM=norm, BLOCK_R=block_r, BLOCK_D=block_d,
+        RESIDUAL=residual, BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=8 if block_r * block_d >= 4096 else 4)
     return x_out, h_out
 
 
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LN(x) * (1 + scale) + shift, LayerNorm without affine, statistics in fp32."""
-    return _launch(x, None, None, shift, scale, eps, None, out)[1]
-
-
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """x + gate * y."""
-    return _launch(x, gate, y, None, None, 0.0, out, None)[0]
+    return _launch(x, None, None, shift, scale, eps)[1]
 
 
 def gated_residual_layernorm_modulate(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
-                                      scale: torch.Tensor, eps: float,
-                                      out: tuple[torch.Tensor, torch.Tensor] | None = None
-                                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                                      scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_new, LN(x_new) * (1 + scale) + shift) with x_new = x + gate * y, in one pass over x."""
-    x_out, h_out = out if out is not None else (None, None)
-    return _launch(x, gate, y, shift, scale, eps, x_out, h_out)
+    return _launch(x, gate, y, shift, scale, eps)
 
 
 def _mod_ok(mod: torch.Tensor, x: torch.Tensor) -> bool:
@@ -117,10 +101,7 @@ def supports_layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: tor
     return runs_on(x, shift, scale) and same_dtype(x, shift, scale) and _mod_ok(shift, x) and _mod_ok(scale, x)
 
 
-def supports_gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> bool:
-    return runs_on(x, gate, y) and same_dtype(x, gate, y) and y.shape == x.shape and _mod_ok(gate, x)
-
-
 def supports_gated_residual_layernorm_modulate(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
                                                shift: torch.Tensor, scale: torch.Tensor, eps: float) -> bool:
-    return supports_gated_residual(x, gate, y) and supports_layernorm_modulate(x, shift, scale, eps)
+    return (runs_on(x, gate, y) and same_dtype(x, gate, y) and y.shape == x.shape and _mod_ok(gate, x)
+            and supports_layernorm_modulate(x, shift, scale, eps))

@@ -101,11 +101,10 @@ def _attention_kernel(Q, K, V, O, STAGE, STAGE_END,
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None, kv_len: int,
-            stage: torch.Tensor | None, stage_end: torch.Tensor | None) -> torch.Tensor:
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int, stage: torch.Tensor | None,
+            stage_end: torch.Tensor | None) -> torch.Tensor:
     batch, n_q, n_heads, head_dim = q.shape
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
     _attention_kernel[grid](q, k, v, out, stage, stage_end, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                             n_q, kv_len, n_heads, LOG2E / math.sqrt(head_dim),
@@ -114,19 +113,17 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
     return out
 
 
-def stage_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def stage_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int) -> torch.Tensor:
     """Attention of q [B, n, H, Dh] over rows [0, kv_len) of k_cache, v_cache [B, L_max, H, Dh], no mask."""
-    return _launch(q, k_cache, v_cache, out, kv_len, None, None)
+    return _launch(q, k_cache, v_cache, kv_len, None, None)
 
 
-def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stage_ids: torch.Tensor,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stage_ids: torch.Tensor) -> torch.Tensor:
     """Attention of q, k, v [B, L, H, Dh] where token i sees token j iff stage_ids[j] <= stage_ids[i]."""
     stage = stage_ids.to(device=q.device, dtype=torch.int32).contiguous()
     # stage_end[i]: one past the last token of token i's stage (stage ids are sorted).
     stage_end = torch.searchsorted(stage, stage, right=True, out_int32=True)
-    return _launch(q, k, v, out, q.shape[1], stage, stage_end)
+    return _launch(q, k, v, q.shape[1], stage, stage_end)
 
 
 def _heads_ok(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

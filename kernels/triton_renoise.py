@@ -44,13 +44,9 @@ def _upsample_renoise_kernel(X_LOW, XI, OUT, n_low, h, w, alpha, beta_gain, BLOC
     tl.store(OUT + bottom_right, (x + beta_gain * (d - mean)).to(dtype), mask=mask)
 
 
-def upsample_renoise(x_low: torch.Tensor, xi: torch.Tensor, alpha: float, beta: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+def upsample_renoise(x_low: torch.Tensor, xi: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
     """alpha * Up(x_low) + beta * block_noise(xi) for x_low [B, C, h, w] and xi [B, C, 2h, 2w]."""
-    if out is None:
-        out = torch.empty(xi.shape, dtype=x_low.dtype, device=x_low.device)
-    elif not out.is_contiguous():
-        raise ValueError("out must be contiguous")
+    out = torch.empty(xi.shape, dtype=x_low.dtype, device=x_low.device)
     h, w = x_low.shape[-2:]
     n_low = x_low.numel()
     _upsample_renoise_kernel[(triton.cdiv(n_low, BLOCK),)](

@@ -5,36 +5,39 @@ Import this module only after `import triton` has succeeded (kernels/__init__.py
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
-from . import dispatch
-
-# triton.jit decides when a kernel is decorated (at import) whether it is interpreted, so read the
-# variable once, here, before any kernel module is imported.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+from . import INTERPRETING, dispatch  # INTERPRETING is read once, in kernels/__init__.py
 
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERPRETER_DTYPES = (torch.float32, torch.float16)  # bf16 arithmetic gives garbage in the interpreter
 
 
-def runs_on(*tensors: torch.Tensor) -> bool:
-    """True if Triton can take these tensors: one device, and a dtype the kernels handle there.
+def dtypes_on(device: torch.device) -> tuple[torch.dtype, ...]:
+    """The dtypes Triton kernels take on `device` (none where they cannot run there).
 
     On the CPU the interpreter runs only when Triton is forced (ECAR_BACKEND=triton or
     force_backend("triton")): it is a test tool, far slower than the reference, never an automatic choice.
     """
+    if device.type == "cuda" and not INTERPRETING:
+        return CUDA_DTYPES
+    if device.type == "cpu" and INTERPRETING and dispatch.forced_backend() == "triton":
+        return INTERPRETER_DTYPES
+    return ()
+
+
+def accepts(device: torch.device, dtype: torch.dtype) -> bool:
+    """The dispatch's once-per-(device, dtype) gate of every Triton backend."""
+    return dtype in dtypes_on(device)
+
+
+def runs_on(*tensors: torch.Tensor) -> bool:
+    """True if Triton can take these tensors: one device, and a dtype the kernels handle there."""
     device = tensors[0].device
     if any(t.device != device for t in tensors):
         return False
-    if device.type == "cuda" and not INTERPRETING:
-        dtypes = CUDA_DTYPES
-    elif device.type == "cpu" and INTERPRETING and dispatch.forced_backend() == "triton":
-        dtypes = INTERPRETER_DTYPES
-    else:
-        return False
+    dtypes = dtypes_on(device)
     return all(t.dtype in dtypes for t in tensors)
 
 

@@ -29,6 +29,18 @@ def random_model(config: ECARConfig, seed: int = 0, dtype: torch.dtype = torch.f
     return ECARModel(config).init_weights(seed, zero_init=False).to(dtype).eval()
 
 
+def poison_new_tensors(monkeypatch) -> None:
+    """From now on (for the test), every float tensor made by torch.empty starts NaN-filled, so an output
+    element a kernel wrapper allocates and the kernel fails to write shows up as NaN."""
+    empty = torch.empty
+
+    def poisoned_empty(*shape, **kwargs):
+        out = empty(*shape, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+
+
 def assert_matches_reference(out: torch.Tensor, oracle: torch.Tensor, same_precision: torch.Tensor,
                              atol: float = 1e-5) -> None:
     """flash-attn's test rule for a fast kernel's output.

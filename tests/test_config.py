@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -45,8 +46,10 @@ def test_validation_names_the_offending_field(changes, field):
 
 
 def test_frozen():
-    with pytest.raises(Exception):
-        ECARConfig.preset("ecar-b").width = 1
+    cfg = ECARConfig.preset("ecar-b")
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'width'"):
+        cfg.width = 1
+    assert cfg.width == 768 and ECARConfig.preset("ecar-b").width == 768
 
 
 def test_from_json_rejects_bad_input():

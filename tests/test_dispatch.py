@@ -1,5 +1,6 @@
-"""The per-call backend dispatch: preference order, forcing (ECAR_BACKEND and force_backend), fallback,
-one-time logging, clear errors, and an import that survives missing optional packages."""
+"""The backend dispatch: preference order, forcing (ECAR_BACKEND and force_backend), per-call fallback,
+the once-per-(op, device, dtype, forced) resolution, one-time logging, clear errors, and an import that
+survives missing optional packages."""
 from __future__ import annotations
 
 import logging
@@ -19,9 +20,18 @@ needs_interpreter = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def clean_dispatch(monkeypatch):
-    """No ECAR_BACKEND from the caller's shell, and a fresh once-only log."""
+    """No ECAR_BACKEND from the caller's shell, a fresh once-only log, and the variable read again after
+    the test (it is read once per process)."""
     monkeypatch.delenv("ECAR_BACKEND", raising=False)
     monkeypatch.setattr(dispatch, "_logged", set())
+    dispatch.reread_environment()
+    yield
+    dispatch.reread_environment()
+
+
+def set_env_backend(monkeypatch, value: str) -> None:
+    monkeypatch.setenv("ECAR_BACKEND", value)
+    dispatch.reread_environment()
 
 
 def ln_args(dtype=torch.float32):
@@ -52,21 +62,30 @@ def test_cpu_defaults():
 
 
 def test_env_variable_forces_a_backend(monkeypatch):
-    monkeypatch.setenv("ECAR_BACKEND", "reference")  # half-precision attention would go to SDPA
+    set_env_backend(monkeypatch, "reference")  # half-precision attention would go to SDPA
     assert dispatch.forced_backend() == "reference"
     assert dispatch.select("stage_attention", *attention_args(torch.float16)).name == "reference"
-    monkeypatch.setenv("ECAR_BACKEND", " Auto ")
+    set_env_backend(monkeypatch, " Auto ")
     assert dispatch.forced_backend() is None
+
+
+def test_env_variable_is_read_once(monkeypatch):
+    set_env_backend(monkeypatch, "reference")
+    assert dispatch.forced_backend() == "reference"
+    monkeypatch.setenv("ECAR_BACKEND", "sdpa")  # a later change is not seen ...
+    assert dispatch.forced_backend() == "reference"
+    dispatch.reread_environment()               # ... until the variable is read again
+    assert dispatch.forced_backend() == "sdpa"
 
 
 @needs_interpreter
 def test_env_variable_forces_triton(monkeypatch):
-    monkeypatch.setenv("ECAR_BACKEND", "triton")
+    set_env_backend(monkeypatch, "triton")
     assert dispatch.select("layernorm_modulate", *ln_args()).name == "triton"
 
 
 def test_context_manager_forces_and_nests(monkeypatch):
-    monkeypatch.setenv("ECAR_BACKEND", "sdpa")
+    set_env_backend(monkeypatch, "sdpa")
     with dispatch.force_backend("reference"):
         assert dispatch.select("stage_attention", *attention_args(torch.float16)).name == "reference"
         with dispatch.force_backend("auto"):
@@ -116,11 +135,40 @@ def test_bad_backend_names_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'cuda'.*reference"):
         with dispatch.force_backend("cuda"):
             pass
-    monkeypatch.setenv("ECAR_BACKEND", "tritn")
+    set_env_backend(monkeypatch, "tritn")
     with pytest.raises(ValueError, match="ECAR_BACKEND='tritn' is not a backend"):
         ops.euler_step_(torch.zeros(2), torch.ones(2), 0.5)
     with pytest.raises(ValueError, match="unknown backend"):
         dispatch.register("euler_step_", "cuda", lambda *a: None)
+
+
+def test_backends_are_resolved_once_per_op_device_dtype_and_forced_backend(monkeypatch):
+    """The device/dtype gates run once per key; the per-call check runs at every call, so a backend that
+    refuses one call (here: any call with an odd last dimension) still gets the next one."""
+    gates, checks = [], []
+
+    def accepts(device, dtype):
+        gates.append((device.type, dtype))
+        return dtype == torch.float32
+
+    def supports(x, v, dr):
+        checks.append(x.shape)
+        return x.shape[-1] % 2 == 0
+
+    monkeypatch.setitem(dispatch._REGISTRY, "toy_step_", {})
+    monkeypatch.setattr(dispatch, "_candidates", {})
+    monkeypatch.setattr(dispatch, "_chosen", {})
+    dispatch.register("toy_step_", "reference", lambda x, v, dr: "reference")
+    dispatch.register("toy_step_", "triton", lambda x, v, dr: "triton", supports=supports, accepts=accepts)
+    even, odd = torch.zeros(2, 4), torch.zeros(2, 3)
+    assert [dispatch.call("toy_step_", x, x, 0.5) for x in (even, odd, even, odd)] == \
+        ["triton", "reference", "triton", "reference"]
+    assert gates == [("cpu", torch.float32)] and len(checks) == 4
+    assert dispatch.call("toy_step_", even.double(), even, 0.5) == "reference"  # a new dtype: one more gate
+    with dispatch.force_backend("reference"):  # a new forced backend: one more gate
+        assert dispatch.call("toy_step_", even, even, 0.5) == "reference"
+    assert gates == [("cpu", torch.float32), ("cpu", torch.float64), ("cpu", torch.float32)]
+    assert len(checks) == 4  # forced to the reference, the Triton check is not even asked
 
 
 def test_unknown_op_is_a_clear_error():

@@ -1,6 +1,7 @@
 """The graph runner and the engine's capturable units, on the CPU (tests/gpu/test_graphs_gpu.py has the
-capture and replay tests): eager fallback equals the reference bitwise, units are idempotent and touch no
-host data, padding to a batch bucket leaves the real images unchanged, engines are reused."""
+capture and replay tests): off CUDA the runner runs each unit once and the sampler runs the exact batch,
+units are idempotent and touch no host data, padding to a batch bucket leaves the real images unchanged,
+engines are reused."""
 import pytest
 import torch
 
@@ -51,25 +52,31 @@ def test_batch_buckets():
     assert [batch_bucket(b) for b in (1, 2, 3, 5, 8, 9, 33, 64, 65, 200, 256)] == \
         [1, 2, 4, 8, 8, 16, 64, 64, 128, 256, 256]
     assert [batch_bucket(b) for b in (257, 512, 513)] == [512, 512, 768]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch must be positive, got 0"):
         batch_bucket(0)
 
 
-@torch.no_grad()
-def test_runner_falls_back_to_eager_with_the_exact_reference_result(model):
-    steps = mixed_steps(model)
-    reference = run_units(loaded_engine(model, 3, LABELS, SEEDS, steps))
+def test_runner_runs_each_unit_once_eagerly_off_cuda():
+    """Graphs asked for, on the CPU: nothing is captured, and each unit runs exactly once per call, in the
+    order given (a runner that skipped, repeated or warmed up a unit here would change the result)."""
     runner = GraphRunner(torch.device("cpu"), cuda_graphs=True)
     assert not runner.graphs_enabled
-    engine = loaded_engine(model, 3, LABELS, SEEDS, steps)
-    for kind, s, fn in engine.units():
-        runner.run(engine.key + (kind, s), fn)
-    assert runner.num_captures == 0
-    assert torch.equal(engine.final_latent(), reference)
-    # the sampler, graphs asked for, on the CPU: the same engine path, no padding, same bits
+    calls = []
+    for key in ("begin", "ar", "flow", "ar"):
+        runner.run(key, lambda key=key: calls.append(key))
+    assert calls == ["begin", "ar", "flow", "ar"] and runner.num_captures == 0
+
+
+@torch.no_grad()
+def test_sampler_off_cuda_runs_the_engine_on_the_exact_batch(model):
+    """The sampler with graphs asked for, on the CPU: one engine of exactly the requested batch (no
+    padding to a bucket), and the same bits as running that engine's units by hand."""
+    steps = mixed_steps(model)
+    reference = run_units(loaded_engine(model, 3, LABELS, SEEDS, steps))
     sampler = Sampler(model, progress=False, cuda_graphs=True)
     out = sampler.generate(LABELS, seed=SEEDS, cfg_scale=2.5, steps_per_stage=3, cfg_schedule="linear",
                            cfg_interval=(0.3, 0.9), output_type="latent")
+    assert [engine.batch for engine in sampler._engines.values()] == [3]
     assert torch.equal(out.images, reference)
 
 

@@ -9,6 +9,12 @@ from ecar_infer.training.quality import build_reference, diversity, frechet_dist
 from ecar_infer.weights import default_checkpoint
 
 PER_CLASS = 20  # 200 generated images
+# Bounds from the shipped model's measured numbers (2026-11-30, seed 0, the sampling below): generated
+# accuracy 1.000 (0.995-1.000 over seeds 0, 1000, 2000; real held-out digits 0.987); Frechet distance 7.8
+# (7.4-8.9 over those seeds; uniform noise 62; 200 real digits 1.7). A 3-point accuracy drop or a Frechet
+# distance 1.4x today's fails. Retune both with the numbers of a new shipped model.
+MIN_GENERATED_ACCURACY = 0.98
+MAX_FRECHET_DISTANCE = 11.0
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,7 @@ def test_generated_digits_are_classified_as_their_class(reference, samples):
     assert real >= 0.9, f"the classifier itself is weak: {real:.3f} on held-out real digits"
     images, labels = samples
     generated = reference.accuracy(images, labels)
-    assert generated >= 0.9 * real, f"generated {generated:.3f} vs real held-out {real:.3f}"
+    assert generated >= MIN_GENERATED_ACCURACY, f"generated {generated:.3f} (real held-out {real:.3f})"
 
 
 def test_samples_neither_collapse_nor_copy(reference, samples):
@@ -48,9 +54,11 @@ def test_samples_neither_collapse_nor_copy(reference, samples):
     assert stats["min_nearest_train"] > 0.2 * stats["median_real_pair"], stats
 
 
-def test_frechet_distance_is_sane(reference, samples):
+def test_frechet_distance_is_near_real_digits(reference, samples):
     real = reference.features(reference.heldout)
     generated = frechet_distance(reference.features(samples[0]), real)
+    assert np.isfinite(generated) and generated < MAX_FRECHET_DISTANCE, generated
+    # the measure itself separates what it should: noise is far, real digits are near
     noise = np.random.default_rng(0).uniform(-1, 1, size=(500, 1, 32, 32))
-    assert np.isfinite(generated)
-    assert generated < 0.25 * frechet_distance(reference.features(noise), real)
+    assert frechet_distance(reference.features(noise), real) > 5 * MAX_FRECHET_DISTANCE
+    assert frechet_distance(reference.features(reference.heldout[:200]), real) < 0.5 * MAX_FRECHET_DISTANCE

@@ -15,7 +15,7 @@ def sampler():
 
 
 def naive_sample(model, label: int, seed: int, steps: int, w: float) -> torch.Tensor:
-    """DESIGN.md section 2 written out plainly for one image: the whole sequence is re-run through the
+    """docs/MODEL.md written out plainly for one image: the whole sequence is re-run through the
     block-causal forward at every stage, guidance is computed on both branches at every step."""
     cfg, plan = model.config, model.plan
     S, p, C = cfg.num_stages, cfg.patch_size, cfg.latent_channels

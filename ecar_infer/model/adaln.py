@@ -57,3 +57,12 @@ def adaln_stack(x: torch.Tensor, mod: Callable[[int], torch.Tensor],
         x, h = ops.gated_residual_layernorm_modulate(x, mod(gate_row(j)), f(h), mod(shift_row(j + 1)),
                                                      mod(scale_row(j + 1)), eps)
     return h
+
+
+def config_table(compute: Callable[[], torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """A fixed table derived from the config (positions): computed, or, when the model is being built on the
+    meta device, left as an uncomputed tensor of its shape, because running its ops on meta imports
+    torch._dynamo (seconds of start-up); load_checkpoint computes it for real afterwards."""
+    if torch.get_default_device().type == "meta":
+        return torch.empty(shape)
+    return compute()

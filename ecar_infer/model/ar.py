@@ -16,7 +16,7 @@ from ..cache import StaticKVCache
 from ..config import ECARConfig
 from ..kernels import ops
 from ..stages import StagePlan, patchify, stage_position_embedding
-from .adaln import adaln_stack, modulation_rows
+from .adaln import adaln_stack, config_table, modulation_rows
 
 # attend(layer, q, k, v) -> attention output [B, n, H, Dh]
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -60,7 +60,7 @@ class ARTransformer(nn.Module):
         self.input_proj = nn.Linear(config.token_dim, d)          # W_in for stages after the first
         self.blocks = nn.ModuleList(ARBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_adaLN = nn.Linear(d, 2 * d)
-        self.register_buffer("pos", self.position_table(), persistent=False)  # fixed, derived from the config
+        self.register_buffer("pos", config_table(self.position_table, (self.plan.total_tokens, d)), persistent=False)
 
     def position_table(self) -> torch.Tensor:
         """[L, D] float32 positions of every token of the whole sequence (the `pos` buffer; load_checkpoint

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..config import ECARConfig
 from ..kernels import ops
 from ..stages import StagePlan, sincos_1d, stage_position_embedding
-from .adaln import adaln_stack, modulation_rows
+from .adaln import adaln_stack, config_table, modulation_rows
 
 TIME_FREQ_DIM = 256
 
@@ -60,7 +60,8 @@ class FlowHead(nn.Module):
         self.modulation = nn.Linear(w, modulation_rows(self.subblocks) * w)
         if self.attention_kind:
             self.attn = nn.ModuleList(HeadAttention(w, config.head_num_heads) for _ in range(k))
-            self.register_buffer("pos", self.position_table(), persistent=False)
+            self.register_buffer("pos", config_table(self.position_table, (self.plan.total_tokens, w)),
+                                 persistent=False)
         self.fc1 = nn.ModuleList(nn.Linear(w, w) for _ in range(k))
         self.fc2 = nn.ModuleList(nn.Linear(w, w) for _ in range(k))
         self.out = nn.Linear(w, config.token_dim)

@@ -1,0 +1,69 @@
+"""Golden latents of the shipped model: a few images at fixed seeds, at the checkpoint's recommended settings,
+must stay what they were when tests/data/golden-digits32.npz was written (a regression test of the whole
+sampling path: weights, model math, schedule, noise).
+
+The tolerance allows for fp32 rounding differences between CPUs and BLAS builds (about 1e-5 per op, grown
+over 30 guided steps); a change of the model's math moves these latents by 0.1 or more.
+
+When the shipped model or the sampling math changes on purpose, regenerate the file (and say why in the
+commit):
+
+    python tests/test_golden.py
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GOLDEN = Path(__file__).parent / "data" / "golden-digits32.npz"
+LABELS, SEEDS = [0, 3, 7, 9], [0, 1, 2, 12345]
+ATOL = 2e-3
+
+
+def sample(sampler) -> np.ndarray:
+    out = sampler.generate(LABELS, seed=SEEDS, output_type="latent")
+    return out.images.numpy().astype(np.float32)
+
+
+def settings(sampler) -> dict[str, str]:
+    d = sampler.defaults
+    return {"cfg_scale": str(d.cfg_scale), "steps_per_stage": str(d.steps_per_stage), "cfg_schedule": d.cfg_schedule}
+
+
+def shipped_sampler():
+    from ecar_infer import Sampler
+    from ecar_infer.weights import default_checkpoint
+
+    return Sampler.from_pretrained(default_checkpoint(), device="cpu", dtype="fp32", progress=False)
+
+
+@torch.no_grad()
+def test_shipped_model_reproduces_its_golden_latents():
+    sampler = shipped_sampler()
+    with np.load(GOLDEN) as golden:
+        expected, stored = golden["latents"], {k: str(golden[k]) for k in ("cfg_scale", "steps_per_stage", "cfg_schedule")}
+        assert golden["labels"].tolist() == LABELS and golden["seeds"].tolist() == SEEDS
+    assert settings(sampler) == stored, ("the shipped model's recommended settings changed: regenerate the golden "
+                                         "latents with `python tests/test_golden.py`")
+    got = sample(sampler)
+    assert got.shape == expected.shape == (len(LABELS), 1, 32, 32)
+    err = np.abs(got - expected).max()
+    assert err <= ATOL, f"latents moved by up to {err:.3g} (tolerance {ATOL}); if intended, regenerate (see above)"
+
+
+def write_golden() -> None:
+    sampler = shipped_sampler()
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        latents = sample(sampler)
+    np.savez_compressed(GOLDEN, latents=latents, labels=np.array(LABELS), seeds=np.array(SEEDS),
+                        **{k: np.array(v) for k, v in settings(sampler).items()})
+    print(f"wrote {GOLDEN} ({latents.shape}, settings {settings(sampler)})")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    write_golden()
