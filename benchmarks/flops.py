@@ -37,9 +37,9 @@ from ecar_infer.vae import SD_VAE_ARCHITECTURE
 from .dit import DIT_NAME, DIT_XL_2, dit_xl_2
 from .report import environment, environment_line, markdown_table, write_outputs
 
-# the flow heads at the default 20 Euler steps; the shortcut heads (docs/MODEL.md, "Head variants") at 2
-PRESETS = ("ecar-b", "ecar-l", "ecar-xl", "ecar-xl-attn", "ecar-xl-sc@2", "ecar-xl-attn-sc@4", "ecar-xl-attn-sc@2",
-           "ecar-xl-attn-sc@1")
+BASE_PRESETS = ("ecar-b", "ecar-l", "ecar-xl")
+# the flow heads at the default 20 Euler steps; the shortcut heads (docs/MODEL.md, "Head variants") at 1-4
+PRESETS = BASE_PRESETS + ("ecar-xl-attn", "ecar-xl-sc@2", "ecar-xl-attn-sc@4", "ecar-xl-attn-sc@2", "ecar-xl-attn-sc@1")
 STEPS_PER_STAGE = 20
 GUIDANCE_SCALE = 4.0
 DIT_STEPS = (250, 50)
@@ -49,6 +49,12 @@ TARGETS = (("ecar-xl", 50, 10.0), ("ecar-xl", 250, 40.0), ("ecar-xl-attn-sc@2", 
            ("ecar-xl-sc@2", 250, 150.0))
 GIGA = 1e9
 T = TypeVar("T")
+
+
+def parse_spec(spec: str, default_steps: int) -> tuple[str, int]:
+    """'NAME' or 'NAME@STEPS' -> (preset name, steps per stage)."""
+    name, _, steps = spec.partition("@")
+    return name, int(steps) if steps else default_steps
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -125,9 +131,8 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
     dit_rows = [{"steps": n, "generator": n * dit["step"], "vae_decode": dit_decode} for n in dit_steps]
     ecar_rows = []
     for spec in presets:
-        name, _, own_steps = spec.partition("@")
+        name, steps = parse_spec(spec, steps_per_stage)
         config = ECARConfig.preset(name)
-        steps = int(own_steps) if own_steps else steps_per_stage
         row = {"preset": spec, "stages": config.num_stages, "steps": steps,
                "head_variant": f"{config.head_kind} {config.head_objective}", **ecar_flops(config, steps, cfg_scale)}
         row["naive_ar"] = naive_ar_flops(config, guided)

@@ -150,8 +150,10 @@ class Harness:
         self.add(row)
 
     def ecar(self, preset: str) -> None:
-        config = ECARConfig.preset(preset)
-        counted = flops.ecar_flops(config, self.args.steps)
+        """One E-CAR preset, 'NAME' or 'NAME@STEPS' (a head variant at its own steps per stage)."""
+        name, steps = flops.parse_spec(preset, self.args.steps)
+        config = ECARConfig.preset(name)
+        counted = flops.ecar_flops(config, steps)
         per_image = counted["generator"] + (flops.vae_decode_flops(config.latent_size)
                                             if config.latent_kind == "sd-vae" else 0)
         model = ECARModel(config).init_weights(self.args.seed, zero_init=False).to(self.device, self.dtype)
@@ -164,10 +166,10 @@ class Harness:
                 sampler = Sampler(model, decoder, progress=False, **options)
                 labels = [k % config.num_classes for k in range(batch)]
                 call = functools.partial(sampler.generate, labels, seed=self.args.seed, cfg_scale=flops.GUIDANCE_SCALE,
-                                         steps_per_stage=self.args.steps, output_type="pt")
+                                         steps_per_stage=steps, output_type="pt")
                 warm = functools.partial(call, steps_per_stage=1) if self.cheap_warmup else call
                 row = Row(preset, variant_label(backend, graphs), batch,
-                          f"{self.args.steps} x {config.num_stages} stages", per_image)
+                          f"{steps} x {config.num_stages} stages", per_image)
                 self.measure(row, call, warm, backend)
                 row.backends = {op: name for op, name in sorted(chosen_backends().items())}
                 self.add(row)
@@ -340,7 +342,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="ecar-b and DiT at batch 1, 2 repeats, DiT runs of at most 30 s (extrapolated)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 elsewhere")
-    parser.add_argument("--models", nargs="+", help="E-CAR presets (default: ecar-b ecar-l ecar-xl)")
+    parser.add_argument("--models", nargs="+", help="E-CAR presets, NAME or NAME@STEPS (default: ecar-b ecar-l ecar-xl)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sweep (default: 1 8 64 256 on GPU, 1 on CPU)")
     parser.add_argument("--variant-batches", type=int, nargs="+",
                         help="batches at which the non-default E-CAR variants run (default: --batches)")
@@ -359,7 +361,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of one default E-CAR call here")
     args = parser.parse_args(argv)
     gpu = resolve_device(args.device).type == "cuda"
-    args.models = args.models or (["ecar-b"] if args.quick else list(flops.PRESETS))
+    args.models = args.models or (["ecar-b"] if args.quick else list(flops.BASE_PRESETS))
     args.batches = args.batches or ([1] if args.quick or not gpu else GPU_BATCHES)
     args.variant_batches = args.variant_batches or args.batches
     args.dit_batches = [] if args.no_dit else (args.dit_batches or args.batches)
@@ -372,7 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     harness = Harness(args, device, resolve_dtype(args.dtype, device))
-    needs_vae = args.dit_batches or any(ECARConfig.preset(m).latent_kind == "sd-vae" for m in args.models)
+    needs_vae = args.dit_batches or any(ECARConfig.preset(flops.parse_spec(m, args.steps)[0]).latent_kind == "sd-vae"
+                                        for m in args.models)
     if needs_vae:
         for batch in sorted(set(args.batches) | set(args.dit_batches)):
             harness.vae_decode(batch)
