@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from ecar_infer.training.quality import build_reference, flat, frechet_distance,
 
 def isolated_pixels(images: np.ndarray) -> float:
     """Speckle: foreground pixels (brighter than mid-grey) none of whose 8 neighbours is foreground, per image."""
-    fg = images[:, 0] > 0
+    side = math.isqrt(images[0].size)          # [N, 1, H, W] or flattened [N, H*W] grayscale
+    fg = images.reshape(len(images), side, side) > 0
     padded = np.pad(fg, ((0, 0), (1, 1), (1, 1)))
     h, w = fg.shape[1:]
     neighbours = sum(padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]

@@ -9,9 +9,9 @@ from ecar_infer.training.quality import build_reference, diversity, frechet_dist
 from ecar_infer.weights import default_checkpoint
 
 PER_CLASS = 20  # 200 generated images
-# Bounds from the shipped model's measured numbers (2026-11-30, seed 0, the sampling below): generated
-# accuracy 1.000 (0.995-1.000 over seeds 0, 1000, 2000; real held-out digits 0.987); Frechet distance 7.8
-# (7.4-8.9 over those seeds; uniform noise 62; 200 real digits 1.7). A 3-point accuracy drop or a Frechet
+# Bounds from the shipped model's measured numbers (2026-11-30, seed 0, the sampling below, at its
+# recommended 2 steps per stage): generated accuracy 1.000 (1.000 over seeds 0, 1000, 2000; real held-out
+# digits 0.987); Frechet distance 7.8 (7.6-8.8 over those seeds; uniform noise 62; 200 real digits 1.7). A 3-point accuracy drop or a Frechet
 # distance 1.4x today's fails. Retune both with the numbers of a new shipped model.
 MIN_GENERATED_ACCURACY = 0.98
 MAX_FRECHET_DISTANCE = 11.0
