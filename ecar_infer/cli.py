@@ -127,10 +127,21 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {PROG} --help)")
 
 
+def checkpoint_path(ckpt: str | None) -> Path:
+    """--ckpt as a path: a file, a shipped model's name, or (not given) the default model."""
+    from .weights import default_checkpoint, shipped_checkpoint, shipped_models
+
+    if ckpt is None:
+        return default_checkpoint()
+    if not Path(ckpt).exists() and ckpt in shipped_models():
+        return shipped_checkpoint(ckpt)
+    return Path(ckpt)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every option is spelled so that torchrun passes it through to the script: none is a prefix of a
     torchrun option (as --n is of --nnodes and --nproc-per-node), which tests/test_cli.py checks."""
-    from .weights import default_checkpoint
+    from .weights import default_checkpoint, shipped_models
 
     p = Parser(prog=PROG, description="Sample class-conditional images from an E-CAR model, in one process or "
                                       "as every rank of torchrun. Options may also be spelled with "
@@ -144,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "--n for its own --nnodes / --nproc-per-node)")
     what.add_argument("--seed", type=seed_int, default=0, metavar="S", help="image k gets seed SEED+k (default 0)")
     model = p.add_argument_group("model")
-    model.add_argument("--ckpt", metavar="PATH", help=f"checkpoint .safetensors or *.safetensors.index.json "
-                                      f"(default: {default_checkpoint()})")
+    model.add_argument("--ckpt", metavar="PATH", help=f"checkpoint .safetensors or *.safetensors.index.json, or "
+                                      f"the name of a shipped model ({', '.join(shipped_models())}; default: "
+                                      f"{default_checkpoint().stem})")
     model.add_argument("--random-init", choices=preset_names(), metavar="PRESET",
                        help=f"random weights of a preset instead of a checkpoint: the images are noise "
                             f"({', '.join(preset_names())})")
@@ -255,7 +267,6 @@ def sampling_device(args, group: distributed.Group) -> str:
 
 def load_sampler(args, group: distributed.Group = distributed.Group()):
     from .sampler import Sampler
-    from .weights import default_checkpoint
 
     options = dict(device=sampling_device(args, group), dtype=args.dtype, vae=args.vae,
                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile, tf32=args.tf32, progress=False)
@@ -268,7 +279,7 @@ def load_sampler(args, group: distributed.Group = distributed.Group()):
         sampler = Sampler.from_config(get_preset(args.random_init), random_vae=args.vae is None, **options)
         sampler.decoder.set_memory_options(args.vae_slicing, args.vae_tiling)
         return sampler
-    path = Path(args.ckpt) if args.ckpt else default_checkpoint()
+    path = checkpoint_path(args.ckpt)
     if not args.ckpt and not path.exists():
         raise UsageError(f"no checkpoint given and the default model is not installed at {path}; train it with "
                          f"`ecar-train --preset {path.stem} --out {path}` (see the model card in {path.parent}), "
@@ -331,7 +342,6 @@ DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16
 def run_settings(args, sampler, labels: list[int]) -> dict:
     """What decides the pixels of a run, with every default resolved (so spelling out a default is no
     change): a rerun writes into the same --npz or --outdir only if all of it agrees."""
-    from .weights import default_checkpoint
 
     config, defaults = sampler.config, sampler.defaults
     latent = config.latent_kind != "pixel"  # only latent-space models decode through a VAE
@@ -339,7 +349,7 @@ def run_settings(args, sampler, labels: list[int]) -> dict:
     interval = None if args.cfg_interval in (None, (0.0, 1.0)) else list(args.cfg_interval)  # [0, 1]: everywhere
     cuda = sampler.device.type == "cuda"
     return dict(
-        ckpt=None if args.random_init else str(Path(args.ckpt or default_checkpoint()).resolve()),
+        ckpt=None if args.random_init else str(checkpoint_path(args.ckpt).resolve()),
         random_init=args.random_init,
         vae=(str(Path(args.vae).resolve()) if args.vae else "random") if latent else None,
         vae_slicing=args.vae_slicing if latent else None,

@@ -391,3 +391,18 @@ def test_every_option_reaches_the_script_through_torchrun(capsys):
         passed.append(option[0])
     assert sorted(set(refused)) == ["--n"], capsys.readouterr().err
     assert "--per-class" in passed and "--rank-timeout" in passed and len(passed) > 60
+
+
+def test_shipped_models_by_name_and_the_color_default(tmp_path, capsys):
+    """The default is the color emoji model, whose class names work with --class; the digits model stays
+    available by name."""
+    from PIL import Image
+
+    code, _, stderr = run(capsys, "--class", "flags", "--per-class", "2", "--out", tmp_path / "e.png")
+    assert code == 0, stderr
+    assert Image.open(tmp_path / "e.png").mode == "RGB"
+    code, _, stderr = run(capsys, "--ckpt", "ecar-digits32", "--class", "7", "--per-class", "2",
+                          "--out", tmp_path / "d.png")
+    assert code == 0, stderr
+    grid = np.asarray(Image.open(tmp_path / "d.png").convert("RGB"))
+    assert (grid[..., 0] == grid[..., 1]).all()   # grayscale digits

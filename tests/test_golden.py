@@ -35,9 +35,9 @@ def settings(sampler) -> dict[str, str]:
 
 def shipped_sampler():
     from ecar_infer import Sampler
-    from ecar_infer.weights import default_checkpoint
+    from ecar_infer.weights import shipped_checkpoint
 
-    return Sampler.from_pretrained(default_checkpoint(), device="cpu", dtype="fp32", progress=False)
+    return Sampler.from_pretrained(shipped_checkpoint("ecar-digits32"), device="cpu", dtype="fp32", progress=False)
 
 
 @torch.no_grad()

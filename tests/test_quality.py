@@ -6,7 +6,7 @@ import pytest
 
 from ecar_infer import Sampler
 from ecar_infer.training.quality import build_reference, diversity, frechet_distance, generate
-from ecar_infer.weights import default_checkpoint
+from ecar_infer.weights import shipped_checkpoint
 
 PER_CLASS = 20  # 200 generated images
 # Bounds from the shipped model's measured numbers (2026-11-30, seed 0, the sampling below, at its
@@ -24,7 +24,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def sampler():
-    return Sampler.from_pretrained(default_checkpoint(), device="cpu", progress=False)
+    return Sampler.from_pretrained(shipped_checkpoint("ecar-digits32"), device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 HEAVY = ("diffusers", "triton", "torch._dynamo", "ecar_infer.training", "sklearn", "matplotlib")
 

@@ -138,7 +138,7 @@ def pictures(folder: str, images: np.ndarray, completed: dict, varied: dict, row
     """edit-inpaint.png: per row a held-out digit, then for each half its grey-masked input and completion.
     edit-vary.png: per row a digit, then 8 variations from stage 1 (and a row from stage 2 below it)."""
     from ..editing import region_mask
-    from ..output import make_grid, save_png
+    from ..output import make_grid, save_image
 
     def big(a: np.ndarray) -> np.ndarray:  # [H, W] in [-1, 1] -> uint8 [2H, 2W, 1]
         u = ((a + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
@@ -151,21 +151,21 @@ def pictures(folder: str, images: np.ndarray, completed: dict, varied: dict, row
         for half in HALVES:
             keep = region_mask(half, size, "inpaint").numpy()
             cells += [big(np.where(keep, images[i, 0], GREY)), big(completed[half]["edits"][i, 0])]
-    save_png(make_grid(np.stack(cells), columns=1 + 2 * len(HALVES)), os.path.join(folder, "edit-inpaint.png"))
+    save_image(make_grid(np.stack(cells), columns=1 + 2 * len(HALVES)), os.path.join(folder, "edit-inpaint.png"))
     cells = []
     for i in range(min(rows // 2, len(varied["from_stage_1"]["outs"]))):
         for k in (1, 2):
             outs = varied[f"from_stage_{k}"]["outs"][i]
             cells += [big(images[i, 0])] + [big(o[0]) for o in outs[:8]]
-    save_png(make_grid(np.stack(cells), columns=9), os.path.join(folder, "edit-vary.png"))
+    save_image(make_grid(np.stack(cells), columns=9), os.path.join(folder, "edit-vary.png"))
 
 
 def main(argv: list[str] | None = None) -> None:
     from ..sampler import Sampler
-    from ..weights import default_checkpoint
+    from ..weights import shipped_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=str(default_checkpoint()))
+    parser.add_argument("--ckpt", default=str(shipped_checkpoint("ecar-digits32")))
     parser.add_argument("--per-class", type=int, default=10, help="held-out digits per class to complete")
     parser.add_argument("--vary-images", type=int, default=8, help="held-out digits to vary (8 variations each)")
     parser.add_argument("--seed", type=int, default=20_000)

@@ -189,10 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     import tempfile
 
     from ..sampler import Sampler
-    from ..weights import default_checkpoint
+    from ..weights import shipped_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=str(default_checkpoint()))
+    parser.add_argument("--ckpt", default=str(shipped_checkpoint("ecar-digits32")))
     parser.add_argument("--data", default="digits32", help="the training split (any ecar-train --data)")
     parser.add_argument("--heldout", help="the held-out split (needed unless --data is digits32)")
     parser.add_argument("--per-class", type=int, default=100, help="generated images per class and setting")

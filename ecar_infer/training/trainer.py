@@ -231,7 +231,7 @@ def sample_grid(trainer: Trainer, decoder, path: Path, metadata: dict[str, str],
                 max_rows: int = 10) -> None:
     """A PNG of EMA samples: one labelled row per class (up to max_rows classes, evenly spaced), at the
     sampling settings the --metadata gives (the sampler's defaults otherwise), seeds 0, 1, ..."""
-    from ..output import make_grid, save_png
+    from ..output import make_grid, save_image
     from ..sampler import Sampler, SamplingDefaults
 
     num_classes = trainer.config.num_classes
@@ -242,7 +242,7 @@ def sample_grid(trainer: Trainer, decoder, path: Path, metadata: dict[str, str],
     images = sampler.generate(labels, seed=0, output_type="np").images
     grid = make_grid(images, columns=per_class)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_png(label_rows(grid, [trainer.data.class_names[c] for c in classes], images.shape[1]), path)
+    save_image(label_rows(grid, [trainer.data.class_names[c] for c in classes], images.shape[1]), path)
 
 
 # ---- command line ----------------------------------------------------------------------------
