@@ -406,3 +406,9 @@ def test_shipped_models_by_name_and_the_color_default(tmp_path, capsys):
     assert code == 0, stderr
     grid = np.asarray(Image.open(tmp_path / "d.png").convert("RGB"))
     assert (grid[..., 0] == grid[..., 1]).all()   # grayscale digits
+
+
+def test_a_shortcut_model_refuses_other_step_counts_in_one_line(tmp_path, capsys):
+    code, _, stderr = run(capsys, "--class", "1", "--steps", "3", "--out", tmp_path / "x.png")  # the emoji default
+    assert code == 2 and len(stderr.splitlines()) == 1 and "power of two" in stderr, stderr
+    assert not (tmp_path / "x.png").exists()

@@ -54,6 +54,25 @@ def test_shipped_model_reproduces_its_golden_latents():
     assert err <= ATOL, f"latents moved by up to {err:.3g} (tolerance {ATOL}); if intended, regenerate (see above)"
 
 
+# Written by the code before the head variants (attention head, shortcut objective) and the shared AdaLN
+# layout existed, at the 10 steps per stage the shipped model then recommended: an old checkpoint must still
+# sample exactly as it did (never regenerate this file).
+BEFORE_HEAD_VARIANTS = Path(__file__).parent / "data" / "golden-digits32-before-head-variants.npz"
+
+
+@torch.no_grad()
+def test_an_old_checkpoint_samples_as_before_the_head_variants():
+    sampler = shipped_sampler()
+    with np.load(BEFORE_HEAD_VARIANTS) as golden:
+        expected = golden["latents"]
+        out = sampler.generate(golden["labels"].tolist(), seed=golden["seeds"].tolist(),
+                               cfg_scale=float(golden["cfg_scale"]), steps_per_stage=int(golden["steps_per_stage"]),
+                               cfg_schedule=str(golden["cfg_schedule"]), output_type="latent")
+    assert sampler.config.head_kind == "mlp" and sampler.config.head_objective == "flow"
+    err = np.abs(out.images.numpy() - expected).max()
+    assert err <= ATOL, f"latents moved by up to {err:.3g} since before the head variants"
+
+
 def write_golden() -> None:
     sampler = shipped_sampler()
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
