@@ -29,8 +29,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 # budgets in seconds (each can be overridden from the environment); their sum, the set-up and each part's
 # 10 s grace after its limit stay under the device tool's 600 s per call
-T_TESTS=${T_TESTS:-80} T_KERNELS=${T_KERNELS:-80} T_GRAPHS=${T_GRAPHS:-90} T_FLOPS=${T_FLOPS:-40}
-T_THROUGHPUT=${T_THROUGHPUT:-235}
+T_TESTS=${T_TESTS:-100} T_KERNELS=${T_KERNELS:-80} T_GRAPHS=${T_GRAPHS:-90} T_FLOPS=${T_FLOPS:-40}
+T_THROUGHPUT=${T_THROUGHPUT:-215}
 
 log() { echo "[gpu_suite $(date +%T)] $*" | tee -a "$OUTDIR/suite.log"; }
 
