@@ -1,5 +1,5 @@
-"""Golden latents of the shipped model: a few images at fixed seeds, at the checkpoint's recommended settings,
-must stay what they were when tests/data/golden-digits32.npz was written (a regression test of the whole
+"""Golden latents of the shipped models: a few images at fixed seeds, at each checkpoint's recommended settings,
+must stay what they were when tests/data/golden-<model>.npz was written (a regression test of the whole
 sampling path: weights, model math, schedule, noise).
 
 The tolerance allows for fp32 rounding differences between CPUs and BLAS builds (about 1e-5 per op, grown
@@ -16,10 +16,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
-GOLDEN = Path(__file__).parent / "data" / "golden-digits32.npz"
-LABELS, SEEDS = [0, 3, 7, 9], [0, 1, 2, 12345]
+MODELS = ("ecar-digits32", "ecar-emoji32")
+LABELS, SEEDS = [0, 3, 7, 8], [0, 1, 2, 12345]
+
+
+def golden_path(model: str) -> Path:
+    return Path(__file__).parent / "data" / f"golden-{model.removeprefix('ecar-')}.npz"
 ATOL = 2e-3
 
 
@@ -33,23 +38,24 @@ def settings(sampler) -> dict[str, str]:
     return {"cfg_scale": str(d.cfg_scale), "steps_per_stage": str(d.steps_per_stage), "cfg_schedule": d.cfg_schedule}
 
 
-def shipped_sampler():
+def shipped_sampler(model: str = "ecar-digits32"):
     from ecar_infer import Sampler
     from ecar_infer.weights import shipped_checkpoint
 
-    return Sampler.from_pretrained(shipped_checkpoint("ecar-digits32"), device="cpu", dtype="fp32", progress=False)
+    return Sampler.from_pretrained(shipped_checkpoint(model), device="cpu", dtype="fp32", progress=False)
 
 
+@pytest.mark.parametrize("model", MODELS)
 @torch.no_grad()
-def test_shipped_model_reproduces_its_golden_latents():
-    sampler = shipped_sampler()
-    with np.load(GOLDEN) as golden:
+def test_shipped_model_reproduces_its_golden_latents(model):
+    sampler = shipped_sampler(model)
+    with np.load(golden_path(model)) as golden:
         expected, stored = golden["latents"], {k: str(golden[k]) for k in ("cfg_scale", "steps_per_stage", "cfg_schedule")}
         assert golden["labels"].tolist() == LABELS and golden["seeds"].tolist() == SEEDS
     assert settings(sampler) == stored, ("the shipped model's recommended settings changed: regenerate the golden "
                                          "latents with `python tests/test_golden.py`")
     got = sample(sampler)
-    assert got.shape == expected.shape == (len(LABELS), 1, 32, 32)
+    assert got.shape == expected.shape == (len(LABELS), sampler.config.latent_channels, 32, 32)
     err = np.abs(got - expected).max()
     assert err <= ATOL, f"latents moved by up to {err:.3g} (tolerance {ATOL}); if intended, regenerate (see above)"
 
@@ -74,13 +80,14 @@ def test_an_old_checkpoint_samples_as_before_the_head_variants():
 
 
 def write_golden() -> None:
-    sampler = shipped_sampler()
-    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        latents = sample(sampler)
-    np.savez_compressed(GOLDEN, latents=latents, labels=np.array(LABELS), seeds=np.array(SEEDS),
-                        **{k: np.array(v) for k, v in settings(sampler).items()})
-    print(f"wrote {GOLDEN} ({latents.shape}, settings {settings(sampler)})")
+    for model in MODELS:
+        sampler, path = shipped_sampler(model), golden_path(model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            latents = sample(sampler)
+        np.savez_compressed(path, latents=latents, labels=np.array(LABELS), seeds=np.array(SEEDS),
+                            **{k: np.array(v) for k, v in settings(sampler).items()})
+        print(f"wrote {path} ({latents.shape}, settings {settings(sampler)})")
 
 
 if __name__ == "__main__":
