@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_euler import euler_update
 from .triton_support import flat, runs_on
 
 BLOCK = 1024
@@ -22,13 +23,7 @@ def _clamped_euler_kernel(X, V_COND, V_UNCOND, W, KEEP, KNOWN_START, KNOWN_END, 
                           GUIDED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    x = tl.load(X + offs, mask=mask).to(tl.float32)
-    v = tl.load(V_COND + offs, mask=mask).to(tl.float32)
-    if GUIDED:
-        v_uncond = tl.load(V_UNCOND + offs, mask=mask).to(tl.float32)
-        w = tl.load(W + offs // per_sample, mask=mask).to(tl.float32)
-        v = v_uncond + w * (v - v_uncond)
-    x = x + dr * v
+    x = euler_update(X, V_COND, V_UNCOND, W, offs, mask, per_sample, dr, GUIDED)
     keep = tl.load(KEEP + offs, mask=mask, other=0) != 0
     known = mask & keep
     start = tl.load(KNOWN_START + offs, mask=known, other=0.0).to(tl.float32)

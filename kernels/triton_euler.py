@@ -15,16 +15,23 @@ BLOCK = 1024
 
 
 @triton.jit
-def _euler_kernel(X, V_COND, V_UNCOND, W, n, per_sample, dr, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def euler_update(X, V_COND, V_UNCOND, W, offs, mask, per_sample, dr, GUIDED: tl.constexpr):
+    """x + dr * v at `offs` in fp32, v guided when GUIDED (w per sample); shared with triton_clamp."""
     x = tl.load(X + offs, mask=mask).to(tl.float32)
     v = tl.load(V_COND + offs, mask=mask).to(tl.float32)
     if GUIDED:
         v_uncond = tl.load(V_UNCOND + offs, mask=mask).to(tl.float32)
         w = tl.load(W + offs // per_sample, mask=mask).to(tl.float32)
         v = v_uncond + w * (v - v_uncond)
-    tl.store(X + offs, (x + dr * v).to(X.dtype.element_ty), mask=mask)
+    return x + dr * v
+
+
+@triton.jit
+def _euler_kernel(X, V_COND, V_UNCOND, W, n, per_sample, dr, GUIDED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = euler_update(X, V_COND, V_UNCOND, W, offs, mask, per_sample, dr, GUIDED)
+    tl.store(X + offs, x.to(X.dtype.element_ty), mask=mask)
 
 
 def _launch(x: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor | None, w: torch.Tensor | None,

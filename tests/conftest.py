@@ -56,3 +56,41 @@ def assert_matches_reference(out: torch.Tensor, oracle: torch.Tensor, same_preci
     rounding = (oracle.to(out.dtype).float() - oracle).abs().max().item()
     bound = 2 * err_torch + rounding + atol * max(1.0, oracle.abs().max().item())
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (same-precision torch: {err_torch:.3g})"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch computes with one thread for a whole module (use: pytestmark = usefixtures("one_thread")). Tiny
+    models train fastest so on a busy CPU, and the thread count changes the last bits of CPU sums, so runs
+    that are compared byte for byte (torchrun ranks use one thread each) must agree on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random pixel checkpoint (ecar-tiny: 16 px, 1 channel, 10 classes) recommending guidance 2."""
+    from ecar_infer import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=2), path, extra_metadata={"recommended_cfg": "2.0"})
+    return path
+
+
+def compile_for_sm90(script: str) -> None:
+    """Run `script` (which compiles kernels with Triton's NVIDIA backend for sm_90 and prints "compiled") in a
+    fresh interpreter without TRITON_INTERPRET: no GPU is needed, and it catches what only compilation sees."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    import triton.backends
+
+    if "nvidia" not in triton.backends.backends:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "compiled"

@@ -17,12 +17,6 @@ from ecar_infer.cli import build_parser, main
 TINY = ECARConfig.preset("ecar-tiny")  # pixel space, 16 px, 1 channel, 10 classes, 3 stages
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(random_model(TINY, seed=2), path, extra_metadata={"recommended_cfg": "2.0"})
-    return path
-
 
 def run(capsys, *args):
     """main() in-process: (exit status, stdout, stderr)."""

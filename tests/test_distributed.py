@@ -18,8 +18,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import random_model
-from ecar_infer import ECARConfig, save_checkpoint
 from ecar_infer.cli import main
 
 from test_cli import ecar_sample_command, run_interrupted
@@ -29,22 +27,8 @@ RANK_TIMEOUT = 3  # seconds; a dead rank is noticed at once (its connection drop
 REQUEST = ["--class", "0-4", "--per-class", "2", "--steps", "2", "--batch-size", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Every process of these tests computes with one thread, as torchrun's ranks do: on the CPU the
-    thread count changes how sums are split, and so the last bits of the images."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=4), path,
-                    extra_metadata={"recommended_cfg": "2.0"})
-    return path
 
 
 @pytest.fixture(scope="module")

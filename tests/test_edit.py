@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_matches_reference, random_model
+from conftest import assert_matches_reference, compile_for_sm90, random_model
 from ecar_infer import ECARConfig, Sampler
 from ecar_infer.editing import (EditRequest, as_keep_masks, known_endpoints, mask_pyramid, min_pool,
                                 region_mask)
@@ -390,20 +390,7 @@ print("compiled")
 @pytest.mark.slow
 def test_fused_kernel_compiles_for_hopper():
     """The interpreter never compiles: build the bf16-velocity variants for sm_90 with Triton's NVIDIA backend."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "compiled"
+    compile_for_sm90(COMPILE_SCRIPT)
 
 
 @pytest.mark.gpu

@@ -5,18 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import random_model
-from ecar_infer import ECARConfig, Sampler, save_checkpoint
+from ecar_infer import ECARConfig, Sampler
 from ecar_infer.edit_cli import main
 
 TINY = ECARConfig.preset("ecar-tiny")  # pixel space, 16 px, 1 channel, 10 classes, 3 stages
 
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_checkpoint(random_model(TINY, seed=2), path, extra_metadata={"recommended_cfg": "2.0"})
-    return path
 
 
 @pytest.fixture(scope="module")

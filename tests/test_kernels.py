@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import assert_matches_reference, poison_new_tensors, random_model  # noqa: E402
+from conftest import assert_matches_reference, compile_for_sm90, poison_new_tensors, random_model  # noqa: E402
 from ecar_infer.kernels import (force_backend, reference, triton_adaln, triton_attention,  # noqa: E402
                                 triton_euler, triton_renoise)
 from ecar_infer.kernels.triton_support import INTERPRETING  # noqa: E402
@@ -280,16 +280,4 @@ print("compiled")
 def test_kernels_compile_for_hopper():
     """The interpreter never compiles a kernel, so build the GPU variants (bf16, and fp32 attention) for
     sm_90 with Triton's NVIDIA backend, which needs no GPU: it catches what only compilation sees."""
-    import os
-    import subprocess
-    import sys
-
-    import triton.backends
-
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "compiled"
+    compile_for_sm90(COMPILE_SCRIPT)

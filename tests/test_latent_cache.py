@@ -15,12 +15,7 @@ from test_vae import tiny_autoencoder
 CONFIG = ECARConfig.preset("ecar-tiny-vae").replace(num_classes=2)   # 32 px images, 4 x 16 x 16 latents
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
