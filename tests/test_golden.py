@@ -60,34 +60,34 @@ def test_shipped_model_reproduces_its_golden_latents(model):
     assert err <= ATOL, f"latents moved by up to {err:.3g} (tolerance {ATOL}); if intended, regenerate (see above)"
 
 
-# Written by the code before the head variants (attention head, shortcut objective) and the shared AdaLN
-# layout existed, at the 10 steps per stage the shipped model then recommended: an old checkpoint must still
-# sample exactly as it did (never regenerate this file).
-BEFORE_HEAD_VARIANTS = Path(__file__).parent / "data" / "golden-digits32-before-head-variants.npz"
+# A random ecar-tiny checkpoint written, and sampled, by the code before the head variants (attention head,
+# shortcut objective) and the shared AdaLN layout existed (commit d0adc49, as below): a
+# checkpoint of that time must still load and sample exactly as it did. Never regenerate these two files.
+#
+#     model = ECARModel(ECARConfig.preset("ecar-tiny")).init_weights(7, zero_init=False).eval()
+#     save_checkpoint(model, path); sampler = Sampler(load_checkpoint(path), progress=False)
+#     constant = sampler.generate(labels, seed=seeds, cfg_scale=3.0, steps_per_stage=3,
+#                                 cfg_schedule="constant", output_type="latent")
+#     linear = sampler.generate(labels, seed=seeds, cfg_scale=2.5, steps_per_stage=4,
+#                               cfg_schedule="linear", output_type="latent")
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "tiny-before-head-variants.safetensors"
+OLD_LATENTS = Path(__file__).parent / "data" / "golden-tiny-before-head-variants.npz"
 
 
+@pytest.mark.parametrize("schedule, cfg_scale, steps", [("constant", 3.0, 3), ("linear", 2.5, 4)])
 @torch.no_grad()
-def test_an_old_checkpoint_samples_as_before_the_head_variants():
-    sampler = shipped_sampler()
-    with np.load(BEFORE_HEAD_VARIANTS) as golden:
-        expected = golden["latents"]
-        out = sampler.generate(golden["labels"].tolist(), seed=golden["seeds"].tolist(),
-                               cfg_scale=float(golden["cfg_scale"]), steps_per_stage=int(golden["steps_per_stage"]),
-                               cfg_schedule=str(golden["cfg_schedule"]), output_type="latent")
-    assert sampler.config.head_kind == "mlp" and sampler.config.head_objective == "flow"
+def test_an_old_checkpoint_samples_as_before_the_head_variants(schedule, cfg_scale, steps):
+    from ecar_infer import Sampler
+    from ecar_infer.checkpoint import load_checkpoint
+
+    model = load_checkpoint(OLD_CHECKPOINT)
+    assert model.config.head_kind == "mlp" and model.config.head_objective == "flow"
+    with np.load(OLD_LATENTS) as golden:
+        labels, seeds, expected = golden["labels"].tolist(), golden["seeds"].tolist(), golden[schedule]
+    out = Sampler(model, progress=False).generate(labels, seed=seeds, cfg_scale=cfg_scale, steps_per_stage=steps,
+                                                  cfg_schedule=schedule, output_type="latent")
     err = np.abs(out.images.numpy() - expected).max()
     assert err <= ATOL, f"latents moved by up to {err:.3g} since before the head variants"
-
-
-def write_golden() -> None:
-    for model in MODELS:
-        sampler, path = shipped_sampler(model), golden_path(model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            latents = sample(sampler)
-        np.savez_compressed(path, latents=latents, labels=np.array(LABELS), seeds=np.array(SEEDS),
-                            **{k: np.array(v) for k, v in settings(sampler).items()})
-        print(f"wrote {path} ({latents.shape}, settings {settings(sampler)})")
 
 
 if __name__ == "__main__":
