@@ -55,7 +55,7 @@ SAMPLES_DIR = "samples"
 # ---- the trainer ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainSettings:
-    # defaults: the recipe of the shipped weights/ecar-digits32.safetensors
+    # defaults: the first leg of the shipped weights/ecar-digits32.safetensors (its card has the warm restart)
     steps: int = 3000
     batch_size: int = 64            # global batch, split over the ranks
     lr: float = 1e-3
