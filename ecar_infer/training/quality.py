@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -197,8 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout", help="the held-out split (needed unless --data is digits32)")
     parser.add_argument("--per-class", type=int, default=100, help="generated images per class and setting")
     parser.add_argument("--seed", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, help="steps per stage (default: the checkpoint's recommended)")
     args = parser.parse_args(argv)
     sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
+    if args.steps is not None:
+        sampler.defaults = replace(sampler.defaults, steps_per_stage=args.steps)
     ref = None
     if args.data != "digits32":
         if not args.heldout:
