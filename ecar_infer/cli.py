@@ -58,34 +58,22 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 # ---- argument types ----------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def checked(parse, ok, requirement: str):
+    """An argparse type: parse(text), then ok(value), else "must be <requirement>, got <text>"."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+    return convert
 
 
-def seed_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED} (2**64-1), got {text!r}")
-    return value
-
-
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**64-1)")
+finite_float = checked(float, math.isfinite, "a finite number")
 
 
 def class_spec(text: str) -> list[tuple[int, int] | str | None]:

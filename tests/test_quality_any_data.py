@@ -49,3 +49,14 @@ def test_memorisation_tells_copies_from_new_images(reference):
     held = memorisation(reference.heldout, reference.heldout_labels, reference, "nearest")
     fresh = memorisation(new, labels, reference, "nearest")
     assert 0.2 < held < 0.8 and abs(fresh - held) < 0.2
+
+
+@pytest.mark.parametrize("model, steps", [("ecar-digits32", "0"), ("ecar-emoji32", "3")])
+def test_quality_cli_refuses_steps_the_head_cannot_take(model, steps, capsys):
+    from ecar_infer.training.quality import main
+    from ecar_infer.weights import shipped_checkpoint
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", str(shipped_checkpoint(model)), "--steps", steps])
+    assert exit_info.value.code == 2
+    assert "--steps" in capsys.readouterr().err

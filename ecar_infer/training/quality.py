@@ -13,7 +13,8 @@ images per class, the same with the median distance from a real image to its nea
     python -m ecar_infer.training.quality --ckpt emoji.safetensors --data emoji32.npz --heldout emoji32-heldout.npz
 
 prints the held-out accuracy of real images, the accuracy, FD and memorisation share of generated images
-without guidance and at the checkpoint's recommended settings, the FD of real images against real
+without guidance and at the checkpoint's recommended settings (its recommended steps per stage, or
+--steps N), the FD of real images against real
 images, and the diversity statistics that tests/test_quality.py checks.
 """
 from __future__ import annotations
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     import tempfile
 
     from ..sampler import Sampler
+    from ..schedule import plan_for
     from ..weights import shipped_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -201,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
     if args.steps is not None:
+        try:
+            plan_for(sampler.config, args.steps)   # a count this head cannot take is a usage error
+        except ValueError as err:
+            parser.error(f"--steps: {err}")
         sampler.defaults = replace(sampler.defaults, steps_per_stage=args.steps)
     ref = None
     if args.data != "digits32":
