@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
 from .config import ConfigError, ECARConfig
+from .defaults import SamplingDefaults
 from .model import ECARModel
 from .atomic import atomic_path
 
@@ -107,15 +108,17 @@ def _metadata(path: Path, config: ECARConfig, extra: dict[str, str]) -> dict[str
     bad = sorted(k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str))
     if bad:
         raise CheckpointError(path, f"extra_metadata keys and values must be strings; not so for {bad}")
-    _check_class_names(path, config, extra)
+    _check_entries(path, config, extra)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_json(), **extra}
 
 
-def _check_class_names(path: Path, config: ECARConfig, metadata: dict[str, str]) -> None:
-    """The optional class_names entry: one name per class (ecar_infer/class_names.py)."""
+def _check_entries(path: Path, config: ECARConfig, metadata: dict[str, str]) -> None:
+    """The optional entries the engine reads: class_names, one name per class (ecar_infer/class_names.py),
+    and the recommended_* sampling defaults (ecar_infer/defaults.py), which must fit the model."""
     try:
         parse_class_names(metadata.get(CLASS_NAMES_KEY), config.num_classes)
-    except ClassNameError as err:
+        SamplingDefaults.from_metadata(metadata, config)
+    except (ClassNameError, ValueError) as err:
         raise CheckpointError(path, str(err)) from None
 
 
@@ -136,7 +139,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(path, f"is a directory; give a .safetensors file or a *{INDEX_SUFFIX} index")
     metadata, entries = _read_index(path) if path.name.endswith(INDEX_SUFFIX) else _read_file(path)
     config = _config(path, metadata)
-    _check_class_names(path, config, metadata)
+    _check_entries(path, config, metadata)
     model = _build_on_meta(path, config, entries)
     stored_dtype = _check_tensors(path, model, entries)
     dtype = stored_dtype if dtype is None else dtype

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
+from .checks import finite_real, integers, is_integer
+
 if TYPE_CHECKING:
     import torch
 
@@ -108,10 +110,10 @@ def plan_steps(num_stages: int, steps_per_stage: int | Sequence[int], cfg_scale:
     shortcut_max_level: for a shortcut head, its finest level; each stage's step count must then be a
     power of two up to 2^shortcut_max_level, and the plan carries the level the head is told.
     """
-    if isinstance(steps_per_stage, int):
-        steps = [steps_per_stage] * num_stages
+    if is_integer(steps_per_stage):
+        steps = [int(steps_per_stage)] * num_stages
     else:
-        steps = [int(n) for n in steps_per_stage]
+        steps = integers("steps_per_stage", steps_per_stage, "an integer or a sequence of integers")
         if len(steps) != num_stages:
             raise ValueError(f"steps_per_stage has {len(steps)} entries but the model has {num_stages} stages; "
                              f"give one int or exactly {num_stages}")
@@ -120,7 +122,9 @@ def plan_steps(num_stages: int, steps_per_stage: int | Sequence[int], cfg_scale:
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     if cfg_interval is not None:
-        lo, hi = cfg_interval
+        if isinstance(cfg_interval, (str, bytes)) or not hasattr(cfg_interval, "__len__") or len(cfg_interval) != 2:
+            raise ValueError(f"cfg_interval must be a pair (lo, hi) of sigmas, got {cfg_interval!r}")
+        cfg_interval = lo, hi = tuple(finite_real("cfg_interval", v) for v in cfg_interval)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {cfg_interval}")
     plans = []

@@ -38,7 +38,16 @@ def sampler():
     (dict(class_labels=3), "class_labels must be a sequence of integers"),
     (dict(class_labels=torch.tensor([3.0])), "class_labels must hold integers"),
     (dict(seed=2**64), "seeds must lie in 0..2\\*\\*64-1"),
-    (dict(seed=-1), "seeds must lie in 0..2\\*\\*64-1"),
+    (dict(seed=-1), r"seeds must lie in 0..2\*\*64-1 \(torch.Generator's range\), got -1$"),
+    (dict(steps_per_stage=True), "steps_per_stage must be an integer or a sequence of integers, got True"),
+    (dict(steps_per_stage=2.0), "steps_per_stage must be an integer or a sequence"),
+    (dict(steps_per_stage="2"), "steps_per_stage must be an integer or a sequence"),
+    (dict(steps_per_stage=[2.5, 2, 2]), "steps_per_stage must be integers, got 2.5"),
+    (dict(cfg_scale="2"), "cfg_scale must be a number, got '2'"),
+    (dict(cfg_scale=True), "cfg_scale must be a number, got True"),
+    (dict(cfg_interval=()), "cfg_interval must be a pair"),
+    (dict(cfg_interval=(0.1, "x")), "cfg_interval must be a number"),
+    (dict(cfg_interval=(0.0, math.nan)), "cfg_interval must be a finite number"),
     (dict(seed=2**64 - 1, class_labels=[1, 2]), "seed may be at most 2\\*\\*64 - 2"),
     (dict(seed=[1.5]), "seed must be integers"),
     (dict(seed="7"), "seed must be a sequence of integers"),
@@ -54,6 +63,9 @@ def test_none_means_the_default_and_integer_kinds_are_accepted(sampler):
     plain = sampler.generate([1, 2], seed=5, output_type="latent")
     explicit = sampler.generate([1, 2], seed=5, output_type="latent", batch_size=2, **defaults)
     assert torch.equal(plain.images, explicit.images)
+    numpy_kinds = sampler.generate([1, 2], seed=5, output_type="latent", steps_per_stage=np.int64(2),
+                                   cfg_scale=np.float32(1.0))
+    assert torch.equal(plain.images, numpy_kinds.images)
     for labels in ([np.int64(1), np.int32(2)], np.array([1, 2]), torch.tensor([1, 2])):
         out = sampler.generate(labels, seed=[np.uint64(5), 6], output_type="latent", batch_size=None,
                                cfg_scale=None, cfg_schedule=None, steps_per_stage=None)

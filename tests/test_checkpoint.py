@@ -86,6 +86,8 @@ def test_save_leaves_no_temporary_files_and_rejects_bad_metadata(model, tmp_path
         save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"config": "{}"})
     with pytest.raises(CheckpointError, match="strings"):
         save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"recommended_cfg": 3.0})
+    with pytest.raises(CheckpointError, match="recommended_steps must be"):
+        save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"recommended_steps": "ten"})
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
@@ -138,6 +140,9 @@ def write_bad(kind, model, path):
         meta = metadata(model, config=model.config.to_json().replace('"num_heads": 2', '"num_heads": 3'))
     elif kind == "unknown config field":
         meta = metadata(model, config=json.dumps({**model.config.to_dict(), "colour": "blue"}))
+    elif kind.startswith("recommended_"):
+        key, value = kind.split("=", 1)
+        meta = metadata(model, **{key: value})
     save_file(tensors, path, metadata=meta)
 
 
@@ -160,6 +165,13 @@ BAD_FILES = {
     "invalid config JSON": "invalid config: config is not valid JSON",
     "config fails validation": r"invalid config: ECARConfig.num_heads=3: must divide width=32",
     "unknown config field": r"invalid config: unknown config field\(s\) \['colour'\]",
+    "recommended_steps=abc": r"recommended_steps must be one step count or one per stage.*got 'abc'",
+    "recommended_steps=0": r"recommended_steps='0' does not fit this model: steps_per_stage must be positive",
+    "recommended_steps=2,2": r"recommended_steps='2,2' does not fit .*2 entries but the model has 3 stages",
+    "recommended_steps=-2": r"recommended_steps must be one step count .*got '-2'",
+    "recommended_cfg=nan": r"recommended_cfg must be a finite number, got 'nan'",
+    "recommended_cfg=two": r"recommended_cfg must be a finite number, got 'two'",
+    "recommended_cfg_schedule=bogus": r"recommended_cfg_schedule must be one of \('constant', 'linear'\)",
 }
 
 

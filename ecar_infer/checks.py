@@ -1,0 +1,42 @@
+"""Type checks of the values a caller passes to the sampler (labels, seeds, steps, guidance).
+
+Light on purpose: schedule.py uses it and `ecar-sample --help` must not import torch.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+from collections.abc import Iterable
+
+
+def is_integer(value) -> bool:
+    """An int or numpy integer (bool excluded: True is no class label, seed or step count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def integers(name: str, values, expected: str = "a sequence of integers") -> list[int]:
+    """A sequence (or integer tensor) of integers as a list of ints; anything else is an error that says
+    what was `expected`."""
+    torch = sys.modules.get("torch")  # a tensor can only be given once torch is imported
+    if torch is not None and isinstance(values, torch.Tensor):
+        if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integers, got a tensor of {values.dtype}")
+        return values.flatten().tolist()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be {expected}, got {values!r}")
+    values = list(values)
+    bad = [v for v in values if not is_integer(v)]
+    if bad:
+        raise ValueError(f"{name} must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+    return [int(v) for v in values]
+
+
+def finite_real(name: str, value) -> float:
+    """A finite int or float (numpy scalars included; bool and strings are errors)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value

@@ -1,0 +1,63 @@
+"""Sampling defaults: the engine's, a shortcut head's, or a checkpoint's recommended_* metadata.
+
+The metadata is checked when a checkpoint is saved and when it is loaded (ecar_infer/checkpoint.py), so a
+bad entry is a CheckpointError, never a failure at the first generate().
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .checks import finite_real
+from .config import ECARConfig
+from .schedule import CFG_SCHEDULES, plan_for
+
+SHORTCUT_DEFAULT_STEPS = 4
+RECOMMENDED_KEYS = ("recommended_cfg", "recommended_steps", "recommended_cfg_schedule")
+_STEPS = re.compile(r"[0-9]{1,4}(,[0-9]{1,4})*")  # "2" or "1,2,2"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Defaults of generate(); a checkpoint's recommended_* metadata overrides them."""
+
+    cfg_scale: float = 1.0
+    steps_per_stage: int | tuple[int, ...] = 20
+    cfg_schedule: str = "constant"
+
+    @classmethod
+    def for_config(cls, config: ECARConfig | None) -> "SamplingDefaults":
+        """A shortcut head samples in few steps: 4 per stage unless its checkpoint recommends otherwise."""
+        return cls(steps_per_stage=SHORTCUT_DEFAULT_STEPS) if config is not None and config.shortcut else cls()
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str], config: ECARConfig | None = None) -> "SamplingDefaults":
+        """The defaults a checkpoint's metadata recommends; with `config`, also checked against the model
+        (stage count, a shortcut head's step grid). A bad entry raises ValueError naming it."""
+        out = cls.for_config(config)
+        if "recommended_cfg" in metadata:
+            value = metadata["recommended_cfg"]
+            try:
+                cfg_scale = finite_real("recommended_cfg", float(value))
+            except ValueError:
+                raise ValueError(f"recommended_cfg must be a finite number, got {value!r}") from None
+            out = cls(cfg_scale, out.steps_per_stage, out.cfg_schedule)
+        if "recommended_steps" in metadata:
+            value = str(metadata["recommended_steps"])
+            if not _STEPS.fullmatch(value):
+                raise ValueError(f"recommended_steps must be one step count or one per stage, comma-separated "
+                                 f"(\"2\" or \"1,2,2\"), got {value!r}")
+            steps = tuple(int(v) for v in value.split(","))
+            out = cls(out.cfg_scale, steps[0] if len(steps) == 1 else steps, out.cfg_schedule)
+        if "recommended_cfg_schedule" in metadata:
+            if metadata["recommended_cfg_schedule"] not in CFG_SCHEDULES:
+                raise ValueError(f"recommended_cfg_schedule must be one of {CFG_SCHEDULES}, "
+                                 f"got {metadata['recommended_cfg_schedule']!r}")
+            out = cls(out.cfg_scale, out.steps_per_stage, metadata["recommended_cfg_schedule"])
+        if config is not None:
+            try:
+                plan_for(config, out.steps_per_stage, out.cfg_scale, out.cfg_schedule)
+            except ValueError as err:
+                raise ValueError(f"recommended_steps={metadata.get('recommended_steps')!r} does not fit this "
+                                 f"model: {err}") from None
+        return out
