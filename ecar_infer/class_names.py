@@ -49,8 +49,13 @@ def list_classes(names: list[str] | None, num_classes: int, limit: int = 50) -> 
 
 
 def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:
-    """A class index from an index ('3') or a name: exact (case-insensitive) or an unambiguous prefix."""
+    """A class index from a name, exact (case-insensitive), else an index ('3'), else an unambiguous
+    prefix of a name. A name comes first, so that classes named by digits ("2", "3d") are found by name."""
     text = text.strip()
+    key = text.casefold()
+    exact = [i for i, n in enumerate(names or []) if n.casefold() == key]
+    if exact:
+        return exact[0]
     if text.isdigit():
         index = int(text)
         if index < num_classes:
@@ -58,10 +63,6 @@ def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:
         raise ClassNameError(f"class {index} is outside this model's classes: {list_classes(names, num_classes)}")
     if not names:
         raise ClassNameError(f"class {text!r}: this model has no class names; give an index 0-{num_classes - 1}")
-    key = text.casefold()
-    exact = [i for i, n in enumerate(names) if n.casefold() == key]
-    if exact:
-        return exact[0]
     matches = [i for i, n in enumerate(names) if n.casefold().startswith(key)]
     if len(matches) == 1:
         return matches[0]

@@ -51,10 +51,11 @@ class UsageError(Exception):
 def user_errors() -> tuple[type[Exception], ...]:
     """The errors printed as one line with status 2 (imported when needed: `--help` must not load torch)."""
     from .checkpoint import CheckpointError
+    from .kernels.dispatch import BackendError
     from .targets import ResumeError
     from .vae import VAEError
 
-    return UsageError, ResumeError, ConfigError, CheckpointError, VAEError
+    return UsageError, ResumeError, ConfigError, CheckpointError, VAEError, BackendError
 
 
 # ---- argument types ----------------------------------------------------------------------------------
@@ -76,22 +77,14 @@ seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SE
 finite_float = checked(float, math.isfinite, "a finite number")
 
 
-def class_spec(text: str) -> list[tuple[int, int] | str | None]:
-    """'3', '0-9', 'all', a class name or a comma list of them -> inclusive ranges (None: all classes;
-    a name stays a string until the model's class names resolve it)."""
-    ranges = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-        if part == "all":
-            ranges.append(None)
-        elif match and int(match[1]) <= int(match[2] or match[1]):
-            ranges.append((int(match[1]), int(match[2] or match[1])))
-        elif part and not part[0].isdigit():
-            ranges.append(part)
-        else:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a class: give an index, a range like 0-9, or all")
-    return ranges
+def class_spec(text: str) -> list[str | None]:
+    """'3', '0-9', 'all', a class name or a comma list of them -> one entry per part (None: all classes); the
+    parts are resolved once the model's class names are known (expand_classes)."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty class: give indices, ranges like 0-9, names "
+                                         f"or all, separated by commas")
+    return [None if part.lower() == "all" else part for part in parts]
 
 
 def steps_spec(text: str) -> int | tuple[int, ...]:
@@ -112,7 +105,7 @@ def interval_spec(text: str) -> tuple[float, float]:
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors are user errors too: one line, status 2
-        raise UsageError(f"{message} (see {PROG} --help)")
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def checkpoint_path(ckpt: str | None) -> Path:
@@ -126,21 +119,27 @@ def checkpoint_path(ckpt: str | None) -> Path:
     return Path(ckpt)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Every option is spelled so that torchrun passes it through to the script: none is a prefix of a
+DESCRIPTION = ("Sample class-conditional images from an E-CAR model, in one process or as every rank of torchrun. "
+               "Options may also be spelled with underscores (--cfg_scale).")
+
+
+def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: str = DEFAULT_OUT,
+                 torchrun: bool = True) -> Parser:
+    """ecar-sample's options; with torchrun=False, those of a command that runs in one process and writes
+    its output once, at the end (ecar-edit): no --rank-timeout, and no help about ranks or resuming.
+
+    Every option is spelled so that torchrun passes it through to the script: none is a prefix of a
     torchrun option (as --n is of --nnodes and --nproc-per-node), which tests/test_cli.py checks."""
     from .weights import default_checkpoint, shipped_models
 
-    p = Parser(prog=PROG, description="Sample class-conditional images from an E-CAR model, in one process or "
-                                      "as every rank of torchrun. Options may also be spelled with "
-                                      "underscores (--cfg_scale).")
+    p = Parser(prog=prog, description=description)
     what = p.add_argument_group("what to sample")
     what.add_argument("--class", dest="classes", action="append", type=class_spec, required=True, metavar="C",
                       help="class index, name (or an unambiguous prefix of one), range (0-9), comma list or "
                            "'all'; repeatable")
     what.add_argument("--per-class", "--n", dest="per_class", type=positive_int, default=1, metavar="N",
-                      help="images per class (default 1); under torchrun spell it --per-class (torchrun takes "
-                           "--n for its own --nnodes / --nproc-per-node)")
+                      help="images per class (default 1)" + ("; under torchrun spell it --per-class (torchrun "
+                           "takes --n for its own --nnodes / --nproc-per-node)" if torchrun else ""))
     what.add_argument("--seed", type=seed_int, default=0, metavar="S", help="image k gets seed SEED+k (default 0)")
     model = p.add_argument_group("model")
     model.add_argument("--ckpt", metavar="PATH", help=f"checkpoint .safetensors or *.safetensors.index.json, or "
@@ -162,26 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("execution")
     run.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="images per batch (default 64)")
     run.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
-                     help="under torchrun, CUDA means each rank's cuda:LOCAL_RANK")
+                     help="under torchrun, CUDA means each rank's cuda:LOCAL_RANK" if torchrun else "default auto")
     run.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="default: bf16 on CUDA, fp32 on CPU")
     run.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly on CUDA")
     run.add_argument("--compile", action="store_true",
                      help="wrap each sampling unit in torch.compile (optional; minutes of compilation at first use)")
     run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                      help="allow TF32 for fp32 matmuls on CUDA (default on)")
-    run.add_argument("--rank-timeout", type=positive_int, default=DEFAULT_RANK_TIMEOUT, metavar="S",
-                     help=f"under torchrun, how long a rank waits for the others before it stops with an error "
-                          f"(default {DEFAULT_RANK_TIMEOUT}; a rank that exits is noticed at once)")
+    if torchrun:
+        run.add_argument("--rank-timeout", type=positive_int, default=DEFAULT_RANK_TIMEOUT, metavar="S",
+                         help=f"under torchrun, how long a rank waits for the others before it stops with an "
+                              f"error (default {DEFAULT_RANK_TIMEOUT}; a rank that exits is noticed at once)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     out = p.add_argument_group("output (one of)").add_mutually_exclusive_group()
     out.add_argument("--out", metavar="FILE", help=f"one grid image (.png, .jpg or .webp), a row per class while "
-                                                   f"--per-class is 2-{MAX_GRID_COLUMNS} (default {DEFAULT_OUT})")
+                                                   f"--per-class is 2-{MAX_GRID_COLUMNS} (default {default_out})")
     p.add_argument("--label-rows", action="store_true", help="write each row's class name beside the --out grid")
-    out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png "
-                                                     "(resumes; torchrun shards it)")
-    out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file FILE.npz: uint8 NHWC arr_0 and labels "
-                                                   "(resumes from FILE.parts/; torchrun shards it)")
+    out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png " + (
+        "(resumes; torchrun shards it)" if torchrun else "(each written atomically once all are edited; no resume)"))
+    out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file FILE.npz: uint8 NHWC arr_0 and labels " + (
+        "(resumes from FILE.parts/; torchrun shards it)" if torchrun else "(written atomically)"))
     return p
 
 
@@ -254,8 +254,10 @@ def sampling_device(args, group: distributed.Group) -> str:
 
 
 def load_sampler(args, group: distributed.Group = distributed.Group()):
+    from .kernels.dispatch import forced_backend
     from .sampler import Sampler
 
+    forced_backend()  # reads ECAR_BACKEND now: a bad value is refused before any work (BackendError)
     options = dict(device=sampling_device(args, group), dtype=args.dtype, vae=args.vae,
                    cuda_graphs=not args.no_cuda_graphs, compile=args.compile, tf32=args.tf32, progress=False)
     if args.random_init:
@@ -283,16 +285,23 @@ def load_sampler(args, group: distributed.Group = distributed.Group()):
         raise
 
 
-def expand_classes(specs: list[list[tuple[int, int] | str | None]], num_classes: int, n: int,
-                   names: list[str] | None = None) -> list[int]:
+def expand_classes(specs: list[list[str | None]], num_classes: int, n: int, names: list[str] | None = None) -> list[int]:
+    """The class of every image: each --class part, a class name (exact, case-insensitive: so a class named
+    "2" or "3d" is found by its name), an index, a range LO-HI, or None for all, then `n` images per class."""
     classes = []
-    for lo_hi in (r for spec in specs for r in spec):
-        if isinstance(lo_hi, str):
+    for part in (p for spec in specs for p in spec):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part) if part is not None else None
+        if part is None:
+            lo, hi = 0, num_classes - 1
+        elif match and not (names and part.casefold() in {name.casefold() for name in names}):
+            lo, hi = int(match[1]), int(match[2] or match[1])
+            if lo > hi:
+                raise UsageError(f"--class {part}: a range runs from low to high, e.g. {hi}-{lo}")
+        else:
             try:
-                lo_hi = (resolve_class(lo_hi, names, num_classes),) * 2
+                lo = hi = resolve_class(part, names, num_classes)
             except ClassNameError as err:
                 raise UsageError(f"--class: {err}") from None
-        lo, hi = lo_hi if lo_hi is not None else (0, num_classes - 1)
         if hi >= num_classes:
             given = f"{lo}" if lo == hi else f"{lo}-{hi}"
             listing = f": {list_classes(names, num_classes)}" if names else f" 0-{num_classes - 1}"
@@ -327,6 +336,26 @@ def check_sampling_args(args, sampler, count: int) -> None:
 DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
+def content_sha256(path: Path) -> str:
+    """The sha256 of what a checkpoint or VAE path holds: a file, a sharded checkpoint's index and its shards,
+    or every file of a folder (a diffusers VAE), so that a file replaced under the same name is a change."""
+    from .checkpoint import INDEX_SUFFIX
+
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    elif path.name.endswith(INDEX_SUFFIX):  # load_checkpoint has checked the index and its shards
+        files = [path, *(path.parent / name for name in sorted(set(json.loads(path.read_text())["weight_map"].values())))]
+    else:
+        files = [path]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def run_settings(args, sampler, labels: list[int]) -> dict:
     """What decides the pixels of a run, with every default resolved (so spelling out a default is no
     change): a rerun writes into the same --npz or --outdir only if all of it agrees."""
@@ -336,10 +365,14 @@ def run_settings(args, sampler, labels: list[int]) -> dict:
     steps = defaults.steps_per_stage if args.steps is None else args.steps
     interval = None if args.cfg_interval in (None, (0.0, 1.0)) else list(args.cfg_interval)  # [0, 1]: everywhere
     cuda = sampler.device.type == "cuda"
+    ckpt = None if args.random_init else checkpoint_path(args.ckpt).resolve()
+    vae = Path(args.vae).resolve() if latent and args.vae else None
     return dict(
-        ckpt=None if args.random_init else str(checkpoint_path(args.ckpt).resolve()),
+        ckpt=str(ckpt) if ckpt else None,
+        ckpt_sha256=content_sha256(ckpt) if ckpt else None,
         random_init=args.random_init,
-        vae=(str(Path(args.vae).resolve()) if args.vae else "random") if latent else None,
+        vae=(str(vae) if vae else "random") if latent else None,
+        vae_sha256=content_sha256(vae) if vae else None,
         vae_slicing=args.vae_slicing if latent else None,
         vae_tiling=args.vae_tiling if latent else None,
         seed=args.seed,

@@ -5,42 +5,54 @@
     ecar-edit --image in.png --mode outpaint --mask center --class 3 --n 8    # keep the centre, draw around it
     ecar-edit --image in.png --mode vary --from-stage 2 --class 3 --n 8       # variations keeping the layout
 
-It takes every option of `ecar-sample` (model, sampling, execution; output as one PNG grid, --outdir or
---npz) with the same meaning, plus --image, --mask, --mode and --from-stage. Each output image k uses
-seed --seed + k. Every user error prints one line `ecar-edit: error: ...` and exits with status 2, before
-any sampling; outputs are checked for writability first and written atomically.
+It takes the options of `ecar-sample` (model, sampling, execution; output as one grid image with
+--label-rows, --outdir or --npz) with the same meaning, except that it runs in one process (no torchrun,
+no --rank-timeout) and writes its output once every image is edited (no resume), plus --image, --mask,
+--mode and --from-stage. Each output image k uses seed --seed + k. Every user error prints one line
+`ecar-edit: error: ...` and exits with status 2, before any sampling (the library's errors are said in
+the command line's terms); outputs are checked for writability first and written atomically. Ctrl-C
+prints what was written and exits with status 130.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 from pathlib import Path
 
 from . import cli
-from .editing import MODES, REGIONS
-from .editing import EditInputError
-from .output import make_grid, save_image, save_npz
+from .editing import MODES, REGIONS, EditInputError
+from .output import save_npz
 
 PROG = "ecar-edit"
 DEFAULT_OUT = "edits.png"
+DESCRIPTION = ("Inpaint, outpaint or vary an image with an E-CAR model (no retraining). Takes ecar-sample's "
+               "options, in one process. Options may also be spelled with underscores.")
+
+# EditInputError speaks Python (Sampler.edit's arguments); the command line's words for the same things.
+# The CLI gives one --image, edited once per output image.
+CLI_TERMS = (
+    (r"\bfrom_stage\b", "--from-stage"),
+    (r"\bmode '(\w+)'", r"--mode \1"),
+    (r"\b(no|with|needs)(?: the| a)? mask\b", r"\1 --mask"),
+    (r"\bTrue \(white\)", "white"),
+    (r"\bimage\(s\) \[[\d, ]*\]", "--image"),
+    (r"\bgenerate\(\)", "ecar-sample"),
+    (r"\buint8 masks keep values >= 128", "mask pixels >= 128 are kept"),
+)
 
 
-class Parser(cli.Parser):
-    def error(self, message: str):
-        raise cli.UsageError(f"{message} (see {PROG} --help)")
+def in_cli_terms(message: str) -> str:
+    """An EditInputError's message with the library's names replaced by the command line's."""
+    for pattern, replacement in CLI_TERMS:
+        message = re.sub(pattern, replacement, message)
+    return message
 
 
-def build_parser() -> Parser:
-    # ecar-sample's options, inherited whole so both commands stay in step; -h is redefined here
-    p = Parser(prog=PROG, parents=[cli.build_parser()], conflict_handler="resolve",
-               description="Inpaint, outpaint or vary an image with an E-CAR model (no retraining). Takes every "
-                           "option of ecar-sample. Options may also be spelled with underscores.")
-    helps = {"out": f"one PNG grid, a row per class (default {DEFAULT_OUT})",
-             "npz": "ADM-evaluator file: uint8 NHWC arr_0 and labels"}
-    for action in p._actions:
-        action.help = helps.get(action.dest, action.help)
+def build_parser() -> cli.Parser:
+    p = cli.build_parser(PROG, DESCRIPTION, DEFAULT_OUT, torchrun=False)
     edit = p.add_argument_group("what to edit")
     edit.add_argument("--image", required=True, metavar="PNG", help="the image to edit, at the model's image size")
     edit.add_argument("--mask", metavar="PNG|REGION",
@@ -49,7 +61,8 @@ def build_parser() -> Parser:
                            f"not with --mode vary")
     edit.add_argument("--mode", choices=MODES, default="inpaint", help="default inpaint")
     edit.add_argument("--from-stage", type=int, metavar="K",
-                      help="keep the image's stages below K wholly (0-based; default 1 for vary, else 0)")
+                      help="keep the image's stages below K wholly (0-based; default for --mode vary: the last stage, "
+                           "e.g. 2 of a 3-stage model, so that only the finest is regenerated; else 0)")
     return p
 
 
@@ -91,18 +104,15 @@ def prepare(args):
     return sampler, labels, image, mask
 
 
-def write(args, images, labels: list[int], seeds: list[int]) -> str:
-    """The edits as a grid, one PNG each, or an NPZ file; returns what was written."""
-    if args.outdir:
-        for image, label, seed in zip(images, labels, seeds):
-            save_image(image, Path(args.outdir) / f"class{label:03d}_seed{seed:06d}.png")
-        return f"{len(labels)} PNG files in {args.outdir}"
-    if args.npz:
-        save_npz(images, labels, args.npz)
+def write(args, target, out) -> str:
+    """The edits into ecar-sample's grid (--label-rows too) or folder `target`, or (target None) into one
+    --npz file, not ecar-sample's resumable FILE.parts/; returns what was written."""
+    if target is None:
+        save_npz(out.images, out.class_labels, args.npz)
         return args.npz
-    columns = args.per_class if 1 < args.per_class <= cli.MAX_GRID_COLUMNS else None
-    save_image(make_grid(images, columns=columns), args.out)
-    return f"{args.out} (a grid of {len(labels)})"
+    for b, batch in enumerate(target.batches):
+        target.write(b, out.images[batch.start:batch.stop])
+    return target.finish()
 
 
 @contextlib.contextmanager
@@ -126,24 +136,36 @@ def warnings_to_stderr():
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    target = None  # where the output is being written, once editing is done
+    saved = None   # on Ctrl-C: what is on disk
     with warnings_to_stderr():
         try:
             args = build_parser().parse_args(cli.normalize(sys.argv[1:] if argv is None else list(argv)))
             args.out = args.out or (None if args.outdir or args.npz else DEFAULT_OUT)
             sampler, labels, image, mask = prepare(args)
             seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
-            # edit() checks its inputs (mask, mode, from_stage) before any sampling
-            out = sampler.edit(image, labels, mask=mask, mode=args.mode, from_stage=args.from_stage, seed=seeds,
-                               cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,
-                               cfg_interval=args.cfg_interval, output_type="np", batch_size=args.batch_size)
-        except (*cli.user_errors(), EditInputError) as err:
-            print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-            return 2
-        try:
-            written = write(args, out.images, out.class_labels, out.seeds)
-        except OSError as err:
-            print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)
-            return 1
+            try:  # edit() checks its inputs (mask, mode, from_stage) before any sampling
+                out = sampler.edit(image, labels, mask=mask, mode=args.mode, from_stage=args.from_stage,
+                                   seed=seeds, cfg_scale=args.cfg_scale, steps_per_stage=args.steps,
+                                   cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval,
+                                   output_type="np", batch_size=args.batch_size,
+                                   progress=not (args.quiet or args.no_progress))
+            except EditInputError as err:
+                raise cli.UsageError(in_cli_terms(str(err))) from None
+            target = None if args.npz else cli.make_target(args, sampler, labels, seeds)
+            try:
+                written = write(args, target, out)
+            except OSError as err:
+                print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)
+                return cli.EXIT_FAILED
+        except cli.user_errors() as err:
+            print(f"{PROG}: error: {cli.one_line(err)}", file=sys.stderr)
+            return cli.EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            saved = target.saved() if target else "nothing was written"
+    if saved is not None:  # said once the interrupted call is unwound, so that its progress bar is closed
+        print(f"{PROG}: interrupted: {saved}", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
     if not args.quiet:
         seconds = out.timings["total_s"]
         rate = f" ({len(labels) / seconds:.2f} images/s)" if seconds > 0 else ""

@@ -4,7 +4,8 @@
   [-1, 1]; PIL mode-L masks, bool arrays, built-in region names) into tensors, with clear errors.
 * The math: the data pyramid (average pooling, as in training), the mask pyramid (min pooling: a coarse
   element is kept only if all it covers is kept), and each stage's known endpoints X_start, X_end.
-* `EditRequest`: what one request keeps (the known latents, the keep-mask at latent resolution, from_stage).
+* `EditRequest`: what one request keeps (the known latents, the keep-mask at latent resolution, from_stage),
+  and the input pixels with their pixel keep-mask for a latent model's final paste after decoding.
 * `EditBuffers`: an engine's static buffers for an edit, in token layout, and the per-stage clamp. Each
   stage has a mode fixed per request shape: "known" (kept wholly: no flow loop, its end is X_end),
   "clamp" (the Euler step fused with the clamp) or "free" (the plain loop). A request whose stages are
@@ -82,15 +83,28 @@ class EditInputError(ValueError):
 @dataclass
 class EditRequest:
     """The known content of an edit: scaled latents [N, C, h, w] (fp32), their keep-mask [N, 1, h, w]
-    (bool, latent resolution), and from_stage (stages 0..from_stage-1 are kept wholly)."""
+    (bool, latent resolution), from_stage (stages 0..from_stage-1 are kept wholly), and for the final
+    paste the input pixels [N, C, H, W] in [-1, 1] with their keep-mask [N, 1, H, W] (bool, pixels)."""
 
     latents: torch.Tensor
     keep: torch.Tensor
     from_stage: int = 0
+    pixels: torch.Tensor | None = None
+    pixel_keep: torch.Tensor | None = None
 
     def select(self, rows: Sequence[int]) -> "EditRequest":
         index = torch.as_tensor(list(rows), dtype=torch.long)
-        return EditRequest(self.latents[index], self.keep[index], self.from_stage)
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return EditRequest(self.latents[index], self.keep[index], self.from_stage, pick(self.pixels),
+                           pick(self.pixel_keep))
+
+    def paste(self, images: torch.Tensor) -> torch.Tensor:
+        """The final paste of a latent model's edit: the input's kept pixels over its decoded images
+        [N, C, H, W] in [-1, 1], so that every pixel the mask keeps is the input's, exactly."""
+        if self.pixels is None or not bool(self.pixel_keep.any()):
+            return images
+        keep = self.pixel_keep.to(images.device)
+        return torch.where(keep, self.pixels.to(images.device, images.dtype), images)
 
     def kept_wholly(self) -> list[int]:
         """The images whose every latent element is kept (their output is their input)."""
@@ -277,7 +291,8 @@ def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_s
     the user's mask, mode and from_stage (checked here, with clear errors), and the model's encoder."""
     if mode not in MODES:
         raise EditInputError(f"mode must be one of {MODES}, got {mode!r}")
-    from_stage = (1 if mode == "vary" else 0) if from_stage is None else from_stage
+    if from_stage is None:  # vary: regenerate the last stage only, keeping the layout (docs/BENCHMARKS.md)
+        from_stage = config.num_stages - 1 if mode == "vary" else 0
     if not isinstance(from_stage, numbers.Integral) or not 0 <= from_stage < config.num_stages:
         raise EditInputError(f"from_stage must be an integer in 0..{config.num_stages - 1} (this model has "
                          f"{config.num_stages} stages), got {from_stage!r}")
@@ -294,7 +309,8 @@ def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_s
         keep = as_keep_masks(mask, size, mode)
     if len(keep) not in (1, count):
         raise EditInputError(f"got {len(keep)} masks for {count} images: give one mask, or one per image")
-    keep = min_pool(keep, down).expand(count, -1, -1, -1)
+    pixel_keep = keep.expand(count, -1, -1, -1)
+    keep = min_pool(pixel_keep, down)
     if from_stage == 0 and mode != "vary":
         nothing = [k for k, m in enumerate(keep.flatten(1)) if not bool(m.any())]
         if nothing:
@@ -302,4 +318,4 @@ def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_s
             raise EditInputError(f"the mask keeps nothing of image(s) {nothing}{block}: there is nothing to edit; use "
                              f"generate() for new images (uint8 masks keep values >= 128)")
     latents = encode(pixels).cpu().expand(count, -1, -1, -1)
-    return EditRequest(latents, keep, int(from_stage))
+    return EditRequest(latents, keep, int(from_stage), pixels.cpu().expand(count, -1, -1, -1), pixel_keep)

@@ -32,6 +32,10 @@ PREFERENCE = {op: ("flash", "triton", "sdpa", "reference") for op in ATTENTION_O
 DEFAULT_PREFERENCE = ("triton", "reference")
 
 
+class BackendError(ValueError):
+    """ECAR_BACKEND names no backend (a user's setting, reported as such by the command-line tools)."""
+
+
 def _always(*args: Any, **kwargs: Any) -> bool:
     return True
 
@@ -100,7 +104,8 @@ def _environment_backend() -> str | None:
     if _env_backend is _UNREAD:
         name = os.environ.get("ECAR_BACKEND", "auto").strip().lower() or "auto"
         if name not in BACKEND_NAMES + ("auto",):
-            raise ValueError(f"ECAR_BACKEND={name!r} is not a backend: choose one of {BACKEND_NAMES + ('auto',)}")
+            raise BackendError(f"ECAR_BACKEND={name!r} is not a backend: set it to one of "
+                               f"{BACKEND_NAMES + ('auto',)}, or unset it")
         _env_backend = None if name == "auto" else name
     return _env_backend
 

@@ -35,6 +35,15 @@ def test_exact_name_wins_over_a_longer_one():
     assert resolve_class("cat", ["catfish", "cat"], 2) == 1
 
 
+def test_names_made_of_digits_are_found_by_name_first():
+    folders = sorted(str(k) for k in range(12))  # an image folder's classes 0..11, in sorted (string) order
+    assert folders[4] == "2"
+    assert resolve_class("2", folders, 12) == 4       # the class named "2", not index 2 (named "10")
+    assert resolve_class("3d", ["2d", "3d"], 2) == 1
+    assert resolve_class("01_cat", ["01_cat", "02_dog"], 2) == 0
+    assert resolve_class("1", ["2d", "3d"], 2) == 1   # no such name: an index
+
+
 @pytest.mark.parametrize("text, problem", [("not json", "JSON list"), ('{"a": 1}', "JSON list"),
                                            ('["a", 3]', "JSON list"), ('["a", ""]', "JSON list"),
                                            ('["a"]', "1 names for 2 classes"),
@@ -113,3 +122,17 @@ def test_label_rows_keeps_grayscale_and_places_each_label_by_its_row():
     margin = out.shape[1] - 16
     ink_rows = np.flatnonzero((out[:, :margin, 0] < 128).any(axis=1))
     assert ink_rows.min() < 16 and ink_rows.max() >= 18   # ink in both rows
+
+
+def test_ecar_sample_finds_classes_named_by_digits_by_name(tmp_path, capsys):
+    names = ["2", "3d", "10", "a", "b", "c", "d", "e", "f", "g"]
+    path = tmp_path / "digit-names.safetensors"
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=4), path,
+                    extra_metadata={"class_names": encode_class_names(names, 10)})
+    out = tmp_path / "s.npz"
+    args = ["--ckpt", str(path), "--class", "2,3D,5-6,1", "--steps", "1", "--npz", str(out), "--device", "cpu", "-q"]
+    assert sample_main(args) == 0, capsys.readouterr().err
+    with np.load(out) as data:
+        assert data["labels"].tolist() == [0, 1, 5, 6, 1]  # "2" and "3D" by name; 5-6 and 1 as indices
+    assert sample_main(["--ckpt", str(path), "--class", "6-5", "--out", str(tmp_path / "x.png"), "-q"]) == 2
+    assert "--class 6-5: a range runs from low to high, e.g. 5-6" in capsys.readouterr().err

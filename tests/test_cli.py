@@ -147,19 +147,40 @@ def ckpt_copy(ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vae_file(tmp_path_factory):
+def ckpt_other(ckpt, tmp_path_factory):
+    """Other weights with the same config and metadata as ckpt."""
+    path = tmp_path_factory.mktemp("other") / "tiny-other.safetensors"
+    save_checkpoint(random_model(TINY, seed=9), path, extra_metadata={"recommended_cfg": "2.0"})
+    return path
+
+
+def random_vae_file(folder, seed=0):
     from ecar_infer.vae import save_autoencoder, sd_vae_random
 
-    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
-    save_autoencoder(sd_vae_random(config=ECARConfig.preset("ecar-tiny-vae")), path)
+    path = folder / f"vae{seed}.safetensors"
+    save_autoencoder(sd_vae_random(seed, config=ECARConfig.preset("ecar-tiny-vae")), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def vae_file(tmp_path_factory):
+    return random_vae_file(tmp_path_factory.mktemp("vae"))
+
+
+@pytest.fixture(scope="module")
+def vae_other(tmp_path_factory):
+    return random_vae_file(tmp_path_factory.mktemp("vae"), seed=1)
 
 
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TINY_VAE = "--random-init ecar-tiny-vae"
-# settings field -> (the first run's arguments, the rerun's); each pair differs in that field
+# settings field -> (the first run's arguments, the rerun's[, a file replaced by other content of the same
+# kind before the rerun]); each case differs in that field
 FIELD_CHANGES = {
     "ckpt": ("--ckpt {ckpt}", "--ckpt {ckpt_copy}"),
+    "ckpt_sha256": ("--ckpt {tmp}/model.safetensors", "--ckpt {tmp}/model.safetensors", "model.safetensors"),
+    "vae_sha256": (TINY_VAE + " --vae {tmp}/vae.safetensors", TINY_VAE + " --vae {tmp}/vae.safetensors",
+                   "vae.safetensors"),
     "random_init": ("--ckpt {ckpt}", "--random-init ecar-tiny"),
     "vae": (TINY_VAE, TINY_VAE + " --vae {vae}"),
     "vae_slicing": (TINY_VAE, TINY_VAE + " --vae-slicing"),
@@ -202,15 +223,22 @@ def test_the_field_table_covers_every_settings_field(ckpt, tmp_path, capsys, mon
 @pytest.mark.parametrize("field", [pytest.param(f, marks=getattr(c, "marks", ())) for f, c in FIELD_CHANGES.items()])
 def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, ckpt_copy, tmp_path, capsys, monkeypatch,
                                                 request):
-    first, second = field_case(field)
+    first, second, *replaced = field_case(field)
     files = dict(ckpt=ckpt, ckpt_copy=ckpt_copy, tmp=tmp_path)
     if "{vae}" in second:
         files["vae"] = request.getfixturevalue("vae_file")
+    # a file replaced under the same name: first the one content, before the rerun the other
+    contents = {"model.safetensors": ("ckpt", "ckpt_other"), "vae.safetensors": ("vae_file", "vae_other")}
+    before, after = (request.getfixturevalue(name) for name in contents[replaced[0]]) if replaced else (None, None)
+    if replaced:
+        shutil.copy(before, tmp_path / replaced[0])
     out_args, where = OUTPUTS[output]
     common = ["--class", "1", "--per-class", "3", "--steps", "2", "--batch-size", "2", "-q",
               *out_args.format(**files).split()]
     start_and_interrupt(capsys, monkeypatch, [*common, *first.format(**files).split()])  # the last of a flag wins
     record = sorted(tmp_path.rglob("run.json"))[0].read_bytes()
+    if replaced:
+        shutil.copy(after, tmp_path / replaced[0])
     code, stdout, stderr = run(capsys, *common, *second.format(**files).split())
     lines = [line for line in stderr.splitlines() if not line.startswith("ecar-sample: warning:")]
     assert code == 2 and stdout == "" and len(lines) == 1, stderr
@@ -405,4 +433,21 @@ def test_shipped_models_by_name_and_the_color_default(tmp_path, capsys):
 def test_a_shortcut_model_refuses_other_step_counts_in_one_line(tmp_path, capsys):
     code, _, stderr = run(capsys, "--class", "1", "--steps", "3", "--out", tmp_path / "x.png")  # the emoji default
     assert code == 2 and len(stderr.splitlines()) == 1 and "power of two" in stderr, stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_bad_ecar_backend_is_a_user_error(ckpt, tmp_path, capsys, monkeypatch):
+    from ecar_infer.kernels import dispatch
+
+    monkeypatch.setenv("ECAR_BACKEND", "tritn")
+    dispatch.reread_environment()
+    try:
+        code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--steps", "1", "--out",
+                                   tmp_path / "x.png", "--no-progress")
+    finally:
+        monkeypatch.delenv("ECAR_BACKEND")
+        dispatch.reread_environment()
+    assert code == 2 and stdout == "" and "Traceback" not in stderr, stderr
+    assert stderr.strip() == ("ecar-sample: error: ECAR_BACKEND='tritn' is not a backend: set it to one of "
+                              "('flash', 'triton', 'sdpa', 'reference', 'auto'), or unset it")
     assert not (tmp_path / "x.png").exists()

@@ -95,17 +95,112 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
         (("--image", tmp_path / "junk.png", "--mask", "left"), "not an image file"),
         (("--image", path, "--mask", tmp_path / "small.png"), "--mask .* is 8x8 pixels"),
         (("--image", path, "--mask", "middle"), "no such file, and not a built-in region"),
-        (("--image", path, "--mask", tmp_path / "none.png"), "keeps nothing"),
-        (("--image", path), "mode 'inpaint' needs a mask"),
-        (("--image", path, "--mode", "vary", "--mask", "left"), "takes no mask"),
-        (("--image", path, "--mode", "vary", "--from-stage", "3"), "from_stage must be an integer in 0..2"),
+        # the library's errors (EditInputError), said in the command line's terms
+        (("--image", path, "--mask", tmp_path / "none.png"),
+         r"the mask keeps nothing of --image: .*use ecar-sample for new images \(mask pixels >= 128 are kept\)"),
+        (("--image", path), "--mode inpaint needs --mask: white where the pixels are kept"),
+        (("--image", path, "--mode", "vary", "--mask", "left"),
+         (r"--mode vary takes no --mask \(it keeps the coarse stages below --from-stage\); .*use --mode inpaint "
+          r"with --mask and --from-stage")),
+        (("--image", path, "--mode", "vary", "--from-stage", "3"), "--from-stage must be an integer in 0..2"),
+        (("--image", path, "--mask", "left", "--from-stage", "-1"), "--from-stage must be an integer in 0..2"),
         (("--image", path, "--mask", "left", "--mode", "erase"), "invalid choice: 'erase'"),
+        (("--image", path, "--mask", "left", "--rank-timeout", "5"), "unrecognized arguments: --rank-timeout"),
     ]
     for args, message in cases:
         code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", out, *args)
         assert code == 2, (args, stderr)
         assert stderr.startswith("ecar-edit: error: ") and stderr.count("\n") == 1, stderr
         assert re.search(message, stderr), (message, stderr)
+        assert not re.search(r"from_stage|generate\(\)|mode '|image\(s\)|uint8|True", stderr), stderr
         assert not out.exists()
     code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "12", "--image", path, "--mask", "left", "--out", out)
     assert code == 2 and "--class 12 is outside this model's classes 0-9" in stderr
+
+
+def test_help_offers_only_what_ecar_edit_does(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--rank-timeout" not in text and "torchrun" not in text and "resume" not in text.replace("no resume", "")
+    assert "DIR/class003_seed000017.png (each written atomically once all are edited; no resume)" in text
+    assert "--label-rows" in text and "--no-progress" in text and "(default edits.png)" in text
+    assert "for --mode vary: the last stage, e.g. 2 of a 3-stage model" in text
+
+
+def test_label_rows_label_the_grid_as_ecar_sample_does(ckpt, image, tmp_path, capsys):
+    from ecar_infer.class_names import label_rows
+
+    path, _ = image
+    common = ("--ckpt", ckpt, "--image", path, "--mask", "top", "--class", "3-4", "--n", "2", "--steps", "2", "-q")
+    assert run(capsys, *common, "--out", tmp_path / "plain.png")[0] == 0
+    assert run(capsys, *common, "--out", tmp_path / "labelled.png", "--label-rows")[0] == 0
+    plain = np.asarray(Image.open(tmp_path / "plain.png"))[..., None]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "labelled.png")), label_rows(plain, ["3", "4"], 16)[..., 0])
+
+
+def test_progress_bar_unless_no_progress_or_quiet(ckpt, image, tmp_path, capsys):
+    path, _ = image
+    common = ("--ckpt", ckpt, "--image", path, "--mask", "left", "--class", "1", "--steps", "2",
+              "--out", tmp_path / "e.png")
+    code, stdout, stderr = run(capsys, *common)
+    assert code == 0 and "editing" in stderr and "edited 1 images" in stdout
+    for flag in ("--no-progress", "-q"):
+        code, _, stderr = run(capsys, *common, flag)
+        assert code == 0 and stderr == "", (flag, stderr)
+
+
+def test_vary_by_default_keeps_every_stage_but_the_last(ckpt, image, tmp_path, capsys):
+    path, _ = image
+    common = ("--ckpt", ckpt, "--image", path, "--mode", "vary", "--class", "2", "--n", "2", "--steps", "2", "-q")
+    outputs = {}
+    for name, extra in {"default": (), "2": ("--from-stage", "2"), "1": ("--from-stage", "1")}.items():
+        assert run(capsys, *common, *extra, "--npz", tmp_path / f"{name}.npz")[0] == 0
+        with np.load(tmp_path / f"{name}.npz") as data:
+            outputs[name] = data["arr_0"]
+    assert np.array_equal(outputs["default"], outputs["2"])
+    assert not np.array_equal(outputs["default"], outputs["1"])
+
+
+def test_ctrl_c_prints_what_was_written_and_exits_130(ckpt, image, tmp_path, capsys, monkeypatch):
+    from ecar_infer import targets
+
+    path, _ = image
+    common = ("--ckpt", ckpt, "--image", path, "--mask", "left", "--class", "1", "--n", "2", "--steps", "2", "-q")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # while editing: nothing is written
+        patch.setattr(Sampler, "edit", interrupt)
+        code, stdout, stderr = run(capsys, *common, "--out", tmp_path / "e.png")
+    assert (code, stdout, stderr) == (130, "", "ecar-edit: interrupted: nothing was written\n")
+    assert not (tmp_path / "e.png").exists()
+
+    sample_latents, batches = Sampler._sample_latents, []
+
+    def interrupt_second_batch(self, *args, **kwargs):
+        batches.append(len(batches))  # (holding args would keep the progress bar alive)
+        if len(batches) > 1:
+            raise KeyboardInterrupt
+        return sample_latents(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:  # with the progress bar on: the line comes after the closed bar
+        patch.setattr(Sampler, "_sample_latents", interrupt_second_batch)
+        code, _, stderr = run(capsys, *common[:-1], "--batch-size", "1", "--out", tmp_path / "e.png")
+    assert code == 130 and "editing" in stderr
+    assert stderr.endswith("\necar-edit: interrupted: nothing was written\n")  # on a line of its own, last
+    assert not (tmp_path / "e.png").exists()
+
+    save_image, calls = targets.save_image, []
+
+    def save_once_then_interrupt(image, where):  # while writing --outdir: the first batch is saved
+        calls.append(where)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        save_image(image, where)
+
+    monkeypatch.setattr(targets, "save_image", save_once_then_interrupt)
+    code, _, stderr = run(capsys, *common, "--batch-size", "1", "--outdir", tmp_path / "out")
+    assert (code, stderr) == (130, f"ecar-edit: interrupted: 1 of 2 batches are saved in {tmp_path / 'out'}/\n")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["class001_seed000000.png"]
