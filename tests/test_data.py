@@ -1,11 +1,14 @@
 """Training data sources: image folders and .npz files on tiny generated images, the resize rule, the
 resumable disk cache, and every bad-data error."""
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ecar_infer import ECARConfig
+from ecar_infer.training import data as data_module
 from ecar_infer.training import diskcache
 from ecar_infer.training.data import (DataError, DataDraws, PixelBatches, load_image, open_data, open_image_folder,
                                       open_npz, resize_center_crop)
@@ -61,6 +64,23 @@ def test_image_folder_classes_labels_and_cache(tmp_path):
     again = open_image_folder(root, RGB16, tmp_path / "cache")   # reuses the finished cache
     assert np.array_equal(again.pixels, data.pixels)
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".npy"]
+
+
+def test_an_image_rewritten_in_place_at_the_same_size_is_decoded_again(tmp_path):
+    """A BMP of the same dimensions has the same byte size: only its modification time tells the cache."""
+    root = make_folder(tmp_path / "imgs")
+    image = root / "b_cat" / "0.bmp"
+    Image.fromarray(random_images(1, 16, 16, seed=1)[0]).save(image)
+    before = open_image_folder(root, RGB16, tmp_path / "cache")
+    row = before.class_names.index("b_cat") * 2   # b_cat's files, sorted: 0.bmp, 0.png, 1.png
+    assert np.array_equal(before.pixels[row], load_image(image, 16, 3))
+    size, mtime_ns = image.stat().st_size, image.stat().st_mtime_ns
+    Image.fromarray(random_images(1, 16, 16, seed=2)[0]).save(image)
+    os.utime(image, ns=(mtime_ns + 10**9, mtime_ns + 10**9))
+    assert image.stat().st_size == size
+    after = open_image_folder(root, RGB16, tmp_path / "cache")
+    assert np.array_equal(after.pixels[row], load_image(image, 16, 3))
+    assert not np.array_equal(after.pixels[row], before.pixels[row])
 
 
 def test_npz_is_memory_mapped_in_place_or_cached_when_compressed_or_resized(tmp_path):
@@ -128,6 +148,32 @@ def test_unreadable_image_is_named(tmp_path):
         open_image_folder(root, RGB16, tmp_path / "cache")
 
 
+def test_every_file_that_is_not_an_image_is_named_before_any_decoding(tmp_path, monkeypatch):
+    """In any chunk of the cache build: the first 20 by name, then a count."""
+    monkeypatch.setattr(data_module, "CACHE_CHUNK", 2)   # a_dog, b_cat and c_eel decode in separate chunks
+    root = make_folder(tmp_path / "imgs")
+    for i in range(11):
+        (root / "a_dog" / f"bad{i:02d}.png").write_bytes(b"not a png")
+        (root / "c_eel" / f"bad{i:02d}.jpg").write_bytes(b"")
+    with pytest.raises(DataError) as error:
+        open_image_folder(root, RGB16, tmp_path / "cache")
+    message = str(error.value)
+    assert message.startswith("22 images cannot be read: ") and message.endswith("and 2 more; remove or replace them")
+    assert message.count("cannot identify image file") == 20 and "\n" not in message
+    assert "a_dog/bad00.png" in message and "c_eel/bad08.jpg" in message and "c_eel/bad09.jpg" not in message
+
+
+def test_images_that_fail_to_decode_are_named_together(tmp_path):
+    """Truncated images pass the header check and fail in the decoding; those of a chunk are named at once."""
+    root = make_folder(tmp_path / "imgs", sizes=((64, 64),))
+    for name in ("a_dog/1.png", "c_eel/0.png"):
+        whole = (root / name).read_bytes()
+        (root / name).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"^2 images cannot be read: .*a_dog/1.png \(.*truncated.*\), "
+                                        r".*c_eel/0.png \(.*truncated.*\); remove or replace them$"):
+        open_image_folder(root, RGB16, tmp_path / "cache")
+
+
 def test_empty_class_and_missing_classes_are_named(tmp_path):
     root = make_folder(tmp_path / "imgs")
     (root / "d_fox").mkdir()
@@ -137,6 +183,24 @@ def test_empty_class_and_missing_classes_are_named(tmp_path):
     (tmp_path / "flat").mkdir()
     with pytest.raises(DataError, match="no class sub-folders"):
         open_image_folder(tmp_path / "flat", RGB16, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("class_names, config_classes, empty", [(["a", "b", "c"], 3, r"2 \(c\)"), (None, 3, "2")])
+def test_npz_class_without_images_is_named(tmp_path, class_names, config_classes, empty):
+    path = tmp_path / "d.npz"
+    extra = {} if class_names is None else {"class_names": np.array(class_names)}
+    np.savez(path, images=random_images(4, 16, 16), labels=np.array([0, 1, 1, 0]), **extra)
+    with pytest.raises(DataError, match=f"d.npz: no images of class\\(es\\) {empty} of the 3 classes; add images"):
+        open_npz(path, RGB16.replace(num_classes=config_classes), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("class_names, problem", [(["a", "A", "b"], "differ only in case"),
+                                                  (["a", " ", "b"], "non-empty strings")])
+def test_npz_bad_class_names_name_the_file(tmp_path, class_names, problem):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=random_images(3, 16, 16), labels=np.arange(3), class_names=np.array(class_names))
+    with pytest.raises(DataError, match=f"d.npz: class_names .*{problem}.*; give each class a distinct"):
+        open_npz(path, RGB16, tmp_path / "cache")
 
 
 def test_class_count_must_match_the_config(tmp_path):
@@ -179,5 +243,9 @@ def test_open_data_dispatch_and_errors(tmp_path):
     assert len(digits) == 20 and digits.images([0]).shape == (1, 1, 16, 16)
     with pytest.raises(DataError, match="not found"):
         open_data(str(tmp_path / "missing.npz"), RGB16, tmp_path)
+    upper = tmp_path / "UPPER.NPZ"
+    with open(upper, "wb") as f:   # np.savez would add .npz to the name
+        np.savez(f, images=random_images(3, 16, 16), labels=np.arange(3))
+    assert len(open_data(str(upper), RGB16, tmp_path / "cache")) == 3
     with pytest.raises(DataError, match="--train-size applies to digits32 only"):
         open_data(str(tmp_path), RGB16, tmp_path, train_size=3)

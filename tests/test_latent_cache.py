@@ -76,7 +76,7 @@ def test_training_batches_sample_from_the_posterior(vae, images, tmp_path):
 
 
 def test_ecar_train_on_latents_takes_the_vae_scaling_factor_and_never_encodes_after_the_cache(
-        images, tmp_path, monkeypatch):
+        images, tmp_path, monkeypatch, capsys):
     vae = tiny_autoencoder()
     vae.register_to_config(scaling_factor=0.3)
     vae_path = tmp_path / "vae.safetensors"
@@ -97,5 +97,6 @@ def test_ecar_train_on_latents_takes_the_vae_scaling_factor_and_never_encodes_af
     model = load_checkpoint(tmp_path / "run" / "final.safetensors")
     assert model.config.vae_scaling_factor == pytest.approx(0.3)
     assert model.checkpoint_metadata["class_names"] == '["cat", "dog"]'
-    with pytest.raises(SystemExit, match="give --vae PATH"):
+    with pytest.raises(SystemExit) as exit_info:
         main(common[:4] + common[6:] + ["--steps", "1"])
+    assert exit_info.value.code == 2 and "give --vae PATH" in capsys.readouterr().err

@@ -5,11 +5,13 @@ import json
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from ecar_infer import ECARConfig, load_checkpoint
+from ecar_infer.training import trainer as trainer_module
 from ecar_infer.training.data import ImageSet, PixelBatches
 from ecar_infer.training.digits import build_split
 from ecar_infer.training.objective import FlowMatchingObjective, StepDraws, draw_step, stage_targets
@@ -21,10 +23,14 @@ SETTINGS = TrainSettings(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def digits16():
+def digits16_split():
     images, labels = build_split("train", 64, image_size=16)
     return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    return digits16_split()
 
 
 def make_trainer(config, data, settings=SETTINGS, rank=0, world=1, **options):
@@ -171,19 +177,84 @@ def test_cli_work_folder_resume_and_metadata(tmp_path):
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step0000002.png", "step0000003.png"]
 
 
+def user_error(capsys, argv):
+    """The one stderr line of `ecar-train argv` exiting with status 2 (a user error)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("ecar-train: error: ") and err.count("\n") == 1, err
+    return err
+
+
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="ecar-train: error: .*nowhere.*not found"):
-        main(["--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path), "--steps", "1"])
-    with pytest.raises(SystemExit, match="digits32 train split: the images have 1 channel.*latent_channels=3"):
-        main(["--preset", "ecar-emoji32", "--train-size", "10", "--workdir", str(tmp_path), "--steps", "1"])
-def _ddp_worker(rank, port, config, data, out):
+    err = user_error(capsys, ["--data", str(tmp_path / "nowhere"), "--workdir", str(tmp_path), "--steps", "1"])
+    assert "nowhere: not found" in err
+    err = user_error(capsys, ["--preset", "ecar-emoji32", "--train-size", "10", "--workdir", str(tmp_path),
+                              "--steps", "1"])
+    assert "digits32 train split: the images have 1 channel(s) but the config has latent_channels=3" in err
+
+
+def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
+    path = tmp_path / "d.npz"
+    images = np.zeros((3, 16, 16, 1), np.uint8)
+    np.savez(path, images=images, labels=np.arange(3), class_names=np.array(["cat", "Cat", "dog"]))
+    err = user_error(capsys, ["--data", str(path), "--preset", "ecar-tiny", "--set", "num_classes=3",
+                              "--workdir", str(tmp_path), "--steps", "1"])
+    assert f"{path}: class_names has names that differ only in case" in err
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
+    (["--batch-size", "-2"], "argument --batch-size: must be a positive integer, got '-2'"),
+    (["--ckpt-every", "0"], "argument --ckpt-every: must be a positive integer"),
+    (["--steps", "0"], "argument --steps: must be a positive integer"),
+    (["--until", "0"], "argument --until: must be a positive integer"),
+    (["--accum", "0"], "argument --accum: must be a positive integer"),
+    (["--threads", "0"], "argument --threads: must be a positive integer"),
+    (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available here; use --device cpu"),
+    (["--metadata", "config=x"], "--metadata: extra_metadata may not set the reserved key(s) ['config']; fix"),
+    (["--metadata", 'class_names=["a"]'], "--metadata: class_names has 1 names for 10 classes; fix or drop"),
+])
+def test_cli_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch, args, problem):
+    def no_training(self):
+        raise AssertionError("a step was trained")
+
+    monkeypatch.setattr(Trainer, "train_step", no_training)
+    monkeypatch.setattr(trainer_module.torch.cuda, "is_available", lambda: False)
+    err = user_error(capsys, ["--train-size", "20", "--workdir", str(tmp_path), "--device", "cpu"] + args)
+    assert problem in err
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+# ---- DDP: two gloo ranks on the CPU, run once for the tests below ---------------------------------------
+DDP_STEPS, DDP_SETTINGS = 3, TrainSettings(steps=3, batch_size=8, seed=0)
+
+
+def record_reads(trainer):
+    """The data rows each step of `trainer` reads: a list per images() call (one per step here)."""
+    reads, images = [], trainer.data.images
+    read = images.images
+
+    def recording(index):
+        reads.append(np.asarray(index).tolist())
+        return read(index)
+
+    images.images = recording
+    return reads
+
+
+def _ddp_worker(rank, port, out):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device, rank, world = setup_distributed("cpu")
-    trainer = make_trainer(config, data, TrainSettings(steps=3, batch_size=8, seed=0), rank, world)
-    for _ in range(3):
+    trainer = make_trainer(ECARConfig.preset("ecar-tiny"), digits16_split(), DDP_SETTINGS, rank, world)
+    reads = record_reads(trainer)
+    for _ in range(DDP_STEPS):
         trainer.train_step()
+    out[f"reads{rank}"] = reads
     if rank == 0:
         out.update(trainer.state_tensors())
     teardown_distributed(trainer)
@@ -192,19 +263,37 @@ def _ddp_worker(rank, port, config, data, out):
     os._exit(0)
 
 
-def test_two_rank_gloo_ddp_matches_one_process(tiny_config, digits16):
-    """Each rank trains on its shard of the same global batch; the averaged gradients equal the
-    one-process gradient of the whole batch, so the weights agree after a few steps."""
+@pytest.fixture(scope="module")
+def ddp_and_single(one_thread):
+    """(what the two DDP ranks report, a one-process trainer of the same run and the rows it read)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_ddp_worker, args=(port, tiny_config, digits16, out), nprocs=2)
+        mp.spawn(_ddp_worker, args=(port, out), nprocs=2)
         ddp = dict(out)
-    single = make_trainer(tiny_config, digits16, TrainSettings(steps=3, batch_size=8, seed=0))
-    for _ in range(3):
+    single = make_trainer(ECARConfig.preset("ecar-tiny"), digits16_split(), DDP_SETTINGS)
+    reads = record_reads(single)
+    for _ in range(DDP_STEPS):
         single.train_step()
+    return ddp, single, reads
+
+
+def test_two_rank_gloo_ddp_matches_one_process(ddp_and_single):
+    """Each rank trains on its shard of the same global batch; the averaged gradients equal the
+    one-process gradient of the whole batch, so the weights agree after a few steps."""
+    ddp, single, _ = ddp_and_single
     for name, value in single.state_tensors().items():
         if name.startswith("model."):
             torch.testing.assert_close(ddp[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_each_ddp_rank_reads_only_its_shard_of_the_global_batch(ddp_and_single):
+    """Rank k reads rows k, k+2, ... of each step's global batch (what one process reads): the two shards
+    split the batch's positions between them and together are the whole batch."""
+    ddp, _, whole = ddp_and_single
+    assert len(whole) == DDP_STEPS and all(len(batch) == DDP_SETTINGS.batch_size for batch in whole)
+    assert len(ddp["reads0"]) == len(ddp["reads1"]) == DDP_STEPS
+    for batch, rows0, rows1 in zip(whole, ddp["reads0"], ddp["reads1"]):
+        assert rows0 == batch[0::2] and rows1 == batch[1::2]

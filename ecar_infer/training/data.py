@@ -12,8 +12,11 @@ grayscale (1-channel configs).
 
 Nothing holds the whole data set in memory: an uncompressed .npz at the right size is memory-mapped in
 place; an image folder, a compressed .npz or one of another size is converted once into a uint8
-memory-mapped cache file (ecar_infer/training/diskcache.py: resumable, shared by the ranks), and every
-unreadable image is reported then, before training starts. Training reads only the rows it draws.
+memory-mapped cache file (ecar_infer/training/diskcache.py: resumable, shared by the ranks). Unreadable
+images stop that build, before training starts: every file that cannot be opened as an image is named
+before any decoding, and an image that fails to decode (a truncated file) when the build reaches it,
+with the others of its chunk of CACHE_CHUNK (at most MAX_NAMED names, and a count). Training reads only
+the rows it draws.
 """
 from __future__ import annotations
 
@@ -28,12 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..class_names import ClassNameError, encode_class_names
 from ..config import ECARConfig
 from .diskcache import cached_array
 
 DIGITS32 = "digits32"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 CACHE_CHUNK = 1024   # images decoded per step of the cache build (and per progress record)
+MAX_NAMED = 20       # files or classes an error names (then a count of the rest)
 
 
 class DataError(ValueError):
@@ -65,18 +70,63 @@ def on_white(image):
     return image
 
 
-def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
-    """uint8 [size, size, channels] (channels 1 or 3) from an image file, by the rules above."""
-    from PIL import Image, UnidentifiedImageError
+def _some(items: list, limit: int = MAX_NAMED) -> str:
+    """'a, b, c' or, past `limit` items, 'a, b, ... and N more'."""
+    shown = ", ".join(map(str, items[:limit]))
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
-    try:
-        with Image.open(path) as image:
-            image.load()
-            image = on_white(image).convert("L" if channels == 1 else "RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise DataError(f"{path}: cannot read the image ({err}); remove or replace the file") from None
+
+def _unreadable(failures: list[tuple[Path, Exception]]) -> DataError:
+    """The error of image files PIL cannot read: (path, PIL's error) pairs."""
+    if len(failures) == 1:
+        path, err = failures[0]
+        return DataError(f"{path}: cannot read the image ({err}); remove or replace the file")
+    return DataError(f"{len(failures)} images cannot be read: {_some([f'{p} ({e})' for p, e in failures])}; "
+                     f"remove or replace them")
+
+
+def _decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """load_image, raising PIL's own error (OSError or ValueError) for an unreadable file."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        image = on_white(image).convert("L" if channels == 1 else "RGB")
     array = np.asarray(resize_center_crop(image, size), dtype=np.uint8)
     return array[..., None] if channels == 1 else array
+
+
+def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """uint8 [size, size, channels] (channels 1 or 3) from an image file, by the rules above."""
+    try:
+        return _decode_image(path, size, channels)
+    except (OSError, ValueError) as err:   # PIL's UnidentifiedImageError is an OSError
+        raise _unreadable([(Path(path), err)]) from None
+
+
+def _open_header(path: Path) -> None:
+    """Read an image file's header only (cheap): fails on a file that is not an image at all."""
+    from PIL import Image
+
+    with Image.open(path):
+        pass
+
+
+def _each_image(fn, files: list[Path], workers: int) -> list:
+    """fn(file) for each file on a thread pool (PIL releases the GIL while decoding and resizing); one
+    DataError names every file fn fails on."""
+    def attempt(path: Path):
+        try:
+            return fn(path)
+        except (OSError, ValueError) as err:
+            return err
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(attempt, files))
+    failures = [(f, r) for f, r in zip(files, results) if isinstance(r, Exception)]
+    if failures:
+        raise _unreadable(failures)
+    return results
 
 
 def resize_array(pixels: np.ndarray, size: int) -> np.ndarray:
@@ -134,22 +184,41 @@ class ImageSet:
         if len(self.class_names) != config.num_classes:
             raise DataError(f"{self.description}: {len(self.class_names)} classes but the config has "
                             f"num_classes={config.num_classes}; use --set num_classes={len(self.class_names)}")
+        try:   # the names must make a valid checkpoint entry: found now, not at the first checkpoint
+            encode_class_names(self.class_names, config.num_classes)
+        except ClassNameError as err:
+            raise DataError(f"{self.description}: {err}; give each class a distinct, non-empty name") from None
         if not len(self):
             raise DataError(f"{self.description}: no images")
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> np.ndarray:
+def _check_labels(labels: np.ndarray, class_names: list[str], where: str) -> np.ndarray:
+    """The labels as int64, each one a class of `class_names` and every class with at least one image."""
+    num_classes = len(class_names)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         raise DataError(f"{where}: label {labels[bad[0]]} of image {bad[0]} is outside the classes "
                         f"0-{num_classes - 1} ({len(bad)} such label(s))")
+    empty = np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0)
+    if len(empty):
+        named = [str(i) if class_names[i] == str(i) else f"{i} ({class_names[i]})" for i in empty]
+        raise DataError(f"{where}: no images of class(es) {_some(named)} of the {num_classes} classes; add images "
+                        f"of them, or leave them out (renumber the labels, drop their `class_names` or lower "
+                        f"--set num_classes)")
     return labels.astype(np.int64)
 
 
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """(byte size, modification time in ns) of a file: what tells a cache that the file changed (an image
+    rewritten in place at the same size, as BMP and PPM files are, changes only its time)."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 # ---- .npz ------------------------------------------------------------------------------------------
@@ -231,19 +300,17 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
                         f"{list(images.shape)}")
     if len(images) != len(labels):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
-    num_classes = len(class_names) if class_names else config.num_classes
-    labels = _check_labels(labels, num_classes, str(path))
     class_names = class_names or [str(i) for i in range(config.num_classes)]
+    labels = _check_labels(labels, class_names, str(path))
+    nbytes, mtime_ns = _stamp(path)
     if not isinstance(images, np.memmap) or images.shape[1:3] != (size, size):
-        stat = path.stat()
-        key = {"npz": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "size": size}
+        key = {"npz": str(path.resolve()), "bytes": nbytes, "mtime_ns": mtime_ns, "size": size}
         source = images
         images = cached_array(Path(cache_dir) / f"pixels-{digest(key)}.npy", key,
                               (len(source), size, size, source.shape[-1]), np.uint8,
                               lambda a, b: resize_array(source[a:b], size), CACHE_CHUNK)
-    stat = path.stat()
     data = ImageSet(images, labels, class_names, str(path),
-                    digest([str(path.resolve()), stat.st_size, stat.st_mtime_ns, config.image_size]))
+                    digest([str(path.resolve()), nbytes, mtime_ns, config.image_size]))
     data.check(config, channels)
     return data
 
@@ -278,11 +345,16 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
     data.check(config, channels)   # before hours of decoding
     size = config.image_size
     key = {"folder": str(root.resolve()), "channels": c, "size": size,
-           "files": digest([(str(f.relative_to(root)), f.stat().st_size) for f in files])}
+           "files": digest([(str(f.relative_to(root)), *_stamp(f)) for f in files])}
+    workers = workers or min(8, os.cpu_count() or 1)
+    headers_read = False
 
-    def decode(a: int, b: int) -> np.ndarray:   # PIL releases the GIL while decoding and resizing
-        with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
-            return np.stack(list(pool.map(lambda f: load_image(f, size, c), files[a:b])))
+    def decode(a: int, b: int) -> np.ndarray:
+        nonlocal headers_read
+        if not headers_read:   # once per build, before decoding: every file that is not an image at all
+            _each_image(_open_header, files[a:], workers)
+            headers_read = True
+        return np.stack(_each_image(lambda f: _decode_image(f, size, c), files[a:b], workers))
 
     data.fingerprint = digest(key)
     data.pixels = cached_array(Path(cache_dir) / f"pixels-{data.fingerprint}.npy", key, (len(files), size, size, c),
@@ -314,7 +386,7 @@ def open_data(spec: str, config: ECARConfig, cache_dir: str | os.PathLike, chann
     path = Path(spec)
     if path.is_dir():
         return open_image_folder(path, config, cache_dir, channels)
-    if path.suffix == ".npz" and path.is_file():
+    if path.suffix.lower() == ".npz" and path.is_file():
         return open_npz(path, config, cache_dir, channels)
     raise DataError(f"--data {spec}: not found; give {DIGITS32}, an .npz file or an image folder "
                     f"(one sub-folder per class)")

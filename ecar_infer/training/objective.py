@@ -114,7 +114,7 @@ def draw_step(gen: torch.Generator, plan: StagePlan, data_size: int, batch: int)
 def shortcut_target(head: nn.Module, x_r: torch.Tensor, h: torch.Tensor, stage: int, r: torch.Tensor,
                     level: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
     """The self-consistency target of a step of size d = 2^-level from local ratio r: the mean of two
-    half steps of `head` (docs/MODEL.md, "Shortcut objective"), clipped.
+    half steps of `head` (docs/MODEL.md, "Head variants", its shortcut objective), clipped.
 
     x_r: [B, n, d] states; h: [B, n, D] trunk outputs; r, level: [B]. Returns [B, n, d].
     """
@@ -129,7 +129,7 @@ def shortcut_target(head: nn.Module, x_r: torch.Tensor, h: torch.Tensor, stage: 
 
 class ShortcutObjective(nn.Module):
     """Flow matching on the rows at the finest level, self-consistency on the others (docs/MODEL.md,
-    "Shortcut objective"): one MSE over all rows.
+    "Head variants", its shortcut objective): one MSE over all rows.
 
     The consistency targets come from the EMA head, without gradient, on the trunk's detached output,
     and the trunk gets gradient from the flow rows only. Labels are dropped on both kinds of rows, so

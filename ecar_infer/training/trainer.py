@@ -18,7 +18,7 @@ splits a rank's rows into equal micro-batches whose mean loss is the loss of the
 The resume state (<workdir>/state.safetensors) holds the model, the EMA, the AdamW moments and the
 generator state as tensors, and the step in its metadata: safetensors only, no pickle. The work folder
 also holds the EMA checkpoint (ema.safetensors), loss.csv and loss.png, and samples/stepNNNNNNN.png,
-grids of EMA samples, one row per class.
+grids of EMA samples, one row per class (for 10 evenly spaced classes when there are more).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -41,8 +42,10 @@ import torch.distributed as dist
 from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
+from ..cli import positive_int
 from ..config import ECARConfig
 from ..model import ECARModel
+from ..registry import preset_names
 from .objective import build_objective, draw_step
 
 STATE_FILE = "state.safetensors"
@@ -232,11 +235,12 @@ def sample_grid(trainer: Trainer, decoder, path: Path, metadata: dict[str, str],
     """A PNG of EMA samples: one labelled row per class (up to max_rows classes, evenly spaced), at the
     sampling settings the --metadata gives (the sampler's defaults otherwise), seeds 0, 1, ..."""
     from ..output import make_grid, save_image
-    from ..sampler import Sampler, SamplingDefaults
+    from ..defaults import SamplingDefaults
+    from ..sampler import Sampler
 
     num_classes = trainer.config.num_classes
     classes = np.linspace(0, num_classes - 1, min(max_rows, num_classes)).round().astype(int).tolist()
-    sampler = Sampler(copy.deepcopy(trainer.ema), decoder, SamplingDefaults.from_metadata(metadata),
+    sampler = Sampler(copy.deepcopy(trainer.ema), decoder, SamplingDefaults.from_metadata(metadata, trainer.config),
                       cuda_graphs=False, progress=False)
     labels = [c for c in classes for _ in range(per_class)]
     images = sampler.generate(labels, seed=0, output_type="np").images
@@ -246,11 +250,23 @@ def sample_grid(trainer: Trainer, decoder, path: Path, metadata: dict[str, str],
 
 
 # ---- command line ----------------------------------------------------------------------------
+def user_error(message: str) -> NoReturn:
+    """A mistake the user can fix: one line on stderr, exit status 2 (before any training)."""
+    print(f"ecar-train: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:   # argparse's own errors too: one line, status 2
+        user_error(f"{message} (see ecar-train --help)")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     d = TrainSettings()
-    p = argparse.ArgumentParser(prog="ecar-train", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="ecar-train", description=__doc__.split("\n\n")[0])
     model = p.add_argument_group("model")
-    model.add_argument("--preset", default="ecar-digits32", help="model config preset (ecar_infer.registry)")
+    model.add_argument("--preset", default="ecar-digits32", choices=preset_names(), metavar="NAME",
+                       help="model config preset (ecar_infer.registry)")
     model.add_argument("--config", help="a config JSON file instead of --preset")
     model.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="change one config field, e.g. num_classes=5 or latent_channels=3 (repeatable)")
@@ -265,9 +281,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--cache-dir", help="decoded images and latent caches (default <workdir>/cache); may be "
                                           "shared by runs on the same data")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, default=d.steps)
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch over all ranks")
-    opt.add_argument("--accum", type=int, default=1, help="micro-batches per step on each rank (gradient accumulation)")
+    opt.add_argument("--steps", type=positive_int, default=d.steps)
+    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch over all ranks")
+    opt.add_argument("--accum", type=positive_int, default=1,
+                     help="micro-batches per step on each rank (gradient accumulation)")
     opt.add_argument("--lr", type=float, default=d.lr)
     opt.add_argument("--warmup", type=int, default=d.warmup)
     opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -276,18 +293,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     run = p.add_argument_group("run")
     run.add_argument("--workdir", default="runs/digits32", help="resume state, EMA checkpoint, loss log, samples")
     run.add_argument("--out", help="final EMA checkpoint (default <workdir>/final.safetensors)")
-    run.add_argument("--ckpt-every", type=int, default=100, help="steps between resume states / EMA checkpoints")
+    run.add_argument("--ckpt-every", type=positive_int, default=100,
+                     help="steps between resume states / EMA checkpoints")
     run.add_argument("--sample-every", type=int, default=None,
                      help="steps between EMA sample grids in <workdir>/samples (default: --ckpt-every; 0: none)")
     run.add_argument("--resume", action="store_true", help="continue from <workdir>/state.safetensors if present")
-    run.add_argument("--until", type=int, help="stop after this step (the schedule still spans --steps) and write "
-                     "the EMA to <workdir>/ema-step<N>.safetensors; continue later with --resume")
+    run.add_argument("--until", type=positive_int,
+                     help="stop after this step (the schedule still spans --steps) and write the EMA to "
+                          "<workdir>/ema-step<N>.safetensors; continue later with --resume")
     run.add_argument("--init", help="start from this checkpoint's weights (same architecture; layers it lacks, such "
                      "as a shortcut head's level MLP, keep their initialisation)")
     run.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                      help="extra metadata for the final checkpoint, e.g. recommended_cfg=2.0 (repeatable)")
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda (torchrun: the local rank's GPU)")
-    run.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy CPU")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="auto, cpu or cuda (torchrun: the local rank's GPU)")
+    run.add_argument("--threads", type=positive_int,
+                     help="CPU threads (torch.set_num_threads); 1 is fastest on a busy CPU")
     run.add_argument("--grad-checkpoint", action="store_true",
                      help="recompute the trunk MLPs in the backward pass (less memory, large presets)")
     run.add_argument("--compile", action="store_true", help="torch.compile the training objective")
@@ -295,9 +316,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option in ("metadata", "set"):
         if any("=" not in kv for kv in getattr(args, option)):
             p.error(f"--{option} takes KEY=VALUE")
-    if args.accum < 1:
-        p.error("--accum must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here; use --device cpu (or auto)")
     return args
+
+
+def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> None:
+    """Refuse --metadata entries the checkpoint writer would refuse at the end of the run, now."""
+    from ..checkpoint import CheckpointError, _metadata
+
+    try:
+        _metadata(out, config, metadata)
+    except CheckpointError as err:
+        raise ValueError(f"--metadata: {err.problem}; fix or drop that entry") from None
 
 
 def build_config(args: argparse.Namespace) -> ECARConfig:
@@ -387,8 +418,11 @@ def main(argv: list[str] | None = None) -> None:
                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    final = Path(args.out) if args.out else workdir / "final.safetensors"
+    metadata = dict(kv.split("=", 1) for kv in args.metadata)
     try:
         config = build_config(args)
+        check_metadata(metadata, config, final)
         data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log)
         trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
         state_path = workdir / STATE_FILE
@@ -396,10 +430,8 @@ def main(argv: list[str] | None = None) -> None:
             trainer.load_state(state_path)
         elif args.init:
             trainer.init_from(Path(args.init))
-        metadata = dict(kv.split("=", 1) for kv in args.metadata)
-        encode_class_names(data.class_names, config.num_classes)   # fails now, not at the first checkpoint
     except (ValueError, OSError, VAEError, ConfigError, CheckpointError) as err:
-        raise SystemExit(f"ecar-train: error: {err}") from None
+        user_error(str(err))
     sample_every = args.ckpt_every if args.sample_every is None else args.sample_every
     train_log = TrainLog(workdir / LOG_FILE, trainer.step) if rank == 0 else None
     log(f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {data.description} "
@@ -430,9 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     if rank == 0:
         train_log.close()
-        out = Path(args.out) if args.out else workdir / "final.safetensors"
-        if stop < settings.steps:
-            out = workdir / f"ema-step{trainer.step}.safetensors"
+        out = final if stop == settings.steps else workdir / f"ema-step{trainer.step}.safetensors"
         trainer.export_ema(out, metadata)
         log(f"wrote {out} (step {trainer.step}, loss {trainer.loss_avg:.5f})")
     if world > 1:
