@@ -53,6 +53,47 @@ def test_flow_head_matches_hand_formula():
     assert counted["generator"] == counted["ar"] + counted["head"]  # the re-noise jumps have no matmuls
 
 
+def head_evaluation_flops(rows: int, n: int, attention: bool) -> int:
+    """One evaluation of the head on n tokens of each of `rows` images, from docs/MODEL.md's description:
+    input Linear(d -> W), the modulations Linear(W -> (3J + 2) W) on every token, K blocks, Linear(W -> d).
+    mlp head: J = K sub-blocks, each an MLP W -> W -> W. Attention head: J = 2K, each block's attention
+    sub-block adds QKV (W -> 3W) and the output projection (W -> W) on every token, and Q K^T and P V over
+    the n tokens of the stage (n x n x W each, all heads together)."""
+    tokens = rows * n
+    subblocks = 2 * K if attention else K
+    per_token = TOKEN_DIM * W + W * (3 * subblocks + 2) * W + K * 2 * W * W + W * TOKEN_DIM
+    if attention:
+        per_token += K * (3 * W * W + W * W)
+    scores = K * 2 * rows * n * n * W if attention else 0
+    return 2 * (tokens * per_token + scores)
+
+
+@pytest.mark.parametrize("kind, objective, steps", [("attention", "flow", 3), ("mlp", "shortcut", 2),
+                                                    ("attention", "shortcut", 4)])
+def test_head_variants_match_hand_formula(kind, objective, steps):
+    config = CONFIG.replace(head_kind=kind, head_num_heads=4, head_objective=objective)
+    expected = 0
+    for n in TOKENS:
+        cond = 2 * ROWS * n * D * W                       # Linear(h) once per stage
+        time = 2 * steps * (TIME_FREQ * W + W * W)        # TimeMLP of the stage's N sigmas
+        level = 2 * (TIME_FREQ * W + W * W) if objective == "shortcut" else 0  # LevelMLP of the stage's one level
+        expected += cond + time + level + steps * head_evaluation_flops(ROWS, n, kind == "attention")
+    counted = flops.ecar_flops(config, steps_per_stage=steps, cfg_scale=4.0)
+    assert counted["head"] == expected
+    assert counted["ar"] == flops.ecar_flops(CONFIG, steps_per_stage=steps, cfg_scale=4.0)["ar"]  # same trunk
+
+
+def test_default_presets_include_the_shipped_head_kinds():
+    """ecar-xl-attn@2 (the shipped digits model's head at its 2 steps) is counted and checked against the
+    150x target by default, beside the shortcut heads."""
+    assert "ecar-xl-attn@2" in flops.PRESETS
+    checked = {preset for preset, steps, ratio in flops.TARGETS if steps == 250 and ratio == 150.0}
+    assert {"ecar-xl-attn@2", "ecar-xl-attn-sc@2"} <= checked
+    rows = [{"preset": "ecar-xl-attn@2", "dit_ratio": {250: 146.6, 50: 29.3}}]
+    (target,) = flops.targets(rows)
+    assert target["required_ratio"] == 150.0 and not target["met"]
+
+
 def test_unguided_sampling_counts_one_branch():
     guided = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0)
     plain = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=1.0)
