@@ -34,6 +34,7 @@ from .class_names import ClassNameError, list_classes, parse_class_names, resolv
 from .config import ConfigError
 from .registry import get_preset, preset_names
 from .schedule import CFG_SCHEDULES
+from .weights import checkpoint_path  # --ckpt: a file, a shipped model's name, or None (the default)
 
 PROG = "ecar-sample"
 DEFAULT_OUT = "samples.png"
@@ -106,17 +107,6 @@ def interval_spec(text: str) -> tuple[float, float]:
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's own errors are user errors too: one line, status 2
         raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def checkpoint_path(ckpt: str | None) -> Path:
-    """--ckpt as a path: a file, a shipped model's name, or (not given) the default model."""
-    from .weights import default_checkpoint, shipped_checkpoint, shipped_models
-
-    if ckpt is None:
-        return default_checkpoint()
-    if not Path(ckpt).exists() and ckpt in shipped_models():
-        return shipped_checkpoint(ckpt)
-    return Path(ckpt)
 
 
 DESCRIPTION = ("Sample class-conditional images from an E-CAR model, in one process or as every rank of torchrun. "

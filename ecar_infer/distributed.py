@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -32,6 +33,16 @@ def launched_rank() -> int:
 
 class RankLost(RuntimeError):
     """Another rank stopped, or stopped answering, while this one waited for it."""
+
+
+def _detail(err: Exception, limit: int = 120) -> str:
+    """The first line of a torch/gloo error, without its "[file.cc:123] " source prefix, at most `limit`
+    characters: what to show in RankLost's one line."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", lines[0])
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 @dataclass
@@ -67,8 +78,8 @@ class Group:
         try:
             collective(*args, **kwargs)
         except RuntimeError as err:  # gloo: a peer's connection closed, or the timeout passed
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RankLost(f"another rank stopped or did not answer within {self.timeout_s:g} s ({detail})") from None
+            raise RankLost(f"another rank stopped or did not answer within {self.timeout_s:g} s "
+                           f"({_detail(err)})") from None
 
 
 def join(timeout_s: float) -> Group:
@@ -81,8 +92,7 @@ def join(timeout_s: float) -> Group:
     try:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
     except RuntimeError as err:  # a rank never came (torch's store and gloo errors are RuntimeErrors)
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RankLost(f"could not meet the other ranks within {timeout_s:g} s ({detail})") from None
+        raise RankLost(f"could not meet the other ranks within {timeout_s:g} s ({_detail(err)})") from None
     return Group(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), timeout_s)
 
 

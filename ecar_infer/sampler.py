@@ -107,12 +107,14 @@ class Sampler:
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None, vae=None, vae_slicing: bool = False,
                         vae_tiling: bool = False, **kwargs) -> "Sampler":
-        """A sampler for a safetensors checkpoint written by save_checkpoint."""
+        """A sampler for a safetensors checkpoint written by save_checkpoint: a path, or the name of a shipped
+        model ("ecar-emoji32", "ecar-digits32")."""
         from .checkpoint import load_checkpoint
+        from .weights import checkpoint_path
 
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
-        model = load_checkpoint(path, device=device, dtype=dtype)
+        model = load_checkpoint(checkpoint_path(path), device=device, dtype=dtype)
         decoder = build_decoder(model.config, vae, device, vae_dtype(dtype), slicing=vae_slicing, tiling=vae_tiling)
         metadata = getattr(model, "checkpoint_metadata", {})
         return cls(model, decoder, SamplingDefaults.from_metadata(metadata, model.config), **kwargs)

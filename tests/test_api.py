@@ -116,3 +116,16 @@ def test_a_copy_of_a_loaded_checkpoint_keeps_its_metadata(tmp_path):
     copy = load_checkpoint(tmp_path / "copy.safetensors")
     assert copy.checkpoint_metadata == {"recommended_steps": "10", "recommended_cfg": "2.0", "note": "kept"}
     assert Sampler.from_pretrained(tmp_path / "copy.safetensors", device="cpu").defaults.steps_per_stage == 10
+
+
+def test_from_pretrained_takes_a_shipped_models_name(tmp_path, monkeypatch):
+    from ecar_infer.weights import shipped_checkpoint
+
+    by_name = Sampler.from_pretrained("ecar-digits32", device="cpu", progress=False)
+    by_path = Sampler.from_pretrained(shipped_checkpoint("ecar-digits32"), device="cpu", progress=False)
+    assert by_name.defaults == by_path.defaults
+    for a, b in zip(by_name.model.parameters(), by_path.model.parameters()):
+        assert torch.equal(a, b)
+    monkeypatch.chdir(tmp_path)  # a file of that name in the working folder comes first
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=1), tmp_path / "ecar-digits32")
+    assert Sampler.from_pretrained("ecar-digits32", device="cpu").config == ECARConfig.preset("ecar-tiny")

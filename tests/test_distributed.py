@@ -166,3 +166,14 @@ def test_settings_refusal_and_user_errors_come_from_rank_0_alone(ckpt, tmp_path,
     assert spawn_ranks(2, ["--ckpt", str(ckpt), *REQUEST, "--npz", str(npz), "--seed", "1"], logs) == [2, 2]
     assert "holds images of a run with other settings (seed)" in log(logs, 0, "err")
     assert len(log(logs, 0, "err").splitlines()) == 1 and log(logs, 1, "err") == ""
+
+
+def test_rank_lost_shows_the_first_line_of_gloo_errors_without_their_source_location():
+    from ecar_infer.distributed import _detail
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:41234\nmore lines")
+    assert _detail(gloo) == "Connection closed by peer [127.0.0.1]:41234"
+    assert _detail(RuntimeError("")) == "RuntimeError"
+    long = _detail(RuntimeError("x" * 500))
+    assert len(long) == 120 and long.endswith("...")

@@ -18,3 +18,13 @@ def shipped_models() -> list[str]:
 def default_checkpoint() -> Path:
     """Path of the checkpoint `ecar-sample` uses when no --ckpt is given (it may not exist yet)."""
     return shipped_checkpoint(DEFAULT_MODEL)
+
+
+def checkpoint_path(ckpt: "str | Path | None") -> Path:
+    """A checkpoint argument as a path: an existing file, else the name of a shipped model ("ecar-emoji32"),
+    else the path as given (for the loader to report); None is the default model."""
+    if ckpt is None:
+        return default_checkpoint()
+    if not Path(ckpt).exists() and str(ckpt) in shipped_models():
+        return shipped_checkpoint(str(ckpt))
+    return Path(ckpt)

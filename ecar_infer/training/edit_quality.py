@@ -1,12 +1,17 @@
-"""Editing quality of a digits32 model (docs/BENCHMARKS.md, "Editing"), judged like quality.py: the
-independent classifier (PCA + RBF SVM fit on real training images) and real held-out digits.
+"""Editing quality of a class-conditional pixel model (docs/BENCHMARKS.md, "Editing"), judged like
+quality.py: the independent classifier (PCA + RBF SVM fit on real training images) and real held-out
+images of its data set (digits32, or any ecar-train data source with a held-out split).
 
     python -m ecar_infer.training.edit_quality [--ckpt ...] [--per-class 10] [--vary-images 8] \
         [--json edit.json] [--pictures docs/] [--skip-cost]
+    python -m ecar_infer.training.edit_quality --ckpt emoji.safetensors --data emoji32.npz \
+        --heldout emoji32-heldout.npz [...]
 
-measures, at the checkpoint's recommended settings and without guidance:
+measures, at the checkpoint's recommended settings and without guidance, on the first --per-class
+held-out images of each class (fewer where a class has fewer), taken in turns over the classes (the
+first of class 0, 1, ..., then the second of each; for digits32 the first held-out images in order):
 * kept pixels: how many kept pixels of the outputs differ from the input (pixel models: none);
-* completion: the classifier's accuracy on held-out digits whose top, bottom, left or right half was
+* completion: the classifier's accuracy on held-out images whose top, bottom, left or right half was
   regenerated conditioned on the true class, next to the same images with that half mid-grey, and the
   untouched images;
 * seams: the mean absolute difference between the two pixel rows (columns) on either side of the mask
@@ -16,7 +21,8 @@ measures, at the checkpoint's recommended settings and without guidance:
   resolution (what survives), and the mean pairwise L2 distance among the variations of one image (what
   varies), with the classifier's accuracy;
 * cost: seconds per image of editing against plain sampling at batch 32 on this machine's CPU.
-With --pictures it writes edit-inpaint.png and edit-vary.png there.
+With --pictures it writes edit-inpaint.png and edit-vary.png there (edit-inpaint-NAME.png and
+edit-vary-NAME.png for --data NAME.npz or a folder NAME).
 """
 from __future__ import annotations
 
@@ -25,25 +31,35 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
-from .digits import NUM_CLASSES
-from .quality import build_reference, flat, pairwise_distances, off_diagonal
+from .data import DIGITS32
+from .quality import build_reference, flat, off_diagonal, pairwise_distances, reference_from_data
 
 HALVES = ("top", "bottom", "left", "right")
 GREY = 0.0  # mid-grey in [-1, 1]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, 1, H, W] in [-1, 1] -> uint8 [N, H, W]."""
-    return ((images[:, 0] + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (what a user's PNGs hold)."""
+    return ((images.transpose(0, 2, 3, 1) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W(, 1)] -> [N, 1, H, W] float in [-1, 1]."""
-    images = images[..., 0] if images.ndim == 4 else images
-    return images.astype(np.float32)[:, None] / 127.5 - 1.0
+    """uint8 [N, H, W, C] -> [N, C, H, W] float in [-1, 1]."""
+    return images.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def pick(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first per_class images of each class, taken in turns over the classes: class 0's
+    first, class 1's first, ..., then the second of each (a class with fewer images drops out)."""
+    rank = np.zeros(len(labels), dtype=int)   # the image's place among its class's images
+    for c in np.unique(labels):
+        rank[labels == c] = np.arange((labels == c).sum())
+    chosen = np.flatnonzero(rank < per_class)
+    return chosen[np.lexsort((labels[chosen], rank[chosen]))]
 
 
 def seam(images: np.ndarray, half: str) -> float:
@@ -79,7 +95,7 @@ def completion(sampler, ref, images: np.ndarray, labels: np.ndarray, cfg: float,
                            output_type="np", progress=False)
         edited = to_unit(out.images)
         grey = np.where(keep, images, GREY)
-        changed = int((out.images[..., 0] != to_uint8(images))[:, keep].sum())
+        changed = int((out.images != to_uint8(images)).any(-1)[:, keep].sum())   # pixels, any channel
         rows[half] = {"accuracy": ref.accuracy(edited, labels), "accuracy_grey": ref.accuracy(grey, labels),
                       "seam": seam(edited, half), "seam_real": seam(images, half), "seam_grey": seam(grey, half),
                       "seam_generated": seam(plain, half),
@@ -99,7 +115,7 @@ def variations(sampler, ref, images: np.ndarray, labels: np.ndarray, count: int,
             out = sampler.edit(to_uint8(image[None]), [int(label)] * count, mode="vary", from_stage=k,
                                seed=seed + 1000 * i, output_type="np", progress=False)
             outs.append(to_unit(out.images))
-        outs = np.stack(outs)                                   # [M, count, 1, H, W]
+        outs = np.stack(outs)                                   # [M, count, C, H, W]
         for s, side in enumerate(plan.latent_sides):
             factor = size // side
             got = avg_pool(outs.reshape(-1, *outs.shape[2:]), factor)
@@ -134,53 +150,68 @@ def cost(sampler, images: np.ndarray, labels: np.ndarray, repeats: int = 5) -> d
     return {name: statistics.median(t) / len(labels) for name, t in times.items()}
 
 
-def pictures(folder: str, images: np.ndarray, completed: dict, varied: dict, rows: int = 6) -> None:
-    """edit-inpaint.png: per row a held-out digit, then for each half its grey-masked input and completion.
-    edit-vary.png: per row a digit, then 8 variations from stage 1 (and a row from stage 2 below it)."""
+def pictures(folder: str, images: np.ndarray, completed: dict, varied: dict, rows: int = 6,
+             name: str = "") -> None:
+    """edit-inpaint{name}.png: per row a held-out image, then for each half its grey-masked input and
+    completion. edit-vary{name}.png: per row an image, then 8 variations from stage 1 (and a row from
+    stage 2 below it)."""
     from ..editing import region_mask
     from ..output import make_grid, save_image
 
-    def big(a: np.ndarray) -> np.ndarray:  # [H, W] in [-1, 1] -> uint8 [2H, 2W, 1]
-        u = ((a + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-        return u.repeat(2, 0).repeat(2, 1)[..., None]
+    def big(a: np.ndarray) -> np.ndarray:  # [C, H, W] in [-1, 1] -> uint8 [2H, 2W, C]
+        return to_uint8(a[None])[0].repeat(2, 0).repeat(2, 1)
 
     size = images.shape[-1]
     cells = []
-    for i in range(rows):
-        cells.append(big(images[i, 0]))
+    for i in range(min(rows, len(images))):
+        cells.append(big(images[i]))
         for half in HALVES:
             keep = region_mask(half, size, "inpaint").numpy()
-            cells += [big(np.where(keep, images[i, 0], GREY)), big(completed[half]["edits"][i, 0])]
-    save_image(make_grid(np.stack(cells), columns=1 + 2 * len(HALVES)), os.path.join(folder, "edit-inpaint.png"))
+            cells += [big(np.where(keep, images[i], GREY)), big(completed[half]["edits"][i])]
+    save_image(make_grid(np.stack(cells), columns=1 + 2 * len(HALVES)),
+               os.path.join(folder, f"edit-inpaint{name}.png"))
     cells = []
     for i in range(min(rows // 2, len(varied["from_stage_1"]["outs"]))):
         for k in (1, 2):
             outs = varied[f"from_stage_{k}"]["outs"][i]
-            cells += [big(images[i, 0])] + [big(o[0]) for o in outs[:8]]
-    save_image(make_grid(np.stack(cells), columns=9), os.path.join(folder, "edit-vary.png"))
+            cells += [big(images[i])] + [big(o) for o in outs[:8]]
+    save_image(make_grid(np.stack(cells), columns=9), os.path.join(folder, f"edit-vary{name}.png"))
 
 
 def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
+    from ..editing import image_channels
     from ..sampler import Sampler
     from ..weights import shipped_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=str(shipped_checkpoint("ecar-digits32")))
-    parser.add_argument("--per-class", type=int, default=10, help="held-out digits per class to complete")
-    parser.add_argument("--vary-images", type=int, default=8, help="held-out digits to vary (8 variations each)")
+    parser.add_argument("--data", default=DIGITS32, help="the training split (any ecar-train --data)")
+    parser.add_argument("--heldout", help="the held-out split (needed unless --data is digits32)")
+    parser.add_argument("--per-class", type=int, default=10, help="held-out images per class to complete")
+    parser.add_argument("--vary-images", type=int, default=8, help="held-out images to vary (8 variations each)")
     parser.add_argument("--seed", type=int, default=20_000)
     parser.add_argument("--json", help="write the numbers here")
-    parser.add_argument("--pictures", help="folder for edit-inpaint.png and edit-vary.png")
+    parser.add_argument("--pictures", help="folder for edit-inpaint[-NAME].png and edit-vary[-NAME].png")
     parser.add_argument("--skip-cost", action="store_true")
     args = parser.parse_args(argv)
+    if args.data != DIGITS32 and not args.heldout:
+        parser.error("--heldout is needed with --data")
     sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
-    ref = build_reference()
-    count = args.per_class * NUM_CLASSES
-    images = ref.heldout[:count].reshape(count, 1, 32, 32).astype(np.float32)
-    labels = ref.heldout_labels[:count]
-    images = to_unit(to_uint8(images))  # what a user's PNG holds
+    if args.data == DIGITS32:
+        ref = build_reference()
+    else:
+        with tempfile.TemporaryDirectory() as cache:
+            ref = reference_from_data(args.data, args.heldout, sampler.config, cache)
+    chosen = pick(ref.heldout_labels, args.per_class)
+    size = sampler.config.image_size
+    images = ref.heldout[chosen].reshape(len(chosen), image_channels(sampler.config), size, size)
+    labels = ref.heldout_labels[chosen]
+    images = to_unit(to_uint8(images.astype(np.float32)))  # what a user's PNG holds
     started = time.perf_counter()
-    report = {"images": count, "recommended_cfg": sampler.defaults.cfg_scale, "completion": {}}
+    report = {"images": len(chosen), "recommended_cfg": sampler.defaults.cfg_scale,
+              "steps_per_stage": sampler.defaults.steps_per_stage, "completion": {}}
     completed = {}
     for name, cfg in (("recommended", sampler.defaults.cfg_scale), ("no guidance", 1.0)):
         completed[name] = completion(sampler, ref, images, labels, cfg, args.seed)
@@ -190,11 +221,12 @@ def main(argv: list[str] | None = None) -> None:
     report["vary"] = {k: {m: v for m, v in row.items() if m != "outs"} for k, row in varied.items()}
     report["quality_seconds"] = time.perf_counter() - started
     if not args.skip_cost:
-        report["cost_batch"] = min(32, count)
+        report["cost_batch"] = min(32, len(chosen))
         report["seconds_per_image"] = cost(sampler, images[:32], labels[:32])
     report["load_average"] = os.getloadavg()
     if args.pictures:
-        pictures(args.pictures, images, completed["recommended"], varied)
+        name = "" if args.data == DIGITS32 else "-" + Path(args.data).stem
+        pictures(args.pictures, images, completed["recommended"], varied, name=name)
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
