@@ -17,8 +17,10 @@ from ecar_infer.kernels.triton_support import INTERPRETING  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETING else "cuda"
 
-pytestmark = pytest.mark.skipif(not INTERPRETING and not torch.cuda.is_available(),
-                                reason="triton kernels need CUDA or TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(not INTERPRETING and not torch.cuda.is_available(),
+                                 reason="triton kernels need CUDA or TRITON_INTERPRET=1")]
+if not INTERPRETING:  # compiled on a GPU: part of the GPU suite's `pytest -m gpu`
+    pytestmark.append(pytest.mark.gpu)
 
 
 TINY = ECARConfig.preset("ecar-tiny")
