@@ -1,0 +1,113 @@
+"""The editing evaluation (ecar_infer/training/edit_quality.py) on any data set: which held-out images it
+takes, the uint8 round trip with colour channels, the kept-pixel count, and the whole command on a tiny
+random 3-channel model with small synthetic colour classes (no download)."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import random_model
+from ecar_infer import ECARConfig
+from ecar_infer.training import edit_quality
+from ecar_infer.training.edit_quality import pick, to_uint8, to_unit
+
+
+def test_pick_takes_the_first_images_of_each_class_in_turns():
+    # digits32's held-out split cycles through the classes: the first images, in order (as before)
+    assert pick(np.tile(np.arange(10), 30), 10).tolist() == list(range(100))
+    # a split sorted by class is interleaved; a class with fewer images drops out
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    assert pick(labels, 2).tolist() == [0, 3, 5, 1, 4, 6]
+    assert pick(labels, 3).tolist() == [0, 3, 5, 1, 4, 6, 2, 7]
+
+
+def test_uint8_round_trip_keeps_the_channels():
+    images = np.full((2, 3, 4, 5), -1.0, np.float32)   # black
+    images[0, 0] = 1.0      # red
+    images[1, 2] = -0.5     # dark blue
+    u = to_uint8(images)
+    assert u.shape == (2, 4, 5, 3)
+    assert u[0, 0, 0].tolist() == [255, 0, 0] and u[1, 3, 4].tolist() == [0, 0, 64]
+    assert np.array_equal(to_uint8(to_unit(u)), u)
+    assert np.abs(to_unit(u) - images).max() <= 1 / 127.5
+
+
+class ChangesOnePixel:
+    """A stand-in sampler whose edits return the input with the bottom-right pixel changed in all three
+    channels: kept when the top or left half is regenerated, not when the bottom or right one is."""
+
+    def generate(self, labels, **kwargs):
+        return SimpleNamespace(images=np.zeros((len(labels), 8, 8, 3), np.uint8))
+
+    def edit(self, images, labels, **kwargs):
+        out = images.copy()
+        out[:, -1, -1] = 255 - out[:, -1, -1]
+        return SimpleNamespace(images=out)
+
+
+def test_kept_pixels_changed_counts_pixels_inside_the_kept_half():
+    reference = SimpleNamespace(accuracy=lambda images, labels: 1.0)
+    images = np.zeros((3, 3, 8, 8), np.float32)
+    rows = edit_quality.completion(ChangesOnePixel(), reference, images, np.zeros(3, int), 1.0, seed=0)
+    changed = {half: rows[half]["kept_pixels_changed"] for half in edit_quality.HALVES}
+    assert changed == {"top": 3, "bottom": 0, "left": 3, "right": 0}
+    assert rows["top"]["kept_pixels"] == 3 * 32
+
+
+def colour_classes(n_per_class: int, seed: int):
+    """Three classes of 16x16 RGB images, sorted by class: a red, green or blue square on dark noise."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 80, size=(3 * n_per_class, 16, 16, 3)).astype(np.uint8)
+    labels = np.repeat(np.arange(3), n_per_class)
+    for image, c in zip(images, labels):
+        y, x = rng.integers(0, 8, size=2)
+        image[y:y + 8, x:x + 8, c] = 255
+    return images, labels
+
+
+def test_the_command_on_a_colour_data_set(tmp_path):
+    from ecar_infer import save_checkpoint
+
+    for name, (n, seed) in {"colours": (40, 0), "colours-heldout": (6, 1)}.items():
+        images, labels = colour_classes(n, seed)
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=labels,
+                 class_names=np.array(["red", "green", "blue"]))
+    config = ECARConfig.preset("ecar-tiny").replace(latent_channels=3, num_classes=3)
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(random_model(config, seed=3), ckpt, extra_metadata={"recommended_cfg": "2.0"})
+    edit_quality.main(["--ckpt", str(ckpt), "--data", str(tmp_path / "colours.npz"),
+                       "--heldout", str(tmp_path / "colours-heldout.npz"), "--per-class", "2",
+                       "--vary-images", "3", "--skip-cost", "--json", str(tmp_path / "edit.json"),
+                       "--pictures", str(tmp_path)])
+    report = json.loads((tmp_path / "edit.json").read_text())
+    assert report["images"] == 6 and report["recommended_cfg"] == 2.0
+    for setting in ("recommended", "no guidance"):
+        rows = report["completion"][setting]
+        assert rows["real"]["accuracy"] == 1.0   # the squares are easy: the classifier knows the originals
+        for half in edit_quality.HALVES:
+            assert rows[half]["kept_pixels_changed"] == 0 and rows[half]["kept_pixels"] == 6 * 16 * 8
+    assert sorted(report["vary"]) == ["from_stage_0", "from_stage_1", "from_stage_2"]
+    assert sorted(report["vary"]["from_stage_2"]["psnr"]) == ["stage0_4px", "stage1_8px", "stage2_16px"]
+    # the pictures are named after the data and in colour; the first cell is the first held-out image
+    # (class 0's first), the second is it with the top half mid-grey
+    inpaint = np.asarray(Image.open(tmp_path / "edit-inpaint-colours.png"))
+    assert inpaint.shape == (6 * 34 - 2, 9 * 34 - 2, 3)
+    heldout = np.load(tmp_path / "colours-heldout.npz")["images"]
+    assert np.array_equal(inpaint[:32, :32], heldout[0].repeat(2, 0).repeat(2, 1))
+    assert np.array_equal(inpaint[32:34, :32], np.zeros((2, 32, 3)))           # the grid's padding
+    second = inpaint[34:66, :32]
+    assert np.array_equal(second, heldout[6].repeat(2, 0).repeat(2, 1))        # class 1's first image
+    greyed = inpaint[:32, 34:66]
+    assert np.all(greyed[:16] == 128) and np.array_equal(greyed[16:], inpaint[16:32, :32])
+    vary = np.asarray(Image.open(tmp_path / "edit-vary-colours.png"))
+    assert vary.shape == (6 * 34 - 2, 9 * 34 - 2, 3)
+
+
+def test_data_other_than_digits_needs_its_heldout_split(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        edit_quality.main(["--data", "emoji32.npz"])
+    assert exit_info.value.code == 2 and "--heldout" in capsys.readouterr().err
