@@ -164,6 +164,21 @@ def test_vary_from_stage_zero_equals_generate_with_the_same_seeds(sampler):
     assert torch.equal(varied, plain)
 
 
+def test_the_attention_shortcut_head_edits_as_exactly():
+    """The default model's head kind (attention, shortcut objective): kept pixels exact, vary from stage 0
+    is plain sampling, also with 1, 2 and 4 shortcut steps in its stages."""
+    config = TINY.replace(head_kind="attention", head_num_heads=2, head_objective="shortcut", shortcut_max_level=2)
+    sc = Sampler(random_model(config, seed=6), progress=False)
+    images = digit_like(2, seed=4)
+    keep = np.random.default_rng(1).random((2, 16, 16)) < 0.5
+    out = sc.edit(images, [2, 5], mask=keep, seed=3, cfg_scale=2.0, steps_per_stage=[1, 2, 4], output_type="np")
+    assert np.array_equal(out.images[..., 0][keep], images[keep])
+    assert (out.images[..., 0][~keep] != images[~keep]).mean() > 0.5
+    kwargs = dict(seed=[7, 30], cfg_scale=2.5, steps_per_stage=2, output_type="latent")
+    assert torch.equal(sc.edit(images, [4, 6], mode="vary", from_stage=0, **kwargs).images,
+                       sc.generate([4, 6], **kwargs).images)
+
+
 def test_vary_keeps_the_stages_below_from_stage_without_running_their_flow(sampler, monkeypatch):
     plan = sampler.model.plan
     image = digit_like(1, seed=3)[0]
