@@ -69,7 +69,7 @@ def save_checkpoint(model: ECARModel, path: str | os.PathLike, extra_metadata: d
     """
     path = Path(path)
     carried = getattr(model, "checkpoint_metadata", {})
-    metadata = _metadata(path, model.config, {**carried, **(extra_metadata or {})})
+    metadata = metadata_entries(path, model.config, {**carried, **(extra_metadata or {})})
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1 or not dtypes <= set(DTYPE_NAMES):
@@ -101,7 +101,9 @@ def save_checkpoint(model: ECARModel, path: str | os.PathLike, extra_metadata: d
         tmp.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=1, sort_keys=True))
 
 
-def _metadata(path: Path, config: ECARConfig, extra: dict[str, str]) -> dict[str, str]:
+def metadata_entries(path: Path, config: ECARConfig, extra: dict[str, str]) -> dict[str, str]:
+    """The metadata a checkpoint at `path` is written with: the reserved entries and `extra`, checked (a
+    CheckpointError names what save_checkpoint would refuse; ecar-train checks its --metadata with it)."""
     clash = sorted(set(extra) & set(RESERVED_KEYS))
     if clash:
         raise CheckpointError(path, f"extra_metadata may not set the reserved key(s) {clash}")

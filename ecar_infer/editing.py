@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import is_integer
 from .config import ECARConfig
 from .kernels import ops
 from .kernels.reference import upsample2x
@@ -293,7 +293,7 @@ def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_s
         raise EditInputError(f"mode must be one of {MODES}, got {mode!r}")
     if from_stage is None:  # vary: regenerate the last stage only, keeping the layout (docs/BENCHMARKS.md)
         from_stage = config.num_stages - 1 if mode == "vary" else 0
-    if not isinstance(from_stage, numbers.Integral) or not 0 <= from_stage < config.num_stages:
+    if not is_integer(from_stage) or not 0 <= from_stage < config.num_stages:
         raise EditInputError(f"from_stage must be an integer in 0..{config.num_stages - 1} (this model has "
                          f"{config.num_stages} stages), got {from_stage!r}")
     size, down = config.image_size, config.vae_downsample

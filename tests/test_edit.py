@@ -316,6 +316,7 @@ def test_latent_model_requests_without_a_mask_paste_nothing(vae_sampler):
     (dict(mode="vary"), "mode 'vary' takes no mask"),
     (dict(mask="middle"), "unknown mask region 'middle'"),
     (dict(from_stage=3), r"from_stage must be an integer in 0..2"),
+    (dict(from_stage=True), r"from_stage must be an integer in 0..2 .*got True"),
     (dict(images=np.zeros((2, 16, 16), dtype=np.uint8), class_labels=[1, 2, 3]), "2 images and 3 class labels"),
     (dict(images=np.zeros((20, 20), dtype=np.uint8)), "images are 20x20 pixels but the model makes 16x16"),
     (dict(images=np.zeros((16, 16, 3), dtype=np.uint8)), "3 channels but the model makes grayscale"),

@@ -216,6 +216,7 @@ def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
     (["--device", "cuda"], "--device cuda: CUDA is not available here; use --device cpu"),
     (["--metadata", "config=x"], "--metadata: extra_metadata may not set the reserved key(s) ['config']; fix"),
     (["--metadata", 'class_names=["a"]'], "--metadata: class_names has 1 names for 10 classes; fix or drop"),
+    (["--metadata", "recommended_cfg"], "--metadata takes KEY=VALUE"),
 ])
 def test_cli_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch, args, problem):
     def no_training(self):

@@ -323,10 +323,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> None:
     """Refuse --metadata entries the checkpoint writer would refuse at the end of the run, now."""
-    from ..checkpoint import CheckpointError, _metadata
+    from ..checkpoint import CheckpointError, metadata_entries
 
     try:
-        _metadata(out, config, metadata)
+        metadata_entries(out, config, metadata)
     except CheckpointError as err:
         raise ValueError(f"--metadata: {err.problem}; fix or drop that entry") from None
 
