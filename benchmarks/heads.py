@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ecar_infer import Sampler
+from ecar_infer import Sampler, keep_freed_memory
 from ecar_infer.training.digits import NUM_CLASSES
 from ecar_infer.training.quality import build_reference, flat, frechet_distance, generate, pairwise_distances
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.ckpt or not args.out:
         parser.error("give --ckpt (one or more) and --out, or --render JSON")
+    keep_freed_memory()  # as ecar-sample does: times are what the command line gets
     torch.set_num_threads(args.threads)
     ref = build_reference()
     real_features = ref.features(ref.heldout)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from ecar_infer.atomic import atomic_write_text
+from ecar_infer.cpu_memory import freed_memory_kept
 
 
 def _version(distribution: str) -> str:
@@ -48,8 +49,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         "diffusers": _version("diffusers"),
         "triton": _version("triton"),
     }
-    if device.type == "cpu" and hasattr(os, "getloadavg"):
-        env["load_average_1m_at_start"] = round(os.getloadavg()[0], 2)
+    if device.type == "cpu":
+        env["freed_memory_kept"] = freed_memory_kept()  # ecar_infer/cpu_memory.py
+        if hasattr(os, "getloadavg"):
+            env["load_average_1m_at_start"] = round(os.getloadavg()[0], 2)
     return env
 
 

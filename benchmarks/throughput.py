@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ecar_infer import ECARConfig, Sampler
+from ecar_infer import ECARConfig, Sampler, keep_freed_memory
 from ecar_infer.kernels import chosen_backends, dispatch, force_backend, ops
 from ecar_infer.model import ECARModel
 from ecar_infer.sampler import resolve_device, resolve_dtype
@@ -372,6 +372,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_memory()  # as ecar-sample does, for both E-CAR and DiT: ecar_infer/cpu_memory.py
     device = resolve_device(args.device)
     harness = Harness(args, device, resolve_dtype(args.dtype, device))
     needs_vae = args.dit_batches or any(ECARConfig.preset(flops.parse_spec(m, args.steps)[0]).latent_kind == "sd-vae"

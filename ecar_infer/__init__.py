@@ -1,10 +1,11 @@
 """ecar_infer: an inference-optimized sampling engine for E-CAR multistage continuous AR image models."""
 from .config import ConfigError, ECARConfig
+from .cpu_memory import keep_freed_memory
 
 __version__ = "0.1.0"
 
 __all__ = ["ECARConfig", "ConfigError", "Sampler", "SampleOutput", "load_checkpoint", "save_checkpoint",
-           "CheckpointError", "__version__"]
+           "CheckpointError", "keep_freed_memory", "__version__"]
 
 
 def __getattr__(name):

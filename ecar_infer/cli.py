@@ -32,6 +32,7 @@ from . import distributed
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, list_classes, parse_class_names, resolve_class
 from .config import ConfigError
+from .cpu_memory import keep_freed_memory
 from .registry import get_preset, preset_names
 from .schedule import CFG_SCHEDULES
 from .weights import checkpoint_path  # --ckpt: a file, a shipped model's name, or None (the default)
@@ -496,6 +497,7 @@ def summary(tally: distributed.Tally, seconds: float, written: str, total: float
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    keep_freed_memory()
     _route_warnings()
     rank0 = distributed.launched_rank() == 0  # under torchrun every rank runs this; rank 0 speaks for all
     try:

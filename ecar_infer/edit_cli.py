@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from . import cli
+from .cpu_memory import keep_freed_memory
 from .editing import MODES, REGIONS, EditInputError
 from .output import save_npz
 
@@ -136,6 +137,7 @@ def warnings_to_stderr():
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
+    keep_freed_memory()
     target = None  # where the output is being written, once editing is done
     saved = None   # on Ctrl-C: what is on disk
     with warnings_to_stderr():

@@ -44,6 +44,7 @@ from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
 from ..cli import positive_int
 from ..config import ECARConfig
+from ..cpu_memory import keep_freed_memory
 from ..model import ECARModel
 from ..registry import preset_names
 from .objective import build_objective, draw_step
@@ -405,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     from ..vae import VAEError
     from .log import TrainLog
 
+    keep_freed_memory()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
