@@ -9,15 +9,15 @@ from ecar_infer.training.quality import build_reference, diversity, frechet_dist
 from ecar_infer.weights import shipped_checkpoint
 
 PER_CLASS = 20  # 200 generated images
-# Bounds from the shipped model's measured numbers (the attention-head model at 20,000 training steps, seed 0,
+# Bounds from the shipped model's measured numbers (the attention-head model at 22,500 training steps, seed 0,
 # the sampling below, at its recommended guidance 2 and 2 steps per stage): generated accuracy 0.995
-# (0.985-0.995 over seeds 0, 1000, 2000; real held-out digits 0.987), without guidance 0.935 (0.870-0.935);
-# Frechet distance 3.04 (3.04-3.82 over those seeds; uniform noise 62; 200 real digits 1.7). A 3-point
+# (0.990-0.995 over seeds 0, 1000, 2000; real held-out digits 0.987), without guidance 0.930 (0.880-0.930);
+# Frechet distance 3.07 (3.07-3.80 over those seeds; uniform noise 62; 200 real digits 1.7). A 3-point
 # accuracy drop (guided or not) or a Frechet distance 1.4x today's fails. Retune with the numbers of a new
 # shipped model.
 MIN_GENERATED_ACCURACY = 0.97
 MAX_FRECHET_DISTANCE = 4.25
-MIN_UNGUIDED_ACCURACY = 0.91
+MIN_UNGUIDED_ACCURACY = 0.905
 
 
 @pytest.fixture(scope="module")
