@@ -10,8 +10,8 @@ memory reuse"). With both thresholds raised, the heap keeps what was freed and t
 page faults, same numbers. The cost is that the process keeps its peak memory until it exits.
 
 This changes the whole process, so the library never does it on its own: the programs (`ecar-sample`,
-`ecar-edit`, `ecar-train`, the benchmarks) call `keep_freed_memory()` at start-up, and a Python user may call
-it once. `ECAR_KEEP_FREED_MEMORY=0` turns it off everywhere.
+`ecar-edit`, `ecar-train`, the quality evaluations, the benchmarks) call `keep_freed_memory()` at start-up,
+and a Python user may call it once. `ECAR_KEEP_FREED_MEMORY=0` turns it off everywhere.
 """
 from __future__ import annotations
 

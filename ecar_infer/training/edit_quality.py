@@ -181,10 +181,12 @@ def pictures(folder: str, images: np.ndarray, completed: dict, varied: dict, row
 def main(argv: list[str] | None = None) -> None:
     import tempfile
 
+    from ..cpu_memory import keep_freed_memory
     from ..editing import image_channels
     from ..sampler import Sampler
     from ..weights import shipped_checkpoint
 
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=str(shipped_checkpoint("ecar-digits32")))
     parser.add_argument("--data", default=DIGITS32, help="the training split (any ecar-train --data)")

@@ -189,10 +189,12 @@ def evaluate(sampler, ref: Reference | None = None, per_class: int = 100, seed: 
 def main(argv: list[str] | None = None) -> None:
     import tempfile
 
+    from ..cpu_memory import keep_freed_memory
     from ..sampler import Sampler
     from ..schedule import plan_for
     from ..weights import shipped_checkpoint
 
+    keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", default=str(shipped_checkpoint("ecar-digits32")))
     parser.add_argument("--data", default="digits32", help="the training split (any ecar-train --data)")
