@@ -66,3 +66,18 @@ def test_programs_turn_it_on_first(module, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         module.main(["--help"])
     assert calls == [1]
+
+
+def test_benchmark_compares_both_settings(ckpt, tmp_path, capsys):
+    import json
+
+    from benchmarks import cpu_memory
+
+    out = tmp_path / "cpu-memory.json"
+    assert cpu_memory.main(["--ckpt", str(ckpt), "--n", "2", "--steps", "1", "--repeats", "1", "--rounds", "1",
+                            "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    for setting in ("default", "kept"):
+        row = result[setting]
+        assert set(row) == set(cpu_memory.FIELDS) and row["wall_s"] > 0 and row["minor_faults"] >= 0
+    assert "kept / default" in capsys.readouterr().out
