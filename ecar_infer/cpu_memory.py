@@ -3,11 +3,12 @@
 On the CPU, torch allocates every tensor with malloc. glibc serves a large request (above a dynamic
 threshold of at most 32 MiB) with a fresh mmap and returns it to the system on free; smaller freed memory
 at the top of the heap is trimmed back as well. Sampling makes the same large activations at every flow step
-(the head's modulations of a 64-image guided batch are 46 MB each), so each step pays for page faults and
-for zeroing fresh pages: measured on the 2-core EPYC for 64 guided digits32 images, 55,000-150,000 minor page
-faults and 0.14-0.42 s of system time per request, a quarter of the wall time (docs/BENCHMARKS.md, "CPU
-memory reuse"). With both thresholds raised, the heap keeps what was freed and the next step reuses it: no
-page faults, same numbers. The cost is that the process keeps its peak memory until it exits.
+(the head's modulations of a 64-image guided batch are 46-59 MB each), so each step pays for page faults and
+for zeroing fresh pages: for 64 guided digits32 or emoji32 images, 34,000-130,000 minor page faults and
+0.09-0.30 s of system time per request on the project's 2-core EPYC (docs/BENCHMARKS.md, "CPU memory reuse").
+With both thresholds raised, the heap keeps what was freed and the next step reuses it: at most a few
+thousand page faults, no system time to speak of, 3-19% less time per request there, the same numbers. The
+cost is that the process keeps its peak memory until it exits.
 
 This changes the whole process, so the library never does it on its own: the programs (`ecar-sample`,
 `ecar-edit`, `ecar-train`, the quality evaluations, the benchmarks) call `keep_freed_memory()` at start-up,
