@@ -1,6 +1,6 @@
 """One Markdown table from one or more saved reports of benchmarks/heads.py (issue 13's comparison table).
 
-    python -m benchmarks.heads_table docs/heads/digits32-1200-steps.json docs/heads/digits32-shipped-20000-steps.json
+    python -m benchmarks.heads_table docs/heads/digits32-1200-steps.json docs/heads/digits32-shipped-22500-steps.json
 
 Rows are grouped by setting (steps per stage as asked, then guidance), and within a setting keep the
 order in which the models first appear in the files, so the variants at one setting stand side by side.
