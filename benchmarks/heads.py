@@ -10,7 +10,8 @@ space against the held-out real images, the mean distance from a sample to its n
 (pixels in [-1, 1]; real held-out images give the reference value), speckle (isolated foreground pixels
 per image), the head evaluations per image (one
 evaluation runs the head on every token of a stage, per guidance branch), and the wall time to sample 64
-images (one warm-up, then the median of --repeats). A shortcut model takes only powers of two: a step
+images (one warm-up, then the median of --repeats). Guided rows use each checkpoint's recommended guidance
+interval unless --cfg-interval is given, and record it. A shortcut model takes only powers of two: a step
 count that is not one is replaced by the largest power of two below it, and the row says so.
 """
 from __future__ import annotations
@@ -25,7 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.heads_table import render_table
 from ecar_infer import Sampler, keep_freed_memory
+from ecar_infer.cli import interval_spec
+from ecar_infer.schedule import StageSteps
 from ecar_infer.training.digits import NUM_CLASSES
 from ecar_infer.training.quality import build_reference, flat, frechet_distance, generate, pairwise_distances
 
@@ -41,10 +45,9 @@ def isolated_pixels(images: np.ndarray) -> float:
     return float((fg & (neighbours == 0)).sum() / len(images))
 
 
-def head_evaluations(sampler: Sampler, steps: int, cfg: float) -> int:
+def head_evaluations(plan: list[StageSteps]) -> int:
     """Head evaluations per image of one request: every step of every stage, once per guidance branch."""
-    branches = 2 if cfg != 1.0 else 1
-    return sampler.config.num_stages * steps * branches
+    return sum(2 if guided else 1 for st in plan for guided in st.guided)
 
 
 def usable_steps(sampler: Sampler, steps: int) -> int:
@@ -53,10 +56,9 @@ def usable_steps(sampler: Sampler, steps: int) -> int:
     return 1 << (steps.bit_length() - 1)
 
 
-def time_64(sampler: Sampler, steps: int, cfg: float, repeats: int) -> float:
+def time_64(sampler: Sampler, repeats: int, **settings) -> float:
     labels = [k % NUM_CLASSES for k in range(64)]
-    run = lambda: sampler.generate(labels, seed=0, cfg_scale=cfg, steps_per_stage=steps,  # noqa: E731
-                                   output_type="np", progress=False)
+    run = lambda: sampler.generate(labels, seed=0, output_type="np", progress=False, **settings)  # noqa: E731
     run()
     times = []
     for _ in range(repeats):
@@ -78,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render", metavar="JSON", help="only print the Markdown table of a saved report")
     parser.add_argument("--steps", default="1,2,4,10", help="steps per stage, comma separated")
     parser.add_argument("--cfg", default="1,4", help="guidance scales, comma separated")
+    parser.add_argument("--cfg-interval", type=interval_spec, metavar="LO,HI",
+                        help="guide only where LO <= sigma <= HI (default: each checkpoint's recommended; "
+                             "0,1: everywhere)")
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--seed", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of 64 images per setting")
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="JSON results (the Markdown table goes to stdout)")
     args = parser.parse_args(argv)
     if args.render:
-        print(render_markdown(json.loads(Path(args.render).read_text())))
+        print(render_table([(args.render, json.loads(Path(args.render).read_text()))]))
         return
     if not args.ckpt or not args.out:
         parser.error("give --ckpt (one or more) and --out, or --render JSON")
@@ -102,40 +107,25 @@ def main(argv: list[str] | None = None) -> None:
         for steps in [int(v) for v in args.steps.split(",")]:
             used = usable_steps(sampler, steps)
             for cfg in [float(v) for v in args.cfg.split(",")]:
-                images, labels = generate(sampler, args.per_class, args.seed, cfg_scale=cfg, steps_per_stage=used)
+                settings = dict(cfg_scale=cfg, steps_per_stage=used, cfg_interval=args.cfg_interval)
+                images, labels = generate(sampler, args.per_class, args.seed, **settings)
+                interval = sampler.defaults.cfg_interval if args.cfg_interval is None else args.cfg_interval
                 row = {"ckpt": ckpt, "head": name, "params": sum(p.numel() for p in sampler.model.parameters()),
                        "steps": used, "asked_steps": steps, "cfg": cfg,
+                       "cfg_interval": list(interval) if cfg != 1.0 and interval not in (None, (0.0, 1.0)) else None,
                        "accuracy": ref.accuracy(images, labels),
                        "fd": frechet_distance(ref.features(images), real_features),
                        "nearest_train": nearest_train_distance(images, ref.train),
                        "isolated_pixels": isolated_pixels(images),
-                       "head_evals_per_image": head_evaluations(sampler, used, cfg),
-                       "seconds_64": time_64(sampler, used, cfg, args.repeats)}
+                       "head_evals_per_image": head_evaluations(sampler.plan(**settings)),
+                       "seconds_64": time_64(sampler, args.repeats, **settings)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     report = {"rows": rows, "real_heldout_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),
               "real_nearest_train": real_nearest, "real_isolated_pixels": isolated_pixels(ref.heldout),
               "threads": args.threads, "per_class": args.per_class, "seed": args.seed, "torch": torch.__version__}
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(render_markdown(report))
-
-
-def render_markdown(report: dict) -> str:
-    """The report as one Markdown table, with the real images' reference values underneath."""
-    lines = ["| model | head | steps/stage | cfg | accuracy | FD | nearest train | isolated px | head evals/image "
-             "| s / 64 images |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        steps = f"{r['steps']}" + (f" (asked {r['asked_steps']})" if r["steps"] != r["asked_steps"] else "")
-        speckle = f"{r['isolated_pixels']:.2f}" if "isolated_pixels" in r else "-"
-        lines.append(f"| {Path(r['ckpt']).parent.name}/{Path(r['ckpt']).name} | {r['head']} | {steps} | {r['cfg']:g} "
-                     f"| {100 * r['accuracy']:.1f}% | {r['fd']:.2f} | {r['nearest_train']:.2f} | {speckle} "
-                     f"| {r['head_evals_per_image']} | {r['seconds_64']:.2f} |")
-    real = (f"Real held-out images: accuracy {100 * report['real_heldout_accuracy']:.1f}%, nearest train "
-            f"{report['real_nearest_train']:.2f}")
-    if "real_isolated_pixels" in report:
-        real += f", isolated px {report['real_isolated_pixels']:.2f}"
-    return "\n".join(lines) + f"\n\n{real}; {report['per_class']} images per class and setting, seeds from " \
-        f"{report['seed']}, {report['threads']} thread(s), torch {report['torch']}."
+    print(render_table([(args.out, report)]))
 
 
 if __name__ == "__main__":

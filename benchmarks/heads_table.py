@@ -2,7 +2,7 @@
 
     python -m benchmarks.heads_table docs/heads/digits32-1200-steps.json docs/heads/digits32-shipped-22500-steps.json
 
-Rows are grouped by setting (steps per stage as asked, then guidance), and within a setting keep the
+Rows are grouped by setting (steps per stage as asked, then guidance and its sigma interval), and within a setting keep the
 order in which the models first appear in the files, so the variants at one setting stand side by side.
 A shortcut head samples only a power of two of steps: where it ran fewer steps than asked, the steps
 cell says so ("8 (asked 10)"). The training steps column comes from a row's "training_steps" field
@@ -30,13 +30,16 @@ def sorted_rows(reports: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     first_seen: dict[tuple[str, str, Any], int] = {}
     for row in rows:
         first_seen.setdefault(_model_key(row), len(first_seen))
-    return sorted(rows, key=lambda r: (r["asked_steps"], r["cfg"], first_seen[_model_key(r)]))
+    return sorted(rows, key=lambda r: (r["asked_steps"], r["cfg"], tuple(r.get("cfg_interval") or ()),
+                                       first_seen[_model_key(r)]))
 
 
 def render_row(row: dict[str, Any]) -> list[str]:
     steps = str(row["steps"]) + (f" (asked {row['asked_steps']})" if row["steps"] != row["asked_steps"] else "")
     trained = f"{row['training_steps']:,}" if "training_steps" in row else "-"
     guidance = "none" if row["cfg"] == 1.0 else f"{row['cfg']:g}"
+    if row.get("cfg_interval"):
+        guidance += " on sigma {:g}-{:g}".format(*row["cfg_interval"])
     speckle = f"{row['isolated_pixels']:.2f}" if "isolated_pixels" in row else "-"
     return [row["head"], trained, steps, guidance, f"{100 * row['accuracy']:.1f}%", f"{row['fd']:.2f}",
             f"{row['nearest_train']:.2f}", speckle, str(row["head_evals_per_image"]), f"{row['seconds_64']:.2f}"]

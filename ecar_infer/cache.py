@@ -14,6 +14,12 @@ class StaticKVCache:
         shape = (depth, 2, batch, total_tokens, num_heads, head_dim)
         self.buffer = torch.zeros(shape, device=device, dtype=dtype)
 
+    def first_rows(self, rows: int) -> "StaticKVCache":
+        """The cache of batch rows [0, rows): a view that reads and writes this cache's buffer."""
+        view = StaticKVCache.__new__(StaticKVCache)
+        view.buffer = self.buffer[:, :, :rows]  # each layer's k and v stay contiguous [rows, L, H, Dh]
+        return view
+
     def keys(self, layer: int) -> torch.Tensor:
         return self.buffer[layer, 0]
 

@@ -147,7 +147,7 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
     sampling.add_argument("--cfg-scale", type=finite_float, metavar="W", help="classifier-free guidance weight w")
     sampling.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance over the stages")
     sampling.add_argument("--cfg-interval", type=interval_spec, metavar="LO,HI",
-                          help="guide only where LO <= sigma <= HI")
+                          help="guide only where LO <= sigma <= HI (0,1: everywhere)")
     sampling.add_argument("--steps", type=steps_spec, metavar="N|a,b,c", help="Euler steps per stage")
     run = p.add_argument_group("execution")
     run.add_argument("--batch-size", type=positive_int, default=64, metavar="B", help="images per batch (default 64)")
@@ -354,7 +354,8 @@ def run_settings(args, sampler, labels: list[int]) -> dict:
     config, defaults = sampler.config, sampler.defaults
     latent = config.latent_kind != "pixel"  # only latent-space models decode through a VAE
     steps = defaults.steps_per_stage if args.steps is None else args.steps
-    interval = None if args.cfg_interval in (None, (0.0, 1.0)) else list(args.cfg_interval)  # [0, 1]: everywhere
+    interval = defaults.cfg_interval if args.cfg_interval is None else args.cfg_interval
+    interval = None if interval in (None, (0.0, 1.0)) else list(interval)  # [0, 1]: everywhere
     cuda = sampler.device.type == "cuda"
     ckpt = None if args.random_init else checkpoint_path(args.ckpt).resolve()
     vae = Path(args.vae).resolve() if latent and args.vae else None

@@ -6,15 +6,17 @@ bad entry is a CheckpointError, never a failure at the first generate().
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .checks import finite_real
 from .config import ECARConfig
 from .schedule import CFG_SCHEDULES, plan_for
 
 SHORTCUT_DEFAULT_STEPS = 4
-RECOMMENDED_KEYS = ("recommended_cfg", "recommended_steps", "recommended_cfg_schedule")
+RECOMMENDED_KEYS = ("recommended_cfg", "recommended_steps", "recommended_cfg_schedule", "recommended_cfg_interval")
 _STEPS = re.compile(r"[0-9]{1,4}(,[0-9]{1,4})*")  # "2" or "1,2,2"
+_SIGMA = r"[01](\.[0-9]{1,16})?"
+_INTERVAL = re.compile(f"{_SIGMA},{_SIGMA}")  # "0.55,1"
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class SamplingDefaults:
     cfg_scale: float = 1.0
     steps_per_stage: int | tuple[int, ...] = 20
     cfg_schedule: str = "constant"
+    cfg_interval: tuple[float, float] | None = None  # guide only where lo <= sigma <= hi; None: everywhere
 
     @classmethod
     def for_config(cls, config: ECARConfig | None) -> "SamplingDefaults":
@@ -41,19 +44,26 @@ class SamplingDefaults:
                 cfg_scale = finite_real("recommended_cfg", float(value))
             except ValueError:
                 raise ValueError(f"recommended_cfg must be a finite number, got {value!r}") from None
-            out = cls(cfg_scale, out.steps_per_stage, out.cfg_schedule)
+            out = replace(out, cfg_scale=cfg_scale)
         if "recommended_steps" in metadata:
             value = str(metadata["recommended_steps"])
             if not _STEPS.fullmatch(value):
                 raise ValueError(f"recommended_steps must be one step count or one per stage, comma-separated "
                                  f"(\"2\" or \"1,2,2\"), got {value!r}")
             steps = tuple(int(v) for v in value.split(","))
-            out = cls(out.cfg_scale, steps[0] if len(steps) == 1 else steps, out.cfg_schedule)
+            out = replace(out, steps_per_stage=steps[0] if len(steps) == 1 else steps)
         if "recommended_cfg_schedule" in metadata:
             if metadata["recommended_cfg_schedule"] not in CFG_SCHEDULES:
                 raise ValueError(f"recommended_cfg_schedule must be one of {CFG_SCHEDULES}, "
                                  f"got {metadata['recommended_cfg_schedule']!r}")
-            out = cls(out.cfg_scale, out.steps_per_stage, metadata["recommended_cfg_schedule"])
+            out = replace(out, cfg_schedule=metadata["recommended_cfg_schedule"])
+        if "recommended_cfg_interval" in metadata:
+            value = str(metadata["recommended_cfg_interval"])
+            bounds = tuple(float(v) for v in value.split(",")) if _INTERVAL.fullmatch(value) else ()
+            if len(bounds) != 2 or not 0.0 <= bounds[0] <= bounds[1] <= 1.0:
+                raise ValueError(f"recommended_cfg_interval must be two sigmas LO,HI with 0 <= LO <= HI <= 1 "
+                                 f"(\"0.55,1\"), got {value!r}")
+            out = replace(out, cfg_interval=bounds)
         if config is not None:
             try:
                 plan_for(config, out.steps_per_stage, out.cfg_scale, out.cfg_schedule)

@@ -48,15 +48,18 @@ class StageEngine:
         self.model, self.plan, self.steps, self.batch = model, plan, steps, batch
         self.structure = step_structure(steps)
         self.key = (batch, self.structure, dtype)  # names this engine's shapes; graph keys extend it
-        # the null branch exists only if some step of some stage is guided
-        self.guided = any(st.any_guided for st in steps)
-        rows = 2 * batch if self.guided else batch
+        # the null (unconditional) branch runs through the trunk only up to the last stage with a guided
+        # step: no later conditional row attends to it, so later stages run the conditional rows alone
+        guided_stages = [s for s, st in enumerate(steps) if st.any_guided]
+        self.null_stages = guided_stages[-1] + 1 if guided_stages else 0
+        rows = 2 * batch if self.null_stages else batch
         c, d, sides = cfg.latent_channels, cfg.token_dim, plan.latent_sides
         zeros = lambda *shape, dt=dtype: torch.zeros(shape, device=device, dtype=dt)  # noqa: E731
         self.labels = torch.full((rows,), cfg.null_class, device=device, dtype=torch.long)
         self.mods = zeros(trunk_modulation_rows(cfg.depth), rows, cfg.width)
         self.cache = StaticKVCache(cfg.depth, rows, plan.total_tokens, cfg.num_heads, cfg.head_dim, device, dtype)
-        self.h = [zeros(rows, n, cfg.width) for n in plan.tokens]
+        self.h = [zeros(2 * batch if s < self.null_stages else batch, n, cfg.width)
+                  for s, n in enumerate(plan.tokens)]
         # token states stay fp32 across Euler steps whatever the model dtype; each stage's start state
         # is kept apart from its running state so the flow loop can be rerun from the same start
         self.starts = [zeros(batch, n, d, dt=torch.float32) for n in plan.tokens]
@@ -117,13 +120,15 @@ class StageEngine:
         self.starts[0].copy_(patchify(self.start_noise, self.model.config.patch_size))
 
     def ar_stage(self, s: int) -> None:
-        """The AR transformer on stage s over the static KV cache; writes h[s]."""
+        """The AR transformer on stage s over the static KV cache; writes h[s] (both branches' rows, or
+        after the last guided stage the conditional rows alone)."""
         trunk = self.model.trunk
+        rows = self.h[s].shape[0]
         up = self.ups[s]
-        if up is not None and self.guided:
+        if up is not None and rows > self.batch:
             up = torch.cat([up, up])  # both branches see the same previous stage
-        tokens = trunk.stage_inputs(s, self.labels, up)
-        self.h[s].copy_(trunk.forward_stage(s, tokens, self.mods, self.cache))
+        tokens = trunk.stage_inputs(s, self.labels[:rows], up)
+        self.h[s].copy_(trunk.forward_stage(s, tokens, self.mods[:, :rows], self.cache.first_rows(rows)))
 
     def flow_stage(self, s: int) -> None:
         """All N_s Euler steps of stage s, guidance included: x[s] goes from starts[s] to the stage's end."""
@@ -132,7 +137,8 @@ class StageEngine:
         if self.edit is not None:
             self.edit.clamp_start_(s, x)
         dtype = self.h[s].dtype
-        cond = head.condition(self.h[s])                              # [rows, n, W], fixed for the stage
+        h = self.h[s] if st.any_guided else self.h[s][:b]           # an unguided stage needs no null rows
+        cond = head.condition(h)                                      # [rows, n, W], fixed for the stage
         temb = head.time_embedding(self.sigmas[s])                    # [N, W]
         if self.levels[s] is not None:
             temb = temb + head.level_embedding(self.levels[s])        # one step size for the whole stage

@@ -26,7 +26,7 @@ from .graphs import GraphRunner, batch_bucket
 from .model import ECARModel
 from .noise import draw_noise
 from .output import OUTPUT_TYPES, SampleOutput, convert
-from .schedule import CFG_SCHEDULES, plan_for
+from .schedule import CFG_SCHEDULES, StageSteps, plan_for
 from .vae import build_decoder
 
 logger = logging.getLogger("ecar_infer")
@@ -161,12 +161,16 @@ class Sampler:
                  steps_per_stage: int | Sequence[int] | None = None, cfg_schedule: str | None = None,
                  cfg_interval: tuple[float, float] | None = None, output_type: str = "pil",
                  batch_size: int | None = None, progress: bool | None = None) -> SampleOutput:
-        """Generate one image per class label. Image k uses seed + k (or seed[k] when a list is given)."""
+        """Generate one image per class label. Image k uses seed + k (or seed[k] when a list is given).
+
+        Settings left None take the sampler's defaults (a checkpoint's recommended_* metadata): guidance
+        weight, steps per stage, schedule, and the sigma interval (lo, hi) where guidance applies, (0, 1)
+        meaning everywhere. After the last stage with a guided step only the conditional branch runs."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         labels = self._validate_labels(class_labels)
         seeds = self._seeds(seed, len(labels))
-        steps = self._plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
+        steps = self.plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
         return self._run(labels, seeds, steps, output_type, batch_size, progress)
 
     @torch.no_grad()
@@ -210,7 +214,7 @@ class Sampler:
         seeds = self._seeds(seed, count)
         request = build_request(pixels.to(self.device), count, mask, mode, from_stage, cfg, self.decoder.encode)
         everything = request.kept_wholly()
-        steps = self._plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
+        steps = self.plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
         if len(everything) == count:
             logger.warning("the mask keeps every pixel: the input is returned unchanged")
             images = (request.latents.clone() if output_type == "latent"
@@ -220,14 +224,17 @@ class Sampler:
             logger.warning(f"the mask keeps every pixel of image(s) {everything}: their outputs are their inputs")
         return self._run(labels, seeds, steps, output_type, batch_size, progress, request)
 
-    def _plan(self, cfg_scale, steps_per_stage, cfg_schedule, cfg_interval):
-        """The per-stage step plan of a request, the sampler's defaults filling what is not given.
-        None means the default; any other value is checked (0, "" or [] are errors, not defaults)."""
+    def plan(self, cfg_scale: float | None = None, steps_per_stage: int | Sequence[int] | None = None,
+             cfg_schedule: str | None = None, cfg_interval: tuple[float, float] | None = None) -> list[StageSteps]:
+        """The per-stage step plan (ecar_infer/schedule.py) a request with these settings runs, the sampler's
+        defaults filling what is not given. None means the default; any other value is checked (0, "" or
+        [] are errors, not defaults)."""
         cfg_scale = self.defaults.cfg_scale if cfg_scale is None else finite_real("cfg_scale", cfg_scale)
         cfg_schedule = self.defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         steps_per_stage = self.defaults.steps_per_stage if steps_per_stage is None else steps_per_stage
+        cfg_interval = self.defaults.cfg_interval if cfg_interval is None else cfg_interval  # (0, 1): everywhere
         return plan_for(self.config, steps_per_stage, cfg_scale, cfg_schedule, cfg_interval)
 
     def _run(self, labels: list[int], seeds: list[int], steps, output_type: str, batch_size: int | None,

@@ -172,6 +172,9 @@ BAD_FILES = {
     "recommended_cfg=nan": r"recommended_cfg must be a finite number, got 'nan'",
     "recommended_cfg=two": r"recommended_cfg must be a finite number, got 'two'",
     "recommended_cfg_schedule=bogus": r"recommended_cfg_schedule must be one of \('constant', 'linear'\)",
+    "recommended_cfg_interval=0.6,0.5": r"recommended_cfg_interval must be two sigmas .*got '0.6,0.5'",
+    "recommended_cfg_interval=0.5,nan": r"recommended_cfg_interval must be two sigmas .*got '0.5,nan'",
+    "recommended_cfg_interval=1.2.3": r"recommended_cfg_interval must be two sigmas .*got '1.2.3'",
 }
 
 

@@ -263,6 +263,26 @@ def test_spelling_out_a_default_is_no_change(ckpt, tmp_path, capsys, monkeypatch
     assert code == 130, stderr  # ^C in the first batch: the settings agreed and sampling had begun
 
 
+@pytest.fixture(scope="module")
+def interval_ckpt(tmp_path_factory):
+    """The tiny checkpoint recommending guidance 2 on sigmas 0.55-1 only."""
+    path = tmp_path_factory.mktemp("interval-ckpt") / "tiny.safetensors"
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=2), path,
+                    extra_metadata={"recommended_cfg": "2.0", "recommended_cfg_interval": "0.55,1"})
+    return path
+
+
+def test_a_recommended_guidance_interval_is_the_default_of_a_rerun(interval_ckpt, tmp_path, capsys, monkeypatch):
+    """Spelling out the recommended interval is no change; --cfg-interval 0,1 (everywhere) is one."""
+    common = ["--ckpt", interval_ckpt, "--class", "1", "--per-class", "3", "--batch-size", "2", "-q",
+              "--npz", tmp_path / "s.npz"]
+    start_and_interrupt(capsys, monkeypatch, common)
+    code, stderr = run_interrupted(capsys, monkeypatch, 1, *common, "--cfg-interval", "0.55,1")
+    assert code == 130, stderr
+    code, _, stderr = run(capsys, *common, "--cfg-interval", "0,1")
+    assert code == 2 and "other settings (cfg_interval)" in stderr, stderr
+
+
 def test_random_init_warns_that_the_images_are_noise(tmp_path, capsys):
     out = tmp_path / "noise.png"
     code, stdout, stderr = run(capsys, "--random-init", "ecar-tiny", "--class", "all", "--steps", "2",

@@ -344,7 +344,7 @@ def test_a_mask_that_keeps_everything_returns_the_input_with_a_warning(sampler, 
 # ---- the engine's buffers and the fused kernel -------------------------------------------------------
 
 def test_edit_engines_have_their_own_buffers_and_graph_keys(sampler):
-    steps = sampler._plan(2.0, 2, None, None)
+    steps = sampler.plan(2.0, 2)
     plain = sampler._engine(2, steps)
     edit = sampler._engine(2, steps, ("clamp", "clamp", "clamp"))
     vary = sampler._engine(2, steps, ("known", "free", "free"))

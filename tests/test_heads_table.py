@@ -24,6 +24,7 @@ VARIANTS = report([
     row("runs/b/ema.safetensors", "mlp/shortcut", 1, 1.0, 0.38, 5.2993),
 ])
 SHIPPED = report([row("shipped", "attention/flow", 1, 1.0, 0.94, 2.3695, training_steps=13000),
+                  row("shipped", "attention/flow", 1, 2.0, 0.998, 3.1, training_steps=13000, cfg_interval=[0.55, 1.0]),
                   row("shipped", "attention/flow", 1, 2.0, 0.999, 3.0573, training_steps=13000)],
                  per_class=100, real_isolated_pixels=0.0025)
 
@@ -42,6 +43,7 @@ def test_rows_grouped_by_setting_then_model_order():
         ["mlp/shortcut", "-", "1", "none", "38.0%", "5.30", "12.35", "-", "3", "1.50"],
         ["attention/flow", "13,000", "1", "none", "94.0%", "2.37", "12.35", "-", "3", "1.50"],
         ["attention/flow", "13,000", "1", "2", "99.9%", "3.06", "12.35", "-", "6", "3.00"],
+        ["attention/flow", "13,000", "1", "2 on sigma 0.55-1", "99.8%", "3.10", "12.35", "-", "6", "3.00"],
         ["mlp/flow", "1,200", "2", "4", "97.7%", "7.22", "12.35", "0.19", "12", "6.00"],
         ["mlp/shortcut", "-", "8 (asked 10)", "none", "42.7%", "5.05", "12.35", "-", "24", "12.00"],
     ]
@@ -64,4 +66,13 @@ def test_command_line_reads_the_files(tmp_path, capsys):
         (tmp_path / name).write_text(json.dumps(data))
     heads_table.main(paths)
     printed = capsys.readouterr().out
-    assert len(table_rows(printed)) == 6 and f"- {paths[1]}: 100 images per class" in printed
+    assert len(table_rows(printed)) == 7 and f"- {paths[1]}: 100 images per class" in printed
+
+
+def test_head_evaluations_count_each_guided_step_twice():
+    from benchmarks.heads import head_evaluations
+    from ecar_infer.schedule import plan_steps
+
+    assert head_evaluations(plan_steps(3, 2, 1.0)) == 6
+    assert head_evaluations(plan_steps(3, 2, 3.0)) == 12
+    assert head_evaluations(plan_steps(3, 2, 3.0, cfg_interval=(0.55, 1.0))) == 10   # stage 2 unguided

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,48 @@ def test_guidance_skips_the_null_branch_where_the_weight_is_one(sampler):
     # linear schedule: the first stage has w = 1, so its head runs on the conditional rows only
     linear = head_rows_per_call(sampler, cfg_scale=3.0, cfg_schedule="linear")
     assert linear == [2 * tokens[0]] * 2 + [4 * n for n in tokens[1:] for _ in range(2)]
+
+
+def trunk_rows_per_stage(sampler, **kwargs) -> list[int]:
+    """Rows (images x branches) the AR transformer runs on each stage of one request of 2 images."""
+    rows = []
+    trunk = sampler.model.trunk
+    original = trunk.forward_stage
+
+    def spy(s, tokens, mods, cache):
+        rows.append(tokens.shape[0])
+        return original(s, tokens, mods, cache)
+
+    trunk.forward_stage = spy
+    try:
+        sampler.generate([1, 2], seed=0, steps_per_stage=2, output_type="latent", **kwargs)
+    finally:
+        del trunk.forward_stage
+    return rows
+
+
+def test_the_null_branch_stops_after_the_last_guided_stage(sampler):
+    """Guided on stages 0-1 only (sigmas of 2 steps: 1, 0.83 | 0.8, 0.57 | 0.5, 0.25): the trunk and the head
+    of stage 2 run the conditional rows alone; a guided last stage keeps both branches throughout."""
+    tokens = sampler.model.plan.tokens
+    assert trunk_rows_per_stage(sampler, cfg_scale=3.0) == [4, 4, 4]
+    assert trunk_rows_per_stage(sampler, cfg_scale=3.0, cfg_interval=(0.55, 1.0)) == [4, 4, 2]
+    assert trunk_rows_per_stage(sampler, cfg_scale=3.0, cfg_interval=(0.0, 0.55)) == [4, 4, 4]
+    assert trunk_rows_per_stage(sampler, cfg_scale=1.0) == [2, 2, 2]
+    early = head_rows_per_call(sampler, cfg_scale=3.0, cfg_interval=(0.55, 1.0))
+    assert early == [4 * n for n in tokens[:2] for _ in range(2)] + [2 * tokens[2]] * 2
+
+
+def test_a_recommended_guidance_interval_is_the_default(sampler):
+    everywhere = sampler.generate([5], seed=3, cfg_scale=4.0, steps_per_stage=2, output_type="latent").images
+    early = dict(cfg_scale=4.0, steps_per_stage=2, cfg_interval=(0.55, 1.0), output_type="latent")
+    explicit = sampler.generate([5], seed=3, **early).images
+    recommending = Sampler(sampler.model, defaults=replace(sampler.defaults, cfg_interval=(0.55, 1.0)),
+                           progress=False)
+    assert recommending.generate([5], seed=3, cfg_scale=4.0, steps_per_stage=2, output_type="latent").images.equal(explicit)
+    assert recommending.generate([5], seed=3, cfg_scale=4.0, steps_per_stage=2, cfg_interval=(0.0, 1.0),
+                                 output_type="latent").images.equal(everywhere)
+    assert (explicit - everywhere).abs().max() > 1e-3
 
 
 def test_guidance_changes_images_and_weight_one_equals_unguided(sampler):

@@ -323,7 +323,8 @@ def test_the_variant_inputs_matter_in_the_transcription():
 
 # Guided requests: constant guidance; the linear schedule (stage 1 unguided, the others guided); a guidance
 # interval that mixes guided and unguided steps; and an interval whose bounds both sit exactly on a grid
-# sigma (t = 1, the first evaluation of stage 1): inclusive by the spec, so that one step, and only it, is guided.
+# sigma (t = 1, the first evaluation of stage 1): inclusive by the spec, so that one step, and only it, is guided;
+# and guidance on the early stages only, after which the engine runs the trunk on the conditional rows alone.
 # And an unguided request, for which the sampler computes no null branch at all.
 REQUESTS = {
     "unguided": dict(cfg_scale=1.0, cfg_schedule="constant"),
@@ -331,6 +332,7 @@ REQUESTS = {
     "linear": dict(cfg_scale=3.0, cfg_schedule="linear"),
     "interval": dict(cfg_scale=2.0, cfg_schedule="constant", cfg_interval=(0.3, 0.7)),
     "interval bound on a grid sigma": dict(cfg_scale=4.0, cfg_schedule="constant", cfg_interval=(1.0, 1.0)),
+    "early stages guided": dict(cfg_scale=3.0, cfg_schedule="constant", cfg_interval=(0.55, 1.0)),
 }
 
 

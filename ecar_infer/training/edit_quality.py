@@ -212,8 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     labels = ref.heldout_labels[chosen]
     images = to_unit(to_uint8(images.astype(np.float32)))  # what a user's PNG holds
     started = time.perf_counter()
-    report = {"images": len(chosen), "recommended_cfg": sampler.defaults.cfg_scale,
-              "steps_per_stage": sampler.defaults.steps_per_stage, "completion": {}}
+    defaults = sampler.defaults
+    report = {"images": len(chosen), "recommended_cfg": defaults.cfg_scale,
+              "recommended_cfg_interval": list(defaults.cfg_interval) if defaults.cfg_interval else None,
+              "steps_per_stage": defaults.steps_per_stage, "completion": {}}
     completed = {}
     for name, cfg in (("recommended", sampler.defaults.cfg_scale), ("no guidance", 1.0)):
         completed[name] = completion(sampler, ref, images, labels, cfg, args.seed)

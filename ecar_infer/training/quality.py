@@ -177,6 +177,7 @@ def evaluate(sampler, ref: Reference | None = None, per_class: int = 100, seed: 
         images, labels = generate(sampler, per_class, seed, cfg_scale=cfg)
         report["settings"][name] = {
             "cfg_scale": cfg, "cfg_schedule": defaults.cfg_schedule, "steps": str(defaults.steps_per_stage),
+            "cfg_interval": list(defaults.cfg_interval) if cfg != 1.0 and defaults.cfg_interval else None,
             "accuracy": ref.accuracy(images, labels),
             "fd_vs_heldout": frechet_distance(ref.features(images), real_feats),
             "memorisation": memorisation(images, labels, ref),
