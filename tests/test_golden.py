@@ -36,7 +36,8 @@ def sample(sampler) -> np.ndarray:
 
 def settings(sampler) -> dict[str, str]:
     d = sampler.defaults
-    return {"cfg_scale": str(d.cfg_scale), "steps_per_stage": str(d.steps_per_stage), "cfg_schedule": d.cfg_schedule}
+    return {"cfg_scale": str(d.cfg_scale), "steps_per_stage": str(d.steps_per_stage), "cfg_schedule": d.cfg_schedule,
+            "cfg_interval": str(d.cfg_interval)}
 
 
 def shipped_sampler(model: str = "ecar-digits32"):
@@ -51,7 +52,7 @@ def shipped_sampler(model: str = "ecar-digits32"):
 def test_shipped_model_reproduces_its_golden_latents(model):
     sampler = shipped_sampler(model)
     with np.load(golden_path(model)) as golden:
-        expected, stored = golden["latents"], {k: str(golden[k]) for k in ("cfg_scale", "steps_per_stage", "cfg_schedule")}
+        expected, stored = golden["latents"], {k: str(golden[k]) for k in settings(sampler)}
         assert golden["labels"].tolist() == LABELS and golden["seeds"].tolist() == SEEDS
     assert settings(sampler) == stored, ("the shipped model's recommended settings changed: regenerate the golden "
                                          "latents with `python tests/test_golden.py`")

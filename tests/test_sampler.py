@@ -155,7 +155,8 @@ def test_a_recommended_guidance_interval_is_the_default(sampler):
     explicit = sampler.generate([5], seed=3, **early).images
     recommending = Sampler(sampler.model, defaults=replace(sampler.defaults, cfg_interval=(0.55, 1.0)),
                            progress=False)
-    assert recommending.generate([5], seed=3, cfg_scale=4.0, steps_per_stage=2, output_type="latent").images.equal(explicit)
+    by_default = recommending.generate([5], seed=3, cfg_scale=4.0, steps_per_stage=2, output_type="latent")
+    assert by_default.images.equal(explicit)
     assert recommending.generate([5], seed=3, cfg_scale=4.0, steps_per_stage=2, cfg_interval=(0.0, 1.0),
                                  output_type="latent").images.equal(everywhere)
     assert (explicit - everywhere).abs().max() > 1e-3

@@ -1,0 +1,102 @@
+"""Guidance settings side by side: weight and sigma interval, over several seed sets of the same images.
+
+    python -m benchmarks.guidance --ckpt ecar-digits32 --setting 2:0,1 --setting 2:0.55,0.9 --out guidance.json
+    python -m benchmarks.guidance --ckpt ecar-emoji32 --data emoji32.npz --heldout emoji32-heldout.npz \
+        --setting 3:0,1 --setting 3.5:0.55,0.9 --out guidance.json
+
+Each --setting is W:LO,HI (guidance weight W where LO <= sigma <= HI; 0,1 is everywhere). Every setting
+samples the same seed sets (--seed-sets of --per-class images per class, seeds from 10,000 in steps of
+10,000) at the checkpoint's recommended steps per stage (or --steps), so the settings differ only in guidance. The
+judge is ecar_infer/training/quality.py's (accuracy of the independent classifier, Frechet distance to
+the held-out images, the share of samples nearer a training image than the median real nearest-neighbour
+distance). Prints one line per setting and seed set, then the means over the seed sets.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ecar_infer import Sampler, keep_freed_memory
+from ecar_infer.cli import interval_spec, steps_spec
+from ecar_infer.training import quality
+
+SEED_STEP = 10_000
+
+
+def setting_spec(text: str) -> tuple[float, tuple[float, float]]:
+    weight, _, interval = text.partition(":")
+    try:
+        return float(weight), interval_spec(interval)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"give W:LO,HI (e.g. 2:0.55,0.9), got {text!r}") from None
+
+
+def measure(sampler: Sampler, ref: quality.Reference, cfg: float, interval: tuple[float, float], seed: int,
+            per_class: int, steps=None) -> dict:
+    images, labels = quality.generate(sampler, per_class, seed, cfg_scale=cfg, cfg_interval=interval,
+                                      steps_per_stage=steps)
+    return {"cfg": cfg, "interval": list(interval), "seed": seed,
+            "accuracy": ref.accuracy(images, labels),
+            "fd": quality.frechet_distance(ref.features(images), ref.features(ref.heldout)),
+            "memorisation_nearest": quality.memorisation(images, labels, ref, "nearest")}
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Means over the seed sets, one entry per setting, in the order the settings were given."""
+    settings = list(dict.fromkeys((r["cfg"], tuple(r["interval"])) for r in rows))
+    out = []
+    for cfg, interval in settings:
+        mine = [r for r in rows if (r["cfg"], tuple(r["interval"])) == (cfg, interval)]
+        mean = {k: sum(r[k] for r in mine) / len(mine) for k in ("accuracy", "fd", "memorisation_nearest")}
+        out.append({"cfg": cfg, "interval": list(interval), "seed_sets": len(mine), **mean,
+                    "fd_range": [min(r["fd"] for r in mine), max(r["fd"] for r in mine)],
+                    "accuracy_range": [min(r["accuracy"] for r in mine), max(r["accuracy"] for r in mine)]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.guidance", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoint file or shipped model name")
+    parser.add_argument("--data", default="digits32", help="the training split (any ecar-train --data)")
+    parser.add_argument("--heldout", help="the held-out split (needed unless --data is digits32)")
+    parser.add_argument("--setting", type=setting_spec, action="append", required=True, metavar="W:LO,HI")
+    parser.add_argument("--steps", type=steps_spec, metavar="N|a,b,c",
+                        help="steps per stage (default: the checkpoint's recommended)")
+    parser.add_argument("--seed-sets", type=int, default=5)
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="JSON report")
+    args = parser.parse_args(argv)
+    if args.data != "digits32" and not args.heldout:
+        parser.error("--heldout is needed with --data")
+    keep_freed_memory()
+    torch.set_num_threads(args.threads)
+    sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
+    if args.data == "digits32":
+        ref = quality.build_reference()
+    else:
+        with tempfile.TemporaryDirectory() as cache:
+            ref = quality.reference_from_data(args.data, args.heldout, sampler.config, cache)
+    rows = []
+    for k in range(1, args.seed_sets + 1):
+        for cfg, interval in args.setting:
+            rows.append(measure(sampler, ref, cfg, interval, k * SEED_STEP, args.per_class, args.steps))
+            print(json.dumps(rows[-1]), flush=True)
+    steps = sampler.defaults.steps_per_stage if args.steps is None else args.steps
+    report = {"ckpt": str(args.ckpt), "data": args.data, "per_class": args.per_class,
+              "steps_per_stage": steps, "threads": args.threads,
+              "torch": torch.__version__, "rows": rows, "summary": summarise(rows)}
+    for s in report["summary"]:
+        print(f"guidance {s['cfg']:g} on sigma {s['interval'][0]:g}-{s['interval'][1]:g}: accuracy "
+              f"{100 * s['accuracy']:.2f}%, FD {s['fd']:.3f} ({s['fd_range'][0]:.3f}-{s['fd_range'][1]:.3f}), "
+              f"nearest-neighbour share {s['memorisation_nearest']:.3f} over {s['seed_sets']} seed sets")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
