@@ -1,6 +1,7 @@
 """FLOPs per image: E-CAR presets against DiT-XL/2, and the staged (KV-cache) sampler against a naive loop.
 
-    python -m benchmarks.flops [--presets ecar-b ecar-xl ecar-xl-attn-sc@2 ...] [--json PATH] [--markdown PATH]
+    python -m benchmarks.flops [--presets ecar-b ecar-xl ecar-xl-attn-sc@2 ...] [--cfg-interval LO,HI]
+        [--json PATH] [--markdown PATH]
 
 A preset may carry its own steps per stage as NAME@STEPS (the head variants' few-step sampling); others
 take --steps. The defaults include ecar-xl-attn@2: the head kind of the shipped digits model, at its 2
@@ -13,7 +14,8 @@ not counted. DiT's published "Gflops" are MACs: its 118.6 is about 237 GFLOPs he
 
 E-CAR is counted by running the sampler's own engine units (ecar_infer.engine.StageEngine) at the
 default settings with guidance: the AR transformer (begin + every stage over the KV cache) and the
-flow head (every Euler step of every stage), both on the doubled batch that guidance needs. DiT-XL/2
+flow head (every Euler step of every stage), both on the doubled batch that guidance needs (with
+--cfg-interval, only where the engine runs the null branch). DiT-XL/2
 is one DiTTransformer2DModel forward on the doubled batch, times the number of DDPM steps. Both decode
 one 32x32x4 latent with the SD-VAE-architecture AutoencoderKL, counted once and shown separately.
 """
@@ -28,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ecar_infer import ECARConfig
+from ecar_infer.cli import interval_spec
 from ecar_infer.engine import StageEngine
 from ecar_infer.kernels import force_backend
 from ecar_infer.model import ECARModel
@@ -79,14 +82,16 @@ def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def ecar_flops(config: ECARConfig, steps_per_stage: int = STEPS_PER_STAGE,
-               cfg_scale: float = GUIDANCE_SCALE) -> dict[str, int]:
+def ecar_flops(config: ECARConfig, steps_per_stage: int = STEPS_PER_STAGE, cfg_scale: float = GUIDANCE_SCALE,
+               cfg_interval: tuple[float, float] | None = None) -> dict[str, int]:
     """Per-image FLOPs of the staged sampler, counted unit by unit as the sampler runs them.
 
     ar: begin (the AdaLN modulations) and every AR stage; head: every flow stage; generator: every
-    unit, the re-noise jumps between stages included (elementwise, so they count 0).
+    unit, the re-noise jumps between stages included (elementwise, so they count 0). With cfg_interval the
+    engine skips the null branch where a whole stage is unguided, and in the AR transformer after the last
+    guided stage, so those units count less.
     """
-    steps = plan_for(config, steps_per_stage, cfg_scale)
+    steps = plan_for(config, steps_per_stage, cfg_scale, cfg_interval=cfg_interval)
     model = on_meta(lambda: ECARModel(config))
     engine = StageEngine(model, 1, steps)
     engine.load(torch.zeros(1, dtype=torch.long), draw_noise([0], model.plan))
@@ -128,7 +133,8 @@ def dit_step_flops(guided: bool = True) -> dict[str, int]:
 
 
 def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_PER_STAGE,
-                 cfg_scale: float = GUIDANCE_SCALE, dit_steps: Sequence[int] = DIT_STEPS) -> dict[str, Any]:
+                 cfg_scale: float = GUIDANCE_SCALE, dit_steps: Sequence[int] = DIT_STEPS,
+                 cfg_interval: tuple[float, float] | None = None) -> dict[str, Any]:
     guided = cfg_scale != 1.0
     dit = dit_step_flops(guided)
     dit_decode = vae_decode_flops(DIT_XL_2["sample_size"])
@@ -138,7 +144,8 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
         name, steps = parse_spec(spec, steps_per_stage)
         config = ECARConfig.preset(name)
         row = {"preset": spec, "stages": config.num_stages, "steps": steps,
-               "head_variant": f"{config.head_kind} {config.head_objective}", **ecar_flops(config, steps, cfg_scale)}
+               "head_variant": f"{config.head_kind} {config.head_objective}",
+               **ecar_flops(config, steps, cfg_scale, cfg_interval)}
         row["naive_ar"] = naive_ar_flops(config, guided)
         row["naive_generator"] = row["generator"] - row["ar"] + row["naive_ar"]  # the head is the same
         row["vae_decode"] = vae_decode_flops(config.latent_size) if config.latent_kind == "sd-vae" else 0
@@ -146,13 +153,21 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
         ecar_rows.append(row)
     return {
         "settings": {"units": "FLOPs per image, 2 x multiply-accumulates", "ecar_steps_per_stage": steps_per_stage,
-                     "cfg_scale": cfg_scale, "guidance": "both branches at every step (2x batch) on both sides"},
+                     "cfg_scale": cfg_scale, "cfg_interval": cfg_interval, "guidance": guidance_text(cfg_interval)},
         "environment": environment(torch.device("meta")),
         "dit": {"name": DIT_NAME, "params": dit["params"], "step": dit["step"],
                 "gmac_per_forward": dit["step"] / (2 if guided else 1) / 2 / GIGA, "runs": dit_rows},
         "ecar": ecar_rows,
         "targets": targets(ecar_rows),
     }
+
+
+def guidance_text(cfg_interval: tuple[float, float] | None) -> str:
+    if cfg_interval is None:
+        return "both branches at every step (2x batch) on both sides"
+    lo, hi = cfg_interval
+    return (f"E-CAR guided only where {lo:g} <= sigma <= {hi:g} (both branches there, the conditional branch "
+            f"alone elsewhere), {DIT_NAME} on both branches at every step")
 
 
 def targets(ecar_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -222,11 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=STEPS_PER_STAGE,
                         help="E-CAR steps per stage for presets without their own @STEPS")
     parser.add_argument("--cfg-scale", type=float, default=GUIDANCE_SCALE)
+    parser.add_argument("--cfg-interval", type=interval_spec, metavar="LO,HI",
+                        help="E-CAR guided only where LO <= sigma <= HI (default: everywhere; DiT always everywhere)")
     parser.add_argument("--dit-steps", type=int, nargs="+", default=list(DIT_STEPS))
     parser.add_argument("--json", help="write the counts as JSON here")
     parser.add_argument("--markdown", help="write the tables as Markdown here")
     args = parser.parse_args(argv)
-    report = build_report(args.presets, args.steps, args.cfg_scale, args.dit_steps)
+    report = build_report(args.presets, args.steps, args.cfg_scale, args.dit_steps, args.cfg_interval)
     markdown = render_markdown(report)
     write_outputs(report, markdown, args.json, args.markdown)
     print(markdown)

@@ -124,3 +124,23 @@ def test_dit_xl_2_step_matches_hand_count():
     counted = flops.dit_step_flops(guided=True)["step"]
     assert counted == 2 * 2 * macs  # two branches, two FLOPs per MAC
     assert abs(macs / 1e9 - 118.6) < 0.1  # the DiT paper's "Gflops" (MACs) of DiT-XL/2
+
+
+def test_a_guidance_interval_drops_the_null_branch_where_it_is_not_needed():
+    """Guided only where 0.7 <= sigma <= 1: stage 0's steps at sigma 1 and 0.83 (not 0.67), no step of stage 1
+    (0.67, 0.44, 0.22). So the AR transformer runs the null branch on stage 0 only, and the head runs it on
+    stage 0's two guided steps only."""
+    expected_ar = condition_flops(ROWS) + blocks_flops(ROWS, TOKENS[0], TOKENS[0])
+    expected_ar += 2 * 1 * TOKENS[1] * TOKEN_DIM * D + blocks_flops(1, TOKENS[1], PREFIXES[1] + TOKENS[1])
+
+    def velocity(rows):
+        return 2 * rows * (TOKEN_DIM * W + W * (3 * K + 2) * W + K * 2 * W * W + W * TOKEN_DIM)
+
+    time = 2 * STEPS * (TIME_FREQ * W + W * W)
+    n0, n1 = TOKENS
+    expected_head = (2 * ROWS * n0 * D * W + time + 2 * velocity(ROWS * n0) + velocity(n0)
+                     + 2 * n1 * D * W + time + STEPS * velocity(n1))
+    counted = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0, cfg_interval=(0.7, 1.0))
+    assert (counted["ar"], counted["head"]) == (expected_ar, expected_head)
+    everywhere = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0, cfg_interval=(0.0, 1.0))
+    assert everywhere == flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0)
