@@ -28,17 +28,20 @@ TINY = ECARConfig.preset("ecar-tiny")
 
 @pytest.mark.parametrize("config", [TINY, TINY.replace(head_kind="attention", head_num_heads=2, head_objective="shortcut",
                                                        shortcut_max_level=2)], ids=["mlp-flow", "attention-shortcut"])
-def test_generate_through_triton_matches_reference(config):
+@pytest.mark.parametrize("interval", [None, (0.55, 0.9)], ids=["guided-everywhere", "guided-early-stages"])
+def test_generate_through_triton_matches_reference(config, interval):
+    """With guidance on the early stages only, the last stage's AR step reads the conditional rows of the KV
+    cache through a view, and its flow steps take the unguided Euler kernel."""
     sampler = Sampler.from_config(config, device=DEVICE, dtype="fp32", seed=0)
-    kwargs = dict(class_labels=[1, 2], seed=0, cfg_scale=2.0, steps_per_stage=2, output_type="latent",
-                  progress=False)
+    kwargs = dict(class_labels=[1, 2], seed=0, cfg_scale=2.0, steps_per_stage=2, cfg_interval=interval,
+                  output_type="latent", progress=False)
     with force_backend("reference"):
         expected = sampler.generate(**kwargs).images
     with force_backend("triton"):
         got = sampler.generate(**kwargs).images
         used = chosen_backends()
     ops = ("stage_attention", "layernorm_modulate", "gated_residual_layernorm_modulate", "guided_euler_step_",
-           "upsample_renoise")
+           "upsample_renoise") + (("euler_step_",) if interval else ())
     assert {op: used[op] for op in ops} == dict.fromkeys(ops, "triton")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
