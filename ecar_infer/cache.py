@@ -5,6 +5,8 @@ Stage s writes rows [P_s, P_s + n_s) and attends over rows [0, P_s + n_s).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -16,7 +18,7 @@ class StaticKVCache:
 
     def first_rows(self, rows: int) -> "StaticKVCache":
         """The cache of batch rows [0, rows): a view that reads and writes this cache's buffer."""
-        view = StaticKVCache.__new__(StaticKVCache)
+        view = copy.copy(self)
         view.buffer = self.buffer[:, :, :rows]  # each layer's k and v stay contiguous [rows, L, H, Dh]
         return view
 

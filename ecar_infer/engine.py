@@ -10,7 +10,9 @@ Inputs are copied in by `load` beforehand, outside any graph.
 Every unit is idempotent: it overwrites all it writes from buffers it does not write, so running it
 again on the same buffers gives the same result (the graph runner's warm-up runs rely on this).
 A request of fewer images than the engine's batch is padded; images never interact, so padding rows
-cannot change the real ones.
+cannot change the real ones. With guidance, rows [batch, 2*batch) are the null branch; after the last
+stage with a guided step the AR unit runs rows [0, batch) alone (the step structure fixes which stages
+those are, so the shapes stay static).
 """
 from __future__ import annotations
 

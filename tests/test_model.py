@@ -86,3 +86,14 @@ def test_head_rows_are_independent():
         all_rows = model.head(x, sigma, h)
         row = model.head(x[4:5], sigma[4:5], h[4:5])
     torch.testing.assert_close(all_rows[4:5], row, rtol=1e-5, atol=1e-6)
+
+
+def test_the_first_rows_of_the_kv_cache_are_a_view_of_it():
+    """The engine's conditional-only stages write and read the first rows through this view."""
+    cache = StaticKVCache(2, 4, 6, 2, 3, "cpu", torch.float32)
+    view = cache.first_rows(2)
+    k, v = torch.randn(2, 2, 2, 3), torch.randn(2, 2, 2, 3)
+    view.write(1, 2, k, v)
+    assert torch.equal(cache.keys(1)[:2, 2:4], k) and torch.equal(cache.values(1)[:2, 2:4], v)
+    assert cache.buffer[:, :, 2:].abs().sum() == 0 and cache.buffer[0].abs().sum() == 0  # nothing else written
+    assert view.keys(1).shape == (2, 6, 2, 3) and view.keys(1).is_contiguous()
