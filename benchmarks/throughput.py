@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ecar_infer import ECARConfig, Sampler, keep_freed_memory
-from ecar_infer.kernels import chosen_backends, dispatch, force_backend, ops
+from ecar_infer.kernels import chosen_backends, clear_chosen_backends, dispatch, force_backend, ops
 from ecar_infer.model import ECARModel
 from ecar_infer.sampler import resolve_device, resolve_dtype
 from ecar_infer.vae import AutoencoderDecoder, build_decoder, sd_vae_random
@@ -170,6 +170,7 @@ class Harness:
                 warm = functools.partial(call, steps_per_stage=1) if self.cheap_warmup else call
                 row = Row(preset, variant_label(backend, graphs), batch,
                           f"{steps} x {config.num_stages} stages", per_image)
+                clear_chosen_backends()  # the row names the backends of its own calls only
                 self.measure(row, call, warm, backend)
                 row.backends = {op: name for op, name in sorted(chosen_backends().items())}
                 self.add(row)

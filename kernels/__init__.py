@@ -10,7 +10,7 @@ import os
 import torch
 
 from . import dispatch, flash, ops, reference, sdpa
-from .dispatch import chosen_backends, force_backend
+from .dispatch import chosen_backends, clear_chosen_backends, force_backend
 
 _REFERENCE_OPS = ("stage_attention", "block_causal_attention", "layernorm_modulate",
                   "gated_residual_layernorm_modulate", "guided_euler_step_", "euler_step_", "upsample_renoise",
@@ -49,4 +49,4 @@ def _register_triton() -> None:
 
 _register_triton()
 
-__all__ = ["dispatch", "ops", "reference", "force_backend", "chosen_backends"]
+__all__ = ["dispatch", "ops", "reference", "force_backend", "chosen_backends", "clear_chosen_backends"]

@@ -180,3 +180,8 @@ def call(op: str, *args: Any, **kwargs: Any) -> Any:
 def chosen_backends() -> dict[str, str]:
     """The backend each op used on its most recent call (for logs, benchmarks and tests)."""
     return dict(_chosen)
+
+
+def clear_chosen_backends() -> None:
+    """Forget the record of chosen_backends, so that it names only the ops called after this."""
+    _chosen.clear()

@@ -200,3 +200,12 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_clearing_the_record_of_chosen_backends():
+    ops.layernorm_modulate(*ln_args())
+    assert "layernorm_modulate" in dispatch.chosen_backends()
+    dispatch.clear_chosen_backends()
+    assert dispatch.chosen_backends() == {}
+    ops.layernorm_modulate(*ln_args())
+    assert list(dispatch.chosen_backends()) == ["layernorm_modulate"]
