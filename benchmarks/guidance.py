@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-from pathlib import Path
 
 import torch
 
 from ecar_infer import Sampler, keep_freed_memory
 from ecar_infer.cli import interval_spec, steps_spec
 from ecar_infer.training import quality
+
+from .report import write_outputs
 
 SEED_STEP = 10_000
 
@@ -35,13 +36,13 @@ def setting_spec(text: str) -> tuple[float, tuple[float, float]]:
         raise argparse.ArgumentTypeError(f"give W:LO,HI (e.g. 2:0.55,0.9), got {text!r}") from None
 
 
-def measure(sampler: Sampler, ref: quality.Reference, cfg: float, interval: tuple[float, float], seed: int,
-            per_class: int, steps=None) -> dict:
+def measure(sampler: Sampler, ref: quality.Reference, real_features, cfg: float, interval: tuple[float, float],
+            seed: int, per_class: int, steps=None) -> dict:
     images, labels = quality.generate(sampler, per_class, seed, cfg_scale=cfg, cfg_interval=interval,
                                       steps_per_stage=steps)
     return {"cfg": cfg, "interval": list(interval), "seed": seed,
             "accuracy": ref.accuracy(images, labels),
-            "fd": quality.frechet_distance(ref.features(images), ref.features(ref.heldout)),
+            "fd": quality.frechet_distance(ref.features(images), real_features),
             "memorisation_nearest": quality.memorisation(images, labels, ref, "nearest")}
 
 
@@ -81,10 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory() as cache:
             ref = quality.reference_from_data(args.data, args.heldout, sampler.config, cache)
+    real_features = ref.features(ref.heldout)
     rows = []
     for k in range(1, args.seed_sets + 1):
         for cfg, interval in args.setting:
-            rows.append(measure(sampler, ref, cfg, interval, k * SEED_STEP, args.per_class, args.steps))
+            rows.append(measure(sampler, ref, real_features, cfg, interval, k * SEED_STEP, args.per_class, args.steps))
             print(json.dumps(rows[-1]), flush=True)
     steps = sampler.defaults.steps_per_stage if args.steps is None else args.steps
     report = {"ckpt": str(args.ckpt), "data": args.data, "per_class": args.per_class,
@@ -94,8 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"guidance {s['cfg']:g} on sigma {s['interval'][0]:g}-{s['interval'][1]:g}: accuracy "
               f"{100 * s['accuracy']:.2f}%, FD {s['fd']:.3f} ({s['fd_range'][0]:.3f}-{s['fd_range'][1]:.3f}), "
               f"nearest-neighbour share {s['memorisation_nearest']:.3f} over {s['seed_sets']} seed sets")
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    write_outputs(report, "", args.out, None)
 
 
 if __name__ == "__main__":

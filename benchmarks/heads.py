@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> None:
             for cfg in [float(v) for v in args.cfg.split(",")]:
                 settings = dict(cfg_scale=cfg, steps_per_stage=used, cfg_interval=args.cfg_interval)
                 images, labels = generate(sampler, args.per_class, args.seed, **settings)
-                interval = sampler.defaults.cfg_interval if args.cfg_interval is None else args.cfg_interval
+                interval = sampler.defaults.guidance_interval(args.cfg_interval)
                 row = {"ckpt": ckpt, "head": name, "params": sum(p.numel() for p in sampler.model.parameters()),
                        "steps": used, "asked_steps": steps, "cfg": cfg,
-                       "cfg_interval": list(interval) if cfg != 1.0 and interval not in (None, (0.0, 1.0)) else None,
+                       "cfg_interval": list(interval) if cfg != 1.0 and interval else None,
                        "accuracy": ref.accuracy(images, labels),
                        "fd": frechet_distance(ref.features(images), real_features),
                        "nearest_train": nearest_train_distance(images, ref.train),

@@ -12,16 +12,16 @@ is kept for reuse, as ecar-sample does (ecar_infer/cpu_memory.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from ecar_infer import Sampler, keep_freed_memory
 from ecar_infer.cli import interval_spec, steps_spec
+
+from .report import write_outputs
 
 IMAGES = 64
 
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> None:
               f" (steps {r['resolved']['steps']}, guided steps {r['resolved']['guided_steps']})")
     report = {"images": IMAGES, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
               "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0], "cases": results}
-    if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
+    write_outputs(report, "", args.out, None)
 
 
 if __name__ == "__main__":

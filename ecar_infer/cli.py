@@ -354,8 +354,7 @@ def run_settings(args, sampler, labels: list[int]) -> dict:
     config, defaults = sampler.config, sampler.defaults
     latent = config.latent_kind != "pixel"  # only latent-space models decode through a VAE
     steps = defaults.steps_per_stage if args.steps is None else args.steps
-    interval = defaults.cfg_interval if args.cfg_interval is None else args.cfg_interval
-    interval = None if interval in (None, (0.0, 1.0)) else list(interval)  # [0, 1]: everywhere
+    interval = defaults.guidance_interval(args.cfg_interval)
     cuda = sampler.device.type == "cuda"
     ckpt = None if args.random_init else checkpoint_path(args.ckpt).resolve()
     vae = Path(args.vae).resolve() if latent and args.vae else None
@@ -372,7 +371,7 @@ def run_settings(args, sampler, labels: list[int]) -> dict:
         labels_sha256=hashlib.sha256(json.dumps(labels).encode()).hexdigest(),
         cfg_scale=float(defaults.cfg_scale if args.cfg_scale is None else args.cfg_scale),
         cfg_schedule=args.cfg_schedule or defaults.cfg_schedule,
-        cfg_interval=interval,
+        cfg_interval=None if interval is None else list(interval),
         steps=[steps] * config.num_stages if isinstance(steps, int) else list(steps),
         device=sampler.device.type,
         dtype=DTYPE_NAMES[str(sampler.dtype)],

@@ -28,6 +28,12 @@ class SamplingDefaults:
     cfg_schedule: str = "constant"
     cfg_interval: tuple[float, float] | None = None  # guide only where lo <= sigma <= hi; None: everywhere
 
+    def guidance_interval(self, given: tuple[float, float] | None = None) -> tuple[float, float] | None:
+        """The checked interval a request guides in: `given`, else this default; None where that is
+        everywhere ((0, 1) too), so that spelling out "everywhere" is no change."""
+        interval = self.cfg_interval if given is None else tuple(given)
+        return None if interval in (None, (0.0, 1.0)) else interval
+
     @classmethod
     def for_config(cls, config: ECARConfig | None) -> "SamplingDefaults":
         """A shortcut head samples in few steps: 4 per stage unless its checkpoint recommends otherwise."""

@@ -92,21 +92,33 @@ def test_output_types(sampler):
     assert len(pil) == 2 and pil[0].size == (16, 16) and np.array_equal(np.asarray(pil[1]), arr[1, ..., 0])
 
 
-def head_rows_per_call(sampler, **kwargs) -> list[int]:
+def rows_per_call(sampler, module, method: str, rows_of, **kwargs) -> list[int]:
+    """rows_of(*args) of every call of module.method during one request of 2 images, 2 steps per stage."""
     rows = []
-    head = sampler.model.head
-    original = head.velocity
+    original = getattr(module, method)
 
-    def spy(x, c, stage):
-        rows.append(x.shape[0] * x.shape[1])   # images x tokens of the stage
-        return original(x, c, stage)
+    def spy(*args):
+        rows.append(rows_of(*args))
+        return original(*args)
 
-    head.velocity = spy
+    setattr(module, method, spy)
     try:
         sampler.generate([1, 2], seed=0, steps_per_stage=2, output_type="latent", **kwargs)
     finally:
-        del head.velocity
+        delattr(module, method)
     return rows
+
+
+def head_rows_per_call(sampler, **kwargs) -> list[int]:
+    """Rows (images x branches x tokens of the stage) of every head evaluation."""
+    return rows_per_call(sampler, sampler.model.head, "velocity", lambda x, c, stage: x.shape[0] * x.shape[1],
+                         **kwargs)
+
+
+def trunk_rows_per_stage(sampler, **kwargs) -> list[int]:
+    """Rows (images x branches) the AR transformer runs on each stage."""
+    return rows_per_call(sampler, sampler.model.trunk, "forward_stage",
+                         lambda s, tokens, mods, cache: tokens.shape[0], **kwargs)
 
 
 def test_guidance_skips_the_null_branch_where_the_weight_is_one(sampler):
@@ -117,24 +129,6 @@ def test_guidance_skips_the_null_branch_where_the_weight_is_one(sampler):
     # linear schedule: the first stage has w = 1, so its head runs on the conditional rows only
     linear = head_rows_per_call(sampler, cfg_scale=3.0, cfg_schedule="linear")
     assert linear == [2 * tokens[0]] * 2 + [4 * n for n in tokens[1:] for _ in range(2)]
-
-
-def trunk_rows_per_stage(sampler, **kwargs) -> list[int]:
-    """Rows (images x branches) the AR transformer runs on each stage of one request of 2 images."""
-    rows = []
-    trunk = sampler.model.trunk
-    original = trunk.forward_stage
-
-    def spy(s, tokens, mods, cache):
-        rows.append(tokens.shape[0])
-        return original(s, tokens, mods, cache)
-
-    trunk.forward_stage = spy
-    try:
-        sampler.generate([1, 2], seed=0, steps_per_stage=2, output_type="latent", **kwargs)
-    finally:
-        del trunk.forward_stage
-    return rows
 
 
 def test_the_null_branch_stops_after_the_last_guided_stage(sampler):
@@ -201,3 +195,13 @@ def test_from_config_is_deterministic_in_its_seed():
         assert torch.equal(pa, pb)
     out = a.generate([1], seed=0, steps_per_stage=2, output_type="latent")
     assert torch.isfinite(out.images).all()
+
+
+def test_the_guidance_interval_in_effect():
+    from ecar_infer.defaults import SamplingDefaults
+
+    recommending = SamplingDefaults(cfg_interval=(0.55, 0.9))
+    assert recommending.guidance_interval() == (0.55, 0.9)
+    assert recommending.guidance_interval([0.2, 0.8]) == (0.2, 0.8)
+    assert recommending.guidance_interval((0.0, 1.0)) is None          # everywhere, spelled out
+    assert SamplingDefaults().guidance_interval() is None
