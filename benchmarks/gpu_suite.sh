@@ -17,6 +17,12 @@
 # Each part runs under `timeout` with its own budget (seconds below); a part that fails or runs out of
 # time is logged in OUTDIR/parts.txt and the suite goes on. The throughput harness rewrites its JSON and
 # Markdown after every row, so a part cut short still leaves what it measured.
+#
+# ECAR_SUITE_REHEARSAL=1 rehearses the suite on a machine without a GPU (tests/test_gpu_suite.py, in CI):
+# every part runs its GPU command with CPU options appended (argparse keeps an option's last value), on
+# tiny models and DiT-XL/2 at one step, so that an option the GPU run passes and a script no longer takes
+# fails here and not in a GPU session's few minutes. The install step is skipped (the caller's
+# environment is used as it is).
 set -u
 OUTDIR=${1:?usage: bash benchmarks/gpu_suite.sh OUTDIR}
 cd "$(dirname "$0")/.."
@@ -31,6 +37,15 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # 10 s grace after its limit stay under the device tool's 600 s per call
 T_TESTS=${T_TESTS:-100} T_KERNELS=${T_KERNELS:-80} T_GRAPHS=${T_GRAPHS:-90} T_FLOPS=${T_FLOPS:-40}
 T_THROUGHPUT=${T_THROUGHPUT:-215}
+
+REHEARSAL=${ECAR_SUITE_REHEARSAL:-}
+GRAPHS_CPU=() FLOPS_CPU=() THROUGHPUT_CPU=()
+if [ -n "$REHEARSAL" ]; then
+    FLOPS_CPU=(--presets ecar-tiny-vae ecar-digits32-attn-sc@2)
+    GRAPHS_CPU=(--device cpu --presets ecar-tiny-vae --batches 1 --repeats 1)
+    THROUGHPUT_CPU=(--device cpu --models ecar-tiny-vae ecar-digits32-attn-sc@2 --batches 1 --variant-batches 1
+                    --repeats 1 --dit-steps 1 --max-call-s 5)
+fi
 
 log() { echo "[gpu_suite $(date +%T)] $*" | tee -a "$OUTDIR/suite.log"; }
 
@@ -72,10 +87,15 @@ nvidia-smi -q >"$OUTDIR/nvidia-smi-q.txt" 2>&1
 } >"$OUTDIR/nvidia-smi-excerpt.txt"
 cat "$OUTDIR/nvidia-smi-excerpt.txt"
 
-install >"$OUTDIR/install.log" 2>&1
-log "install: exit $? (log in install.log)"
+if [ -n "$REHEARSAL" ]; then
+    log "rehearsal on the CPU: install skipped"
+else
+    install >"$OUTDIR/install.log" 2>&1
+    log "install: exit $? (log in install.log)"
+fi
 "$PY" -c 'import platform, torch, triton, diffusers; print("python", platform.python_version(), "torch", torch.__version__,
-"triton", triton.__version__, "diffusers", diffusers.__version__, "gpu", torch.cuda.get_device_name())' \
+"triton", triton.__version__, "diffusers", diffusers.__version__,
+"gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' \
     >"$OUTDIR/versions.txt" 2>&1
 
 part gpu-tests "$T_TESTS" "$PY" -m pytest -m gpu tests/ -q -rs --junitxml="$OUTDIR/gpu-tests.xml"
@@ -89,17 +109,19 @@ fi
 
 if [ -f benchmarks/bench_graphs.py ]; then
     # the rows issue 6's targets name (ecar-xl at batch 1 and 64); the throughput part sweeps the rest
-    part graphs "$T_GRAPHS" "$PY" -m benchmarks.bench_graphs --out "$OUTDIR/graphs" --presets ecar-xl --batches 1 64
+    part graphs "$T_GRAPHS" "$PY" -m benchmarks.bench_graphs --out "$OUTDIR/graphs" --presets ecar-xl --batches 1 64 \
+        ${GRAPHS_CPU[@]+"${GRAPHS_CPU[@]}"}
 else
     log "graphs: benchmarks/bench_graphs.py not present, skipped"
 fi
 
-part flops "$T_FLOPS" "$PY" -m benchmarks.flops --json "$OUTDIR/flops.json" --markdown "$OUTDIR/flops.md"
+part flops "$T_FLOPS" "$PY" -m benchmarks.flops --json "$OUTDIR/flops.json" --markdown "$OUTDIR/flops.md" \
+    ${FLOPS_CPU[@]+"${FLOPS_CPU[@]}"}
 
 # ecar-xl is the preset the issue-5 targets name; batch 64 first so the target rows come first; then the
 # attention + shortcut head at 2 steps per stage (issue 13), whose rows are the first to go if time runs out
 part throughput "$T_THROUGHPUT" "$PY" -m benchmarks.throughput --models ecar-xl ecar-xl-attn-sc@2 --batches 64 1 8 256 \
     --variant-batches 64 1 --repeats 3 --max-call-s 25 --profile "$OUTDIR" \
-    --json "$OUTDIR/throughput.json" --markdown "$OUTDIR/throughput.md"
+    --json "$OUTDIR/throughput.json" --markdown "$OUTDIR/throughput.md" ${THROUGHPUT_CPU[@]+"${THROUGHPUT_CPU[@]}"}
 
 log "done in ${SECONDS}s; results in $OUTDIR"

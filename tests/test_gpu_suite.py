@@ -1,0 +1,66 @@
+"""The GPU suite's wiring, rehearsed on the CPU (benchmarks/gpu_suite.sh, ECAR_SUITE_REHEARSAL=1).
+
+A GPU session has a few minutes of device time: an option the suite passes that a benchmark no longer
+takes, a preset it names that no longer exists, or a part that crashes before timing anything would waste
+them. The rehearsal runs every part with the GPU run's own options followed by CPU ones, so argparse still
+checks every GPU option; the tests below check each part ran and wrote what the session records."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import flops
+from ecar_infer import ECARConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "benchmarks" / "gpu_suite.sh"
+PARTS = ("gpu-tests", "kernels", "graphs", "flops", "throughput")
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_suite")
+    env = dict(os.environ, ECAR_SUITE_REHEARSAL="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(SUITE), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_every_part_runs_to_completion(rehearsal):
+    status = dict(line.split(" ", 1) for line in (rehearsal / "parts.txt").read_text().splitlines())
+    assert tuple(status) == PARTS
+    failed = {name: (rehearsal / f"{name}.log").read_text()[-2000:] for name, s in status.items()
+              if not s.startswith("exit=0 ")}
+    assert not failed, failed
+    assert "rehearsal on the CPU: install skipped" in (rehearsal / "suite.log").read_text()
+
+
+@pytest.mark.slow
+def test_each_part_writes_its_results(rehearsal):
+    junit = (rehearsal / "gpu-tests.xml").read_text()
+    assert re.search(r'skipped="[1-9]', junit)  # the GPU tests were collected (and skip without CUDA)
+    graphs = json.loads((rehearsal / "graphs" / "bench_graphs.json").read_text())
+    assert {r["path"] for r in graphs["rows"]} == {"graphs", "eager", "reference"}
+    assert all(r["error"] is None for r in graphs["rows"])
+    counts = json.loads((rehearsal / "flops.json").read_text())
+    assert counts and (rehearsal / "flops.md").read_text().strip()
+    rows = json.loads((rehearsal / "throughput.json").read_text())["rows"]
+    assert {r["model"] for r in rows} >= {"ecar-tiny-vae", "ecar-digits32-attn-sc@2", "DiT-XL/2"}
+    assert all(r["error"] is None for r in rows), rows
+    assert (rehearsal / "versions.txt").read_text().startswith("python ")
+
+
+def test_the_gpu_runs_models_are_presets():
+    """The throughput part's --models of the GPU run (overridden in the rehearsal): each NAME[@STEPS]
+    names a preset."""
+    models = re.search(r"benchmarks\.throughput --models (.+?) --batches", SUITE.read_text()).group(1).split()
+    assert models
+    for spec in models:
+        preset, _ = flops.parse_spec(spec, flops.STEPS_PER_STAGE)
+        ECARConfig.preset(preset)
