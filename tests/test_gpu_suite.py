@@ -18,31 +18,37 @@ from ecar_infer import ECARConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
-PARTS = ("gpu-tests", "kernels", "graphs", "flops", "throughput")
+PARTS = ("gpu-tests", "kernels", "graphs", "sharded", "flops", "throughput")
+
+
+def rehearse(out: Path, **budgets: str) -> dict[str, str]:
+    """Run the suite's CPU rehearsal into out; {part: its parts.txt status}."""
+    env = dict(os.environ, ECAR_SUITE_REHEARSAL="1", PYTHON=sys.executable, **budgets)
+    done = subprocess.run(["bash", str(SUITE), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return dict(line.split(" ", 1) for line in (out / "parts.txt").read_text().splitlines())
 
 
 @pytest.fixture(scope="module")
 def rehearsal(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_suite")
-    env = dict(os.environ, ECAR_SUITE_REHEARSAL="1", PYTHON=sys.executable)
-    done = subprocess.run(["bash", str(SUITE), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return out
+    return out, rehearse(out)
 
 
 @pytest.mark.slow
 def test_every_part_runs_to_completion(rehearsal):
-    status = dict(line.split(" ", 1) for line in (rehearsal / "parts.txt").read_text().splitlines())
+    out, status = rehearsal
     assert tuple(status) == PARTS
-    failed = {name: (rehearsal / f"{name}.log").read_text()[-2000:] for name, s in status.items()
+    failed = {name: (out / f"{name}.log").read_text()[-2000:] for name, s in status.items()
               if not s.startswith("exit=0 ")}
     assert not failed, failed
-    assert "rehearsal on the CPU: install skipped" in (rehearsal / "suite.log").read_text()
+    assert "rehearsal on the CPU: install skipped" in (out / "suite.log").read_text()
 
 
 @pytest.mark.slow
 def test_each_part_writes_its_results(rehearsal):
+    rehearsal, _ = rehearsal
     junit = (rehearsal / "gpu-tests.xml").read_text()
     assert re.search(r'skipped="[1-9]', junit)  # the GPU tests were collected (and skip without CUDA)
     graphs = json.loads((rehearsal / "graphs" / "bench_graphs.json").read_text())
@@ -54,6 +60,18 @@ def test_each_part_writes_its_results(rehearsal):
     assert {r["model"] for r in rows} >= {"ecar-tiny-vae", "ecar-digits32-attn-sc@2", "DiT-XL/2"}
     assert all(r["error"] is None for r in rows), rows
     assert (rehearsal / "versions.txt").read_text().startswith("python ")
+    assert "the two npz files are byte-identical" in (rehearsal / "sharded.log").read_text()
+
+
+def test_the_suite_ends_within_its_total_budget(tmp_path):
+    """T_TOTAL bounds the whole suite (so that the caller can still pack its results): parts run under
+    what is left of it, and those that come when it is spent are skipped."""
+    status = rehearse(tmp_path, T_TOTAL="25")
+    assert tuple(status) == PARTS and status["throughput"] == "exit=skipped seconds=0"
+    log = (tmp_path / "suite.log").read_text()
+    assert "the suite's 25s are spent" in log
+    limits = [int(x) for x in re.findall(r"start \(limit (\d+)s\)", log)]
+    assert limits and max(limits) <= 25 - 10  # a part's limit plus its 10 s grace fit in what is left
 
 
 def test_the_gpu_runs_models_are_presets():
