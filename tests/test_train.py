@@ -33,10 +33,10 @@ def digits16():
     return digits16_split()
 
 
-def make_trainer(config, data, settings=SETTINGS, rank=0, world=1, **options):
+def make_trainer(config, data, settings=SETTINGS, rank=0, world=1, device="cpu", **options):
     images, labels = data
     batches = PixelBatches(ImageSet(images.numpy(), labels.numpy(), [str(d) for d in range(10)], "digits16"))
-    return Trainer(config, settings, batches, torch.device("cpu"), rank, world, **options)
+    return Trainer(config, settings, batches, torch.device(device), rank, world, **options)
 
 
 def test_stage_targets_match_design_by_hand():
