@@ -68,16 +68,16 @@ part() {  # part NAME SECONDS COMMAND...: run under a time limit, output to OUTD
 }
 
 sharded() {  # issue 11's 1,008-image npz, by one process and by torchrun with a rank per GPU: the files must match
-    local ranks
+    local ranks dir
     ranks=$("$PY" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
+    dir=$(mktemp -d) || return 1
     local request=(--ckpt ecar-emoji32 --class all --per-class 112 --no-progress "$@")
-    rm -rf /tmp/ecar_sharded && mkdir -p /tmp/ecar_sharded || return 1
     echo "== one process"
-    time "$PY" -m ecar_infer.cli "${request[@]}" --npz /tmp/ecar_sharded/one.npz || return 1
+    time "$PY" -m ecar_infer.cli "${request[@]}" --npz "$dir/one.npz" || return 1
     echo "== torchrun, $ranks rank(s)"
     time "$PY" -m torch.distributed.run --standalone --nproc-per-node "$ranks" -m ecar_infer.cli "${request[@]}" \
-        --npz /tmp/ecar_sharded/ranks.npz || return 1
-    cmp /tmp/ecar_sharded/one.npz /tmp/ecar_sharded/ranks.npz && echo "the two npz files are byte-identical"
+        --npz "$dir/ranks.npz" || return 1
+    cmp "$dir/one.npz" "$dir/ranks.npz" && echo "the two npz files are byte-identical" && rm -r "$dir"
 }
 
 install() {  # from wheels whatever of diffusers / pytest-benchmark is missing, then the repo
