@@ -18,7 +18,7 @@ from ecar_infer import ECARConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
-PARTS = ("gpu-tests", "kernels", "graphs", "sharded", "flops", "throughput")
+PARTS = ("gpu-tests", "kernels", "graphs", "sharded", "throughput")
 
 
 def rehearse(out: Path, **budgets: str) -> dict[str, str]:
@@ -54,8 +54,6 @@ def test_each_part_writes_its_results(rehearsal):
     graphs = json.loads((rehearsal / "graphs" / "bench_graphs.json").read_text())
     assert {r["path"] for r in graphs["rows"]} == {"graphs", "eager", "reference"}
     assert all(r["error"] is None for r in graphs["rows"])
-    counts = json.loads((rehearsal / "flops.json").read_text())
-    assert counts and (rehearsal / "flops.md").read_text().strip()
     rows = json.loads((rehearsal / "throughput.json").read_text())["rows"]
     assert {r["model"] for r in rows} >= {"ecar-tiny-vae", "ecar-digits32-attn-sc@2", "DiT-XL/2"}
     assert all(r["error"] is None for r in rows), rows
@@ -66,12 +64,12 @@ def test_each_part_writes_its_results(rehearsal):
 def test_the_suite_ends_within_its_total_budget(tmp_path):
     """T_TOTAL bounds the whole suite (so that the caller can still pack its results): parts run under
     what is left of it, and those that come when it is spent are skipped."""
-    status = rehearse(tmp_path, T_TOTAL="25")
+    status = rehearse(tmp_path, T_TOTAL="22")
     assert tuple(status) == PARTS and status["throughput"] == "exit=skipped seconds=0"
     log = (tmp_path / "suite.log").read_text()
-    assert "the suite's 25s are spent" in log
+    assert "the suite's 22s are spent" in log
     limits = [int(x) for x in re.findall(r"start \(limit (\d+)s\)", log)]
-    assert limits and max(limits) <= 25 - 10  # a part's limit plus its 10 s grace fit in what is left
+    assert limits and max(limits) <= 22 - 10  # a part's limit plus its 10 s grace fit in what is left
 
 
 def test_the_gpu_runs_models_are_presets():
