@@ -17,7 +17,8 @@ setup(
     package_data={"ecar_infer.weights": ["*.safetensors", "*.md", "*.png"]},
     install_requires=["torch", "diffusers", "safetensors", "numpy", "pillow", "tqdm"] + TRITON,
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "scipy", "matplotlib"],
+        # pytest-xdist: the GPU suite runs the GPU tests in parallel (and CI rehearses it)
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "scikit-learn", "scipy", "matplotlib"],
         # digits32 renders matplotlib's bundled fonts, which also draws loss.png; quality evaluation
         # uses scikit-learn and scipy
         "train": ["matplotlib", "scikit-learn", "scipy"],

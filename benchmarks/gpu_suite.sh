@@ -120,7 +120,12 @@ fi
 "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' \
     >"$OUTDIR/versions.txt" 2>&1
 
-part gpu-tests "$T_TESTS" "$PY" -m pytest -m gpu tests/ -q -rs --junitxml="$OUTDIR/gpu-tests.xml"
+# The GPU tests in 8 processes where pytest-xdist is there (the GPU image has it): on a fresh machine most
+# of their time is Triton compiling every autotune config of every kernel variant (147 compilations of
+# the attention kernel alone: 7 configs x 21 dtype / head-dim / masking variants; about 0.8 s each for
+# sm_90 on the 2-core CPU of CI), which is CPU work, and the machine has 16 cores.
+WORKERS=$("$PY" -c 'import importlib.util as u; print("-n 8" if u.find_spec("xdist") else "")')
+part gpu-tests "$T_TESTS" "$PY" -m pytest -m gpu tests/ -q -rs $WORKERS --junitxml="$OUTDIR/gpu-tests.xml"
 
 part kernels "$T_KERNELS" "$PY" -m pytest benchmarks/bench_kernels.py --benchmark-only -q \
     --benchmark-json "$OUTDIR/kernels.json"
