@@ -48,19 +48,20 @@ def test_every_part_runs_to_completion(rehearsal):
 
 @pytest.mark.slow
 def test_each_part_writes_its_results(rehearsal):
-    rehearsal, _ = rehearsal
-    junit = (rehearsal / "gpu-tests.xml").read_text()
+    out, _ = rehearsal
+    junit = (out / "gpu-tests.xml").read_text()
     assert re.search(r'skipped="[1-9]', junit)  # the GPU tests were collected (and skip without CUDA)
-    graphs = json.loads((rehearsal / "graphs" / "bench_graphs.json").read_text())
+    graphs = json.loads((out / "graphs" / "bench_graphs.json").read_text())
     assert {r["path"] for r in graphs["rows"]} == {"graphs", "eager", "reference"}
     assert all(r["error"] is None for r in graphs["rows"])
-    rows = json.loads((rehearsal / "throughput.json").read_text())["rows"]
+    rows = json.loads((out / "throughput.json").read_text())["rows"]
     assert {r["model"] for r in rows} >= {"ecar-tiny-vae", "ecar-digits32-attn-sc@2", "DiT-XL/2"}
     assert all(r["error"] is None for r in rows), rows
-    assert (rehearsal / "versions.txt").read_text().startswith("python ")
-    assert "the two npz files are byte-identical" in (rehearsal / "sharded.log").read_text()
+    assert (out / "versions.txt").read_text().startswith("python ")
+    assert "the two npz files are byte-identical" in (out / "sharded.log").read_text()
 
 
+@pytest.mark.slow
 def test_the_suite_ends_within_its_total_budget(tmp_path):
     """T_TOTAL bounds the whole suite (so that the caller can still pack its results): parts run under
     what is left of it, and those that come when it is spent are skipped."""
@@ -72,11 +73,13 @@ def test_the_suite_ends_within_its_total_budget(tmp_path):
     assert limits and max(limits) <= 22 - 10  # a part's limit plus its 10 s grace fit in what is left
 
 
-def test_the_gpu_runs_models_are_presets():
-    """The throughput part's --models of the GPU run (overridden in the rehearsal): each NAME[@STEPS]
-    names a preset."""
-    models = re.search(r"benchmarks\.throughput --models (.+?) --batches", SUITE.read_text()).group(1).split()
-    assert models
-    for spec in models:
+def test_the_gpu_runs_presets_exist():
+    """The models the GPU run names (overridden in the rehearsal): the throughput part's NAME[@STEPS] and
+    the graphs part's presets."""
+    script = SUITE.read_text()
+    models = re.search(r"benchmarks\.throughput --models (.+?) --batches", script).group(1).split()
+    presets = re.search(r"benchmarks\.bench_graphs .*?--presets (.+?) --batches", script).group(1).split()
+    assert models and presets
+    for spec in models + presets:
         preset, _ = flops.parse_spec(spec, flops.STEPS_PER_STAGE)
         ECARConfig.preset(preset)
