@@ -23,7 +23,10 @@ PARTS = ("gpu-tests", "kernels", "graphs", "sharded", "throughput")
 
 def rehearse(out: Path, **budgets: str) -> dict[str, str]:
     """Run the suite's CPU rehearsal into out; {part: its parts.txt status}."""
-    env = dict(os.environ, ECAR_SUITE_REHEARSAL="1", PYTHON=sys.executable, **budgets)
+    # the suite runs as a user starts it, not as a pytest worker: under `pytest -n` the inherited
+    # PYTEST_XDIST_WORKER makes the suite's own pytest-benchmark run refuse --benchmark-only
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(ECAR_SUITE_REHEARSAL="1", PYTHON=sys.executable, **budgets)
     done = subprocess.run(["bash", str(SUITE), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
