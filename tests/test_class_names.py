@@ -33,6 +33,8 @@ def test_resolve_by_index_name_and_prefix():
 
 def test_exact_name_wins_over_a_longer_one():
     assert resolve_class("cat", ["catfish", "cat"], 2) == 1
+    assert resolve_class("CAT", ["catfish", "cat"], 2) == 1   # exact in any case, not an ambiguous prefix
+    assert resolve_class("cat", ["Catfish", "Cat"], 2) == 1
 
 
 def test_names_made_of_digits_are_found_by_name_first():

@@ -71,6 +71,19 @@ def test_outdir_resumes_an_interrupted_run(ckpt, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.png")} == before
 
 
+def test_outdir_resamples_a_batch_with_only_some_of_its_images(ckpt, tmp_path, capsys):
+    """A batch counts as saved only when every one of its images is there (its images are written one by one)."""
+    args = ("--ckpt", ckpt, "--class", "2", "--per-class", "3", "--steps", "2", "--outdir", tmp_path / "out",
+            "--batch-size", "2", "--no-progress")
+    assert run(capsys, *args)[0] == 0
+    files = sorted((tmp_path / "out").glob("*.png"))
+    before = {p.name: p.read_bytes() for p in files}
+    files[1].unlink()  # the second image of the first batch (of two) is missing, the first is there
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0 and "1 of 2 batches are already in" in stderr and "sampled 2 images" in stdout, stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.png")} == before
+
+
 def test_npz_is_an_adm_evaluator_file(ckpt, tmp_path, capsys):
     path = tmp_path / "samples.npz"
     # underscore spellings are accepted too
@@ -125,6 +138,39 @@ def test_npz_resumes_an_interrupted_run_from_its_saved_batches(ckpt, tmp_path, c
     with np.load(path) as data:
         assert data["labels"].tolist() == [0, 0, 1, 1, 2, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]  # the parts folder is gone
+
+
+def test_npz_parts_are_joined_in_batch_order_whatever_order_they_were_written(tmp_path):
+    """Ranks finish their batches in any order, and a resumed run writes early batches last; more than ten
+    batches, so that neither the order of writing nor a text sort of the part names is the batch order."""
+    from ecar_infer.targets import NpzTarget
+
+    labels = [k % 10 for k in range(12)]
+    target = NpzTarget(tmp_path / "s.npz", labels, list(range(12)), batch_size=1)
+    assert target.start({"any": "settings"}) == list(range(12))
+    for b in [11, 2, 10, 0, 1, 5, 4, 3, 9, 8, 7, 6]:
+        target.write(b, np.full((1, 2, 2, 1), b, np.uint8))
+    target.finish()
+    with np.load(tmp_path / "s.npz") as data:
+        assert data["arr_0"][:, 0, 0, 0].tolist() == list(range(12)) and data["labels"].tolist() == labels
+
+
+def test_batches_missing_at_the_end_are_a_user_error_and_the_parts_stay(ckpt, tmp_path, capsys, monkeypatch):
+    """A batch sampled by a rank but not in the folder rank 0 sees (ranks on machines that do not share the
+    output folder): one line, status 2, and the saved parts are kept."""
+    from ecar_infer.targets import NpzTarget
+
+    path = tmp_path / "s.npz"
+    real_write = NpzTarget.write
+    monkeypatch.setattr(NpzTarget, "write", lambda self, b, images: b == 1 or real_write(self, b, images))
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--class", "1-3", "--steps", "1", "--batch-size", "1",
+                               "--npz", path, "-q")
+    assert code == 2 and stdout == "" and "Traceback" not in stderr, stderr
+    assert stderr.strip() == (f"ecar-sample: error: 1 of 3 batches sampled by the ranks are not in {path}.parts/ "
+                              f"(batch 1 is one): with several machines, write to a folder that all of them share")
+    assert not path.exists()
+    assert sorted(p.name for p in (tmp_path / "s.npz.parts").iterdir()) == ["batch000000.npz", "batch000002.npz",
+                                                                            "run.json"]
 
 
 @pytest.mark.parametrize("output, saved", [
@@ -200,11 +246,15 @@ FIELD_CHANGES = {
     "tf32": pytest.param("--ckpt {ckpt} --device cuda --dtype fp32", "--ckpt {ckpt} --device cuda --dtype fp32 "
                          "--no-tf32", marks=CUDA_ONLY),
 }
+# further cases of a field of the table: the same images per class, the classes in another order
+MORE_FIELD_CHANGES = {
+    "labels_sha256-order": ("--ckpt {ckpt} --class 2 --class 1", "--ckpt {ckpt} --class 1 --class 2"),
+}
 OUTPUTS = {"npz": ("--npz {tmp}/s.npz", "{tmp}/s.npz.parts/"), "outdir": ("--outdir {tmp}/out", "{tmp}/out/")}
 
 
 def field_case(field):
-    case = FIELD_CHANGES[field]
+    case = {**FIELD_CHANGES, **MORE_FIELD_CHANGES}[field]
     return case if isinstance(case, tuple) else case.values
 
 
@@ -220,7 +270,8 @@ def test_the_field_table_covers_every_settings_field(ckpt, tmp_path, capsys, mon
 
 
 @pytest.mark.parametrize("output", sorted(OUTPUTS))
-@pytest.mark.parametrize("field", [pytest.param(f, marks=getattr(c, "marks", ())) for f, c in FIELD_CHANGES.items()])
+@pytest.mark.parametrize("field", [pytest.param(f, marks=getattr(c, "marks", ())) for f, c in FIELD_CHANGES.items()]
+                         + list(MORE_FIELD_CHANGES))
 def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, ckpt_copy, tmp_path, capsys, monkeypatch,
                                                 request):
     first, second, *replaced = field_case(field)
@@ -244,7 +295,7 @@ def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, ckpt_copy, 
     assert code == 2 and stdout == "" and len(lines) == 1, stderr
     line = lines[0]
     assert line.startswith(f"ecar-sample: error: {where.format(**files)} holds images of a run with other settings (")
-    assert field in line.split("(")[1].split(")")[0].split(", ")
+    assert field.split("-")[0] in line.split("(")[1].split(")")[0].split(", ")
     assert "rerun that command to finish it" in line
     assert sorted(tmp_path.rglob("run.json"))[0].read_bytes() == record  # the record is left as it was
 
@@ -350,6 +401,23 @@ def test_user_errors_print_one_line_and_exit_2(case, ckpt, corrupt_ckpt, vae_ckp
         stderr
     assert "Traceback" not in stderr
     assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+def test_the_largest_seeds_are_accepted(ckpt, tmp_path, capsys):
+    """--seed 2**64-3 with 3 images: the last image gets seed 2**64-1, the largest torch takes."""
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--n", "3", "--seed", 2**64 - 3, "--steps", "1",
+                          "--outdir", tmp_path, "-q")
+    assert code == 0, stderr
+    assert f"class001_seed{2**64 - 1}.png" in {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_grid_under_several_ranks_is_refused_before_any_work(tmp_path):
+    from ecar_infer.cli import UsageError, check_output, parse_args
+
+    for out in (["--out", str(tmp_path / "x.png")], []):  # --out, or the default grid samples.png
+        with pytest.raises(UsageError, match="under torchrun write --npz FILE or --outdir DIR"):
+            check_output(parse_args(["--class", "1", *out]), world=2)
+    check_output(parse_args(["--class", "1", "--npz", str(tmp_path / "x.npz")]), world=2)
 
 
 def test_missing_default_checkpoint_says_how_to_get_one(tmp_path, monkeypatch, capsys):

@@ -40,6 +40,10 @@ def test_resize_rule_box_halves_then_bicubic_then_centre_crop():
     assert np.array_equal(np.asarray(resize_center_crop(big, 16)), want)
     small = Image.fromarray(rng.integers(0, 256, size=(10, 12, 3), dtype=np.uint8))
     assert np.asarray(resize_center_crop(small, 16)).shape == (16, 16, 3)   # upscaled bicubically
+    # the boundary: a shorter side of exactly 2*16 is box-halved (to 24x16, then no bicubic change), not
+    # bicubic-resized straight from 48x32
+    edge = Image.fromarray(rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(resize_center_crop(edge, 16)), np.asarray(edge.resize((24, 16), Image.BOX))[:, 4:20])
 
 
 def test_transparent_images_are_composited_on_white(tmp_path):
@@ -126,6 +130,26 @@ def test_an_interrupted_cache_build_resumes_and_a_changed_key_rebuilds(tmp_path)
     assert asked == [0, 3, 6]
 
 
+def test_a_build_interrupted_in_its_first_chunk_starts_afresh(tmp_path):
+    """The partial file exists from the start, before any progress is recorded: it holds no finished rows."""
+    rows = np.arange(1, 7 * 2 + 1, dtype=np.float32).reshape(7, 2)
+    asked = []
+
+    def interrupted(a, b):
+        raise KeyboardInterrupt
+
+    def fill(a, b):
+        asked.append(a)
+        return rows[a:b]
+
+    path = tmp_path / "c.npy"
+    with pytest.raises(KeyboardInterrupt):
+        diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, interrupted, chunk=3)
+    assert not path.exists()
+    out = diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3)
+    assert asked == [0, 3, 6] and np.array_equal(out, rows)
+
+
 def test_flips_mirror_exactly_the_drawn_rows():
     images = np.random.default_rng(0).uniform(-1, 1, size=(4, 1, 8, 8)).astype(np.float32)
     from ecar_infer.training.data import ImageSet
@@ -138,6 +162,12 @@ def test_flips_mirror_exactly_the_drawn_rows():
     torch.testing.assert_close(x[2], torch.from_numpy(images[3]).flip(-1))
     share = batches.draw(torch.Generator().manual_seed(0), 4000).flip.float().mean().item()
     assert 0.47 < share < 0.53
+    # without --flip nothing is flipped and the step's generator is not drawn from
+    plain, gen = PixelBatches(batches.images), torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    draws = plain.draw(gen, 3)
+    assert draws.flip is None and torch.equal(gen.get_state(), state)
+    torch.testing.assert_close(plain.x0(torch.tensor([0, 1, 3]), draws), torch.from_numpy(images[[0, 1, 3]]))
 
 
 # ---- bad data ------------------------------------------------------------------------------------

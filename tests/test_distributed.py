@@ -50,10 +50,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, argv: list[str], logs: Path, die_at_call: int | None) -> None:
+def _rank(rank: int, world: int, port: int, argv: list[str], logs: Path, die_at_call: int | None,
+          hang: bool = False) -> None:
     """One spawned rank: ecar-sample's main() with this rank's torchrun environment, its stdout and
     stderr in logs/rankR.out and .err. With die_at_call, rank 1 exits abruptly in that batch, once
-    rank 0 has written batch 2 (so that rank 0 is then waiting for it, however slow the machine)."""
+    rank 0 has written batch 2 (so that rank 0 is then waiting for it, however slow the machine); with
+    hang too, it stops answering there instead (sleeps, its connections open)."""
     from ecar_infer import Sampler
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -71,6 +73,8 @@ def _rank(rank: int, world: int, port: int, argv: list[str], logs: Path, die_at_
                 while not rank0_batch.exists() and time.time() < deadline:
                     time.sleep(0.05)
                 (logs / "died").write_text(repr(time.time()))
+                if hang:
+                    time.sleep(3600)
                 os._exit(9)
             return real(self, *args, **kwargs)
 
@@ -82,17 +86,20 @@ def _rank(rank: int, world: int, port: int, argv: list[str], logs: Path, die_at_
     os._exit(code)
 
 
-def spawn_ranks(world: int, argv: list[str], logs: Path, die_at_call: int | None = None) -> list[int]:
-    """Run `world` ranks of ecar-sample; their exit codes (None: still running after 5 minutes, which
-    only a hang takes: a rank needs seconds on an idle machine, a minute or two on a crowded one)."""
+def spawn_ranks(world: int, argv: list[str], logs: Path, die_at_call: int | None = None, hang: bool = False,
+                wait_s: float = 300) -> list[int]:
+    """Run `world` ranks of ecar-sample; their exit codes (None: still running after wait_s, 5 minutes,
+    which only a hang takes: a rank needs seconds on an idle machine, a minute or two on a crowded one).
+    With hang, rank 1 hangs (see _rank): only rank 0 is waited for, then rank 1 is killed."""
     logs.mkdir(exist_ok=True)
     context = mp.get_context("spawn")
     port = free_port()
-    procs = [context.Process(target=_rank, args=(r, world, port, argv, logs, die_at_call)) for r in range(world)]
+    procs = [context.Process(target=_rank, args=(r, world, port, argv, logs, die_at_call, hang))
+             for r in range(world)]
     for p in procs:
         p.start()
-    deadline = time.time() + 300
-    for p in procs:
+    deadline = time.time() + wait_s
+    for p in procs[:1] if hang else procs:
         p.join(timeout=max(0.0, deadline - time.time()))
     codes = [p.exitcode for p in procs]
     for p in procs:
@@ -140,6 +147,20 @@ def test_a_rank_that_dies_stops_the_other_and_one_process_resumes(ckpt, one_proc
     # the same command as one process samples only the missing batches, and the file is the one-process file
     code = main(argv)
     assert code == 0 and npz.read_bytes() == one_process[0]
+
+
+@pytest.mark.slow
+def test_a_rank_that_hangs_stops_the_other_after_the_rank_timeout(ckpt, tmp_path):
+    """A rank that stops answering (its connection open) is waited for --rank-timeout seconds, not longer."""
+    npz, logs = tmp_path / "s.npz", tmp_path / "logs"
+    argv = ["--ckpt", str(ckpt), *REQUEST, "--npz", str(npz), "--rank-timeout", str(RANK_TIMEOUT), "-q"]
+    codes = spawn_ranks(2, argv, logs, die_at_call=2, hang=True, wait_s=RANK_TIMEOUT + 60)
+    assert codes[0] == 1, log(logs, 0, "err")
+    waited = float((logs / "rank0.ended").read_text()) - float((logs / "died").read_text())
+    assert waited < RANK_TIMEOUT + 10
+    error = log(logs, 0, "err").strip()
+    assert error.startswith("ecar-sample: error: rank 0: another rank stopped or did not answer within 3 s")
+    assert len(error.splitlines()) == 1 and not npz.exists()
 
 
 @pytest.mark.slow

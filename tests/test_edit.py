@@ -14,10 +14,10 @@ from PIL import Image
 
 from conftest import assert_matches_reference, compile_for_sm90, random_model
 from ecar_infer import ECARConfig, Sampler
-from ecar_infer.editing import (EditRequest, as_keep_masks, known_endpoints, mask_pyramid, min_pool,
-                                region_mask)
+from ecar_infer.editing import (EditInputError, EditRequest, as_images, as_keep_masks, build_request,
+                                known_endpoints, mask_pyramid, min_pool, region_mask)
 from ecar_infer.engine import StageEngine
-from ecar_infer.kernels import reference
+from ecar_infer.kernels import ops, reference
 from ecar_infer.noise import draw_noise
 from ecar_infer.stages import patchify
 
@@ -87,6 +87,44 @@ def test_inpaint_regions_name_what_is_regenerated_and_outpaint_regions_what_is_k
     assert inpaint.sum() in (128, 192, 64)  # halves, or the centre square of half the side (a quarter)
 
 
+def test_outpaint_regions_are_exactly_the_halves_and_the_centred_square():
+    """Hand-built at 8 px: a region shifted by one pixel has the same size but is not centred (and off the
+    VAE grid of a latent model)."""
+    size = 8
+    expected = {name: torch.zeros(size, size, dtype=torch.bool) for name in ("left", "right", "top", "bottom",
+                                                                             "center")}
+    expected["left"][:, :4] = expected["right"][:, 4:] = expected["top"][:4] = expected["bottom"][4:] = True
+    expected["center"][2:6, 2:6] = True
+    expected["border"] = ~expected["center"]
+    for region, keep in expected.items():
+        assert torch.equal(region_mask(region, size, "outpaint"), keep), region
+
+
+def test_mask_thresholds_keep_uint8_from_128_and_floats_from_one_half():
+    """The documented thresholds, at the boundary values: uint8 (and PIL mode L) >= 128, float >= 0.5."""
+    values = np.array([[0, 127, 128, 255]], dtype=np.uint8).repeat(4, 0)
+    expected = torch.tensor([False, False, True, True]).expand(4, 4)
+    for mask in (values, Image.fromarray(values), torch.from_numpy(values)):
+        assert torch.equal(as_keep_masks(mask, 4, "inpaint")[0, 0], expected)
+    floats = np.array([[0.0, 0.4999, 0.5, 1.0]], dtype=np.float32).repeat(4, 0)
+    for mask in (floats, torch.from_numpy(floats).double()):
+        assert torch.equal(as_keep_masks(mask, 4, "inpaint")[0, 0], expected)
+
+
+def test_pil_images_are_converted_to_the_models_channels():
+    """PIL images become what the model makes: L for grayscale, RGB (from RGBA or L) for 3 channels."""
+    rgb = np.random.default_rng(3).integers(0, 256, size=(16, 16, 3)).astype(np.uint8)
+    colour = TINY.replace(latent_channels=3)
+    want = as_images(rgb, colour)
+    assert want.shape == (1, 3, 16, 16)
+    assert torch.equal(as_images(Image.fromarray(rgb), colour), want)
+    assert torch.equal(as_images(Image.fromarray(rgb).convert("RGBA"), colour), want)
+    grey = digit_like(1)[0]
+    assert torch.equal(as_images(Image.fromarray(grey), colour), as_images(np.repeat(grey[..., None], 3, -1), colour))
+    assert torch.equal(as_images(Image.fromarray(rgb), TINY), as_images(np.asarray(Image.fromarray(rgb).convert("L")),
+                                                                        TINY))
+
+
 def test_editing_noise_comes_after_the_sampling_noise():
     plan = random_model(TINY).plan
     plain, edit = draw_noise([4, 9], plan), draw_noise([4, 9], plan, edit=True)
@@ -97,6 +135,38 @@ def test_editing_noise_comes_after_the_sampling_noise():
         torch.randn(1, side, side, generator=gen)
     for side, eps in zip(plan.latent_sides, edit.edit):
         assert torch.equal(eps[1], torch.randn(1, side, side, generator=gen))
+
+
+def test_request_select_takes_the_chunks_rows_of_every_field():
+    """A batch of a chunked edit gets its own images' latents, masks, pixels and pixel masks (the last two
+    are the final paste's: a wrong row pastes another image's mask)."""
+    gen = torch.Generator().manual_seed(0)
+    request = EditRequest(torch.randn(4, 2, 4, 4, generator=gen), torch.rand(4, 1, 4, 4, generator=gen) < 0.5, 1,
+                          torch.randn(4, 3, 8, 8, generator=gen), torch.rand(4, 1, 8, 8, generator=gen) < 0.5)
+    part = request.select(range(2, 4))
+    rows = torch.tensor([2, 3])
+    assert part.from_stage == 1
+    for name in ("latents", "keep", "pixels", "pixel_keep"):
+        assert torch.equal(getattr(part, name), getattr(request, name)[rows]), name
+
+
+def test_latent_requests_keep_an_element_only_if_all_its_pixels_are_kept():
+    """build_request at a latent model's resolution (vae_downsample 2): the latent mask min-pools the pixel
+    mask, and a mask that keeps pixels but no whole latent element keeps nothing, which is an error."""
+    config = ECARConfig.preset("ecar-tiny-vae")
+    size, down = config.image_size, config.vae_downsample
+    assert down == 2
+    pixels = torch.zeros(1, 3, size, size)
+    encode = lambda x: torch.nn.functional.avg_pool2d(x, down)  # noqa: E731  (any latent of the right size)
+    keep = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(1)) < 0.8
+    request = build_request(pixels, 2, keep, "inpaint", None, config, encode)
+    assert torch.equal(request.keep, min_pool(keep, down)) and torch.equal(request.pixel_keep, keep)
+    assert request.keep.any() and not torch.equal(request.keep, keep[..., ::down, ::down])
+    checker = torch.zeros(size, size, dtype=torch.bool)
+    checker[::down, ::down] = True  # a quarter of the pixels, but not one whole 2x2 element
+    with pytest.raises(EditInputError, match=r"keeps nothing of image\(s\) \[0\] \(a latent element is kept only "
+                                             r"if all its 2x2 pixels are\)"):
+        build_request(pixels, 1, checker, "inpaint", None, config, encode)
 
 
 # ---- the clamp, inside the loop ----------------------------------------------------------------------
@@ -265,6 +335,7 @@ def test_latent_model_encodes_and_keeps_the_known_latent_exactly(vae_sampler):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     z = sampler.decoder.encode(x)
     assert torch.equal(out[:, :, latent_keep], z[:, :, latent_keep])
+    assert (out[:, :, ~latent_keep] != z[:, :, ~latent_keep]).all()  # the partly kept element is regenerated too
     pixels = sampler.edit(images, [1, 2], mask=keep, seed=0, steps_per_stage=2, output_type="np").images
     assert pixels.shape == (2, 32, 32, 3)
     # the paste follows the pixel mask, not the latent one: the 3 kept pixels of the freed element are exact too
@@ -429,6 +500,25 @@ def test_fused_kernel_reads_strided_velocities_and_skips_unkept_endpoints():
     got = module.clamped_euler_step_(x.clone(), v[:2], v[2:], w, -0.5, keep, start, end, 0.5)
     assert not got.isnan().any()
     torch.testing.assert_close(got, expected)
+
+
+def test_clamped_step_on_a_strided_x_updates_x_in_place_under_a_forced_triton():
+    """The kernel writes x through a flat pointer: a strided x must go to a backend that updates it (its
+    supports check refuses the call), never to a contiguous copy that is thrown away."""
+    _, device = _triton()
+    from ecar_infer.kernels import force_backend
+
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(2, 3, 5, generator=gen).to(device)
+    x = base.transpose(1, 2)   # [2, 5, 3], not contiguous
+    assert not x.is_contiguous()
+    v = torch.randn(2, 5, 3, generator=gen).to(device)
+    keep = (torch.rand(2, 5, 3, generator=gen) < 0.5).to(device)
+    start, end = torch.randn(2, 5, 3, generator=gen).to(device), torch.randn(2, 5, 3, generator=gen).to(device)
+    expected = reference.clamped_euler_step_(x.clone(), v, None, None, -0.5, keep, start, end, 0.5)
+    with force_backend("triton"):
+        assert ops.clamped_euler_step_(x, v, None, None, -0.5, keep, start, end, 0.5) is x
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_edit_through_triton_matches_the_reference_backend():

@@ -60,6 +60,24 @@ def test_mask_file_white_is_kept_and_outdir_names_match_the_python_api(ckpt, ima
     assert np.array_equal(got, alone.images[0, ..., 0])
 
 
+def test_sampling_options_reach_the_edit(ckpt, image, tmp_path, capsys):
+    """--cfg-scale, --cfg-schedule, --cfg-interval and --steps mean what they mean to ecar-sample: the
+    output equals Sampler.edit with them, and each of them changes it (none is dropped on the way)."""
+    path, array = image
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--image", path, "--mask", "left", "--class", "3", "--n", "2",
+                          "--seed", "5", "--cfg-scale", "4", "--cfg-schedule", "linear", "--cfg-interval", "0.2,0.8",
+                          "--steps", "2,1,3", "--npz", tmp_path / "e.npz", "-q")
+    assert code == 0, stderr
+    with np.load(tmp_path / "e.npz") as data:
+        got = data["arr_0"][..., 0]
+    sampler = Sampler.from_pretrained(ckpt, device="cpu", progress=False)
+    options = dict(cfg_scale=4.0, cfg_schedule="linear", cfg_interval=(0.2, 0.8), steps_per_stage=[2, 1, 3])
+    edit = lambda **kw: sampler.edit(array, [3, 3], mask="left", seed=5, output_type="np", **kw).images[..., 0]  # noqa: E731
+    assert np.array_equal(got, edit(**options))
+    for name in options:  # the checkpoint's default in its place gives other images
+        assert not np.array_equal(got, edit(**{k: v for k, v in options.items() if k != name})), name
+
+
 def test_vary_and_outpaint_modes_and_npz_output(ckpt, image, tmp_path, capsys):
     path, array = image
     code, _, stderr = run(capsys, "--ckpt", ckpt, "--image", path, "--mode", "vary", "--from-stage", "2",

@@ -38,24 +38,47 @@ def test_uint8_round_trip_keeps_the_channels():
 
 class ChangesOnePixel:
     """A stand-in sampler whose edits return the input with the bottom-right pixel changed in all three
-    channels: kept when the top or left half is regenerated, not when the bottom or right one is."""
+    channels (or only in `channels`): kept when the top or left half is regenerated, not when the bottom or
+    right one is."""
+
+    def __init__(self, channels=slice(None)):
+        self.channels = channels
 
     def generate(self, labels, **kwargs):
         return SimpleNamespace(images=np.zeros((len(labels), 8, 8, 3), np.uint8))
 
     def edit(self, images, labels, **kwargs):
         out = images.copy()
-        out[:, -1, -1] = 255 - out[:, -1, -1]
+        out[:, -1, -1, self.channels] = 255 - out[:, -1, -1, self.channels]
         return SimpleNamespace(images=out)
 
 
-def test_kept_pixels_changed_counts_pixels_inside_the_kept_half():
+@pytest.mark.parametrize("channels", [slice(None), 1], ids=["all channels", "one channel"])
+def test_kept_pixels_changed_counts_pixels_inside_the_kept_half(channels):
+    # a pixel counts as changed when any of its channels is
     reference = SimpleNamespace(accuracy=lambda images, labels: 1.0)
     images = np.zeros((3, 3, 8, 8), np.float32)
-    rows = edit_quality.completion(ChangesOnePixel(), reference, images, np.zeros(3, int), 1.0, seed=0)
+    rows = edit_quality.completion(ChangesOnePixel(channels), reference, images, np.zeros(3, int), 1.0, seed=0)
     changed = {half: rows[half]["kept_pixels_changed"] for half in edit_quality.HALVES}
     assert changed == {"top": 3, "bottom": 0, "left": 3, "right": 0}
     assert rows["top"]["kept_pixels"] == 3 * 32
+
+
+def test_seam_pooling_and_psnr_of_hand_built_images():
+    # a vertical edge between columns 1 and 2 (the left/right boundary of 4 px), none between rows 1 and 2
+    images = np.zeros((1, 1, 4, 4), np.float32)
+    images[..., 2:] = 1.0
+    images[..., 0, :] = 0.5   # row 0 differs from row 1 (away from the top/bottom boundary) and has no edge
+    assert edit_quality.seam(images, "left") == edit_quality.seam(images, "right") == pytest.approx(0.75)
+    assert edit_quality.seam(images, "top") == edit_quality.seam(images, "bottom") == 0.0
+    # 2x2 average pooling keeps the layout: [N, C, H/2, W/2], block by block
+    pooled = edit_quality.avg_pool(np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4), 2)
+    assert pooled.tolist() == [[[[2.5, 4.5], [10.5, 12.5]]]]
+    assert edit_quality.avg_pool(np.zeros((2, 3, 8, 8)), 4).shape == (2, 3, 2, 2)
+    # PSNR per image (peak-to-peak 2), then the mean: MSE 0.04 -> 20 dB, MSE 0.0004 -> 40 dB
+    a = np.zeros((2, 1, 2, 2))
+    b = a + np.array([0.2, 0.02])[:, None, None, None]
+    assert edit_quality.psnr(a, b) == pytest.approx(30.0)
 
 
 def colour_classes(n_per_class: int, seed: int):

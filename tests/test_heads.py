@@ -15,8 +15,8 @@ from ecar_infer.kernels.reference import block_noise, upsample2x
 from ecar_infer.model import ECARModel
 from ecar_infer.schedule import jump_coefficients, plan_steps, stage_windows
 from ecar_infer.stages import patchify, unpatchify
-from ecar_infer.training.objective import (SHORTCUT_TARGET_CLIP, ShortcutObjective, StepDraws, draw_step,
-                                           shortcut_target)
+from ecar_infer.training.objective import (SHORTCUT_TARGET_CLIP, ShortcutObjective, StepDraws, build_objective,
+                                           draw_step, shortcut_target, stage_targets)
 
 TINY = ECARConfig.preset("ecar-tiny")
 VARIANTS = {
@@ -209,3 +209,49 @@ def test_shortcut_plans_tell_the_head_its_level_and_flow_plans_do_not():
     plans = plan_steps(3, [1, 2, 4], 2.0, shortcut_max_level=3)
     assert [p.level for p in plans] == [0, 1, 2] and [p.dr for p in plans] == [-1.0, -0.5, -0.25]
     assert all(p.level is None for p in plan_steps(3, 5, 2.0))
+
+
+def objective_by_hand(model: ECARModel, ema: ECARModel, x0, labels, draws: StepDraws) -> torch.Tensor:
+    """docs/MODEL.md's objectives written out stage by stage with the head's training form: labels dropped
+    on every kind of row; the AR input of stage s > 1 is Up of stage s-1's x_end; each stage's tokens at
+    that stage's global sigma (and level); a consistency row's target from the EMA head on its own stage's
+    window, one level finer; one MSE over every token."""
+    cfg, plan = model.config, model.plan
+    p, top = cfg.patch_size, cfg.shortcut_max_level
+    stages = stage_targets(x0, draws.eps, draws.r)
+    shown = torch.where(draws.drop, cfg.null_class, labels)
+    h = model.forward_full(shown, [upsample2x(st.x_end) for st in stages[:-1]])
+    errors = []
+    for s, (st, window) in enumerate(zip(stages, stage_windows(cfg.num_stages))):
+        h_s, x_r, target = h[:, plan.stage_slice(s)], patchify(st.x_r, p), patchify(st.target, p)
+        level = None if draws.level is None else draws.level[:, s]
+        if level is not None:
+            for i in (level < top).nonzero().flatten().tolist():
+                target[i] = shortcut_target(ema.head, x_r[i:i + 1], h_s[i:i + 1], s, draws.r[i:i + 1, s],
+                                            level[i:i + 1], window)[0]
+            level = level.float()
+        v = model.head.forward_stage(x_r, st.sigma, h_s, s, level)
+        errors.append((v - target).square().flatten(1))
+    return torch.cat(errors, dim=1).mean()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_objective_matches_its_definition_by_hand(variant):
+    """The whole loss of a step, on random (model, EMA) pairs that differ: a shortcut batch mixes flow rows
+    and consistency rows of several levels, per image and stage, and drops labels on both kinds."""
+    cfg = VARIANTS[variant]
+    model, ema = random_model(cfg, seed=5), random_model(cfg, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    b, top = 4, cfg.shortcut_max_level
+    x0 = torch.randn(b, 1, 16, 16, generator=gen)
+    eps = [torch.randn(b, 1, side, side, generator=gen) for side in model.plan.latent_sides]
+    level = torch.tensor([[top, 0, 2], [1, top, top], [2, 1, 0], [top, top, top]]) if cfg.shortcut else None
+    r = torch.rand(b, 3, generator=gen)
+    if level is not None:   # consistency rows on their level's grid, as draw_step puts them
+        r = torch.where(level < top, (r * 2.0 ** level).floor().add(1) * 2.0 ** -level, r)
+    draws = StepDraws(torch.arange(b), eps, r, torch.tensor([True, False, True, False]), level)
+    labels = torch.tensor([3, 1, 4, 1])
+    with torch.no_grad():
+        got = build_objective(model, ema)(x0, labels, draws)
+        want = objective_by_hand(model, ema, x0, labels, draws)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

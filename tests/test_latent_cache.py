@@ -1,5 +1,7 @@
 """The latent cache of latent models, with a tiny random AutoencoderKL: it matches a direct encode, an
 interrupted encode resumes, training samples z from it and never runs the encoder."""
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from ecar_infer import ECARConfig, load_checkpoint
 from ecar_infer.training import latents
 from ecar_infer.training.data import DataDraws, open_npz
 from ecar_infer.training.latents import LatentBatches, encode_moments, latent_moments
-from ecar_infer.training.trainer import main
+from ecar_infer.training.trainer import main, open_training_data
 from ecar_infer.vae import save_autoencoder
 from test_vae import tiny_autoencoder
 
@@ -64,6 +66,16 @@ def test_an_interrupted_encode_resumes(vae, images, tmp_path, monkeypatch):
     np.testing.assert_allclose(resumed, straight, rtol=1e-5, atol=1e-6)
 
 
+def test_a_cache_of_another_vae_is_not_reused(vae, images, tmp_path):
+    """The same images in the same cache folder, encoded by a different VAE: its own latents, not the
+    first VAE's."""
+    latent_moments(images, vae, flips=False, cache_dir=tmp_path / "cache")
+    other = tiny_autoencoder(seed=1)
+    got = latent_moments(images, other, flips=False, cache_dir=tmp_path / "cache")
+    want = encode_moments(other, images.images(np.arange(5)))
+    torch.testing.assert_close(torch.from_numpy(got[:, 0].copy()), want, rtol=1e-5, atol=1e-5)
+
+
 def test_training_batches_sample_from_the_posterior(vae, images, tmp_path):
     moments = latent_moments(images, vae, flips=True, cache_dir=tmp_path / "cache")
     batches = LatentBatches(moments, images, scaling_factor=0.5)
@@ -100,3 +112,18 @@ def test_ecar_train_on_latents_takes_the_vae_scaling_factor_and_never_encodes_af
     with pytest.raises(SystemExit) as exit_info:
         main(common[:4] + common[6:] + ["--steps", "1"])
     assert exit_info.value.code == 2 and "give --vae PATH" in capsys.readouterr().err
+
+
+def test_ecar_train_draws_its_latents_at_the_vae_scaling_factor(images, tmp_path):
+    """The batches ecar-train builds for a latent model scale z by the VAE's scaling factor (0.3 here),
+    not by the preset's or by 1."""
+    vae = tiny_autoencoder()
+    vae.register_to_config(scaling_factor=0.3)
+    save_autoencoder(vae, tmp_path / "vae.safetensors")
+    args = argparse.Namespace(data=images.description, vae=str(tmp_path / "vae.safetensors"), flip=False,
+                              train_size=None)
+    data, config, _ = open_training_data(args, CONFIG, torch.device("cpu"), tmp_path / "cache", lambda message: None)
+    assert config.vae_scaling_factor == pytest.approx(0.3)
+    draws = data.draw(torch.Generator().manual_seed(0), 2)
+    m = torch.from_numpy(np.asarray(data.moments[[0, 3], 0]))
+    torch.testing.assert_close(data.x0(torch.tensor([0, 3]), draws), 0.3 * (m[:, 0] + m[:, 1] * draws.eps))

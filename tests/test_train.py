@@ -120,6 +120,45 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_step(tiny_config, d
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_each_step_sets_the_scheduled_lr_and_moves_the_ema_by_its_warmed_up_decay(tiny_config, digits16):
+    """ema <- decay * ema + (1 - decay) * weights after each update, decay = min(ema_decay, (1+k)/(10+k)) at
+    step k; the lr warms up linearly from lr/warmup and decays by a cosine to lr * min_lr_ratio."""
+    settings = TrainSettings(steps=5, batch_size=4, lr=3e-3, warmup=2, min_lr_ratio=0.1, ema_decay=0.3, seed=0)
+    assert [settings.ema_decay_at(k) for k in (0, 1, 10**6)] == pytest.approx([0.1, 2 / 11, 0.3])
+    assert [settings.lr_at(k) for k in (0, 1, 2, 5)] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-4])
+    trainer = make_trainer(tiny_config, digits16, settings)
+    for k in range(3):
+        ema = {n: p.clone() for n, p in trainer.ema.named_parameters()}
+        trainer.train_step()
+        assert trainer.optimizer.param_groups[0]["lr"] == settings.lr_at(k)
+        decay = settings.ema_decay_at(k)
+        for name, p in trainer.model.named_parameters():
+            want = decay * ema[name] + (1 - decay) * p.detach()
+            torch.testing.assert_close(dict(trainer.ema.named_parameters())[name], want, rtol=1e-5, atol=1e-7,
+                                       msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.ema.parameters(), trainer.model.parameters()))
+
+
+def test_init_copies_a_checkpoint_into_the_model_and_the_ema(tiny_config, digits16, tmp_path):
+    """--init: a flow checkpoint's weights in both the model and the EMA of a shortcut run, whose level
+    MLP keeps its initialisation (a zero output layer); a checkpoint of another shape is refused."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    source = random_model(tiny_config, seed=9)
+    save_checkpoint(source, tmp_path / "flow.safetensors")
+    trainer = make_trainer(tiny_config.replace(head_objective="shortcut", shortcut_max_level=2), digits16)
+    trainer.init_from(tmp_path / "flow.safetensors")
+    for module in (trainer.model, trainer.ema):
+        state = module.state_dict()
+        for name, value in source.state_dict().items():
+            assert torch.equal(state[name], value), name
+        assert not module.head.level_fc2.weight.any()
+    save_checkpoint(random_model(tiny_config.replace(head_width=48)), tmp_path / "wide.safetensors")
+    with pytest.raises(ValueError, match="does not fit this config"):
+        trainer.init_from(tmp_path / "wide.safetensors")
+
+
 def test_activation_checkpointing_leaves_the_step_unchanged(tiny_config, digits16):
     plain = make_trainer(tiny_config, digits16)
     recomputed = make_trainer(tiny_config, digits16, grad_checkpoint=True)
