@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from .data import DIGITS32
 from .quality import build_reference, flat, off_diagonal, pairwise_distances, reference_from_data
 
@@ -234,8 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text)
+        atomic_write_text(args.json, text + "\n")
 
 
 if __name__ == "__main__":
