@@ -140,6 +140,17 @@ def test_npz_resumes_an_interrupted_run_from_its_saved_batches(ckpt, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]  # the parts folder is gone
 
 
+def test_only_rank_0_reports_an_interrupt(ckpt, tmp_path, capsys, monkeypatch):
+    """Under torchrun ^C reaches every rank; one line, from rank 0, says what was written (the rank is read
+    from torchrun's RANK, so a plain process with RANK=1 stands in for a second rank here)."""
+    args = ("--ckpt", ckpt, "--class", "1", "--n", "2", "--steps", "1", "--npz", tmp_path / "s.npz", "--no-progress")
+    monkeypatch.setenv("RANK", "1")
+    assert run_interrupted(capsys, monkeypatch, 1, *args) == (130, "")
+    monkeypatch.setenv("RANK", "0")
+    code, stderr = run_interrupted(capsys, monkeypatch, 1, *args)
+    assert code == 130 and stderr.startswith("ecar-sample: interrupted: ") and len(stderr.splitlines()) == 1
+
+
 def test_npz_parts_are_joined_in_batch_order_whatever_order_they_were_written(tmp_path):
     """Ranks finish their batches in any order, and a resumed run writes early batches last; more than ten
     batches, so that neither the order of writing nor a text sort of the part names is the batch order."""
