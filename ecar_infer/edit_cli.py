@@ -78,6 +78,8 @@ def read_image(path: str, what: str, size: int):
         raise cli.UsageError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise cli.UsageError(f"cannot read {what} {path}: not an image file ({err})") from None
+    except Image.DecompressionBombError as err:  # neither an OSError nor a ValueError
+        raise cli.UsageError(f"{what} {path} is far larger than the model's {size}x{size} images: {err}") from None
     width, height = image.size
     if (width, height) != (size, size):
         raise cli.UsageError(f"{what} {path} is {width}x{height} pixels but the model makes {size}x{size} images: "

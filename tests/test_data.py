@@ -193,6 +193,18 @@ def test_every_file_that_is_not_an_image_is_named_before_any_decoding(tmp_path, 
     assert "a_dog/bad00.png" in message and "c_eel/bad08.jpg" in message and "c_eel/bad09.jpg" not in message
 
 
+def test_an_image_too_large_to_decode_is_named_not_decoded(tmp_path, monkeypatch):
+    """PIL refuses a decompression bomb with an error that is neither OSError nor ValueError; it must still
+    end in a DataError naming the file. A 64x64 image stands in for a huge one under a lowered limit."""
+    root = make_folder(tmp_path / "imgs", sizes=((16, 16),))
+    Image.fromarray(random_images(1, 64, 64)[0]).save(root / "c_eel" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # refused above 2,000 pixels: 4,096 is, 256 is not
+    with pytest.raises(DataError, match=r"c_eel/huge.png: cannot read the image \(too large to decode: .*4096 pixels"):
+        open_image_folder(root, RGB16, tmp_path / "cache")
+    with pytest.raises(DataError, match="huge.png: cannot read the image"):
+        load_image(root / "c_eel" / "huge.png", 16, 3)
+
+
 def test_images_that_fail_to_decode_are_named_together(tmp_path):
     """Truncated images pass the header check and fail in the decoding; those of a chunk are named at once."""
     root = make_folder(tmp_path / "imgs", sizes=((64, 64),))

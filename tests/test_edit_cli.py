@@ -136,6 +136,19 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
     assert code == 2 and "--class 12 is outside this model's classes 0-9" in stderr
 
 
+def test_an_image_too_large_to_decode_is_a_user_error(ckpt, image, tmp_path, capsys, monkeypatch):
+    """PIL's refusal of a decompression bomb (neither an OSError nor a ValueError) is a user error too
+    (--mask files are read by the same function)."""
+    path, _ = image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # refused above 200 pixels: the 16x16 input is
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", tmp_path / "out.png", "--image", path,
+                          "--mask", "left")
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert re.search(r"ecar-edit: error: --image .*in.png is far larger than the model's 16x16 images: "
+                     r"Image size \(256 pixels\)", stderr), stderr
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_help_offers_only_what_ecar_edit_does(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

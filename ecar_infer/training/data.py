@@ -85,11 +85,21 @@ def _unreadable(failures: list[tuple[Path, Exception]]) -> DataError:
                      f"remove or replace them")
 
 
-def _decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
-    """load_image, raising PIL's own error (OSError or ValueError) for an unreadable file."""
+def _open(path: str | os.PathLike):
+    """Image.open, raising OSError or ValueError for a file that cannot be used. PIL refuses an image of
+    more than twice Image.MAX_IMAGE_PIXELS (a decompression bomb: a small file that decodes into gigabytes)
+    with an error of its own that is neither."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"too large to decode: {err}") from None
+
+
+def _decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """load_image, raising OSError or ValueError for an unreadable file (_open)."""
+    with _open(path) as image:
         image.load()
         image = on_white(image).convert("L" if channels == 1 else "RGB")
     array = np.asarray(resize_center_crop(image, size), dtype=np.uint8)
@@ -106,9 +116,7 @@ def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
 
 def _open_header(path: Path) -> None:
     """Read an image file's header only (cheap): fails on a file that is not an image at all."""
-    from PIL import Image
-
-    with Image.open(path):
+    with _open(path):
         pass
 
 
