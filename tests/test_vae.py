@@ -69,6 +69,67 @@ def test_unloadable_vaes_raise_vae_error(vae, tmp_path):
         load_autoencoder(bare)
 
 
+def crafted_file(vae, path, edit_config=None, edit_tensors=None):
+    """A single-file VAE as save_autoencoder writes it, with its config and tensors edited."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads(vae.to_json_string())
+    tensors = {k: v.contiguous() for k, v in vae.state_dict().items()}
+    (edit_config or (lambda c: None))(config)
+    (edit_tensors or (lambda t: None))(tensors)
+    save_file(tensors, path, metadata={"format": "pt", "diffusers_config": json.dumps(config)})
+    return path
+
+
+def test_a_crafted_single_file_vae_is_refused_before_anything_is_built(vae, tmp_path, monkeypatch):
+    """What is built is what the file holds: a config asking for absurd sizes is refused from the tensor
+    table alone (the model is built on the meta device, nothing allocated), in bounded time."""
+    import time
+
+    from diffusers import AutoencoderKL
+
+    def set_(key, value):
+        return lambda c: c.__setitem__(key, value)
+
+    cases = [
+        (set_("layers_per_block", 100_000), r"asks for 2 blocks of 100000 layers, more than its \d+ tensors"),
+        (set_("block_out_channels", [8] * 100_000), r"asks for 100000 blocks of 1 layers"),
+        (set_("block_out_channels", [10 ** 9, 10 ** 9]), r"block_out_channels asks for width 1000000000, larger than any"),
+        (set_("latent_channels", 10 ** 12), r"latent_channels asks for width 1000000000000"),
+        (set_("layers_per_block", "1"), "layers_per_block a positive integer"),
+        (set_("block_out_channels", [8, -8]), "block_out_channels must be a list of positive integers"),
+        (set_("latent_channels", 3), r"do not match its config: .* is \[8, 4, .*model has \[8, 3"),
+    ]
+    for edit, message in cases:
+        path = crafted_file(vae, tmp_path / "crafted.safetensors", edit_config=edit)
+        start = time.monotonic()
+        with pytest.raises(VAEError, match=r"could not load the VAE at .*crafted.safetensors: its .*" + message):
+            load_autoencoder(path)
+        assert time.monotonic() - start < 20, message
+    # a tensor missing or added, and metadata that is not a config
+    extra = crafted_file(vae, tmp_path / "extra.safetensors", edit_tensors=lambda t: t.__setitem__("x", torch.ones(1)))
+    with pytest.raises(VAEError, match="x is not in its config's model"):
+        load_autoencoder(extra)
+    missing = crafted_file(vae, tmp_path / "missing.safetensors", edit_tensors=lambda t: t.pop("decoder.conv_out.bias"))
+    with pytest.raises(VAEError, match="decoder.conv_out.bias is missing"):
+        load_autoencoder(missing)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(1)}, tmp_path / "text.safetensors", metadata={"diffusers_config": "[1, 2"})
+    with pytest.raises(VAEError, match="diffusers_config metadata is not JSON"):
+        load_autoencoder(tmp_path / "text.safetensors")
+    # nothing real is allocated for a refused file: a model is only ever built on the meta device
+    built = []
+    real_init = AutoencoderKL.__init__
+    monkeypatch.setattr(AutoencoderKL, "__init__", lambda self, *a, **k: (real_init(self, *a, **k),
+                                                                           built.append(self.encoder.conv_in.weight.device)))
+    with pytest.raises(VAEError):
+        load_autoencoder(crafted_file(vae, tmp_path / "narrow.safetensors", edit_config=set_("latent_channels", 3)))
+    assert [d.type for d in built] == ["meta"]
+
+
 def test_decoder_divides_by_the_model_scaling_factor(vae):
     decoder = build_decoder(TINY_VAE, vae)
     z = torch.randn(2, 4, 16, 16)
