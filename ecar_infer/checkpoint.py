@@ -10,24 +10,20 @@ Loading treats the file as untrusted: a corrupted or crafted file costs time and
 file itself and ends in a CheckpointError. The config is checked against the file's own tensor table
 (the safetensors header: names, shapes, dtypes) before anything real is built: the model is first built
 on the meta device (shapes only), and that build stops as soon as it asks for more than the file could
-describe (see _build_on_meta), so an absurd depth or width in the config costs nothing.
+describe (ecar_infer/meta_build.py), so an absurd depth or width in the config costs nothing.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
-import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.nn.modules.module import register_module_buffer_registration_hook, register_module_parameter_registration_hook
-from torch.overrides import TorchFunctionMode
 
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
@@ -35,6 +31,7 @@ from .config import ConfigError, ECARConfig
 from .defaults import SamplingDefaults
 from .model import ECARModel
 from .atomic import atomic_path
+from .meta_build import BuildError, build_within, mismatch, some
 
 FORMAT = "ecar"
 FORMAT_VERSION = "1"
@@ -44,9 +41,6 @@ INDEX_SUFFIX = ".safetensors.index.json"
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a bare pickle (protocol 2+)
-# The meta build may register at most this many times the file's tensors, and elements: the stored weights
-# plus the config-derived tables that are not stored (the position table), which are far smaller.
-BUILD_BUDGET = 2
 
 
 class CheckpointError(ValueError):
@@ -276,95 +270,25 @@ def _check_field_types(path: Path, data: dict[str, Any]) -> None:
                                         f"{'a finite number' if want is float else f'a JSON {want.__name__}'}")
 
 
-class _OverBudget(Exception):
-    """The meta build asked for more tensors or elements than the file's header allows."""
-
-
-_building = threading.local()  # the budget of the meta build running in this thread, if any
-
-
-def _count_registration(module: torch.nn.Module, name: str, tensor: torch.Tensor | None) -> None:
-    budget = getattr(_building, "budget", None)
-    if budget is None or tensor is None:
-        return
-    budget["tensors"] -= 1
-    budget["elements"] -= tensor.numel()
-    if budget["tensors"] < 0 or budget["elements"] < 0:
-        raise _OverBudget
-
-
-@contextlib.contextmanager
-def _registration_budget(tensors: int, elements: int) -> Iterator[None]:
-    """Within the block, this thread's modules may register at most `tensors` parameters and buffers of
-    at most `elements` elements in all; one more raises _OverBudget from inside the module's __init__."""
-    _building.budget = {"tensors": tensors, "elements": elements}
-    handles = [register_module_parameter_registration_hook(_count_registration),
-               register_module_buffer_registration_hook(_count_registration)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        _building.budget = None
-
-
-class _ShapesOnly(TorchFunctionMode):
-    """Skips in-place ops on meta tensors (the modules' random initialisers): there are no values to fill, and
-    the meta implementation of most ops is a Python reference (torch._refs) whose first call imports
-    torch._dynamo, seconds of start-up for nothing."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.endswith("__"):
-            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
-            if isinstance(target, torch.Tensor) and target.is_meta:
-                return target
-        return func(*args, **kwargs)
-
-
 def _build_on_meta(path: Path, config: ECARConfig, entries: Entries) -> ECARModel:
-    """The model of `config` on the meta device, built only as far as the file's tensor table allows.
-
-    The build registers every parameter and buffer the model has; it stops at the first that takes the
-    count past BUILD_BUDGET x the file's tensors or elements. So however large the config's sizes
-    (depth, widths, image size), the work and the shapes are bounded by what the file holds, and the
-    expected tensors come from the model itself, whatever modules it has.
-    """
-    elements = sum(math.prod(shape) for shape, _, _ in entries.values())
+    """The model of `config` on the meta device, built only as far as the file's tensor table allows
+    (meta_build.build_within): the expected tensors come from the model itself, whatever modules it has."""
     try:
-        with (_registration_budget(BUILD_BUDGET * len(entries), BUILD_BUDGET * elements), torch.device("meta"),
-              _ShapesOnly()):
-            return ECARModel(config)
-    except _OverBudget:
-        raise CheckpointError(path, f"does not match its config: the config describes a model larger than the "
-                                    f"{len(entries)} tensor(s) ({elements:,} elements) the file holds") from None
-    except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as err:  # sizes torch cannot hold
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise CheckpointError(path, f"its config cannot be built: {first_line}") from None
+        return build_within(lambda: ECARModel(config), {name: shape for name, (shape, _, _) in entries.items()})
+    except BuildError as err:
+        raise CheckpointError(path, str(err)) from None
 
 
 def _check_tensors(path: Path, model: ECARModel, entries: Entries) -> torch.dtype:
     """Compare the stored tensors with the model's state; return their common dtype."""
+    problem = mismatch(model, {name: shape for name, (shape, _, _) in entries.items()})
+    if problem:
+        raise CheckpointError(path, problem)
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(entries))
-    unexpected = sorted(set(entries) - set(expected))
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing tensor(s) {_some(missing)}"] if missing else []
-        parts += [f"{len(unexpected)} unexpected tensor(s) {_some(unexpected)}"] if unexpected else []
-        raise CheckpointError(path, f"does not match its config: {'; '.join(parts)}")
-    misshaped = [f"{n} is {list(entries[n][0])}, expected {list(t.shape)}"
-                 for n, t in expected.items() if entries[n][0] != tuple(t.shape)]
-    if misshaped:
-        raise CheckpointError(path, f"{len(misshaped)} tensor(s) with the wrong shape: {_some(misshaped)}")
     dtypes = {entries[n][1] for n in expected}
     not_float = sorted(n for n in expected if entries[n][1] not in FLOAT_DTYPES)
     if not_float or len(dtypes) != 1:
-        detail = (f"{_some([f'{n} is {entries[n][1]}' for n in not_float])}" if not_float
+        detail = (f"{some([f'{n} is {entries[n][1]}' for n in not_float])}" if not_float
                   else f"found {sorted(dtypes)}")
         raise CheckpointError(path, f"all tensors must share one dtype of {sorted(FLOAT_DTYPES)}: {detail}")
     return FLOAT_DTYPES[dtypes.pop()]
-
-
-def _some(items: list[str], limit: int = 4) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

@@ -18,6 +18,7 @@ import torch
 
 from .config import ECARConfig
 from .atomic import atomic_path
+from .meta_build import BuildError, build_within, mismatch
 
 logger = logging.getLogger("ecar_infer")
 
@@ -109,34 +110,10 @@ def save_autoencoder(vae, path: str | os.PathLike) -> None:
         save_file(tensors, tmp, metadata={"format": "pt", CONFIG_KEY: vae.to_json_string()})
 
 
-def _bounded_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> dict:
-    """The config of a single-file VAE, refused unless what it asks for is bounded by the file's tensor table
-    (a crafted config could otherwise ask for millions of modules, or widths whose sizes overflow even on
-    the meta device, before any tensor is compared): every resnet layer holds at least four tensors, so
-    blocks x layers cannot exceed the tensor count, and no width can exceed the largest tensor dimension."""
-    blocks, layers = config.get("block_out_channels", ()), config.get("layers_per_block", 1)
-    if not (isinstance(blocks, list) and all(type(b) is int and b > 0 for b in blocks) and type(layers) is int
-            and layers > 0):
-        raise VAEError("its config's block_out_channels must be a list of positive integers and its "
-                       "layers_per_block a positive integer")
-    if len(blocks) * (2 * layers + 1) > len(shapes):
-        raise VAEError(f"its config asks for {len(blocks)} blocks of {layers} layers, more than its "
-                       f"{len(shapes)} tensors can hold")
-    largest = max((max(shape, default=1) for shape in shapes.values()), default=0)
-    widths = {"block_out_channels": max(blocks, default=0)}
-    widths.update((k, config[k]) for k in ("in_channels", "out_channels", "latent_channels", "norm_num_groups")
-                  if type(config.get(k)) is int)
-    for key, width in widths.items():
-        if width > largest:
-            raise VAEError(f"its config's {key} asks for width {width}, larger than any dimension of its tensors "
-                           f"({largest})")
-    return config
-
-
 def _load_single_file(path: Path, config_json: str):
-    """An AutoencoderKL from a file that carries its config (save_autoencoder): built on the meta device and
-    compared with the file's tensor table before any memory is allocated, so what is built is what the
-    file holds."""
+    """An AutoencoderKL from a file that carries its config (save_autoencoder), built on the meta device only
+    as far as the file's tensor table allows and compared with it before the weights are assigned, as
+    load_checkpoint does (ecar_infer/meta_build.py): what is built is what the file holds."""
     from diffusers import AutoencoderKL
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -149,15 +126,13 @@ def _load_single_file(path: Path, config_json: str):
         raise VAEError(f"its {CONFIG_KEY} metadata is not JSON ({err})") from None
     if not isinstance(config, dict):
         raise VAEError(f"its {CONFIG_KEY} metadata is not a JSON object")
-    with torch.device("meta"):
-        vae = AutoencoderKL.from_config(_bounded_config(config, shapes))
-    wanted = {name: tuple(t.shape) for name, t in vae.state_dict().items()}
-    if wanted != shapes:
-        missing, extra = sorted(wanted.keys() - shapes.keys()), sorted(shapes.keys() - wanted.keys())
-        wrong = sorted(n for n in wanted.keys() & shapes.keys() if wanted[n] != shapes[n])
-        first = (f"{missing[0]} is missing" if missing else f"{extra[0]} is not in its config's model" if extra
-                 else f"{wrong[0]} is {list(shapes[wrong[0]])}, its config's model has {list(wanted[wrong[0]])}")
-        raise VAEError(f"its tensors do not match its config: {first}")
+    try:
+        vae = build_within(lambda: AutoencoderKL.from_config(config), shapes)
+    except BuildError as err:
+        raise VAEError(str(err)) from None
+    problem = mismatch(vae, shapes)
+    if problem:
+        raise VAEError(problem)
     vae.load_state_dict(load_file(path), strict=True, assign=True)
     return vae
 
