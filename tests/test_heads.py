@@ -154,6 +154,32 @@ def test_shortcut_draws_put_consistency_rows_on_their_level_grid():
     assert flow.level is None and torch.equal(flow.r[~consistency], draws.r[~consistency])
 
 
+def test_shortcut_draws_cover_each_level_grid_uniformly_and_drop_labels_on_every_kind_of_row():
+    """docs/MODEL.md: a consistency row at level l has r ~ U{d, 2d, ..., 1} (every point of the grid, 1 included,
+    equally likely), and labels drop with p = 0.1 on images with consistency rows as on the others."""
+    cfg = VARIANTS["mlp/shortcut"]
+    draws = draw_step(torch.Generator().manual_seed(1), ECARModel(cfg).plan, 100, 20000)
+    consistency = draws.level < cfg.shortcut_max_level
+    for level in range(cfg.shortcut_max_level):
+        at = consistency & (draws.level == level)
+        k = (draws.r[at] * 2 ** level).round().long()                  # r = k d, k = 1 .. 2^l
+        counts = torch.bincount(k, minlength=2 ** level + 1)
+        assert counts[0] == 0 and len(counts) == 2 ** level + 1         # never r = 0, never beyond 1
+        share = counts[1:].float() / at.sum()
+        assert (share - 2.0 ** -level).abs().max() < 0.25 * 2.0 ** -level, (level, share.tolist())
+    mixed = consistency.any(dim=1)                                       # ~58% of the images
+    for rows in (mixed, ~mixed):
+        assert 0.085 < draws.drop[rows].float().mean().item() < 0.115   # binomial sd < 0.0033 here
+    # rows are drawn per image AND stage: the kind, the level and r of one stage tell nothing of another's
+    both = consistency[:, 0] & consistency[:, 1]
+    assert 0.05 < both.float().mean().item() < 0.075                      # 1/16 (per image: 1/4)
+    same_level = (draws.level[both, 0] == draws.level[both, 1]).float().mean().item()
+    assert abs(same_level - 1 / cfg.shortcut_max_level) < 0.06            # 1/3 (per image: 1)
+    flow = ~consistency[:, 0] & ~consistency[:, 1]
+    r0, r1 = draws.r[flow, 0], draws.r[flow, 1]
+    assert abs(torch.corrcoef(torch.stack([r0, r1]))[0, 1].item()) < 0.05
+
+
 def test_shortcut_objective_trains_the_trunk_on_flow_rows_only():
     cfg = VARIANTS["attention/shortcut"]
     model, ema = random_model(cfg, seed=3).train(), random_model(cfg, seed=4)
