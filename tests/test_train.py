@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from ecar_infer import ECARConfig, load_checkpoint
 from ecar_infer.training import trainer as trainer_module
-from ecar_infer.training.data import ImageSet, PixelBatches
+from ecar_infer.training.data import DataDraws, ImageSet, PixelBatches
 from ecar_infer.training.digits import build_split
 from ecar_infer.training.objective import FlowMatchingObjective, StepDraws, draw_step, stage_targets
 from ecar_infer.training.trainer import Trainer, TrainSettings, main, setup_distributed, teardown_distributed
@@ -33,9 +33,9 @@ def digits16():
     return digits16_split()
 
 
-def make_trainer(config, data, settings=SETTINGS, rank=0, world=1, device="cpu", **options):
+def make_trainer(config, data, settings=SETTINGS, rank=0, world=1, device="cpu", flip=False, **options):
     images, labels = data
-    batches = PixelBatches(ImageSet(images.numpy(), labels.numpy(), [str(d) for d in range(10)], "digits16"))
+    batches = PixelBatches(ImageSet(images.numpy(), labels.numpy(), [str(d) for d in range(10)], "digits16"), flip)
     return Trainer(config, settings, batches, torch.device(device), rank, world, **options)
 
 
@@ -108,10 +108,19 @@ def test_resume_continues_from_the_saved_step_with_identical_state(tiny_config, 
     assert resumed.loss_avg == straight.loss_avg
 
 
-def test_gradient_accumulation_of_two_halves_equals_one_full_step(tiny_config, digits16):
-    """2 micro-batches of B/2 give the gradient (and so the update) of one batch of B."""
+@pytest.mark.parametrize("variant", ["flow", "shortcut with flips"])
+def test_gradient_accumulation_of_two_halves_equals_one_full_step(tiny_config, digits16, variant):
+    """2 micro-batches of B/2 give the gradient (and so the update) of one batch of B; with a shortcut head and
+    flips too, whose per-row draws (levels, flips) must go to the same micro-batch as the row's image."""
     settings = TrainSettings(steps=2, batch_size=16, lr=3e-3, warmup=1, seed=3)
-    whole, halves = make_trainer(tiny_config, digits16, settings), make_trainer(tiny_config, digits16, settings, accum=2)
+    flip = variant != "flow"
+    config = tiny_config.replace(head_objective="shortcut", shortcut_max_level=2) if flip else tiny_config
+    whole = make_trainer(config, digits16, settings, flip=flip)
+    halves = make_trainer(config, digits16, settings, flip=flip, accum=2)
+    if flip:   # the first step's batch has both kinds of rows, and flipped and unflipped images
+        gen = whole.gen.clone_state()
+        draws, flips = draw_step(gen, whole.model.plan, len(whole.data), 16), whole.data.draw(gen, 16).flip
+        assert (draws.level < 2).any() and (draws.level == 2).any() and flips.any() and not flips.all()
     for _ in range(2):
         assert whole.train_step() == pytest.approx(halves.train_step(), rel=1e-5)
     want, got = whole.state_tensors(), halves.state_tensors()
@@ -120,16 +129,41 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_step(tiny_config, d
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_step_draws_shard_and_move_every_field_together():
+    """Rank k of W (or micro-batch k of an accumulation) takes rows k, k+W, ... of every per-row draw, the
+    objective's (index, noise, r, label drop, shortcut level) and the data's (flip, latent noise) alike, so
+    each image keeps its own draws; `to(device)` moves every field."""
+    g, world = 6, 3
+    rows = torch.arange(g)
+    draws = StepDraws(rows, [rows.view(g, 1, 1, 1).float().expand(g, 2, side, side) for side in (1, 2)],
+                      rows.float()[:, None].expand(g, 3) / 10, rows % 2 == 0, rows[:, None].expand(g, 3) + 100)
+    data = DataDraws(flip=rows % 2 == 1, eps=rows.view(g, 1, 1, 1).float().expand(g, 2, 4, 4) + 0.5)
+    for rank in range(world):
+        mine = rows[rank::world]
+        part, data_part = draws.shard(rank, world), data.shard(rank, world)
+        assert part.index.tolist() == mine.tolist()
+        assert all(e[:, 0, 0, 0].tolist() == mine.float().tolist() for e in part.eps)
+        assert part.r[:, 2].tolist() == (mine.float() / 10).tolist() and part.drop.tolist() == (mine % 2 == 0).tolist()
+        assert part.level[:, 1].tolist() == (mine + 100).tolist()
+        assert data_part.flip.tolist() == (mine % 2 == 1).tolist()
+        assert data_part.eps[:, 1, 3, 3].tolist() == (mine.float() + 0.5).tolist()
+    moved = draws.to(torch.device("meta"))
+    fields = [moved.index, *moved.eps, moved.r, moved.drop, moved.level]
+    assert all(t.device.type == "meta" for t in fields)
+
+
 def test_each_step_sets_the_scheduled_lr_and_moves_the_ema_by_its_warmed_up_decay(tiny_config, digits16):
     """ema <- decay * ema + (1 - decay) * weights after each update, decay = min(ema_decay, (1+k)/(10+k)) at
-    step k; the lr warms up linearly from lr/warmup and decays by a cosine to lr * min_lr_ratio."""
+    step k; the lr warms up linearly from lr/warmup and decays by a cosine to lr * min_lr_ratio; loss_avg (what
+    the log and the checkpoint's training_final_loss report) is the running mean avg <- 0.99 avg + 0.01 loss."""
     settings = TrainSettings(steps=5, batch_size=4, lr=3e-3, warmup=2, min_lr_ratio=0.1, ema_decay=0.3, seed=0)
     assert [settings.ema_decay_at(k) for k in (0, 1, 10**6)] == pytest.approx([0.1, 2 / 11, 0.3])
     assert [settings.lr_at(k) for k in (0, 1, 2, 5)] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-4])
     trainer = make_trainer(tiny_config, digits16, settings)
+    losses = []
     for k in range(3):
         ema = {n: p.clone() for n, p in trainer.ema.named_parameters()}
-        trainer.train_step()
+        losses.append(trainer.train_step())
         assert trainer.optimizer.param_groups[0]["lr"] == settings.lr_at(k)
         decay = settings.ema_decay_at(k)
         for name, p in trainer.model.named_parameters():
@@ -137,6 +171,49 @@ def test_each_step_sets_the_scheduled_lr_and_moves_the_ema_by_its_warmed_up_deca
             torch.testing.assert_close(dict(trainer.ema.named_parameters())[name], want, rtol=1e-5, atol=1e-7,
                                        msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(trainer.ema.parameters(), trainer.model.parameters()))
+    assert len(set(losses)) == 3
+    assert trainer.loss_avg == pytest.approx((0.99 * losses[0] + 0.01 * losses[1]) * 0.99 + 0.01 * losses[2], rel=1e-12)
+
+
+def test_the_default_settings_are_the_documented_recipe():
+    """weights/ecar-digits32.md, "Training" (the first leg, the defaults of ecar-train): AdamW, lr 1e-3, betas
+    0.9/0.99, weight decay 0.01, 50 warmup steps then cosine decay to 1e-4, gradient clipping 1.0, batch 64,
+    3,000 steps, EMA decay 0.995, seed 0; and `ecar-train` with no options trains with exactly these."""
+    d = TrainSettings()
+    assert (d.steps, d.batch_size, d.lr, d.warmup, d.weight_decay, d.grad_clip, d.ema_decay, d.seed) == (
+        3000, 64, 1e-3, 50, 0.01, 1.0, 0.995, 0)
+    assert d.lr_at(d.steps) == pytest.approx(1e-4) and d.lr_at(d.warmup) == pytest.approx(1e-3)
+    args = trainer_module.parse_args([])
+    assert (args.steps, args.batch_size, args.lr, args.warmup, args.weight_decay, args.ema_decay, args.seed) == (
+        3000, 64, 1e-3, 50, 0.01, 0.995, 0)
+
+
+def test_the_first_step_is_adamw_by_hand_on_the_clipped_gradient(tiny_config, digits16):
+    """One step of the trainer against torch.optim.AdamW's documented update, written out: the gradient g of
+    the step's loss, clipped to total norm grad_clip (g * c / |g|); the moments m = (1 - b1) g, v = (1 - b2) g^2
+    with b1, b2 = 0.9, 0.99; the weights p <- p (1 - lr_0 wd) - lr_0 m_hat / (sqrt(v_hat) + 1e-8), which at the
+    first step (m_hat = g, v_hat = g^2) is p (1 - lr_0 wd) - lr_0 g / (|g| + 1e-8)."""
+    settings = TrainSettings(steps=10, batch_size=4, lr=2e-3, warmup=4, weight_decay=0.25, grad_clip=0.05, seed=1)
+    trainer = make_trainer(tiny_config, digits16, settings)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    # the raw gradient of the step, from the step's own draws, on a copy of the initial model
+    copy = make_trainer(tiny_config, digits16, settings)
+    gen = trainer.gen.clone_state()
+    draws = draw_step(gen, copy.model.plan, len(copy.data), settings.batch_size)
+    x0 = copy.data.x0(draws.index, copy.data.draw(gen, settings.batch_size))
+    FlowMatchingObjective(copy.model)(x0, copy.data.labels[draws.index], draws).backward()
+    raw = {n: p.grad.clone() for n, p in copy.model.named_parameters()}
+    norm = torch.sqrt(sum(g.double().square().sum() for g in raw.values())).item()
+    assert norm > 10 * settings.grad_clip                               # so the clipping acts
+    trainer.train_step()
+    lr0, b1, b2 = settings.lr_at(0), 0.9, 0.99
+    for name, p in trainer.model.named_parameters():
+        g = raw[name] * (settings.grad_clip / norm)
+        state = trainer.optimizer.state[p]
+        torch.testing.assert_close(state["exp_avg"], (1 - b1) * g, rtol=1e-4, atol=1e-12, msg=name)
+        torch.testing.assert_close(state["exp_avg_sq"], (1 - b2) * g.square(), rtol=1e-4, atol=1e-16, msg=name)
+        want = before[name] * (1 - lr0 * settings.weight_decay) - lr0 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_init_copies_a_checkpoint_into_the_model_and_the_ema(tiny_config, digits16, tmp_path):
