@@ -44,6 +44,13 @@ def test_resize_rule_box_halves_then_bicubic_then_centre_crop():
     # bicubic-resized straight from 48x32
     edge = Image.fromarray(rng.integers(0, 256, size=(32, 48, 3), dtype=np.uint8))
     assert np.array_equal(np.asarray(resize_center_crop(edge, 16)), np.asarray(edge.resize((24, 16), Image.BOX))[:, 4:20])
+    # a tall image is cropped to its centre rows the same way: 20 wide, 41 high; bicubic to 16x33 (32.8 rounds
+    # to 33), then rows 8..23; and an even excess, 16x20, loses 2 rows at each end
+    tall = Image.fromarray(rng.integers(0, 256, size=(41, 20, 3), dtype=np.uint8))
+    want = np.asarray(tall.resize((16, 33), Image.BICUBIC))[8:24]
+    assert np.array_equal(np.asarray(resize_center_crop(tall, 16)), want)
+    narrow = Image.fromarray(rng.integers(0, 256, size=(20, 16, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(resize_center_crop(narrow, 16)), np.asarray(narrow)[2:18])
 
 
 def test_transparent_images_are_composited_on_white(tmp_path):
