@@ -296,6 +296,26 @@ def test_edits_regenerate_alone_and_do_not_depend_on_batching(sampler):
     torch.testing.assert_close(alone.images[0], whole.images[3], rtol=1e-4, atol=1e-5)
 
 
+def test_an_image_kept_wholly_beside_an_edited_one_leaves_the_other_edited_as_alone(sampler, caplog):
+    """A stage is "known" (no flow loop, its end is X_end) only when every image of the batch keeps all of it:
+    an image kept wholly comes back as its input, and the other image of its batch is edited as it is alone,
+    its free half regenerated rather than copied from its input."""
+    images = digit_like(2, seed=11)
+    keep = np.zeros((2, 16, 16), dtype=bool)
+    keep[0] = True              # image 0: every pixel kept
+    keep[1, :, 8:] = True       # image 1: the right half kept, the left half regenerated
+    kwargs = dict(cfg_scale=2.0, steps_per_stage=2, output_type="latent")
+    with caplog.at_level(logging.WARNING, logger="ecar_infer"):
+        both = sampler.edit(images, [1, 2], mask=keep, seed=[3, 4], **kwargs).images
+    assert "keeps every pixel of image(s) [0]" in caplog.text
+    x = torch.from_numpy(images.astype(np.float32))[:, None] / 127.5 - 1  # a pixel model's latent is its image
+    assert torch.equal(both[0], x[0])
+    alone = sampler.edit(images[1], [2], mask=keep[1], seed=4, **kwargs).images
+    torch.testing.assert_close(both[1], alone[0], rtol=1e-4, atol=1e-5)
+    assert torch.equal(both[1][..., 8:], x[1][..., 8:])
+    assert (both[1][..., :8] - x[1][..., :8]).abs().mean() > 0.1
+
+
 def test_one_image_is_edited_once_per_label_with_its_own_seed(sampler):
     out = sampler.edit(digit_like(1)[0], [2, 2, 7], mask="left", seed=3, steps_per_stage=2, output_type="pil")
     assert out.seeds == [3, 4, 5] and out.class_labels == [2, 2, 7] and len(out.images) == 3
