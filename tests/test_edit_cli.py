@@ -60,6 +60,27 @@ def test_mask_file_white_is_kept_and_outdir_names_match_the_python_api(ckpt, ima
     assert np.array_equal(got, alone.images[0, ..., 0])
 
 
+def test_every_output_of_several_batches_holds_each_image_in_its_place(ckpt, image, tmp_path, capsys):
+    """With --batch-size smaller than the request (4 images in batches of 3 and 1), each file of --outdir and
+    each tile of the --out grid is image k's edit (class and seed SEED+k), as the Python API returns it."""
+    path, array = image
+    common = ("--ckpt", ckpt, "--image", path, "--mask", "right", "--class", "2", "--class", "6", "--n", "2",
+              "--seed", "11", "--steps", "2", "--batch-size", "3", "-q")
+    assert run(capsys, *common, "--outdir", tmp_path / "out")[0] == 0
+    assert run(capsys, *common, "--out", tmp_path / "grid.png")[0] == 0
+    labels, seeds = [2, 2, 6, 6], [11, 12, 13, 14]
+    expected = Sampler.from_pretrained(ckpt, device="cpu", progress=False).edit(
+        array, labels, mask="right", seed=seeds, steps_per_stage=2, output_type="np", batch_size=3).images[..., 0]
+    assert len({e.tobytes() for e in expected}) == 4
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 18 - 2, 2 * 18 - 2)  # two per class: a row per class
+    for k, (label, seed) in enumerate(zip(labels, seeds)):
+        file = tmp_path / "out" / f"class{label:03d}_seed{seed:06d}.png"
+        assert np.array_equal(np.asarray(Image.open(file)), expected[k]), file.name
+        row, col = divmod(k, 2)
+        assert np.array_equal(grid[18 * row:18 * row + 16, 18 * col:18 * col + 16], expected[k]), k
+
+
 def test_sampling_options_reach_the_edit(ckpt, image, tmp_path, capsys):
     """--cfg-scale, --cfg-schedule, --cfg-interval and --steps mean what they mean to ecar-sample: the
     output equals Sampler.edit with them, and each of them changes it (none is dropped on the way)."""
@@ -147,6 +168,43 @@ def test_an_image_too_large_to_decode_is_a_user_error(ckpt, image, tmp_path, cap
     assert re.search(r"ecar-edit: error: --image .*in.png is far larger than the model's 16x16 images: "
                      r"Image size \(256 pixels\)", stderr), stderr
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("output, message", [
+    ("--out {tmp}/no/such/e.png", "cannot write {tmp}/no/such/e.png: directory {tmp}/no/such does not exist"),
+    ("--out {tmp}", "cannot write {tmp}: it is a directory"),
+    ("--out {tmp}/e.txt", "--out {tmp}/e.txt: name the grid image with one of .png"),
+    ("--npz {tmp}/e.png", "--npz {tmp}/e.png: the file name must end in .npz"),
+], ids=["no such folder", "a folder", "not an image name", "npz not named .npz"])
+def test_an_output_that_cannot_be_written_is_refused_before_editing(ckpt, image, tmp_path, capsys, monkeypatch,
+                                                                     output, message):
+    path, _ = image
+    monkeypatch.setattr(Sampler, "edit", lambda *args, **kwargs: pytest.fail("the output is checked before editing"))
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--image", path, "--mask", "left", "--class", "1",
+                               *output.format(tmp=tmp_path).split())
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"ecar-edit: error: {message.format(tmp=tmp_path)}"), stderr
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output", ["--out {tmp}/e.png", "--outdir {tmp}/out"])
+def test_a_write_that_fails_is_one_line_with_status_1_and_leaves_no_partial_file(ckpt, image, tmp_path, capsys,
+                                                                                   monkeypatch, output):
+    """A full disk while writing: not the user's fault (status 1, not 2), said in one line, no traceback, and
+    no half-written image left behind."""
+    path, _ = image
+
+    def full_disk(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--image", path, "--mask", "left", "--class", "1", "--n", "2",
+                               "--steps", "1", "-q", *output.format(tmp=tmp_path).split())
+    assert code == 1 and stdout == "", stderr
+    assert stderr == "ecar-edit: error: could not write the output: [Errno 28] No space left on device\n"
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 def test_help_offers_only_what_ecar_edit_does(capsys):
