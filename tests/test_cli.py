@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -229,10 +230,54 @@ def vae_other(tmp_path_factory):
     return random_vae_file(tmp_path_factory.mktemp("vae"), seed=1)
 
 
+INDEX = "tiny.safetensors.index.json"
+
+
+def sharded_checkpoint(folder, seed):
+    save_checkpoint(random_model(TINY, seed=seed), folder / INDEX, extra_metadata={"recommended_cfg": "2.0"},
+                    max_shard_bytes=20_000)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ckpt_sharded(tmp_path_factory):
+    """A folder with a sharded checkpoint: its index and the shards it names."""
+    return sharded_checkpoint(tmp_path_factory.mktemp("sharded"), seed=2)
+
+
+@pytest.fixture(scope="module")
+def ckpt_sharded_other(ckpt_sharded, tmp_path_factory):
+    """Other weights in shards of the same names under the same index: only the shards' contents differ."""
+    folder = sharded_checkpoint(tmp_path_factory.mktemp("sharded-other"), seed=9)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in ckpt_sharded.iterdir())
+    assert len(list(folder.iterdir())) > 2 and (folder / INDEX).read_bytes() == (ckpt_sharded / INDEX).read_bytes()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_folder(tmp_path_factory):
+    """A diffusers VAE folder, as save_pretrained writes it: config.json beside the weights."""
+    from ecar_infer.vae import sd_vae_random
+
+    folder = tmp_path_factory.mktemp("vae-folder") / "vae"
+    sd_vae_random(0, config=ECARConfig.preset("ecar-tiny-vae")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vae_folder_other(vae_folder, tmp_path_factory):
+    """The same weights with another scaling factor in config.json: only the file beside the weights differs."""
+    folder = tmp_path_factory.mktemp("vae-folder-other") / "vae"
+    shutil.copytree(vae_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "scaling_factor": 2 * config["scaling_factor"]}))
+    return folder
+
+
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TINY_VAE = "--random-init ecar-tiny-vae"
-# settings field -> (the first run's arguments, the rerun's[, a file replaced by other content of the same
-# kind before the rerun]); each case differs in that field
+# settings field -> (the first run's arguments, the rerun's[, a file, or a folder's files, replaced by other
+# content of the same kind before the rerun]); each case differs in that field
 FIELD_CHANGES = {
     "ckpt": ("--ckpt {ckpt}", "--ckpt {ckpt_copy}"),
     "ckpt_sha256": ("--ckpt {tmp}/model.safetensors", "--ckpt {tmp}/model.safetensors", "model.safetensors"),
@@ -257,9 +302,14 @@ FIELD_CHANGES = {
     "tf32": pytest.param("--ckpt {ckpt} --device cuda --dtype fp32", "--ckpt {ckpt} --device cuda --dtype fp32 "
                          "--no-tf32", marks=CUDA_ONLY),
 }
-# further cases of a field of the table: the same images per class, the classes in another order
+# further cases of a field of the table
 MORE_FIELD_CHANGES = {
+    # the same images per class, the classes in another order
     "labels_sha256-order": ("--ckpt {ckpt} --class 2 --class 1", "--ckpt {ckpt} --class 1 --class 2"),
+    # other content under the same names in any of the files a path stands for: a sharded checkpoint's shards
+    # (its index unchanged), a VAE folder's config.json (its weights unchanged)
+    "ckpt_sha256-sharded": ("--ckpt {tmp}/sharded/" + INDEX, "--ckpt {tmp}/sharded/" + INDEX, "sharded"),
+    "vae_sha256-folder": (TINY_VAE + " --vae {tmp}/vae", TINY_VAE + " --vae {tmp}/vae", "vae"),
 }
 OUTPUTS = {"npz": ("--npz {tmp}/s.npz", "{tmp}/s.npz.parts/"), "outdir": ("--outdir {tmp}/out", "{tmp}/out/")}
 
@@ -267,6 +317,14 @@ OUTPUTS = {"npz": ("--npz {tmp}/s.npz", "{tmp}/s.npz.parts/"), "outdir": ("--out
 def field_case(field):
     case = {**FIELD_CHANGES, **MORE_FIELD_CHANGES}[field]
     return case if isinstance(case, tuple) else case.values
+
+
+def put(source, target):
+    """Copy a file, or every file of a folder into the folder `target` (replacing those of the same names)."""
+    if source.is_dir():
+        shutil.copytree(source, target, dirs_exist_ok=True)
+    else:
+        shutil.copy(source, target)
 
 
 def start_and_interrupt(capsys, monkeypatch, args):
@@ -289,18 +347,19 @@ def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, ckpt_copy, 
     files = dict(ckpt=ckpt, ckpt_copy=ckpt_copy, tmp=tmp_path)
     if "{vae}" in second:
         files["vae"] = request.getfixturevalue("vae_file")
-    # a file replaced under the same name: first the one content, before the rerun the other
-    contents = {"model.safetensors": ("ckpt", "ckpt_other"), "vae.safetensors": ("vae_file", "vae_other")}
+    # a file (or a folder's files) replaced under the same name: first the one content, before the rerun the other
+    contents = {"model.safetensors": ("ckpt", "ckpt_other"), "vae.safetensors": ("vae_file", "vae_other"),
+                "sharded": ("ckpt_sharded", "ckpt_sharded_other"), "vae": ("vae_folder", "vae_folder_other")}
     before, after = (request.getfixturevalue(name) for name in contents[replaced[0]]) if replaced else (None, None)
     if replaced:
-        shutil.copy(before, tmp_path / replaced[0])
+        put(before, tmp_path / replaced[0])
     out_args, where = OUTPUTS[output]
     common = ["--class", "1", "--per-class", "3", "--steps", "2", "--batch-size", "2", "-q",
               *out_args.format(**files).split()]
     start_and_interrupt(capsys, monkeypatch, [*common, *first.format(**files).split()])  # the last of a flag wins
     record = sorted(tmp_path.rglob("run.json"))[0].read_bytes()
     if replaced:
-        shutil.copy(after, tmp_path / replaced[0])
+        put(after, tmp_path / replaced[0])
     code, stdout, stderr = run(capsys, *common, *second.format(**files).split())
     lines = [line for line in stderr.splitlines() if not line.startswith("ecar-sample: warning:")]
     assert code == 2 and stdout == "" and len(lines) == 1, stderr
@@ -343,6 +402,98 @@ def test_a_recommended_guidance_interval_is_the_default_of_a_rerun(interval_ckpt
     assert code == 130, stderr
     code, _, stderr = run(capsys, *common, "--cfg-interval", "0,1")
     assert code == 2 and "other settings (cfg_interval)" in stderr, stderr
+
+
+# ---- every file of a resumable output is written whole or not at all ----------------------------------
+def _partial_then_interrupt(path) -> None:
+    """What a ^C (or a kill) in the middle of writing a file leaves: some of its bytes."""
+    with open(path, "wb") as f:
+        f.write(b"PK\x03\x04\x89PNG half of a file")
+    raise KeyboardInterrupt
+
+
+# the kind of file: (the output, the class and method that write it, the file it writes given its arguments,
+# which of its calls write that kind of file, the call interrupted)
+INTERRUPTED_WRITES = {
+    "npz part": ("--npz {tmp}/s.npz", zipfile.ZipFile, "__init__", lambda self, file, mode="r", *a, **k: file,
+                 lambda self, file, mode="r", *a, **k: mode == "w", 2),
+    "png": ("--outdir {tmp}/out", Image.Image, "save", lambda self, fp, *a, **k: fp, lambda *a, **k: True, 3),
+    "settings record": ("--outdir {tmp}/out", Path, "write_text", lambda self, *a, **k: self,
+                        lambda self, *a, **k: "run.json" in self.name, 1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(INTERRUPTED_WRITES))
+def test_a_file_interrupted_while_written_is_not_left_half_written(ckpt, tmp_path, capsys, monkeypatch, kind):
+    """^C in the middle of writing a part, an image or the settings record: what is on disk is only whole
+    files, so the rerun resamples what was cut short and the output is byte for byte the uninterrupted one
+    (a half-written file that exists would count as saved, or refuse the rerun)."""
+    output, cls, method, file_of, counts, at_call = INTERRUPTED_WRITES[kind]
+    common = ["--ckpt", ckpt, "--class", "1", "--class", "4", "--per-class", "2", "--steps", "2", "--batch-size",
+              "3", "-q"]
+    for name in ("whole", "cut"):
+        (tmp_path / name).mkdir()
+    assert run(capsys, *common, *output.format(tmp=tmp_path / "whole").split())[0] == 0
+    real, calls = getattr(cls, method), []
+
+    def write(*args, **kwargs):
+        if counts(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == at_call:
+                _partial_then_interrupt(file_of(*args, **kwargs))
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cls, method, write)
+        code, _, stderr = run(capsys, *common, *output.format(tmp=tmp_path / "cut").split())
+    assert code == 130 and len(calls) == at_call, stderr
+    code, _, stderr = run(capsys, *common, *output.format(tmp=tmp_path / "cut").split())
+    assert code == 0, stderr
+
+    def files(folder):
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    assert files(tmp_path / "cut") == files(tmp_path / "whole")
+
+
+def test_a_write_that_fails_is_one_line_with_status_1(ckpt, tmp_path, capsys, monkeypatch):
+    """A full disk while writing an image: not the user's fault (status 1, not 2), one line, no traceback, and
+    no half-written image left (the batches saved before it stay, for a rerun to resume)."""
+    def full_disk(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--steps", "1", "--outdir", tmp_path / "out",
+                               "-q")
+    assert code == 1 and stdout == "", stderr
+    assert stderr == "ecar-sample: error: could not write the output: [Errno 28] No space left on device\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json"]
+
+
+@pytest.mark.parametrize("change", ["a field missing", "a field more", "unreadable"])
+def test_a_settings_record_that_differs_in_any_way_is_refused(ckpt, tmp_path, capsys, monkeypatch, change):
+    """The record agrees only if every field agrees: one the rerun lacks (written by another version, with a
+    setting this one does not know) or one it has that the record lacks is a difference, and a record that
+    cannot be read agrees with no setting this run has (an absent field is one without a value)."""
+    args = ["--ckpt", ckpt, "--class", "1", "--per-class", "3", "--steps", "2", "--batch-size", "2", "-q",
+            "--outdir", tmp_path]
+    start_and_interrupt(capsys, monkeypatch, args)
+    record = tmp_path / "run.json"
+    saved = json.loads(record.read_text())
+    if change == "a field missing":
+        del saved["seed"]
+        text, differ = json.dumps(saved), ["seed"]
+    elif change == "a field more":
+        text, differ = json.dumps({**saved, "guidance_rescale": 0.7}), ["guidance_rescale"]
+    else:
+        text, differ = record.read_text()[:40], sorted(k for k, v in saved.items() if v is not None)
+    record.write_text(text)
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 2 and stdout == "" and len(stderr.splitlines()) == 1, stderr
+    assert f"holds images of a run with other settings ({', '.join(differ)}): " in stderr
+    assert record.read_text() == text and sorted(tmp_path.glob("*.png")) == []
 
 
 def test_random_init_warns_that_the_images_are_noise(tmp_path, capsys):
