@@ -198,3 +198,30 @@ def test_rank_lost_shows_the_first_line_of_gloo_errors_without_their_source_loca
     assert _detail(RuntimeError("")) == "RuntimeError"
     long = _detail(RuntimeError("x" * 500))
     assert len(long) == 120 and long.endswith("...")
+
+
+def test_every_rank_stops_on_the_first_failure_of_any_rank():
+    """cli.agree: what each rank failed with (or None), gathered from every rank, gives every rank the same
+    answer: no failure, or the first one, named by its rank unless it is rank 0's or every rank's own."""
+    from ecar_infer.cli import agree
+    from ecar_infer.distributed import Group
+
+    class Gathered(Group):  # a rank of a group whose gather returns these per-rank values
+        def __init__(self, rank, values):
+            super().__init__(rank=rank, world=len(values))
+            self.values = values
+
+        def gather(self, obj):
+            assert obj == self.values[self.rank]
+            return list(self.values)
+
+    cases = {
+        (None, None, None): None,
+        (None, None, "no GPU"): "rank 2: no GPU",
+        (None, "no GPU", "bad file"): "rank 1: no GPU",
+        ("bad --class", "bad --class"): "bad --class",
+        ("bad --class", None): "bad --class",
+        ("same", "same", "other"): "same",
+    }
+    for values, answer in cases.items():
+        assert [agree(Gathered(r, values), values[r]) for r in range(len(values))] == [answer] * len(values), values
