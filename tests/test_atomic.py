@@ -43,6 +43,30 @@ def test_a_write_failing_midway_keeps_the_old_file(tmp_path):
     assert target.read_text() == "old" and names(tmp_path) == ["out.txt"]
 
 
+def test_the_temporary_file_is_beside_the_target(tmp_path):
+    """A rename is atomic only within one file system: the temporary file must be in the target's folder
+    (not in the system's temporary folder, which may be another file system), and is gone afterwards."""
+    target = tmp_path / "sub" / "out.txt"
+    target.parent.mkdir()
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.exists() and tmp != target
+        tmp.write_text("whole")
+    assert names(target.parent) == ["out.txt"] and target.read_text() == "whole"
+
+
+@pytest.mark.parametrize("images", [1, 3])
+def test_an_npz_whose_images_and_labels_differ_in_number_is_refused(tmp_path, images):
+    """Every image has its label: a sample file with fewer (or more) images than labels is an error, and none
+    is written; the same for a join of parts."""
+    with pytest.raises(ValueError, match=f"{images} images for 2 labels"):
+        save_npz(np.zeros((images, 4, 4, 3), np.uint8), [0, 1], tmp_path / "s.npz")
+    assert names(tmp_path) == []
+    save_npz(np.zeros((1, 4, 4, 3), np.uint8), [0], tmp_path / "part.npz")
+    with pytest.raises(ValueError, match=f"{images} images for 2 labels"):
+        join_npz([tmp_path / "part.npz"] * images, [0, 1], tmp_path / "all.npz")
+    assert names(tmp_path) == ["part.npz"]
+
+
 def fail_after_some_bytes(monkeypatch, cls, method):
     """Make cls.method write a few bytes to its file argument, then fail, as a full disk would."""
     def broken(self, fp, *args, **kwargs):
