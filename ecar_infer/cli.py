@@ -423,7 +423,7 @@ def agree(group: distributed.Group, error: str | None) -> str | None:
     errors = group.gather(error)
     for rank, message in enumerate(errors):
         if message is not None:
-            return message if rank == 0 or message == errors[0] else f"rank {rank}: {message}"
+            return message if rank == 0 else f"rank {rank}: {message}"
     return None
 
 

@@ -59,10 +59,7 @@ class Target:
         return the batches still to sample."""
         record = self.record_path()
         if record.exists():
-            try:
-                saved = json.loads(record.read_text())
-            except (OSError, ValueError):
-                saved = {}
+            saved = self.read_record()
             now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
             differ = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
             if differ:
@@ -72,6 +69,20 @@ class Target:
             record.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True) + "\n")
         return [b for b in range(len(self.batches)) if not self.holds(b)]
+
+    def read_record(self) -> dict:
+        """The settings saved by the run that wrote the images here; unreadable, they cannot be resumed."""
+        record = self.record_path()
+        try:
+            saved = json.loads(record.read_text())
+        except (OSError, ValueError) as err:
+            why = str(err)
+        else:
+            if isinstance(saved, dict):
+                return saved
+            why = "not a JSON object"
+        raise ResumeError(f"{self.where()} holds images whose settings record {record.name} cannot be read ({why}): "
+                          f"write elsewhere, or delete {self.where()}")
 
     def check_complete(self) -> None:
         """Every batch must be there before finishing (they are not when ranks on other machines wrote

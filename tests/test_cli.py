@@ -472,11 +472,11 @@ def test_a_write_that_fails_is_one_line_with_status_1(ckpt, tmp_path, capsys, mo
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json"]
 
 
-@pytest.mark.parametrize("change", ["a field missing", "a field more", "unreadable"])
+@pytest.mark.parametrize("change", ["a field missing", "a field more", "unreadable", "not an object"])
 def test_a_settings_record_that_differs_in_any_way_is_refused(ckpt, tmp_path, capsys, monkeypatch, change):
     """The record agrees only if every field agrees: one the rerun lacks (written by another version, with a
-    setting this one does not know) or one it has that the record lacks is a difference, and a record that
-    cannot be read agrees with no setting this run has (an absent field is one without a value)."""
+    setting this one does not know) or one it has that the record lacks is a difference; a record that
+    cannot be read leaves the images' settings unknown, and is refused as such."""
     args = ["--ckpt", ckpt, "--class", "1", "--per-class", "3", "--steps", "2", "--batch-size", "2", "-q",
             "--outdir", tmp_path]
     start_and_interrupt(capsys, monkeypatch, args)
@@ -484,15 +484,17 @@ def test_a_settings_record_that_differs_in_any_way_is_refused(ckpt, tmp_path, ca
     saved = json.loads(record.read_text())
     if change == "a field missing":
         del saved["seed"]
-        text, differ = json.dumps(saved), ["seed"]
+        text, why = json.dumps(saved), "of a run with other settings (seed): "
     elif change == "a field more":
-        text, differ = json.dumps({**saved, "guidance_rescale": 0.7}), ["guidance_rescale"]
+        text, why = json.dumps({**saved, "guidance_rescale": 0.7}), "of a run with other settings (guidance_rescale): "
+    elif change == "unreadable":
+        text, why = record.read_text()[:40], "whose settings record run.json cannot be read ("
     else:
-        text, differ = record.read_text()[:40], sorted(k for k, v in saved.items() if v is not None)
+        text, why = json.dumps(list(saved.items())), "whose settings record run.json cannot be read (not a JSON object)"
     record.write_text(text)
     code, stdout, stderr = run(capsys, *args)
     assert code == 2 and stdout == "" and len(stderr.splitlines()) == 1, stderr
-    assert f"holds images of a run with other settings ({', '.join(differ)}): " in stderr
+    assert f"holds images {why}" in stderr and f"or delete {tmp_path}" in stderr, stderr
     assert record.read_text() == text and sorted(tmp_path.glob("*.png")) == []
 
 
