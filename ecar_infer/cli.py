@@ -414,6 +414,10 @@ def prepare(args, group: distributed.Group) -> Job:
 
 
 # ---- the run -----------------------------------------------------------------------------------------
+def image_count(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
+
+
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
@@ -492,7 +496,7 @@ def summary(tally: distributed.Tally, seconds: float, written: str, total: float
     if len(tally.images) > 1:
         per_rank = ", ".join(f"{n / s if s > 0 else 0.0:.2f}" for n, s in zip(tally.images, tally.seconds))
         rate += f" on {len(tally.images)} ranks; per rank: {per_rank} images/s"
-    return f"sampled {count} images in {seconds:.2f} s ({rate}); wrote {written}; total {total:.2f} s"
+    return f"sampled {image_count(count)} in {seconds:.2f} s ({rate}); wrote {written}; total {total:.2f} s"
 
 
 def main(argv: list[str] | None = None) -> int:

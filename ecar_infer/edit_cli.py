@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         seconds = out.timings["total_s"]
         rate = f" ({len(labels) / seconds:.2f} images/s)" if seconds > 0 else ""
-        print(f"edited {len(labels)} images in {seconds:.2f} s{rate}; wrote {written}; "
+        print(f"edited {cli.image_count(len(labels))} in {seconds:.2f} s{rate}; wrote {written}; "
               f"total {time.perf_counter() - started:.2f} s")
     return 0
 

@@ -68,7 +68,7 @@ def test_outdir_resumes_an_interrupted_run(ckpt, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in files}
     files[2].unlink()  # as if the run had stopped before writing the second batch
     code, stdout, stderr = run(capsys, *args)
-    assert code == 0 and "1 of 2 batches are already in" in stderr and "sampled 1 images" in stdout
+    assert code == 0 and "1 of 2 batches are already in" in stderr and "sampled 1 image in" in stdout
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.png")} == before
 
 

@@ -233,7 +233,7 @@ def test_progress_bar_unless_no_progress_or_quiet(ckpt, image, tmp_path, capsys)
     common = ("--ckpt", ckpt, "--image", path, "--mask", "left", "--class", "1", "--steps", "2",
               "--out", tmp_path / "e.png")
     code, stdout, stderr = run(capsys, *common)
-    assert code == 0 and "editing" in stderr and "edited 1 images" in stdout
+    assert code == 0 and "editing" in stderr and "edited 1 image in" in stdout
     for flag in ("--no-progress", "-q"):
         code, _, stderr = run(capsys, *common, flag)
         assert code == 0 and stderr == "", (flag, stderr)
