@@ -104,11 +104,11 @@ class Sampler:
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = "auto",
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = "auto",
                         dtype: str | torch.dtype | None = None, vae=None, vae_slicing: bool = False,
                         vae_tiling: bool = False, **kwargs) -> "Sampler":
         """A sampler for a safetensors checkpoint written by save_checkpoint: a path, or the name of a shipped
-        model ("ecar-emoji32", "ecar-digits32")."""
+        model ("ecar-emoji32", "ecar-digits32"); None is the default model of ecar-sample."""
         from .checkpoint import load_checkpoint
         from .weights import checkpoint_path
 

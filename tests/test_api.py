@@ -129,3 +129,12 @@ def test_from_pretrained_takes_a_shipped_models_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a file of that name in the working folder comes first
     save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=1), tmp_path / "ecar-digits32")
     assert Sampler.from_pretrained("ecar-digits32", device="cpu").config == ECARConfig.preset("ecar-tiny")
+
+
+def test_from_pretrained_without_a_path_is_the_default_model_of_ecar_sample():
+    from ecar_infer.weights import DEFAULT_MODEL
+
+    default = Sampler.from_pretrained(device="cpu", progress=False)
+    named = Sampler.from_pretrained(DEFAULT_MODEL, device="cpu", progress=False)
+    assert default.config == named.config and default.defaults == named.defaults
+    assert all(torch.equal(a, b) for a, b in zip(default.model.parameters(), named.model.parameters()))
