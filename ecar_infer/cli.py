@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
-from .class_names import METADATA_KEY as CLASS_NAMES_KEY
-from .class_names import ClassNameError, list_classes, parse_class_names, resolve_class
+from .class_names import ClassNameError, list_classes, resolve_class
 from .config import ConfigError
 from .cpu_memory import keep_freed_memory
 from .registry import get_preset, preset_names
@@ -301,11 +300,6 @@ def expand_classes(specs: list[list[str | None]], num_classes: int, n: int, name
     return [c for c in classes for _ in range(n)]
 
 
-def model_class_names(sampler) -> list[str] | None:
-    meta = getattr(sampler.model, "checkpoint_metadata", {})
-    return parse_class_names(meta.get(CLASS_NAMES_KEY), sampler.config.num_classes)
-
-
 def check_sampling_args(args, sampler, count: int) -> None:
     """What generate() would refuse, said in the command line's terms before any work."""
     from .schedule import plan_for
@@ -397,7 +391,7 @@ def make_target(args, sampler, labels: list[int], seeds: list[int]):
     if args.outdir:
         return FolderTarget(args.outdir, labels, seeds, args.batch_size)
     columns = args.per_class if 1 < args.per_class <= MAX_GRID_COLUMNS else None
-    names = (model_class_names(sampler) or [str(i) for i in range(sampler.config.num_classes)]
+    names = (sampler.class_names or [str(i) for i in range(sampler.config.num_classes)]
              if args.label_rows else None)
     return GridTarget(args.out, labels, seeds, args.batch_size, columns, names)
 
@@ -405,7 +399,7 @@ def make_target(args, sampler, labels: list[int], seeds: list[int]):
 def prepare(args, group: distributed.Group) -> Job:
     check_output(args, group.world)
     sampler = load_sampler(args, group)
-    labels = expand_classes(args.classes, sampler.config.num_classes, args.per_class, model_class_names(sampler))
+    labels = expand_classes(args.classes, sampler.config.num_classes, args.per_class, sampler.class_names)
     check_sampling_args(args, sampler, len(labels))
     seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
     kwargs = dict(cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,

@@ -96,7 +96,7 @@ def prepare(args):
     cli.check_output(args, world=1)
     sampler = cli.load_sampler(args)
     config = sampler.config
-    labels = cli.expand_classes(args.classes, config.num_classes, args.per_class, cli.model_class_names(sampler))
+    labels = cli.expand_classes(args.classes, config.num_classes, args.per_class, sampler.class_names)
     cli.check_sampling_args(args, sampler, len(labels))
     image = read_image(args.image, "--image", config.image_size)
     mask = args.mask

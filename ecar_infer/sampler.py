@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 
 from .checks import finite_real, integers, is_integer
+from .class_names import METADATA_KEY as CLASS_NAMES_KEY
+from .class_names import parse_class_names, resolve_class
 from .config import ECARConfig
 from .defaults import SamplingDefaults
 from .editing import EditInputError, EditRequest, as_images, build_request
@@ -129,6 +131,21 @@ class Sampler:
         model = ECARModel(config).init_weights(seed, zero_init=False).to(device=device, dtype=dtype)
         decoder = build_decoder(config, vae, device, vae_dtype(dtype), random_vae=random_vae)
         return cls(model, decoder, **kwargs)
+
+    # ---- classes -----------------------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str] | None:
+        """One name per class label, from the checkpoint's metadata (None for a model without names)."""
+        meta = getattr(self.model, "checkpoint_metadata", {})
+        return parse_class_names(meta.get(CLASS_NAMES_KEY), self.config.num_classes)
+
+    def class_index(self, name: str) -> int:
+        """The class label of `name`, found as `ecar-sample --class` finds it: a class name (any case), an
+        index ("3"), or the unambiguous beginning of a name ("smil"); raises ClassNameError listing the
+        classes otherwise."""
+        if not isinstance(name, str):
+            raise TypeError(f"class_index takes a class name (str), got {type(name).__name__}")
+        return resolve_class(name, self.class_names, self.config.num_classes)
 
     # ---- sampling ----------------------------------------------------------------------------
     def _validate_labels(self, class_labels: Sequence[int]) -> list[int]:

@@ -77,6 +77,27 @@ def test_names_round_trip_through_a_checkpoint(named_checkpoint, tmp_path):
         save_checkpoint(model, tmp_path / "bad.safetensors", extra_metadata={"class_names": '["a", "b", "c"]'})
 
 
+def test_the_python_api_gives_names_and_resolves_them_as_the_command_line_does(named_checkpoint):
+    """Sampler.class_names and Sampler.class_index: the same classes, by the same rules, as --class."""
+    from ecar_infer import Sampler
+
+    sampler = Sampler.from_pretrained(named_checkpoint, device="cpu")
+    assert sampler.class_names == NAMES
+    for text in ("smileys & emotion", "FLAGS", "foo", "sp", "7", " objects "):
+        assert sampler.class_index(text) == resolve_class(text, NAMES, 10)
+    assert [sampler.class_index(t) for t in ("SMILEYS & EMOTION", "foo", "sp", "7")] == [0, 3, 9, 7]
+    with pytest.raises(ClassNameError, match="ambiguous: it begins Smileys & Emotion, Symbols, Sports"):
+        sampler.class_index("s")
+    with pytest.raises(ClassNameError, match="no class 'cars'; the classes are 0 Smileys & Emotion, 1 People"):
+        sampler.class_index("cars")
+    with pytest.raises(TypeError, match="takes a class name"):
+        sampler.class_index(3)
+    unnamed = Sampler.from_config(ECARConfig.preset("ecar-tiny"), device="cpu")
+    assert unnamed.class_names is None and unnamed.class_index("4") == 4
+    with pytest.raises(ClassNameError, match="has no class names"):
+        unnamed.class_index("flags")
+
+
 def test_a_checkpoint_with_bad_names_is_refused_on_load(named_checkpoint, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
