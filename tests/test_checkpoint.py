@@ -1,5 +1,6 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,122 @@ def test_sharded_index_round_trip(model, tmp_path):
         load_checkpoint(index)
 
 
+def bad_index(kind, index):
+    """Edit the valid shard index `index` (its shards beside it) into the bad index `kind`."""
+    data = json.loads(index.read_text())
+    wm, folder = data["weight_map"], index.parent
+    first = sorted(set(wm.values()))[0]
+    if kind == "not UTF-8":
+        index.write_bytes(b"\xff\xfe{not text")
+        return
+    if kind == "not JSON":
+        index.write_text('{"metadata": {}, "weight_map": ')
+        return
+    if kind == "a list":
+        data = [data]
+    elif kind == "metadata a list":
+        data["metadata"] = [data["metadata"]]
+    elif kind == "weight_map missing":
+        del data["weight_map"]
+    elif kind in ("shard in the parent folder", "shard by absolute path"):
+        (folder.parent / first).write_bytes((folder / first).read_bytes())  # a readable shard there, too
+        name = f"../{first}" if kind == "shard in the parent folder" else str(folder.parent / first)
+        data["weight_map"] = {k: name if v == first else v for k, v in wm.items()}
+    elif kind == "shard name a number":
+        data["weight_map"]["head.out.bias"] = 3
+    elif kind == "shard a folder":
+        (folder / "tiny-dir.safetensors").mkdir()
+        data["weight_map"]["head.out.bias"] = "tiny-dir.safetensors"
+    elif kind == "tensor not in its shard":
+        other = next(v for v in sorted(set(wm.values())) if v != wm["head.out.bias"])
+        data["weight_map"]["head.out.bias"] = other
+    elif kind == "config an object":
+        data["metadata"]["config"] = json.loads(data["metadata"]["config"])
+    index.write_text(json.dumps(data))
+
+
+BAD_INDEXES = {
+    "not UTF-8": "shard index is not valid JSON",
+    "not JSON": "shard index is not valid JSON",
+    "a list": 'shard index must be a JSON object with "metadata" and "weight_map" objects',
+    "metadata a list": 'shard index must be a JSON object with "metadata" and "weight_map" objects',
+    "weight_map missing": 'shard index must be a JSON object with "metadata" and "weight_map" objects',
+    "shard in the parent folder": "every weight_map value must be a file name in the index's folder",
+    "shard by absolute path": "every weight_map value must be a file name in the index's folder",
+    "shard name a number": "every weight_map value must be a file name in the index's folder",
+    "shard a folder": "shard tiny-dir.safetensors listed in the index is missing",
+    "tensor not in its shard": "lacks tensor 'head.out.bias' that the index tiny.safetensors.index.json places there",
+    "config an object": "invalid config: config is not valid JSON",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_INDEXES))
+def test_each_bad_shard_index_gets_one_clear_error(kind, model, tmp_path):
+    """An index is untrusted too: whatever it holds ends in a CheckpointError, and its shards must be files
+    in its own folder (never ../ or an absolute path, even where such a file exists and is valid)."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    index = folder / "tiny.safetensors.index.json"
+    save_checkpoint(model, index, max_shard_bytes=20_000)
+    bad_index(kind, index)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(index)
+    message = str(info.value)
+    assert "\n" not in message and BAD_INDEXES[kind] in message, message
+
+
+def test_an_index_reads_its_metadata_values_as_strings(model, tmp_path):
+    index = tmp_path / "tiny.safetensors.index.json"
+    save_checkpoint(model, index, max_shard_bytes=20_000)
+    data = json.loads(index.read_text())
+    data["metadata"].update(recommended_steps=2, note=1.5)  # numbers, where a single file can hold only strings
+    index.write_text(json.dumps(data))
+    assert load_checkpoint(index).checkpoint_metadata == {"recommended_steps": "2", "note": "1.5"}
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
+def test_a_file_that_cannot_be_mapped_is_refused_as_not_safetensors():
+    with pytest.raises(CheckpointError, match=r"checkpoint /dev/null: not a safetensors file \(0 bytes"):
+        load_checkpoint("/dev/null")
+
+
+def test_shards_hold_whole_tensors_up_to_the_limit_and_are_named_i_of_n(model, tmp_path):
+    """A shard holds at most max_shard_bytes unless it holds one tensor larger than that; a limit of the
+    whole model's size gives one shard (the bound is inclusive), a limit of 1 byte one shard per tensor (and
+    no empty shard). Shards are named STEM-iiiii-of-nnnnn.safetensors."""
+    from safetensors import safe_open
+
+    sizes = {k: v.numel() * v.element_size() for k, v in model.state_dict().items()}
+    for limit, count in [(sum(sizes.values()), 1), (1, len(sizes)), (20_000, None)]:
+        folder = tmp_path / f"limit{limit}"
+        folder.mkdir()
+        index = folder / "tiny.safetensors.index.json"
+        save_checkpoint(model, index, max_shard_bytes=limit)
+        shards = sorted(p.name for p in folder.glob("*.safetensors"))
+        n = len(shards)
+        assert count is None or n == count, (limit, shards)
+        assert shards == [f"tiny-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        weight_map = json.loads(index.read_text())["weight_map"]
+        assert set(weight_map) == set(sizes) and set(weight_map.values()) == set(shards)
+        for shard in shards:
+            with safe_open(folder / shard, framework="pt") as f:
+                held = list(f.keys())
+            assert held and sorted(held) == sorted(k for k, s in weight_map.items() if s == shard)
+            assert len(held) == 1 or sum(sizes[k] for k in held) <= limit, (limit, shard)
+    loaded = load_checkpoint(tmp_path / "limit1" / "tiny.safetensors.index.json")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_save_refuses_a_model_of_mixed_dtypes(model, tmp_path):
+    mixed = random_model(model.config, seed=5)
+    mixed.head.out.bias.data = mixed.head.out.bias.data.half()
+    with pytest.raises(CheckpointError, match=r"all tensors must share one dtype .*the model has \['torch.float16', 'torch.float32'\]"):
+        save_checkpoint(mixed, tmp_path / "mixed.safetensors")
+    with pytest.raises(CheckpointError, match="all tensors must share one dtype"):
+        save_checkpoint(mixed, tmp_path / "mixed.safetensors.index.json", max_shard_bytes=20_000)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_leaves_no_temporary_files_and_rejects_bad_metadata(model, tmp_path):
     save_checkpoint(model, tmp_path / "m.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
@@ -126,6 +243,12 @@ def write_bad(kind, model, path):
         tensors["head.out.bias"] = tensors["head.out.bias"].half()
     elif kind == "integer tensor":
         tensors["head.out.bias"] = tensors["head.out.bias"].long()
+    elif kind == "F64 tensors":
+        tensors = {k: v.double() for k, v in tensors.items()}
+    elif kind == "transposed tensor":
+        tensors["trunk.input_proj.weight"] = tensors["trunk.input_proj.weight"].t().contiguous()
+    elif kind == "flattened tensor":
+        tensors["trunk.input_proj.weight"] = tensors["trunk.input_proj.weight"].flatten()
     elif kind == "no metadata":
         meta = None
     elif kind == "wrong format":
@@ -138,6 +261,9 @@ def write_bad(kind, model, path):
         meta = metadata(model, config='{"width": 32,')
     elif kind == "config fails validation":
         meta = metadata(model, config=model.config.to_json().replace('"num_heads": 2', '"num_heads": 3'))
+    elif kind.startswith("config "):  # "config FIELD=JSON": one field of a valid config set to a JSON text
+        field, value = kind[len("config "):].replace("<5000 digits>", "1" + "0" * 4999).split("=", 1)
+        meta = metadata(model, config=json.dumps(model.config.to_dict())[:-1] + f', "{field}": {value}}}')
     elif kind == "unknown config field":
         meta = metadata(model, config=json.dumps({**model.config.to_dict(), "colour": "blue"}))
     elif kind.startswith("recommended_"):
@@ -158,6 +284,14 @@ BAD_FILES = {
     "misshaped tensor": r"trunk.input_proj.weight is \[32, 5\], expected \[32, 4\]",
     "mixed dtypes": r"one dtype .*found \['F16', 'F32'\]",
     "integer tensor": "one dtype .*head.out.bias is I64",
+    "F64 tensors": r"all tensors must share one dtype of \['BF16', 'F16', 'F32'\]: .* is F64",
+    "transposed tensor": r"1 tensor\(s\) with the wrong shape: trunk.input_proj.weight is \[4, 32\], expected \[32, 4\]",
+    "flattened tensor": r"1 tensor\(s\) with the wrong shape: trunk.input_proj.weight is \[128\], expected \[32, 4\]",
+    # the last of two equal keys wins in json.loads: the field is overridden
+    "config time_scale=Infinity": r"invalid config: ECARConfig.time_scale=inf: must be a finite number",
+    "config norm_eps=Infinity": r"invalid config: ECARConfig.norm_eps=inf: must be a finite number",
+    "config mlp_ratio=-Infinity": r"invalid config: ECARConfig.mlp_ratio=-inf: must be a finite number",
+    "config width=<5000 digits>": r"invalid config: config is not valid JSON: .*digits",
     "no metadata": "not an E-CAR checkpoint: its metadata has no format entry",
     "wrong format": "not an E-CAR checkpoint: its metadata has format='pt'",
     "wrong version": "format_version='2' is not supported",
