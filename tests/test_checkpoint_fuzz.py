@@ -216,3 +216,24 @@ def test_the_memory_bound_is_real(tmp_path):
     with bounded_address_space():
         with pytest.raises(RuntimeError):
             torch.empty(MEMORY_HEADROOM * 4, dtype=torch.uint8).fill_(1)
+
+
+def test_the_meta_build_is_bounded_by_both_the_tensor_count_and_the_elements():
+    """build_within stops a build that registers more than BUDGET x the file's tensors, or BUDGET x its
+    elements, whichever comes first; exactly BUDGET x is allowed. Many empty tensors must be stopped by the
+    count alone, one huge tensor by the elements alone."""
+    import torch
+
+    from ecar_infer.meta_build import BUDGET, BuildError, build_within
+
+    table = {"a": (3, 4), "b": (5,)}  # 2 tensors, 17 elements
+
+    def params(*sizes):
+        return lambda: torch.nn.ParameterList([torch.nn.Parameter(torch.empty(n)) for n in sizes])
+
+    built = build_within(params(*[0] * (BUDGET * 2)), table)
+    assert len(built) == BUDGET * 2 and all(p.is_meta for p in built)
+    assert len(build_within(params(BUDGET * 17), table)) == 1
+    for too_much in (params(*[0] * (BUDGET * 2 + 1)), params(BUDGET * 17 + 1)):
+        with pytest.raises(BuildError, match=r"larger than the 2 tensor\(s\) \(17 elements\) the file holds"):
+            build_within(too_much, table)
