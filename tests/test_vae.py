@@ -105,9 +105,12 @@ def test_a_crafted_single_file_vae_is_refused_before_anything_is_built(vae, tmp_
     for edit, message in cases:
         path = crafted_file(vae, tmp_path / "crafted.safetensors", edit_config=edit)
         start = time.monotonic()
-        with pytest.raises(VAEError, match=r"could not load the VAE at .*crafted.safetensors: " + message):
+        with pytest.raises(VAEError, match=r"could not load the VAE at .*crafted.safetensors: " + message) as info:
             load_autoencoder(path)
         assert time.monotonic() - start < 20, message
+        # the file carries its config: no hint that it should, and the problem is said once
+        assert "must carry its diffusers config" not in str(info.value)
+        assert str(info.value).count("could not load the VAE") == 1
     # a tensor missing or added, and metadata that is not a config
     extra = crafted_file(vae, tmp_path / "extra.safetensors", edit_tensors=lambda t: t.__setitem__("x", torch.ones(1)))
     with pytest.raises(VAEError, match=r"does not match its config: 1 unexpected tensor\(s\) x"):
@@ -120,6 +123,10 @@ def test_a_crafted_single_file_vae_is_refused_before_anything_is_built(vae, tmp_
     save_file({"w": torch.ones(1)}, tmp_path / "text.safetensors", metadata={"diffusers_config": "[1, 2"})
     with pytest.raises(VAEError, match="diffusers_config metadata is not JSON"):
         load_autoencoder(tmp_path / "text.safetensors")
+    for not_an_object in ("[1, 2]", "null", '"config.json"', "3"):
+        save_file({"w": torch.ones(1)}, tmp_path / "list.safetensors", metadata={"diffusers_config": not_an_object})
+        with pytest.raises(VAEError, match="list.safetensors: its diffusers_config metadata is not a JSON object$"):
+            load_autoencoder(tmp_path / "list.safetensors")
     # nothing real is allocated for a refused file: the model is only ever built on the meta device
     from ecar_infer import vae as vae_module
 
@@ -167,12 +174,34 @@ def test_sd_vae_model_without_a_vae_asks_for_one():
         build_decoder(TINY_VAE)
 
 
-def test_scaling_factor_mismatch_warns(caplog):
+@pytest.mark.parametrize("factor", [0.18215, 0.501, 0.5])
+def test_scaling_factor_mismatch_warns_and_decodes_with_the_models(caplog, factor):
+    """Any difference beyond rounding is reported, and the model's factor (the one it was trained with)
+    is the one decoding divides by, whatever the VAE's config says."""
     vae = tiny_autoencoder()
-    vae.register_to_config(scaling_factor=0.18215)
+    vae.register_to_config(scaling_factor=factor)
     with caplog.at_level(logging.WARNING, logger="ecar_infer"):
-        build_decoder(TINY_VAE, vae)
-    assert "scaling_factor 0.18215 differs from the model's 0.5" in caplog.text
+        decoder = build_decoder(TINY_VAE, vae)
+    warned = f"scaling_factor {factor} differs from the model's 0.5" in caplog.text
+    assert warned == (factor != 0.5), caplog.text
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        expected = vae.decode(z / 0.5).sample
+    torch.testing.assert_close(decoder.decode(z), expected)
+
+
+def test_decoder_runs_in_the_dtype_asked_for():
+    vae = tiny_autoencoder()
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        expected = vae.decode(z / 0.5).sample
+    decoder = build_decoder(TINY_VAE, vae, dtype=torch.bfloat16)
+    assert {p.dtype for p in decoder.vae.parameters()} == {torch.bfloat16}
+    images = decoder.decode(z)
+    assert images.dtype == torch.float32
+    torch.testing.assert_close(images, expected, rtol=0.1, atol=0.1)
+    back = build_decoder(TINY_VAE, decoder.vae, dtype=torch.float32)
+    assert {p.dtype for p in back.vae.parameters()} == {torch.float32}
 
 
 def test_pixel_kind_is_the_identity(caplog, vae_folder):
