@@ -27,6 +27,14 @@ def test_resolve_by_index_name_and_prefix():
         resolve_class("robots", NAMES, 10)
     with pytest.raises(ClassNameError, match="class 12 is outside this model's classes: 0 Smileys"):
         resolve_class("12", NAMES, 10)
+
+
+def test_the_last_class_is_an_index_and_the_null_class_is_not():
+    """Index num_classes is the null (unconditional) class: never a class a user can ask for."""
+    assert resolve_class("9", NAMES, 10) == 9 and resolve_class("9", None, 10) == 9
+    for names in (NAMES, None):
+        with pytest.raises(ClassNameError, match="class 10 is outside this model's classes"):
+            resolve_class("10", names, 10)
     with pytest.raises(ClassNameError, match="has no class names; give an index 0-9"):
         resolve_class("cat", None, 10)
 
@@ -48,17 +56,24 @@ def test_names_made_of_digits_are_found_by_name_first():
 
 @pytest.mark.parametrize("text, problem", [("not json", "JSON list"), ('{"a": 1}', "JSON list"),
                                            ('["a", 3]', "JSON list"), ('["a", ""]', "JSON list"),
+                                           ('["a", " "]', "JSON list"), ('["a", "\\t\\n"]', "JSON list"),
                                            ('["a"]', "1 names for 2 classes"),
                                            ('["Cat", "cat"]', "differ only in case")])
 def test_malformed_entries_are_refused(text, problem):
     with pytest.raises(ClassNameError, match=problem):
         parse_class_names(text, 2)
+    names = json.loads(text) if text.startswith("[") else None
+    if isinstance(names, list):  # ecar-train writes the entry with encode_class_names: it refuses the same
+        with pytest.raises(ClassNameError, match=problem):
+            encode_class_names(names, 2)
 
 
 def test_listing_is_bounded():
     assert list_classes(None, 5) == "indices 0-4 (this model has no class names)"
     many = [f"c{i}" for i in range(1000)]
     assert list_classes(many, 1000, limit=3) == "0 c0, 1 c1, 2 c2, ... (997 more)"
+    assert list_classes(many[:3], 3, limit=3) == "0 c0, 1 c1, 2 c2"  # all shown: nothing "more"
+    assert list_classes(many[:4], 4, limit=3) == "0 c0, 1 c1, 2 c2, ... (1 more)"
 
 
 @pytest.fixture
