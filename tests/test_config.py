@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -39,10 +40,46 @@ def test_unknown_preset_lists_the_known_ones():
     (dict(width=770, num_heads=10), "width"),               # head dim 77, not a multiple of 4
     (dict(latent_kind="pixel"), "vae_downsample"),          # pixel latents have no downsampling
     (dict(stage_windows="cosine"), "stage_windows"),
+    (dict(head_kind="transformer"), "head_kind"),
+    (dict(head_objective="diffusion"), "head_objective"),
+    (dict(depth=True), "depth"),                            # a bool is not an integer
+    (dict(num_classes=-1), "num_classes"),
+    (dict(shortcut_max_level=0), "shortcut_max_level"),
+    (dict(shortcut_max_level=11), "shortcut_max_level"),    # at most 2^10 steps
+    (dict(mlp_ratio=0.0), "mlp_ratio"),
+    (dict(norm_eps=0), "norm_eps"),
+    (dict(time_scale=float("nan")), "time_scale"),
+    (dict(vae_scaling_factor=-0.18215), "vae_scaling_factor"),
+    (dict(width=72, num_heads=12), "width"),                # width % 4 == 0, but head dim 6 is not a multiple of 4
+    (dict(head_kind="attention", head_num_heads=3), "head_num_heads"),  # does not divide head_width 1024
+    (dict(head_kind="attention", head_width=1022, head_num_heads=2), "head_width"),  # not a multiple of 4
 ])
 def test_validation_names_the_offending_field(changes, field):
     with pytest.raises(ConfigError, match=rf"ECARConfig\.{field}="):
         ECARConfig.preset("ecar-b").replace(**changes)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(shortcut_max_level=10), dict(shortcut_max_level=1), dict(width=48, num_heads=12),  # head dim 4
+    dict(head_kind="attention", head_width=1028, head_num_heads=4), dict(mlp_ratio=1e-3, norm_eps=1e-12),
+    dict(head_width=1022, head_num_heads=3),   # an mlp head has no attention heads to divide it
+])
+def test_values_at_each_bound_are_accepted(changes):
+    cfg = ECARConfig.preset("ecar-b").replace(**changes)
+    assert all(getattr(cfg, k) == v for k, v in changes.items())
+
+
+@pytest.mark.parametrize("name, heads", [("ecar-b", 16), ("ecar-l", 16), ("ecar-xl", 16), ("ecar-digits32", 4),
+                                         ("ecar-emoji32", 4)])
+def test_head_variants_of_each_preset(name, heads):
+    """docs/MODEL.md, "Presets": -attn has an attention head of half the blocks, rounded up; -sc the
+    shortcut objective; -attn-sc both; everything else is the base preset's."""
+    base = ECARConfig.preset(name)
+    attn = base.replace(head_kind="attention", head_blocks=math.ceil(base.head_blocks / 2), head_num_heads=heads)
+    assert ECARConfig.preset(f"{name}-attn") == attn
+    assert ECARConfig.preset(f"{name}-sc") == base.replace(head_objective="shortcut")
+    assert ECARConfig.preset(f"{name}-attn-sc") == attn.replace(head_objective="shortcut")
+    assert base.head_kind == "mlp" and base.head_objective == "flow"
 
 
 def test_frozen():
