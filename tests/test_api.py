@@ -138,3 +138,33 @@ def test_from_pretrained_without_a_path_is_the_default_model_of_ecar_sample():
     named = Sampler.from_pretrained(DEFAULT_MODEL, device="cpu", progress=False)
     assert default.config == named.config and default.defaults == named.defaults
     assert all(torch.equal(a, b) for a, b in zip(default.model.parameters(), named.model.parameters()))
+
+
+def test_a_models_name_is_resolved_only_when_no_such_path_exists(tmp_path, monkeypatch):
+    from ecar_infer.weights import WEIGHTS_DIR, checkpoint_path, default_checkpoint, shipped_models
+
+    assert {"ecar-digits32", "ecar-emoji32"} <= set(shipped_models())
+    assert len(set(shipped_models())) == len(shipped_models())
+    for name in shipped_models():  # a name is a file beside the package, and resolves to it
+        assert (WEIGHTS_DIR / f"{name}.safetensors").is_file() and checkpoint_path(name) == WEIGHTS_DIR / f"{name}.safetensors"
+    assert checkpoint_path(None) == default_checkpoint() == WEIGHTS_DIR / "ecar-emoji32.safetensors"
+    monkeypatch.chdir(tmp_path)
+    for given in ("elsewhere/ecar-digits32", str(tmp_path / "ecar-digits32"), "ecar-digits32.safetensors",
+                  "ECAR-DIGITS32", "__init__", "ecar-digits32.md"):  # paths, not names: given back for the loader
+        assert checkpoint_path(given) == Path(given), given
+
+
+@pytest.mark.parametrize("name, preset, changes", [("ecar-digits32", "ecar-digits32-attn", {}),
+                                                   ("ecar-emoji32", "ecar-emoji32-attn-sc", {"depth": 8})])
+def test_each_shipped_checkpoint_is_the_preset_its_card_names(name, preset, changes):
+    """weights/<name>.md names the preset (and --set changes) each shipped model was trained with; the
+    file's own config (read from its header alone) must be that preset, so the presets cannot drift."""
+    from safetensors import safe_open
+
+    from ecar_infer.weights import WEIGHTS_DIR
+
+    card = (WEIGHTS_DIR / f"{name}.md").read_text()
+    assert f"`{preset}`" in card and all(f"--set {k}={v}" in card for k, v in changes.items())
+    with safe_open(WEIGHTS_DIR / f"{name}.safetensors", framework="pt") as f:
+        stored = ECARConfig.from_json(f.metadata()["config"])
+    assert stored == ECARConfig.preset(preset).replace(**changes)
