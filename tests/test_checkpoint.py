@@ -80,6 +80,20 @@ def test_sharded_index_round_trip(model, tmp_path):
         load_checkpoint(index)
 
 
+def test_a_config_written_by_hand_with_whole_numbers_for_floats_loads(model, tmp_path):
+    """JSON has one number type: "time_scale": 1000 is the float 1000.0, as a hand-written or another tool's
+    config would give it."""
+    config = model.config.to_dict()
+    text = json.dumps(config)
+    for field in ("time_scale", "mlp_ratio", "vae_scaling_factor"):
+        assert float(config[field]).is_integer()
+        text = text.replace(f'"{field}": {config[field]!r}', f'"{field}": {int(config[field])}')
+    assert all(type(json.loads(text)[f]) is int for f in ("time_scale", "mlp_ratio", "vae_scaling_factor"))
+    path = tmp_path / "ints.safetensors"
+    save_file(state(model), path, metadata=metadata(model, config=text))
+    assert load_checkpoint(path).config == model.config
+
+
 def bad_index(kind, index):
     """Edit the valid shard index `index` (its shards beside it) into the bad index `kind`."""
     data = json.loads(index.read_text())

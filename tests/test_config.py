@@ -33,6 +33,7 @@ def test_unknown_preset_lists_the_known_ones():
 @pytest.mark.parametrize("changes, field", [
     (dict(num_heads=7), "num_heads"),                       # does not divide width 768
     (dict(num_stages=6), "num_stages"),                     # grid 16 not divisible by 2^5
+    (dict(image_size=192, num_stages=4), "num_stages"),     # grid 12: 4 bits, but not divisible by 2^3
     (dict(patch_size=3), "patch_size"),                     # does not divide latent side 32
     (dict(image_size=250), "image_size"),                   # not divisible by the VAE's 8
     (dict(latent_kind="vq"), "latent_kind"),
@@ -63,6 +64,7 @@ def test_validation_names_the_offending_field(changes, field):
     dict(shortcut_max_level=10), dict(shortcut_max_level=1), dict(width=48, num_heads=12),  # head dim 4
     dict(head_kind="attention", head_width=1028, head_num_heads=4), dict(mlp_ratio=1e-3, norm_eps=1e-12),
     dict(head_width=1022, head_num_heads=3),   # an mlp head has no attention heads to divide it
+    dict(image_size=192, num_stages=3),        # grid 12 halves exactly twice: 12, 6, 3
 ])
 def test_values_at_each_bound_are_accepted(changes):
     cfg = ECARConfig.preset("ecar-b").replace(**changes)
