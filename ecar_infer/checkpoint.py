@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checks import is_finite, parse_json
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
 from .config import ConfigError, ECARConfig
@@ -198,7 +198,7 @@ def _data_bytes(path: Path, header_len: int) -> int:
     with open(path, "rb") as f:
         f.seek(8)
         try:
-            header = json.loads(f.read(header_len))
+            header = parse_json(f.read(header_len))
         except ValueError:  # not UTF-8, not JSON
             return 0
     if not isinstance(header, dict):
@@ -210,8 +210,8 @@ def _data_bytes(path: Path, header_len: int) -> int:
 def _read_index(path: Path) -> tuple[dict[str, str], Entries]:
     """The metadata of a shard index and the tensor table of all its shards."""
     try:
-        index = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        index = parse_json(path.read_text())
+    except ValueError as err:  # UnicodeDecodeError too
         raise CheckpointError(path, f"shard index is not valid JSON ({err})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     metadata = index.get("metadata") if isinstance(index, dict) else None
@@ -243,8 +243,8 @@ def _config(path: Path, metadata: dict[str, str]) -> ECARConfig:
     if "config" not in metadata:
         raise CheckpointError(path, "its metadata has no config entry")
     try:
-        data = json.loads(metadata["config"])
-    except ValueError as err:  # JSONDecodeError, or an integer too long to convert
+        data = parse_json(metadata["config"])
+    except ValueError as err:
         raise CheckpointError(path, f"invalid config: config is not valid JSON: {err}") from None
     if isinstance(data, dict):
         _check_field_types(path, data)
@@ -262,7 +262,7 @@ def _check_field_types(path: Path, data: dict[str, Any]) -> None:
             continue
         value, want = data[field.name], type(field.default)
         if want is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and is_finite(value)
         else:
             ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
         if not ok:

@@ -4,6 +4,7 @@ Light on purpose: schedule.py uses it and `ecar-sample --help` must not import t
 """
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import sys
@@ -32,11 +33,27 @@ def integers(name: str, values, expected: str = "a sequence of integers") -> lis
     return [int(v) for v in values]
 
 
+def is_finite(value: numbers.Real) -> bool:
+    """math.isfinite, where an int beyond a float's range (10**400) is not finite instead of an OverflowError."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def finite_real(name: str, value) -> float:
     """A finite int or float (numpy scalars included; bool and strings are errors)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value):
+    if not is_finite(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
+    return float(value)
+
+
+def parse_json(text: str | bytes):
+    """json.loads for text from a file: whatever is not JSON raises ValueError (JSONDecodeError, bad UTF-8,
+    an integer too long to convert), text nested past the parser's recursion limit included."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

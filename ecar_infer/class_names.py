@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from .checks import parse_json
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -21,7 +23,7 @@ def parse_class_names(text: str | None, num_classes: int) -> list[str] | None:
     if text is None:
         return None
     try:
-        names = json.loads(text)
+        names = parse_json(text)
     except (TypeError, ValueError):
         names = None
     if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
@@ -56,7 +58,7 @@ def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:
     exact = [i for i, n in enumerate(names or []) if n.casefold() == key]
     if exact:
         return exact[0]
-    if text.isdigit():
+    if text.isdecimal():  # what int() reads ('²' is a digit but no number)
         index = int(text)
         if index < num_classes:
             return index

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from typing import Any
+
+from .checks import is_finite, parse_json
 
 LATENT_KINDS = ("sd-vae", "pixel")
 STAGE_WINDOWS = ("uniform",)
@@ -102,8 +105,9 @@ class ECARConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(name, "must be a positive integer")
         for name in ("mlp_ratio", "vae_scaling_factor", "time_scale", "norm_eps"):
-            if not float(getattr(self, name)) > 0:
-                fail(name, "must be positive")
+            value = getattr(self, name)
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and is_finite(value) and value > 0):
+                fail(name, "must be a positive finite number")
         if self.latent_kind == "pixel" and self.vae_downsample != 1:
             fail("vae_downsample", "must be 1 for latent_kind='pixel' (the identity latent)")
         if self.image_size % self.vae_downsample:
@@ -149,8 +153,8 @@ class ECARConfig:
     @classmethod
     def from_json(cls, text: str) -> "ECARConfig":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
+            data = parse_json(text)
+        except ValueError as err:
             raise ConfigError(f"config is not valid JSON: {err}") from None
         return cls.from_dict(data)
 

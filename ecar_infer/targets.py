@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_write_text
+from .checks import parse_json
 from .output import join_npz, make_grid, save_image, save_npz
 
 RECORD = "run.json"
@@ -74,7 +75,7 @@ class Target:
         """The settings saved by the run that wrote the images here; unreadable, they cannot be resumed."""
         record = self.record_path()
         try:
-            saved = json.loads(record.read_text())
+            saved = parse_json(record.read_text())
         except (OSError, ValueError) as err:
             why = str(err)
         else:

@@ -9,13 +9,13 @@ reference config is already in the Hugging Face cache.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
+from .checks import parse_json
 from .config import ECARConfig
 from .atomic import atomic_path
 from .meta_build import BuildError, build_within, mismatch
@@ -121,7 +121,7 @@ def _load_single_file(path: Path, config_json: str):
     with safe_open(path, framework="pt") as f:
         shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     try:
-        config = json.loads(config_json)
+        config = parse_json(config_json)
     except ValueError as err:
         raise VAEError(f"its {CONFIG_KEY} metadata is not JSON ({err})") from None
     if not isinstance(config, dict):

@@ -31,6 +31,7 @@ def sampler():
     (dict(cfg_scale=math.nan), "cfg_scale must be a finite number"),
     (dict(cfg_scale=math.inf), "cfg_scale must be a finite number"),
     (dict(cfg_scale=-math.inf), "cfg_scale must be a finite number"),
+    (dict(cfg_scale=10**400), "cfg_scale must be a finite number"),     # an int beyond a float's range
     (dict(class_labels=["3"]), "class_labels must be integers, got '3'"),
     (dict(class_labels=[3.0]), "class_labels must be integers, got 3.0"),
     (dict(class_labels=[True]), "class_labels must be integers"),

@@ -28,6 +28,10 @@ def state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+# JSON nested past the parser's recursion limit (json.loads raises RecursionError, not ValueError)
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
 def metadata(model, **changes):
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": model.config.to_json()}
     meta.update(changes)
@@ -105,6 +109,9 @@ def bad_index(kind, index):
     if kind == "not JSON":
         index.write_text('{"metadata": {}, "weight_map": ')
         return
+    if kind == "nested too deeply":
+        index.write_text(DEEP)
+        return
     if kind == "a list":
         data = [data]
     elif kind == "metadata a list":
@@ -131,6 +138,7 @@ def bad_index(kind, index):
 BAD_INDEXES = {
     "not UTF-8": "shard index is not valid JSON",
     "not JSON": "shard index is not valid JSON",
+    "nested too deeply": "shard index is not valid JSON (JSON nested too deeply)",
     "a list": 'shard index must be a JSON object with "metadata" and "weight_map" objects',
     "metadata a list": 'shard index must be a JSON object with "metadata" and "weight_map" objects',
     "weight_map missing": 'shard index must be a JSON object with "metadata" and "weight_map" objects',
@@ -243,6 +251,11 @@ def write_bad(kind, model, path):
         data = path.read_bytes()
         path.write_bytes(data[: len(data) - 100])
         return
+    if kind == "header nested too deeply":  # a header safetensors refuses, read again to say why
+        header = ('{"__metadata__": {"format": "ecar"}, "x": ' + DEEP + "}").encode()
+        header += b" " * (-len(header) % 8)
+        path.write_bytes(len(header).to_bytes(8, "little") + header)
+        return
     if kind == "truncated header":
         save_file(tensors, path, metadata=meta)
         path.write_bytes(path.read_bytes()[:40])
@@ -271,12 +284,17 @@ def write_bad(kind, model, path):
         meta = metadata(model, format_version="2")
     elif kind == "no config":
         meta = metadata(model, config=None)
+    elif kind == "config nested too deeply":
+        meta = metadata(model, config=DEEP)
+    elif kind == "class_names nested too deeply":
+        meta = metadata(model, class_names=DEEP)
     elif kind == "invalid config JSON":
         meta = metadata(model, config='{"width": 32,')
     elif kind == "config fails validation":
         meta = metadata(model, config=model.config.to_json().replace('"num_heads": 2', '"num_heads": 3'))
     elif kind.startswith("config "):  # "config FIELD=JSON": one field of a valid config set to a JSON text
-        field, value = kind[len("config "):].replace("<5000 digits>", "1" + "0" * 4999).split("=", 1)
+        field, value = (kind[len("config "):].replace("<5000 digits>", "1" + "0" * 4999)
+                        .replace("<401 digits>", "1" + "0" * 400).split("=", 1))
         meta = metadata(model, config=json.dumps(model.config.to_dict())[:-1] + f', "{field}": {value}}}')
     elif kind == "unknown config field":
         meta = metadata(model, config=json.dumps({**model.config.to_dict(), "colour": "blue"}))
@@ -306,6 +324,11 @@ BAD_FILES = {
     "config norm_eps=Infinity": r"invalid config: ECARConfig.norm_eps=inf: must be a finite number",
     "config mlp_ratio=-Infinity": r"invalid config: ECARConfig.mlp_ratio=-inf: must be a finite number",
     "config width=<5000 digits>": r"invalid config: config is not valid JSON: .*digits",
+    # a whole number beyond a float's range in a float field (math.isfinite would raise OverflowError)
+    "config time_scale=<401 digits>": r"invalid config: ECARConfig.time_scale=10{400}: must be a finite number",
+    "config nested too deeply": r"invalid config: config is not valid JSON: JSON nested too deeply",
+    "class_names nested too deeply": r"class_names must be a JSON list of non-empty strings",
+    "header nested too deeply": r"corrupt safetensors file",
     "no metadata": "not an E-CAR checkpoint: its metadata has no format entry",
     "wrong format": "not an E-CAR checkpoint: its metadata has format='pt'",
     "wrong version": "format_version='2' is not supported",

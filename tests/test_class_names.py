@@ -27,6 +27,12 @@ def test_resolve_by_index_name_and_prefix():
         resolve_class("robots", NAMES, 10)
     with pytest.raises(ClassNameError, match="class 12 is outside this model's classes: 0 Smileys"):
         resolve_class("12", NAMES, 10)
+    # digits that int() does not read ('²'.isdigit() is True) are no index: a name, or an error that lists them
+    with pytest.raises(ClassNameError, match="no class '²'; the classes are 0 Smileys"):
+        resolve_class("²", NAMES, 10)
+    with pytest.raises(ClassNameError, match="class '²': this model has no class names; give an index 0-9"):
+        resolve_class("²", None, 10)
+    assert resolve_class("٣", None, 10) == 3     # a decimal digit of another script is what int() reads
 
 
 def test_the_last_class_is_an_index_and_the_null_class_is_not():

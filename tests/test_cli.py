@@ -472,7 +472,8 @@ def test_a_write_that_fails_is_one_line_with_status_1(ckpt, tmp_path, capsys, mo
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json"]
 
 
-@pytest.mark.parametrize("change", ["a field missing", "a field more", "unreadable", "not an object"])
+@pytest.mark.parametrize("change", ["a field missing", "a field more", "unreadable", "nested too deeply",
+                                    "not an object"])
 def test_a_settings_record_that_differs_in_any_way_is_refused(ckpt, tmp_path, capsys, monkeypatch, change):
     """The record agrees only if every field agrees: one the rerun lacks (written by another version, with a
     setting this one does not know) or one it has that the record lacks is a difference; a record that
@@ -489,6 +490,8 @@ def test_a_settings_record_that_differs_in_any_way_is_refused(ckpt, tmp_path, ca
         text, why = json.dumps({**saved, "guidance_rescale": 0.7}), "of a run with other settings (guidance_rescale): "
     elif change == "unreadable":
         text, why = record.read_text()[:40], "whose settings record run.json cannot be read ("
+    elif change == "nested too deeply":   # json.loads raises RecursionError here, not ValueError
+        text, why = "[" * 100_000 + "]" * 100_000, "whose settings record run.json cannot be read (JSON nested too deeply)"
     else:
         text, why = json.dumps(list(saved.items())), "whose settings record run.json cannot be read (not a JSON object)"
     record.write_text(text)

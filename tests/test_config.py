@@ -50,6 +50,9 @@ def test_unknown_preset_lists_the_known_ones():
     (dict(mlp_ratio=0.0), "mlp_ratio"),
     (dict(norm_eps=0), "norm_eps"),
     (dict(time_scale=float("nan")), "time_scale"),
+    (dict(time_scale=float("inf")), "time_scale"),
+    (dict(time_scale=10**400), "time_scale"),               # an int beyond a float's range: no OverflowError
+    (dict(mlp_ratio="4"), "mlp_ratio"),                     # a number, not its text
     (dict(vae_scaling_factor=-0.18215), "vae_scaling_factor"),
     (dict(width=72, num_heads=12), "width"),                # width % 4 == 0, but head dim 6 is not a multiple of 4
     (dict(head_kind="attention", head_num_heads=3), "head_num_heads"),  # does not divide head_width 1024
