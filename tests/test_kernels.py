@@ -15,8 +15,8 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import assert_matches_reference, compile_for_sm90, poison_new_tensors, random_model  # noqa: E402
-from ecar_infer.kernels import (force_backend, reference, triton_adaln, triton_attention,  # noqa: E402
-                                triton_euler, triton_renoise)
+from ecar_infer.kernels import (force_backend, ops, reference, triton_adaln, triton_attention,  # noqa: E402
+                                triton_clamp, triton_euler, triton_renoise)
 from ecar_infer.kernels.triton_support import INTERPRETING  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETING else "cuda"
@@ -198,6 +198,184 @@ def test_upsample_renoise(rand, dtype):
     out = triton_renoise.upsample_renoise(x_low, xi, 0.8, 0.35)
     oracle = reference.upsample_renoise(*fp32(x_low, xi), 0.8, 0.35)
     assert_matches_reference(out, oracle, reference.upsample_renoise(x_low, xi, 0.8, 0.35))
+
+
+# ---- every kernel: several programs, any input layout, nothing written out of bounds ----------------
+
+GUARD, SENTINEL = 64, 4096.0  # elements past each output that a kernel must leave alone, and their value
+
+
+@pytest.fixture
+def guarded_outputs(monkeypatch):
+    """From now on (for the test), every float tensor made by torch.empty (the wrappers' outputs) is the
+    front of a larger buffer whose GUARD last elements hold SENTINEL: the tails are returned, to check
+    that no kernel stored past the end of its output (out-of-bounds stores are silent in the interpreter)."""
+    empty, tails = torch.empty, []
+
+    def guarded_empty(*shape, **kwargs):
+        out = empty(*shape, **kwargs)
+        if not out.is_floating_point():
+            return out
+        buf = empty(out.numel() + GUARD, dtype=out.dtype, device=out.device)
+        buf[out.numel():] = SENTINEL
+        tails.append(buf[out.numel():])
+        return buf[:out.numel()].view(out.shape)
+
+    monkeypatch.setattr(torch, "empty", guarded_empty)
+    return tails
+
+
+def in_guarded_storage(t: torch.Tensor, value: float = SENTINEL) -> tuple[torch.Tensor, torch.Tensor]:
+    """A contiguous copy of t at the front of a buffer whose GUARD last elements hold `value`: (copy, tail)."""
+    buf = torch.full((t.numel() + GUARD,), value, dtype=t.dtype, device=t.device)
+    buf[:t.numel()] = t.reshape(-1)
+    return buf[:t.numel()].view(t.shape), buf[t.numel():]
+
+
+KERNEL_MODULES = {"euler_step_": triton_euler, "guided_euler_step_": triton_euler, "clamped_euler_step_": triton_clamp,
+                  "upsample_renoise": triton_renoise, "layernorm_modulate": triton_adaln,
+                  "gated_residual_layernorm_modulate": triton_adaln, "stage_attention": triton_attention,
+                  "block_causal_attention": triton_attention}
+IN_PLACE = ("euler_step_", "guided_euler_step_", "clamped_euler_step_")
+
+
+def several_program_args(op: str, rand) -> tuple:
+    """Arguments of `op` big enough for several programs of its kernel, the last one partial: 2139 elements
+    for the flow steps (blocks of 1024), 594 low-resolution elements for the re-noise (blocks of 256), 33 rows
+    for AdaLN (blocks of 16 rows at width 45) and 19 or 33 queries for attention (interpreted blocks of 16)."""
+    if op in IN_PLACE:
+        shape = (3, 23, 31)
+        # inputs followed by ones, so that a store one past the end changes the value it finds there
+        x, v_cond, v_uncond, start, end = (in_guarded_storage(rand(*shape), 1.0)[0] for _ in range(5))
+        w, keep = rand(3).abs() + 1, rand(*shape) > 0.3
+        return {"euler_step_": (x, v_cond, 0.3), "guided_euler_step_": (x, v_cond, v_uncond, w, -0.2),
+                "clamped_euler_step_": (x, v_cond, v_uncond, w, -0.2, keep, start, end, 0.4)}[op]
+    if op == "upsample_renoise":
+        return rand(2, 3, 9, 11), rand(2, 3, 18, 22), 0.8, 0.35
+    if op == "layernorm_modulate":
+        return rand(3, 11, 45) * 3 + 1, rand(3, 11, 45), rand(3, 45), 1e-6
+    if op == "gated_residual_layernorm_modulate":
+        return rand(3, 11, 45), rand(3, 45), rand(3, 11, 45), rand(3, 11, 45), rand(3, 45), 1e-6
+    if op == "stage_attention":
+        return rand(2, 19, 3, 16), rand(2, 40, 3, 16), rand(2, 40, 3, 16), 37
+    stage_ids = stage_ids_for(STAGE_SIZES)
+    return rand(1, 33, 2, 16), rand(1, 33, 2, 16), rand(1, 33, 2, 16), stage_ids
+
+
+@pytest.mark.parametrize("op", list(KERNEL_MODULES))
+def test_kernels_cover_several_programs_and_store_nothing_past_their_outputs(rand, guarded_outputs, op):
+    """Every element of a multi-program launch is computed (a grid that drops the partial last block leaves
+    elements unwritten), and no store lands past the end of an output or of the state updated in place (a
+    mask of `offs <= n` writes one element too many: silent in the interpreter, memory corruption on a GPU)."""
+    args = several_program_args(op, rand)
+    in_place = op in IN_PLACE
+    expected = getattr(reference, op)(*((args[0].clone(),) + args[1:] if in_place else args))
+    tails = []
+    if in_place:
+        x, tail = in_guarded_storage(args[0])
+        args, tails = (x,) + args[1:], [tail]
+    got = getattr(KERNEL_MODULES[op], op)(*args)
+    if in_place:
+        assert got is args[0]
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert_matches_reference(g, e, e)
+    tails += guarded_outputs
+    assert tails and all(t.eq(SENTINEL).all() for t in tails), "a kernel stored past the end of its output"
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["stage", "block-causal"])
+def test_attention_reads_q_k_v_and_writes_through_each_ones_own_strides(rand, causal):
+    """q a view of a packed projection, k stored head-major (HND), v with a head-dim stride that is not 1:
+    each tensor is read through its own strides (the kernel takes all twelve), not another's."""
+    b, h, d = 2, 3, 24
+    n, length = (33, 33) if causal else (13, 30)
+    q = rand(b, n, 3, h, d)[:, :, 0]
+    k = rand(b, h, length, d).transpose(1, 2)
+    v = rand(b, length, d, h).transpose(-1, -2)
+    assert len({q.stride(), k.stride(), v.stride()}) == 3 and v.stride(-1) != 1
+    if causal:
+        stage_ids = stage_ids_for(STAGE_SIZES)
+        out = triton_attention.block_causal_attention(q, k, v, stage_ids)
+        expected = reference.block_causal_attention(q, k, v, stage_ids)
+    else:
+        out = triton_attention.stage_attention(q, k, v, 25)
+        expected = reference.stage_attention(q, k, v, 25)
+    assert_matches_reference(out, expected, expected)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_adaln_takes_any_rank_and_modulations_of_any_layout(rand, residual):
+    """x of [B, T, N, D] with per-sample modulations (one row per sample for all T*N rows of x) and per-token
+    ones, each stored with a column stride that is not 1 (transposed views)."""
+    x = rand(2, 3, 5, 45) * 2 + 1
+    per_sample = lambda: rand(45, 2).t()  # noqa: E731  [2, 45], column stride 2
+    per_token = lambda: rand(2, 3, 45, 5).transpose(-1, -2)  # noqa: E731  [2, 3, 5, 45], column stride 5
+    shift, scale = per_sample(), per_token()
+    assert shift.stride(-1) != 1 and scale.stride(-1) != 1
+    if residual:
+        gate, y = per_sample(), rand(2, 3, 5, 45)
+        got = triton_adaln.gated_residual_layernorm_modulate(x, gate, y, shift, scale, 1e-6)
+        expected = reference.gated_residual_layernorm_modulate(x, gate, y, shift, scale, 1e-6)
+    else:
+        got = (triton_adaln.layernorm_modulate(x, shift, scale, 1e-6),)
+        expected = (reference.layernorm_modulate(x, shift, scale, 1e-6),)
+    for g, e in zip(got, expected):
+        assert_matches_reference(g, e, e)
+
+
+def test_upsample_renoise_reads_strided_inputs(rand):
+    x_low = rand(2, 3, 7, 5).transpose(-1, -2)   # [2, 3, 5, 7], not contiguous
+    xi = rand(2, 3, 14, 10).transpose(-1, -2)    # [2, 3, 10, 14]
+    assert not x_low.is_contiguous() and not xi.is_contiguous()
+    expected = reference.upsample_renoise(x_low, xi, 0.8, 0.35)
+    assert_matches_reference(triton_renoise.upsample_renoise(x_low, xi, 0.8, 0.35), expected, expected)
+
+
+def test_guided_euler_step_reads_strided_velocities_and_weights(rand):
+    """A transposed v_cond, v_uncond the second half of a doubled batch, and w every other element of a
+    longer vector: the kernel reads each through its own layout."""
+    x = rand(3, 5, 4)
+    v_cond = rand(3, 4, 5).transpose(1, 2)
+    v_uncond = rand(6, 5, 4)[3:]
+    w = (rand(6).abs() + 1)[::2]
+    assert not v_cond.is_contiguous() and not w.is_contiguous()
+    expected = reference.guided_euler_step_(x.clone(), v_cond, v_uncond, w, -0.3)
+    assert_matches_reference(triton_euler.guided_euler_step_(x, v_cond, v_uncond, w, -0.3), expected, expected)
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_flow_step_on_a_strided_x_updates_x_in_place_under_a_forced_triton(rand, guided):
+    """The kernels write x through a flat pointer: a strided x must go to a backend that updates it (the
+    supports check refuses the call), never to a contiguous copy that is thrown away."""
+    x = rand(2, 3, 5).transpose(1, 2)   # [2, 5, 3], not contiguous
+    v_cond, v_uncond, w = rand(2, 5, 3), rand(2, 5, 3), rand(2).abs() + 1
+    assert not x.is_contiguous()
+    if guided:
+        expected = reference.guided_euler_step_(x.clone(), v_cond, v_uncond, w, -0.5)
+        with force_backend("triton"):
+            assert ops.guided_euler_step_(x, v_cond, v_uncond, w, -0.5) is x
+    else:
+        expected = reference.euler_step_(x.clone(), v_cond, -0.5)
+        with force_backend("triton"):
+            assert ops.euler_step_(x, v_cond, -0.5) is x
+    torch.testing.assert_close(x, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_flow_steps_on_fp32_x_with_half_velocities_round_only_the_result(rand, backend, guided):
+    """The engine keeps x in fp32 and gets v in the model's (half) dtype. Both backends compute the step in
+    fp32 and round x once, on the store: the result is x + dr * v in exact arithmetic, to fp32 precision
+    (rounding dr * v to v's dtype first would be off by about 1e-3 here)."""
+    x = rand(3, 7, 5)
+    v_cond, v_uncond = (rand(3, 7, 5, dtype=torch.float16) * 3 for _ in range(2))
+    w, dr = rand(3).abs() + 1, -0.7
+    vc, vu = v_cond.double(), v_uncond.double()
+    v = vu + w.double().view(-1, 1, 1) * (vc - vu) if guided else vc
+    exact = x.double() + dr * v
+    module = reference if backend == "reference" else triton_euler
+    got = (module.guided_euler_step_(x, v_cond, v_uncond, w, dr) if guided else module.euler_step_(x, v_cond, dr))
+    torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=2e-6)
 
 
 # ---- the model's ops, end to end ------------------------------------------------------------------
