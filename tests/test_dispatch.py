@@ -131,6 +131,18 @@ def test_first_use_is_logged_once(caplog):
     assert [r.getMessage() for r in caplog.records] == ["ecar_infer: euler_step_ -> reference"]
 
 
+def test_first_use_is_logged_once_per_op_and_backend(caplog):
+    """Each (op, backend) pair is logged at its first use, so the log names the backend of every op."""
+    caplog.set_level(logging.INFO, logger="ecar_infer.kernels")
+    for _ in range(2):
+        ops.euler_step_(torch.zeros(2, 3), torch.ones(2, 3), 0.5)
+        ops.layernorm_modulate(*ln_args())
+        ops.stage_attention(*attention_args(torch.float16))
+    assert [r.getMessage() for r in caplog.records] == [
+        "ecar_infer: euler_step_ -> reference", "ecar_infer: layernorm_modulate -> reference",
+        "ecar_infer: stage_attention -> sdpa"]
+
+
 def test_bad_backend_names_are_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'cuda'.*reference"):
         with dispatch.force_backend("cuda"):
@@ -169,6 +181,68 @@ def test_backends_are_resolved_once_per_op_device_dtype_and_forced_backend(monke
         assert dispatch.call("toy_step_", even, even, 0.5) == "reference"
     assert gates == [("cpu", torch.float32), ("cpu", torch.float64), ("cpu", torch.float32)]
     assert len(checks) == 4  # forced to the reference, the Triton check is not even asked
+
+
+def toy_op(monkeypatch, accepts=None, supports=None) -> None:
+    """A fresh op "toy_step_" with a reference backend and a triton one that answers with its name."""
+    monkeypatch.setitem(dispatch._REGISTRY, "toy_step_", {})
+    monkeypatch.setattr(dispatch, "_candidates", {})
+    monkeypatch.setattr(dispatch, "_chosen", {})
+    dispatch.register("toy_step_", "reference", lambda x, v, dr: "reference")
+    dispatch.register("toy_step_", "triton", lambda x, v, dr: "triton", supports=supports, accepts=accepts)
+
+
+def test_a_forced_backend_that_refuses_a_call_falls_back_for_that_call_only(monkeypatch, caplog):
+    """Forcing puts a backend first, its per-call check still applies: a call it cannot take (here an odd last
+    dimension) goes down the usual order with one warning, and the next call it can take is its own."""
+    caplog.set_level(logging.INFO, logger="ecar_infer.kernels")
+    toy_op(monkeypatch, supports=lambda x, v, dr: x.shape[-1] % 2 == 0)
+    even, odd = torch.zeros(2, 4), torch.zeros(2, 3)
+    with dispatch.force_backend("triton"):
+        assert [dispatch.call("toy_step_", x, x, 0.5) for x in (even, odd, even, odd)] == \
+            ["triton", "reference", "triton", "reference"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["backend 'triton' forced for toy_step_ but cannot run it for this call; using 'reference'"]
+
+
+def test_a_backend_registered_after_a_call_is_used_from_the_next_call_on(monkeypatch):
+    """register() drops the resolved candidates, so a backend added later (or replaced) is not hidden by a
+    resolution cached before it existed."""
+    monkeypatch.setitem(dispatch._REGISTRY, "toy_step_", {})
+    monkeypatch.setattr(dispatch, "_candidates", {})
+    dispatch.register("toy_step_", "reference", lambda x, v, dr: "reference")
+    x = torch.zeros(2, 4)
+    assert dispatch.call("toy_step_", x, x, 0.5) == "reference"
+    dispatch.register("toy_step_", "triton", lambda x, v, dr: "triton")
+    assert dispatch.call("toy_step_", x, x, 0.5) == "triton"
+    dispatch.register("toy_step_", "triton", lambda x, v, dr: "triton again")
+    assert dispatch.call("toy_step_", x, x, 0.5) == "triton again"
+
+
+def stage_ids_of(sizes: tuple[int, ...]) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sdpa_backend_matches_the_reference(dtype):
+    """The SDPA adapters (the torch.compile path, and half-precision attention on the CPU) against the
+    reference: only cache rows [0, kv_len) are read (the rest are NaN), and the block-causal mask lets a
+    token see its own stage and earlier ones, never later ones."""
+    from conftest import assert_matches_reference
+    from ecar_infer.kernels import reference, sdpa
+
+    gen = torch.Generator().manual_seed(5)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    q, k_cache, v_cache = rand(2, 5, 3, 16), rand(2, 19, 3, 16), rand(2, 19, 3, 16)
+    k_cache[:, 13:], v_cache[:, 13:] = float("nan"), float("nan")
+    oracle = reference.stage_attention(q.float(), k_cache.float(), v_cache.float(), 13)
+    assert_matches_reference(sdpa.stage_attention(q, k_cache, v_cache, 13), oracle,
+                             reference.stage_attention(q, k_cache, v_cache, 13))
+    stage_ids = stage_ids_of((1, 3, 9, 7))
+    q, k, v = rand(2, 20, 3, 16), rand(2, 20, 3, 16), rand(2, 20, 3, 16)
+    oracle = reference.block_causal_attention(q.float(), k.float(), v.float(), stage_ids)
+    assert_matches_reference(sdpa.block_causal_attention(q, k, v, stage_ids), oracle,
+                             reference.block_causal_attention(q, k, v, stage_ids))
 
 
 def test_unknown_op_is_a_clear_error():
