@@ -92,6 +92,40 @@ def test_output_types(sampler):
     assert len(pil) == 2 and pil[0].size == (16, 16) and np.array_equal(np.asarray(pil[1]), arr[1, ..., 0])
 
 
+def test_make_grid_fills_rows_left_to_right_with_ceil_sqrt_columns_by_default():
+    """Image i sits at row i // columns, column i % columns, with `pad` black pixels between cells; without
+    columns, a grid of b images has ceil(sqrt(b)) of them (5 -> 3, 10 -> 4, 9 -> 3)."""
+    from ecar_infer.output import make_grid
+
+    for b, columns, expected_columns in ((5, None, 3), (10, None, 4), (9, None, 3), (5, 2, 2), (3, 5, 5)):
+        images = (np.arange(1, b + 1, dtype=np.uint8)[:, None, None, None] * np.ones((1, 3, 4, 2), np.uint8))
+        grid = make_grid(images, columns=columns, pad=1)
+        rows = -(-b // expected_columns)
+        assert grid.shape == (rows * 4 - 1, expected_columns * 5 - 1, 2)
+        for i in range(b):
+            top, left = (i // expected_columns) * 4, (i % expected_columns) * 5
+            assert (grid[top:top + 3, left:left + 4] == i + 1).all()
+        assert (grid == 0).sum() == grid.size - b * 3 * 4 * 2   # everything else is padding
+
+
+def test_default_dtypes_and_the_dtypes_of_the_outputs():
+    """None means fp32 on the CPU and bf16 on CUDA; the VAE decodes in bf16 with a bf16 model and in fp32
+    otherwise (fp16 would overflow); "latent" and "pt" outputs are fp32 on the CPU whatever the model's dtype."""
+    from ecar_infer.sampler import resolve_dtype, vae_dtype
+
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert [vae_dtype(d) for d in (torch.float32, torch.float16, torch.bfloat16)] == \
+        [torch.float32, torch.float32, torch.bfloat16]
+    cfg = ECARConfig.preset("ecar-tiny")
+    assert Sampler.from_config(cfg, device="cpu", progress=False).dtype == torch.float32
+    half = Sampler.from_config(cfg, device="cpu", dtype="bf16", progress=False)
+    assert half.dtype == torch.bfloat16
+    for output_type in ("latent", "pt"):
+        images = half.generate([1], seed=0, steps_per_stage=1, output_type=output_type).images
+        assert images.dtype == torch.float32 and images.device.type == "cpu"
+
+
 def rows_per_call(sampler, module, method: str, rows_of, **kwargs) -> list[int]:
     """rows_of(*args) of every call of module.method during one request of 2 images, 2 steps per stage."""
     rows = []
