@@ -169,6 +169,29 @@ def test_label_rows_keeps_grayscale_and_places_each_label_by_its_row():
     assert ink_rows.min() < 16 and ink_rows.max() >= 18   # ink in both rows
 
 
+@pytest.mark.parametrize("labels, columns, expected", [
+    ([0, 0, 0, 0, 1, 1, 2, 3, 3, 3], 3,     # rows [0 0 0] [0 1 1] [2 3 3] [3]
+     ["Smileys & Emotion", "Smileys & Emotion, People & Body", "Animals & Nature, Food & Drink", "Food & Drink"]),
+    ([0, 0, 0, 1, 1, 2, 3, 3, 3, 3], None,  # ceil(sqrt(10)) = 4 columns: [0 0 0 1] [1 2 3 3] [3 3]
+     ["Smileys & Emotion, People & Body", "People & Body, Animals & Nature, Food & Drink", "Food & Drink"]),
+])
+def test_each_grid_row_is_labelled_with_the_classes_of_its_own_images(tmp_path, monkeypatch, labels, columns,
+                                                                      expected):
+    """Rows are read left to right, top to bottom, as make_grid lays them out; a row names each of its
+    classes once, in order."""
+    from ecar_infer import class_names
+    from ecar_infer.targets import GridTarget
+
+    seen = []
+    monkeypatch.setattr(class_names, "label_rows", lambda grid, row_labels, *a, **k: seen.append(row_labels) or grid)
+    target = GridTarget(tmp_path / "g.png", labels, list(range(len(labels))), 4, columns, NAMES)
+    target.start({})
+    for b, batch in enumerate(target.batches):
+        target.write(b, np.full((len(batch), 8, 8, 1), 7 * b, np.uint8))
+    target.finish()
+    assert seen == [expected]
+
+
 def test_ecar_sample_finds_classes_named_by_digits_by_name(tmp_path, capsys):
     names = ["2", "3d", "10", "a", "b", "c", "d", "e", "f", "g"]
     path = tmp_path / "digit-names.safetensors"
