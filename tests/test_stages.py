@@ -37,3 +37,15 @@ def test_positions_share_one_frame():
     expected = torch.cat([sincos_1d(torch.tensor([2.5]), dim // 2), sincos_1d(torch.tensor([0.5]), dim // 2)], dim=1)
     torch.testing.assert_close(fine[8], expected[0].float())
     assert torch.cdist(fine, fine).add(torch.eye(16)).min() > 1e-3  # all fine tokens differ
+
+
+def test_sincos_features_follow_their_formula():
+    """sincos_1d(p, dim)[k] = sin(p * 10000^(-k / (dim/2))) for k < dim/2, then the cosines of the same angles."""
+    import math
+
+    positions = torch.tensor([0.0, 1.0, 2.5, 7.0])
+    got = sincos_1d(positions, 8)
+    for i, p in enumerate(positions.tolist()):
+        angles = [p * 10000 ** (-k / 4) for k in range(4)]
+        expected = torch.tensor([math.sin(a) for a in angles] + [math.cos(a) for a in angles], dtype=torch.float64)
+        torch.testing.assert_close(got[i], expected)
