@@ -303,17 +303,23 @@ def test_attention_reads_q_k_v_and_writes_through_each_ones_own_strides(rand, ca
     assert_matches_reference(out, expected, expected)
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_adaln_takes_any_rank_and_modulations_of_any_layout(rand, residual):
-    """x of [B, T, N, D] with per-sample modulations (one row per sample for all T*N rows of x) and per-token
-    ones, each stored with a column stride that is not 1 (transposed views)."""
+@pytest.mark.parametrize("residual, per_token", [(False, "shift"), (False, "scale"), (True, "gate"), (True, "shift"),
+                                                   (True, "scale")])
+def test_adaln_takes_any_rank_and_modulations_of_any_layout(rand, residual, per_token):
+    """x of [B, T, N, D]; one modulation per token, the others per sample (one row for all T*N rows of x of a
+    sample), so each is read with its own row divisor; every modulation is stored with a column stride
+    that is not 1 (transposed views)."""
     x = rand(2, 3, 5, 45) * 2 + 1
-    per_sample = lambda: rand(45, 2).t()  # noqa: E731  [2, 45], column stride 2
-    per_token = lambda: rand(2, 3, 45, 5).transpose(-1, -2)  # noqa: E731  [2, 3, 5, 45], column stride 5
-    shift, scale = per_sample(), per_token()
+
+    def modulation(name: str) -> torch.Tensor:
+        if name == per_token:
+            return rand(2, 3, 45, 5).transpose(-1, -2)  # [2, 3, 5, 45], column stride 5
+        return rand(45, 2).t()                           # [2, 45], column stride 2
+
+    gate, shift, scale = modulation("gate"), modulation("shift"), modulation("scale")
     assert shift.stride(-1) != 1 and scale.stride(-1) != 1
     if residual:
-        gate, y = per_sample(), rand(2, 3, 5, 45)
+        y = rand(2, 3, 5, 45)
         got = triton_adaln.gated_residual_layernorm_modulate(x, gate, y, shift, scale, 1e-6)
         expected = reference.gated_residual_layernorm_modulate(x, gate, y, shift, scale, 1e-6)
     else:
@@ -321,6 +327,15 @@ def test_adaln_takes_any_rank_and_modulations_of_any_layout(rand, residual):
         expected = (reference.layernorm_modulate(x, shift, scale, 1e-6),)
     for g, e in zip(got, expected):
         assert_matches_reference(g, e, e)
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.3])
+def test_adaln_adds_eps_to_the_variance(rand, eps):
+    """LN(x) = (x - mean) / sqrt(var + eps): with rows of small variance a large eps shows where it is added."""
+    x = rand(3, 5, 45) * 0.2 + 1
+    shift, scale = rand(3, 45), rand(3, 45)
+    expected = reference.layernorm_modulate(x, shift, scale, eps)
+    assert_matches_reference(triton_adaln.layernorm_modulate(x, shift, scale, eps), expected, expected)
 
 
 def test_upsample_renoise_reads_strided_inputs(rand):
