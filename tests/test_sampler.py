@@ -219,6 +219,12 @@ def test_progress_bar_switch(sampler, capsys):
     assert "sampling" in capsys.readouterr().err
     sampler.generate([1], seed=0, steps_per_stage=2, output_type="latent", progress=False)
     assert capsys.readouterr().err == ""
+    # the argument overrides the sampler's setting both ways; None keeps it
+    showing = Sampler(sampler.model, progress=True)
+    showing.generate([1], seed=0, steps_per_stage=1, output_type="latent", progress=False)
+    assert capsys.readouterr().err == ""
+    showing.generate([1], seed=0, steps_per_stage=1, output_type="latent")
+    assert "sampling" in capsys.readouterr().err
 
 
 def test_from_config_is_deterministic_in_its_seed():
