@@ -73,3 +73,48 @@ def test_frechet_distance_is_near_real_digits(reference, samples):
     noise = np.random.default_rng(0).uniform(-1, 1, size=(500, 1, 32, 32))
     assert frechet_distance(reference.features(noise), real) > 5 * MAX_FRECHET_DISTANCE
     assert frechet_distance(reference.features(reference.heldout[:200]), real) < 0.5 * MAX_FRECHET_DISTANCE
+
+
+def exact_sample(mean, cov, n, seed):
+    """n points whose sample mean and sample covariance (ddof 1, as np.cov) are exactly mean and cov."""
+    z = np.random.default_rng(seed).standard_normal((n, len(mean)))
+    z -= z.mean(0)
+    z = z @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T   # sample covariance I
+    return np.asarray(mean) + z @ np.linalg.cholesky(cov).T
+
+
+def spd_sqrt(c):
+    w, v = np.linalg.eigh(c)
+    return (v * np.sqrt(w)) @ v.T
+
+
+def test_frechet_distance_is_the_closed_form_of_the_two_sample_gaussians():
+    # FD = |mu_a - mu_b|^2 + tr(A + B - 2 (A^1/2 B A^1/2)^1/2), computed here by eigendecompositions, for
+    # point sets whose sample means and covariances (ddof 1) are exactly these. A and B are correlated in
+    # opposite directions: they do not commute ((AB)^1/2 is not A^1/2 B^1/2, and has a negative diagonal
+    # entry), and the mean difference has terms of both signs
+    n = 12
+    cov_a, cov_b = np.array([[4.0, 1.8], [1.8, 1.0]]), np.array([[1.0, -0.9], [-0.9, 1.0]])
+    mu_a, mu_b = np.array([1.0, -2.0]), np.array([0.0, 0.0])
+    a, b = exact_sample(mu_a, cov_a, n, seed=0), exact_sample(mu_b, cov_b, n + 5, seed=1)
+    root = spd_sqrt(cov_a)
+    cross = np.sqrt(np.linalg.eigvalsh(root @ cov_b @ root)).sum()
+    want = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross
+    assert frechet_distance(a, b) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(b, a) == pytest.approx(want, rel=1e-9)
+    # independent axes: the sum over axes of (mu_a - mu_b)^2 + (sigma_a - sigma_b)^2; a set against itself: 0
+    one = exact_sample([0.0, 1.0], np.diag([4.0, 1.0]), n, seed=2)
+    other = exact_sample([3.0, 1.0], np.diag([0.25, 9.0]), n, seed=3)
+    assert frechet_distance(one, other) == pytest.approx(9.0 + (2.0 - 0.5) ** 2 + (1.0 - 3.0) ** 2, rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_diversity_of_hand_built_points():
+    def line(*xs):   # images of 3 pixels whose first pixel is x: distances are differences of x
+        return np.array([[x, 0.0, 0.0] for x in xs])
+
+    stats = diversity(line(0, 3, 10), real=line(0, 1, 3, 7), train=line(20, 4.5, -30))
+    # samples' pairs 3, 7, 10; real pairs 1, 2, 3, 4, 6, 7 (median 3.5, not counting an image with itself);
+    # the training image nearest to a sample is 4.5, 1.5 from the sample at 3 (a real image is nearer, but
+    # the copying check is against the training images)
+    assert stats == {"min_sample_pair": 3.0, "median_real_pair": 3.5, "min_nearest_train": 1.5}

@@ -1,10 +1,12 @@
 """Quality evaluation of any data set (not only digits32): the reference built from an .npz pair of
 splits, and the memorisation share, on small synthetic colour classes."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 from ecar_infer import ECARConfig
-from ecar_infer.training.quality import memorisation, reference_from_data
+from ecar_infer.training.quality import Reference, memorisation, reference_from_data
 
 
 def colour_classes(n_per_class, seed):
@@ -60,3 +62,104 @@ def test_quality_cli_refuses_steps_the_head_cannot_take(model, steps, capsys):
         main(["--ckpt", str(shipped_checkpoint(model)), "--steps", steps])
     assert exit_info.value.code == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def points(xs, y=0.0, dims=4):
+    """Images of `dims` pixels whose first two pixels are (x, y): distances between them are known by hand."""
+    out = np.zeros((len(xs), dims))
+    out[:, 0], out[:, 1] = xs, y
+    return out
+
+
+def hand_built_reference():
+    """Class 0: training images on a line at 0, 1, 3, 7 (pair distances 1, 2, 3, 4, 6, 7: median 3.5, mean 3.83,
+    median 2.5 if the zero self-distances were counted; nearest-neighbour distances 1, 1, 2, 4: median 1.5,
+    mean 2). Class 1, 100 away: at 0, 2, 6, 14 (pair median 7; nearest-neighbour distances 2, 2, 4, 8: median 3).
+    The held-out images lie far from everything."""
+    train = np.concatenate([points([0, 1, 3, 7]), points([0, 2, 6, 14], y=100.0)])
+    return Reference(classifier=None, train=train, heldout=points([50.0, 60.0], y=-50.0), heldout_labels=np.zeros(2),
+                     train_labels=np.repeat([0, 1], 4))
+
+
+@pytest.mark.parametrize("threshold, closer", [
+    # for each image below: is its nearest training image (of any class) closer than its class's median?
+    ("pair", [True, True, True, False, False, True, False, True, True]),
+    ("nearest", [True, False, False, False, False, False, False, True, True]),
+])
+def test_memorisation_of_hand_built_points(threshold, closer):
+    ref = hand_built_reference()
+    images = np.concatenate([
+        # class 0: nearest training image 1.2, 1.8, 3 (to 7), 3.7, 5, 1.55 and 3.52 away
+        points([-1.2, -1.8, 10.0, 10.7, 12.0, -1.55, 10.52]),
+        points([-2.5], y=100.0),                         # class 1: nearest 2.5
+        points([3.0]),                                   # class 1, but a copy of a class-0 training image
+    ])
+    labels = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1])
+    # a share of images (class 0 has 7 of the 9), not a mean of per-class shares
+    assert memorisation(images, labels, ref, threshold) == pytest.approx(np.mean(closer))
+    # more images than one chunk of the distance computation: 300 copies, then 100 far from everything
+    many = np.concatenate([ref.train[np.arange(300) % 8], points(np.full(100, 40.0))])
+    many_labels = np.concatenate([ref.train_labels[np.arange(300) % 8], np.zeros(100, int)])
+    assert memorisation(many, many_labels, ref, threshold) == pytest.approx(0.75)
+
+
+def test_accuracy_is_the_share_of_images_classified_right():
+    # a stand-in classifier that reads its prediction off the first pixel; 3 of 4 images right, but only one of
+    # the two classes (a per-class mean would say 0.5)
+    ref = Reference(SimpleNamespace(predict=lambda x: x[:, 0].astype(int)), train=points([0]), heldout=points([0]),
+                    heldout_labels=np.zeros(1))
+    assert ref.accuracy(points([0, 0, 0, 0]), np.array([0, 0, 0, 1])) == 0.75
+
+
+def test_features_are_the_whitened_pca_of_the_training_split(reference):
+    train = reference.features(reference.train)
+    assert train.shape == (180, 40)
+    # whitened and centred on the training split: mean 0 and covariance I there (not on the held-out images)
+    np.testing.assert_allclose(train.mean(0), 0.0, atol=1e-8)
+    np.testing.assert_allclose(np.cov(train, rowvar=False), np.eye(40), atol=1e-6)
+    assert np.abs(reference.features(reference.heldout).mean(0)).max() > 0.1
+    # one fixed map: an image's features do not depend on the images judged with it
+    both = reference.features(np.concatenate([reference.heldout, reference.train]))
+    np.testing.assert_allclose(both[len(reference.heldout):], train, atol=1e-9)
+    np.testing.assert_allclose(reference.features(reference.heldout[:3]), both[:3], atol=1e-9)
+
+
+class CopiesOrNoise:
+    """A stand-in sampler: with guidance, copies of the reference's training images of each class asked for;
+    without, uniform noise."""
+
+    def __init__(self, ref):
+        self.ref, self.asked = ref, []
+        self.config = SimpleNamespace(num_classes=3)
+        self.defaults = SimpleNamespace(cfg_scale=3.0, cfg_schedule="constant", steps_per_stage=2,
+                                        cfg_interval=(0.55, 0.9))
+
+    def generate(self, labels, seed, output_type, progress, cfg_scale):
+        self.asked.append(cfg_scale)
+        labels = np.asarray(labels)
+        if cfg_scale == 1.0:
+            return SimpleNamespace(images=np.random.default_rng(seed).integers(0, 256, (len(labels), 16, 16, 3)))
+        rows = np.concatenate([np.flatnonzero(self.ref.train_labels == c)[:(labels == c).sum()] for c in range(3)])
+        images = self.ref.train[rows].reshape(-1, 3, 16, 16).transpose(0, 2, 3, 1)
+        return SimpleNamespace(images=np.rint((images + 1) * 127.5).astype(np.uint8))
+
+
+def test_evaluate_reports_each_setting_under_its_own_name(reference):
+    from ecar_infer.training.quality import evaluate, frechet_distance
+
+    sampler = CopiesOrNoise(reference)
+    second = reference.train[::3]
+    report = evaluate(sampler, reference, per_class=10, seed=5, second_real=second)
+    assert sampler.asked == [1.0, 3.0]
+    unguided, guided = report["settings"]["no guidance"], report["settings"]["recommended"]
+    assert (unguided["cfg_scale"], unguided["cfg_interval"]) == (1.0, None)
+    assert (guided["cfg_scale"], guided["cfg_interval"]) == (3.0, [0.55, 0.9])
+    # copies of training images are memorised (and classified right), noise is not
+    assert guided["memorisation"] == guided["memorisation_nearest"] == guided["accuracy"] == 1.0
+    assert unguided["memorisation"] == unguided["memorisation_nearest"] == 0.0
+    assert guided["diversity_class0"]["min_nearest_train"] == pytest.approx(0.0, abs=1e-5)
+    # the real images' numbers: the held-out images under both thresholds, and real against real
+    for key, threshold in (("memorisation_heldout_real", "pair"), ("memorisation_nearest_heldout_real", "nearest")):
+        assert report[key] == memorisation(reference.heldout, reference.heldout_labels, reference, threshold)
+    assert report["fd_real_vs_real"] == pytest.approx(
+        frechet_distance(reference.features(second), reference.features(reference.heldout)))
