@@ -134,3 +134,75 @@ def test_data_other_than_digits_needs_its_heldout_split(capsys):
     with pytest.raises(SystemExit) as exit_info:
         edit_quality.main(["--data", "emoji32.npz"])
     assert exit_info.value.code == 2 and "--heldout" in capsys.readouterr().err
+
+
+def test_grey_baseline_greys_the_regenerated_half():
+    # a stand-in classifier whose "accuracy" is the mean brightness, so it tells which half is grey
+    reference = SimpleNamespace(accuracy=lambda images, labels: float(images.mean()))
+    rows_, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    images = np.broadcast_to(rows_ / 8 + cols / 32, (2, 3, 8, 8)).astype(np.float32)   # neither half is symmetric
+    rows = edit_quality.completion(ChangesOnePixel(), reference, images, np.zeros(2, int), 1.0, seed=0)
+    regenerated = {"top": (slice(0, 4), slice(None)), "bottom": (slice(4, 8), slice(None)),
+                   "left": (slice(None), slice(0, 4)), "right": (slice(None), slice(4, 8))}
+    for half, (r, c) in regenerated.items():
+        grey = images.copy()
+        grey[..., r, c] = 0.0   # mid-grey
+        assert rows[half]["accuracy_grey"] == pytest.approx(float(grey.mean())), half
+        across = (grey[..., 4, :] - grey[..., 3, :]) if half in ("top", "bottom") else (grey[..., 4] - grey[..., 3])
+        assert rows[half]["seam_grey"] == pytest.approx(float(np.abs(across).mean())), half
+
+
+class Brightens:
+    """A stand-in sampler whose k-th variation of an image is the image brightened by 10 (k + 1) levels, for a
+    model of two stages (4 and 8 px latents)."""
+
+    model = SimpleNamespace(plan=SimpleNamespace(num_stages=2, latent_sides=(4, 8)))
+
+    def edit(self, images, labels, mode, from_stage, **kwargs):
+        assert mode == "vary" and len(images) == 1
+        return SimpleNamespace(images=np.stack([images[0] + 10 * (k + 1) for k in range(len(labels))]))
+
+
+def test_variations_are_scored_against_their_own_image_and_label():
+    # two flat grey images, 40 (class 0) and 120 (class 1); the stand-in classifier says class 1 when bright
+    images = to_unit(np.stack([np.full((8, 8, 1), 40, np.uint8), np.full((8, 8, 1), 120, np.uint8)]))
+    labels = np.array([0, 1])
+    reference = SimpleNamespace(accuracy=lambda x, y: float(((x.mean(axis=(1, 2, 3)) > 0) == y).mean()))
+    rows = edit_quality.variations(Brightens(), reference, images, labels, count=3, seed=0)
+    assert sorted(rows) == ["from_stage_0", "from_stage_1"]
+    shifts = np.array([10, 20, 30]) / 127.5              # each variation's offset from its own image
+    want_psnr = float(np.mean(10 * np.log10(4 / shifts ** 2)))
+    for row in rows.values():
+        assert row["psnr"] == {"stage0_4px": pytest.approx(want_psnr, rel=1e-5),
+                               "stage1_8px": pytest.approx(want_psnr, rel=1e-5)}
+        # the mean distance between two different variations: offsets 10 or 20 levels apart, in all 64 pixels
+        assert row["pairwise_l2"] == pytest.approx(np.mean([10, 20, 10]) / 127.5 * 8, rel=1e-5)
+        assert row["accuracy"] == 1.0
+        assert row["outs"].shape == (2, 3, 1, 8, 8)
+
+
+class TimedSampler:
+    """A stand-in sampler on a fake clock: each kind of run takes the seconds listed, a warm-up first."""
+
+    SECONDS = {"generate": [50, 1, 2, 9], "left": [50, 4, 4, 4], "vary 1": [50, 3, 1, 2], "vary 2": [50, 6, 6, 30]}
+
+    def __init__(self):
+        self.clock, self.calls = 0.0, {}
+
+    def _run(self, kind):
+        self.calls[kind] = self.calls.get(kind, -1) + 1
+        self.clock += self.SECONDS[kind][self.calls[kind]]
+
+    def generate(self, labels, **kwargs):
+        self._run("generate")
+
+    def edit(self, images, labels, mask=None, mode="inpaint", from_stage=None, **kwargs):
+        self._run(mask if mode == "inpaint" else f"vary {from_stage}")
+
+
+def test_cost_is_the_median_timed_run_per_image(monkeypatch):
+    sampler = TimedSampler()
+    monkeypatch.setattr(edit_quality, "time", SimpleNamespace(perf_counter=lambda: sampler.clock))
+    got = edit_quality.cost(sampler, np.zeros((2, 1, 8, 8), np.float32), np.array([0, 1]), repeats=3)
+    # the median of the three timed runs (the warm-up left out), over the batch of two
+    assert got == {"generate": 1.0, "inpaint (left half)": 2.0, "vary from stage 1": 1.0, "vary from stage 2": 3.0}
