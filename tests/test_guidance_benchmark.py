@@ -1,13 +1,15 @@
 """benchmarks/guidance.py: guidance settings side by side on the same seed sets, on any data set."""
 import argparse
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from benchmarks import guidance
 from conftest import random_model
-from ecar_infer import ECARConfig, save_checkpoint
+from ecar_infer import ECARConfig, Sampler, save_checkpoint
+from ecar_infer.training import quality
 from test_quality_any_data import colour_classes
 
 
@@ -20,12 +22,13 @@ def test_setting_spec():
 
 
 def test_summary_means_each_setting_over_its_seed_sets():
-    rows = [{"cfg": 2.0, "interval": [0.0, 1.0], "accuracy": a, "fd": f, "memorisation_nearest": 0.5}
-            for a, f in ((0.9, 2.0), (1.0, 4.0))]
+    rows = [{"cfg": 2.0, "interval": [0.0, 1.0], "accuracy": a, "fd": f, "memorisation_nearest": m}
+            for a, f, m in ((0.9, 2.0, 0.5), (1.0, 4.0, 0.25))]
     rows.insert(1, {"cfg": 2.0, "interval": [0.55, 0.9], "accuracy": 0.8, "fd": 1.0, "memorisation_nearest": 0.25})
     first, second = guidance.summarise(rows)
     assert (first["cfg"], first["interval"], first["seed_sets"]) == (2.0, [0.0, 1.0], 2)
     assert first["accuracy"] == pytest.approx(0.95) and first["fd"] == pytest.approx(3.0)
+    assert first["memorisation_nearest"] == pytest.approx(0.375)
     assert first["fd_range"] == [2.0, 4.0] and first["accuracy_range"] == [0.9, 1.0]
     assert (second["interval"], second["seed_sets"], second["fd"]) == ([0.55, 0.9], 1, 1.0)
 
@@ -48,6 +51,46 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert report["rows"][0]["fd"] != report["rows"][1]["fd"]
     assert [s["seed_sets"] for s in report["summary"]] == [2, 2] and report["steps_per_stage"] == 2
     assert "guidance 2 on sigma 0.55-0.9: accuracy" in capsys.readouterr().out
+    # a row's numbers are those of its setting's images at --steps, against the held-out images
+    sampler = Sampler.from_pretrained(str(ckpt), device="cpu", progress=False)
+    ref = quality.reference_from_data(str(tmp_path / "train.npz"), str(tmp_path / "heldout.npz"), sampler.config,
+                                      str(tmp_path / "cache"))
+    row = report["rows"][3]
+    images, labels = quality.generate(sampler, 4, 20_000, cfg_scale=2.0, cfg_interval=(0.55, 0.9), steps_per_stage=2)
+    assert row["accuracy"] == ref.accuracy(images, labels)
+    assert row["fd"] == pytest.approx(quality.frechet_distance(ref.features(images), ref.features(ref.heldout)))
+
+
+class HeldoutImages:
+    """A stand-in sampler that returns the reference's held-out images of the classes asked for (images a
+    model did not copy, so the pair share and the nearest-neighbour share of them differ)."""
+
+    def __init__(self, ref):
+        self.ref, self.config, self.asked = ref, SimpleNamespace(num_classes=3), []
+
+    def generate(self, labels, seed, output_type, progress, **settings):
+        self.asked.append(settings)
+        labels = np.asarray(labels)
+        rows = np.concatenate([np.flatnonzero(self.ref.heldout_labels == c)[:(labels == c).sum()] for c in range(3)])
+        images = self.ref.heldout[rows].reshape(-1, 3, 16, 16).transpose(0, 2, 3, 1)
+        return SimpleNamespace(images=np.rint((images + 1) * 127.5).astype(np.uint8))
+
+
+def test_a_row_judges_the_images_of_its_own_setting():
+    train, held = colour_classes(30, 0), colour_classes(10, 1)
+    unit = lambda images: images.transpose(0, 3, 1, 2) / 127.5 - 1   # noqa: E731
+    ref = quality.fit_reference(unit(train[0]), train[1], unit(held[0]), held[1])
+    real_features = ref.features(ref.heldout)
+    sampler = HeldoutImages(ref)
+    row = guidance.measure(sampler, ref, real_features, 2.5, (0.55, 0.9), seed=7, per_class=6, steps=(1, 2, 2))
+    assert sampler.asked == [{"cfg_scale": 2.5, "cfg_interval": (0.55, 0.9), "steps_per_stage": (1, 2, 2)}]
+    images = ref.heldout[np.concatenate([np.flatnonzero(ref.heldout_labels == c)[:6] for c in range(3)])]
+    labels = np.repeat(np.arange(3), 6)
+    nearest = quality.memorisation(images, labels, ref, "nearest")
+    assert nearest != quality.memorisation(images, labels, ref, "pair")   # the two thresholds tell apart here
+    assert row == {"cfg": 2.5, "interval": [0.55, 0.9], "seed": 7, "accuracy": ref.accuracy(images, labels),
+                   "fd": pytest.approx(quality.frechet_distance(ref.features(images), real_features)),
+                   "memorisation_nearest": nearest}
 
 
 def test_request_time_cases_and_report(ckpt, tmp_path, capsys):
