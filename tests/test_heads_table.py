@@ -1,6 +1,10 @@
 """benchmarks/heads_table.py renders saved head-variant reports as one table: every row, in setting order,
 with the numbers formatted from the JSON and nothing else."""
 import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
 
 from benchmarks import heads_table
 
@@ -76,3 +80,50 @@ def test_head_evaluations_count_each_guided_step_twice():
     assert head_evaluations(plan_steps(3, 2, 1.0)) == 6
     assert head_evaluations(plan_steps(3, 2, 3.0)) == 12
     assert head_evaluations(plan_steps(3, 2, 3.0, cfg_interval=(0.55, 1.0))) == 10   # stage 2 unguided
+
+
+def test_isolated_pixels_of_a_hand_built_image():
+    from benchmarks.heads import isolated_pixels
+
+    image = np.full((6, 6), -1.0)
+    image[0, 0] = image[0, 4] = image[5, 5] = 1.0    # three isolated pixels (two in corners)
+    image[2, 2] = image[2, 3] = 0.5                  # a pair side by side
+    image[4, 0] = image[5, 1] = 0.2                  # a pair touching at a corner
+    image[4, 5] = 0.0                                # mid-grey is background: (5, 5) stays isolated
+    images = np.stack([image, np.full((6, 6), -1.0)])[:, None]
+    assert isolated_pixels(images) == 1.5                           # per image: 3 and 0
+    assert isolated_pixels(images.reshape(2, 36)) == 1.5
+
+
+def test_a_shortcut_head_takes_the_largest_power_of_two_not_above_the_steps_asked():
+    from benchmarks.heads import usable_steps
+
+    shortcut = SimpleNamespace(config=SimpleNamespace(shortcut=True))
+    assert [usable_steps(shortcut, n) for n in (1, 2, 3, 4, 7, 8, 10, 16)] == [1, 2, 2, 4, 4, 8, 8, 16]
+    assert usable_steps(SimpleNamespace(config=SimpleNamespace(shortcut=False)), 10) == 10
+
+
+def test_nearest_train_distance_is_the_mean_distance_to_each_images_closest_training_image():
+    from benchmarks.heads import nearest_train_distance
+
+    train = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [100.0, 100.0]])   # the last one nearest to none
+    images = np.array([[3.0, 4.0], [10.0, 1.0], [0.0, 12.0]])   # nearest: 5, 1 and 2 away
+    assert nearest_train_distance(images, train) == pytest.approx(8 / 3)
+    assert nearest_train_distance(np.tile(images, (300, 1)), train) == pytest.approx(8 / 3)   # several chunks
+
+
+def test_models_are_told_apart_by_training_steps_and_grouped_by_the_steps_asked():
+    # one run's checkpoint path at two training steps is two models, each placed where its first row is;
+    # a shortcut model asked for 10 steps (run at 8) is in the group of 10, after a flow model run at 8
+    path = "runs/a/ema.safetensors"
+    rows = [row(path, "mlp/shortcut", 8, 1.0, 0.5, 5.0, asked=10, training_steps=1200),
+            row("runs/c/ema.safetensors", "mlp/flow", 8, 1.0, 0.6, 4.0),
+            row(path, "mlp/shortcut", 8, 1.0, 0.7, 3.0, asked=10, training_steps=22500),
+            row("runs/c/ema.safetensors", "mlp/flow", 1, 1.0, 0.2, 8.0),
+            row(path, "mlp/shortcut", 1, 1.0, 0.1, 9.0, training_steps=1200),
+            row("runs/c/ema.safetensors", "mlp/flow", 10, 1.0, 0.8, 2.0)]
+    cells = [r[:3] for r in table_rows(heads_table.render_table([("r.json", report(rows))]))]
+    assert cells == [["mlp/shortcut", "1,200", "1"], ["mlp/flow", "-", "1"],
+                     ["mlp/flow", "-", "8"],
+                     ["mlp/shortcut", "1,200", "8 (asked 10)"], ["mlp/flow", "-", "10"],
+                     ["mlp/shortcut", "22,500", "8 (asked 10)"]]
