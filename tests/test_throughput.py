@@ -1,6 +1,7 @@
 """The throughput harness end to end on a tiny preset: what each reported number is made of (no timing is
 asserted: speed is measured by benchmarks, never by tests)."""
 import json
+import os
 import statistics
 
 import pytest
@@ -47,3 +48,30 @@ def test_profile_table_and_its_failure(tmp_path):
 
     write_profile(broken, cpu, tmp_path / "bad.txt")
     assert (tmp_path / "bad.txt").read_text() == "profiling failed: RuntimeError: no profile\n"
+
+
+def test_matmul_peak_is_twice_n_cubed_over_the_fastest_product(monkeypatch):
+    from benchmarks import measure
+
+    seconds = iter([0.5, 0.25, 1.0])
+    monkeypatch.setattr(measure, "time_call", lambda fn, device: next(seconds))
+    peak = measure.matmul_peak(torch.device("meta"), torch.float32, repeats=3)   # meta: the products cost nothing
+    assert peak["flops_per_s"] == 2 * 2048 ** 3 / 0.25
+    assert peak["how"] == "2048x2048x2048 float32 matmul, fastest of 3"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc/self/statm (Linux)")
+def test_cpu_peak_memory_is_the_growth_inside_the_block():
+    import mmap
+
+    import numpy as np
+
+    from benchmarks.measure import PeakMemory
+
+    size = 64 << 20
+    with PeakMemory(torch.device("cpu")) as memory:
+        block = mmap.mmap(-1, size)            # fresh pages (not the allocator's kept ones), all touched
+        np.frombuffer(block, np.uint8)[:] = 1
+    block.close()
+    # the 64 MiB and little else: not the process's whole resident set (hundreds of MiB with torch loaded)
+    assert size - (8 << 20) <= memory.peak_bytes <= size + (32 << 20), memory.peak_bytes
