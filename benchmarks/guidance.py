@@ -6,7 +6,7 @@
 
 Each --setting is W:LO,HI (guidance weight W where LO <= sigma <= HI; 0,1 is everywhere). Every setting
 samples the same seed sets (--seed-sets of --per-class images per class, seeds from 10,000 in steps of
-10,000) at the checkpoint's recommended steps per stage (or --steps), so the settings differ only in guidance. The
+10,000, so at most 10,000 images per set) at the checkpoint's recommended steps per stage (or --steps), so the settings differ only in guidance. The
 judge is ecar_infer/training/quality.py's (accuracy of the independent classifier, Frechet distance to
 the held-out images, the share of samples nearer a training image than the median real nearest-neighbour
 distance). Prints one line per setting and seed set, then the means over the seed sets.
@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()
     torch.set_num_threads(args.threads)
     sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
+    per_set = sampler.config.num_classes * args.per_class
+    if per_set > SEED_STEP:  # set k takes seeds k*SEED_STEP + 0 .. per_set-1: more would reach the next set's
+        parser.error(f"a seed set of {per_set} images ({sampler.config.num_classes} classes x --per-class "
+                     f"{args.per_class}) would overlap the next (sets start {SEED_STEP} seeds apart): give "
+                     f"--per-class {SEED_STEP // sampler.config.num_classes} or less")
     if args.data == "digits32":
         ref = quality.build_reference()
     else:

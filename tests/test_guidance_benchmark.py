@@ -76,6 +76,17 @@ class HeldoutImages:
         return SimpleNamespace(images=np.rint((images + 1) * 127.5).astype(np.uint8))
 
 
+def test_seed_sets_that_would_overlap_are_refused(tmp_path, capsys):
+    """Set k samples seeds k*10,000 + i for its i-th image: a set of more than 10,000 images would share seeds
+    with the next, and the range over the sets would look narrower than it is."""
+    ckpt = tmp_path / "tiny.safetensors"
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny")), ckpt)         # 10 classes
+    with pytest.raises(SystemExit) as exit_:
+        guidance.main(["--ckpt", str(ckpt), "--setting", "2:0,1", "--per-class", "1001"])
+    assert exit_.value.code == 2
+    assert "a seed set of 10010 images (10 classes x --per-class 1001) would overlap the next" in capsys.readouterr().err
+
+
 def test_a_row_judges_the_images_of_its_own_setting():
     train, held = colour_classes(30, 0), colour_classes(10, 1)
     unit = lambda images: images.transpose(0, 3, 1, 2) / 127.5 - 1   # noqa: E731

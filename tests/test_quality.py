@@ -107,6 +107,8 @@ def test_frechet_distance_is_the_closed_form_of_the_two_sample_gaussians():
     other = exact_sample([3.0, 1.0], np.diag([0.25, 9.0]), n, seed=3)
     assert frechet_distance(one, other) == pytest.approx(9.0 + (2.0 - 0.5) ** 2 + (1.0 - 3.0) ** 2, rel=1e-9)
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    # one feature: (mu_a - mu_b)^2 + (sigma_a - sigma_b)^2 (np.cov gives a 0-d array there)
+    assert frechet_distance(one[:, :1], other[:, :1]) == pytest.approx(9.0 + (2.0 - 0.5) ** 2, rel=1e-9)
 
 
 def test_diversity_of_hand_built_points():
