@@ -61,6 +61,32 @@ def test_sampler_from_pretrained_uses_the_recommended_settings(ckpt):
     assert sampler.defaults.cfg_scale == 2.0 and sampler.defaults.steps_per_stage == 2
 
 
+def test_each_recommended_entry_becomes_its_own_default_exactly(model, tmp_path):
+    """Every recommended_* entry, each at a value unlike the engine's default and unlike the others (a
+    fractional cfg, a per-stage steps list in stage order, the non-default schedule, a one-point interval
+    with lo == hi, which 0 <= LO <= HI <= 1 allows), arrives unchanged in the sampler's defaults; the entries
+    left out keep the engine's defaults, and a shortcut head without recommended_steps samples in 4."""
+    from ecar_infer.defaults import SamplingDefaults
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(model, path, extra_metadata={"recommended_cfg": "2.5", "recommended_steps": "1,2,3",
+                                                 "recommended_cfg_schedule": "linear",
+                                                 "recommended_cfg_interval": "0.5,0.5"})
+    assert Sampler.from_pretrained(path, device="cpu").defaults == SamplingDefaults(
+        cfg_scale=2.5, steps_per_stage=(1, 2, 3), cfg_schedule="linear", cfg_interval=(0.5, 0.5))
+    engine = SamplingDefaults()
+    for key, field, value, expected in [("recommended_cfg", "cfg_scale", "0.75", 0.75),
+                                        ("recommended_steps", "steps_per_stage", "3,1,2", (3, 1, 2)),
+                                        ("recommended_steps", "steps_per_stage", "7", 7),
+                                        ("recommended_cfg_schedule", "cfg_schedule", "linear", "linear"),
+                                        ("recommended_cfg_interval", "cfg_interval", "0.25,0.875", (0.25, 0.875))]:
+        got = SamplingDefaults.from_metadata({key: value}, model.config)
+        assert got == SamplingDefaults(**{**vars(engine), field: expected}), key
+    shortcut = model.config.replace(head_objective="shortcut", shortcut_max_level=3)
+    assert SamplingDefaults.from_metadata({}, shortcut).steps_per_stage == 4 != engine.steps_per_stage
+    assert SamplingDefaults.from_metadata({"recommended_steps": "2,8,1"}, shortcut).steps_per_stage == (2, 8, 1)
+
+
 def test_dtype_is_kept_or_cast(model, ckpt, tmp_path):
     cast = load_checkpoint(ckpt, dtype=torch.bfloat16)
     assert {t.dtype for t in [*cast.parameters(), *cast.buffers()]} == {torch.bfloat16}
