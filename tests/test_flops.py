@@ -123,6 +123,7 @@ def test_dit_xl_2_step_matches_hand_count():
     macs = depth * block + patch_embed + final
     counted = flops.dit_step_flops(guided=True)["step"]
     assert counted == 2 * 2 * macs  # two branches, two FLOPs per MAC
+    assert flops.dit_step_flops(guided=False)["step"] == 2 * macs  # unguided: one branch
     assert abs(macs / 1e9 - 118.6) < 0.1  # the DiT paper's "Gflops" (MACs) of DiT-XL/2
 
 
@@ -144,3 +145,74 @@ def test_a_guidance_interval_drops_the_null_branch_where_it_is_not_needed():
     assert (counted["ar"], counted["head"]) == (expected_ar, expected_head)
     everywhere = flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0, cfg_interval=(0.0, 1.0))
     assert everywhere == flops.ecar_flops(CONFIG, steps_per_stage=STEPS, cfg_scale=4.0)
+
+
+def test_report_combines_the_counts_per_preset_spec_and_guidance(monkeypatch):
+    """build_report on stand-in DiT and decode counts (round numbers), so each published column can be
+    checked by hand: DiT's runs are steps x its per-step count; the ratio is DiT's generator over E-CAR's; a
+    NAME@STEPS spec counts at its own steps; the naive loop's generator is the same head plus the naive AR;
+    only an sd-vae preset decodes; guidance (or its absence) and the interval reach every count."""
+    monkeypatch.setattr(flops, "dit_step_flops", lambda guided=True: {"params": 7, "step": 4000 if guided else 2000})
+    monkeypatch.setattr(flops, "vae_decode_flops", lambda side: 100 * side)
+    tiny, tiny_vae = ECARConfig.preset("ecar-tiny"), ECARConfig.preset("ecar-tiny-vae")
+    report = flops.build_report(("ecar-tiny@3", "ecar-tiny-vae"), steps_per_stage=2, cfg_scale=4.0,
+                                dit_steps=(250, 50))
+    assert report["dit"]["runs"] == [{"steps": 250, "generator": 250 * 4000, "vae_decode": 3200},
+                                     {"steps": 50, "generator": 50 * 4000, "vae_decode": 3200}]
+    # 4000 FLOPs per image on two branches: 1000 multiply-accumulates per forward
+    assert report["dit"]["gmac_per_forward"] == pytest.approx(1000 / 1e9)
+    at3, vae = report["ecar"]
+    assert (at3["preset"], at3["steps"], vae["steps"]) == ("ecar-tiny@3", 3, 2)
+    assert at3["head"] == flops.ecar_flops(tiny, 3)["head"] != flops.ecar_flops(tiny, 2)["head"]
+    assert vae["generator"] == flops.ecar_flops(tiny_vae, 2)["generator"]
+    assert (at3["vae_decode"], vae["vae_decode"]) == (0, 100 * tiny_vae.latent_size)
+    for row in (at3, vae):
+        assert row["dit_ratio"] == {250: 250 * 4000 / row["generator"], 50: 50 * 4000 / row["generator"]}
+        assert row["naive_generator"] == row["head"] + row["naive_ar"]
+    assert at3["naive_ar"] == flops.naive_ar_flops(tiny, guided=True)
+
+    plain = flops.build_report(("ecar-tiny",), steps_per_stage=3, cfg_scale=1.0, dit_steps=(250,))
+    assert plain["dit"]["runs"][0]["generator"] == 250 * 2000
+    assert plain["dit"]["gmac_per_forward"] == pytest.approx(1000 / 1e9)  # one branch now, the same forward
+    (row,) = plain["ecar"]
+    assert 2 * row["naive_ar"] == at3["naive_ar"]  # one branch: every AR matmul on half the rows
+    assert 2 * row["ar"] == at3["ar"]
+
+    interval = flops.build_report(("ecar-tiny",), steps_per_stage=3, cfg_scale=4.0, dit_steps=(250,),
+                                  cfg_interval=(0.7, 1.0))
+    (row,) = interval["ecar"]
+    assert row["head"] < at3["head"] and row["ar"] < at3["ar"]
+    assert {k: row[k] for k in ("ar", "head")} == {k: flops.ecar_flops(tiny, 3, 4.0, (0.7, 1.0))[k] for k in ("ar", "head")}
+
+
+def test_targets_compare_the_counted_ratio_with_the_required_one():
+    rows = [{"preset": "ecar-xl", "dit_ratio": {50: 20.0, 250: 40.0}},
+            {"preset": "ecar-xl-sc@2", "dit_ratio": {50: 29.0}},            # no 250-step DiT run: no target
+            {"preset": "ecar-b", "dit_ratio": {50: 1.0, 250: 1.0}}]         # no target for ecar-b
+    assert flops.targets(rows) == [
+        {"preset": "ecar-xl", "dit_steps": 50, "required_ratio": 10.0, "ratio": 20.0, "met": True, "margin": 2.0},
+        {"preset": "ecar-xl", "dit_steps": 250, "required_ratio": 40.0, "ratio": 40.0, "met": True, "margin": 1.0}]
+    (missed,) = flops.targets([{"preset": "ecar-xl", "dit_ratio": {250: 20.0}}])
+    assert not missed["met"] and missed["margin"] == 0.5
+
+
+def test_markdown_shows_each_number_in_its_column():
+    """A hand-built report with round numbers: every cell of the published tables, by hand."""
+    report = {
+        "settings": {"guidance": "both branches"}, "environment": {"device": "meta"},
+        "dit": {"params": 675e6, "step": 1e9, "gmac_per_forward": 118.64,
+                "runs": [{"steps": 250, "generator": 250e9, "vae_decode": 1e9}]},
+        "ecar": [{"preset": "ecar-xl", "head_variant": "mlp flow", "params": 900e6, "steps": 20, "stages": 4,
+                  "ar": 2e9, "head": 3e9, "generator": 5e9, "vae_decode": 1e9, "naive_ar": 5e9,
+                  "naive_generator": 8e9, "dit_ratio": {250: 50.0}}],
+        "targets": [{"preset": "ecar-xl", "dit_steps": 250, "required_ratio": 40.0, "ratio": 50.0, "met": True,
+                     "margin": 1.25},
+                    {"preset": "ecar-xl", "dit_steps": 250, "required_ratio": 40.0, "ratio": 20.0, "met": False,
+                     "margin": 0.5}]}
+    text = flops.render_markdown(report)
+    assert "| ecar-xl | mlp flow | 900M | 20 Euler steps x 4 stages, CFG | 2.0 | 3.0 | 5.0 | 1.0 | 6.0 | 50.0x |" in text
+    assert "| DiT-XL/2 | - | 675M | 250 DDPM steps, CFG | - | - | 250.0 | 1.0 | 251.0 | - |" in text
+    assert "met: 2.00% of DiT's (limit 2.5%), 1.25x better than required" in text
+    assert "MISSED: 5.00% of DiT's (limit 2.5%), needs 2.00x fewer generator FLOPs" in text
+    assert "| ecar-xl | 2.0 | 5.0 | 2.50x | 5.0 | 8.0 | 1.60x |" in text  # naive / staged, AR and generator
+    assert "118.64 GMAC" in text
