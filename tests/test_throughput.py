@@ -7,7 +7,7 @@ import statistics
 import pytest
 import torch
 
-from benchmarks import flops, throughput
+from benchmarks import flops, measure, report, throughput
 from benchmarks.measure import write_profile
 from ecar_infer import ECARConfig
 
@@ -75,3 +75,123 @@ def test_cpu_peak_memory_is_the_growth_inside_the_block():
     block.close()
     # the 64 MiB and little else: not the process's whole resident set (hundreds of MiB with torch loaded)
     assert size - (8 << 20) <= memory.peak_bytes <= size + (32 << 20), memory.peak_bytes
+
+
+# ---- the derived numbers on hand-built rows (no sampling, no timing) ---------------------------------------
+def harness(monkeypatch, *argv, peaks=(1e12,)):
+    """A CPU harness whose matmul peak measurements return `peaks` in turn."""
+    measured = iter(peaks)
+    monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": next(measured), "how": "stub"})
+    args = throughput.parse_args(["--device", "cpu", *argv])
+    return throughput.Harness(args, torch.device("cpu"), torch.float32)
+
+
+def test_the_peak_is_the_highest_measured(monkeypatch):
+    h = harness(monkeypatch, peaks=(2e12, 5e12, 3e12))
+    assert h.peak["flops_per_s"] == 2e12
+    h.update_peak()
+    h.update_peak()
+    assert h.peak["flops_per_s"] == 5e12
+
+
+def test_derived_columns_and_the_summary_against_dit_at_each_step_count(monkeypatch):
+    """Batch 4: the VAE decode takes 0.5 s; two E-CAR variants take 2 s and 1 s (4 images/s, the fastest listed
+    second), a third failed; DiT takes 100 s at 250 steps (0.04 images/s) and 20 s at 50 (0.2). Batch 1 has its
+    own DiT row (0.1 images/s), which must not leak into batch 4's speedups."""
+    Row, VAE, DIT = throughput.Row, throughput.VAE_NAME, throughput.DIT_NAME
+    h = harness(monkeypatch)
+    h.decode_s = {4: 0.5}
+    h.rows = [Row(VAE, "AutoencoderKL", 4, "-", 1e9, latency_s=0.5),
+              Row("ecar-xl", "auto", 4, "20 x 4 stages", 2e11, latency_s=2.0),
+              Row("ecar-xl", "triton", 4, "20 x 4 stages", 2e11, latency_s=1.0),
+              Row("ecar-xl", "sdpa", 4, "20 x 4 stages", 2e11, error="OutOfMemoryError: x"),
+              Row(DIT, "DDPM, CFG", 4, "250", 1e13, latency_s=100.0),
+              Row(DIT, "DDPM, CFG", 4, "50", 2e12, latency_s=20.0),
+              Row(DIT, "DDPM, CFG", 1, "250", 1e13, latency_s=10.0),
+              Row("ecar-xl", "auto", 1, "20 x 4 stages", 2e11, latency_s=0.25)]
+    vae, slow, fast, failed, dit250 = (h.derived(r) for r in h.rows[:5])
+    assert fast == pytest.approx({"images_per_s": 4.0, "mfu": 2e11 * 4.0 / 1e12, "images_per_s_without_decode": 8.0})
+    assert slow["images_per_s_without_decode"] == pytest.approx(4 / 1.5)
+    assert dit250["images_per_s_without_decode"] == pytest.approx(4 / 99.5)
+    assert vae["images_per_s_without_decode"] is None
+    assert failed == {"images_per_s": None, "mfu": None, "images_per_s_without_decode": None}
+    summary = h.summary()
+    assert summary == [
+        {"batch": 1, "model": "ecar-xl", "variant": "auto", "images_per_s": 4.0, "speedup_vs_dit": {"250": 40.0}},
+        {"batch": 4, "model": "ecar-xl", "variant": "triton", "images_per_s": 4.0,
+         "speedup_vs_dit": {"250": pytest.approx(100.0), "50": pytest.approx(20.0)}}]
+    text = throughput.render_markdown(h.payload())
+    assert "| ecar-xl | triton | - | 4 | 20 x 4 stages | 1 | 4 | 8 | n/a | 200 | 80.0% |  |" in text
+    assert "| 4 | ecar-xl (triton) | 4 | 100.0x | 20.0x |" in text
+    assert "| 1 | ecar-xl (auto) | 4 | 40.0x | - |" in text
+
+
+def test_targets_take_the_250_step_speedup_at_batch_64(monkeypatch):
+    h = harness(monkeypatch)
+    summary = [{"batch": 64, "model": "ecar-xl", "variant": "auto", "images_per_s": 300.0,
+                "speedup_vs_dit": {"250": 50.0, "50": 10.0}},
+               {"batch": 8, "model": "ecar-xl", "variant": "auto", "images_per_s": 1.0, "speedup_vs_dit": {"250": 1.0}},
+               {"batch": 64, "model": "ecar-b", "variant": "auto", "images_per_s": 1.0, "speedup_vs_dit": {"250": 1.0}}]
+    assert h.targets(summary) == []  # on the CPU
+    h.device = torch.device("cuda")  # targets() looks at the device type only
+    assert h.targets(summary) == [
+        {"what": "speedup over DiT-XL/2 at 250 steps", "measured": 50.0, "required": 25.0, "met": True, "margin": 2.0},
+        {"what": "images/s including decode", "measured": 300.0, "required": 150.0, "met": True, "margin": 2.0}]
+    (only,) = h.targets([{**summary[0], "images_per_s": 75.0, "speedup_vs_dit": {"50": 10.0}}])
+    assert (only["what"], only["met"], only["margin"]) == ("images/s including decode", False, 0.5)
+
+
+def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch):
+    """A stand-in DiT whose call takes decode + steps x per-step time exactly (2 s + 0.5 s per step), with calls
+    of at most 30 s: at 100 and 250 steps it runs the 56 steps that fit, and the extrapolation gives the exact
+    100- and 250-step times back. FLOPs per image are steps x the per-step count plus one decode."""
+    decode, per_step = 2.0, 0.5
+    calls = []
+
+    def pipe(class_labels, guidance_scale, num_inference_steps, output_type):
+        calls.append(num_inference_steps)
+
+    monkeypatch.setattr(throughput, "time_call", lambda fn, device: (fn(), decode + per_step * calls[-1])[1])
+    monkeypatch.setattr(flops, "dit_step_flops", lambda guided=True: {"params": 1, "step": 1000})
+    monkeypatch.setattr(flops, "vae_decode_flops", lambda side: 7)
+    h = harness(monkeypatch, "--dit-steps", "250", "100", "--max-call-s", "30", "--repeats", "3")
+    h.decode_s[2] = decode
+    h.dit(pipe, 2)
+    assert [(r.steps, r.flops_per_image) for r in h.rows] == [("100", 100 * 1000 + 7), ("250", 250 * 1000 + 7)]
+    for row in h.rows:
+        assert row.latency_s == pytest.approx(decode + int(row.steps) * per_step)
+        assert row.note.startswith("extrapolated from 56-step runs") and row.times == [30.0] * 3
+    assert max(calls) == 56  # the longest call that fits in 30 s
+
+    calls.clear()
+    h = harness(monkeypatch, "--dit-steps", "50", "20", "--max-call-s", "30")
+    h.decode_s[2] = decode
+    h.dit(pipe, 2)
+    assert [(r.steps, r.latency_s, r.note) for r in h.rows] == [("20", 12.0, ""), ("50", 27.0, "")]  # measured
+
+
+def test_a_row_is_the_median_of_its_repeats(monkeypatch):
+    times = iter([10.0, 1.0, 3.0, 2.0])  # median 2.5; mean 4; first 10; upper middle 3
+    monkeypatch.setattr(throughput, "time_call", lambda fn, device: next(times))
+    h = harness(monkeypatch, "--repeats", "4", "--warmup", "0")
+    row = h.measure(throughput.Row("m", "v", 1, "-", 0), lambda: None, lambda: None)
+    assert row.times == [10.0, 1.0, 3.0, 2.0] and row.latency_s == 2.5
+    assert measure.median([5.0, 1.0, 3.0]) == 3.0
+
+
+def test_ecar_rows_count_the_decode_of_a_latent_model(monkeypatch):
+    """An sd-vae preset's FLOPs per image are its generator plus one decode (a pixel preset's: the generator)."""
+    monkeypatch.setattr(throughput, "time_call", lambda fn, device: 1.0)  # nothing is sampled
+    monkeypatch.setattr(throughput, "AutoencoderDecoder", lambda vae, scaling: "stub decoder")
+    monkeypatch.setattr(flops, "vae_decode_flops", lambda side: 1000 * side)
+    h = harness(monkeypatch, "--steps", "2", "--warmup", "0", "--repeats", "1")
+    h.vae = object()
+    h.ecar("ecar-tiny-vae@3")
+    (row,) = h.rows
+    config = ECARConfig.preset("ecar-tiny-vae")
+    assert row.flops_per_image == flops.ecar_flops(config, 3)["generator"] + 1000 * config.latent_size
+    assert row.steps == "3 x 3 stages"
+
+
+def test_markdown_table_has_one_separator_per_column():
+    assert report.markdown_table(["a", "b", "c"], [[1, "x", 2.5]]) == "| a | b | c |\n|---|---|---|\n| 1 | x | 2.5 |"
