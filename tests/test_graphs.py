@@ -1,7 +1,8 @@
 """The graph runner and the engine's capturable units, on the CPU (tests/gpu/test_graphs_gpu.py has the
 capture and replay tests): off CUDA the runner runs each unit once and the sampler runs the exact batch,
 units are idempotent and touch no host data, padding to a batch bucket leaves the real images unchanged,
-engines are reused."""
+engines are reused. Also benchmarks/bench_graphs.py's reported numbers (speedups, targets, medians) on stand-in
+rows and times."""
 import pytest
 import torch
 
@@ -152,3 +153,51 @@ def test_sampler_reuses_engines_per_batch_and_step_structure(model):
     run([1, 2])  # unguided: another structure
     assert sorted(key[0] for key in sampler._engines) == [2, 2, 3]
     assert torch.equal(run([1, 2], cfg_scale=2.0).images, first)
+
+
+# ---- benchmarks/bench_graphs.py: what its reported numbers are made of (no timing is asserted) -------------
+def graphs_bench(tmp_path, *argv):
+    from benchmarks import bench_graphs
+
+    return bench_graphs.Bench(bench_graphs.parse_args(["--device", "cpu", "--out", str(tmp_path), *argv]))
+
+
+def test_bench_graphs_speedups_targets_and_table_of_hand_built_rows(tmp_path):
+    """Each path is compared with the reference row of its own preset and batch; the batch-1 latency target is
+    the one with the VAE decode; images/s are the batch over the latency."""
+    from benchmarks.bench_graphs import Row, speedup
+
+    bench = graphs_bench(tmp_path)
+    bench.rows = [Row("ecar-xl", 1, "graphs", 0.010, 0.015), Row("ecar-xl", 1, "reference", 0.040, 0.045),
+                  Row("ecar-xl", 64, "graphs", 0.5, 1.0), Row("ecar-xl", 64, "reference", 0.6, 1.25),
+                  Row("ecar-b", 1, "graphs", 0.004, 0.006)]   # no reference row
+    graphs1, ref1, graphs64, _, alone = bench.rows
+    assert speedup(bench.rows, graphs1, "latency_s") == pytest.approx(4.0)
+    assert speedup(bench.rows, graphs1, "latency_with_decode_s") == pytest.approx(3.0)
+    assert speedup(bench.rows, graphs64, "latency_s") == pytest.approx(1.2)
+    assert speedup(bench.rows, ref1, "latency_s") == 1.0 and speedup(bench.rows, alone, "latency_s") is None
+    targets = bench.targets()
+    assert [(t["what"], t["measured"], t["met"]) for t in targets] == [
+        ("ecar-xl b1: graphs vs reference (decode excluded)", pytest.approx(4.0), True),
+        ("ecar-xl b1: graphs latency with VAE decode", 0.015, True),
+        ("ecar-xl b64: graphs vs reference (decode excluded)", pytest.approx(1.2), False),
+        ("ecar-b b1: graphs vs reference (decode excluded)", None, None)]
+    text = bench.markdown()
+    assert "| ecar-xl | 1 | graphs | 10.0 | 100.0 | 15.0 | 66.7 | 4.00x | 3.00x | - | - | - |  |" in text
+    assert "| ecar-xl | 64 | graphs | 500.0 | 128.0 | 1000.0 | 64.0 | 1.20x | 1.25x | - | - | - |  |" in text
+    assert "- ecar-xl b1: graphs latency with VAE decode: 15.0 ms (target <= 20 ms (H100)): met" in text
+    assert "- ecar-xl b64: graphs vs reference (decode excluded): 1.20x (target >= 1.5x): NOT met" in text
+
+
+@pytest.mark.parametrize("row_seconds, repeats", [(1000, 3), (10, 1)])
+def test_bench_graphs_row_is_the_median_of_each_kind_of_call(model, tmp_path, monkeypatch, row_seconds, repeats):
+    """Stand-in call times: the first call 9 s, then (without decode, with decode) pairs (1, 11), (5, 15),
+    (2, 12): the medians are 2 and 12. With --row-seconds 10 the first pair (12 s) already spends the budget."""
+    from benchmarks import bench_graphs
+
+    times = iter([9.0, 1.0, 11.0, 5.0, 15.0, 2.0, 12.0])
+    monkeypatch.setattr(bench_graphs, "time_call", lambda fn, device: next(times))  # nothing is sampled
+    bench = graphs_bench(tmp_path, "--repeats", "3", "--row-seconds", str(row_seconds))
+    row = bench.run_row("ecar-tiny", model.config, 2, "eager", model, None)
+    assert row.error is None and (row.first_call_s, row.repeats) == (9.0, repeats)
+    assert (row.latency_s, row.latency_with_decode_s) == ((2.0, 12.0) if repeats == 3 else (1.0, 11.0))
