@@ -92,3 +92,62 @@ def test_benchmark_compares_both_settings(ckpt, tmp_path, capsys):
         row = result[setting]
         assert set(row) == set(cpu_memory.FIELDS) and row["wall_s"] > 0 and row["minor_faults"] >= 0
     assert "kept / default" in capsys.readouterr().out
+
+
+# In a fresh process without torch: a 64 MiB block malloc'ed, written and freed 8 times. With both thresholds raised
+# it comes from the heap (not mmap) and, when freed at the heap's top, stays there (not trimmed), so only the first
+# round faults its 16,384 pages in. The module is loaded from its file, so nothing else shapes the heap.
+RAW_SCRIPT = """
+import ctypes, importlib.util, resource, sys
+spec = importlib.util.spec_from_file_location("cpu_memory", sys.argv[2])
+cpu_memory = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cpu_memory)
+kept = cpu_memory.keep_freed_memory() if sys.argv[1] == "keep" else cpu_memory.freed_memory_kept()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+size, steps = 64 << 20, []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)
+    libc.free(block)
+    steps.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, max(steps[1:]))
+"""
+
+
+@needs_glibc
+@pytest.mark.parametrize("mode", ["keep", "default"])
+def test_both_thresholds_are_raised_so_a_block_freed_at_the_top_of_the_heap_stays(mode):
+    """Raising only the mmap threshold leaves glibc trimming the freed block back to the system (a fault per
+    page every round); raising only the trim threshold leaves a 64 MiB block to mmap (the same)."""
+    out = subprocess.run([sys.executable, "-c", RAW_SCRIPT, mode, ecar_infer.cpu_memory.__file__], capture_output=True,
+                         text=True, check=True, env={k: v for k, v in os.environ.items() if k != "ECAR_KEEP_FREED_MEMORY"})
+    kept, worst = out.stdout.split()
+    if mode == "default":
+        assert kept == "False" and int(worst) > (64 << 20) // 4096 // 2
+    else:
+        assert kept == "True" and int(worst) < (64 << 20) // 4096 // 20
+
+
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("yes", True), ("", True), ("0", False), (" 0\n", False)])
+def test_only_zero_in_the_environment_variable_turns_it_off(monkeypatch, value, on):
+    raised = []
+    monkeypatch.setattr(ecar_infer.cpu_memory, "_kept", False)
+    monkeypatch.setattr(ecar_infer.cpu_memory, "_raise_thresholds", lambda: raised.append(1) or True)
+    if value is None:
+        monkeypatch.delenv(ecar_infer.cpu_memory.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ecar_infer.cpu_memory.ENV_VAR, value)
+    assert ecar_infer.cpu_memory.keep_freed_memory() is on and ecar_infer.cpu_memory.freed_memory_kept() is on
+    assert ecar_infer.cpu_memory.keep_freed_memory() is on and raised == ([1] if on else [])  # raised once
+
+
+def test_benchmarks_record_whether_it_is_on(monkeypatch):
+    import torch
+
+    from benchmarks.report import environment
+
+    for kept in (False, True):
+        monkeypatch.setattr(ecar_infer.cpu_memory, "_kept", kept)
+        assert environment(torch.device("cpu"))["freed_memory_kept"] is kept
