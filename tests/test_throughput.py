@@ -152,7 +152,7 @@ def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch)
         calls.append(num_inference_steps)
 
     monkeypatch.setattr(throughput, "time_call", lambda fn, device: (fn(), decode + per_step * calls[-1])[1])
-    monkeypatch.setattr(flops, "dit_step_flops", lambda guided=True: {"params": 1, "step": 1000})
+    monkeypatch.setattr(flops, "dit_step_flops", lambda guided=True: {"params": 1, "step": 1000 if guided else 500})
     monkeypatch.setattr(flops, "vae_decode_flops", lambda side: 7)
     h = harness(monkeypatch, "--dit-steps", "250", "100", "--max-call-s", "30", "--repeats", "3")
     h.decode_s[2] = decode
