@@ -153,7 +153,7 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
         ecar_rows.append(row)
     return {
         "settings": {"units": "FLOPs per image, 2 x multiply-accumulates", "ecar_steps_per_stage": steps_per_stage,
-                     "cfg_scale": cfg_scale, "cfg_interval": cfg_interval, "guidance": guidance_text(cfg_interval)},
+                     "cfg_scale": cfg_scale, "cfg_interval": cfg_interval, "guidance": guidance_text(cfg_scale, cfg_interval)},
         "environment": environment(torch.device("meta")),
         "dit": {"name": DIT_NAME, "params": dit["params"], "step": dit["step"],
                 "gmac_per_forward": dit["step"] / (2 if guided else 1) / 2 / GIGA, "runs": dit_rows},
@@ -162,7 +162,9 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
     }
 
 
-def guidance_text(cfg_interval: tuple[float, float] | None) -> str:
+def guidance_text(cfg_scale: float, cfg_interval: tuple[float, float] | None) -> str:
+    if cfg_scale == 1:  # weight 1 is the conditional prediction: no null branch is run or counted
+        return "no guidance: the conditional branch alone on both sides"
     if cfg_interval is None:
         return "both branches at every step (2x batch) on both sides"
     lo, hi = cfg_interval
@@ -200,15 +202,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     ratio_headers = [f"{DIT_NAME} generator / this, {n} steps" for n in dit_steps]
     headers = ["model", "head", "params", "sampling", "AR transformer", "flow head", "generator", "VAE decode",
                "generator + decode"] + ratio_headers
+    cfg = "" if report["settings"].get("cfg_scale") == 1 else ", CFG"
     rows = []
     for r in report["ecar"]:
         rows.append([r["preset"], r["head_variant"], f"{r['params'] / 1e6:.0f}M",
                      f"{r['steps']} {'shortcut' if 'shortcut' in r['head_variant'] else 'Euler'} "
-                     f"step{'s' if r['steps'] > 1 else ''} x {r['stages']} stages, CFG",
+                     f"step{'s' if r['steps'] > 1 else ''} x {r['stages']} stages{cfg}",
                      _g(r["ar"]), _g(r["head"]), _g(r["generator"]), _g(r["vae_decode"]),
                      _g(r["generator"] + r["vae_decode"])] + [f"{r['dit_ratio'][n]:.1f}x" for n in dit_steps])
     for d in dit["runs"]:
-        rows.append([DIT_NAME, "-", f"{dit['params'] / 1e6:.0f}M", f"{d['steps']} DDPM steps, CFG", "-", "-",
+        rows.append([DIT_NAME, "-", f"{dit['params'] / 1e6:.0f}M", f"{d['steps']} DDPM steps{cfg}", "-", "-",
                      _g(d["generator"]), _g(d["vae_decode"]), _g(d["generator"] + d["vae_decode"])]
                     + ["-"] * len(dit_steps))
     parts = [f"FLOPs per image in GFLOPs (2 x multiply-accumulates; {report['settings']['guidance']}).",

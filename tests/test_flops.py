@@ -216,3 +216,14 @@ def test_markdown_shows_each_number_in_its_column():
     assert "MISSED: 5.00% of DiT's (limit 2.5%), needs 2.00x fewer generator FLOPs" in text
     assert "| ecar-xl | 2.0 | 5.0 | 2.50x | 5.0 | 8.0 | 1.60x |" in text  # naive / staged, AR and generator
     assert "118.64 GMAC" in text
+
+
+def test_an_unguided_count_is_labelled_unguided():
+    """cfg_scale 1 counts the conditional branch alone on both sides: the report and its table say so."""
+    guided, unguided = (flops.build_report(("ecar-tiny",), cfg_scale=w, dit_steps=(50,)) for w in (4.0, 1.0))
+    assert unguided["ecar"][0]["generator"] < 0.6 * guided["ecar"][0]["generator"]
+    assert unguided["settings"]["guidance"] == "no guidance: the conditional branch alone on both sides"
+    assert guided["settings"]["guidance"] == "both branches at every step (2x batch) on both sides"
+    table = flops.render_markdown(unguided)
+    assert "CFG" not in table and "50 DDPM steps" in table
+    assert "stages, CFG" in flops.render_markdown(guided) and "50 DDPM steps, CFG" in flops.render_markdown(guided)
