@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checks import is_finite, parse_json
+from .checks import is_finite_real, parse_json
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
 from .config import ConfigError, ECARConfig
@@ -262,7 +262,7 @@ def _check_field_types(path: Path, data: dict[str, Any]) -> None:
             continue
         value, want = data[field.name], type(field.default)
         if want is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and is_finite(value)
+            ok = is_finite_real(value)
         else:
             ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
         if not ok:

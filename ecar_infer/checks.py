@@ -33,8 +33,11 @@ def integers(name: str, values, expected: str = "a sequence of integers") -> lis
     return [int(v) for v in values]
 
 
-def is_finite(value: numbers.Real) -> bool:
-    """math.isfinite, where an int beyond a float's range (10**400) is not finite instead of an OverflowError."""
+def is_finite_real(value) -> bool:
+    """A finite int or float (numpy scalars included); not a bool, a string, or an int beyond a float's range
+    (10**400: math.isfinite would raise OverflowError)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
     try:
         return math.isfinite(value)
     except OverflowError:
@@ -45,7 +48,7 @@ def finite_real(name: str, value) -> float:
     """A finite int or float (numpy scalars included; bool and strings are errors)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not is_finite(value):
+    if not is_finite_real(value):
         raise ValueError(f"{name} must be a finite number, got {value}")
     return float(value)
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import is_finite, parse_json
+from .checks import is_finite_real, parse_json
 
 LATENT_KINDS = ("sd-vae", "pixel")
 STAGE_WINDOWS = ("uniform",)
@@ -106,7 +105,7 @@ class ECARConfig:
                 fail(name, "must be a positive integer")
         for name in ("mlp_ratio", "vae_scaling_factor", "time_scale", "norm_eps"):
             value = getattr(self, name)
-            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and is_finite(value) and value > 0):
+            if not (is_finite_real(value) and value > 0):
                 fail(name, "must be a positive finite number")
         if self.latent_kind == "pixel" and self.vae_downsample != 1:
             fail("vae_downsample", "must be 1 for latent_kind='pixel' (the identity latent)")
