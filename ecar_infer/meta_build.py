@@ -93,17 +93,22 @@ def build_within(build: Callable[[], M], shapes: dict[str, tuple[int, ...]]) -> 
 def mismatch(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> str | None:
     """What differs between the module's state and the file's tensor table (names, then shapes), or None."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing tensor(s) {some(missing)}"] if missing else []
-        parts += [f"{len(unexpected)} unexpected tensor(s) {some(unexpected)}"] if unexpected else []
-        return f"does not match its config: {'; '.join(parts)}"
+    problem = names_differ(set(expected) - set(shapes), set(shapes) - set(expected))
+    if problem:
+        return problem
     misshaped = [f"{n} is {list(shapes[n])}, expected {list(t.shape)}"
                  for n, t in expected.items() if shapes[n] != tuple(t.shape)]
     if misshaped:
         return f"{len(misshaped)} tensor(s) with the wrong shape: {some(misshaped)}"
     return None
+
+
+def names_differ(missing, unexpected) -> str | None:
+    """The message for tensors the config expects and the file lacks, and the reverse; None if neither."""
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    parts = [f"{len(missing)} missing tensor(s) {some(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected tensor(s) {some(unexpected)}"] if unexpected else []
+    return f"does not match its config: {'; '.join(parts)}" if parts else None
 
 
 def some(items: list[str], limit: int = 4) -> str:

@@ -18,7 +18,7 @@ import torch
 from .checks import parse_json
 from .config import ECARConfig
 from .atomic import atomic_path
-from .meta_build import BuildError, build_within, mismatch
+from .meta_build import BuildError, build_within, mismatch, names_differ, some
 
 logger = logging.getLogger("ecar_infer")
 
@@ -110,30 +110,79 @@ def save_autoencoder(vae, path: str | os.PathLike) -> None:
         save_file(tensors, tmp, metadata={"format": "pt", CONFIG_KEY: vae.to_json_string()})
 
 
-def _load_single_file(path: Path, config_json: str):
-    """An AutoencoderKL from a file that carries its config (save_autoencoder), built on the meta device only
-    as far as the file's tensor table allows and compared with it before the weights are assigned, as
-    load_checkpoint does (ecar_infer/meta_build.py): what is built is what the file holds."""
-    from diffusers import AutoencoderKL
+def _config_object(text: str | bytes, where: str) -> dict:
+    """A diffusers config from untrusted text: a JSON object, or a VAEError naming `where` it came from."""
+    try:
+        config = parse_json(text)
+    except ValueError as err:
+        raise VAEError(f"{where} is not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise VAEError(f"{where} is not a JSON object")
+    return config
+
+
+def _tensor_table(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from a safetensors file's header (no tensor is read)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(path, framework="pt") as f:
-        shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def _build_bounded(config: dict, shapes: dict[str, tuple[int, ...]]):
+    """An AutoencoderKL of `config` on the meta device, built only as far as the file's tensor table allows
+    (ecar_infer/meta_build.py): however absurd the config, the work is bounded by the file."""
+    from diffusers import AutoencoderKL
+
     try:
-        config = parse_json(config_json)
-    except ValueError as err:
-        raise VAEError(f"its {CONFIG_KEY} metadata is not JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise VAEError(f"its {CONFIG_KEY} metadata is not a JSON object")
-    try:
-        vae = build_within(lambda: AutoencoderKL.from_config(config), shapes)
+        return build_within(lambda: AutoencoderKL.from_config(config), shapes)
     except BuildError as err:
         raise VAEError(str(err)) from None
+
+
+def _load_single_file(path: Path, config_json: str):
+    """An AutoencoderKL from a file that carries its config (save_autoencoder), built bounded by the file's
+    tensor table and compared with it by name and shape before the weights are assigned, as load_checkpoint
+    does: what is built is what the file holds."""
+    from safetensors.torch import load_file
+
+    shapes = _tensor_table(path)
+    vae = _build_bounded(_config_object(config_json, f"its {CONFIG_KEY} metadata"), shapes)
     problem = mismatch(vae, shapes)
     if problem:
         raise VAEError(problem)
     vae.load_state_dict(load_file(path), strict=True, assign=True)
+    return vae
+
+
+# save_pretrained's names; a config.json is about 1 KB, so one past this bound is not a diffusers config
+FOLDER_CONFIG = "config.json"
+FOLDER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _load_folder(folder: Path):
+    """An AutoencoderKL from a diffusers folder through diffusers' from_pretrained, which also reads the
+    deprecated attention names of older folders (the SD VAEs on the Hub among them). With safetensors
+    weights, the folder's config is first built on the meta device bounded by the weights' tensor table, so
+    a crafted config.json costs no more than the file holds. Tensors the config needs and the file lacks,
+    or that the config does not use, are refused (diffusers only logs them, and leaves the missing ones
+    uninitialised), and so are tensors of the wrong shape (diffusers' own error would name none of them)."""
+    from diffusers import AutoencoderKL
+
+    config_file, weights = folder / FOLDER_CONFIG, folder / FOLDER_WEIGHTS
+    if config_file.is_file() and weights.is_file():
+        if config_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise VAEError(f"its {FOLDER_CONFIG} is {config_file.stat().st_size:,} bytes: not a diffusers config")
+        _build_bounded(_config_object(config_file.read_bytes(), f"its {FOLDER_CONFIG}"), _tensor_table(weights))
+    vae, info = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False,
+                                              ignore_mismatched_sizes=True, output_loading_info=True)
+    problem = names_differ(info["missing_keys"], info["unexpected_keys"])
+    if problem:
+        raise VAEError(problem)
+    if info["mismatched_keys"]:  # (name, shape in the file, shape the config gives)
+        raise VAEError(f"{len(info['mismatched_keys'])} tensor(s) with the wrong shape: " + some(
+            [f"{name} is {list(found)}, expected {list(wanted)}" for name, found, wanted in info["mismatched_keys"]]))
     return vae
 
 
@@ -146,7 +195,7 @@ def load_autoencoder(path: str | os.PathLike):
 
     try:
         if path.is_dir():
-            return AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
+            return _load_folder(path)
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:

@@ -139,6 +139,86 @@ def test_a_crafted_single_file_vae_is_refused_before_anything_is_built(vae, tmp_
     assert len(built) == 1 and all(p.is_meta for p in built[0].parameters())
 
 
+def crafted_folder(vae, folder, edit_config=None, edit_tensors=None):
+    """A diffusers folder as save_pretrained writes it, with its config.json and tensors edited."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    vae.save_pretrained(folder)
+    config_file, weights = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+    config, tensors = json.loads(config_file.read_text()), load_file(weights)
+    (edit_config or (lambda c: None))(config)
+    (edit_tensors or (lambda t: None))(tensors)
+    config_file.write_text(json.dumps(config))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
+
+
+def test_a_crafted_diffusers_folder_is_refused_before_anything_is_built(vae, tmp_path, monkeypatch):
+    """A folder's config.json is held to its safetensors weights' tensor table as a single file's config is,
+    before diffusers builds anything; tensors diffusers would only log (left uninitialised) are refused."""
+    import time
+
+    from diffusers import AutoencoderKL
+
+    def set_(key, value):
+        return lambda c: c.__setitem__(key, value)
+
+    built = []
+    real_from_pretrained = AutoencoderKL.from_pretrained
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained",
+                        lambda *a, **k: built.append(1) or real_from_pretrained(*a, **k))
+    larger = "does not match its config: the config describes a model larger than the .* tensor"
+    for edit, message in [(set_("layers_per_block", 100_000), larger), (set_("latent_channels", 10 ** 12), larger),
+                          (set_("layers_per_block", "1"), "its config cannot be built: ")]:
+        start = time.monotonic()
+        with pytest.raises(VAEError, match=r"could not load the VAE at .*crafted: " + message):
+            load_autoencoder(crafted_folder(vae, tmp_path / "crafted", edit_config=edit))
+        assert time.monotonic() - start < 20, message
+    assert built == []  # refused from the tensor table alone: diffusers never built the config
+    config_file = tmp_path / "crafted" / "config.json"
+    for text, why in [("[1, 2", "its config.json is not JSON"), ("[" * 100_000 + "]" * 100_000, "is not JSON"),
+                      ("[1, 2]", "its config.json is not a JSON object$"),
+                      (" " * (1 << 20) + "{}", "its config.json is 1,048,578 bytes: not a diffusers config")]:
+        config_file.write_text(text)
+        with pytest.raises(VAEError, match=why):
+            load_autoencoder(tmp_path / "crafted")
+    assert built == []
+    # diffusers itself would load these with a warning: one weight uninitialised, one tensor ignored
+    missing = crafted_folder(vae, tmp_path / "missing", edit_tensors=lambda t: t.pop("decoder.conv_out.bias"))
+    with pytest.raises(VAEError, match=r"missing: does not match its config: 1 missing tensor\(s\) decoder.conv_out.bias$"):
+        load_autoencoder(missing)
+    extra = crafted_folder(vae, tmp_path / "extra", edit_tensors=lambda t: t.__setitem__("x", torch.ones(1)))
+    with pytest.raises(VAEError, match=r"extra: does not match its config: 1 unexpected tensor\(s\) x$"):
+        load_autoencoder(extra)
+    misshaped = crafted_folder(vae, tmp_path / "misshaped",
+                               edit_tensors=lambda t: t.__setitem__("encoder.conv_in.weight", torch.ones(8, 3, 1, 1)))
+    with pytest.raises(VAEError, match=r"misshaped: 1 tensor\(s\) with the wrong shape: encoder.conv_in.weight is \[8, 3, 1, 1\], "
+                                         r"expected \[8, 3, 3, 3\]$"):
+        load_autoencoder(misshaped)
+
+
+def test_older_diffusers_folders_still_load(vae, tmp_path):
+    """The bounded check must not refuse what diffusers reads: the attention names of folders written before
+    diffusers renamed them (the SD VAEs on the Hub), and pickled weights without a safetensors file."""
+    renamed = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+
+    def old_names(tensors):
+        for name in [n for n in tensors if any(new in n for new in renamed)]:
+            old = name
+            for new, before in renamed.items():
+                old = old.replace(new, before)
+            tensors[old] = tensors.pop(name)
+
+    folder = crafted_folder(vae, tmp_path / "old-names", edit_tensors=old_names)
+    assert same_weights(load_autoencoder(folder), vae)
+    pickled = tmp_path / "pickled"
+    vae.save_pretrained(pickled, safe_serialization=False)
+    assert not (pickled / "diffusion_pytorch_model.safetensors").exists()
+    assert same_weights(load_autoencoder(pickled), vae)
+
+
 def test_decoder_divides_by_the_model_scaling_factor(vae):
     decoder = build_decoder(TINY_VAE, vae)
     z = torch.randn(2, 4, 16, 16)
