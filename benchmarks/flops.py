@@ -153,7 +153,8 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
         ecar_rows.append(row)
     return {
         "settings": {"units": "FLOPs per image, 2 x multiply-accumulates", "ecar_steps_per_stage": steps_per_stage,
-                     "cfg_scale": cfg_scale, "cfg_interval": cfg_interval, "guidance": guidance_text(cfg_scale, cfg_interval)},
+                     "cfg_scale": cfg_scale, "cfg_interval": cfg_interval, "guided": guided,
+                     "guidance": guidance_text(cfg_scale, cfg_interval)},
         "environment": environment(torch.device("meta")),
         "dit": {"name": DIT_NAME, "params": dit["params"], "step": dit["step"],
                 "gmac_per_forward": dit["step"] / (2 if guided else 1) / 2 / GIGA, "runs": dit_rows},
@@ -202,7 +203,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     ratio_headers = [f"{DIT_NAME} generator / this, {n} steps" for n in dit_steps]
     headers = ["model", "head", "params", "sampling", "AR transformer", "flow head", "generator", "VAE decode",
                "generator + decode"] + ratio_headers
-    cfg = "" if report["settings"].get("cfg_scale") == 1 else ", CFG"
+    cfg = ", CFG" if report["settings"]["guided"] else ""
     rows = []
     for r in report["ecar"]:
         rows.append([r["preset"], r["head_variant"], f"{r['params'] / 1e6:.0f}M",

@@ -199,7 +199,7 @@ def test_targets_compare_the_counted_ratio_with_the_required_one():
 def test_markdown_shows_each_number_in_its_column():
     """A hand-built report with round numbers: every cell of the published tables, by hand."""
     report = {
-        "settings": {"guidance": "both branches"}, "environment": {"device": "meta"},
+        "settings": {"guided": True, "guidance": "both branches"}, "environment": {"device": "meta"},
         "dit": {"params": 675e6, "step": 1e9, "gmac_per_forward": 118.64,
                 "runs": [{"steps": 250, "generator": 250e9, "vae_decode": 1e9}]},
         "ecar": [{"preset": "ecar-xl", "head_variant": "mlp flow", "params": 900e6, "steps": 20, "stages": 4,
@@ -222,6 +222,7 @@ def test_an_unguided_count_is_labelled_unguided():
     """cfg_scale 1 counts the conditional branch alone on both sides: the report and its table say so."""
     guided, unguided = (flops.build_report(("ecar-tiny",), cfg_scale=w, dit_steps=(50,)) for w in (4.0, 1.0))
     assert unguided["ecar"][0]["generator"] < 0.6 * guided["ecar"][0]["generator"]
+    assert not unguided["settings"]["guided"] and guided["settings"]["guided"]
     assert unguided["settings"]["guidance"] == "no guidance: the conditional branch alone on both sides"
     assert guided["settings"]["guidance"] == "both branches at every step (2x batch) on both sides"
     table = flops.render_markdown(unguided)
