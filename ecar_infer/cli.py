@@ -430,6 +430,8 @@ def plan(args, group: distributed.Group) -> tuple[Job | None, list[int] | str]:
     lacks. Every rank gets the same answer: the batches to sample, or the error that stops the run."""
     try:
         job, error = prepare(args, group), None
+    except KeyboardInterrupt:  # before user_errors(), whose imports must not run inside an interrupted import
+        raise
     except user_errors() as err:
         job, error = None, one_line(err)
     answer = agree(group, error)

@@ -22,10 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli
+from . import cli, distributed
 from .cpu_memory import keep_freed_memory
-from .editing import MODES, REGIONS, EditInputError
-from .output import save_npz
 
 PROG = "ecar-edit"
 DEFAULT_OUT = "edits.png"
@@ -53,6 +51,8 @@ def in_cli_terms(message: str) -> str:
 
 
 def build_parser() -> cli.Parser:
+    from .editing import MODES, REGIONS  # (torch: imported inside main, where Ctrl-C ends in one line)
+
     p = cli.build_parser(PROG, DESCRIPTION, DEFAULT_OUT, torchrun=False)
     edit = p.add_argument_group("what to edit")
     edit.add_argument("--image", required=True, metavar="PNG", help="the image to edit, at the model's image size")
@@ -99,8 +99,12 @@ def prepare(args):
     labels = cli.expand_classes(args.classes, config.num_classes, args.per_class, sampler.class_names)
     cli.check_sampling_args(args, sampler, len(labels))
     image = read_image(args.image, "--image", config.image_size)
+    from .editing import REGIONS
+
     mask = args.mask
-    if mask is not None and mask not in REGIONS:
+    if mask is not None and mask.lower() in REGIONS:
+        mask = mask.lower()
+    elif mask is not None:
         if not Path(mask).exists():
             raise cli.UsageError(f"--mask {mask}: no such file, and not a built-in region ({', '.join(REGIONS)})")
         mask = read_image(mask, "--mask", config.image_size)
@@ -111,6 +115,8 @@ def write(args, target, out) -> str:
     """The edits into ecar-sample's grid (--label-rows too) or folder `target`, or (target None) into one
     --npz file, not ecar-sample's resumable FILE.parts/; returns what was written."""
     if target is None:
+        from .output import save_npz
+
         save_npz(out.images, out.class_labels, args.npz)
         return args.npz
     for b, batch in enumerate(target.batches):
@@ -144,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     saved = None   # on Ctrl-C: what is on disk
     with warnings_to_stderr():
         try:
+            if distributed.launched_world_size() > 1:
+                raise cli.UsageError("ecar-edit runs in one process: run it without torchrun (every rank would "
+                                     "edit the same images and write the same file)")
+            from .editing import EditInputError
+
             args = build_parser().parse_args(cli.normalize(sys.argv[1:] if argv is None else list(argv)))
             args.out = args.out or (None if args.outdir or args.npz else DEFAULT_OUT)
             sampler, labels, image, mask = prepare(args)
@@ -162,11 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             except OSError as err:
                 print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)
                 return cli.EXIT_FAILED
+        except KeyboardInterrupt:  # before user_errors(), whose imports must not run inside an interrupted import
+            saved = target.saved() if target else "nothing was written"
         except cli.user_errors() as err:
             print(f"{PROG}: error: {cli.one_line(err)}", file=sys.stderr)
             return cli.EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            saved = target.saved() if target else "nothing was written"
     if saved is not None:  # said once the interrupted call is unwound, so that its progress bar is closed
         print(f"{PROG}: interrupted: {saved}", file=sys.stderr)
         return cli.EXIT_INTERRUPTED

@@ -24,6 +24,7 @@ from .checks import is_integer
 from .config import ECARConfig
 from .kernels import ops
 from .kernels.reference import upsample2x
+from .pil_input import as_model_image
 from .schedule import stage_windows
 from .stages import StagePlan, patchify
 
@@ -180,7 +181,8 @@ def image_channels(config: ECARConfig) -> int:
 def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
     """Images -> float32 [N, C, H, W] in [-1, 1] on the CPU.
 
-    Accepted: a PIL image or a list of them (converted to L or RGB as the model needs); a uint8 array
+    Accepted: a PIL image or a list of them (transparency composited on white, 16-bit grayscale scaled to
+    8 bits, then L or RGB as the model needs: ecar_infer/pil_input.py); a uint8 array
     [H, W], [H, W, C] (C = 1 or 3), [N, H, W] (grayscale) or [N, H, W, C]; a float tensor [C, H, W] or
     [N, C, H, W] in [-1, 1]; a list of arrays or tensors.
     """
@@ -190,7 +192,7 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
             raise EditInputError("images is empty: give at least one image")
         return torch.cat([as_images(one, config) for one in images])
     if hasattr(images, "convert") and hasattr(images, "size"):  # a PIL image
-        images = np.asarray(images.convert("L" if channels == 1 else "RGB"))
+        images = np.asarray(as_model_image(images, channels))
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
             raise EditInputError(f"image arrays must be uint8 (0..255), got {images.dtype}; give floats in [-1, 1] "
@@ -223,7 +225,12 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
     if x.shape[1] == 3 and channels == 1:
         raise EditInputError("the images have 3 channels but the model makes grayscale images: convert them first")
     if x.shape[1] != channels:
-        raise EditInputError(f"the images have {x.shape[1]} channels but the model makes {channels}-channel images")
+        hint = ""
+        if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[0] in (1, 3):
+            hint = (f" (a uint8 array of shape {images.shape} is read as {images.shape[0]} grayscale image(s) "
+                    f"[N, H, W]: give arrays channels last, [H, W, C] or [N, H, W, C])")
+        raise EditInputError(f"the images have {x.shape[1]} channels but the model makes {channels}-channel images"
+                             f"{hint}")
     if tuple(x.shape[-2:]) != (size, size):
         raise EditInputError(f"the images are {x.shape[-1]}x{x.shape[-2]} pixels but the model makes {size}x{size} "
                          f"images: resize or crop them first")

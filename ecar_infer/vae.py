@@ -9,9 +9,12 @@ reference config is already in the Hugging Face cache.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -186,6 +189,29 @@ def _load_folder(folder: Path):
     return vae
 
 
+# Every VAE file names its encoder's first convolution so (LDM single files may prefix it, as whole Stable
+# Diffusion checkpoints do with first_stage_model.)
+VAE_TENSOR = "encoder.conv_in.weight"
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode for the block. local_files_only=True alone does not keep it off the
+    network: building its request headers fetches a registry from huggingface.co (huggingface_hub 2.4), and
+    nothing here may touch the network. Its deprecation warning about an argument diffusers passes is
+    silenced with it."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks", category=UserWarning)
+            yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
 def load_autoencoder(path: str | os.PathLike):
     """AutoencoderKL from a local diffusers folder (config.json + weights) or a single .safetensors file."""
     path = Path(path)
@@ -195,14 +221,20 @@ def load_autoencoder(path: str | os.PathLike):
 
     try:
         if path.is_dir():
-            return _load_folder(path)
+            with hub_offline():
+                return _load_folder(path)
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:
-            config = (f.metadata() or {}).get(CONFIG_KEY)
-        if config is None:
+            metadata, names = f.metadata() or {}, list(f.keys())
+        if metadata.get(CONFIG_KEY) is not None:
+            return _load_single_file(path, metadata[CONFIG_KEY])
+        if metadata.get("format") == "ecar":
+            raise VAEError("it is an E-CAR checkpoint, not a VAE")
+        if not any(name.endswith(VAE_TENSOR) for name in names):
+            raise VAEError(f"it holds no VAE weights (no {VAE_TENSOR} among its {len(names)} tensor(s))")
+        with hub_offline():
             return AutoencoderKL.from_single_file(path, local_files_only=True)
-        return _load_single_file(path, config)
     except VAEError as err:
         raise VAEError(f"could not load the VAE at {path}: {err}") from None
     except Exception as err:  # diffusers and safetensors raise many types; report one clear line

@@ -196,6 +196,20 @@ def test_ctrl_c_prints_one_line_and_exits_130(ckpt, tmp_path, capsys, monkeypatc
     assert code == 130 and stderr.strip() == f"ecar-sample: interrupted: {saved.format(tmp=tmp_path)}"
 
 
+def test_ctrl_c_while_the_model_loads_is_one_line_too(ckpt, capsys, monkeypatch):
+    """^C during start-up (torch half imported): the error types must not be imported to match it, since
+    importing inside an interrupted import fails (an ImportError traceback, status 1, before this fix)."""
+    from ecar_infer import cli
+
+    def interrupted_import(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_sampler", interrupted_import)
+    monkeypatch.setattr(cli, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--class", "1")
+    assert code == 130 and stdout == "" and stderr == "ecar-sample: interrupted: nothing was written\n"
+
+
 # ---- a rerun with other settings is refused, for every field of the settings record -------------------
 @pytest.fixture(scope="module")
 def ckpt_copy(ckpt, tmp_path_factory):

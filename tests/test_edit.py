@@ -125,6 +125,38 @@ def test_pil_images_are_converted_to_the_models_channels():
                                                                         TINY))
 
 
+def test_transparent_and_16_bit_pil_images_are_read_as_training_reads_them():
+    """Transparency is composited on white (as the emoji data set is: a transparent emoji read as black would
+    keep a black background beside generated white), 16-bit grayscale is scaled to 8 bits, not clipped."""
+    colour = TINY.replace(latent_channels=3)
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[:8, :, :] = (200, 10, 20, 255)   # top half opaque red
+    rgba[8:, :, :] = (0, 0, 0, 0)         # bottom half transparent (black underneath)
+    rgba[8:, :8, :] = (0, 0, 255, 128)    # bottom-left half-transparent blue
+    got = as_images(Image.fromarray(rgba, "RGBA"), colour)[0]
+    want = np.zeros((16, 16, 3), dtype=np.uint8)
+    want[:8] = (200, 10, 20)
+    want[8:] = 255
+    want[8:, :8] = (127, 127, 255)         # blue at alpha 128 over white, as Image.alpha_composite rounds it
+    assert torch.equal(got, as_images(want, colour)[0])
+    grey_alpha = Image.fromarray(rgba[..., [0, 3]], "LA")  # L 200 opaque on top, transparent below
+    assert torch.equal(as_images(grey_alpha, TINY)[0, 0, 8:, 8:], torch.ones(8, 8))
+    deep = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)  # 0..65535 in 16 bits
+    grey16 = Image.fromarray(deep)
+    assert grey16.mode == "I;16"
+    assert torch.equal(as_images(grey16, TINY), as_images(np.arange(256, dtype=np.uint8).reshape(16, 16), TINY))
+
+
+def test_a_channels_first_array_gets_a_hint():
+    colour = TINY.replace(latent_channels=3)
+    with pytest.raises(EditInputError, match=r"the images have 1 channels but the model makes 3-channel images \(a "
+                                             r"uint8 array of shape \(3, 16, 16\) is read as 3 grayscale image\(s\) "
+                                             r"\[N, H, W\]: give arrays channels last, \[H, W, C\] or \[N, H, W, C\]\)$"):
+        as_images(np.zeros((3, 16, 16), dtype=np.uint8), colour)
+    with pytest.raises(EditInputError, match="the images have 1 channels but the model makes 3-channel images$"):
+        as_images(np.zeros((2, 16, 16), dtype=np.uint8), colour)  # a grayscale batch: no hint
+
+
 def test_editing_noise_comes_after_the_sampling_noise():
     plan = random_model(TINY).plan
     plain, edit = draw_noise([4, 9], plan), draw_noise([4, 9], plan, edit=True)

@@ -187,6 +187,40 @@ def test_an_output_that_cannot_be_written_is_refused_before_editing(ckpt, image,
     assert sorted(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_while_the_model_loads_is_one_line(ckpt, image, capsys, monkeypatch):
+    """As ecar-sample: ^C during start-up does not import the error types to match it (an import inside an
+    interrupted import fails with a traceback)."""
+    from ecar_infer import cli
+
+    def interrupted_import(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_sampler", interrupted_import)
+    monkeypatch.setattr(cli, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--image", image[0], "--mask", "left", "--class", "1")
+    assert code == 130 and stdout == "" and stderr == "ecar-edit: interrupted: nothing was written\n"
+
+
+def test_under_torchrun_it_refuses_to_run_every_rank_on_the_same_edit(ckpt, image, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(Sampler, "edit", lambda *args, **kwargs: pytest.fail("refused before editing"))
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--image", image[0], "--class", "1", "--out",
+                               tmp_path / "e.png")
+    assert code == 2 and stdout == "" and not list(tmp_path.iterdir())
+    assert stderr == ("ecar-edit: error: ecar-edit runs in one process: run it without torchrun (every rank would "
+                      "edit the same images and write the same file)\n")
+
+
+def test_built_in_regions_are_case_insensitive(ckpt, image, tmp_path, capsys):
+    outputs = []
+    for region in ("left", "LEFT", "Left"):
+        code, _, stderr = run(capsys, "--ckpt", ckpt, "--image", image[0], "--mask", region, "--class", "1",
+                              "--steps", "1", "-q", "--out", tmp_path / f"{region}.png")
+        assert code == 0, stderr
+        outputs.append((tmp_path / f"{region}.png").read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
 @pytest.mark.parametrize("output", ["--out {tmp}/e.png", "--outdir {tmp}/out"])
 def test_a_write_that_fails_is_one_line_with_status_1_and_leaves_no_partial_file(ckpt, image, tmp_path, capsys,
                                                                                    monkeypatch, output):

@@ -69,6 +69,36 @@ def test_unloadable_vaes_raise_vae_error(vae, tmp_path):
         load_autoencoder(bare)
 
 
+def test_loading_never_touches_the_network(vae, vae_folder, tmp_path, monkeypatch):
+    """Nothing is fetched at run time: a single file without its config (which diffusers would build from a
+    reference config on the Hub) fails offline, and a file that is no VAE at all is refused before diffusers
+    sees it; no host name is ever looked up."""
+    import socket
+
+    from safetensors.torch import save_file
+
+    looked_up = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or [][0])
+    from huggingface_hub import constants
+
+    online = constants.HF_HUB_OFFLINE
+    checkpoint = tmp_path / "model.safetensors"
+    save_checkpoint(random_model(TINY_VAE), checkpoint)
+    with pytest.raises(VAEError, match="model.safetensors: it is an E-CAR checkpoint, not a VAE$"):
+        load_autoencoder(checkpoint)
+    save_file({"w": torch.ones(2), "v": torch.ones(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(VAEError, match=r"other.safetensors: it holds no VAE weights \(no encoder.conv_in.weight "
+                                       r"among its 2 tensor\(s\)\)$"):
+        load_autoencoder(tmp_path / "other.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, bare)
+    with pytest.raises(VAEError, match="must carry its diffusers config"):
+        load_autoencoder(bare)
+    assert same_weights(load_autoencoder(vae_folder), vae)
+    assert looked_up == []
+    assert constants.HF_HUB_OFFLINE == online  # the offline switch is only held while loading
+
+
 def crafted_file(vae, path, edit_config=None, edit_tensors=None):
     """A single-file VAE as save_autoencoder writes it, with its config and tensors edited."""
     import json
