@@ -53,6 +53,18 @@ def finite_real(name: str, value) -> float:
     return float(value)
 
 
+# The largest float32: guidance is computed in float32 (bf16 shares its range), so a weight beyond it is inf
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def guidance_weight(value) -> float:
+    """A classifier-free guidance weight: a finite number that float32 holds."""
+    weight = finite_real("cfg_scale", value)
+    if abs(weight) > FLOAT32_MAX:
+        raise ValueError(f"cfg_scale must be within float32's range (|cfg_scale| <= 3.4e38), got {value}")
+    return weight
+
+
 def parse_json(text: str | bytes):
     """json.loads for text from a file: whatever is not JSON raises ValueError (JSONDecodeError, bad UTF-8,
     an integer too long to convert), text nested past the parser's recursion limit included."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
+from .checks import FLOAT32_MAX
 from .class_names import ClassNameError, list_classes, resolve_class
 from .config import ConfigError
 from .cpu_memory import keep_freed_memory
@@ -75,7 +76,8 @@ def checked(parse, ok, requirement: str):
 
 positive_int = checked(int, lambda v: v > 0, "a positive integer")
 seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**64-1)")
-finite_float = checked(float, math.isfinite, "a finite number")
+guidance_float = checked(float, lambda v: math.isfinite(v) and abs(v) <= FLOAT32_MAX,
+                         "a finite number within float32's range (|W| <= 3.4e38)")
 
 
 def class_spec(text: str) -> list[str | None]:
@@ -143,7 +145,7 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
     model.add_argument("--vae-slicing", action="store_true", help="decode the batch one image at a time")
     model.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles")
     sampling = p.add_argument_group("sampling (defaults: the checkpoint's recommended settings)")
-    sampling.add_argument("--cfg-scale", type=finite_float, metavar="W", help="classifier-free guidance weight w")
+    sampling.add_argument("--cfg-scale", type=guidance_float, metavar="W", help="classifier-free guidance weight w")
     sampling.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance over the stages")
     sampling.add_argument("--cfg-interval", type=interval_spec, metavar="LO,HI",
                           help="guide only where LO <= sigma <= HI (0,1: everywhere)")
@@ -451,13 +453,13 @@ def sample(args, group: distributed.Group, job: Job, todo: list[int], started: f
 
     target = job.target
     report = group.rank == 0 and not args.quiet
-    if len(todo) < len(target.batches) and report:
+    if 0 < len(todo) < len(target.batches) and report:
         print(f"{PROG}: {len(target.batches) - len(todo)} of {len(target.batches)} batches are already in "
               f"{target.where()}; sampling the other {len(todo)}", file=sys.stderr)
     missing = set(todo)
     bar = tqdm(total=len(target.labels), unit="img", desc="sampling", dynamic_ncols=True,
                initial=sum(len(batch) for b, batch in enumerate(target.batches) if b not in missing),
-               disable=not report or args.no_progress)
+               disable=not report or args.no_progress or not todo)
 
     def sample_batch(b: int) -> tuple[int, float]:
         batch = target.batches[b]
@@ -480,7 +482,8 @@ def sample(args, group: distributed.Group, job: Job, todo: list[int], started: f
         print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     if report:
-        print(summary(tally, seconds, written, time.perf_counter() - started))
+        print(summary(tally, seconds, written, time.perf_counter() - started) if todo else
+              f"nothing to sample: the {image_count(len(target.labels))} of this request are already written ({written})")
     return 0
 
 

@@ -94,19 +94,34 @@ def save_npz(array: np.ndarray, labels: Sequence[int], path: str | os.PathLike) 
     _write_npz(path, [array], labels)
 
 
-def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: str | os.PathLike) -> None:
+def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: str | os.PathLike,
+             settings: str | None = None) -> None:
     """Join the `arr_0` of several sample files, in order, into one sample file for `labels`, streaming
-    one file at a time (a 50,000-image file need not fit in memory twice)."""
+    one file at a time (a 50,000-image file need not fit in memory twice); `settings` (text) is stored
+    beside them as a 0-d string array `settings`, which evaluators ignore."""
 
     def arrays() -> Iterator[np.ndarray]:
         for file in files:
             with np.load(file) as data:
                 yield data["arr_0"]
 
-    _write_npz(path, arrays(), labels)
+    _write_npz(path, arrays(), labels, settings)
 
 
-def _write_npz(path: str | os.PathLike, arrays: Iterable[np.ndarray], labels: Sequence[int]) -> None:
+def npz_settings(path: str | os.PathLike) -> str | None:
+    """The `settings` text join_npz stored in a sample file, or None if it has none; OSError or ValueError
+    if the file is no .npz."""
+    with np.load(path, allow_pickle=False) as data:
+        if "settings" not in data.files:
+            return None
+        settings = data["settings"]
+    if settings.shape != () or settings.dtype.kind != "U":
+        raise ValueError("its settings entry is not a string")
+    return str(settings)
+
+
+def _write_npz(path: str | os.PathLike, arrays: Iterable[np.ndarray], labels: Sequence[int],
+               settings: str | None = None) -> None:
     """What np.savez writes (an uncompressed zip of arr_0.npy and labels.npy, readable by np.load), with
     arr_0 streamed from `arrays` and fixed timestamps, so the file's bytes depend only on the images."""
     labels = np.asarray(labels, dtype=np.int64)
@@ -127,3 +142,6 @@ def _write_npz(path: str | os.PathLike, arrays: Iterable[np.ndarray], labels: Se
                 raise ValueError(f"{rows} images for {len(labels)} labels")
         with archive.open(zipfile.ZipInfo("labels.npy", NPZ_DATE), "w", force_zip64=True) as member:
             np.lib.format.write_array(member, labels, allow_pickle=False)
+        if settings is not None:
+            with archive.open(zipfile.ZipInfo("settings.npy", NPZ_DATE), "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.array(settings), allow_pickle=False)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from .checks import finite_real, integers, is_integer
+from .checks import guidance_weight, integers, is_integer
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import parse_class_names, resolve_class
 from .config import ECARConfig
@@ -246,7 +246,7 @@ class Sampler:
         """The per-stage step plan (ecar_infer/schedule.py) a request with these settings runs, the sampler's
         defaults filling what is not given. None means the default; any other value is checked (0, "" or
         [] are errors, not defaults)."""
-        cfg_scale = self.defaults.cfg_scale if cfg_scale is None else finite_real("cfg_scale", cfg_scale)
+        cfg_scale = self.defaults.cfg_scale if cfg_scale is None else guidance_weight(cfg_scale)
         cfg_schedule = self.defaults.cfg_schedule if cfg_schedule is None else cfg_schedule
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")

@@ -17,13 +17,23 @@ import numpy as np
 
 from .atomic import atomic_write_text
 from .checks import parse_json
-from .output import join_npz, make_grid, save_image, save_npz
+from .output import join_npz, make_grid, npz_settings, save_image, save_npz
 
 RECORD = "run.json"
 
 
 class ResumeError(Exception):
     """The target holds images of a run with other settings, or lacks batches it should hold."""
+
+
+def settings_text(settings: dict) -> str:
+    return json.dumps(settings, indent=1, sort_keys=True) + "\n"
+
+
+def differing(saved: dict, settings: dict) -> list[str]:
+    """The names of the settings that differ between a saved record and this run's."""
+    now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
+    return sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
 
 
 class Target:
@@ -60,15 +70,13 @@ class Target:
         return the batches still to sample."""
         record = self.record_path()
         if record.exists():
-            saved = self.read_record()
-            now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
-            differ = sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+            differ = differing(self.read_record(), settings)
             if differ:
                 raise ResumeError(f"{self.where()} holds images of a run with other settings ({', '.join(differ)}): "
                                   f"rerun that command to finish it, write elsewhere, or delete {self.where()}")
         else:
             record.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(record, settings_text(settings))
         return [b for b in range(len(self.batches)) if not self.holds(b)]
 
     def read_record(self) -> dict:
@@ -102,12 +110,34 @@ class Target:
 
 class NpzTarget(Target):
     """An ADM-evaluator file: uint8 NHWC `arr_0` with 3 channels and int64 `labels`. Each batch is written
-    to FILE.parts/batchNNNNNN.npz; finish() joins them into FILE and removes the folder."""
+    to FILE.parts/batchNNNNNN.npz; finish() joins them into FILE, with the run's settings record as its
+    `settings` entry, and removes the folder. A finished FILE is the record then: the same request again
+    has nothing to sample, another is refused rather than replacing it."""
 
     def __init__(self, path: str | Path, labels: Sequence[int], seeds: Sequence[int], batch_size: int) -> None:
         super().__init__(labels, seeds, batch_size)
         self.path = Path(path)
         self.parts = Path(f"{self.path}.parts")
+        self.settings: dict | None = None
+        self.finished_before = False
+
+    def start(self, settings: dict) -> list[int]:
+        self.settings = settings
+        if self.parts.exists() or not self.path.exists():
+            return super().start(settings)
+        self.finished_before = True
+        try:
+            text = npz_settings(self.path)
+            saved = None if text is None else parse_json(text)
+        except (OSError, ValueError) as err:
+            raise ResumeError(f"{self.path} exists and is not a sample file ({err}): write elsewhere, or delete it")
+        if not isinstance(saved, dict):
+            raise ResumeError(f"{self.path} exists and records no ecar-sample settings: write elsewhere, or delete it")
+        differ = differing(saved, settings)
+        if differ:
+            raise ResumeError(f"{self.path} holds the finished run of other settings ({', '.join(differ)}): write "
+                              f"elsewhere, or delete {self.path}")
+        return []
 
     def where(self) -> str:
         return f"{self.parts}/"
@@ -118,15 +148,18 @@ class NpzTarget(Target):
     def part(self, batch: int) -> Path:
         return self.parts / f"batch{batch:06d}.npz"
 
-    def holds(self, batch: int) -> bool:
-        return self.part(batch).exists()
-
     def write(self, batch: int, images: np.ndarray) -> None:
         save_npz(images, [self.labels[i] for i in self.batches[batch]], self.part(batch))
 
+    def holds(self, batch: int) -> bool:
+        return self.finished_before or self.part(batch).exists()
+
     def finish(self) -> str:
+        if self.finished_before:
+            return str(self.path)
         self.check_complete()
-        join_npz([self.part(b) for b in range(len(self.batches))], self.labels, self.path)
+        join_npz([self.part(b) for b in range(len(self.batches))], self.labels, self.path,
+                 settings_text(self.settings))
         shutil.rmtree(self.parts)
         return str(self.path)
 

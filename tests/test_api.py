@@ -32,6 +32,8 @@ def sampler():
     (dict(cfg_scale=math.inf), "cfg_scale must be a finite number"),
     (dict(cfg_scale=-math.inf), "cfg_scale must be a finite number"),
     (dict(cfg_scale=10**400), "cfg_scale must be a finite number"),     # an int beyond a float's range
+    (dict(cfg_scale=1e39), r"cfg_scale must be within float32's range \(\|cfg_scale\| <= 3.4e38\), got 1e\+39"),
+    (dict(cfg_scale=-3.5e38), r"cfg_scale must be within float32's range"),  # inf once in float32
     (dict(class_labels=["3"]), "class_labels must be integers, got '3'"),
     (dict(class_labels=[3.0]), "class_labels must be integers, got 3.0"),
     (dict(class_labels=[True]), "class_labels must be integers"),

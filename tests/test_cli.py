@@ -92,7 +92,8 @@ def test_npz_is_an_adm_evaluator_file(ckpt, tmp_path, capsys):
                      "4", "--cfg_scale=1.5", "--npz", path, "-q")
     assert code == 0
     with np.load(path) as data:
-        assert sorted(data.keys()) == ["arr_0", "labels"]
+        assert sorted(data.keys()) == ["arr_0", "labels", "settings"]  # the run's settings record, as text
+        assert json.loads(str(data["settings"]))["cfg_scale"] == 1.5
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (6, 16, 16, 3)
         assert np.array_equal(data["arr_0"][..., 0], data["arr_0"][..., 2])  # the gray channel, replicated
         assert data["labels"].tolist() == [1, 1, 1, 4, 4, 4]
@@ -139,6 +140,42 @@ def test_npz_resumes_an_interrupted_run_from_its_saved_batches(ckpt, tmp_path, c
     with np.load(path) as data:
         assert data["labels"].tolist() == [0, 0, 1, 1, 2, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]  # the parts folder is gone
+
+
+def test_a_finished_npz_is_not_sampled_again_nor_replaced_by_another_request(ckpt, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "samples.npz"
+    args = ("--ckpt", ckpt, "--class", "0-2", "--n", "2", "--steps", "2", "--batch-size", "4", "--npz", path)
+    assert run(capsys, *args)[0] == 0
+    whole = path.read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("nothing should be sampled"))
+        code, stdout, stderr = run(capsys, *args)
+        assert code == 0 and stderr == "", stderr
+        assert stdout == f"nothing to sample: the 6 images of this request are already written ({path})\n"
+        code, stdout, stderr = run(capsys, *args, "--cfg-scale", "2.5", "--seed", "3")
+        assert code == 2 and stdout == ""
+        assert stderr == (f"ecar-sample: error: {path} holds the finished run of other settings (cfg_scale, seed): "
+                          f"write elsewhere, or delete {path}\n")
+        assert path.read_bytes() == whole and sorted(tmp_path.iterdir()) == [path]
+        for other, why in ((lambda: np.savez(path, arr_0=np.zeros((1, 2, 2, 3), np.uint8)),
+                            "records no ecar-sample settings"),
+                           (lambda: path.write_text("not an npz"), "is not a sample file")):
+            other()
+            code, stdout, stderr = run(capsys, *args)
+            assert code == 2 and stderr.startswith(f"ecar-sample: error: {path} exists and {why}"), stderr
+            assert stderr.endswith(": write elsewhere, or delete it\n") and sorted(tmp_path.iterdir()) == [path]
+    path.unlink()
+    assert run(capsys, *args)[0] == 0 and path.read_bytes() == whole
+
+
+def test_a_finished_outdir_says_there_is_nothing_to_sample(ckpt, tmp_path, capsys, monkeypatch):
+    args = ("--ckpt", ckpt, "--class", "2", "--per-class", "3", "--steps", "2", "--outdir", tmp_path / "out")
+    assert run(capsys, *args)[0] == 0
+    monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("nothing should be sampled"))
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0 and stderr == ""
+    assert stdout == (f"nothing to sample: the 3 images of this request are already written (3 PNG files in "
+                      f"{tmp_path / 'out'}/)\n")
 
 
 def test_only_rank_0_reports_an_interrupt(ckpt, tmp_path, capsys, monkeypatch):
@@ -547,9 +584,13 @@ USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error
     "steps list length": ("--ckpt {ckpt} --class 1 --steps 2,2", "--steps gives 2 values but the model has 3 stages"),
     "bad interval": ("--ckpt {ckpt} --class 1 --cfg-interval 0.9,0.1", "give LO,HI with 0 <= LO <= HI <= 1"),
     "nan interval": ("--ckpt {ckpt} --class 1 --cfg-interval nan,1", "give LO,HI with 0 <= LO <= HI <= 1"),
-    "cfg nan": ("--ckpt {ckpt} --class 1 --cfg-scale nan", "argument --cfg-scale: must be a finite number, got 'nan'"),
+    "cfg nan": ("--ckpt {ckpt} --class 1 --cfg-scale nan", "argument --cfg-scale: must be a finite number within float32's range (|W| "
+                                                            "<= 3.4e38), got 'nan'"),
     "cfg inf": ("--ckpt {ckpt} --class 1 --cfg-scale inf", "argument --cfg-scale: must be a finite number"),
     "cfg -inf": ("--ckpt {ckpt} --class 1 --cfg-scale=-inf", "argument --cfg-scale: must be a finite number"),
+    "cfg beyond float32": ("--ckpt {ckpt} --class 1 --cfg-scale 1e39",
+                           "argument --cfg-scale: must be a finite number within float32's range (|W| <= 3.4e38), "
+                           "got '1e39'"),
     "seed above 2**64-1": ("--ckpt {ckpt} --class 1 --seed 18446744073709551616",
                            "argument --seed: must be an integer in 0..18446744073709551615"),
     "negative seed": ("--ckpt {ckpt} --class 1 --seed -1", "argument --seed: must be an integer in 0.."),
