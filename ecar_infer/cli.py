@@ -124,7 +124,7 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
     torchrun option (as --n is of --nnodes and --nproc-per-node), which tests/test_cli.py checks."""
     from .weights import default_checkpoint, shipped_models
 
-    p = Parser(prog=prog, description=description)
+    p = Parser(prog=prog, description=description, allow_abbrev=False)  # --clas is a typo, not --class
     what = p.add_argument_group("what to sample")
     what.add_argument("--class", dest="classes", action="append", type=class_spec, required=True, metavar="C",
                       help="class index, name (or an unambiguous prefix of one), range (0-9), comma list or "
@@ -166,10 +166,11 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
                               f"error (default {DEFAULT_RANK_TIMEOUT}; a rank that exits is noticed at once)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
-    out = p.add_argument_group("output (one of)").add_mutually_exclusive_group()
+    outputs = p.add_argument_group("output (one of --out, --outdir, --npz)")
+    out = outputs.add_mutually_exclusive_group()
     out.add_argument("--out", metavar="FILE", help=f"one grid image (.png, .jpg or .webp), a row per class while "
                                                    f"--per-class is 2-{MAX_GRID_COLUMNS} (default {default_out})")
-    p.add_argument("--label-rows", action="store_true", help="write each row's class name beside the --out grid")
+    outputs.add_argument("--label-rows", action="store_true", help="write each row's class name beside the --out grid")
     out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png " + (
         "(resumes; torchrun shards it)" if torchrun else "(each written atomically once all are edited; no resume)"))
     out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file FILE.npz: uint8 NHWC arr_0 and labels " + (
@@ -191,8 +192,20 @@ def normalize(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    args = build_parser().parse_args(normalize(argv))
-    args.out = args.out or (None if args.outdir or args.npz else DEFAULT_OUT)
+    return resolve_output(build_parser().parse_args(normalize(argv)), DEFAULT_OUT)
+
+
+def resolve_output(args: argparse.Namespace, default_out: str) -> argparse.Namespace:
+    """The output options as given, checked: empty names are errors (not the default), --label-rows
+    only labels a grid, and without any output option the grid goes to `default_out`."""
+    for option in ("out", "outdir", "npz"):
+        if getattr(args, option) == "":
+            raise UsageError(f"--{option} is empty: give a {'folder' if option == 'outdir' else 'file'} name")
+    if args.label_rows and (args.outdir or args.npz):
+        raise UsageError(f"--label-rows labels the rows of an --out grid: it does nothing with "
+                         f"--{'outdir' if args.outdir else 'npz'}")
+    if not (args.out or args.outdir or args.npz):
+        args.out = default_out
     return args
 
 
@@ -203,6 +216,8 @@ def check_output(args, world: int) -> None:
         raise UsageError("--out writes one grid from one process; under torchrun write --npz FILE or --outdir DIR")
     if args.outdir:
         folder = Path(args.outdir)
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"cannot use --outdir {folder}: it is a file, not a folder")
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             from .editing import EditInputError
 
             args = build_parser().parse_args(cli.normalize(sys.argv[1:] if argv is None else list(argv)))
-            args.out = args.out or (None if args.outdir or args.npz else DEFAULT_OUT)
+            args = cli.resolve_output(args, DEFAULT_OUT)
             sampler, labels, image, mask = prepare(args)
             seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
             try:  # edit() checks its inputs (mask, mode, from_stage) before any sampling

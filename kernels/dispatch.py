@@ -30,6 +30,13 @@ BACKEND_NAMES = ("flash", "triton", "sdpa", "reference")
 ATTENTION_OPS = ("stage_attention", "block_causal_attention")
 PREFERENCE = {op: ("flash", "triton", "sdpa", "reference") for op in ATTENTION_OPS}
 DEFAULT_PREFERENCE = ("triton", "reference")
+# Why a backend may be missing from the registry (kernels/__init__.py registers what can run here)
+NOT_REGISTERED = {
+    "flash": "is not available (it needs the flash-attn package)",
+    "triton": "is not available here (it needs a CUDA GPU, or TRITON_INTERPRET=1 set before ecar_infer is imported "
+              "to interpret it on the CPU)",
+    "sdpa": "is not registered", "reference": "is not registered",
+}
 
 
 class BackendError(ValueError):
@@ -158,7 +165,7 @@ def select(op: str, *args: Any, **kwargs: Any) -> Backend:
         if not backend.checks_calls or backend.supports(*args, **kwargs):
             # Forcing a backend the op never has (sdpa for a LayerNorm) is silent; any other miss is not.
             if forced is not None and backend.name != forced and forced in PREFERENCE.get(op, DEFAULT_PREFERENCE):
-                why = "cannot run it for this call" if forced in _REGISTRY[op] else "is not installed"
+                why = "cannot run it for this call" if forced in _REGISTRY[op] else NOT_REGISTERED[forced]
                 _log_once(op, "!" + forced, f"backend {forced!r} forced for {op} but {why}; using {backend.name!r}",
                           logging.WARNING)
             return backend

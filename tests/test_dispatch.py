@@ -121,7 +121,22 @@ def test_forcing_a_missing_backend_says_so(caplog):
         ops.stage_attention(*attention_args())
         ops.layernorm_modulate(*ln_args())  # flash never serves this op: no warning for it
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warnings == ["backend 'flash' forced for stage_attention but is not installed; using 'reference'"]
+    assert warnings == ["backend 'flash' forced for stage_attention but is not available (it needs the flash-attn "
+                        "package); using 'reference'"]
+
+
+def test_forcing_triton_where_it_is_not_registered_says_why(caplog, monkeypatch):
+    """Without CUDA or TRITON_INTERPRET=1 no Triton kernel is registered (an op registered here with only its
+    reference stands for that), and the warning says what Triton needs rather than that it is missing."""
+    caplog.set_level(logging.INFO, logger="ecar_infer.kernels")
+    monkeypatch.setitem(dispatch._REGISTRY, "toy_scale", {})
+    dispatch.register("toy_scale", "reference", lambda x: 2 * x)
+    with dispatch.force_backend("triton"):
+        assert torch.equal(dispatch.call("toy_scale", torch.ones(3)), torch.full((3,), 2.0))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["backend 'triton' forced for toy_scale but is not available here (it needs a CUDA GPU, or "
+                        "TRITON_INTERPRET=1 set before ecar_infer is imported to interpret it on the CPU); using "
+                        "'reference'"]
 
 
 def test_first_use_is_logged_once(caplog):
