@@ -215,27 +215,40 @@ def check_output(args, world: int) -> None:
     if args.out and world > 1:
         raise UsageError("--out writes one grid from one process; under torchrun write --npz FILE or --outdir DIR")
     if args.outdir:
-        folder = Path(args.outdir)
-        if folder.exists() and not folder.is_dir():
-            raise UsageError(f"cannot use --outdir {folder}: it is a file, not a folder")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"cannot create --outdir {folder}: {err.strerror or err}") from None
-    else:
-        target = Path(args.npz or args.out)
-        folder = target.parent
-        if target.is_dir():
-            raise UsageError(f"cannot write {target}: it is a directory")
-        if not folder.is_dir():
-            raise UsageError(f"cannot write {target}: directory {folder} does not exist")
-        from .output import IMAGE_FORMATS
+        make_folder(Path(args.outdir), "--outdir")
+        check_writable_folder(Path(args.outdir))
+        return
+    target = Path(args.npz or args.out)
+    check_writable_file(target)
+    from .output import IMAGE_FORMATS
 
-        if args.out and target.suffix.lower() not in IMAGE_FORMATS:
-            raise UsageError(f"--out {target}: name the grid image with one of {', '.join(IMAGE_FORMATS)} (the "
-                             f"format follows the extension)")
-        if args.npz and target.suffix.lower() != ".npz":
-            raise UsageError(f"--npz {target}: the file name must end in .npz")
+    if args.out and target.suffix.lower() not in IMAGE_FORMATS:
+        raise UsageError(f"--out {target}: name the grid image with one of {', '.join(IMAGE_FORMATS)} (the "
+                         f"format follows the extension)")
+    if args.npz and target.suffix.lower() != ".npz":
+        raise UsageError(f"--npz {target}: the file name must end in .npz")
+
+
+def make_folder(folder: Path, option: str) -> None:
+    """Create the output folder `option` names (and its parents), or fail with one line."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"cannot use {option} {folder}: it is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create {option} {folder}: {err.strerror or err}") from None
+
+
+def check_writable_file(target: Path) -> None:
+    """Fail if the file `target` cannot be written: a directory, or in a folder missing or read-only."""
+    if target.is_dir():
+        raise UsageError(f"cannot write {target}: it is a directory")
+    if not target.parent.is_dir():
+        raise UsageError(f"cannot write {target}: directory {target.parent} does not exist")
+    check_writable_folder(target.parent)
+
+
+def check_writable_folder(folder: Path) -> None:
     try:
         with tempfile.TemporaryFile(dir=folder):
             pass

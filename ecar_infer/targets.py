@@ -26,14 +26,26 @@ class ResumeError(Exception):
     """The target holds images of a run with other settings, or lacks batches it should hold."""
 
 
+def differing_settings(saved: dict, settings: dict) -> list[str]:
+    """The names of the settings whose values in a saved record and in `settings` differ, sorted."""
+    now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
+    return sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+
+
+def read_settings(record: Path) -> dict:
+    """A settings record (a JSON object); OSError or ValueError if it cannot be read."""
+    saved = parse_json(record.read_text())
+    if not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+    return saved
+
+
 def settings_text(settings: dict) -> str:
     return json.dumps(settings, indent=1, sort_keys=True) + "\n"
 
 
-def differing(saved: dict, settings: dict) -> list[str]:
-    """The names of the settings that differ between a saved record and this run's."""
-    now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
-    return sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+def write_settings(record: Path, settings: dict) -> None:
+    atomic_write_text(record, settings_text(settings))
 
 
 class Target:
@@ -70,28 +82,23 @@ class Target:
         return the batches still to sample."""
         record = self.record_path()
         if record.exists():
-            differ = differing(self.read_record(), settings)
+            differ = differing_settings(self.read_record(), settings)
             if differ:
                 raise ResumeError(f"{self.where()} holds images of a run with other settings ({', '.join(differ)}): "
                                   f"rerun that command to finish it, write elsewhere, or delete {self.where()}")
         else:
             record.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(record, settings_text(settings))
+            write_settings(record, settings)
         return [b for b in range(len(self.batches)) if not self.holds(b)]
 
     def read_record(self) -> dict:
         """The settings saved by the run that wrote the images here; unreadable, they cannot be resumed."""
         record = self.record_path()
         try:
-            saved = parse_json(record.read_text())
+            return read_settings(record)
         except (OSError, ValueError) as err:
-            why = str(err)
-        else:
-            if isinstance(saved, dict):
-                return saved
-            why = "not a JSON object"
-        raise ResumeError(f"{self.where()} holds images whose settings record {record.name} cannot be read ({why}): "
-                          f"write elsewhere, or delete {self.where()}")
+            raise ResumeError(f"{self.where()} holds images whose settings record {record.name} cannot be read "
+                              f"({err}): write elsewhere, or delete {self.where()}") from None
 
     def check_complete(self) -> None:
         """Every batch must be there before finishing (they are not when ranks on other machines wrote
@@ -133,7 +140,7 @@ class NpzTarget(Target):
             raise ResumeError(f"{self.path} exists and is not a sample file ({err}): write elsewhere, or delete it")
         if not isinstance(saved, dict):
             raise ResumeError(f"{self.path} exists and records no ecar-sample settings: write elsewhere, or delete it")
-        differ = differing(saved, settings)
+        differ = differing_settings(saved, settings)
         if differ:
             raise ResumeError(f"{self.path} holds the finished run of other settings ({', '.join(differ)}): write "
                               f"elsewhere, or delete {self.path}")

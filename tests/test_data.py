@@ -62,6 +62,13 @@ def test_transparent_images_are_composited_on_white(tmp_path):
     assert load_image(tmp_path / "a.png", 16, 1).shape == (16, 16, 1)
 
 
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    Image.fromarray(np.arange(256, dtype=np.uint16).reshape(16, 16) * 257).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    out = load_image(tmp_path / "deep.png", 16, 1)[..., 0]
+    assert np.array_equal(out, np.arange(256, dtype=np.uint8).reshape(16, 16))
+
+
 def test_image_folder_classes_labels_and_cache(tmp_path):
     root = make_folder(tmp_path / "imgs")
     data = open_image_folder(root, RGB16, tmp_path / "cache")
@@ -75,6 +82,39 @@ def test_image_folder_classes_labels_and_cache(tmp_path):
     again = open_image_folder(root, RGB16, tmp_path / "cache")   # reuses the finished cache
     assert np.array_equal(again.pixels, data.pixels)
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".npy"]
+
+
+def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    gray = RGB16.replace(latent_channels=1)
+    with pytest.raises(DataError, match=r"imgs: 6 of 6 images are in color \(.*\) but the config has "
+                                        r"latent_channels=1; train a 3-channel config \(--preset ecar-emoji32, or "
+                                        r"--set latent_channels=3\) or convert the images to grayscale"):
+        open_image_folder(root, gray, tmp_path / "cache")
+    for path in root.rglob("*.png"):   # grayscale, with and without alpha: accepted
+        Image.open(path).convert("LA" if "cat" in str(path) else "L").save(path)
+    assert open_image_folder(root, gray, tmp_path / "cache").pixels.shape == (6, 16, 16, 1)
+
+
+def test_a_folder_of_grayscale_images_is_replicated_for_a_three_channel_config(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    for path in root.rglob("*.png"):
+        Image.open(path).convert("L").save(path)
+    pixels = np.asarray(open_image_folder(root, RGB16, tmp_path / "cache").pixels)
+    assert pixels.shape == (6, 16, 16, 3) and pixels.std() > 0
+    assert (pixels == pixels[..., :1]).all()
+
+
+def test_identity_is_the_content_not_the_path(tmp_path):
+    images, labels = random_images(5, 16, 16), np.arange(5) % 3
+    one = data_module.ImageSet(images, labels, ["a", "b", "c"], "one.npz")
+    assert one.identity() == data_module.ImageSet(images.copy(), labels, ["a", "b", "c"], "moved/one.npz").identity()
+    assert one.identity() == {"class_names": ["a", "b", "c"], "images": 5, "sha256": one.identity()["sha256"]}
+    changed = images.copy()
+    changed[4, 0, 0, 0] ^= 1
+    for other in (data_module.ImageSet(changed, labels, ["a", "b", "c"], "one.npz"),
+                  data_module.ImageSet(images, labels[::-1].copy(), ["a", "b", "c"], "one.npz")):
+        assert other.identity()["sha256"] != one.identity()["sha256"]
 
 
 def test_an_image_rewritten_in_place_at_the_same_size_is_decoded_again(tmp_path):
@@ -292,6 +332,10 @@ def test_open_data_dispatch_and_errors(tmp_path):
     assert len(digits) == 20 and digits.images([0]).shape == (1, 1, 16, 16)
     with pytest.raises(DataError, match="not found"):
         open_data(str(tmp_path / "missing.npz"), RGB16, tmp_path)
+    (tmp_path / "README.md").write_text("# notes")
+    with pytest.raises(DataError, match=r"--data .*README.md: a file that is not an .npz; give digits32, an .npz "
+                                        r"file or an image folder \(one sub-folder per class\)"):
+        open_data(str(tmp_path / "README.md"), RGB16, tmp_path)
     upper = tmp_path / "UPPER.NPZ"
     with open(upper, "wb") as f:   # np.savez would add .npz to the name
         np.savez(f, images=random_images(3, 16, 16), labels=np.arange(3))

@@ -78,7 +78,7 @@ def test_a_cache_of_another_vae_is_not_reused(vae, images, tmp_path):
 
 def test_training_batches_sample_from_the_posterior(vae, images, tmp_path):
     moments = latent_moments(images, vae, flips=True, cache_dir=tmp_path / "cache")
-    batches = LatentBatches(moments, images, scaling_factor=0.5)
+    batches = LatentBatches(moments, images, scaling_factor=0.5, vae_id="")
     draws = batches.draw(torch.Generator().manual_seed(0), 3)
     assert draws.eps.shape == (3, 4, 16, 16) and draws.flip.dtype == torch.bool
     draws = DataDraws(flip=torch.tensor([False, True, True]), eps=draws.eps)
@@ -98,7 +98,7 @@ def test_ecar_train_on_latents_takes_the_vae_scaling_factor_and_never_encodes_af
     common = ["--config", str(config), "--data", images.description, "--vae", str(vae_path), "--flip",
               "--batch-size", "4", "--workdir", str(tmp_path / "run"), "--ckpt-every", "1", "--sample-every", "0",
               "--device", "cpu"]
-    main(common + ["--steps", "1"])
+    main(common + ["--steps", "2", "--until", "1"])
     from diffusers import AutoencoderKL
 
     def no_encoder(*args, **kwargs):
@@ -110,7 +110,7 @@ def test_ecar_train_on_latents_takes_the_vae_scaling_factor_and_never_encodes_af
     assert model.config.vae_scaling_factor == pytest.approx(0.3)
     assert model.checkpoint_metadata["class_names"] == '["cat", "dog"]'
     with pytest.raises(SystemExit) as exit_info:
-        main(common[:4] + common[6:] + ["--steps", "1"])
+        main(common[:4] + common[6:] + ["--steps", "2", "--resume"])
     assert exit_info.value.code == 2 and "give --vae PATH" in capsys.readouterr().err
 
 

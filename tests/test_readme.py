@@ -37,3 +37,16 @@ def test_the_readme_python_examples_run(tmp_path, monkeypatch):
     scope.update(image=out.images[1], images=out.images, labels=out.class_labels, keep=keep)
     exec(compile(editing, "README.md, second python block", "exec"), scope)
     assert len(scope["out"].images) == 8
+
+
+def test_the_readme_training_example_builds_the_shipped_emoji_architecture():
+    """"Training on your own data" trains the architecture of weights/ecar-emoji32.safetensors (for its
+    own classes), as it says."""
+    from ecar_infer import load_checkpoint
+    from ecar_infer.training.trainer import build_config, parse_args
+
+    section = (REPO / "README.md").read_text().split("## Training on your own data")[1]
+    command = re.search(r"^    ecar-train (.*?[^\\])$", section, flags=re.S | re.M)[1].replace("\\\n", " ").split()
+    config = build_config(parse_args(command))
+    shipped = load_checkpoint(REPO / "weights" / "ecar-emoji32.safetensors").config
+    assert config == shipped.replace(num_classes=config.num_classes)

@@ -276,8 +276,7 @@ def test_cli_work_folder_resume_and_metadata(tmp_path):
     config.write_text(ECARConfig.preset("ecar-tiny").to_json())
     common = ["--config", str(config), "--batch-size", "4", "--train-size", "20", "--workdir", str(tmp_path),
               "--ckpt-every", "2", "--device", "cpu", "--metadata", "recommended_steps=1"]
-    main(common + ["--steps", "3"])
-    main(common + ["--steps", "2"])  # a fresh run over the same folder starts the log afresh
+    main(common + ["--steps", "3", "--until", "2"])
     main(common + ["--steps", "3", "--resume", "--metadata", "recommended_cfg=2.5"])
     model = load_checkpoint(tmp_path / "final.safetensors")
     assert model.checkpoint_metadata["training_steps"] == "3"
@@ -333,6 +332,19 @@ def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
     (["--metadata", "config=x"], "--metadata: extra_metadata may not set the reserved key(s) ['config']; fix"),
     (["--metadata", 'class_names=["a"]'], "--metadata: class_names has 1 names for 10 classes; fix or drop"),
     (["--metadata", "recommended_cfg"], "--metadata takes KEY=VALUE"),
+    (["--ema-decay", "2"], "argument --ema-decay: must be a number in [0, 1), got '2'"),
+    (["--ema-decay", "1"], "argument --ema-decay: must be a number in [0, 1)"),
+    (["--ema-decay", "-0.1"], "argument --ema-decay: must be a number in [0, 1)"),
+    (["--lr", "0"], "argument --lr: must be a positive number, got '0'"),
+    (["--lr", "-0.001"], "argument --lr: must be a positive number"),
+    (["--lr", "nan"], "argument --lr: must be a positive number"),
+    (["--warmup", "-1"], "argument --warmup: must be a non-negative integer"),
+    (["--weight-decay", "-0.01"], "argument --weight-decay: must be a non-negative number"),
+    (["--sample-every", "-1"], "argument --sample-every: must be a non-negative integer"),
+    (["--out", "{tmp}/nodir/final.safetensors"], "cannot write {tmp}/nodir/final.safetensors: directory {tmp}/nodir "
+                                                 "does not exist"),
+    (["--out", "{tmp}"], "cannot write {tmp}: it is a directory"),
+    (["--workdir", "{tmp}/file/run"], "cannot create --workdir {tmp}/file/run: Not a directory"),
 ])
 def test_cli_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch, args, problem):
     def no_training(self):
@@ -340,9 +352,120 @@ def test_cli_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(Trainer, "train_step", no_training)
     monkeypatch.setattr(trainer_module.torch.cuda, "is_available", lambda: False)
+    (tmp_path / "file").write_text("not a folder")
+    args = [a.format(tmp=tmp_path) for a in args]
     err = user_error(capsys, ["--train-size", "20", "--workdir", str(tmp_path), "--device", "cpu"] + args)
-    assert problem in err
+    assert problem.format(tmp=tmp_path) in err
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_every_option_says_its_default_and_may_be_spelled_with_underscores():
+    for action in trainer_module.build_parser()._actions:
+        if action.dest != "help":
+            assert "default" in action.help, action.option_strings
+    args = trainer_module.parse_args(["--batch_size", "8", "--ema_decay=0.9", "--set", "num_classes=5"])
+    assert (args.batch_size, args.ema_decay, args.set) == (8, 0.9, ["num_classes=5"])
+
+
+def test_the_default_workdir_follows_the_data(tmp_path):
+    (tmp_path / "pets").mkdir()
+    (tmp_path / "faces.npz").write_bytes(b"")
+    workdir = lambda *argv: trainer_module.parse_args(list(argv)).workdir  # noqa: E731
+    assert workdir() == os.path.join("runs", "digits32")
+    assert workdir("--data", f"{tmp_path}/pets/") == os.path.join("runs", "pets")
+    assert workdir("--data", str(tmp_path / "faces.npz")) == os.path.join("runs", "faces")
+    assert workdir("--data", str(tmp_path / "faces.npz"), "--workdir", "elsewhere") == "elsewhere"
+
+
+TINY_RUN = ["--preset", "ecar-tiny", "--batch-size", "4", "--train-size", "20", "--steps", "4", "--ckpt-every", "2",
+            "--sample-every", "0", "--device", "cpu"]
+
+
+def test_a_workdir_holding_a_run_is_refused_without_resume(tmp_path, capsys):
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    err = user_error(capsys, run)
+    assert f"{tmp_path} holds a run at step 2: pass --resume to continue it, or choose another --workdir" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept
+
+
+def class_npz(path, class_names):
+    np.savez(path, images=np.zeros((6, 16, 16, 1), np.uint8), labels=np.arange(6) % 3, class_names=class_names)
+
+
+@pytest.mark.parametrize("change, fields", [
+    (["--batch-size", "8"], "batch_size"),
+    (["--steps", "6"], "steps"),
+    (["--lr", "2e-3"], "lr"),
+    (["--seed", "1"], "seed"),
+    (["--flip", "--warmup", "3"], "flip, warmup"),
+    (["--set", "depth=3"], "config.depth"),
+    (["--data", "other.npz"], "data"),
+])
+def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys, monkeypatch, change, fields):
+    monkeypatch.chdir(tmp_path)
+    class_npz("pets.npz", ["cat", "dog", "fish"])
+    class_npz("other.npz", ["ant", "bee", "cow"])   # the same images, other classes
+    run = TINY_RUN[:4] + TINY_RUN[6:] + ["--data", "pets.npz", "--set", "num_classes=3", "--workdir", "run"]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+    err = user_error(capsys, run + ["--resume"] + change)
+    assert f"run holds a run with other settings ({fields}): resume it with the settings in " in err
+    # what does not change the trained numbers stays free
+    main(run + ["--resume", "--until", "3", "--ckpt-every", "1", "--threads", "1", "--accum", "2", "--out", "x.st",
+                "--sample-every", "1", "--metadata", "recommended_cfg=2"])
+    assert load_checkpoint(tmp_path / "run" / "ema-step3.safetensors").checkpoint_metadata["training_steps"] == "3"
+
+
+def test_a_state_without_settings_record_resumes_and_gets_one(tmp_path):
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    record = json.loads((tmp_path / "settings.json").read_text())
+    (tmp_path / "settings.json").unlink()   # as a run from before the record was kept left it
+    main(run + ["--resume"])
+    assert json.loads((tmp_path / "settings.json").read_text()) == record
+    assert record["batch_size"] == 4 and record["data"]["images"] == 20 and record["config.depth"] == 2
+
+
+def test_until_at_or_before_the_saved_step_is_an_error(tmp_path, capsys):
+    run = TINY_RUN + ["--workdir", str(tmp_path), "--resume"]
+    main(run + ["--until", "3"])
+    capsys.readouterr()
+    err = user_error(capsys, run + ["--until", "2"])
+    assert f"--until 2: the run in {tmp_path} is already at step 3, nothing to do" in err
+    assert not (tmp_path / "ema-step2.safetensors").exists()
+
+
+def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, capsys, monkeypatch):
+    train_step = Trainer.train_step
+
+    def interrupted_at_step_3(self):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_step_3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY_RUN + ["--workdir", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exit_info.value.code == 130 and "Traceback" not in err
+    assert err == (f"ecar-train: interrupted; the last saved state is step 2 in {tmp_path / 'state.safetensors'}: "
+                   f"rerun the same command with --resume to continue it")
+
+
+def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
+    from conftest import random_model
+    from ecar_infer import save_checkpoint, weights
+
+    source = random_model(ECARConfig.preset("ecar-tiny"), seed=9)
+    save_checkpoint(source, tmp_path / "tinyship.safetensors")
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    loaded = []
+    monkeypatch.setattr(Trainer, "init_from", lambda self, path: loaded.append(path))
+    main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--init", "tinyship", "--steps", "1"])
+    assert loaded == [tmp_path / "tinyship.safetensors"]
 
 
 # ---- DDP: two gloo ranks on the CPU, run once for the tests below ---------------------------------------

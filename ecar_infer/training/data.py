@@ -7,8 +7,10 @@
 
 Images are brought to the config's size S by the ADM / DiT rule: while the shorter side is at least 2S,
 halve the image with a box filter; then resize bicubically so the shorter side is S; then crop the
-centre S x S. Images with transparency are composited on white; folders give RGB (3-channel configs) or
-grayscale (1-channel configs).
+centre S x S. Images are read as ecar_infer/pil_input.py reads every user image (transparency composited on
+white, 16-bit grayscale scaled to 8 bits). A folder gives RGB to a 3-channel config
+(grayscale images are replicated into the three channels, as the sampler shows a 1-channel model's
+images) and grayscale to a 1-channel config, which refuses a folder holding color images.
 
 Nothing holds the whole data set in memory: an uncompressed .npz at the right size is memory-mapped in
 place; an image folder, a compressed .npz or one of another size is converted once into a uint8
@@ -33,12 +35,15 @@ import torch
 
 from ..class_names import ClassNameError, encode_class_names
 from ..config import ECARConfig
+from ..pil_input import as_model_image
 from .diskcache import cached_array
 
 DIGITS32 = "digits32"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 CACHE_CHUNK = 1024   # images decoded per step of the cache build (and per progress record)
 MAX_NAMED = 20       # files or classes an error names (then a count of the rest)
+IDENTITY_ROWS = 64   # images hashed by ImageSet.identity (all of them would take minutes on a large set)
+GRAY_BANDS = {"1", "L", "I", "F", "A"}   # PIL bands of grayscale images (with or without alpha)
 
 
 class DataError(ValueError):
@@ -57,17 +62,6 @@ def resize_center_crop(image, size: int):
     image = image.resize(tuple(max(size, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
     left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
     return image.crop((left, top, left + size, top + size))
-
-
-def on_white(image):
-    """A PIL image without transparency: RGBA, LA and transparent palette images composited on white."""
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image
 
 
 def _some(items: list, limit: int = MAX_NAMED) -> str:
@@ -101,7 +95,7 @@ def _decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarr
     """load_image, raising OSError or ValueError for an unreadable file (_open)."""
     with _open(path) as image:
         image.load()
-        image = on_white(image).convert("L" if channels == 1 else "RGB")
+        image = as_model_image(image, channels)
     array = np.asarray(resize_center_crop(image, size), dtype=np.uint8)
     return array[..., None] if channels == 1 else array
 
@@ -118,6 +112,12 @@ def _open_header(path: Path) -> None:
     """Read an image file's header only (cheap): fails on a file that is not an image at all."""
     with _open(path):
         pass
+
+
+def _is_color(path: Path) -> bool:
+    """Whether an image file holds color (from its header; a palette image counts as color)."""
+    with _open(path) as image:
+        return not set(image.getbands()) <= GRAY_BANDS
 
 
 def _each_image(fn, files: list[Path], workers: int) -> list:
@@ -170,6 +170,14 @@ class ImageSet:
     @property
     def size(self) -> int:
         return self.pixels.shape[2] if self.pixels.dtype == np.float32 else self.pixels.shape[1]
+
+    def identity(self) -> dict:
+        """What the data set holds, cheaply: its class names, image count and a hash of the labels and of
+        IDENTITY_ROWS evenly spaced images (not its path: the same data moved is the same data)."""
+        rows = np.unique(np.linspace(0, len(self) - 1, min(len(self), IDENTITY_ROWS)).round().astype(np.int64))
+        content = hashlib.sha256(np.asarray(self.labels, dtype=np.int64).tobytes())
+        content.update(np.ascontiguousarray(self.pixels[rows]).tobytes())
+        return {"class_names": self.class_names, "images": len(self), "sha256": content.hexdigest()}
 
     def images(self, index) -> torch.Tensor:
         """float32 [B, C, S, S] in [-1, 1] of the rows `index` (only those rows are read)."""
@@ -351,10 +359,12 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
         raise DataError(f"{root}: image folders give 1 (grayscale) or 3 (RGB) channels, the config needs {c}")
     data = ImageSet(np.zeros((len(files), 0, 0, c), np.uint8), labels, class_names, str(root))
     data.check(config, channels)   # before hours of decoding
+    workers = workers or min(8, os.cpu_count() or 1)
+    if c == 1:
+        _check_grayscale(root, files, workers)
     size = config.image_size
     key = {"folder": str(root.resolve()), "channels": c, "size": size,
            "files": digest([(str(f.relative_to(root)), *_stamp(f)) for f in files])}
-    workers = workers or min(8, os.cpu_count() or 1)
     headers_read = False
 
     def decode(a: int, b: int) -> np.ndarray:
@@ -368,6 +378,15 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
     data.pixels = cached_array(Path(cache_dir) / f"pixels-{data.fingerprint}.npy", key, (len(files), size, size, c),
                                np.uint8, decode, CACHE_CHUNK)
     return data
+
+
+def _check_grayscale(root: Path, files: list[Path], workers: int) -> None:
+    """A 1-channel config refuses a folder of color images (its model would silently learn them in gray)."""
+    color = [f for f, is_color in zip(files, _each_image(_is_color, files, workers)) if is_color]
+    if color:
+        raise DataError(f"{root}: {len(color)} of {len(files)} images are in color ({_some(color, 3)}) but the "
+                        f"config has latent_channels=1; train a 3-channel config (--preset ecar-emoji32, or "
+                        f"--set latent_channels=3) or convert the images to grayscale")
 
 
 # ---- any source --------------------------------------------------------------------------------------
@@ -396,6 +415,9 @@ def open_data(spec: str, config: ECARConfig, cache_dir: str | os.PathLike, chann
         return open_image_folder(path, config, cache_dir, channels)
     if path.suffix.lower() == ".npz" and path.is_file():
         return open_npz(path, config, cache_dir, channels)
+    if path.exists():
+        raise DataError(f"--data {spec}: a file that is not an .npz; give {DIGITS32}, an .npz file or an image "
+                        f"folder (one sub-folder per class)")
     raise DataError(f"--data {spec}: not found; give {DIGITS32}, an .npz file or an image folder "
                     f"(one sub-folder per class)")
 
@@ -425,6 +447,9 @@ class PixelBatches:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def identity(self) -> dict:
+        return self.images.identity()
 
     def draw(self, gen: torch.Generator, batch: int) -> DataDraws:
         return DataDraws(flip=torch.rand(batch, generator=gen) < 0.5 if self.flip else None)

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..output import atomic_path
-from .data import DataError, on_white, resize_center_crop
+from ..pil_input import as_model_image
+from .data import DataError, resize_center_crop
 
 IMAGE_DIR = "package/img/google/64/"
 LEFT_OUT = ("Component",)
@@ -64,7 +65,7 @@ def read_package(tarball: str | Path, size: int = IMAGE_SIZE) -> tuple[np.ndarra
         try:
             with Image.open(io.BytesIO(files[member])) as image:
                 image.load()
-                rgb = on_white(image).convert("RGB")
+                rgb = as_model_image(image, 3)
         except (KeyError, OSError) as err:
             raise DataError(f"{tarball}: cannot read {member} ({err!r})") from None
         images.append(np.asarray(resize_center_crop(rgb, size), dtype=np.uint8))

@@ -63,8 +63,9 @@ class LatentBatches:
     """Training batches of a latent model, read from the latent cache: x0 = scaling_factor * (mean + std * eps)
     of the drawn flip."""
 
-    def __init__(self, moments: np.ndarray, images: ImageSet, scaling_factor: float) -> None:
+    def __init__(self, moments: np.ndarray, images: ImageSet, scaling_factor: float, vae_id: str) -> None:
         self.moments, self.scaling_factor = moments, scaling_factor
+        self.images, self.vae_id = images, vae_id   # vae_id: the encoder's vae_fingerprint
         self.labels = torch.from_numpy(np.asarray(images.labels))
         self.class_names = images.class_names
         flips = ", flipped at random" if moments.shape[1] == 2 else ""
@@ -72,6 +73,10 @@ class LatentBatches:
 
     def __len__(self) -> int:
         return len(self.moments)
+
+    def identity(self) -> dict:
+        """What the latents were encoded from: the images' ImageSet.identity and the VAE."""
+        return {**self.images.identity(), "vae": self.vae_id}
 
     def draw(self, gen: torch.Generator, batch: int) -> DataDraws:
         flip = torch.rand(batch, generator=gen) < 0.5 if self.moments.shape[1] == 2 else None

@@ -1,8 +1,8 @@
 """Reference trainer: the training objective of docs/MODEL.md ("Training objective"), AdamW, an EMA of the
 weights (what ships), periodic and resumable checkpoints, and data parallel training with torchrun.
 
-    ecar-train --preset ecar-digits32 --threads 1 --workdir runs/digits32 --out my-digits32.safetensors
-    ecar-train --data my_images/ --preset ecar-emoji32 --set num_classes=5 --flip --workdir runs/mine
+    ecar-train --preset ecar-digits32 --threads 1 --out my-digits32.safetensors      # work folder runs/digits32
+    ecar-train --data my_images/ --preset ecar-emoji32-attn-sc --set depth=8 --set num_classes=5 --flip
     ecar-train --data imagenet/train --vae sd-vae-ft-ema/ --preset ecar-b --flip --workdir runs/b
     torchrun --nproc_per_node 8 -m ecar_infer.training ...     # DistributedDataParallel, one GPU per rank
 
@@ -15,6 +15,13 @@ k, k+W, k+2W, ... of it (and reads only those rows of the data). A run is theref
 world size (up to float reduction order), and resuming needs one RNG state. Gradient accumulation
 splits a rank's rows into equal micro-batches whose mean loss is the loss of the whole batch.
 
+The work folder (--workdir, default runs/<data name>) belongs to one run: a command that finds a run's
+state there continues it with --resume and is refused without it, and a --resume whose settings differ
+from the run's record (<workdir>/settings.json: the config, the data's identity, the optimisation
+settings; run_settings) is refused, naming them. Errors the user can fix (options, data, unwritable
+outputs) print one line and exit with status 2 before any training; Ctrl-C prints the step of the last
+saved state and exits with status 130.
+
 The resume state (<workdir>/state.safetensors) holds the model, the EMA, the AdamW moments and the
 generator state as tensors, and the step in its metadata: safetensors only, no pickle. The work folder
 also holds the EMA checkpoint (ema.safetensors), loss.csv and loss.png, and samples/stepNNNNNNN.png,
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -42,11 +50,15 @@ import torch.distributed as dist
 from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
-from ..cli import positive_int
+from ..cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file, check_writable_folder, checked,
+                   make_folder, normalize, positive_int, user_errors)
 from ..config import ECARConfig
 from ..cpu_memory import keep_freed_memory
+from ..distributed import launched_rank
 from ..model import ECARModel
 from ..registry import preset_names
+from ..targets import differing_settings, read_settings, write_settings
+from ..weights import checkpoint_path
 from .objective import build_objective, draw_step
 
 STATE_FILE = "state.safetensors"
@@ -54,6 +66,7 @@ EMA_FILE = "ema.safetensors"
 LOG_FILE = "loss.csv"
 PLOT_FILE = "loss.png"
 SAMPLES_DIR = "samples"
+SETTINGS_FILE = "settings.json"   # the record of what decides the trained numbers (run_settings)
 
 
 # ---- the trainer ------------------------------------------------------------------------------
@@ -84,7 +97,8 @@ class TrainSettings:
 class Trainer:
     """One rank's training state: model, EMA, AdamW, the shared step generator, the step counter.
 
-    data: PixelBatches or LatentBatches (len, labels, class_names, description, draw(gen, G), x0(index, draws)).
+    data: PixelBatches or LatentBatches (len, labels, class_names, description, identity(), draw(gen, G),
+    x0(index, draws)).
     accum: micro-batches per step on each rank; grad_checkpoint: recompute each trunk block's MLP in the
     backward pass instead of storing its activations; compile: torch.compile the objective.
     """
@@ -251,10 +265,16 @@ def sample_grid(trainer: Trainer, decoder, path: Path, metadata: dict[str, str],
 
 
 # ---- command line ----------------------------------------------------------------------------
+non_negative_int = checked(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a non-negative number")
+decay_float = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
 def user_error(message: str) -> NoReturn:
     """A mistake the user can fix: one line on stderr, exit status 2 (before any training)."""
     print(f"ecar-train: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
+    raise SystemExit(EXIT_USER_ERROR)
 
 
 class Parser(argparse.ArgumentParser):
@@ -262,64 +282,154 @@ class Parser(argparse.ArgumentParser):
         user_error(f"{message} (see ecar-train --help)")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+# What a --resume may change: none of it changes the trained numbers (--accum, the world size and the
+# device only their float rounding). Everything else is in the settings record (run_settings).
+FREE_ON_RESUME = ("--until, --out, --ckpt-every, --sample-every, --metadata, --device, --threads, --accum, "
+                  "--grad-checkpoint, --compile, --cache-dir and the number of ranks")
+
+
+def build_parser() -> Parser:
     d = TrainSettings()
-    p = Parser(prog="ecar-train", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="ecar-train", description=__doc__.split("\n\n")[0] + " Options may also be spelled with "
+               "underscores (--batch_size).")
     model = p.add_argument_group("model")
     model.add_argument("--preset", default="ecar-digits32", choices=preset_names(), metavar="NAME",
-                       help="model config preset (ecar_infer.registry)")
-    model.add_argument("--config", help="a config JSON file instead of --preset")
+                       help="model config preset (ecar_infer.registry; default %(default)s)")
+    model.add_argument("--config", help="a config JSON file instead of --preset (default: the preset)")
     model.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                       help="change one config field, e.g. num_classes=5 or latent_channels=3 (repeatable)")
+                       help="change one config field, e.g. num_classes=5 or latent_channels=3 (repeatable; "
+                            "default: none)")
     data = p.add_argument_group("data")
     data.add_argument("--data", default="digits32",
-                      help="digits32, an .npz (uint8 `images` [N,H,W,C], `labels`, optional `class_names`) or an "
-                           "image folder with one sub-folder per class")
-    data.add_argument("--train-size", type=int, default=None, help="images in the digits32 train split")
-    data.add_argument("--flip", action="store_true", help="random horizontal flips")
+                      help="digits32 (the default), an .npz (uint8 `images` [N,H,W,C], `labels`, optional "
+                           "`class_names`) or an image folder with one sub-folder per class: RGB for a 3-channel "
+                           "config (grayscale images replicated), grayscale for a 1-channel one (color refused)")
+    data.add_argument("--train-size", type=positive_int, default=None,
+                      help="images in the digits32 train split (default: the whole split)")
+    data.add_argument("--flip", action="store_true", help="random horizontal flips (default: off)")
     data.add_argument("--vae", help="latent (sd-vae) models: a local diffusers AutoencoderKL folder or .safetensors "
-                                    "file; the data set is encoded once into the latent cache")
+                                    "file; the data set is encoded once into the latent cache (default: none)")
     data.add_argument("--cache-dir", help="decoded images and latent caches (default <workdir>/cache); may be "
                                           "shared by runs on the same data")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=positive_int, default=d.steps)
-    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="global batch over all ranks")
+    opt.add_argument("--steps", type=positive_int, default=d.steps,
+                     help="training steps, which the learning-rate schedule spans (default %(default)s)")
+    opt.add_argument("--batch-size", type=positive_int, default=d.batch_size,
+                     help="global batch over all ranks (default %(default)s)")
     opt.add_argument("--accum", type=positive_int, default=1,
-                     help="micro-batches per step on each rank (gradient accumulation)")
-    opt.add_argument("--lr", type=float, default=d.lr)
-    opt.add_argument("--warmup", type=int, default=d.warmup)
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    opt.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    opt.add_argument("--seed", type=int, default=d.seed)
+                     help="micro-batches per step on each rank (gradient accumulation; default %(default)s)")
+    opt.add_argument("--lr", type=positive_float, default=d.lr,
+                     help=f"peak AdamW learning rate, then a cosine decay to {d.min_lr_ratio:g} of it "
+                          f"(default %(default)s)")
+    opt.add_argument("--warmup", type=non_negative_int, default=d.warmup,
+                     help="steps of linear learning-rate warmup (default %(default)s)")
+    opt.add_argument("--weight-decay", type=non_negative_float, default=d.weight_decay,
+                     help="AdamW weight decay (default %(default)s)")
+    opt.add_argument("--ema-decay", type=decay_float, default=d.ema_decay,
+                     help="decay in [0, 1) of the EMA of the weights that the checkpoints hold (default %(default)s)")
+    opt.add_argument("--seed", type=int, default=d.seed,
+                     help="seed of the initial weights and of every random draw of training (default %(default)s)")
     run = p.add_argument_group("run")
-    run.add_argument("--workdir", default="runs/digits32", help="resume state, EMA checkpoint, loss log, samples")
+    run.add_argument("--workdir", help="resume state, settings record, EMA checkpoint, loss log, samples (default "
+                                       "runs/<data name>: runs/digits32, or runs/NAME for --data NAME/ or NAME.npz)")
     run.add_argument("--out", help="final EMA checkpoint (default <workdir>/final.safetensors)")
     run.add_argument("--ckpt-every", type=positive_int, default=100,
-                     help="steps between resume states / EMA checkpoints")
-    run.add_argument("--sample-every", type=int, default=None,
+                     help="steps between resume states / EMA checkpoints (default %(default)s)")
+    run.add_argument("--sample-every", type=non_negative_int, default=None,
                      help="steps between EMA sample grids in <workdir>/samples (default: --ckpt-every; 0: none)")
-    run.add_argument("--resume", action="store_true", help="continue from <workdir>/state.safetensors if present")
+    run.add_argument("--resume", action="store_true",
+                     help=f"continue the run in --workdir (its state.safetensors) if it holds one; the settings "
+                          f"must be the run's, except {FREE_ON_RESUME} (default: a --workdir holding a run is "
+                          f"refused)")
     run.add_argument("--until", type=positive_int,
                      help="stop after this step (the schedule still spans --steps) and write the EMA to "
-                          "<workdir>/ema-step<N>.safetensors; continue later with --resume")
-    run.add_argument("--init", help="start from this checkpoint's weights (same architecture; layers it lacks, such "
-                     "as a shortcut head's level MLP, keep their initialisation)")
+                          "<workdir>/ema-step<N>.safetensors; continue later with --resume (default: --steps)")
+    run.add_argument("--init", help="start from the weights of this checkpoint or shipped model (same "
+                     "architecture; layers it lacks, such as a shortcut head's level MLP, keep their initialisation; "
+                     "default: random initial weights)")
     run.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
-                     help="extra metadata for the final checkpoint, e.g. recommended_cfg=2.0 (repeatable)")
+                     help="extra metadata for the final checkpoint, e.g. recommended_cfg=2.0 (repeatable; default: "
+                          "none)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto, cpu or cuda (torchrun: the local rank's GPU)")
+                     help="auto, cpu or cuda (torchrun: the local rank's GPU; default %(default)s)")
     run.add_argument("--threads", type=positive_int,
-                     help="CPU threads (torch.set_num_threads); 1 is fastest on a busy CPU")
+                     help="CPU threads (torch.set_num_threads); 1 is fastest on a busy CPU (default: torch's)")
     run.add_argument("--grad-checkpoint", action="store_true",
-                     help="recompute the trunk MLPs in the backward pass (less memory, large presets)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the training objective")
-    args = p.parse_args(argv)
+                     help="recompute the trunk MLPs in the backward pass (less memory, large presets; default: off)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the training objective (default: off)")
+    return p
+
+
+def default_workdir(data: str) -> str:
+    """runs/<data name>: the --data folder's name or file's stem (runs/digits32 for the built-in set)."""
+    path = Path(data).resolve()
+    return str(Path("runs") / (path.stem if path.is_file() else path.name))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(normalize(sys.argv[1:] if argv is None else list(argv)))
     for option in ("metadata", "set"):
         if any("=" not in kv for kv in getattr(args, option)):
             p.error(f"--{option} takes KEY=VALUE")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here; use --device cpu (or auto)")
+    args.workdir = args.workdir or default_workdir(args.data)
     return args
+
+
+def final_path(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path(args.workdir) / "final.safetensors"
+
+
+def check_outputs(workdir: Path, final: Path) -> None:
+    """Fail before any work if the work folder or the final checkpoint cannot be written."""
+    make_folder(workdir, "--workdir")
+    check_writable_folder(workdir)
+    check_writable_file(final)
+
+
+def saved_step(state: Path) -> int | None:
+    """The step of the resume state `state` (from its metadata alone), None if there is none."""
+    from safetensors import safe_open
+
+    if not state.exists():
+        return None
+    with safe_open(str(state), framework="pt") as f:
+        return int(f.metadata()["step"])
+
+
+def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data) -> dict:
+    """What decides the trained numbers, with every default resolved (spelling out a default is no
+    change), for the settings record: a --resume must agree on all of it."""
+    return {**{f"config.{k}": v for k, v in config.to_dict().items()}, **dataclasses.asdict(settings),
+            "data": data.identity(), "flip": args.flip,
+            "init": str(checkpoint_path(args.init).resolve()) if args.init else None}
+
+
+def check_same_run(workdir: Path, settings: dict) -> None:
+    """Refuse to resume the run in `workdir` with settings other than its record's (a state saved before
+    the record was kept has none: it resumes, and the record is written then)."""
+    record = workdir / SETTINGS_FILE
+    if not record.exists():
+        return
+    try:
+        differ = differing_settings(read_settings(record), settings)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{record} cannot be read ({err}); delete it to resume with this command's settings") from None
+    if differ:
+        raise UsageError(f"{workdir} holds a run with other settings ({', '.join(differ)}): resume it with the "
+                         f"settings in {record}, choose another --workdir, or delete {workdir}")
+
+
+def interrupted(workdir: Path) -> str:
+    """The line printed when Ctrl-C stops a run: where it can be continued from."""
+    step = saved_step(workdir / STATE_FILE)
+    if step is None:
+        return "interrupted before any state was saved; rerun the same command to start again"
+    return (f"interrupted; the last saved state is step {step} in {workdir / STATE_FILE}: rerun the same command "
+            f"with --resume to continue it")
 
 
 def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> None:
@@ -351,7 +461,7 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
     VAE's scaling factor; its data set is encoded into the latent cache first (once)."""
     from ..vae import IdentityDecoder, build_decoder, load_autoencoder
     from .data import PixelBatches, open_data
-    from .latents import LatentBatches, latent_moments
+    from .latents import LatentBatches, latent_moments, vae_fingerprint
 
     if config.latent_kind == "pixel":
         if args.vae:
@@ -373,7 +483,7 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
         log(f"latent cache: {done}/{total} images encoded")
 
     moments = latent_moments(images, decoder.vae, args.flip, cache_dir, report=report)
-    return LatentBatches(moments, images, scaling), config, decoder
+    return LatentBatches(moments, images, scaling, vae_fingerprint(decoder.vae)), config, decoder
 
 
 def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
@@ -398,16 +508,41 @@ def teardown_distributed(trainer: Trainer) -> None:
     dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> None:
+def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.device, rank: int,
+            world: int, log) -> tuple[Trainer, object, dict[str, str]]:
+    """(the trainer at its start or resumed step, the decoder for sample grids, the final metadata), or a
+    user error: every check that can fail comes before the first step."""
+    workdir, final = Path(args.workdir), final_path(args)
+    check_outputs(workdir, final)
+    step = saved_step(workdir / STATE_FILE)
+    if step is not None and not args.resume:   # before the data: opening it may take hours
+        raise UsageError(f"{workdir} holds a run at step {step}: pass --resume to continue it, or choose another "
+                         f"--workdir (or delete {workdir})")
+    metadata = dict(kv.split("=", 1) for kv in args.metadata)
+    config = build_config(args)
+    check_metadata(metadata, config, final)
+    data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log)
+    trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
+    record = run_settings(args, config, settings, data)
+    if step is not None:
+        check_same_run(workdir, record)
+        trainer.load_state(workdir / STATE_FILE)
+        if args.until is not None and trainer.step >= args.until:
+            raise UsageError(f"--until {args.until}: the run in {workdir} is already at step {trainer.step}, "
+                             f"nothing to do; give a later --until, or leave it out to finish at --steps "
+                             f"{settings.steps}")
+    elif args.init:
+        trainer.init_from(checkpoint_path(args.init))
+    if rank == 0:
+        write_settings(workdir / SETTINGS_FILE, record)
+    return trainer, decoder, metadata
+
+
+def train(args: argparse.Namespace) -> None:
     from tqdm.auto import tqdm
 
-    from ..checkpoint import CheckpointError
-    from ..config import ConfigError
-    from ..vae import VAEError
     from .log import TrainLog
 
-    keep_freed_memory()
-    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, rank, world = setup_distributed(args.device)
@@ -418,57 +553,58 @@ def main(argv: list[str] | None = None) -> None:
 
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    final = Path(args.out) if args.out else workdir / "final.safetensors"
-    metadata = dict(kv.split("=", 1) for kv in args.metadata)
     try:
-        config = build_config(args)
-        check_metadata(metadata, config, final)
-        data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log)
-        trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
-        state_path = workdir / STATE_FILE
-        if args.resume and state_path.exists():
-            trainer.load_state(state_path)
-        elif args.init:
-            trainer.init_from(Path(args.init))
-    except (ValueError, OSError, VAEError, ConfigError, CheckpointError) as err:
+        trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
+    except (*user_errors(), ValueError, OSError) as err:
         user_error(str(err))
+    workdir, data = Path(args.workdir), trainer.data
     sample_every = args.ckpt_every if args.sample_every is None else args.sample_every
     train_log = TrainLog(workdir / LOG_FILE, trainer.step) if rank == 0 else None
     log(f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {data.description} "
         f"({len(data)} images), step {trainer.step}/{settings.steps}, world {world}, device {device}")
     stop = settings.steps if args.until is None else min(args.until, settings.steps)
-    bar = tqdm(total=settings.steps, initial=trainer.step, disable=rank != 0, unit="step", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    while trainer.step < stop:
-        started = time.perf_counter()
-        lr = settings.lr_at(trainer.step)
-        loss = trainer.train_step()
-        seconds = time.perf_counter() - started
-        images_per_s = settings.batch_size / seconds
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", avg=f"{trainer.loss_avg:.4f}", img_s=f"{images_per_s:.1f}",
-                        refresh=False)
-        if rank != 0:
-            continue
-        train_log.append(step=trainer.step, loss=loss, loss_avg=trainer.loss_avg, lr=lr, step_seconds=seconds,
-                         images_per_s=images_per_s, tokens_per_s=images_per_s * trainer.tokens_per_image)
-        last = trainer.step == stop
-        if trainer.step % args.ckpt_every == 0 or last:
-            trainer.save_state(workdir / STATE_FILE)
-            trainer.export_ema(workdir / EMA_FILE)
-            train_log.plot(workdir / PLOT_FILE)
-        if sample_every and (trainer.step % sample_every == 0 or last):
-            sample_grid(trainer, decoder, workdir / SAMPLES_DIR / f"step{trainer.step:07d}.png", metadata)
-    bar.close()
+    with tqdm(total=settings.steps, initial=trainer.step, disable=rank != 0, unit="step", dynamic_ncols=True,
+              mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:   # closed before an interruption's line
+        while trainer.step < stop:
+            started = time.perf_counter()
+            lr = settings.lr_at(trainer.step)
+            loss = trainer.train_step()
+            seconds = time.perf_counter() - started
+            images_per_s = settings.batch_size / seconds
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", avg=f"{trainer.loss_avg:.4f}", img_s=f"{images_per_s:.1f}",
+                            refresh=False)
+            if rank != 0:
+                continue
+            train_log.append(step=trainer.step, loss=loss, loss_avg=trainer.loss_avg, lr=lr, step_seconds=seconds,
+                             images_per_s=images_per_s, tokens_per_s=images_per_s * trainer.tokens_per_image)
+            last = trainer.step == stop
+            if trainer.step % args.ckpt_every == 0 or last:
+                trainer.save_state(workdir / STATE_FILE)
+                trainer.export_ema(workdir / EMA_FILE)
+                train_log.plot(workdir / PLOT_FILE)
+            if sample_every and (trainer.step % sample_every == 0 or last):
+                sample_grid(trainer, decoder, workdir / SAMPLES_DIR / f"step{trainer.step:07d}.png", metadata)
     if rank == 0:
         train_log.close()
-        out = final if stop == settings.steps else workdir / f"ema-step{trainer.step}.safetensors"
+        out = final_path(args) if stop == settings.steps else workdir / f"ema-step{trainer.step}.safetensors"
         trainer.export_ema(out, metadata)
         log(f"wrote {out} (step {trainer.step}, loss {trainer.loss_avg:.5f})")
     if world > 1:
         teardown_distributed(trainer)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """ecar-train: user errors print one line and exit 2; Ctrl-C prints one line (rank 0 alone under
+    torchrun, where every rank gets the signal) saying how to continue, and exits 130."""
+    keep_freed_memory()
+    args = parse_args(argv)
+    try:
+        train(args)
+    except KeyboardInterrupt:
+        if launched_rank() == 0:
+            print(f"ecar-train: {interrupted(Path(args.workdir))}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
 
 
 if __name__ == "__main__":
