@@ -397,7 +397,6 @@ def class_npz(path, class_names):
 
 @pytest.mark.parametrize("change, fields", [
     (["--batch-size", "8"], "batch_size"),
-    (["--steps", "6"], "steps"),
     (["--lr", "2e-3"], "lr"),
     (["--seed", "1"], "seed"),
     (["--flip", "--warmup", "3"], "flip, warmup"),
@@ -417,6 +416,23 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys, monkeypa
     main(run + ["--resume", "--until", "3", "--ckpt-every", "1", "--threads", "1", "--accum", "2", "--out", "x.st",
                 "--sample-every", "1", "--metadata", "recommended_cfg=2"])
     assert load_checkpoint(tmp_path / "run" / "ema-step3.safetensors").checkpoint_metadata["training_steps"] == "3"
+
+
+def test_a_larger_steps_extends_a_run_and_says_so(tmp_path, capsys):
+    """Training a model longer is the usual reason to resume with other settings: --steps may grow (the cosine
+    schedule then spans the new count from the saved step on), with a line saying so; it may not fall to or
+    below the saved step."""
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+    err = user_error(capsys, [*run, "--resume", "--steps", "2"])
+    assert f"--steps 2: the run in {tmp_path} is already at step 2; give more --steps to extend it" in err
+    main([*run, "--resume", "--steps", "6"])
+    out = capsys.readouterr().out
+    assert "--steps 6: the learning-rate schedule now spans 6 steps (the run was started with --steps 4), " \
+           "from step 2" in out
+    assert load_checkpoint(tmp_path / "final.safetensors").checkpoint_metadata["training_steps"] == "6"
+    assert json.loads((tmp_path / "settings.json").read_text())["steps"] == 6
 
 
 def test_a_state_without_settings_record_resumes_and_gets_one(tmp_path):

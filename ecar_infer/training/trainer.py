@@ -285,7 +285,8 @@ class Parser(argparse.ArgumentParser):
 # What a --resume may change: none of it changes the trained numbers (--accum, the world size and the
 # device only their float rounding). Everything else is in the settings record (run_settings).
 FREE_ON_RESUME = ("--until, --out, --ckpt-every, --sample-every, --metadata, --device, --threads, --accum, "
-                  "--grad-checkpoint, --compile, --cache-dir and the number of ranks")
+                  "--grad-checkpoint, --compile, --cache-dir and the number of ranks; a larger --steps extends the "
+                  "run (its learning-rate schedule then spans the new count, which is said)")
 
 
 def build_parser() -> Parser:
@@ -408,19 +409,22 @@ def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSe
             "init": str(checkpoint_path(args.init).resolve()) if args.init else None}
 
 
-def check_same_run(workdir: Path, settings: dict) -> None:
-    """Refuse to resume the run in `workdir` with settings other than its record's (a state saved before
-    the record was kept has none: it resumes, and the record is written then)."""
+def check_same_run(workdir: Path, settings: dict) -> int | None:
+    """Refuse to resume the run in `workdir` with settings other than its record's, --steps aside (a run
+    may be extended: the schedule then spans the new count); returns the recorded --steps. A state saved
+    before the record was kept has none: it resumes (None), and the record is written then."""
     record = workdir / SETTINGS_FILE
     if not record.exists():
-        return
+        return None
     try:
-        differ = differing_settings(read_settings(record), settings)
+        saved = read_settings(record)
     except (OSError, ValueError) as err:
         raise UsageError(f"{record} cannot be read ({err}); delete it to resume with this command's settings") from None
+    differ = [name for name in differing_settings(saved, settings) if name != "steps"]
     if differ:
         raise UsageError(f"{workdir} holds a run with other settings ({', '.join(differ)}): resume it with the "
                          f"settings in {record}, choose another --workdir, or delete {workdir}")
+    return saved.get("steps")
 
 
 def interrupted(workdir: Path) -> str:
@@ -525,8 +529,14 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
     record = run_settings(args, config, settings, data)
     if step is not None:
-        check_same_run(workdir, record)
+        recorded_steps = check_same_run(workdir, record)
         trainer.load_state(workdir / STATE_FILE)
+        if settings.steps <= trainer.step:
+            raise UsageError(f"--steps {settings.steps}: the run in {workdir} is already at step {trainer.step}; "
+                             f"give more --steps to extend it")
+        if recorded_steps is not None and recorded_steps != settings.steps:
+            log(f"--steps {settings.steps}: the learning-rate schedule now spans {settings.steps} steps (the run "
+                f"was started with --steps {recorded_steps}), from step {trainer.step}")
         if args.until is not None and trainer.step >= args.until:
             raise UsageError(f"--until {args.until}: the run in {workdir} is already at step {trainer.step}, "
                              f"nothing to do; give a later --until, or leave it out to finish at --steps "
