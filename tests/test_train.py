@@ -418,6 +418,24 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys, monkeypa
     assert load_checkpoint(tmp_path / "run" / "ema-step3.safetensors").checkpoint_metadata["training_steps"] == "3"
 
 
+@pytest.mark.parametrize("damage", ["truncated", "no step"])
+def test_an_unreadable_resume_state_is_one_line(tmp_path, capsys, damage):
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+    state = tmp_path / "state.safetensors"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:100])
+    else:
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.ones(1)}, state)
+    for argv in (run, run + ["--resume"]):
+        err = user_error(capsys, argv)
+        assert f"the resume state {state} cannot be read (" in err
+        assert err.endswith("): delete it to start over, or choose another --workdir\n")
+
+
 def test_a_larger_steps_extends_a_run_and_says_so(tmp_path, capsys):
     """Training a model longer is the usual reason to resume with other settings: --steps may grow (the cosine
     schedule then spans the new count from the saved step on), with a line saying so; it may not fall to or

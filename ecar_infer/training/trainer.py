@@ -392,13 +392,19 @@ def check_outputs(workdir: Path, final: Path) -> None:
 
 
 def saved_step(state: Path) -> int | None:
-    """The step of the resume state `state` (from its metadata alone), None if there is none."""
-    from safetensors import safe_open
+    """The step of the resume state `state` (from its metadata alone), None if there is none; a state that
+    cannot be read is a user error (it is the work folder's, which the user can delete)."""
+    from safetensors import SafetensorError, safe_open
 
     if not state.exists():
         return None
-    with safe_open(str(state), framework="pt") as f:
-        return int(f.metadata()["step"])
+    try:
+        with safe_open(str(state), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        why = "no step in its metadata" if isinstance(err, KeyError) else " ".join(str(err).split())[:200]
+        raise UsageError(f"the resume state {state} cannot be read ({why}): delete it to start over, or choose "
+                         f"another --workdir") from None
 
 
 def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data) -> dict:
