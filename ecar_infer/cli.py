@@ -511,7 +511,8 @@ def sample(args, group: distributed.Group, job: Job, todo: list[int], started: f
         return EXIT_USER_ERROR
     if report:
         print(summary(tally, seconds, written, time.perf_counter() - started) if todo else
-              f"nothing to sample: the {image_count(len(target.labels))} of this request are already written ({written})")
+              f"nothing to sample: the {image_count(len(target.labels))} of this request are already written "
+              f"({written})")
     return 0
 
 

@@ -96,11 +96,14 @@ def mismatch(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> str
     problem = names_differ(set(expected) - set(shapes), set(shapes) - set(expected))
     if problem:
         return problem
-    misshaped = [f"{n} is {list(shapes[n])}, expected {list(t.shape)}"
-                 for n, t in expected.items() if shapes[n] != tuple(t.shape)]
-    if misshaped:
-        return f"{len(misshaped)} tensor(s) with the wrong shape: {some(misshaped)}"
-    return None
+    return shapes_differ([(n, shapes[n], tuple(t.shape)) for n, t in expected.items()])
+
+
+def shapes_differ(tensors) -> str | None:
+    """The message for the (name, shape in the file, shape the config gives) whose shapes differ; None if none."""
+    misshaped = [f"{name} is {list(found)}, expected {list(wanted)}"
+                 for name, found, wanted in tensors if tuple(found) != tuple(wanted)]
+    return f"{len(misshaped)} tensor(s) with the wrong shape: {some(misshaped)}" if misshaped else None
 
 
 def names_differ(missing, unexpected) -> str | None:

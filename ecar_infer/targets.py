@@ -32,12 +32,17 @@ def differing_settings(saved: dict, settings: dict) -> list[str]:
     return sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
 
 
-def read_settings(record: Path) -> dict:
-    """A settings record (a JSON object); OSError or ValueError if it cannot be read."""
-    saved = parse_json(record.read_text())
+def parse_settings(text: str) -> dict:
+    """A settings record's text as a dict (a JSON object); ValueError if it is not one."""
+    saved = parse_json(text)
     if not isinstance(saved, dict):
         raise ValueError("not a JSON object")
     return saved
+
+
+def read_settings(record: Path) -> dict:
+    """A settings record file (a JSON object); OSError or ValueError if it cannot be read."""
+    return parse_settings(record.read_text())
 
 
 def settings_text(settings: dict) -> str:
@@ -135,10 +140,10 @@ class NpzTarget(Target):
         self.finished_before = True
         try:
             text = npz_settings(self.path)
-            saved = None if text is None else parse_json(text)
+            saved = None if text is None else parse_settings(text)
         except (OSError, ValueError) as err:
             raise ResumeError(f"{self.path} exists and is not a sample file ({err}): write elsewhere, or delete it")
-        if not isinstance(saved, dict):
+        if saved is None:
             raise ResumeError(f"{self.path} exists and records no ecar-sample settings: write elsewhere, or delete it")
         differ = differing_settings(saved, settings)
         if differ:

@@ -21,7 +21,7 @@ import torch
 from .checks import parse_json
 from .config import ECARConfig
 from .atomic import atomic_path
-from .meta_build import BuildError, build_within, mismatch, names_differ, some
+from .meta_build import BuildError, build_within, mismatch, names_differ, shapes_differ
 
 logger = logging.getLogger("ecar_infer")
 
@@ -180,12 +180,10 @@ def _load_folder(folder: Path):
         _build_bounded(_config_object(config_file.read_bytes(), f"its {FOLDER_CONFIG}"), _tensor_table(weights))
     vae, info = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False,
                                               ignore_mismatched_sizes=True, output_loading_info=True)
-    problem = names_differ(info["missing_keys"], info["unexpected_keys"])
+    # mismatched_keys: (name, shape in the file, shape the config gives)
+    problem = names_differ(info["missing_keys"], info["unexpected_keys"]) or shapes_differ(info["mismatched_keys"])
     if problem:
         raise VAEError(problem)
-    if info["mismatched_keys"]:  # (name, shape in the file, shape the config gives)
-        raise VAEError(f"{len(info['mismatched_keys'])} tensor(s) with the wrong shape: " + some(
-            [f"{name} is {list(found)}, expected {list(wanted)}" for name, found, wanted in info["mismatched_keys"]]))
     return vae
 
 
