@@ -353,7 +353,8 @@ DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16
 
 def content_sha256(path: Path) -> str:
     """The sha256 of what a checkpoint or VAE path holds: a file, a sharded checkpoint's index and its shards,
-    or every file of a folder (a diffusers VAE), so that a file replaced under the same name is a change."""
+    or every file of a folder (a diffusers VAE), so that a file replaced under the same name is a change. The
+    names within a folder count, the path and name of what `path` names do not (a copy is the same)."""
     from .checkpoint import INDEX_SUFFIX
 
     if path.is_dir():
@@ -362,9 +363,10 @@ def content_sha256(path: Path) -> str:
         files = [path, *(path.parent / name for name in sorted(set(json.loads(path.read_text())["weight_map"].values())))]
     else:
         files = [path]
+    base = path if path.is_dir() else path.parent
     digest = hashlib.sha256()
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode() + b"\0")
+        digest.update(("" if file == path else str(file.relative_to(base))).encode() + b"\0")
         with open(file, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
@@ -380,14 +382,14 @@ def run_settings(args, sampler, labels: list[int]) -> dict:
     steps = defaults.steps_per_stage if args.steps is None else args.steps
     interval = defaults.guidance_interval(args.cfg_interval)
     cuda = sampler.device.type == "cuda"
-    ckpt = None if args.random_init else checkpoint_path(args.ckpt).resolve()
-    vae = Path(args.vae).resolve() if latent and args.vae else None
+    # the checkpoint and the VAE by content, not by path: a copy staged elsewhere (another machine's mount, a
+    # scratch folder) resumes the run; a file replaced under the same name does not
+    ckpt = None if args.random_init else checkpoint_path(args.ckpt)
+    vae = Path(args.vae) if latent and args.vae else None
     return dict(
-        ckpt=str(ckpt) if ckpt else None,
         ckpt_sha256=content_sha256(ckpt) if ckpt else None,
         random_init=args.random_init,
-        vae=(str(vae) if vae else "random") if latent else None,
-        vae_sha256=content_sha256(vae) if vae else None,
+        vae_sha256=(content_sha256(vae) if vae else "random") if latent else None,
         vae_slicing=args.vae_slicing if latent else None,
         vae_tiling=args.vae_tiling if latent else None,
         seed=args.seed,

@@ -330,12 +330,10 @@ TINY_VAE = "--random-init ecar-tiny-vae"
 # settings field -> (the first run's arguments, the rerun's[, a file, or a folder's files, replaced by other
 # content of the same kind before the rerun]); each case differs in that field
 FIELD_CHANGES = {
-    "ckpt": ("--ckpt {ckpt}", "--ckpt {ckpt_copy}"),
     "ckpt_sha256": ("--ckpt {tmp}/model.safetensors", "--ckpt {tmp}/model.safetensors", "model.safetensors"),
     "vae_sha256": (TINY_VAE + " --vae {tmp}/vae.safetensors", TINY_VAE + " --vae {tmp}/vae.safetensors",
                    "vae.safetensors"),
     "random_init": ("--ckpt {ckpt}", "--random-init ecar-tiny"),
-    "vae": (TINY_VAE, TINY_VAE + " --vae {vae}"),
     "vae_slicing": (TINY_VAE, TINY_VAE + " --vae-slicing"),
     "vae_tiling": (TINY_VAE, TINY_VAE + " --vae-tiling"),
     "seed": ("--ckpt {ckpt} --seed 5", "--ckpt {ckpt} --seed 6"),
@@ -355,6 +353,8 @@ FIELD_CHANGES = {
 }
 # further cases of a field of the table
 MORE_FIELD_CHANGES = {
+    # a random VAE, then a VAE file
+    "vae_sha256-random": (TINY_VAE, TINY_VAE + " --vae {vae}"),
     # the same images per class, the classes in another order
     "labels_sha256-order": ("--ckpt {ckpt} --class 2 --class 1", "--ckpt {ckpt} --class 1 --class 2"),
     # other content under the same names in any of the files a path stands for: a sharded checkpoint's shards
@@ -392,10 +392,9 @@ def test_the_field_table_covers_every_settings_field(ckpt, tmp_path, capsys, mon
 @pytest.mark.parametrize("output", sorted(OUTPUTS))
 @pytest.mark.parametrize("field", [pytest.param(f, marks=getattr(c, "marks", ())) for f, c in FIELD_CHANGES.items()]
                          + list(MORE_FIELD_CHANGES))
-def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, ckpt_copy, tmp_path, capsys, monkeypatch,
-                                                request):
+def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, tmp_path, capsys, monkeypatch, request):
     first, second, *replaced = field_case(field)
-    files = dict(ckpt=ckpt, ckpt_copy=ckpt_copy, tmp=tmp_path)
+    files = dict(ckpt=ckpt, tmp=tmp_path)
     if "{vae}" in second:
         files["vae"] = request.getfixturevalue("vae_file")
     # a file (or a folder's files) replaced under the same name: first the one content, before the rerun the other
@@ -419,6 +418,26 @@ def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, ckpt_copy, 
     assert field.split("-")[0] in line.split("(")[1].split(")")[0].split(", ")
     assert "rerun that command to finish it" in line
     assert sorted(tmp_path.rglob("run.json"))[0].read_bytes() == record  # the record is left as it was
+
+
+@pytest.mark.parametrize("output", sorted(OUTPUTS))
+def test_a_copy_of_the_checkpoint_at_another_path_resumes_the_run(ckpt, ckpt_copy, tmp_path, capsys, monkeypatch,
+                                                                   output):
+    """The checkpoint is recorded by content: a run started from one path resumes from a copy staged elsewhere
+    (another machine's mount, a scratch folder), and its images are those of one uninterrupted run."""
+    common = ["--class", "1", "--per-class", "3", "--batch-size", "2", "-q"]
+    out_args, _ = OUTPUTS[output]
+    start_and_interrupt(capsys, monkeypatch, [*common, "--ckpt", ckpt, *out_args.format(tmp=tmp_path).split()])
+    code, _, stderr = run(capsys, *common, "--ckpt", ckpt_copy, *out_args.format(tmp=tmp_path).split())
+    assert code == 0, stderr
+    (tmp_path / "one").mkdir()
+    code, _, stderr = run(capsys, *common, "--ckpt", ckpt, *out_args.format(tmp=tmp_path / "one").split())
+    assert code == 0, stderr
+    if output == "npz":
+        assert (tmp_path / "s.npz").read_bytes() == (tmp_path / "one" / "s.npz").read_bytes()
+    else:
+        resumed, one = sorted((tmp_path / "out").glob("*.png")), sorted((tmp_path / "one" / "out").glob("*.png"))
+        assert len(resumed) == 3 and [p.read_bytes() for p in resumed] == [p.read_bytes() for p in one]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the defaults spelled out are those of a CPU-only machine")
