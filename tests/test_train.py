@@ -3,6 +3,7 @@ accumulation, the label drop rate, and the command line's work folder (logs, plo
 import csv
 import json
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -500,6 +501,25 @@ def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "init_from", lambda self, path: loaded.append(path))
     main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--init", "tinyship", "--steps", "1"])
     assert loaded == [tmp_path / "tinyship.safetensors"]
+
+
+def test_resume_knows_the_init_checkpoint_by_content(tmp_path, capsys, monkeypatch):
+    """A run started --init from a checkpoint resumes with a copy of it at another path, not with other
+    weights under the same name."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").mkdir()
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=9), tmp_path / "a" / "init.safetensors")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    run = TINY_RUN + ["--workdir", "run"]
+    main(run + ["--init", "a/init.safetensors", "--until", "1"])
+    main(run + ["--init", "b/init.safetensors", "--until", "2", "--resume"])
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=10), tmp_path / "a" / "init.safetensors")
+    capsys.readouterr()
+    err = user_error(capsys, run + ["--init", "a/init.safetensors", "--resume"])
+    assert "run holds a run with other settings (init_sha256)" in err
 
 
 # ---- DDP: two gloo ranks on the CPU, run once for the tests below ---------------------------------------

@@ -51,7 +51,7 @@ from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
 from ..cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file, check_writable_folder, checked,
-                   make_folder, normalize, positive_int, user_errors)
+                   content_sha256, make_folder, normalize, positive_int, user_errors)
 from ..config import ECARConfig
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
@@ -412,7 +412,7 @@ def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSe
     change), for the settings record: a --resume must agree on all of it."""
     return {**{f"config.{k}": v for k, v in config.to_dict().items()}, **dataclasses.asdict(settings),
             "data": data.identity(), "flip": args.flip,
-            "init": str(checkpoint_path(args.init).resolve()) if args.init else None}
+            "init_sha256": content_sha256(checkpoint_path(args.init)) if args.init else None}
 
 
 def check_same_run(workdir: Path, settings: dict) -> int | None:
