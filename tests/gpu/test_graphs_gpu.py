@@ -109,6 +109,7 @@ def test_bf16_fast_path_near_fp32_reference_ecar_b(head):
 def test_failed_capture_is_logged_once_and_stays_eager(caplog):
     runner = GraphRunner(torch.device("cuda"))
     x = torch.zeros(4, device="cuda")
+    stream = torch.cuda.current_stream()
 
     def unit():
         x.add_(1)
@@ -121,6 +122,7 @@ def test_failed_capture_is_logged_once_and_stays_eager(caplog):
     assert runner.num_captures == 0
     assert sum("capture failed" in r.message for r in caplog.records) == 1
     assert x[0].item() == 2 + 2  # two warm-up runs, then one eager run per call
+    assert torch.cuda.current_stream() == stream  # not left on the failed capture's stream
 
 
 @pytest.mark.parametrize("head", HEADS)
