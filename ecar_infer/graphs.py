@@ -83,6 +83,7 @@ class GraphRunner:
 
     def _capture(self, key: Hashable, fn: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
         started = time.perf_counter()
+        stream = torch.cuda.current_stream()
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -97,6 +98,8 @@ class GraphRunner:
                 fn()
         except Exception as err:  # any failure to warm up or capture: this key runs eagerly from now on
             logger.warning("ecar_infer: CUDA graph capture failed for unit %s; it runs eagerly: %s", key, err)
+            # torch.cuda.graph's exit raises (invalidated capture) before restoring the caller's stream
+            torch.cuda.set_stream(stream)
             self._eager_keys.add(key)
             return None
         torch.cuda.synchronize()

@@ -12,6 +12,8 @@ The choice is made in two steps, so that a call costs little more than the op it
 * per call: the first of those whose `supports(*args)` check takes the call's shapes and layouts (most
   backends have no such check), so a backend that refuses one call still gets the next.
 ECAR_BACKEND is read once, at the first call; `reread_environment()` reads it again.
+A call that autograd records (grad mode on, an input that requires grad: training) goes only to the
+backends with a backward (DIFFERENTIABLE), whatever is forced.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ BACKEND_NAMES = ("flash", "triton", "sdpa", "reference")
 ATTENTION_OPS = ("stage_attention", "block_causal_attention")
 PREFERENCE = {op: ("flash", "triton", "sdpa", "reference") for op in ATTENTION_OPS}
 DEFAULT_PREFERENCE = ("triton", "reference")
+# the backends with a backward pass: a call that autograd records (training) goes to one of them
+DIFFERENTIABLE = ("sdpa", "reference")
 # Why a backend may be missing from the registry (kernels/__init__.py registers what can run here)
 NOT_REGISTERED = {
     "flash": "is not available (it needs the flash-attn package)",
@@ -161,7 +165,11 @@ def select(op: str, *args: Any, **kwargs: Any) -> Backend:
         raise KeyError(f"no backend registered for op {op!r}")
     forced = forced_backend()
     first = args[0]
+    # Triton and flash-attn kernels have no backward: under autograd they would cut the gradient silently
+    grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     for backend in _resolve(op, first.device, first.dtype, forced):
+        if grad and backend.name not in DIFFERENTIABLE:
+            continue
         if not backend.checks_calls or backend.supports(*args, **kwargs):
             # Forcing a backend the op never has (sdpa for a LayerNorm) is silent; any other miss is not.
             if forced is not None and backend.name != forced and forced in PREFERENCE.get(op, DEFAULT_PREFERENCE):

@@ -35,8 +35,10 @@ _CONFIGS = configs(
     interpreted=triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4))
 
 
+# cache_results: the configs' blocking changes the float sums, so every process on a machine must pick the
+# config the first one timed (a sharded or resumed run must write the bytes one process writes)
 @triton.autotune(configs=_CONFIGS, key=["n_q", "kv_len", "HEAD_DIM", "BLOCK_CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit(do_not_specialize=["n_q", "kv_len"])  # lengths only bound masks and loops: one binary per config
 def _attention_kernel(Q, K, V, O, STAGE, STAGE_END,
                       sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,

@@ -220,6 +220,18 @@ def test_a_forced_backend_that_refuses_a_call_falls_back_for_that_call_only(monk
     assert warnings == ["backend 'triton' forced for toy_step_ but cannot run it for this call; using 'reference'"]
 
 
+def test_a_call_that_autograd_records_goes_to_a_backend_with_a_backward(monkeypatch):
+    """Training on CUDA calls the ops with tensors that require grad; a Triton or flash-attn kernel there
+    would return a tensor with no grad_fn and silently cut the gradient of everything before it."""
+    toy_op(monkeypatch)
+    x, w = torch.zeros(2, 4), torch.zeros(2, 4, requires_grad=True)
+    with dispatch.force_backend("triton"):
+        assert dispatch.call("toy_step_", x, w, 0.5) == "reference"
+        assert dispatch.call("toy_step_", x, x, 0.5) == "triton"
+        with torch.no_grad():
+            assert dispatch.call("toy_step_", x, w, 0.5) == "triton"
+
+
 def test_a_backend_registered_after_a_call_is_used_from_the_next_call_on(monkeypatch):
     """register() drops the resolved candidates, so a backend added later (or replaced) is not hidden by a
     resolution cached before it existed."""

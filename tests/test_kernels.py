@@ -474,3 +474,20 @@ def test_kernels_compile_for_hopper():
     """The interpreter never compiles a kernel, so build the GPU variants (bf16, and fp32 attention) for
     sm_90 with Triton's NVIDIA backend, which needs no GPU: it catches what only compilation sees."""
     compile_for_sm90(COMPILE_SCRIPT)
+
+
+def test_attention_autotuning_is_shared_by_the_processes_of_a_machine():
+    """On a GPU each process autotunes the attention kernel by timing, and the configs' blockings round
+    differently: a second process (torchrun's ranks, a resumed run) must reuse the first one's choice from
+    Triton's cache, or its images differ in the last bits from one process's. Checked without the interpreter,
+    which never caches."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("from ecar_infer.kernels import triton_attention as t; k = t._attention_kernel; "
+              "print(len(k.configs) > 1 and k.cache_results)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "True"

@@ -130,6 +130,21 @@ def test_gradient_accumulation_of_two_halves_equals_one_full_step(tiny_config, d
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs triton in interpreter mode")
+def test_a_step_with_the_fast_kernels_available_trains_every_parameter(tiny_config, digits16):
+    """On CUDA the Triton (and flash-attn) kernels take the training shapes too; they have no backward, so
+    the dispatch must keep autograd's calls on the torch ops (forcing Triton here stands in for CUDA)."""
+    from ecar_infer.kernels import force_backend
+
+    config = tiny_config.replace(head_kind="attention", head_num_heads=2)
+    plain, forced = make_trainer(config, digits16), make_trainer(config, digits16)
+    want = plain.train_step()
+    with force_backend("triton"):
+        assert forced.train_step() == want
+    for (name, p), q in zip(plain.model.named_parameters(), forced.model.parameters()):
+        assert q.grad is not None and torch.equal(q.grad, p.grad), name
+
+
 def test_step_draws_shard_and_move_every_field_together():
     """Rank k of W (or micro-batch k of an accumulation) takes rows k, k+W, ... of every per-row draw, the
     objective's (index, noise, r, label drop, shortcut level) and the data's (flip, latent noise) alike, so
