@@ -68,16 +68,32 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 @contextlib.contextmanager
 def tf32_allowed(enabled: bool):
-    """Within the block, TF32 is (dis)allowed for fp32 CUDA matmuls and cuDNN convolutions."""
-    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    saved = [f.allow_tf32 for f in flags]
-    for f in flags:
-        f.allow_tf32 = enabled
+    """Within the block, TF32 is (dis)allowed for fp32 CUDA matmuls and cuDNN convolutions.
+
+    The matmul setting goes through torch.set_float32_matmul_precision, which keeps torch's legacy flag
+    (allow_tf32) and its per-backend precisions consistent: writing allow_tf32 over a precision the caller
+    set the other way leaves them mixed, and torch.get_float32_matmul_precision (which torch.compile reads)
+    then raises. Where the caller's flags are mixed already, only the legacy flag is set and restored."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+
+    def set_matmul(value: str | bool) -> None:   # a precision name, or the legacy flag
+        if isinstance(value, bool):
+            matmul.allow_tf32 = value
+        else:
+            torch.set_float32_matmul_precision(value)
+
+    try:
+        saved_matmul, wanted = torch.get_float32_matmul_precision(), "high" if enabled else "highest"
+    except RuntimeError:
+        saved_matmul, wanted = matmul.allow_tf32, enabled
+    saved_cudnn = cudnn.allow_tf32
+    set_matmul(wanted)
+    cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
-        for f, value in zip(flags, saved):
-            f.allow_tf32 = value
+        set_matmul(saved_matmul)
+        cudnn.allow_tf32 = saved_cudnn
 
 
 class Sampler:

@@ -245,3 +245,50 @@ def test_the_guidance_interval_in_effect():
     assert recommending.guidance_interval([0.2, 0.8]) == (0.2, 0.8)
     assert recommending.guidance_interval((0.0, 1.0)) is None          # everywhere, spelled out
     assert SamplingDefaults().guidance_interval() is None
+
+
+@pytest.fixture
+def restored_precision_flags():
+    """Leaves torch's global fp32 precision flags as the test found them (the test sets them on purpose)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, torch.backends.fp32_precision)
+    yield
+    torch.set_float32_matmul_precision("highest")
+    matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, torch.backends.fp32_precision = saved
+
+
+# how a caller may have set the matmul precision before generate(): the legacy flag, or the precision API
+CALLER_PRECISION = {
+    "legacy on": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "legacy off": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", False),
+    "high": lambda: torch.set_float32_matmul_precision("high"),
+    "highest": lambda: torch.set_float32_matmul_precision("highest"),
+    "medium": lambda: torch.set_float32_matmul_precision("medium"),
+}
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+@pytest.mark.parametrize("caller", sorted(CALLER_PRECISION))
+def test_tf32_block_keeps_the_precision_flags_readable_and_restores_them(caller, enabled, restored_precision_flags):
+    """generate()'s TF32 setting, over any setting of the caller's: torch.get_float32_matmul_precision (read by
+    torch.compile) works inside the block and says what the block set, and the caller's setting comes back."""
+    from ecar_infer.sampler import tf32_allowed
+
+    CALLER_PRECISION[caller]()
+    before = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    with tf32_allowed(enabled):
+        assert torch.get_float32_matmul_precision() == ("high" if enabled else "highest")
+        assert torch.backends.cuda.matmul.allow_tf32 == enabled and torch.backends.cudnn.allow_tf32 == enabled
+    after = (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    assert after == before
+
+
+def test_tf32_block_over_flags_already_mixed_sets_and_restores_the_legacy_flag(restored_precision_flags):
+    from ecar_infer.sampler import tf32_allowed
+
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cuda.matmul.allow_tf32 = True   # mixed: torch.get_float32_matmul_precision now raises
+    for enabled in (False, True):
+        with tf32_allowed(enabled):
+            assert torch.backends.cuda.matmul.allow_tf32 == enabled
+        assert torch.backends.cuda.matmul.allow_tf32
