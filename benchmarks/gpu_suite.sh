@@ -121,9 +121,9 @@ fi
     >"$OUTDIR/versions.txt" 2>&1
 
 # The GPU tests in 8 processes where pytest-xdist is there (the GPU image has it): on a fresh machine most
-# of their time is Triton compiling every autotune config of every kernel variant (147 compilations of
-# the attention kernel alone: 7 configs x 21 dtype / head-dim / masking variants; about 0.8 s each for
-# sm_90 on the 2-core CPU of CI), which is CPU work, and the machine has 16 cores.
+# of their time is Triton compiling every kernel variant (the attention kernel alone: up to 3 query
+# blockings x 21 dtype / head-dim / masking variants; about 0.8 s each for sm_90 on the 2-core CPU of CI),
+# which is CPU work, and the machine has 16 cores.
 WORKERS=$("$PY" -c 'import importlib.util as u; print("-n 8" if u.find_spec("xdist") else "")')
 part gpu-tests "$T_TESTS" "$PY" -m pytest -m gpu tests/ -q -rs $WORKERS --junitxml="$OUTDIR/gpu-tests.xml"
 

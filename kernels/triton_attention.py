@@ -16,29 +16,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_support import configs, runs_on, same_dtype
+from .triton_support import runs_on, same_dtype
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 
 
-def _prune(configs_: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    # Query blocks much taller than the stage only burn masked rows (stage 1 has a single token).
-    cap = max(16, triton.next_power_of_2(named_args["n_q"]))
-    return [c for c in configs_ if c.kwargs["BLOCK_M"] <= cap]
+def launch_config(n_q: int) -> dict:
+    """The kernel's blocking, a function of the query count alone and never of timing. The key blocks
+    (BLOCK_N) set the order of the online softmax's float sums, so a config chosen by timing (autotuning)
+    could differ between processes (torchrun's ranks, a resumed run, another machine) and with it the last
+    bits of their images; one fixed rule makes them all compute the same numbers. Query blocks are no
+    taller than the stage needs (stage 1 has one token); the interpreter runs the same rule."""
+    block_m = min(64, max(16, triton.next_power_of_2(n_q)))
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=3 if block_m == 64 else 2)
 
 
-_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-     for m, n, w, s in ((16, 32, 4, 2), (16, 64, 4, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3),
-                        (128, 32, 8, 2), (128, 64, 8, 3))],
-    interpreted=triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4))
-
-
-# cache_results: the configs' blocking changes the float sums, so every process on a machine must pick the
-# config the first one timed (a sharded or resumed run must write the bytes one process writes)
-@triton.autotune(configs=_CONFIGS, key=["n_q", "kv_len", "HEAD_DIM", "BLOCK_CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit(do_not_specialize=["n_q", "kv_len"])  # lengths only bound masks and loops: one binary per config
 def _attention_kernel(Q, K, V, O, STAGE, STAGE_END,
                       sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
@@ -107,11 +100,12 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int, stag
             stage_end: torch.Tensor | None) -> torch.Tensor:
     batch, n_q, n_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * n_heads)  # noqa: E731
+    config = launch_config(n_q)
+    grid = (triton.cdiv(n_q, config["BLOCK_M"]), batch * n_heads)
     _attention_kernel[grid](q, k, v, out, stage, stage_end, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                             n_q, kv_len, n_heads, LOG2E / math.sqrt(head_dim),
                             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                            BLOCK_CAUSAL=stage is not None, FP32=q.dtype == torch.float32)
+                            BLOCK_CAUSAL=stage is not None, FP32=q.dtype == torch.float32, **config)
     return out
 
 

@@ -45,11 +45,6 @@ def same_dtype(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == tensors[0].dtype for t in tensors)
 
 
-def configs(tuned: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
-    """Autotune candidates: one config when interpreting (the interpreter cannot benchmark several)."""
-    return [interpreted] if INTERPRETING else tuned
-
-
 def rows(t: torch.Tensor) -> torch.Tensor:
     """t as a [rows, last dim] matrix with unit column stride (a view where possible)."""
     t = t.reshape(-1, t.shape[-1])
