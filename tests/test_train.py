@@ -554,12 +554,13 @@ def record_reads(trainer):
     return reads
 
 
-def _ddp_worker(rank, port, out):
+def _ddp_worker(rank, port, out, config_json=None):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device, rank, world = setup_distributed("cpu")
-    trainer = make_trainer(ECARConfig.preset("ecar-tiny"), digits16_split(), DDP_SETTINGS, rank, world)
+    config = ECARConfig.from_json(config_json) if config_json else ECARConfig.preset("ecar-tiny")
+    trainer = make_trainer(config, digits16_split(), DDP_SETTINGS, rank, world)
     reads = record_reads(trainer)
     for _ in range(DDP_STEPS):
         trainer.train_step()
@@ -572,16 +573,21 @@ def _ddp_worker(rank, port, out):
     os._exit(0)
 
 
-@pytest.fixture(scope="module")
-def ddp_and_single(one_thread):
-    """(what the two DDP ranks report, a one-process trainer of the same run and the rows it read)."""
+def run_two_ranks(config_json=None) -> dict:
+    """What the two gloo DDP ranks of _ddp_worker report."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_ddp_worker, args=(port, out), nprocs=2)
-        ddp = dict(out)
+        mp.spawn(_ddp_worker, args=(port, out, config_json), nprocs=2)
+        return dict(out)
+
+
+@pytest.fixture(scope="module")
+def ddp_and_single(one_thread):
+    """(what the two DDP ranks report, a one-process trainer of the same run and the rows it read)."""
+    ddp = run_two_ranks()
     single = make_trainer(ECARConfig.preset("ecar-tiny"), digits16_split(), DDP_SETTINGS)
     reads = record_reads(single)
     for _ in range(DDP_STEPS):
@@ -606,3 +612,17 @@ def test_each_ddp_rank_reads_only_its_shard_of_the_global_batch(ddp_and_single):
     assert len(ddp["reads0"]) == len(ddp["reads1"]) == DDP_STEPS
     for batch, rows0, rows1 in zip(whole, ddp["reads0"], ddp["reads1"]):
         assert rows0 == batch[0::2] and rows1 == batch[1::2]
+
+
+def test_ddp_trains_a_one_stage_model(one_thread):
+    """With one stage, W_in (input_proj) feeds nothing: DDP must not wait for its gradient (it failed the
+    second step), and the ranks still match one process, W_in untouched as there (no gradient, no decay)."""
+    config = ECARConfig.preset("ecar-tiny").replace(num_stages=1)
+    ddp = run_two_ranks(config.to_json())
+    single = make_trainer(config, digits16_split(), DDP_SETTINGS)
+    for _ in range(DDP_STEPS):
+        single.train_step()
+    assert single.model.trunk.input_proj.weight.grad is None
+    for name, value in single.state_tensors().items():
+        if name.startswith("model."):
+            torch.testing.assert_close(ddp[name], value, atol=1e-5, rtol=1e-4, msg=name)

@@ -119,8 +119,11 @@ class Trainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
+            # one stage: W_in (input_proj) feeds no stage, and DDP without unused-parameter detection fails
+            # the second step ("Expected to have finished reduction in the prior iteration")
             self.forward = DistributedDataParallel(self.objective,
-                                                   device_ids=[device.index] if device.type == "cuda" else None)
+                                                   device_ids=[device.index] if device.type == "cuda" else None,
+                                                   find_unused_parameters=config.num_stages == 1)
         if compile:
             self.forward = torch.compile(self.forward)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, betas=(0.9, 0.99),
