@@ -375,6 +375,23 @@ def test_cli_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch
     assert not list(tmp_path.glob("*.safetensors"))
 
 
+def test_a_local_rank_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
+    """torchrun with more ranks per machine than GPUs: the extra ranks say so in one line (status 2), as
+    ecar-sample does, instead of a CUDA traceback from set_device (and no process group is joined)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(trainer_module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trainer_module.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(trainer_module.torch.cuda, "set_device", lambda i: pytest.fail("set_device called"))
+    monkeypatch.setattr(trainer_module.dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--workdir", str(tmp_path), "--steps", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "ecar-train: error: local rank 1 has no GPU: this machine has 1; start at most that many ranks " \
+                  "per machine (torchrun --nproc-per-node)\n"
+
+
 def test_every_option_says_its_default_and_may_be_spelled_with_underscores():
     for action in trainer_module.build_parser()._actions:
         if action.dest != "help":

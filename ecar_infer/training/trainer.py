@@ -507,6 +507,9 @@ def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
         return torch.device("cuda" if cuda else "cpu"), 0, 1
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:
+        if local_rank >= torch.cuda.device_count():   # set_device would fail with a CUDA traceback
+            raise UsageError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                             f"start at most that many ranks per machine (torchrun --nproc-per-node)")
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu"), dist.get_rank(), world
@@ -564,7 +567,10 @@ def train(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device, rank, world = setup_distributed(args.device)
+    try:
+        device, rank, world = setup_distributed(args.device)
+    except UsageError as err:
+        user_error(str(err))
 
     def log(message: str) -> None:
         if rank == 0:
