@@ -5,18 +5,23 @@ import json
 import os
 import shutil
 import socket
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ecar_infer import ECARConfig, load_checkpoint
+from ecar_infer.cli import UsageError
 from ecar_infer.training import trainer as trainer_module
 from ecar_infer.training.data import DataDraws, ImageSet, PixelBatches
 from ecar_infer.training.digits import build_split
 from ecar_infer.training.objective import FlowMatchingObjective, StepDraws, draw_step, stage_targets
-from ecar_infer.training.trainer import Trainer, TrainSettings, main, setup_distributed, teardown_distributed
+from ecar_infer.training.trainer import (Trainer, TrainSettings, check_ranks_agree, main, setup_distributed,
+                                         teardown_distributed)
 
 SETTINGS = TrainSettings(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0)
 
@@ -643,3 +648,33 @@ def test_ddp_trains_a_one_stage_model(one_thread):
     for name, value in single.state_tensors().items():
         if name.startswith("model."):
             torch.testing.assert_close(ddp[name], value, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _agree_worker(rank, port, out):
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    device, rank, world = setup_distributed("cpu")
+    for name, step in (("same", 7), ("differ", 7 + rank)):
+        try:
+            check_ranks_agree(SimpleNamespace(step=step, device=device, world=world), Path("runs/x"))
+            out[f"{name}{rank}"] = "ok"
+        except UsageError as err:
+            out[f"{name}{rank}"] = str(err)
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_ranks_that_resume_different_steps_are_refused(one_thread):
+    """A work folder the ranks see differently (one per machine, not shared): rank 0 resumes step 7 and
+    rank 1 another step; every rank refuses instead of training different weights under one DDP."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_agree_worker, args=(port, out), nprocs=2)
+        out = dict(out)
+    assert out["same0"] == out["same1"] == "ok"
+    assert out["differ0"] == out["differ1"] == (
+        "the ranks found different runs in --workdir runs/x (steps [7, 8], by rank): every rank must see the "
+        "same work folder (on several machines, a shared file system)")

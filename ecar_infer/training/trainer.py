@@ -515,6 +515,19 @@ def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
     return torch.device("cuda", local_rank) if cuda else torch.device("cpu"), dist.get_rank(), world
 
 
+def check_ranks_agree(trainer: Trainer, workdir: Path) -> None:
+    """Every rank must start from the same step: ranks that see different work folders (one per machine
+    where a shared one was meant) would resume different states, and DDP, which syncs the weights only
+    when it is built (before the state is loaded), would average gradients of different weights silently."""
+    mine = torch.tensor([trainer.step], dtype=torch.int64, device=trainer.device)   # NCCL: on the rank's GPU
+    steps = [torch.zeros_like(mine) for _ in range(trainer.world)]
+    dist.all_gather(steps, mine)
+    steps = [int(s) for s in steps]
+    if len(set(steps)) > 1:
+        raise UsageError(f"the ranks found different runs in --workdir {workdir} (steps {steps}, by rank): every "
+                         f"rank must see the same work folder (on several machines, a shared file system)")
+
+
 def teardown_distributed(trainer: Trainer) -> None:
     """Leave the process group cleanly: every rank waits for the others (rank 0 may still be
     writing), then DDP's reducer is released before the group is destroyed, so no gloo work object
@@ -583,6 +596,11 @@ def train(args: argparse.Namespace) -> None:
     except (*user_errors(), ValueError, OSError) as err:
         user_error(str(err))
     workdir, data = Path(args.workdir), trainer.data
+    if world > 1:
+        try:
+            check_ranks_agree(trainer, workdir)
+        except UsageError as err:
+            user_error(str(err))
     sample_every = args.ckpt_every if args.sample_every is None else args.sample_every
     train_log = TrainLog(workdir / LOG_FILE, trainer.step) if rank == 0 else None
     log(f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {data.description} "
