@@ -94,6 +94,10 @@ def test_loading_never_touches_the_network(vae, vae_folder, tmp_path, monkeypatc
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, bare)
     with pytest.raises(VAEError, match="must carry its diffusers config"):
         load_autoencoder(bare)
+    whole = tmp_path / "whole-sd.safetensors"   # a whole Stable Diffusion checkpoint prefixes its VAE's names
+    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in vae.state_dict().items()}, whole)
+    with pytest.raises(VAEError, match="must carry its diffusers config"):   # a VAE, for diffusers to read
+        load_autoencoder(whole)
     assert same_weights(load_autoencoder(vae_folder), vae)
     assert looked_up == []
     assert constants.HF_HUB_OFFLINE == online  # the offline switch is only held while loading
