@@ -1,6 +1,5 @@
 """Atomic writes (ecar_infer/atomic.py) and the writers built on them: a write that fails midway leaves
 no file at the target (and no temporary file), and outputs get the mode the umask gives a normal file."""
-import json
 import os
 import stat
 
@@ -131,16 +130,3 @@ def test_benchmark_reports_are_written_through_the_helper(tmp_path, monkeypatch,
     write_outputs({"a": 1}, "| a |", str(tmp_path / "r.json"), str(tmp_path / "r.md"))
     assert written == ["r.json", "r.md"] and names(tmp_path) == ["r.json", "r.md"]
     assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}
-
-
-def test_settings_records_are_written_through_the_helper(tmp_path, monkeypatch):
-    """A settings record cut short (a full disk, ^C) would make the run's folder unresumable: the record that
-    ecar-sample's targets and ecar-train (the same write_settings) keep is written atomically too."""
-    import ecar_infer.atomic
-    from ecar_infer.targets import NpzTarget
-
-    written, real = [], ecar_infer.atomic._create_temporary
-    monkeypatch.setattr(ecar_infer.atomic, "_create_temporary", lambda path: written.append(path.name) or real(path))
-    NpzTarget(tmp_path / "s.npz", [0], [0], batch_size=1).start({"any": "settings"})
-    assert written == ["run.json"] and json.loads((tmp_path / "s.npz.parts" / "run.json").read_text()) == {
-        "any": "settings"}
