@@ -205,6 +205,25 @@ def test_npz_parts_are_joined_in_batch_order_whatever_order_they_were_written(tm
         assert data["arr_0"][:, 0, 0, 0].tolist() == list(range(12)) and data["labels"].tolist() == labels
 
 
+def test_an_unfinished_npz_run_resumes_even_with_a_file_at_its_path(tmp_path):
+    """FILE.parts/ is a run to finish: a file already at FILE (an older version's, which records no
+    settings) does not stop it, and the finished run replaces it."""
+    from ecar_infer.targets import NpzTarget
+
+    path, labels, settings = tmp_path / "s.npz", [3, 4], {"any": "settings"}
+    first = NpzTarget(path, labels, [0, 1], batch_size=1)
+    assert first.start(settings) == [0, 1]
+    first.write(0, np.full((1, 2, 2, 3), 7, np.uint8))   # then interrupted
+    np.savez(path, arr_0=np.zeros((1, 2, 2, 3), np.uint8), labels=np.zeros(1, np.int64))
+    again = NpzTarget(path, labels, [0, 1], batch_size=1)
+    assert again.start(settings) == [1]
+    again.write(1, np.full((1, 2, 2, 3), 8, np.uint8))
+    again.finish()
+    with np.load(path) as data:
+        assert data["arr_0"][:, 0, 0, 0].tolist() == [7, 8] and data["labels"].tolist() == labels
+    assert not (tmp_path / "s.npz.parts").exists()
+
+
 class MakesAFolderWhenUnpickled:
     def __init__(self, path):
         self.path = str(path)
