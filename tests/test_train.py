@@ -381,6 +381,14 @@ def test_every_option_says_its_default_and_may_be_spelled_with_underscores():
     assert (args.batch_size, args.ema_decay, args.set) == (8, 0.9, ["num_classes=5"])
 
 
+def test_the_range_checks_take_their_documented_bounds():
+    """[0, 1) for --ema-decay and >= 0 for the non-negative options include 0 (an EMA that is the weights, no
+    warmup, no weight decay, no sample grids)."""
+    args = trainer_module.parse_args(["--ema-decay", "0", "--warmup", "0", "--weight-decay", "0", "--sample-every", "0"])
+    assert (args.ema_decay, args.warmup, args.weight_decay, args.sample_every) == (0.0, 0, 0.0, 0)
+    assert trainer_module.parse_args(["--ema-decay", "0.999999"]).ema_decay == 0.999999
+
+
 def test_the_default_workdir_follows_the_data(tmp_path):
     (tmp_path / "pets").mkdir()
     (tmp_path / "faces.npz").write_bytes(b"")
