@@ -384,7 +384,8 @@ def test_every_option_says_its_default_and_may_be_spelled_with_underscores():
 def test_the_range_checks_take_their_documented_bounds():
     """[0, 1) for --ema-decay and >= 0 for the non-negative options include 0 (an EMA that is the weights, no
     warmup, no weight decay, no sample grids)."""
-    args = trainer_module.parse_args(["--ema-decay", "0", "--warmup", "0", "--weight-decay", "0", "--sample-every", "0"])
+    args = trainer_module.parse_args(["--ema-decay", "0", "--warmup", "0", "--weight-decay", "0",
+                                      "--sample-every", "0"])
     assert (args.ema_decay, args.warmup, args.weight_decay, args.sample_every) == (0.0, 0, 0.0, 0)
     assert trainer_module.parse_args(["--ema-decay", "0.999999"]).ema_decay == 0.999999
 
@@ -503,7 +504,7 @@ def test_until_at_or_before_the_saved_step_is_an_error(tmp_path, capsys):
 @pytest.mark.parametrize("at_step, line", [
     (3, "interrupted; the last saved state is step 2 in {state}: rerun the same command with --resume to continue it"),
     (1, "interrupted before any state was saved; rerun the same command to start again"),   # --ckpt-every 2
-])
+], ids=["after a saved state", "before any saved state"])
 def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, capsys, monkeypatch, at_step, line):
     train_step = Trainer.train_step
 
