@@ -1,6 +1,7 @@
 """Shared test setup. TRITON_INTERPRET must be set before anything imports triton, so it is set here
 (on machines without CUDA), before the tests import ecar_infer."""
 import os
+import tempfile
 
 import pytest
 import torch
@@ -56,6 +57,18 @@ def assert_matches_reference(out: torch.Tensor, oracle: torch.Tensor, same_preci
     rounding = (oracle.to(out.dtype).float() - oracle).abs().max().item()
     bound = 2 * err_torch + rounding + atol * max(1.0, oracle.abs().max().item())
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (same-precision torch: {err_torch:.3g})"
+
+
+def refuse_writes_in(monkeypatch, folder):
+    """Make `folder` read-only to the writability check (chmod does not stop root, who may run the tests)."""
+    real = tempfile.TemporaryFile
+
+    def temporary_file(*args, dir=None, **kwargs):
+        if dir is not None and os.path.realpath(dir) == os.path.realpath(folder):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
 
 
 @pytest.fixture(scope="module")

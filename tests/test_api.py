@@ -61,6 +61,16 @@ def test_bad_arguments_are_errors_not_defaults(sampler, kwargs, match):
         sampler.generate(**kwargs, output_type="latent")
 
 
+def test_guidance_up_to_the_largest_float32_is_accepted_and_one_step_beyond_is_not(sampler):
+    """The bound is inclusive: float32's largest value is a finite weight; the next double above it is not."""
+    largest = float(np.finfo(np.float32).max)
+    for weight in (largest, -largest):
+        assert sampler.plan(cfg_scale=weight)
+        beyond = math.nextafter(weight, math.copysign(math.inf, weight))
+        with pytest.raises(ValueError, match="cfg_scale must be within float32's range"):
+            sampler.plan(cfg_scale=beyond)
+
+
 def test_none_means_the_default_and_integer_kinds_are_accepted(sampler):
     defaults = dict(steps_per_stage=2, cfg_scale=1.0, cfg_schedule="constant")
     plain = sampler.generate([1, 2], seed=5, output_type="latent")

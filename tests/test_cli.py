@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import ecar_infer.weights
-from conftest import random_model
+from conftest import random_model, refuse_writes_in
 from ecar_infer import ECARConfig, Sampler, save_checkpoint
 from ecar_infer.cli import build_parser, main
 
@@ -202,6 +203,45 @@ def test_npz_parts_are_joined_in_batch_order_whatever_order_they_were_written(tm
     target.finish()
     with np.load(tmp_path / "s.npz") as data:
         assert data["arr_0"][:, 0, 0, 0].tolist() == list(range(12)) and data["labels"].tolist() == labels
+
+
+def test_an_unfinished_npz_run_resumes_even_with_a_file_at_its_path(tmp_path):
+    """FILE.parts/ is a run to finish: a file already at FILE (an older version's, which records no
+    settings) does not stop it, and the finished run replaces it."""
+    from ecar_infer.targets import NpzTarget
+
+    path, labels, settings = tmp_path / "s.npz", [3, 4], {"any": "settings"}
+    first = NpzTarget(path, labels, [0, 1], batch_size=1)
+    assert first.start(settings) == [0, 1]
+    first.write(0, np.full((1, 2, 2, 3), 7, np.uint8))   # then interrupted
+    np.savez(path, arr_0=np.zeros((1, 2, 2, 3), np.uint8), labels=np.zeros(1, np.int64))
+    again = NpzTarget(path, labels, [0, 1], batch_size=1)
+    assert again.start(settings) == [1]
+    again.write(1, np.full((1, 2, 2, 3), 8, np.uint8))
+    again.finish()
+    with np.load(path) as data:
+        assert data["arr_0"][:, 0, 0, 0].tolist() == [7, 8] and data["labels"].tolist() == labels
+    assert not (tmp_path / "s.npz.parts").exists()
+
+
+class MakesAFolderWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_a_finished_npz_whose_settings_are_pickled_is_refused_without_unpickling_them(tmp_path):
+    """An .npz at the --npz path is read as untrusted: a pickled settings entry could run code when loaded."""
+    from ecar_infer.targets import NpzTarget, ResumeError
+
+    path, marker = tmp_path / "s.npz", tmp_path / "unpickled"
+    np.savez(path, arr_0=np.zeros((1, 2, 2, 3), np.uint8), labels=np.zeros(1, np.int64),
+             settings=np.array([MakesAFolderWhenUnpickled(marker)], dtype=object))
+    with pytest.raises(ResumeError, match=f"{path} exists and is not a sample file"):
+        NpzTarget(path, [0], [0], batch_size=1).start({"any": "settings"})
+    assert not marker.exists()
 
 
 def test_batches_missing_at_the_end_are_a_user_error_and_the_parts_stay(ckpt, tmp_path, capsys, monkeypatch):
@@ -607,6 +647,8 @@ USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error
                                                             "<= 3.4e38), got 'nan'"),
     "cfg inf": ("--ckpt {ckpt} --class 1 --cfg-scale inf", "argument --cfg-scale: must be a finite number"),
     "cfg -inf": ("--ckpt {ckpt} --class 1 --cfg-scale=-inf", "argument --cfg-scale: must be a finite number"),
+    "cfg below float32": ("--ckpt {ckpt} --class 1 --cfg-scale=-1e39",
+                          "argument --cfg-scale: must be a finite number within float32's range"),
     "cfg beyond float32": ("--ckpt {ckpt} --class 1 --cfg-scale 1e39",
                            "argument --cfg-scale: must be a finite number within float32's range (|W| <= 3.4e38), "
                            "got '1e39'"),
@@ -631,6 +673,8 @@ USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error
     "npz empty": ("--ckpt {ckpt} --class 1 --npz=", "--npz is empty: give a file name"),
     "label rows of no grid": ("--ckpt {ckpt} --class 1 --label-rows --npz {tmp}/x.npz",
                               "--label-rows labels the rows of an --out grid: it does nothing with --npz"),
+    "label rows of no grid, a folder": ("--ckpt {ckpt} --class 1 --label-rows --outdir {tmp}/out",
+                                        "--label-rows labels the rows of an --out grid: it does nothing with --outdir"),
     "an abbreviation": ("--ckpt {ckpt} --class 1 --clas 4", "unrecognized arguments: --clas 4"),
     "an abbreviated option": ("--ckpt {ckpt} --class 1 --batch 2", "unrecognized arguments: --batch 2"),
     "two outputs": ("--ckpt {ckpt} --class 1 --npz a.npz --outdir d", "not allowed with argument"),
@@ -650,6 +694,19 @@ def test_user_errors_print_one_line_and_exit_2(case, ckpt, corrupt_ckpt, vae_ckp
         stderr
     assert "Traceback" not in stderr
     assert sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("output", ["--outdir {ro}", "--out {ro}/grid.png", "--npz {ro}/s.npz"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_sampling(ckpt, tmp_path, capsys, monkeypatch,
+                                                                            output):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    refuse_writes_in(monkeypatch, ro)
+    monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("the output is checked before sampling"))
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--steps", "1", *output.format(ro=ro).split())
+    assert code == 2 and stdout == ""
+    assert stderr == f"ecar-sample: error: cannot write to {ro}: Permission denied\n"
+    assert list(ro.iterdir()) == []
 
 
 def test_the_largest_seeds_are_accepted(ckpt, tmp_path, capsys):

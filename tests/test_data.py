@@ -1,6 +1,7 @@
 """Training data sources: image folders and .npz files on tiny generated images, the resize rule, the
 resumable disk cache, and every bad-data error."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -69,6 +70,30 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert np.array_equal(out, np.arange(256, dtype=np.uint8).reshape(16, 16))
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])   # a 16-bit PNG opens as I;16, a big-endian TIFF as I;16B
+def test_16_bit_grayscale_rounds_to_the_nearest_8_bit_level_whatever_its_byte_order(mode):
+    """v / 257 rounded: 128 (0.498) is 0, 129 (0.502) is 1, 65534 (254.996) is 255."""
+    from ecar_infer.pil_input import as_model_image
+
+    deep = np.array([[0, 128, 129, 257 * 100 + 128], [257 * 100 + 129, 65406, 65534, 65535]], dtype=np.uint16)
+    image = Image.frombytes(mode, (4, 2), deep.astype(">u2" if mode.endswith("B") else "<u2").tobytes())
+    want = np.array([[0, 0, 1, 100], [101, 254, 255, 255]], dtype=np.uint8)
+    assert np.array_equal(np.asarray(as_model_image(image, 1)), want)
+    assert np.array_equal(np.asarray(as_model_image(image, 3)), np.repeat(want[..., None], 3, -1))
+
+
+def test_a_palette_image_with_a_transparent_colour_is_composited_on_white():
+    from ecar_infer.pil_input import as_model_image
+
+    image = Image.fromarray(np.array([[0, 1], [1, 2]], np.uint8), "P")
+    image.putpalette([0, 0, 0, 200, 10, 20, 0, 0, 255])
+    image.info["transparency"] = 0   # palette entry 0 (black) is transparent
+    assert np.asarray(as_model_image(image, 3)).tolist() == [[[255, 255, 255], [200, 10, 20]],
+                                                            [[200, 10, 20], [0, 0, 255]]]
+    del image.info["transparency"]   # opaque: black stays black
+    assert np.asarray(as_model_image(image, 3))[0, 0].tolist() == [0, 0, 0]
+
+
 def test_image_folder_classes_labels_and_cache(tmp_path):
     root = make_folder(tmp_path / "imgs")
     data = open_image_folder(root, RGB16, tmp_path / "cache")
@@ -87,12 +112,17 @@ def test_image_folder_classes_labels_and_cache(tmp_path):
 def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):
     root = make_folder(tmp_path / "imgs")
     gray = RGB16.replace(latent_channels=1)
-    with pytest.raises(DataError, match=r"imgs: 6 of 6 images are in color \(.*\) but the config has "
-                                        r"latent_channels=1; train a 3-channel config \(--preset ecar-emoji32, or "
-                                        r"--set latent_channels=3\) or convert the images to grayscale"):
-        open_image_folder(root, gray, tmp_path / "cache")
-    for path in root.rglob("*.png"):   # grayscale, with and without alpha: accepted
+    for path in [*root.glob("a_dog/*.png"), *root.glob("b_cat/*.png")]:   # grayscale, with and without alpha
         Image.open(path).convert("LA" if "cat" in str(path) else "L").save(path)
+    color = [root / "c_eel" / "0.png", root / "c_eel" / "1.png"]   # the count and the names are of these
+    with pytest.raises(DataError, match=re.escape(f"imgs: 2 of 6 images are in color ({color[0]}, {color[1]}) but "
+                                                  f"the config has latent_channels=1; train a 3-channel config "
+                                                  f"(--preset ecar-emoji32, or --set latent_channels=3) or convert "
+                                                  f"the images to grayscale")):
+        open_image_folder(root, gray, tmp_path / "cache")
+    Image.open(color[0]).convert("1").save(color[0])   # bilevel and 16-bit grayscale are grayscale too
+    Image.fromarray(np.asarray(Image.open(color[1]).convert("L")).astype(np.uint16) * 257).save(color[1])
+    assert Image.open(color[1]).mode == "I;16"
     assert open_image_folder(root, gray, tmp_path / "cache").pixels.shape == (6, 16, 16, 1)
 
 
@@ -115,6 +145,17 @@ def test_identity_is_the_content_not_the_path(tmp_path):
     for other in (data_module.ImageSet(changed, labels, ["a", "b", "c"], "one.npz"),
                   data_module.ImageSet(images, labels[::-1].copy(), ["a", "b", "c"], "one.npz")):
         assert other.identity()["sha256"] != one.identity()["sha256"]
+
+
+def test_identity_hashes_every_image_of_a_small_set_and_both_ends_of_a_large_one():
+    """Up to 64 images each counts; past that, 64 evenly spaced ones, the first and the last among them."""
+    for n, rows in ((64, range(64)), (200, (0, 199))):
+        images, labels = random_images(n, 2, 2, seed=n), np.arange(n) % 3
+        whole = data_module.ImageSet(images, labels, ["a", "b", "c"], "set.npz").identity()["sha256"]
+        for row in rows:
+            changed = images.copy()
+            changed[row, 1, 1, 2] ^= 1
+            assert data_module.ImageSet(changed, labels, ["a", "b", "c"], "set.npz").identity()["sha256"] != whole, row
 
 
 def test_an_image_rewritten_in_place_at_the_same_size_is_decoded_again(tmp_path):

@@ -43,6 +43,14 @@ def test_grid_of_inpainted_images_keeps_the_kept_half(ckpt, image, tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["edits.png"]  # no temporary files left
 
 
+def test_without_an_output_option_the_grid_is_edits_png(ckpt, image, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--image", image[0], "--mask", "left", "--class", "3", "--steps", "1",
+                          "-q")
+    assert code == 0, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edits.png"]
+
+
 def test_mask_file_white_is_kept_and_outdir_names_match_the_python_api(ckpt, image, tmp_path, capsys):
     path, array = image
     keep = np.zeros((16, 16), dtype=np.uint8)

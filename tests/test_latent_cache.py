@@ -127,3 +127,18 @@ def test_ecar_train_draws_its_latents_at_the_vae_scaling_factor(images, tmp_path
     draws = data.draw(torch.Generator().manual_seed(0), 2)
     m = torch.from_numpy(np.asarray(data.moments[[0, 3], 0]))
     torch.testing.assert_close(data.x0(torch.tensor([0, 3]), draws), 0.3 * (m[:, 0] + m[:, 1] * draws.eps))
+
+
+def test_a_latent_runs_data_identity_names_its_vae(images, tmp_path):
+    """The settings record of a latent run holds the VAE it encodes with: a resume with another VAE (its
+    latents are other numbers) is refused as other data, though the images are the same."""
+    identities = []
+    for seed in (0, 1):
+        vae = tiny_autoencoder(seed=seed)
+        save_autoencoder(vae, tmp_path / f"vae{seed}.safetensors")
+        args = argparse.Namespace(data=images.description, vae=str(tmp_path / f"vae{seed}.safetensors"), flip=False,
+                                  train_size=None)
+        data, _, _ = open_training_data(args, CONFIG, torch.device("cpu"), tmp_path / "cache", lambda message: None)
+        assert data.identity() == {**images.identity(), "vae": latents.vae_fingerprint(vae)}
+        identities.append(data.identity())
+    assert identities[0]["vae"] != identities[1]["vae"]

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import refuse_writes_in
 from ecar_infer import ECARConfig, load_checkpoint
 from ecar_infer.cli import UsageError
 from ecar_infer.training import trainer as trainer_module
@@ -359,8 +360,10 @@ def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
     (["--lr", "0"], "argument --lr: must be a positive number, got '0'"),
     (["--lr", "-0.001"], "argument --lr: must be a positive number"),
     (["--lr", "nan"], "argument --lr: must be a positive number"),
+    (["--lr", "inf"], "argument --lr: must be a positive number"),
     (["--warmup", "-1"], "argument --warmup: must be a non-negative integer"),
     (["--weight-decay", "-0.01"], "argument --weight-decay: must be a non-negative number"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be a non-negative number"),
     (["--sample-every", "-1"], "argument --sample-every: must be a non-negative integer"),
     (["--out", "{tmp}/nodir/final.safetensors"], "cannot write {tmp}/nodir/final.safetensors: directory {tmp}/nodir "
                                                  "does not exist"),
@@ -397,12 +400,32 @@ def test_a_local_rank_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
                   "per machine (torchrun --nproc-per-node)\n"
 
 
+@pytest.mark.parametrize("outputs", [["--workdir", "{ro}", "--out", "{tmp}/final.safetensors"],
+                                     ["--workdir", "{tmp}/run", "--out", "{ro}/final.safetensors"]],
+                         ids=["workdir", "out"])
+def test_an_unwritable_workdir_or_out_folder_is_refused_before_training(tmp_path, capsys, monkeypatch, outputs):
+    (tmp_path / "ro").mkdir()
+    refuse_writes_in(monkeypatch, tmp_path / "ro")
+    monkeypatch.setattr(Trainer, "train_step", lambda self: pytest.fail("a step was trained"))
+    err = user_error(capsys, TINY_RUN + [a.format(tmp=tmp_path, ro=tmp_path / "ro") for a in outputs])
+    assert f"cannot write to {tmp_path / 'ro'}: Permission denied" in err
+
+
 def test_every_option_says_its_default_and_may_be_spelled_with_underscores():
     for action in trainer_module.build_parser()._actions:
         if action.dest != "help":
             assert "default" in action.help, action.option_strings
     args = trainer_module.parse_args(["--batch_size", "8", "--ema_decay=0.9", "--set", "num_classes=5"])
     assert (args.batch_size, args.ema_decay, args.set) == (8, 0.9, ["num_classes=5"])
+
+
+def test_the_range_checks_take_their_documented_bounds():
+    """[0, 1) for --ema-decay and >= 0 for the non-negative options include 0 (an EMA that is the weights, no
+    warmup, no weight decay, no sample grids)."""
+    args = trainer_module.parse_args(["--ema-decay", "0", "--warmup", "0", "--weight-decay", "0",
+                                      "--sample-every", "0"])
+    assert (args.ema_decay, args.warmup, args.weight_decay, args.sample_every) == (0.0, 0, 0.0, 0)
+    assert trainer_module.parse_args(["--ema-decay", "0.999999"]).ema_decay == 0.999999
 
 
 def test_the_default_workdir_follows_the_data(tmp_path):
@@ -413,6 +436,8 @@ def test_the_default_workdir_follows_the_data(tmp_path):
     assert workdir("--data", f"{tmp_path}/pets/") == os.path.join("runs", "pets")
     assert workdir("--data", str(tmp_path / "faces.npz")) == os.path.join("runs", "faces")
     assert workdir("--data", str(tmp_path / "faces.npz"), "--workdir", "elsewhere") == "elsewhere"
+    (tmp_path / "pets.v2").mkdir()   # a folder's whole name, dot and all
+    assert workdir("--data", str(tmp_path / "pets.v2")) == os.path.join("runs", "pets.v2")
 
 
 TINY_RUN = ["--preset", "ecar-tiny", "--batch-size", "4", "--train-size", "20", "--steps", "4", "--ckpt-every", "2",
@@ -453,6 +478,7 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys, monkeypa
     # what does not change the trained numbers stays free
     main(run + ["--resume", "--until", "3", "--ckpt-every", "1", "--threads", "1", "--accum", "2", "--out", "x.st",
                 "--sample-every", "1", "--metadata", "recommended_cfg=2"])
+    assert "schedule" not in capsys.readouterr().out   # the same --steps: nothing to say about it
     assert load_checkpoint(tmp_path / "run" / "ema-step3.safetensors").checkpoint_metadata["training_steps"] == "3"
 
 
@@ -471,6 +497,7 @@ def test_an_unreadable_resume_state_is_one_line(tmp_path, capsys, damage):
     for argv in (run, run + ["--resume"]):
         err = user_error(capsys, argv)
         assert f"the resume state {state} cannot be read (" in err
+        assert damage != "no step" or "cannot be read (no step in its metadata)" in err
         assert err.endswith("): delete it to start over, or choose another --workdir\n")
 
 
@@ -496,8 +523,9 @@ def test_a_state_without_settings_record_resumes_and_gets_one(tmp_path):
     main(run + ["--until", "2"])
     record = json.loads((tmp_path / "settings.json").read_text())
     (tmp_path / "settings.json").unlink()   # as a run from before the record was kept left it
-    main(run + ["--resume"])
+    main(run + ["--resume", "--out", str(tmp_path / "mine.safetensors")])
     assert json.loads((tmp_path / "settings.json").read_text()) == record
+    assert (tmp_path / "mine.safetensors").exists() and not (tmp_path / "final.safetensors").exists()
     assert record["batch_size"] == 4 and record["data"]["images"] == 20 and record["config.depth"] == 2
 
 
@@ -505,26 +533,30 @@ def test_until_at_or_before_the_saved_step_is_an_error(tmp_path, capsys):
     run = TINY_RUN + ["--workdir", str(tmp_path), "--resume"]
     main(run + ["--until", "3"])
     capsys.readouterr()
-    err = user_error(capsys, run + ["--until", "2"])
-    assert f"--until 2: the run in {tmp_path} is already at step 3, nothing to do" in err
+    for until in (2, 3):
+        err = user_error(capsys, run + ["--until", str(until)])
+        assert f"--until {until}: the run in {tmp_path} is already at step 3, nothing to do" in err
     assert not (tmp_path / "ema-step2.safetensors").exists()
 
 
-def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("at_step, line", [
+    (3, "interrupted; the last saved state is step 2 in {state}: rerun the same command with --resume to continue it"),
+    (1, "interrupted before any state was saved; rerun the same command to start again"),   # --ckpt-every 2
+], ids=["after a saved state", "before any saved state"])
+def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, capsys, monkeypatch, at_step, line):
     train_step = Trainer.train_step
 
-    def interrupted_at_step_3(self):
-        if self.step == 3:
+    def interrupted(self):
+        if self.step == at_step:
             raise KeyboardInterrupt
         return train_step(self)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupted_at_step_3)
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         main(TINY_RUN + ["--workdir", str(tmp_path)])
     err = capsys.readouterr().err.splitlines()[-1]
     assert exit_info.value.code == 130 and "Traceback" not in err
-    assert err == (f"ecar-train: interrupted; the last saved state is step 2 in {tmp_path / 'state.safetensors'}: "
-                   f"rerun the same command with --resume to continue it")
+    assert err == "ecar-train: " + line.format(state=tmp_path / "state.safetensors")
 
 
 def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
@@ -557,6 +589,26 @@ def test_resume_knows_the_init_checkpoint_by_content(tmp_path, capsys, monkeypat
     capsys.readouterr()
     err = user_error(capsys, run + ["--init", "a/init.safetensors", "--resume"])
     assert "run holds a run with other settings (init_sha256)" in err
+
+
+def test_a_resume_keeps_its_state_whatever_its_init_is_called_and_refuses_another_init(tmp_path, capsys, monkeypatch):
+    """--init starts a run; the resume state continues it (the same command again, with --resume, must not load
+    the init weights over the state), naming the same file by its path is the same run, another file is not."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint, weights
+
+    for name, seed in (("tinyship", 9), ("other", 10)):
+        save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=seed), tmp_path / f"{name}.safetensors")
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    loaded = []
+    monkeypatch.setattr(Trainer, "init_from", lambda self, path: loaded.append(path))
+    run = TINY_RUN + ["--workdir", str(tmp_path / "run")]
+    main(run + ["--init", "tinyship", "--until", "2"])
+    main(run + ["--init", str(tmp_path / "tinyship.safetensors"), "--resume", "--until", "3"])
+    assert loaded == [tmp_path / "tinyship.safetensors"]
+    capsys.readouterr()
+    err = user_error(capsys, run + ["--init", str(tmp_path / "other.safetensors"), "--resume"])
+    assert "run holds a run with other settings (init_sha256): resume it with the settings in " in err
 
 
 # ---- DDP: two gloo ranks on the CPU, run once for the tests below ---------------------------------------

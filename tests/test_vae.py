@@ -72,31 +72,43 @@ def test_unloadable_vaes_raise_vae_error(vae, tmp_path):
 def test_loading_never_touches_the_network(vae, vae_folder, tmp_path, monkeypatch):
     """Nothing is fetched at run time: a single file without its config (which diffusers would build from a
     reference config on the Hub) fails offline, and a file that is no VAE at all is refused before diffusers
-    sees it; no host name is ever looked up."""
+    sees it; no host name is ever looked up. huggingface_hub caches what it fetched once per process, so an
+    earlier load could hide a lookup here: every diffusers load must also find the offline switch on. Its
+    deprecation warning about an argument diffusers passes does not reach the user."""
     import socket
+    import warnings
 
+    from diffusers import AutoencoderKL
+    from huggingface_hub import constants
     from safetensors.torch import save_file
 
-    looked_up = []
+    looked_up, offline = [], []
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host) or [][0])
-    from huggingface_hub import constants
-
-    online = constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)   # as a user's process has it
+    for name in ("from_single_file", "from_pretrained"):
+        monkeypatch.setattr(AutoencoderKL, name, lambda *a, load=getattr(AutoencoderKL, name), **k:
+                            offline.append(constants.HF_HUB_OFFLINE) or load(*a, **k))
     checkpoint = tmp_path / "model.safetensors"
     save_checkpoint(random_model(TINY_VAE), checkpoint)
-    with pytest.raises(VAEError, match="model.safetensors: it is an E-CAR checkpoint, not a VAE$"):
-        load_autoencoder(checkpoint)
     save_file({"w": torch.ones(2), "v": torch.ones(1)}, tmp_path / "other.safetensors")
-    with pytest.raises(VAEError, match=r"other.safetensors: it holds no VAE weights \(no encoder.conv_in.weight "
-                                       r"among its 2 tensor\(s\)\)$"):
-        load_autoencoder(tmp_path / "other.safetensors")
     bare = tmp_path / "bare.safetensors"
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, bare)
-    with pytest.raises(VAEError, match="must carry its diffusers config"):
-        load_autoencoder(bare)
-    assert same_weights(load_autoencoder(vae_folder), vae)
-    assert looked_up == []
-    assert constants.HF_HUB_OFFLINE == online  # the offline switch is only held while loading
+    whole = tmp_path / "whole-sd.safetensors"   # a whole Stable Diffusion checkpoint prefixes its VAE's names
+    save_file({f"first_stage_model.{k}": v.contiguous() for k, v in vae.state_dict().items()}, whole)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(VAEError, match="model.safetensors: it is an E-CAR checkpoint, not a VAE$"):
+            load_autoencoder(checkpoint)
+        with pytest.raises(VAEError, match=r"other.safetensors: it holds no VAE weights \(no encoder.conv_in.weight "
+                                           r"among its 2 tensor\(s\)\)$"):
+            load_autoencoder(tmp_path / "other.safetensors")
+        for single_file in (bare, whole):   # the whole checkpoint is a VAE too, for diffusers to read
+            with pytest.raises(VAEError, match="must carry its diffusers config"):
+                load_autoencoder(single_file)
+        assert same_weights(load_autoencoder(vae_folder), vae)
+    assert looked_up == [] and offline == [True, True, True]
+    assert constants.HF_HUB_OFFLINE is False  # the offline switch is only held while loading
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
 
 
 def crafted_file(vae, path, edit_config=None, edit_tensors=None):
