@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Fast, exact sampling engine for E-CAR multistage continuous autoregressive image models",
     python_requires=">=3.10",
-    packages=["ecar_infer", "ecar_infer.model", "ecar_infer.training", "ecar_infer.kernels", "ecar_infer.weights", "benchmarks"],
+    packages=["ecar_infer", "ecar_infer.model", "ecar_infer.training", "ecar_infer.kernels", "ecar_infer.weights"],
     # kernels/ and weights/ live at the top of the repo but install inside the package
     package_dir={"ecar_infer.kernels": "kernels", "ecar_infer.weights": "weights"},
     package_data={"ecar_infer.weights": ["*.safetensors", "*.md", "*.png"]},
