@@ -20,7 +20,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 @dataclass
 class SampleOutput:
     """images: list of PIL images ("pil"), uint8 [B, H, W, C] array ("np"), float [B, C, H, W] in [0, 1]
-    ("pt"), or the [B, C, h, w] latent in scaled latent space ("latent"). seeds[k] regenerates image k."""
+    ("pt"), or the [B, C, h, w] latent in scaled latent space ("latent"); tensors are fp32 on the CPU
+    whatever the sampler's device and dtype. seeds[k] regenerates image k."""
 
     images: Any
     seeds: list[int]
@@ -36,7 +37,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def convert(images: torch.Tensor, output_type: str) -> Any:
     """Decoded images in [-1, 1] -> the requested output type (not "latent")."""
     if output_type == "pt":
-        return ((images.float() + 1) / 2).clamp(0, 1)
+        # on the CPU like every other output type (and like "latent"): a sampler on CUDA must not hand back
+        # CUDA tensors for "pt" alone, nor for some edits and not others (a fully kept edit returns its input)
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
     array = to_uint8(images).numpy()
     if output_type == "np":
         return array
