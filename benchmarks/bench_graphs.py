@@ -78,6 +78,7 @@ class Row:
     captures: int = 0
     repeats: int = 0
     peak_bytes: int | None = None
+    reserved_bytes: int | None = None             # graph pools included (measure.PeakMemory)
     error: str | None = None
 
 
@@ -133,7 +134,7 @@ class Bench:
                         without.append(time_call(call("latent"), self.device))
                         with_decode.append(time_call(call("pt"), self.device))
                 row.latency_s, row.latency_with_decode_s = median(without), median(with_decode)
-                row.repeats, row.peak_bytes = len(without), memory.peak_bytes
+                row.repeats, row.peak_bytes, row.reserved_bytes = len(without), memory.peak_bytes, memory.reserved_bytes
                 if path in PROFILED_PATHS and batch in PROFILED.get(preset, ()):
                     self.profile(f"{preset}-b{batch}-{path}", call("pt"))
         except Exception as err:  # one failing row (OOM, a kernel that cannot run) must not end the sweep
@@ -201,13 +202,16 @@ class Bench:
                   times(speedup(self.rows, r, "latency_with_decode_s")),
                   "-" if r.first_call_s is None else f"{r.first_call_s:.2f}",
                   f"{r.capture_s:.2f} ({r.captures} graphs)" if r.captures else "-",
-                  "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.1f}", r.error or ""]
+                  "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**30:.1f}",
+                  "-" if r.reserved_bytes is None else f"{r.reserved_bytes / 2**30:.1f}", r.error or ""]
                  for r in self.rows]
         headers = ["preset", "batch", "path", "ms/batch", "img/s", "ms/batch +VAE", "img/s +VAE", "x ref",
-                   "x ref +VAE", "first call s", "capture s", "peak GiB", "error"]
+                   "x ref +VAE", "first call s", "capture s", "peak GiB", "reserved GiB", "error"]
         lines = [f"Environment: {environment_line(self.env)}.",
                  f"Settings: {self.args.steps} Euler steps per stage, guidance {self.args.cfg_scale}, random weights; "
-                 "latency is the median device-synchronized call; +VAE includes the SD-VAE decode.", "",
+                 "latency is the median device-synchronized call; +VAE includes the SD-VAE decode; peak GiB is "
+                 "max_memory_allocated, which leaves out a replayed graph's activations (its private pool), "
+                 "reserved GiB includes them.", "",
                  markdown_table(headers, table), "", "Targets (reported, never asserted):", ""]
         for t in self.targets():
             got = t["measured"]

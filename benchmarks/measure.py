@@ -67,12 +67,17 @@ class PeakMemory:
     """Peak memory of what runs inside the block, in bytes (None where it cannot be measured).
 
     CUDA: torch.cuda.max_memory_allocated, which includes every resident tensor (the model's weights).
+    A replayed CUDA graph allocates nothing: its activations live in the graph's private pool, which is
+    reserved, never allocated, so the graph path's peak_bytes leaves them out. reserved_bytes
+    (torch.cuda.max_memory_reserved: graph pools and the allocator's cache included) is what the process
+    holds, and the figure to compare between the graph and eager paths.
     CPU (Linux): the process's resident set sampled every few ms by a thread, minus its size on entry.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.peak_bytes: int | None = None
+        self.reserved_bytes: int | None = None  # CUDA only
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._base = self._max = 0
@@ -80,7 +85,8 @@ class PeakMemory:
     @property
     def kind(self) -> str:
         if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated (weights included)"
+            return ("torch.cuda.max_memory_allocated (weights included; CUDA graph activations excluded), and "
+                    "max_memory_reserved (graph pools and cache included) in parentheses")
         return "resident set growth, sampled every 5 ms" if _STATM.exists() else "n/a"
 
     def _sample(self) -> None:
@@ -100,6 +106,7 @@ class PeakMemory:
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()

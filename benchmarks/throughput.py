@@ -59,6 +59,7 @@ class Row:
     times: list[float] = field(default_factory=list)
     latency_s: float | None = None          # per batch: the median call, or its extrapolation
     peak_bytes: int | None = None
+    reserved_bytes: int | None = None       # CUDA: graph pools included (measure.PeakMemory)
     backends: dict[str, str] = field(default_factory=dict)
     note: str = ""
     error: str | None = None
@@ -122,7 +123,7 @@ class Harness:
                     warmup()
                 with PeakMemory(self.device) as memory:
                     row.times = [time_call(call, self.device) for _ in range(self.args.repeats)]
-            row.latency_s, row.peak_bytes = median(row.times), memory.peak_bytes
+            row.latency_s, row.peak_bytes, row.reserved_bytes = median(row.times), memory.peak_bytes, memory.reserved_bytes
         except Exception as err:  # one failing case (OOM, a kernel that cannot run) must not end the sweep
             row.error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
         release(self.device)
@@ -208,6 +209,7 @@ class Harness:
                                         functools.partial(call, run_steps), lambda: None)
             run_steps = int(measured.steps)
             row.times, row.peak_bytes, row.error = measured.times, measured.peak_bytes, measured.error
+            row.reserved_bytes = measured.reserved_bytes
             if measured.latency_s is not None:
                 step_s = max(measured.latency_s - decode, 0.0) / run_steps
                 row.latency_s = measured.latency_s + (steps - run_steps) * step_s
@@ -292,10 +294,11 @@ def _num(value: float | None, fmt: str = ".3g") -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else format(value, fmt)
 
 
-def _memory(value: int | None) -> str:
+def _memory(value: int | None, reserved: int | None = None) -> str:
     if value is None:
         return "n/a"
-    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+    shown = f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+    return shown if reserved is None else f"{shown} ({_memory(reserved)})"
 
 
 def _backends(chosen: dict[str, str]) -> str:
@@ -311,7 +314,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
         note = r["error"] or r["note"]
         rows.append([r["model"], r["variant"], _backends(r["backends"]), r["batch"], r["steps"],
                      _num(r["latency_s"]), _num(r["images_per_s"]), _num(r["images_per_s_without_decode"]),
-                     _memory(r["peak_bytes"]), f"{r['flops_per_image'] / 1e9:,.0f}",
+                     _memory(r["peak_bytes"], r.get("reserved_bytes")), f"{r['flops_per_image'] / 1e9:,.0f}",
                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", note])
     parts = [f"Device {payload['environment']['device']}, {s['dtype']}; peak {peak['flops_per_s'] / 1e12:.3g} "
              f"TFLOP/s measured ({peak['how']}; the higher of the run's start and end). E-CAR: {s['ecar']}; {DIT_NAME}: {s['dit']}. Median of "

@@ -77,6 +77,25 @@ def test_cpu_peak_memory_is_the_growth_inside_the_block():
     assert size - (8 << 20) <= memory.peak_bytes <= size + (32 << 20), memory.peak_bytes
 
 
+def test_cuda_peak_memory_also_reads_what_is_reserved(monkeypatch):
+    """A replayed CUDA graph allocates nothing (its activations sit in its private pool, reserved, never
+    allocated): max_memory_allocated alone made the graph path look far lighter than eager. The CUDA branch,
+    emulated with the allocator's counters stubbed, reads the reserved peak as well."""
+    from benchmarks.measure import PeakMemory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 7 << 30)
+    with PeakMemory(torch.device("cuda")) as memory:
+        pass
+    assert calls == ["sync", "reset"]
+    assert (memory.peak_bytes, memory.reserved_bytes) == (3 << 30, 7 << 30)
+    assert "reserved" in memory.kind
+    assert throughput._memory(3 << 30, 7 << 30) == "3.00 GiB (7.00 GiB)"
+
+
 # ---- the derived numbers on hand-built rows (no sampling, no timing) ---------------------------------------
 def harness(monkeypatch, *argv, peaks=(1e12,)):
     """A CPU harness whose matmul peak measurements return `peaks` in turn."""
