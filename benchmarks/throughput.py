@@ -374,6 +374,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_dit(harness: Harness, device: torch.device, batches: Sequence[int]) -> None:
+    with torch.device(device):
+        transformer = dit_xl_2()
+    pipe = dit_pipeline(transformer.to(device, harness.dtype).eval(), harness.shared_vae())
+    for batch in batches:
+        harness.dit(pipe, batch)
+    del pipe, transformer
+    release(device)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # as ecar-sample does, for both E-CAR and DiT: ecar_infer/cpu_memory.py
@@ -384,14 +394,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if needs_vae:
         for batch in sorted(set(args.batches) | set(args.dit_batches)):
             harness.vae_decode(batch)
-    for preset in args.models:
+    # DiT right after the first preset: the issue-5 targets compare those two, so when the time runs out
+    # (the GPU suite's part is cut at its budget) it is the later presets' rows that are lost, not DiT's
+    for index, preset in enumerate(args.models):
         harness.ecar(preset)
-    if args.dit_batches:
-        with torch.device(device):
-            transformer = dit_xl_2()
-        pipe = dit_pipeline(transformer.to(device, harness.dtype).eval(), harness.shared_vae())
-        for batch in args.dit_batches:
-            harness.dit(pipe, batch)
+        if index == 0 and args.dit_batches:
+            run_dit(harness, device, args.dit_batches)
     harness.update_peak()
     harness.write()
     print(render_markdown(harness.payload()))

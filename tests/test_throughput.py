@@ -96,6 +96,22 @@ def test_cuda_peak_memory_also_reads_what_is_reserved(monkeypatch):
     assert throughput._memory(3 << 30, 7 << 30) == "3.00 GiB (7.00 GiB)"
 
 
+def test_dit_runs_right_after_the_first_preset(monkeypatch):
+    """The issue-5 targets compare the first preset with DiT-XL/2: when the GPU suite's time runs out, the
+    later presets' rows are the ones cut, never DiT's (which used to come after every preset)."""
+    order = []
+    monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": 1e12, "how": "stub"})
+    monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch: order.append(f"vae b{batch}"))
+    monkeypatch.setattr(throughput.Harness, "ecar", lambda self, preset: order.append(preset))
+    monkeypatch.setattr(throughput.Harness, "dit", lambda self, pipe, batch: order.append(f"dit b{batch}"))
+    monkeypatch.setattr(throughput.Harness, "shared_vae", lambda self: None)
+    monkeypatch.setattr(throughput, "dit_xl_2", lambda: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(throughput, "dit_pipeline", lambda transformer, vae: "pipe")
+    monkeypatch.setattr(throughput, "render_markdown", lambda payload: "")
+    throughput.main(["--device", "cpu", "--models", "ecar-tiny", "ecar-digits32-attn-sc@2", "--batches", "2", "1"])
+    assert order == ["vae b1", "vae b2", "ecar-tiny", "dit b2", "dit b1", "ecar-digits32-attn-sc@2"]
+
+
 # ---- the derived numbers on hand-built rows (no sampling, no timing) ---------------------------------------
 def harness(monkeypatch, *argv, peaks=(1e12,)):
     """A CPU harness whose matmul peak measurements return `peaks` in turn."""
