@@ -183,8 +183,8 @@ def test_bench_graphs_speedups_targets_and_table_of_hand_built_rows(tmp_path):
         ("ecar-xl b64: graphs vs reference (decode excluded)", pytest.approx(1.2), False),
         ("ecar-b b1: graphs vs reference (decode excluded)", None, None)]
     text = bench.markdown()
-    assert "| ecar-xl | 1 | graphs | 10.0 | 100.0 | 15.0 | 66.7 | 4.00x | 3.00x | - | - | - |  |" in text
-    assert "| ecar-xl | 64 | graphs | 500.0 | 128.0 | 1000.0 | 64.0 | 1.20x | 1.25x | - | - | - |  |" in text
+    assert "| ecar-xl | 1 | graphs | 10.0 | 100.0 | 15.0 | 66.7 | 4.00x | 3.00x | - | - | - | - |  |" in text
+    assert "| ecar-xl | 64 | graphs | 500.0 | 128.0 | 1000.0 | 64.0 | 1.20x | 1.25x | - | - | - | - |  |" in text
     assert "- ecar-xl b1: graphs latency with VAE decode: 15.0 ms (target <= 20 ms (H100)): met" in text
     assert "- ecar-xl b64: graphs vs reference (decode excluded): 1.20x (target >= 1.5x): NOT met" in text
 
