@@ -46,6 +46,7 @@ def batch_bucket(batch: int) -> int:
 
 class GraphRunner:
     def __init__(self, device: torch.device, cuda_graphs: bool = True, compile: bool = False) -> None:
+        self.device = device
         self.graphs_enabled = cuda_graphs and device.type == "cuda"
         self.compile = compile
         self.capture_seconds = 0.0  # wall time spent in warm-up and capture, all keys together
@@ -67,13 +68,17 @@ class GraphRunner:
         if not self.graphs_enabled or key in self._eager_keys:
             fn()
             return
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = self._capture(key, fn)
+        # Streams and graphs belong to the current device, kernels go to their tensors' device: a sampler on
+        # cuda:1 while cuda:0 is current would capture an empty graph (its kernels running eagerly on cuda:1's
+        # own stream) and replay nothing on later requests. So capture and replay on the sampler's device.
+        with torch.cuda.device(self.device):
+            graph = self._graphs.get(key)
             if graph is None:
-                fn()
-                return
-        graph.replay()
+                graph = self._capture(key, fn)
+                if graph is None:
+                    fn()
+                    return
+            graph.replay()
 
     def _compiled_fn(self, key: Hashable, fn: Callable[[], None]) -> Callable[[], None]:
         if key not in self._compiled:

@@ -69,6 +69,56 @@ def test_runner_runs_each_unit_once_eagerly_off_cuda():
 
 
 @torch.no_grad()
+def test_runner_captures_and_replays_on_its_own_device(monkeypatch):
+    """torch.cuda streams and graphs belong to the current device while kernels go to their tensors' device:
+    a sampler on cuda:1 with cuda:0 current captured an empty graph and replayed nothing on later requests.
+    The CUDA calls are stubbed here to record the current device at each (the runner on "cuda:1")."""
+    import contextlib
+
+    current, seen = [0], []
+
+    @contextlib.contextmanager
+    def device(d):
+        previous, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    class Graph:
+        def replay(self):
+            seen.append(("replay", current[0]))
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None):
+        seen.append(("capture", current[0]))
+        yield
+
+    class Stream:
+        def __init__(self):
+            seen.append(("stream", current[0]))
+
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    runner = GraphRunner(torch.device("cuda:1"))
+    runs = []
+    runner.run("unit", lambda: runs.append(current[0]))
+    runner.run("unit", lambda: runs.append(current[0]))
+    assert runner.num_captures == 1
+    assert runs == [1, 1, 1]  # two warm-up runs and the captured one
+    assert {d for _, d in seen} == {1} and [k for k, _ in seen].count("replay") == 2
+    assert current[0] == 0  # the caller's device is current again
+
+
 def test_sampler_off_cuda_runs_the_engine_on_the_exact_batch(model):
     """The sampler with graphs asked for, on the CPU: one engine of exactly the requested batch (no
     padding to a bucket), and the same bits as running that engine's units by hand."""

@@ -152,3 +152,17 @@ def test_compile_mode_matches_eager():
     kwargs = dict(class_labels=[1, 2], seed=0, steps_per_stage=1, output_type="latent")
     assert relative_error(compiled.generate(**kwargs).images, sampler.generate(**kwargs).images) <= 2e-2
     assert compiled.runner.num_captures == units_per_request(compiled)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@torch.no_grad()
+def test_graphs_of_a_sampler_on_another_gpu_than_the_current_one():
+    """A sampler on cuda:1 while cuda:0 is current: its graphs are captured and replayed on cuda:1 (they
+    used to capture nothing there, so every later request returned the first one's images)."""
+    assert torch.cuda.current_device() == 0
+    graphs = Sampler.from_config(TINY, device="cuda:1", dtype="bf16", seed=0, progress=False)
+    eager = Sampler(graphs.model, graphs.decoder, cuda_graphs=False, progress=False)
+    for labels, seed in (([1, 2], 0), ([7, 3], 40)):
+        got = graphs.generate(labels, seed=seed, steps_per_stage=2, **GUIDED).images
+        assert torch.equal(got, eager.generate(labels, seed=seed, steps_per_stage=2, **GUIDED).images)
+    assert graphs.runner.num_captures == units_per_request(graphs)
