@@ -65,13 +65,17 @@ class GraphRunner:
         key = (key, forced_backend())
         if self.compile:
             fn = self._compiled_fn(key, fn)
-        if not self.graphs_enabled or key in self._eager_keys:
+        if self.device.type != "cuda":
             fn()
             return
-        # Streams and graphs belong to the current device, kernels go to their tensors' device: a sampler on
-        # cuda:1 while cuda:0 is current would capture an empty graph (its kernels running eagerly on cuda:1's
-        # own stream) and replay nothing on later requests. So capture and replay on the sampler's device.
+        # Streams, graphs and Triton's launches follow the current device, torch's kernels their tensors': a
+        # sampler on cuda:1 while cuda:0 is current captured empty graphs (its kernels running eagerly on
+        # cuda:1's own stream; later requests replayed nothing) and launched its Triton kernels on cuda:0.
+        # So every unit runs with the sampler's device current.
         with torch.cuda.device(self.device):
+            if not self.graphs_enabled or key in self._eager_keys:
+                fn()
+                return
             graph = self._graphs.get(key)
             if graph is None:
                 graph = self._capture(key, fn)

@@ -70,9 +70,10 @@ def test_runner_runs_each_unit_once_eagerly_off_cuda():
 
 @torch.no_grad()
 def test_runner_captures_and_replays_on_its_own_device(monkeypatch):
-    """torch.cuda streams and graphs belong to the current device while kernels go to their tensors' device:
-    a sampler on cuda:1 with cuda:0 current captured an empty graph and replayed nothing on later requests.
-    The CUDA calls are stubbed here to record the current device at each (the runner on "cuda:1")."""
+    """torch.cuda streams and graphs (and Triton's launches) follow the current device while torch's kernels
+    follow their tensors': a sampler on cuda:1 with cuda:0 current captured an empty graph and replayed
+    nothing on later requests, and eagerly it launched Triton kernels on cuda:0. The CUDA calls are stubbed
+    here to record the current device at each (the runners on "cuda:1")."""
     import contextlib
 
     current, seen = [0], []
@@ -117,6 +118,9 @@ def test_runner_captures_and_replays_on_its_own_device(monkeypatch):
     assert runs == [1, 1, 1]  # two warm-up runs and the captured one
     assert {d for _, d in seen} == {1} and [k for k, _ in seen].count("replay") == 2
     assert current[0] == 0  # the caller's device is current again
+    eager = GraphRunner(torch.device("cuda:1"), cuda_graphs=False)  # Triton launches on the current device
+    eager.run("unit", lambda: runs.append(current[0]))
+    assert runs[-1] == 1 and eager.num_captures == 0
 
 
 def test_sampler_off_cuda_runs_the_engine_on_the_exact_batch(model):

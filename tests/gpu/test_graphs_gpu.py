@@ -166,3 +166,15 @@ def test_graphs_of_a_sampler_on_another_gpu_than_the_current_one():
         got = graphs.generate(labels, seed=seed, steps_per_stage=2, **GUIDED).images
         assert torch.equal(got, eager.generate(labels, seed=seed, steps_per_stage=2, **GUIDED).images)
     assert graphs.runner.num_captures == units_per_request(graphs)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@torch.no_grad()
+def test_triton_kernels_of_an_eager_sampler_on_another_gpu():
+    """Triton launches on the current device: the eager path on cuda:1 must make it current (it used to
+    launch cuda:1's kernels on cuda:0)."""
+    sampler = Sampler.from_config(TINY, device="cuda:1", dtype="bf16", seed=0, progress=False, cuda_graphs=False)
+    got = sampler.generate([1, 2], seed=0, steps_per_stage=2, **GUIDED).images
+    with force_backend("reference"):
+        expected = sampler.generate([1, 2], seed=0, steps_per_stage=2, **GUIDED).images
+    assert relative_error(got, expected) <= 5e-2  # as test_graph_keys_follow_the_forced_backend
