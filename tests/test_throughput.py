@@ -3,6 +3,7 @@ asserted: speed is measured by benchmarks, never by tests)."""
 import json
 import os
 import statistics
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -185,6 +186,7 @@ def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch)
 
     def pipe(class_labels, guidance_scale, num_inference_steps, output_type):
         calls.append(num_inference_steps)
+        return SimpleNamespace(images=torch.zeros(len(class_labels), 3, 4, 4))  # "pt": a tensor
 
     monkeypatch.setattr(throughput, "time_call", lambda fn, device: (fn(), decode + per_step * calls[-1])[1])
     monkeypatch.setattr(flops, "dit_step_flops", lambda guided=True: {"params": 1, "step": 1000 if guided else 500})
