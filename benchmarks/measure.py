@@ -13,6 +13,7 @@ import torch
 
 _STATM = Path("/proc/self/statm")
 RSS_SAMPLE_S = 0.005
+GPU_WARMUP_S = 0.5  # matmul_peak's warm-up on a GPU before its timed products
 
 
 def time_call(fn: Callable[[], Any], device: torch.device) -> float:
@@ -124,6 +125,13 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> 
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
+    if device.type == "cuda":
+        # an idle GPU's clocks take a while to rise under load: three products (~4 ms on an H100) are too few,
+        # and a peak measured low would inflate every MFU of the run
+        deadline = time.perf_counter() + GPU_WARMUP_S
+        while time.perf_counter() < deadline:
+            a @ b
+            torch.cuda.synchronize(device)
     seconds = min(time_call(lambda: a @ b, device) for _ in range(repeats))
     return {"flops_per_s": 2 * n ** 3 / seconds, "how": f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')} matmul, "
                                                         f"fastest of {repeats}"}

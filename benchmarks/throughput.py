@@ -395,16 +395,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if needs_vae:
         for batch in sorted(set(args.batches) | set(args.dit_batches)):
             harness.vae_decode(batch)
-    # DiT right after the first preset: the issue-5 targets compare those two, so when the time runs out
-    # (the GPU suite's part is cut at its budget) it is the later presets' rows that are lost, not DiT's
-    for index, preset in enumerate(args.models):
-        harness.ecar(preset)
-        if index == 0 and args.dit_batches:
-            run_dit(harness, device, args.dit_batches)
-    harness.update_peak()
+    try:
+        # DiT right after the first preset: the issue-5 targets compare those two, so when the time runs out
+        # (the GPU suite's part is cut at its budget) it is the later presets' rows that are lost, not DiT's
+        for index, preset in enumerate(args.models):
+            harness.ecar(preset)
+            if index == 0 and args.dit_batches:
+                run_dit(harness, device, args.dit_batches)
+    except KeyboardInterrupt:  # cut short (the GPU suite's `timeout -s INT`): still measure the peak again
+        interrupted = True
+    else:
+        interrupted = False
+    harness.update_peak()  # the start's measurement may be low (a cold GPU); the MFUs use the higher one
     harness.write()
-    print(render_markdown(harness.payload()))
-    return 0
+    print(render_markdown(harness.payload()) + ("\n\n(interrupted: the sweep did not finish)" if interrupted else ""))
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -113,6 +113,25 @@ def test_dit_runs_right_after_the_first_preset(monkeypatch):
     assert order == ["vae b1", "vae b2", "ecar-tiny", "dit b2", "dit b1", "ecar-digits32-attn-sc@2"]
 
 
+def test_an_interrupted_sweep_still_measures_the_peak_again_and_writes(monkeypatch, tmp_path):
+    """The GPU suite stops the part with SIGINT at its budget: the peak is measured again (the start's, on a
+    cold GPU, may be low and inflate every MFU) and the results are written before the exit."""
+    peaks = iter([1e12, 3e12])
+    monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": next(peaks), "how": "stub"})
+    monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch: None)
+
+    def ecar(self, preset):
+        if preset != "ecar-tiny":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(throughput.Harness, "ecar", ecar)
+    out = tmp_path / "t.json"
+    code = throughput.main(["--device", "cpu", "--models", "ecar-tiny", "ecar-digits32", "--no-dit",
+                            "--json", str(out)])
+    assert code == 130
+    assert json.loads(out.read_text())["peak"]["flops_per_s"] == 3e12
+
+
 # ---- the derived numbers on hand-built rows (no sampling, no timing) ---------------------------------------
 def harness(monkeypatch, *argv, peaks=(1e12,)):
     """A CPU harness whose matmul peak measurements return `peaks` in turn."""
