@@ -406,7 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupted = True
     else:
         interrupted = False
-    harness.update_peak()  # the start's measurement may be low (a cold GPU); the MFUs use the higher one
+    try:
+        harness.update_peak()  # the start's measurement may be low (a cold GPU); the MFUs use the higher one
+    except Exception:  # an interrupt can leave the device unusable (mid-capture): keep the start's peak
+        if not interrupted:
+            raise
     harness.write()
     print(render_markdown(harness.payload()) + ("\n\n(interrupted: the sweep did not finish)" if interrupted else ""))
     return 130 if interrupted else 0
