@@ -245,7 +245,8 @@ class Sampler:
                              f"one label for all images, or one image")
         count = len(labels)
         seeds = self._seeds(seed, count)
-        request = build_request(pixels.to(self.device), count, mask, mode, from_stage, cfg, self.decoder.encode)
+        with self._tf32():  # the VAE encode is part of the request: the same TF32 setting as its sampling
+            request = build_request(pixels.to(self.device), count, mask, mode, from_stage, cfg, self.decoder.encode)
         everything = request.kept_wholly()
         steps = self.plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
         if len(everything) == count:
@@ -286,7 +287,7 @@ class Sampler:
         started = time.perf_counter()
         pieces = []
         # the bar is closed however the loop ends, so a line printed after an interrupt starts on its own line
-        with tf32_allowed(self.tf32) if self.device.type == "cuda" else contextlib.nullcontext():
+        with self._tf32():
             with bar:
                 for chunk in chunks:
                     part = None if edit is None else edit.select(chunk)
@@ -299,6 +300,10 @@ class Sampler:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
         return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": len(labels) / elapsed})
+
+    def _tf32(self):
+        """On CUDA, TF32 allowed or not as the sampler says (tf32_allowed); elsewhere nothing changes."""
+        return tf32_allowed(self.tf32) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _decode(self, latent: torch.Tensor, edit: EditRequest | None) -> torch.Tensor:
         """Decoded images in [-1, 1]. A latent model's edit ends with the final paste of the input's kept
