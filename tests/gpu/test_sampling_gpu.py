@@ -44,8 +44,8 @@ def test_vae_memory_options_decode_on_cuda(sampler, slicing, tiling):
         got = sampler.generate(**kwargs).images
     finally:
         sampler.decoder.set_memory_options(False, False)
-    # bf16 convolutions of one image may round differently from those of the batch
-    assert (got - plain).abs().max() <= 0.05
+    # bf16 convolutions of one image may round differently from those of the batch (cuDNN picks per shape)
+    assert got.shape == plain.shape and ((got - plain).norm() / plain.norm()).item() <= 0.05
 
 
 @torch.no_grad()
