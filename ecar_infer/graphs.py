@@ -54,6 +54,7 @@ class GraphRunner:
         self._eager_keys: set[Hashable] = set()  # keys whose capture failed
         self._compiled: dict[Hashable, Callable[[], None]] = {}
         self._pool = None
+        self._capture_stream: torch.cuda.Stream | None = None
 
     @property
     def num_captures(self) -> int:
@@ -102,8 +103,13 @@ class GraphRunner:
             torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
+            if self._capture_stream is None:
+                # torch.cuda.graph's default capture stream is one per process, made on whichever device was
+                # current at the first capture: a runner on another device would capture nothing on it. One
+                # stream of this runner's device, for all its graphs (they share one pool).
+                self._capture_stream = torch.cuda.Stream()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream):
                 fn()
         except Exception as err:  # any failure to warm up or capture: this key runs eagerly from now on
             logger.warning("ecar_infer: CUDA graph capture failed for unit %s; it runs eagerly: %s", key, err)

@@ -72,8 +72,9 @@ def test_runner_runs_each_unit_once_eagerly_off_cuda():
 def test_runner_captures_and_replays_on_its_own_device(monkeypatch):
     """torch.cuda streams and graphs (and Triton's launches) follow the current device while torch's kernels
     follow their tensors': a sampler on cuda:1 with cuda:0 current captured an empty graph and replayed
-    nothing on later requests, and eagerly it launched Triton kernels on cuda:0. The CUDA calls are stubbed
-    here to record the current device at each (the runners on "cuda:1")."""
+    nothing on later requests, and eagerly it launched Triton kernels on cuda:0; torch.cuda.graph's default
+    capture stream, made once per process, may be another device's. The CUDA calls are stubbed here to record
+    the current device at each (the runners on "cuda:1")."""
     import contextlib
 
     current, seen = [0], []
@@ -91,12 +92,15 @@ def test_runner_captures_and_replays_on_its_own_device(monkeypatch):
             seen.append(("replay", current[0]))
 
     @contextlib.contextmanager
-    def capture(graph, pool=None):
+    def capture(graph, pool=None, stream=None):
+        # torch.cuda.graph's own default stream is made once per process, on the device current then
         seen.append(("capture", current[0]))
+        seen.append(("capture stream", getattr(stream, "device", 0)))
         yield
 
     class Stream:
         def __init__(self):
+            self.device = current[0]
             seen.append(("stream", current[0]))
 
         def wait_stream(self, other):

@@ -157,9 +157,11 @@ def test_compile_mode_matches_eager():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @torch.no_grad()
 def test_graphs_of_a_sampler_on_another_gpu_than_the_current_one():
-    """A sampler on cuda:1 while cuda:0 is current: its graphs are captured and replayed on cuda:1 (they
-    used to capture nothing there, so every later request returned the first one's images)."""
+    """A sampler on cuda:1 while cuda:0 is current, after a capture on cuda:0 (which makes torch.cuda.graph's
+    process-wide default capture stream there): its graphs are captured and replayed on cuda:1 (they used to
+    capture nothing there, so every later request returned the first one's images)."""
     assert torch.cuda.current_device() == 0
+    tiny_sampler().generate([1, 2], seed=0, steps_per_stage=2, **GUIDED)
     graphs = Sampler.from_config(TINY, device="cuda:1", dtype="bf16", seed=0, progress=False)
     eager = Sampler(graphs.model, graphs.decoder, cuda_graphs=False, progress=False)
     for labels, seed in (([1, 2], 0), ([7, 3], 40)):
