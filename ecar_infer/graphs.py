@@ -46,7 +46,6 @@ def batch_bucket(batch: int) -> int:
 
 class GraphRunner:
     def __init__(self, device: torch.device, cuda_graphs: bool = True, compile: bool = False) -> None:
-        self.device = device
         self.graphs_enabled = cuda_graphs and device.type == "cuda"
         self.compile = compile
         self.capture_seconds = 0.0  # wall time spent in warm-up and capture, all keys together
@@ -62,28 +61,22 @@ class GraphRunner:
         return len(self._graphs)
 
     def run(self, key: Hashable, fn: Callable[[], None]) -> None:
-        """Run the unit `fn` named by `key`: replay its graph, capturing it first if needed, or run eagerly."""
+        """Run the unit `fn` named by `key`: replay its graph, capturing it first if needed, or run eagerly.
+        On CUDA the caller makes the runner's device current (Sampler does, once per request): streams,
+        graphs and Triton's launches follow the current device, torch's kernels their tensors'."""
         key = (key, forced_backend())
         if self.compile:
             fn = self._compiled_fn(key, fn)
-        if self.device.type != "cuda":
+        if not self.graphs_enabled or key in self._eager_keys:
             fn()
             return
-        # Streams, graphs and Triton's launches follow the current device, torch's kernels their tensors': a
-        # sampler on cuda:1 while cuda:0 is current captured empty graphs (its kernels running eagerly on
-        # cuda:1's own stream; later requests replayed nothing) and launched its Triton kernels on cuda:0.
-        # So every unit runs with the sampler's device current.
-        with torch.cuda.device(self.device):
-            if not self.graphs_enabled or key in self._eager_keys:
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(key, fn)
+            if graph is None:
                 fn()
                 return
-            graph = self._graphs.get(key)
-            if graph is None:
-                graph = self._capture(key, fn)
-                if graph is None:
-                    fn()
-                    return
-            graph.replay()
+        graph.replay()
 
     def _compiled_fn(self, key: Hashable, fn: Callable[[], None]) -> Callable[[], None]:
         if key not in self._compiled:

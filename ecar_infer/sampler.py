@@ -245,7 +245,7 @@ class Sampler:
                              f"one label for all images, or one image")
         count = len(labels)
         seeds = self._seeds(seed, count)
-        with self._tf32():  # the VAE encode is part of the request: the same TF32 setting as its sampling
+        with self._on_device():  # the VAE encode is part of the request: the same TF32 setting as its sampling
             request = build_request(pixels.to(self.device), count, mask, mode, from_stage, cfg, self.decoder.encode)
         everything = request.kept_wholly()
         steps = self.plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
@@ -287,7 +287,7 @@ class Sampler:
         started = time.perf_counter()
         pieces = []
         # the bar is closed however the loop ends, so a line printed after an interrupt starts on its own line
-        with self._tf32():
+        with self._on_device():
             with bar:
                 for chunk in chunks:
                     part = None if edit is None else edit.select(chunk)
@@ -301,9 +301,16 @@ class Sampler:
         elapsed = time.perf_counter() - started
         return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": len(labels) / elapsed})
 
-    def _tf32(self):
-        """On CUDA, TF32 allowed or not as the sampler says (tf32_allowed); elsewhere nothing changes."""
-        return tf32_allowed(self.tf32) if self.device.type == "cuda" else contextlib.nullcontext()
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """A request's context. On CUDA: the sampler's device current, since streams, graphs and Triton's
+        launches follow the current device while torch's kernels follow their tensors' (a sampler on cuda:1
+        with cuda:0 current captured empty graphs and launched its Triton kernels on cuda:0), and TF32
+        allowed or not as the sampler says (tf32_allowed). Elsewhere nothing changes."""
+        stack = contextlib.ExitStack()
+        if self.device.type == "cuda":
+            stack.enter_context(torch.cuda.device(self.device))
+            stack.enter_context(tf32_allowed(self.tf32))
+        return stack
 
     def _decode(self, latent: torch.Tensor, edit: EditRequest | None) -> torch.Tensor:
         """Decoded images in [-1, 1]. A latent model's edit ends with the final paste of the input's kept

@@ -295,27 +295,39 @@ def test_tf32_block_over_flags_already_mixed_sets_and_restores_the_legacy_flag(r
 
 
 @pytest.mark.parametrize("tf32", [True, False])
-def test_an_edit_encodes_under_the_samplers_tf32_setting(monkeypatch, tf32, restored_precision_flags):
-    """The VAE encode of an edit is part of its request: on CUDA it runs under the sampler's TF32 setting as the
-    sampling does (it ran under whatever the process had: cuDNN's TF32 on by default, even with tf32=False).
-    The CUDA branch is emulated: a CPU sampler that says it is on CUDA, with the request's build stubbed."""
+def test_an_edit_encodes_in_the_samplers_device_context(monkeypatch, tf32, restored_precision_flags):
+    """The VAE encode of an edit is part of its request: on CUDA it runs with the sampler's device current and
+    under its TF32 setting, as the sampling does (it ran under whatever the process had: cuDNN's TF32 on by
+    default, even with tf32=False). The CUDA branch is emulated: a CPU sampler that says it is on cuda:1, with
+    torch.cuda.device and the request's build stubbed."""
+    import contextlib
+
     import ecar_infer.sampler as sampler_module
 
     class Stop(Exception):
         pass
 
-    seen = []
+    current, seen = [0], []
+
+    @contextlib.contextmanager
+    def device(d):
+        previous, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = previous
 
     def build_request(*args, **kwargs):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
+        seen.append((current[0], torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
         raise Stop
 
     sampler = Sampler.from_config(ECARConfig.preset("ecar-tiny"), device="cpu", progress=False, tf32=tf32)
     monkeypatch.setattr(sampler_module, "build_request", build_request)
-    monkeypatch.setattr(sampler, "device", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(sampler, "device", torch.device("cuda:1"))
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no CUDA here: pixels stay put
     torch.backends.cudnn.allow_tf32 = not tf32
     with pytest.raises(Stop):
         sampler.edit(torch.zeros(1, 1, 16, 16), 1, mask="left")
-    assert seen == [(tf32, "high" if tf32 else "highest")]
-    assert torch.backends.cudnn.allow_tf32 == (not tf32)  # restored
+    assert seen == [(1, tf32, "high" if tf32 else "highest")]
+    assert current[0] == 0 and torch.backends.cudnn.allow_tf32 == (not tf32)  # restored
