@@ -78,6 +78,18 @@ class GraphRunner:
                 return
         graph.replay()
 
+    def forget(self, engine_key: tuple) -> None:
+        """Drop the graphs, compiled functions and eager marks of every unit of the engine named `engine_key`
+        (a key is ((*engine_key, kind, stage), backend)). A graph holds the addresses of its engine's buffers,
+        so an engine that is freed must be forgotten: a new engine of the same shape would replay the old
+        graph on freed memory. Exact match, since an edit engine's key extends its plain engine's."""
+        def of_engine(key) -> bool:
+            return key[0][:-2] == engine_key
+        for store in (self._graphs, self._compiled):
+            for key in [key for key in store if of_engine(key)]:
+                del store[key]
+        self._eager_keys = {key for key in self._eager_keys if not of_engine(key)}
+
     def _compiled_fn(self, key: Hashable, fn: Callable[[], None]) -> Callable[[], None]:
         if key not in self._compiled:
             compiled = torch.compile(fn, dynamic=False)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -37,6 +38,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+# request shapes whose engines stay cached: a CLI run needs two (full chunks and the last); an edit adds one
+DEFAULT_MAX_ENGINES = 4
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (negative seeds would alias large ones)
 
 
@@ -102,10 +105,16 @@ class Sampler:
     cuda_graphs: capture and replay the units as CUDA graphs (CUDA only; eager elsewhere).
     compile: wrap each unit in torch.compile (optional; minutes of compilation on first use).
     tf32: on CUDA, allow TF32 for fp32 matmuls and cuDNN convolutions during generate().
+    max_engines: how many request shapes (batch bucket, step structure, edit pattern) keep their static
+        buffers, KV cache and CUDA graphs between requests; the least recently used is dropped beyond
+        that (ecar-xl's KV cache alone is about 5 GiB at bucket 64). clear_cache() drops them all.
     """
 
     def __init__(self, model: ECARModel, decoder=None, defaults: SamplingDefaults | None = None,
-                 cuda_graphs: bool = True, progress: bool = True, compile: bool = False, tf32: bool = True) -> None:
+                 cuda_graphs: bool = True, progress: bool = True, compile: bool = False, tf32: bool = True,
+                 max_engines: int = DEFAULT_MAX_ENGINES) -> None:
+        if not is_integer(max_engines) or max_engines < 1:
+            raise ValueError(f"max_engines must be at least 1, got {max_engines}")
         self.model = model.eval().requires_grad_(False)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -114,7 +123,8 @@ class Sampler:
         self.runner = GraphRunner(self.device, cuda_graphs=cuda_graphs, compile=compile)
         self.tf32 = tf32
         self.progress = progress
-        self._engines: dict[tuple, StageEngine] = {}
+        self.max_engines = max_engines
+        self._engines: OrderedDict[tuple, StageEngine] = OrderedDict()  # least recently used first
 
     @property
     def config(self) -> ECARConfig:
@@ -332,9 +342,22 @@ class Sampler:
         if edit_modes is not None and set(edit_modes) == {"free"}:
             edit_modes = None
         key = (batch, step_structure(steps)) + (() if edit_modes is None else (edit_modes,))
-        if key not in self._engines:
-            self._engines[key] = StageEngine(self.model, batch, steps, edit_modes)
+        if key in self._engines:
+            self._engines.move_to_end(key)
+            return self._engines[key]
+        while len(self._engines) >= self.max_engines:
+            _, evicted = self._engines.popitem(last=False)
+            self.runner.forget(evicted.key)  # its graphs point into the buffers being freed
+        self._engines[key] = StageEngine(self.model, batch, steps, edit_modes)
         return self._engines[key]
+
+    def clear_cache(self) -> None:
+        """Drop every cached engine with its buffers, KV cache and graphs (they are rebuilt on next use)."""
+        for engine in self._engines.values():
+            self.runner.forget(engine.key)
+        self._engines.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _sample_latents(self, labels: list[int], seeds: list[int], steps, bar,
                         edit: EditRequest | None = None) -> torch.Tensor:

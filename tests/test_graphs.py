@@ -3,6 +3,8 @@ capture and replay tests): off CUDA the runner runs each unit once and the sampl
 units are idempotent and touch no host data, padding to a batch bucket leaves the real images unchanged,
 engines are reused. Also benchmarks/bench_graphs.py's reported numbers (speedups, targets, medians) on stand-in
 rows and times."""
+import types
+
 import pytest
 import torch
 
@@ -209,6 +211,73 @@ def test_sampler_reuses_engines_per_batch_and_step_structure(model):
     assert sorted(key[0] for key in sampler._engines) == [2, 2, 3]
     assert torch.equal(run([1, 2], cfg_scale=2.0).images, first)
 
+
+
+class ReplayingRunner(GraphRunner):
+    """A CPU stand-in for the CUDA runner: a "graph" replays the very function it was captured from, as a
+    CUDA graph replays its kernels on the buffers it was captured on, so a stale graph writes a freed
+    engine's buffers instead of the current one's."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.graphs_enabled = True  # the sampler pads to batch buckets, as on CUDA
+
+    def _capture(self, key, fn):
+        self._graphs[key] = graph = types.SimpleNamespace(replay=fn)
+        return graph
+
+
+def replaying_sampler(model, **kwargs):
+    sampler = Sampler(model, progress=False, **kwargs)
+    sampler.runner = ReplayingRunner()
+    return sampler
+
+
+@torch.no_grad()
+def test_sampler_keeps_the_most_recently_used_engines_and_forgets_their_graphs(model):
+    """Beyond max_engines the least recently used engine is dropped with its graphs: a request of its shape
+    later builds a new engine and captures anew (replaying the old graphs would fill the old buffers and
+    leave the new ones as they were)."""
+    sampler = replaying_sampler(model, max_engines=2)
+
+    def run(steps, labels=(1, 2)):
+        return sampler.generate(list(labels), seed=0, cfg_scale=2.0, steps_per_stage=steps,
+                                output_type="latent").images
+
+    first = {steps: run(steps) for steps in (1, 2)}
+    per_engine = sampler.runner.num_captures // 2
+    assert torch.equal(run(1), first[1])  # engine 1 is now the most recently used
+    run(3)  # a third shape: engine 2 goes
+    assert [key[1][0][0] for key in sampler._engines] == [1, 3]  # the first stage's step count
+    assert sampler.runner.num_captures == 2 * per_engine
+    assert torch.equal(run(2), first[2])  # rebuilt and captured anew, engine 1 dropped
+    assert torch.equal(run(1), first[1])
+
+
+def test_clear_cache_and_max_engines(model):
+    sampler = replaying_sampler(model)
+    expected = sampler.generate([4], seed=3, steps_per_stage=2, output_type="latent").images
+    sampler.clear_cache()
+    assert not sampler._engines and sampler.runner.num_captures == 0
+    assert torch.equal(sampler.generate([4], seed=3, steps_per_stage=2, output_type="latent").images, expected)
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="max_engines must be at least 1"):
+            Sampler(model, max_engines=bad)
+
+
+def test_runner_forgets_one_engine_exactly():
+    """An edit engine's key extends its plain engine's: forgetting one keeps the other's graphs."""
+    runner = GraphRunner(torch.device("cpu"))
+    plain, edit = (4, "structure", torch.float32), (4, "structure", torch.float32, "edit", ("known", "free"))
+    for engine_key in (plain, edit):
+        for unit in (("ar", 0), ("flow", 1)):
+            runner._graphs[(engine_key + unit, None)] = "graph"
+            runner._compiled[(engine_key + unit, None)] = "fn"
+    runner._eager_keys = {(plain + ("ar", 0), "triton"), (edit + ("ar", 0), "triton")}
+    runner.forget(plain)
+    assert {key[0][:-2] for key in [*runner._graphs, *runner._compiled, *runner._eager_keys]} == {edit}
+    runner.forget(edit)
+    assert not runner._graphs and not runner._compiled and not runner._eager_keys
 
 # ---- benchmarks/bench_graphs.py: what its reported numbers are made of (no timing is asserted) -------------
 def graphs_bench(tmp_path, *argv):

@@ -90,6 +90,19 @@ def test_captures_once_per_bucket_and_structure():
     assert sampler.runner.capture_seconds > 0
 
 
+
+@torch.no_grad()
+def test_an_evicted_engine_is_captured_anew():
+    """max_engines=1 and two request shapes in turn: each request rebuilds its engine and captures its graphs
+    again (replaying the dropped engine's graphs would read and write freed buffers), and equals eager."""
+    sampler = tiny_sampler(max_engines=1)
+    eager = Sampler(sampler.model, sampler.decoder, cuda_graphs=False, progress=False)
+    per_request = units_per_request(sampler)
+    for steps in (2, 4, 2, 4):
+        got = sampler.generate([1, 2, 3], seed=steps, steps_per_stage=steps, **GUIDED).images
+        assert torch.equal(got, eager.generate([1, 2, 3], seed=steps, steps_per_stage=steps, **GUIDED).images)
+        assert len(sampler._engines) == 1 and sampler.runner.num_captures == per_request
+
 # bf16 weights and activations alone put these random-weight latents this far (relative L2) from fp32: on the
 # CPU with the bf16 reference ops, ecar-b 3.1-3.3% and ecar-b-attn-sc 0.9% (two requests each, 2026-12-07)
 BF16_TOLERANCE = {"mlp": 6e-2, "attention-shortcut": 2e-2}
