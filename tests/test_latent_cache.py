@@ -142,3 +142,24 @@ def test_a_latent_runs_data_identity_names_its_vae(images, tmp_path):
         assert data.identity() == {**images.identity(), "vae": latents.vae_fingerprint(vae)}
         identities.append(data.identity())
     assert identities[0]["vae"] != identities[1]["vae"]
+
+
+def test_a_resume_with_another_vae_is_refused_before_encoding(images, tmp_path, monkeypatch, capsys):
+    """Encoding a real data set takes hours: a resume whose --vae is not the run's is refused first."""
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    for seed in (0, 1):
+        save_autoencoder(tiny_autoencoder(seed=seed), tmp_path / f"vae{seed}.safetensors")
+    common = ["--config", str(config), "--data", images.description, "--batch-size", "4", "--steps", "2",
+              "--workdir", str(tmp_path / "run"), "--ckpt-every", "1", "--sample-every", "0", "--device", "cpu"]
+    main(common + ["--vae", str(tmp_path / "vae0.safetensors"), "--until", "1"])
+    from diffusers import AutoencoderKL
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran before the resume was refused")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", no_encoder)
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--vae", str(tmp_path / "vae1.safetensors"), "--resume"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "trained on the latents of another VAE" in err and "vae1" in err

@@ -468,10 +468,21 @@ def build_config(args: argparse.Namespace) -> ECARConfig:
     return ECARConfig.from_dict({**config.to_dict(), **changes}) if changes else config
 
 
+def recorded_vae_id(workdir: Path) -> str | None:
+    """The VAE fingerprint in the settings record of the run in `workdir`, None where none is recorded (a
+    pixel run, no record, or one check_same_run will report as unreadable)."""
+    try:
+        data = read_settings(workdir / SETTINGS_FILE).get("data")
+    except (OSError, ValueError):
+        return None
+    return data.get("vae") if isinstance(data, dict) else None
+
+
 def open_training_data(args: argparse.Namespace, config: ECARConfig, device: torch.device, cache_dir: Path,
-                       log) -> tuple[object, ECARConfig, object]:
+                       log, resumed_vae_id: str | None = None) -> tuple[object, ECARConfig, object]:
     """(training batches, the config, the decoder for sample grids). A latent model's config takes the
-    VAE's scaling factor; its data set is encoded into the latent cache first (once)."""
+    VAE's scaling factor; its data set is encoded into the latent cache first (once). A resume whose run
+    was encoded by another VAE than --vae (resumed_vae_id) is refused before any image is encoded."""
     from ..vae import IdentityDecoder, build_decoder, load_autoencoder
     from .data import PixelBatches, open_data
     from .latents import LatentBatches, latent_moments, vae_fingerprint
@@ -485,6 +496,11 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
         raise ValueError(f"a {config.latent_kind} config trains on VAE latents: give --vae PATH (a local diffusers "
                          f"AutoencoderKL folder or .safetensors file)")
     vae = load_autoencoder(args.vae)
+    vae_id = vae_fingerprint(vae)
+    if resumed_vae_id is not None and vae_id != resumed_vae_id:
+        raise UsageError(f"--vae {args.vae}: the run being resumed was trained on the latents of another VAE "
+                         f"(fingerprint {resumed_vae_id}, this one's is {vae_id}); resume with the VAE it used, "
+                         f"or choose another --workdir")
     scaling = float(vae.config.scaling_factor)
     if scaling != config.vae_scaling_factor:
         log(f"vae_scaling_factor {config.vae_scaling_factor} -> {scaling} (the VAE's)")
@@ -496,7 +512,7 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
         log(f"latent cache: {done}/{total} images encoded")
 
     moments = latent_moments(images, decoder.vae, args.flip, cache_dir, report=report)
-    return LatentBatches(moments, images, scaling, vae_fingerprint(decoder.vae)), config, decoder
+    return LatentBatches(moments, images, scaling, vae_id), config, decoder
 
 
 def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
@@ -550,7 +566,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
     config = build_config(args)
     check_metadata(metadata, config, final)
-    data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log)
+    data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
+                                               recorded_vae_id(workdir) if step is not None else None)
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
     record = run_settings(args, config, settings, data)
     if step is not None:
