@@ -126,6 +126,23 @@ def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):
     assert open_image_folder(root, gray, tmp_path / "cache").pixels.shape == (6, 16, 16, 1)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_finished_folder_cache_opens_no_image(tmp_path, monkeypatch, channels):
+    """Every start of a run opens the data: with the cache finished, not one image file is read again (an
+    ImageNet folder's headers alone take minutes), for a 1-channel config's color check as well."""
+    root = make_folder(tmp_path / "imgs")
+    for path in root.rglob("*.png"):
+        Image.open(path).convert("L").save(path)
+    config = RGB16.replace(latent_channels=channels)
+    built = np.asarray(open_image_folder(root, config, tmp_path / "cache").pixels)
+
+    def no_open(path):
+        raise AssertionError(f"opened {path}")
+
+    monkeypatch.setattr(data_module, "_open", no_open)
+    assert np.array_equal(open_image_folder(root, config, tmp_path / "cache").pixels, built)
+
+
 def test_a_folder_of_grayscale_images_is_replicated_for_a_three_channel_config(tmp_path):
     root = make_folder(tmp_path / "imgs")
     for path in root.rglob("*.png"):

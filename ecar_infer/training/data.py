@@ -360,8 +360,6 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
     data = ImageSet(np.zeros((len(files), 0, 0, c), np.uint8), labels, class_names, str(root))
     data.check(config, channels)   # before hours of decoding
     workers = workers or min(8, os.cpu_count() or 1)
-    if c == 1:
-        _check_grayscale(root, files, workers)
     size = config.image_size
     key = {"folder": str(root.resolve()), "channels": c, "size": size,
            "files": digest([(str(f.relative_to(root)), *_stamp(f)) for f in files])}
@@ -369,8 +367,11 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
 
     def decode(a: int, b: int) -> np.ndarray:
         nonlocal headers_read
-        if not headers_read:   # once per build, before decoding: every file that is not an image at all
-            _each_image(_open_header, files[a:], workers)
+        if not headers_read:   # once per build (a finished cache opens no image), before decoding: every file
+            if c == 1:         # that is not an image at all, and for a 1-channel config every color image
+                _check_grayscale(root, files, workers)
+            else:
+                _each_image(_open_header, files[a:], workers)
             headers_read = True
         return np.stack(_each_image(lambda f: _decode_image(f, size, c), files[a:b], workers))
 
