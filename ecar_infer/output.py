@@ -50,6 +50,15 @@ def convert(images: torch.Tensor, output_type: str) -> Any:
     raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
+def join_outputs(pieces: list, output_type: str) -> Any:
+    """One output of the given type from the converted outputs of consecutive chunks, in order."""
+    if output_type == "pil":
+        return [image for piece in pieces for image in piece]
+    if output_type == "np":
+        return np.concatenate(pieces)
+    return torch.cat(pieces)
+
+
 def make_grid(array: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
     """uint8 [B, H, W, C] -> one uint8 [rows*(H+pad)-pad, cols*(W+pad)-pad, C] image."""
     b, h, w, c = array.shape

@@ -28,7 +28,7 @@ from .engine import StageEngine, step_structure
 from .graphs import GraphRunner, batch_bucket
 from .model import ECARModel
 from .noise import draw_noise
-from .output import OUTPUT_TYPES, SampleOutput, convert
+from .output import OUTPUT_TYPES, SampleOutput, convert, join_outputs
 from .schedule import CFG_SCHEDULES, StageSteps, plan_for
 from .vae import build_decoder
 
@@ -303,9 +303,10 @@ class Sampler:
                     part = None if edit is None else edit.select(chunk)
                     latent = self._sample_latents([labels[i] for i in chunk], [seeds[i] for i in chunk], steps,
                                                   bar, part)
-                    pieces.append(latent if output_type == "latent" else self._decode(latent, part))
-            result = torch.cat(pieces)
-            images = result.float().cpu() if output_type == "latent" else convert(result, output_type)
+                    # each chunk leaves the device as it is done: a long request holds one chunk there
+                    pieces.append(latent.float().cpu() if output_type == "latent"
+                                  else convert(self._decode(latent, part), output_type))
+            images = join_outputs(pieces, output_type)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started

@@ -68,6 +68,18 @@ def test_batch_size_chunking_does_not_change_images(sampler):
     assert a.seeds == [9, 8, 7, 6, 5] and a.class_labels == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("output_type", ["pil", "np", "pt", "latent"])
+def test_chunks_are_joined_in_order_for_every_output_type(sampler, output_type):
+    """batch_size=2 over five images: the output is the three chunks' outputs, in order, of the same type."""
+    labels, seeds = [1, 2, 3, 4, 5], [9, 8, 7, 6, 5]
+    joined = sampler.generate(labels, seed=seeds, steps_per_stage=1, output_type=output_type, batch_size=2).images
+    parts = [sampler.generate(labels[i:i + 2], seed=seeds[i:i + 2], steps_per_stage=1, output_type=output_type).images
+             for i in (0, 2, 4)]
+    as_array = lambda images: np.stack([np.asarray(im) for im in images]) if output_type == "pil" else np.asarray(images)  # noqa: E731
+    assert type(joined) is type(parts[0]) and len(joined) == 5
+    assert np.array_equal(as_array(joined), np.concatenate([as_array(p) for p in parts]))
+
+
 def test_numpy_integer_seed_is_a_base_seed(sampler):
     out = sampler.generate([1, 2], seed=np.int64(5), steps_per_stage=1, output_type="latent")
     assert out.seeds == [5, 6]
