@@ -7,7 +7,8 @@
 
 It takes the options of `ecar-sample` (model, sampling, execution; output as one grid image with
 --label-rows, --outdir or --npz) with the same meaning, except that it runs in one process (no torchrun,
-no --rank-timeout) and writes its output once every image is edited (no resume), plus --image, --mask,
+no --rank-timeout) and writes its output once every image is edited (no resume; an existing --npz file or
+--outdir image it would write is refused, not replaced), plus --image, --mask,
 --mode and --from-stage. Each output image k uses seed --seed + k. Every user error prints one line
 `ecar-edit: error: ...` and exits with status 2, before any sampling (the library's errors are said in
 the command line's terms); outputs are checked for writability first and written atomically. Ctrl-C
@@ -111,6 +112,29 @@ def prepare(args):
     return sampler, labels, image, mask
 
 
+def check_no_overwrite(args, target) -> None:
+    """Refuse, before editing, to replace sample files: an --npz that exists (it may be an FID set of
+    ecar-sample's, or its unfinished FILE.parts/), or in an --outdir any PNG this request would write, or an
+    ecar-sample run's folder (its run.json would then vouch for edits as its samples). A grid --out is
+    replaced, as ecar-sample replaces it."""
+    from .targets import RECORD, FolderTarget
+
+    if args.npz:
+        for path in (Path(args.npz), Path(f"{args.npz}.parts")):
+            if path.exists():
+                raise cli.UsageError(f"--npz {args.npz}: {path} exists, and ecar-edit does not replace it: write "
+                                     f"elsewhere, or delete it")
+    elif isinstance(target, FolderTarget):
+        record, found = target.record_path(), target.foreign_files()
+        if record.exists():
+            raise cli.UsageError(f"--outdir {args.outdir} holds an ecar-sample run ({record.name}): write the edits "
+                                 f"elsewhere")
+        if found:
+            raise cli.UsageError(f"--outdir {args.outdir} already holds {found[0].name}"
+                                 f"{f' and {len(found) - 1} more' if len(found) > 1 else ''} of the files this "
+                                 f"request would write: write elsewhere, or move them away")
+
+
 def write(args, target, out) -> str:
     """The edits into ecar-sample's grid (--label-rows too) or folder `target`, or (target None) into one
     --npz file, not ecar-sample's resumable FILE.parts/; returns what was written."""
@@ -159,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             args = cli.resolve_output(args, DEFAULT_OUT)
             sampler, labels, image, mask = prepare(args)
             seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
+            target = None if args.npz else cli.make_target(args, sampler, labels, seeds)
+            check_no_overwrite(args, target)
             try:  # edit() checks its inputs (mask, mode, from_stage) before any sampling
                 out = sampler.edit(image, labels, mask=mask, mode=args.mode, from_stage=args.from_stage,
                                    seed=seeds, cfg_scale=args.cfg_scale, steps_per_stage=args.steps,
@@ -167,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=not (args.quiet or args.no_progress))
             except EditInputError as err:
                 raise cli.UsageError(in_cli_terms(str(err))) from None
-            target = None if args.npz else cli.make_target(args, sampler, labels, seeds)
             try:
                 written = write(args, target, out)
             except OSError as err:

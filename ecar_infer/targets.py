@@ -92,9 +92,23 @@ class Target:
                 raise ResumeError(f"{self.where()} holds images of a run with other settings ({', '.join(differ)}): "
                                   f"rerun that command to finish it, write elsewhere, or delete {self.where()}")
         else:
+            self.check_no_foreign_files()
             record.parent.mkdir(parents=True, exist_ok=True)
             write_settings(record, settings)
         return [b for b in range(len(self.batches)) if not self.holds(b)]
+
+    def foreign_files(self) -> list[Path]:
+        """Files at the places this request would write, where no run of this command keeps a record: an
+        ecar-edit folder, or a user's own files. A resume must not take them for its samples."""
+        return []
+
+    def check_no_foreign_files(self) -> None:
+        found = self.foreign_files()
+        if found:
+            names = ", ".join(p.name for p in found[:2]) + (f" and {len(found) - 2} more" if len(found) > 2 else "")
+            raise ResumeError(f"{self.where()} holds files this request would write ({names}) but no {RECORD} "
+                              f"record of an ecar-sample run, so they cannot be resumed: write elsewhere, or move "
+                              f"them away")
 
     def read_record(self) -> dict:
         """The settings saved by the run that wrote the images here; unreadable, they cannot be resumed."""
@@ -166,6 +180,9 @@ class NpzTarget(Target):
     def holds(self, batch: int) -> bool:
         return self.finished_before or self.part(batch).exists()
 
+    def foreign_files(self) -> list[Path]:
+        return [path for path in map(self.part, range(len(self.batches))) if path.exists()]
+
     def finish(self) -> str:
         if self.finished_before:
             return str(self.path)
@@ -194,6 +211,9 @@ class FolderTarget(Target):
 
     def holds(self, batch: int) -> bool:
         return all(self.image_path(i).exists() for i in self.batches[batch])
+
+    def foreign_files(self) -> list[Path]:
+        return [path for path in map(self.image_path, range(len(self.labels))) if path.exists()]
 
     def write(self, batch: int, images: np.ndarray) -> None:
         for i, image in zip(self.batches[batch], images):

@@ -179,6 +179,30 @@ def test_a_finished_outdir_says_there_is_nothing_to_sample(ckpt, tmp_path, capsy
                       f"{tmp_path / 'out'}/)\n")
 
 
+def test_files_without_a_record_are_not_resumed(ckpt, tmp_path, capsys, monkeypatch):
+    """Images at the names a request would write, with no run.json (an ecar-edit folder, a user's own files),
+    or an --npz's parts without one, are not taken for this request's samples: refused, left as they were."""
+    from ecar_infer.edit_cli import main as edit_main
+
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(image)
+    assert edit_main([str(a) for a in ("--ckpt", ckpt, "--image", image, "--mask", "left", "--class", "0", "--n", "3",
+                                       "--steps", "1", "--outdir", tmp_path / "edits", "-q")]) == 0
+    (tmp_path / "s.npz.parts").mkdir()
+    np.savez(tmp_path / "s.npz.parts" / "batch000000.npz", arr_0=np.zeros((3, 16, 16, 1), np.uint8))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("nothing should be sampled"))
+    for option, where, names in (("--outdir", tmp_path / "edits", "class000_seed000000.png, class000_seed000001.png "
+                                                                  "and 1 more"),
+                                 ("--npz", tmp_path / "s.npz", "batch000000.npz")):
+        code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "0", "--n", "3", "--steps", "1", option, where)
+        shown = f"{where}/" if option == "--outdir" else f"{where}.parts/"
+        assert code == 2 and stderr == (f"ecar-sample: error: {shown} holds files this request would write ({names}) "
+                                        f"but no run.json record of an ecar-sample run, so they cannot be resumed: "
+                                        f"write elsewhere, or move them away\n"), stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_only_rank_0_reports_an_interrupt(ckpt, tmp_path, capsys, monkeypatch):
     """Under torchrun ^C reaches every rank; one line, from rank 0, says what was written (the rank is read
     from torchrun's RANK, so a plain process with RANK=1 stands in for a second rank here)."""

@@ -335,3 +335,32 @@ def test_ctrl_c_prints_what_was_written_and_exits_130(ckpt, image, tmp_path, cap
     code, _, stderr = run(capsys, *common, "--batch-size", "1", "--outdir", tmp_path / "out")
     assert (code, stderr) == (130, f"ecar-edit: interrupted: 1 of 2 batches are saved in {tmp_path / 'out'}/\n")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["class001_seed000000.png"]
+
+
+def test_sample_files_are_never_replaced(ckpt, image, tmp_path, capsys, monkeypatch):
+    """An existing --npz (an FID set of ecar-sample's, finished or not), an ecar-sample --outdir, or images an
+    --outdir already holds under the names this request would write: refused before editing, left as they were."""
+    from ecar_infer import cli as sample_cli
+
+    common = ("--ckpt", ckpt, "--image", image[0], "--mask", "left", "--class", "1", "--n", "2", "--steps", "1", "-q")
+    samples = ("--ckpt", ckpt, "--class", "1", "--n", "2", "--steps", "1", "-q")
+    assert sample_cli.main([str(a) for a in (*samples, "--npz", tmp_path / "s.npz")]) == 0
+    assert sample_cli.main([str(a) for a in (*samples, "--outdir", tmp_path / "sampled")]) == 0
+    (tmp_path / "u.npz.parts").mkdir()   # an interrupted ecar-sample --npz u.npz
+    assert run(capsys, *common, "--outdir", tmp_path / "edited")[0] == 0
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(Sampler, "edit", lambda *a, **k: pytest.fail("nothing should be edited"))
+    for output, why in (("--npz {tmp}/s.npz", "--npz {tmp}/s.npz: {tmp}/s.npz exists, and ecar-edit does not "
+                                              "replace it: write elsewhere, or delete it"),
+                        ("--npz {tmp}/u.npz", "--npz {tmp}/u.npz: {tmp}/u.npz.parts exists, and ecar-edit does not "
+                                              "replace it"),
+                        ("--outdir {tmp}/sampled", "--outdir {tmp}/sampled holds an ecar-sample run (run.json): "
+                                                   "write the edits elsewhere"),
+                        ("--outdir {tmp}/edited", "--outdir {tmp}/edited already holds class001_seed000000.png and 1 "
+                                                  "more of the files this request would write: write elsewhere, or "
+                                                  "move them away")):
+        option, where = output.format(tmp=tmp_path).split()
+        code, _, stderr = run(capsys, *common, option, where)
+        assert code == 2 and stderr.startswith(f"ecar-edit: error: {why.format(tmp=tmp_path)}"), stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
