@@ -71,7 +71,7 @@ def save_checkpoint(model: ECARModel, path: str | os.PathLike, extra_metadata: d
                                     f"the model has {sorted(map(str, dtypes))}")
     if max_shard_bytes is None:
         with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata=metadata)
+            save_safetensors(tensors, tmp, metadata)
         return
     if not path.name.endswith(INDEX_SUFFIX):
         raise CheckpointError(path, f"a sharded checkpoint is named by its index, which must end in {INDEX_SUFFIX}")
@@ -89,10 +89,27 @@ def save_checkpoint(model: ECARModel, path: str | os.PathLike, extra_metadata: d
     for i, shard in enumerate(shards, start=1):
         shard_name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
         with atomic_path(path.parent / shard_name) as tmp:
-            save_file(shard, tmp, metadata=metadata)
+            save_safetensors(shard, tmp, metadata)
         weight_map.update(dict.fromkeys(shard, shard_name))
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=1, sort_keys=True))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """save_file, with the metadata's entries in sorted order: safetensors writes them in the order of a Rust
+    HashMap, which differs between calls, so the same model gave files of other bytes (and another sha256,
+    which ecar-sample's resume record compares). The tensors' entries are already in a fixed order. The
+    sorted header is the same entries in the same JSON form, so it has the same length and is written in
+    place (with the trailing spaces safetensors pads a header with)."""
+    save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= length:   # always, where serde and json agree on the form (else the file stays valid)
+            f.seek(8)
+            f.write(text.ljust(length))
 
 
 def metadata_entries(path: Path, config: ECARConfig, extra: dict[str, str]) -> dict[str, str]:
@@ -130,7 +147,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(path, "file not found")
+        from .weights import shipped_models
+
+        raise CheckpointError(path, f"file not found (the shipped models, by name: {', '.join(shipped_models())})")
     if path.is_dir():
         raise CheckpointError(path, f"is a directory; give a .safetensors file or a *{INDEX_SUFFIX} index")
     metadata, entries = _read_index(path) if path.name.endswith(INDEX_SUFFIX) else _read_file(path)
@@ -143,10 +162,17 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     by_file: dict[Path, list[str]] = {}
     for name, (_, _, file) in entries.items():
         by_file.setdefault(file, []).append(name)
-    state = {}
+    state, nonfinite = {}, []
     for file, names in by_file.items():
         with safe_open(file, framework="pt", device=str(device)) as f:
-            state.update({name: f.get_tensor(name).to(dtype) for name in names})
+            for name in names:
+                stored = f.get_tensor(name)
+                if not torch.isfinite(stored).all():   # checked as stored: an fp16 cast may overflow
+                    nonfinite.append(name)
+                state[name] = stored.to(dtype)
+    if nonfinite:
+        raise CheckpointError(path, f"{some(sorted(nonfinite))} hold NaN or infinite values: the file is corrupt, or "
+                                    f"it was saved from a training run that diverged")
     model.load_state_dict(state, strict=True, assign=True)
     # the meta build left the config-derived (non-persistent) buffers on meta: compute them for real
     for name, value in model.config_buffers().items():

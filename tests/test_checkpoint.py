@@ -296,6 +296,12 @@ def write_bad(kind, model, path):
         tensors["head.out.bias"] = tensors["head.out.bias"].half()
     elif kind == "integer tensor":
         tensors["head.out.bias"] = tensors["head.out.bias"].long()
+    elif kind == "NaN weights":
+        tensors["head.out.bias"][1] = float("nan")
+        tensors["trunk.input_proj.weight"][0, 0] = float("-inf")
+    elif kind == "fp16 weights, one infinite":
+        tensors = {k: v.half() for k, v in tensors.items()}
+        tensors["head.out.bias"][0] = float("inf")
     elif kind == "F64 tensors":
         tensors = {k: v.double() for k, v in tensors.items()}
     elif kind == "transposed tensor":
@@ -331,7 +337,9 @@ def write_bad(kind, model, path):
 
 
 BAD_FILES = {
-    "missing file": "file not found",
+    "missing file": r"file not found \(the shipped models, by name: ecar-digits32, ecar-emoji32\)$",
+    "NaN weights": r"head.out.bias, trunk.input_proj.weight hold NaN or infinite values: the file is corrupt",
+    "fp16 weights, one infinite": r"head.out.bias hold NaN or infinite values",
     "directory": "is a directory",
     "not safetensors": "not a safetensors file",
     "pickle": "torch.save pickle",
@@ -385,6 +393,29 @@ def test_each_bad_file_gets_one_clear_error(kind, model, tmp_path):
     assert message.startswith(f"checkpoint {path}: ") and "\n" not in message
     assert info.value.path == path
     assert re.search(BAD_FILES[kind], message), message
+
+
+def test_finite_weights_cast_to_fp16_are_not_refused(model, tmp_path):
+    """Finiteness is checked on the stored tensors: fp32 weights beyond fp16's range load as fp16 (they
+    overflow to infinity there, which is the caller's choice of dtype, not a corrupt file)."""
+    big = random_model(model.config, seed=3)
+    with torch.no_grad():
+        big.head.out.bias[0] = 1e6
+    save_checkpoint(big, tmp_path / "big.safetensors")
+    assert torch.isinf(load_checkpoint(tmp_path / "big.safetensors", dtype=torch.float16).head.out.bias[0])
+
+
+def test_the_same_model_is_always_written_as_the_same_bytes(model, tmp_path):
+    """safetensors writes its metadata in a Rust HashMap's order, which varies from call to call; the same
+    model and metadata, given in any order, must give the same file (its sha256 names the model in
+    ecar-sample's resume record)."""
+    extra = {f"note_{k}": str(k) for k in range(6)}
+    files = []
+    for i, order in enumerate([list(extra), list(reversed(extra))] * 3):
+        save_checkpoint(model, tmp_path / f"m{i}.safetensors", extra_metadata={k: extra[k] for k in order})
+        files.append((tmp_path / f"m{i}.safetensors").read_bytes())
+    assert all(f == files[0] for f in files)
+    assert load_checkpoint(tmp_path / "m5.safetensors").checkpoint_metadata == {**extra}
 
 
 def test_checkpoint_error_is_a_value_error():
