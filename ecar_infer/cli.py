@@ -34,13 +34,15 @@ from .class_names import ClassNameError, list_classes, resolve_class
 from .config import ConfigError
 from .cpu_memory import keep_freed_memory
 from .registry import get_preset, preset_names
-from .schedule import CFG_SCHEDULES
+from .schedule import CFG_SCHEDULES, MAX_STEPS_PER_STAGE
 from .weights import checkpoint_path  # --ckpt: a file, a shipped model's name, or None (the default)
 
 PROG = "ecar-sample"
 DEFAULT_OUT = "samples.png"
 MAX_GRID_COLUMNS = 16  # a grid has one row per class while --per-class fits in a row
 MAX_SEED = 2**64 - 1   # torch.Generator's seed range
+MAX_IMAGES = 10_000_000   # one command's images (an FID set is 50,000): a typo must not fill the memory
+MAX_GRID_IMAGES = 10_000  # a grid --out holds every image in memory until it is written
 DEFAULT_RANK_TIMEOUT = 600
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -75,6 +77,7 @@ def checked(parse, ok, requirement: str):
 
 
 positive_int = checked(int, lambda v: v > 0, "a positive integer")
+step_count = checked(int, lambda v: 0 < v <= MAX_STEPS_PER_STAGE, f"an integer in 1..{MAX_STEPS_PER_STAGE}")
 seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**64-1)")
 guidance_float = checked(float, lambda v: math.isfinite(v) and abs(v) <= FLOAT32_MAX,
                          "a finite number within float32's range (|W| <= 3.4e38)")
@@ -92,7 +95,7 @@ def class_spec(text: str) -> list[str | None]:
 
 def steps_spec(text: str) -> int | tuple[int, ...]:
     """'10' (every stage) or '8,10,12' (one per stage)."""
-    steps = tuple(positive_int(v) for v in text.split(","))
+    steps = tuple(step_count(v) for v in text.split(","))
     return steps[0] if len(steps) == 1 else steps
 
 
@@ -274,6 +277,15 @@ def sampling_device(args, group: distributed.Group) -> str:
 
 
 def load_sampler(args, group: distributed.Group = distributed.Group()):
+    """The sampler of --ckpt (or --random-init), with --vae for a latent model; a pixel model refuses --vae."""
+    sampler = load_model(args, group)
+    if args.vae is not None and sampler.config.latent_kind == "pixel":
+        raise UsageError(f"--vae {args.vae}: this model works in pixel space and decodes without a VAE; leave "
+                         f"--vae out")
+    return sampler
+
+
+def load_model(args, group: distributed.Group):
     from .kernels.dispatch import forced_backend
     from .sampler import Sampler
 
@@ -327,6 +339,10 @@ def expand_classes(specs: list[list[str | None]], num_classes: int, n: int, name
             listing = f": {list_classes(names, num_classes)}" if names else f" 0-{num_classes - 1}"
             raise UsageError(f"--class {given} is outside this model's classes{listing}")
         classes.extend(range(lo, hi + 1))
+    if len(classes) * n > MAX_IMAGES:
+        raise UsageError(f"--class and --per-class ask for {len(classes)} x {n} = {len(classes) * n:,} images, more "
+                         f"than the {MAX_IMAGES:,} one command samples: split the request (by --class, or with "
+                         f"another --seed)")
     return [c for c in classes for _ in range(n)]
 
 
@@ -337,7 +353,10 @@ def check_sampling_args(args, sampler, count: int) -> None:
     num_stages = sampler.config.num_stages
     if isinstance(args.steps, tuple) and len(args.steps) != num_stages:
         raise UsageError(f"--steps gives {len(args.steps)} values but the model has {num_stages} stages: give one "
-                         f"value for every stage or exactly {num_stages}")
+                         f"value for all stages, or one per stage ({num_stages})")
+    if args.out and count > MAX_GRID_IMAGES:
+        raise UsageError(f"--out {args.out}: a grid holds every image in memory until it is written, at most "
+                         f"{MAX_GRID_IMAGES:,} (this request has {count:,}); write them with --outdir DIR or --npz FILE")
     if args.seed + count - 1 > MAX_SEED:
         raise UsageError(f"--seed {args.seed} is too large for {count} images: image k gets seed SEED+k, which "
                          f"must stay at most 2**64-1; use a --seed of at most {MAX_SEED - count + 1}")

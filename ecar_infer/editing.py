@@ -229,7 +229,8 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
         if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[0] in (1, 3):
             hint = (f" (a uint8 array of shape {images.shape} is read as {images.shape[0]} grayscale image(s) "
                     f"[N, H, W]: give arrays channels last, [H, W, C] or [N, H, W, C])")
-        raise EditInputError(f"the images have {x.shape[1]} channels but the model makes {channels}-channel images"
+        have = f"{x.shape[1]} channel" + ("" if x.shape[1] == 1 else "s")
+        raise EditInputError(f"the images have {have} but the model makes {channels}-channel images"
                              f"{hint}")
     if tuple(x.shape[-2:]) != (size, size):
         raise EditInputError(f"the images are {x.shape[-1]}x{x.shape[-2]} pixels but the model makes {size}x{size} "

@@ -14,6 +14,9 @@ from .checks import finite_real, integers, is_integer
 if TYPE_CHECKING:
     import torch
 
+# a bound that no sane request reaches (DiT samples in at most 1000 steps in all), so that a typo cannot ask
+# for a step table of terabytes
+MAX_STEPS_PER_STAGE = 1000
 CFG_SCHEDULES = ("constant", "linear")
 
 
@@ -119,6 +122,8 @@ def plan_steps(num_stages: int, steps_per_stage: int | Sequence[int], cfg_scale:
                              f"give one int or exactly {num_stages}")
     if any(n <= 0 for n in steps):
         raise ValueError(f"steps_per_stage must be positive, got {steps}")
+    if any(n > MAX_STEPS_PER_STAGE for n in steps):
+        raise ValueError(f"steps_per_stage must be at most {MAX_STEPS_PER_STAGE} per stage, got {steps}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
     if cfg_interval is not None:

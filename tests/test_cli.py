@@ -664,7 +664,19 @@ USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error
     "bad class": ("--ckpt {ckpt} --class seven", "class 'seven': this model has no class names"),
     "no class": ("--ckpt {ckpt}", "the following arguments are required: --class"),
     "n zero": ("--ckpt {ckpt} --class 1 --n 0", "argument --per-class/--n: must be a positive integer, got '0'"),
-    "steps list length": ("--ckpt {ckpt} --class 1 --steps 2,2", "--steps gives 2 values but the model has 3 stages"),
+    "steps list length": ("--ckpt {ckpt} --class 1 --steps 2,2", "--steps gives 2 values but the model has 3 stages: "
+                                                                  "give one value for all stages, or one per stage (3)"),
+    "steps beyond the bound": ("--ckpt {ckpt} --class 1 --steps 2,1001,2",
+                               "argument --steps: must be an integer in 1..1000, got '1001'"),
+    "a typo's steps": ("--ckpt {ckpt} --class 1 --steps 100000000000", "must be an integer in 1..1000"),
+    "a typo's image count": ("--ckpt {ckpt} --class all --n 1000000000000 --npz {tmp}/x.npz",
+                             "--class and --per-class ask for 10 x 1000000000000 = 10,000,000,000,000 images, more "
+                             "than the 10,000,000 one command samples"),
+    "a grid too large": ("--ckpt {ckpt} --class 0-1 --n 5001 --out {tmp}/g.png",
+                         "a grid holds every image in memory until it is written, at most 10,000 (this request has "
+                         "10,002); write them with --outdir DIR or --npz FILE"),
+    "vae for a pixel model": ("--ckpt {ckpt} --class 1 --vae {tmp}/any", "--vae {tmp}/any: this model works in pixel "
+                                                                        "space and decodes without a VAE; leave --vae out"),
     "bad interval": ("--ckpt {ckpt} --class 1 --cfg-interval 0.9,0.1", "give LO,HI with 0 <= LO <= HI <= 1"),
     "nan interval": ("--ckpt {ckpt} --class 1 --cfg-interval nan,1", "give LO,HI with 0 <= LO <= HI <= 1"),
     "cfg nan": ("--ckpt {ckpt} --class 1 --cfg-scale nan", "argument --cfg-scale: must be a finite number within float32's range (|W| "

@@ -149,14 +149,14 @@ def test_transparent_and_16_bit_pil_images_are_read_as_training_reads_them():
 
 def test_a_channels_first_array_gets_a_hint():
     colour = TINY.replace(latent_channels=3)
-    with pytest.raises(EditInputError, match=r"the images have 1 channels but the model makes 3-channel images \(a "
+    with pytest.raises(EditInputError, match=r"the images have 1 channel but the model makes 3-channel images \(a "
                                              r"uint8 array of shape \(3, 16, 16\) is read as 3 grayscale image\(s\) "
                                              r"\[N, H, W\]: give arrays channels last, \[H, W, C\] or \[N, H, W, C\]\)$"):
         as_images(np.zeros((3, 16, 16), dtype=np.uint8), colour)
     with pytest.raises(EditInputError, match=r"shape \(1, 16, 16\) is read as 1 grayscale image\(s\)"):
         as_images(np.zeros((1, 16, 16), dtype=np.uint8), colour)  # one channels-first grayscale plane
     for batch in ((2, 16, 16), (3, 16, 16, 1), (1, 16, 16, 1)):  # grayscale batches, channels last: no hint
-        with pytest.raises(EditInputError, match="the images have 1 channels but the model makes 3-channel images$"):
+        with pytest.raises(EditInputError, match="the images have 1 channel but the model makes 3-channel images$"):
             as_images(np.zeros(batch, dtype=np.uint8), colour)
 
 

@@ -92,6 +92,9 @@ def test_steps_validation():
         plan_steps(3, [2, 3])
     with pytest.raises(ValueError, match="positive"):
         plan_steps(3, 0)
+    assert [p.steps for p in plan_steps(2, 1000)] == [1000, 1000]
+    with pytest.raises(ValueError, match=r"at most 1000 per stage, got \[2, 1001\]"):
+        plan_steps(2, [2, 1001])   # a typo must not ask for a step table of terabytes
     with pytest.raises(ValueError, match="cfg_interval"):
         plan_steps(3, 2, cfg_interval=(0.6, 0.2))
     assert math.isclose(plan_steps(5, 20)[0].sigmas[0], 1.0)
