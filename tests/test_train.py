@@ -375,7 +375,7 @@ def test_cli_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch
         raise AssertionError("a step was trained")
 
     monkeypatch.setattr(Trainer, "train_step", no_training)
-    monkeypatch.setattr(trainer_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "file").write_text("not a folder")
     args = [a.format(tmp=tmp_path) for a in args]
     err = user_error(capsys, ["--train-size", "20", "--workdir", str(tmp_path), "--device", "cpu"] + args)
@@ -388,10 +388,10 @@ def test_a_local_rank_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     ecar-sample does, instead of a CUDA traceback from set_device (and no process group is joined)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(trainer_module.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(trainer_module.torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(trainer_module.torch.cuda, "set_device", lambda i: pytest.fail("set_device called"))
-    monkeypatch.setattr(trainer_module.dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device called"))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
     with pytest.raises(SystemExit) as exit_info:
         main(["--workdir", str(tmp_path), "--steps", "1"])
     assert exit_info.value.code == 2
@@ -557,6 +557,58 @@ def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, caps
     err = capsys.readouterr().err.splitlines()[-1]
     assert exit_info.value.code == 130 and "Traceback" not in err
     assert err == "ecar-train: " + line.format(state=tmp_path / "state.safetensors")
+
+
+# ^C while torch is imported (the first seconds of ecar-train), simulated: importing torch raises it
+INTERRUPTED_TORCH_IMPORT = """
+import builtins
+real_import = builtins.__import__
+
+def interrupted(name, *args, **kwargs):
+    if name.split(".")[0] == "torch":
+        raise KeyboardInterrupt
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = interrupted
+from ecar_infer.training.trainer import main   # what the ecar-train script runs
+main({argv!r})
+"""
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["new run", "resumed run"])
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, saved):
+    """^C in the first seconds, as ecar-sample: one line, status 130, no traceback (the trainer module
+    imported torch at its top, where no handler could catch it), and reading the saved step imports no torch."""
+    import subprocess
+    import sys
+
+    argv = TINY_RUN + ["--workdir", str(tmp_path)]
+    line = "interrupted before any state was saved; rerun the same command to start again"
+    if saved:
+        main(argv + ["--until", "2"])
+        argv += ["--resume"]
+        line = (f"interrupted; the last saved state is step 2 in {tmp_path / 'state.safetensors'}: rerun the same "
+                f"command with --resume to continue it")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_TORCH_IMPORT.format(argv=argv)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", f"ecar-train: {line}\n")
+
+
+def test_ctrl_c_while_the_data_opens_is_one_line(tmp_path, capsys, monkeypatch):
+    """^C while the data set opens (its imports, a cache build): the user error types must not be imported
+    to match it, since importing inside an interrupted import fails with a traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "open_training_data", interrupted)
+    monkeypatch.setattr(trainer_module, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY_RUN + ["--workdir", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("ecar-train: interrupted before any state was saved; rerun the same command to "
+                                       "start again\n")
 
 
 def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):

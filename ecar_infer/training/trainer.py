@@ -43,10 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
 from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
@@ -55,11 +51,11 @@ from ..cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable
 from ..config import ECARConfig
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
-from ..model import ECARModel
 from ..registry import preset_names
-from ..targets import differing_settings, read_settings, write_settings
 from ..weights import checkpoint_path
-from .objective import build_objective, draw_step
+
+# torch, numpy, the model and the objective take seconds to import, so each function imports what it uses:
+# main() then catches a Ctrl-C during those seconds (one line, not a traceback), and --help answers at once.
 
 STATE_FILE = "state.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -105,6 +101,11 @@ class Trainer:
 
     def __init__(self, config: ECARConfig, settings: TrainSettings, data, device: torch.device, rank: int = 0,
                  world: int = 1, accum: int = 1, grad_checkpoint: bool = False, compile: bool = False) -> None:
+        import torch
+
+        from ..model import ECARModel
+        from .objective import build_objective
+
         if settings.batch_size % (world * accum):
             raise ValueError(f"the batch size {settings.batch_size} must be divisible by the world size {world} "
                              f"times the gradient accumulation {accum}")
@@ -142,6 +143,11 @@ class Trainer:
         return ddp.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
 
     def train_step(self) -> float:
+        import torch
+        import torch.distributed as dist
+
+        from .objective import draw_step
+
         s = self.settings
         draws = draw_step(self.gen, self.model.plan, len(self.data), s.batch_size)
         data_draws = self.data.draw(self.gen, s.batch_size)   # after the objective's draws, same generator
@@ -252,6 +258,8 @@ def sample_grid(trainer: Trainer, decoder, path: Path, metadata: dict[str, str],
                 max_rows: int = 10) -> None:
     """A PNG of EMA samples: one labelled row per class (up to max_rows classes, evenly spaced), at the
     sampling settings the --metadata gives (the sampler's defaults otherwise), seeds 0, 1, ..."""
+    import numpy as np
+
     from ..output import make_grid, save_image
     from ..defaults import SamplingDefaults
     from ..sampler import Sampler
@@ -377,10 +385,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option in ("metadata", "set"):
         if any("=" not in kv for kv in getattr(args, option)):
             p.error(f"--{option} takes KEY=VALUE")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not cuda_available():
         p.error("--device cuda: CUDA is not available here; use --device cpu (or auto)")
     args.workdir = args.workdir or default_workdir(args.data)
     return args
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def final_path(args: argparse.Namespace) -> Path:
@@ -397,17 +411,31 @@ def check_outputs(workdir: Path, final: Path) -> None:
 def saved_step(state: Path) -> int | None:
     """The step of the resume state `state` (from its metadata alone), None if there is none; a state that
     cannot be read is a user error (it is the work folder's, which the user can delete)."""
-    from safetensors import SafetensorError, safe_open
-
     if not state.exists():
         return None
     try:
-        with safe_open(str(state), framework="pt") as f:
-            return int((f.metadata() or {})["step"])
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        return int(header_metadata(state)["step"])
+    except (OSError, KeyError, ValueError) as err:
         why = "no step in its metadata" if isinstance(err, KeyError) else " ".join(str(err).split())[:200]
         raise UsageError(f"the resume state {state} cannot be read ({why}): delete it to start over, or choose "
                          f"another --workdir") from None
+
+
+def header_metadata(path: Path) -> dict[str, str]:
+    """The metadata of the .safetensors file `path`, from its header, in plain Python: saved_step also runs in
+    the Ctrl-C handler, which may have interrupted the import of torch (safetensors' reader imports it again).
+    ValueError if the file is not a whole safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    try:
+        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        metadata = header.get("__metadata__") or {}
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise ValueError("its header does not describe safetensors tensors") from None
+    if 8 + size + data_end != path.stat().st_size:
+        raise ValueError(f"it has {path.stat().st_size} bytes where its header describes {8 + size + data_end}")
+    return metadata
 
 
 def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data) -> dict:
@@ -422,6 +450,8 @@ def check_same_run(workdir: Path, settings: dict) -> int | None:
     """Refuse to resume the run in `workdir` with settings other than its record's, --steps aside (a run
     may be extended: the schedule then spans the new count); returns the recorded --steps. A state saved
     before the record was kept has none: it resumes (None), and the record is written then."""
+    from ..targets import differing_settings, read_settings
+
     record = workdir / SETTINGS_FILE
     if not record.exists():
         return None
@@ -471,6 +501,8 @@ def build_config(args: argparse.Namespace) -> ECARConfig:
 def recorded_vae_id(workdir: Path) -> str | None:
     """The VAE fingerprint in the settings record of the run in `workdir`, None where none is recorded (a
     pixel run, no record, or one check_same_run will report as unreadable)."""
+    from ..targets import read_settings
+
     try:
         data = read_settings(workdir / SETTINGS_FILE).get("data")
     except (OSError, ValueError):
@@ -517,6 +549,9 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
 
 def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
     """(device, rank, world size); joins the process group when torchrun started several ranks."""
+    import torch
+    import torch.distributed as dist
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     if world == 1:
@@ -535,6 +570,9 @@ def check_ranks_agree(trainer: Trainer, workdir: Path) -> None:
     """Every rank must start from the same step: ranks that see different work folders (one per machine
     where a shared one was meant) would resume different states, and DDP, which syncs the weights only
     when it is built (before the state is loaded), would average gradients of different weights silently."""
+    import torch
+    import torch.distributed as dist
+
     mine = torch.tensor([trainer.step], dtype=torch.int64, device=trainer.device)   # NCCL: on the rank's GPU
     steps = [torch.zeros_like(mine) for _ in range(trainer.world)]
     dist.all_gather(steps, mine)
@@ -548,6 +586,8 @@ def teardown_distributed(trainer: Trainer) -> None:
     """Leave the process group cleanly: every rank waits for the others (rank 0 may still be
     writing), then DDP's reducer is released before the group is destroyed, so no gloo work object
     outlives the group into interpreter shutdown (a known source of SIGABRT at exit)."""
+    import torch.distributed as dist
+
     dist.barrier()
     trainer.forward = trainer.objective
     dist.destroy_process_group()
@@ -557,6 +597,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
             world: int, log) -> tuple[Trainer, object, dict[str, str]]:
     """(the trainer at its start or resumed step, the decoder for sample grids, the final metadata), or a
     user error: every check that can fail comes before the first step."""
+    from ..targets import write_settings
+
     workdir, final = Path(args.workdir), final_path(args)
     check_outputs(workdir, final)
     step = saved_step(workdir / STATE_FILE)
@@ -591,6 +633,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
 
 
 def train(args: argparse.Namespace) -> None:
+    import torch
     from tqdm.auto import tqdm
 
     from .log import TrainLog
@@ -610,6 +653,8 @@ def train(args: argparse.Namespace) -> None:
                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed)
     try:
         trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
+    except KeyboardInterrupt:   # before user_errors(), whose imports must not run inside an interrupted import
+        raise
     except (*user_errors(), ValueError, OSError) as err:
         user_error(str(err))
     workdir, data = Path(args.workdir), trainer.data
@@ -658,12 +703,14 @@ def main(argv: list[str] | None = None) -> None:
     """ecar-train: user errors print one line and exit 2; Ctrl-C prints one line (rank 0 alone under
     torchrun, where every rank gets the signal) saying how to continue, and exits 130."""
     keep_freed_memory()
-    args = parse_args(argv)
-    try:
+    args = None
+    try:   # from the start: the first seconds import torch
+        args = parse_args(argv)
         train(args)
     except KeyboardInterrupt:
         if launched_rank() == 0:
-            print(f"ecar-train: {interrupted(Path(args.workdir))}", file=sys.stderr, flush=True)
+            line = interrupted(Path(args.workdir)) if args else "interrupted: nothing was written"
+            print(f"ecar-train: {line}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
