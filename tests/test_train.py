@@ -346,6 +346,8 @@ def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
     (["--ckpt-every", "0"], "argument --ckpt-every: must be a positive integer"),
     (["--steps", "0"], "argument --steps: must be a positive integer"),
     (["--until", "0"], "argument --until: must be a positive integer"),
+    (["--until", "10", "--steps", "3"], "--until 10 is beyond --steps 3: give an --until of at most --steps, or more "
+                                        "--steps (see ecar-train --help)"),
     (["--accum", "0"], "argument --accum: must be a positive integer"),
     (["--threads", "0"], "argument --threads: must be a positive integer"),
     (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),

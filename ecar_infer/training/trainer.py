@@ -385,6 +385,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option in ("metadata", "set"):
         if any("=" not in kv for kv in getattr(args, option)):
             p.error(f"--{option} takes KEY=VALUE")
+    if args.until is not None and args.until > args.steps:
+        p.error(f"--until {args.until} is beyond --steps {args.steps}: give an --until of at most --steps, or more "
+                f"--steps")
     if args.device == "cuda" and not cuda_available():
         p.error("--device cuda: CUDA is not available here; use --device cpu (or auto)")
     args.workdir = args.workdir or default_workdir(args.data)
