@@ -626,6 +626,19 @@ def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
     assert loaded == [tmp_path / "tinyship.safetensors"]
 
 
+
+def test_a_missing_init_checkpoint_is_named_before_the_data_opens(tmp_path, capsys, monkeypatch):
+    """--init FILE that does not exist: the option and the file, not an OSError's text, and before the data is
+    opened (which may take hours): here the data does not exist either."""
+    from ecar_infer import weights
+
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)   # shipped models: none but this one
+    (tmp_path / "tinyship.safetensors").write_bytes(b"")
+    err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere"),
+                                         "--init", "nonexist.safetensors"])
+    assert err == ("ecar-train: error: --init nonexist.safetensors: file not found; give a checkpoint file or the "
+                   "name of a shipped model (tinyship)\n")
+
 def test_resume_knows_the_init_checkpoint_by_content(tmp_path, capsys, monkeypatch):
     """A run started --init from a checkpoint resumes with a copy of it at another path, not with other
     weights under the same name."""

@@ -52,7 +52,7 @@ from ..config import ECARConfig
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
 from ..registry import preset_names
-from ..weights import checkpoint_path
+from ..weights import checkpoint_path, shipped_models
 
 # torch, numpy, the model and the objective take seconds to import, so each function imports what it uses:
 # main() then catches a Ctrl-C during those seconds (one line, not a traceback), and --help answers at once.
@@ -478,6 +478,16 @@ def interrupted(workdir: Path) -> str:
             f"with --resume to continue it")
 
 
+def init_path(spec: str) -> Path:
+    """The checkpoint --init names (a file or a shipped model), refused now if there is none: before the data,
+    whose opening may take hours."""
+    path = checkpoint_path(spec)
+    if not path.exists():
+        raise UsageError(f"--init {spec}: file not found; give a checkpoint file or the name of a shipped model "
+                         f"({', '.join(shipped_models())})")
+    return path
+
+
 def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> None:
     """Refuse --metadata entries the checkpoint writer would refuse at the end of the run, now."""
     from ..checkpoint import CheckpointError, metadata_entries
@@ -611,6 +621,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
     config = build_config(args)
     check_metadata(metadata, config, final)
+    init = init_path(args.init) if args.init else None
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
                                                recorded_vae_id(workdir) if step is not None else None)
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
@@ -628,8 +639,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
             raise UsageError(f"--until {args.until}: the run in {workdir} is already at step {trainer.step}, "
                              f"nothing to do; give a later --until, or leave it out to finish at --steps "
                              f"{settings.steps}")
-    elif args.init:
-        trainer.init_from(checkpoint_path(args.init))
+    elif init:
+        trainer.init_from(init)
     if rank == 0:
         write_settings(workdir / SETTINGS_FILE, record)
     return trainer, decoder, metadata
