@@ -258,6 +258,22 @@ def test_init_copies_a_checkpoint_into_the_model_and_the_ema(tiny_config, digits
         trainer.init_from(tmp_path / "wide.safetensors")
 
 
+def test_an_init_checkpoint_that_does_not_fit_says_how(tiny_config, digits16, tmp_path):
+    """A misfit names each tensor with its shape in the checkpoint and in the config, the config field behind
+    it where one field decides it (the class embedding: num_classes), and what to do."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    width = tiny_config.width
+    save_checkpoint(random_model(tiny_config), tmp_path / "ten.safetensors")
+    trainer = make_trainer(tiny_config.replace(num_classes=3), digits16)
+    with pytest.raises(ValueError) as err:
+        trainer.init_from(tmp_path / "ten.safetensors")
+    assert str(err.value) == (f"--init {tmp_path / 'ten.safetensors'} does not fit this config: trunk.class_emb.weight "
+                              f"is [11, {width}] in the checkpoint, [4, {width}] in this config (num_classes 10 vs 3); "
+                              f"give the config the checkpoint's values, or leave out --init")
+
+
 def test_activation_checkpointing_leaves_the_step_unchanged(tiny_config, digits16):
     plain = make_trainer(tiny_config, digits16)
     recomputed = make_trainer(tiny_config, digits16, grad_checkpoint=True)

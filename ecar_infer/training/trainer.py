@@ -224,11 +224,14 @@ class Trainer:
         layers, e.g. the level MLP that turns a flow head into a shortcut head) keep their init."""
         from ..checkpoint import load_checkpoint
 
-        source = load_checkpoint(path, device=self.device).state_dict()
-        own = self.model.state_dict()
-        misfit = [k for k, v in source.items() if k not in own or own[k].shape != v.shape]
+        checkpoint = load_checkpoint(path, device=self.device)
+        source, own = checkpoint.state_dict(), self.model.state_dict()
+        misfit = [misfit_line(k, v.shape, own.get(k), checkpoint.config, self.config)
+                  for k, v in source.items() if k not in own or own[k].shape != v.shape]
         if misfit:
-            raise ValueError(f"--init {path} does not fit this config: {misfit[:5]}")
+            more = f"; and {len(misfit) - 3} more" if len(misfit) > 3 else ""
+            raise ValueError(f"--init {path} does not fit this config: {'; '.join(misfit[:3])}{more}; give the config "
+                             f"the checkpoint's values, or leave out --init")
         for module in (self.model, self.ema):
             module.load_state_dict(source, strict=False)
 
@@ -243,6 +246,21 @@ class Trainer:
         from ..checkpoint import save_checkpoint
 
         save_checkpoint(self.ema, str(path), extra_metadata={**self.training_metadata(), **(extra or {})})
+
+
+# tensors whose shape follows from one config field: a misfit names the field
+SHAPE_FIELDS = {"trunk.class_emb.weight": "num_classes"}
+
+
+def misfit_line(name: str, stored, own, stored_config: ECARConfig, config: ECARConfig) -> str:
+    """One tensor of an --init checkpoint that does not fit: its shape there and here, and the field behind it."""
+    if own is None:
+        return f"{name} {list(stored)} is not in this config"
+    line = f"{name} is {list(stored)} in the checkpoint, {list(own.shape)} in this config"
+    field = SHAPE_FIELDS.get(name)
+    if field and getattr(stored_config, field) != getattr(config, field):
+        line += f" ({field} {getattr(stored_config, field)} vs {getattr(config, field)})"
+    return line
 
 
 def checkpoint_mlps(model: ECARModel) -> None:
