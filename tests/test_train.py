@@ -418,6 +418,20 @@ def test_a_local_rank_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
                   "per machine (torchrun --nproc-per-node)\n"
 
 
+
+@pytest.mark.parametrize("args", [["--set", "num_classes=3"], ["--set", "bogus=1"],
+                                  ["--out", "{tmp}/nodir/final.safetensors"]],
+                         ids=["wrong num_classes", "unknown config field", "missing --out folder"])
+def test_a_refused_run_leaves_no_empty_work_folder(tmp_path, capsys, args):
+    """The work folder (and the folders made for it) goes when a user error stops the run in it; one that
+    was there before stays."""
+    run = TINY_RUN + [a.format(tmp=tmp_path) for a in args]
+    user_error(capsys, run + ["--workdir", str(tmp_path / "runs" / "new")])
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    user_error(capsys, run + ["--workdir", str(tmp_path / "old")])
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+
 @pytest.mark.parametrize("outputs", [["--workdir", "{ro}", "--out", "{tmp}/final.safetensors"],
                                      ["--workdir", "{tmp}/run", "--out", "{ro}/final.safetensors"]],
                          ids=["workdir", "out"])

@@ -664,6 +664,22 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     return trainer, decoder, metadata
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: Path):
+    """If the block fails (a user error, Ctrl-C), remove `folder` where the block created it and left it
+    empty (empty sub-folders aside), and the parents created for it: a refused run leaves no debris, and
+    a folder that existed before, or holds a file, stays."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]   # the innermost first
+    try:
+        yield
+    except BaseException:
+        if created:
+            for path in [*sorted(folder.rglob("*"), reverse=True), *created]:   # sub-folders before their parents
+                with contextlib.suppress(OSError):
+                    path.rmdir()   # refused for a file or a folder that is not empty
+        raise
+
+
 def train(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
@@ -684,7 +700,8 @@ def train(args: argparse.Namespace) -> None:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed)
     try:
-        trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
+        with removed_if_left_empty(Path(args.workdir)):
+            trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
     except KeyboardInterrupt:   # before user_errors(), whose imports must not run inside an interrupted import
         raise
     except (*user_errors(), ValueError, OSError) as err:
