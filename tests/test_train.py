@@ -177,7 +177,8 @@ def test_step_draws_shard_and_move_every_field_together():
 def test_each_step_sets_the_scheduled_lr_and_moves_the_ema_by_its_warmed_up_decay(tiny_config, digits16):
     """ema <- decay * ema + (1 - decay) * weights after each update, decay = min(ema_decay, (1+k)/(10+k)) at
     step k; the lr warms up linearly from lr/warmup and decays by a cosine to lr * min_lr_ratio; loss_avg (what
-    the log and the checkpoint's training_final_loss report) is the running mean avg <- 0.99 avg + 0.01 loss."""
+    the log and the checkpoint's training_final_loss report) is the mean loss of the steps so far (while they
+    are fewer than LOSS_WINDOW)."""
     settings = TrainSettings(steps=5, batch_size=4, lr=3e-3, warmup=2, min_lr_ratio=0.1, ema_decay=0.3, seed=0)
     assert [settings.ema_decay_at(k) for k in (0, 1, 10**6)] == pytest.approx([0.1, 2 / 11, 0.3])
     assert [settings.lr_at(k) for k in (0, 1, 2, 5)] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-4])
@@ -194,7 +195,25 @@ def test_each_step_sets_the_scheduled_lr_and_moves_the_ema_by_its_warmed_up_deca
                                        msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(trainer.ema.parameters(), trainer.model.parameters()))
     assert len(set(losses)) == 3
-    assert trainer.loss_avg == pytest.approx((0.99 * losses[0] + 0.01 * losses[1]) * 0.99 + 0.01 * losses[2], rel=1e-12)
+    assert trainer.loss_avg == pytest.approx(sum(losses) / 3, rel=1e-12)
+
+
+def test_the_mean_loss_is_of_the_last_window_of_steps_and_resumes_exactly(tiny_config, digits16, tmp_path,
+                                                                           monkeypatch):
+    """loss_avg: the mean of the last LOSS_WINDOW losses, not a mean that still weighs the first steps (the loss
+    falls fast, so that lagged far behind); a run resumed mid-window reports exactly the uninterrupted one's."""
+    monkeypatch.setattr(trainer_module, "LOSS_WINDOW", 3)
+    straight = make_trainer(tiny_config, digits16)
+    losses = [straight.train_step() for _ in range(5)]
+    assert straight.loss_avg == sum(losses[-3:]) / 3
+    first = make_trainer(tiny_config, digits16)
+    for _ in range(4):
+        first.train_step()
+    first.save_state(tmp_path / "state.safetensors")
+    resumed = make_trainer(tiny_config, digits16)
+    resumed.load_state(tmp_path / "state.safetensors")
+    resumed.train_step()
+    assert resumed.loss_avg == straight.loss_avg
 
 
 def test_the_default_settings_are_the_documented_recipe():

@@ -30,6 +30,7 @@ grids of EMA samples, one row per class (for 10 evenly spaced classes when there
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -63,6 +64,7 @@ LOG_FILE = "loss.csv"
 PLOT_FILE = "loss.png"
 SAMPLES_DIR = "samples"
 SETTINGS_FILE = "settings.json"   # the record of what decides the trained numbers (run_settings)
+LOSS_WINDOW = 100   # the steps whose losses loss_avg averages
 
 
 # ---- the trainer ------------------------------------------------------------------------------
@@ -97,6 +99,9 @@ class Trainer:
     x0(index, draws)).
     accum: micro-batches per step on each rank; grad_checkpoint: recompute each trunk block's MLP in the
     backward pass instead of storing its activations; compile: torch.compile the objective.
+    loss_avg (the log's loss_avg, the final line, the checkpoint's training_final_loss) is the mean loss of
+    the last LOSS_WINDOW steps (of every step, before that many); the resume state holds those losses, so a
+    resumed run reports what an uninterrupted one does.
     """
 
     def __init__(self, config: ECARConfig, settings: TrainSettings, data, device: torch.device, rank: int = 0,
@@ -131,7 +136,11 @@ class Trainer:
                                            weight_decay=settings.weight_decay)
         self.gen = torch.Generator().manual_seed(settings.seed)
         self.step = 0
-        self.loss_avg = float("nan")   # running mean of the loss (the last ~100 steps)
+        self.recent_losses = collections.deque(maxlen=LOSS_WINDOW)
+
+    @property
+    def loss_avg(self) -> float:
+        return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else math.nan
 
     @property
     def tokens_per_image(self) -> int:
@@ -174,12 +183,14 @@ class Trainer:
             dist.all_reduce(total)
             total /= self.world
         value = total.item()
-        self.loss_avg = value if math.isnan(self.loss_avg) else 0.99 * self.loss_avg + 0.01 * value
+        self.recent_losses.append(value)
         self.step += 1
         return value
 
     # ---- resume state ---------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        import torch
+
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         out.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         for name, p in self.model.named_parameters():
@@ -189,6 +200,7 @@ class Trainer:
                 out[f"adamw.exp_avg_sq.{name}"] = st["exp_avg_sq"]
                 out[f"adamw.step.{name}"] = st["step"].reshape(1)
         out["rng"] = self.gen.get_state()
+        out["recent_losses"] = torch.tensor(list(self.recent_losses), dtype=torch.float64)   # exact: float32 values
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def save_state(self, path: Path) -> None:
@@ -217,7 +229,10 @@ class Trainer:
             for i, (name, _) in enumerate(self.model.named_parameters()) if f"adamw.step.{name}" in tensors}
         self.optimizer.load_state_dict(opt_state)
         self.gen.set_state(tensors["rng"])
-        self.step, self.loss_avg = int(meta["step"]), float(meta["loss_avg"])
+        self.step = int(meta["step"])
+        # a state saved before the losses were kept has none: the mean then starts at the resumed step
+        recent = tensors["recent_losses"].tolist() if "recent_losses" in tensors else []
+        self.recent_losses = collections.deque(recent, maxlen=LOSS_WINDOW)
 
     def init_from(self, path: Path) -> None:
         """Copy the weights of a checkpoint into the model and the EMA; tensors the checkpoint lacks (new
@@ -743,7 +758,8 @@ def train(args: argparse.Namespace) -> None:
         train_log.close()
         out = final_path(args) if stop == settings.steps else workdir / f"ema-step{trainer.step}.safetensors"
         trainer.export_ema(out, metadata)
-        log(f"wrote {out} (step {trainer.step}, loss {trainer.loss_avg:.5f})")
+        log(f"wrote {out} (step {trainer.step}, mean loss of the last {len(trainer.recent_losses)} steps "
+            f"{trainer.loss_avg:.5f})")
     if world > 1:
         teardown_distributed(trainer)
 
