@@ -177,7 +177,8 @@ def test_step_draws_shard_and_move_every_field_together():
 def test_each_step_sets_the_scheduled_lr_and_moves_the_ema_by_its_warmed_up_decay(tiny_config, digits16):
     """ema <- decay * ema + (1 - decay) * weights after each update, decay = min(ema_decay, (1+k)/(10+k)) at
     step k; the lr warms up linearly from lr/warmup and decays by a cosine to lr * min_lr_ratio; loss_avg (what
-    the log and the checkpoint's training_final_loss report) is the running mean avg <- 0.99 avg + 0.01 loss."""
+    the log and the checkpoint's training_final_loss report) is the mean loss of the steps so far (while they
+    are fewer than LOSS_WINDOW)."""
     settings = TrainSettings(steps=5, batch_size=4, lr=3e-3, warmup=2, min_lr_ratio=0.1, ema_decay=0.3, seed=0)
     assert [settings.ema_decay_at(k) for k in (0, 1, 10**6)] == pytest.approx([0.1, 2 / 11, 0.3])
     assert [settings.lr_at(k) for k in (0, 1, 2, 5)] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-4])
@@ -194,7 +195,25 @@ def test_each_step_sets_the_scheduled_lr_and_moves_the_ema_by_its_warmed_up_deca
                                        msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(trainer.ema.parameters(), trainer.model.parameters()))
     assert len(set(losses)) == 3
-    assert trainer.loss_avg == pytest.approx((0.99 * losses[0] + 0.01 * losses[1]) * 0.99 + 0.01 * losses[2], rel=1e-12)
+    assert trainer.loss_avg == pytest.approx(sum(losses) / 3, rel=1e-12)
+
+
+def test_the_mean_loss_is_of_the_last_window_of_steps_and_resumes_exactly(tiny_config, digits16, tmp_path,
+                                                                           monkeypatch):
+    """loss_avg: the mean of the last LOSS_WINDOW losses, not a mean that still weighs the first steps (the loss
+    falls fast, so that lagged far behind); a run resumed mid-window reports exactly the uninterrupted one's."""
+    monkeypatch.setattr(trainer_module, "LOSS_WINDOW", 3)
+    straight = make_trainer(tiny_config, digits16)
+    losses = [straight.train_step() for _ in range(5)]
+    assert straight.loss_avg == sum(losses[-3:]) / 3
+    first = make_trainer(tiny_config, digits16)
+    for _ in range(4):
+        first.train_step()
+    first.save_state(tmp_path / "state.safetensors")
+    resumed = make_trainer(tiny_config, digits16)
+    resumed.load_state(tmp_path / "state.safetensors")
+    resumed.train_step()
+    assert resumed.loss_avg == straight.loss_avg
 
 
 def test_the_default_settings_are_the_documented_recipe():
@@ -256,6 +275,22 @@ def test_init_copies_a_checkpoint_into_the_model_and_the_ema(tiny_config, digits
     save_checkpoint(random_model(tiny_config.replace(head_width=48)), tmp_path / "wide.safetensors")
     with pytest.raises(ValueError, match="does not fit this config"):
         trainer.init_from(tmp_path / "wide.safetensors")
+
+
+def test_an_init_checkpoint_that_does_not_fit_says_how(tiny_config, digits16, tmp_path):
+    """A misfit names each tensor with its shape in the checkpoint and in the config, the config field behind
+    it where one field decides it (the class embedding: num_classes), and what to do."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    width = tiny_config.width
+    save_checkpoint(random_model(tiny_config), tmp_path / "ten.safetensors")
+    trainer = make_trainer(tiny_config.replace(num_classes=3), digits16)
+    with pytest.raises(ValueError) as err:
+        trainer.init_from(tmp_path / "ten.safetensors")
+    assert str(err.value) == (f"--init {tmp_path / 'ten.safetensors'} does not fit this config: trunk.class_emb.weight "
+                              f"is [11, {width}] in the checkpoint, [4, {width}] in this config (num_classes 10 vs 3); "
+                              f"give the config the checkpoint's values, or leave out --init")
 
 
 def test_activation_checkpointing_leaves_the_step_unchanged(tiny_config, digits16):
@@ -346,6 +381,8 @@ def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
     (["--ckpt-every", "0"], "argument --ckpt-every: must be a positive integer"),
     (["--steps", "0"], "argument --steps: must be a positive integer"),
     (["--until", "0"], "argument --until: must be a positive integer"),
+    (["--until", "10", "--steps", "3"], "--until 10 is beyond --steps 3: give an --until of at most --steps, or more "
+                                        "--steps (see ecar-train --help)"),
     (["--accum", "0"], "argument --accum: must be a positive integer"),
     (["--threads", "0"], "argument --threads: must be a positive integer"),
     (["--preset", "nope"], "argument --preset: invalid choice: 'nope'"),
@@ -375,7 +412,7 @@ def test_cli_refuses_bad_arguments_before_training(tmp_path, capsys, monkeypatch
         raise AssertionError("a step was trained")
 
     monkeypatch.setattr(Trainer, "train_step", no_training)
-    monkeypatch.setattr(trainer_module.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (tmp_path / "file").write_text("not a folder")
     args = [a.format(tmp=tmp_path) for a in args]
     err = user_error(capsys, ["--train-size", "20", "--workdir", str(tmp_path), "--device", "cpu"] + args)
@@ -388,10 +425,10 @@ def test_a_local_rank_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     ecar-sample does, instead of a CUDA traceback from set_device (and no process group is joined)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(trainer_module.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(trainer_module.torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(trainer_module.torch.cuda, "set_device", lambda i: pytest.fail("set_device called"))
-    monkeypatch.setattr(trainer_module.dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device called"))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("joined"))
     with pytest.raises(SystemExit) as exit_info:
         main(["--workdir", str(tmp_path), "--steps", "1"])
     assert exit_info.value.code == 2
@@ -399,6 +436,20 @@ def test_a_local_rank_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
     assert err == "ecar-train: error: local rank 1 has no GPU: this machine has 1; start at most that many ranks " \
                   "per machine (torchrun --nproc-per-node)\n"
 
+
+
+@pytest.mark.parametrize("args", [["--set", "num_classes=3"], ["--set", "bogus=1"],
+                                  ["--out", "{tmp}/nodir/final.safetensors"]],
+                         ids=["wrong num_classes", "unknown config field", "missing --out folder"])
+def test_a_refused_run_leaves_no_empty_work_folder(tmp_path, capsys, args):
+    """The work folder (and the folders made for it) goes when a user error stops the run in it; one that
+    was there before stays."""
+    run = TINY_RUN + [a.format(tmp=tmp_path) for a in args]
+    user_error(capsys, run + ["--workdir", str(tmp_path / "runs" / "new")])
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    user_error(capsys, run + ["--workdir", str(tmp_path / "old")])
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
 
 @pytest.mark.parametrize("outputs", [["--workdir", "{ro}", "--out", "{tmp}/final.safetensors"],
                                      ["--workdir", "{tmp}/run", "--out", "{ro}/final.safetensors"]],
@@ -559,6 +610,58 @@ def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, caps
     assert err == "ecar-train: " + line.format(state=tmp_path / "state.safetensors")
 
 
+# ^C while torch is imported (the first seconds of ecar-train), simulated: importing torch raises it
+INTERRUPTED_TORCH_IMPORT = """
+import builtins
+real_import = builtins.__import__
+
+def interrupted(name, *args, **kwargs):
+    if name.split(".")[0] == "torch":
+        raise KeyboardInterrupt
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = interrupted
+from ecar_infer.training.trainer import main   # what the ecar-train script runs
+main({argv!r})
+"""
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["new run", "resumed run"])
+def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, saved):
+    """^C in the first seconds, as ecar-sample: one line, status 130, no traceback (the trainer module
+    imported torch at its top, where no handler could catch it), and reading the saved step imports no torch."""
+    import subprocess
+    import sys
+
+    argv = TINY_RUN + ["--workdir", str(tmp_path)]
+    line = "interrupted before any state was saved; rerun the same command to start again"
+    if saved:
+        main(argv + ["--until", "2"])
+        argv += ["--resume"]
+        line = (f"interrupted; the last saved state is step 2 in {tmp_path / 'state.safetensors'}: rerun the same "
+                f"command with --resume to continue it")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_TORCH_IMPORT.format(argv=argv)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert (result.returncode, result.stdout, result.stderr) == (130, "", f"ecar-train: {line}\n")
+
+
+def test_ctrl_c_while_the_data_opens_is_one_line(tmp_path, capsys, monkeypatch):
+    """^C while the data set opens (its imports, a cache build): the user error types must not be imported
+    to match it, since importing inside an interrupted import fails with a traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "open_training_data", interrupted)
+    monkeypatch.setattr(trainer_module, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY_RUN + ["--workdir", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("ecar-train: interrupted before any state was saved; rerun the same command to "
+                                       "start again\n")
+
+
 def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
     from conftest import random_model
     from ecar_infer import save_checkpoint, weights
@@ -571,6 +674,19 @@ def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
     main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--init", "tinyship", "--steps", "1"])
     assert loaded == [tmp_path / "tinyship.safetensors"]
 
+
+
+def test_a_missing_init_checkpoint_is_named_before_the_data_opens(tmp_path, capsys, monkeypatch):
+    """--init FILE that does not exist: the option and the file, not an OSError's text, and before the data is
+    opened (which may take hours): here the data does not exist either."""
+    from ecar_infer import weights
+
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)   # shipped models: none but this one
+    (tmp_path / "tinyship.safetensors").write_bytes(b"")
+    err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere"),
+                                         "--init", "nonexist.safetensors"])
+    assert err == ("ecar-train: error: --init nonexist.safetensors: file not found; give a checkpoint file or the "
+                   "name of a shipped model (tinyship)\n")
 
 def test_resume_knows_the_init_checkpoint_by_content(tmp_path, capsys, monkeypatch):
     """A run started --init from a checkpoint resumes with a copy of it at another path, not with other

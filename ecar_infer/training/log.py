@@ -1,4 +1,5 @@
-"""The training log in the work folder: loss.csv (one row per step) and loss.png (a plot of it)."""
+"""The training log in the work folder: loss.csv (one row per step) and loss.png (a plot of it). loss_avg is
+the trainer's mean loss of the last LOSS_WINDOW (100) steps, or of every step before that many."""
 from __future__ import annotations
 
 import csv
@@ -37,7 +38,7 @@ class TrainLog:
         self._file.close()
 
     def plot(self, png: str | Path) -> None:
-        """loss.png: the loss of every step and its running mean, on a log scale (matplotlib, imported here)."""
+        """loss.png: the loss of every step and its trailing mean, on a log scale (matplotlib, imported here)."""
         from matplotlib.figure import Figure
 
         with open(self.path, newline="") as f:
@@ -48,7 +49,7 @@ class TrainLog:
         fig = Figure(figsize=(7, 4), dpi=100)
         ax = fig.subplots()
         ax.plot(steps, [float(r["loss"]) for r in rows], lw=0.5, alpha=0.4, label="loss")
-        ax.plot(steps, [float(r["loss_avg"]) for r in rows], lw=1.5, label="running mean")
+        ax.plot(steps, [float(r["loss_avg"]) for r in rows], lw=1.5, label="trailing mean")
         ax.set(xlabel="step", ylabel="loss", yscale="log", title="ecar-train")
         ax.grid(alpha=0.3)
         ax.legend()

@@ -30,6 +30,7 @@ grids of EMA samples, one row per class (for 10 evenly spaced classes when there
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -43,10 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
 from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
@@ -55,11 +52,11 @@ from ..cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable
 from ..config import ECARConfig
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
-from ..model import ECARModel
 from ..registry import preset_names
-from ..targets import differing_settings, read_settings, write_settings
-from ..weights import checkpoint_path
-from .objective import build_objective, draw_step
+from ..weights import checkpoint_path, shipped_models
+
+# torch, numpy, the model and the objective take seconds to import, so each function imports what it uses:
+# main() then catches a Ctrl-C during those seconds (one line, not a traceback), and --help answers at once.
 
 STATE_FILE = "state.safetensors"
 EMA_FILE = "ema.safetensors"
@@ -67,6 +64,7 @@ LOG_FILE = "loss.csv"
 PLOT_FILE = "loss.png"
 SAMPLES_DIR = "samples"
 SETTINGS_FILE = "settings.json"   # the record of what decides the trained numbers (run_settings)
+LOSS_WINDOW = 100   # the steps whose losses loss_avg averages
 
 
 # ---- the trainer ------------------------------------------------------------------------------
@@ -101,10 +99,18 @@ class Trainer:
     x0(index, draws)).
     accum: micro-batches per step on each rank; grad_checkpoint: recompute each trunk block's MLP in the
     backward pass instead of storing its activations; compile: torch.compile the objective.
+    loss_avg (the log's loss_avg, the final line, the checkpoint's training_final_loss) is the mean loss of
+    the last LOSS_WINDOW steps (of every step, before that many); the resume state holds those losses, so a
+    resumed run reports what an uninterrupted one does.
     """
 
     def __init__(self, config: ECARConfig, settings: TrainSettings, data, device: torch.device, rank: int = 0,
                  world: int = 1, accum: int = 1, grad_checkpoint: bool = False, compile: bool = False) -> None:
+        import torch
+
+        from ..model import ECARModel
+        from .objective import build_objective
+
         if settings.batch_size % (world * accum):
             raise ValueError(f"the batch size {settings.batch_size} must be divisible by the world size {world} "
                              f"times the gradient accumulation {accum}")
@@ -130,7 +136,11 @@ class Trainer:
                                            weight_decay=settings.weight_decay)
         self.gen = torch.Generator().manual_seed(settings.seed)
         self.step = 0
-        self.loss_avg = float("nan")   # running mean of the loss (the last ~100 steps)
+        self.recent_losses = collections.deque(maxlen=LOSS_WINDOW)
+
+    @property
+    def loss_avg(self) -> float:
+        return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else math.nan
 
     @property
     def tokens_per_image(self) -> int:
@@ -142,6 +152,11 @@ class Trainer:
         return ddp.no_sync() if self.world > 1 and not last else contextlib.nullcontext()
 
     def train_step(self) -> float:
+        import torch
+        import torch.distributed as dist
+
+        from .objective import draw_step
+
         s = self.settings
         draws = draw_step(self.gen, self.model.plan, len(self.data), s.batch_size)
         data_draws = self.data.draw(self.gen, s.batch_size)   # after the objective's draws, same generator
@@ -168,12 +183,14 @@ class Trainer:
             dist.all_reduce(total)
             total /= self.world
         value = total.item()
-        self.loss_avg = value if math.isnan(self.loss_avg) else 0.99 * self.loss_avg + 0.01 * value
+        self.recent_losses.append(value)
         self.step += 1
         return value
 
     # ---- resume state ---------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        import torch
+
         out = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         out.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         for name, p in self.model.named_parameters():
@@ -183,6 +200,7 @@ class Trainer:
                 out[f"adamw.exp_avg_sq.{name}"] = st["exp_avg_sq"]
                 out[f"adamw.step.{name}"] = st["step"].reshape(1)
         out["rng"] = self.gen.get_state()
+        out["recent_losses"] = torch.tensor(list(self.recent_losses), dtype=torch.float64)   # exact: float32 values
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def save_state(self, path: Path) -> None:
@@ -211,18 +229,24 @@ class Trainer:
             for i, (name, _) in enumerate(self.model.named_parameters()) if f"adamw.step.{name}" in tensors}
         self.optimizer.load_state_dict(opt_state)
         self.gen.set_state(tensors["rng"])
-        self.step, self.loss_avg = int(meta["step"]), float(meta["loss_avg"])
+        self.step = int(meta["step"])
+        # a state saved before the losses were kept has none: the mean then starts at the resumed step
+        recent = tensors["recent_losses"].tolist() if "recent_losses" in tensors else []
+        self.recent_losses = collections.deque(recent, maxlen=LOSS_WINDOW)
 
     def init_from(self, path: Path) -> None:
         """Copy the weights of a checkpoint into the model and the EMA; tensors the checkpoint lacks (new
         layers, e.g. the level MLP that turns a flow head into a shortcut head) keep their init."""
         from ..checkpoint import load_checkpoint
 
-        source = load_checkpoint(path, device=self.device).state_dict()
-        own = self.model.state_dict()
-        misfit = [k for k, v in source.items() if k not in own or own[k].shape != v.shape]
+        checkpoint = load_checkpoint(path, device=self.device)
+        source, own = checkpoint.state_dict(), self.model.state_dict()
+        misfit = [misfit_line(k, v.shape, own.get(k), checkpoint.config, self.config)
+                  for k, v in source.items() if k not in own or own[k].shape != v.shape]
         if misfit:
-            raise ValueError(f"--init {path} does not fit this config: {misfit[:5]}")
+            more = f"; and {len(misfit) - 3} more" if len(misfit) > 3 else ""
+            raise ValueError(f"--init {path} does not fit this config: {'; '.join(misfit[:3])}{more}; give the config "
+                             f"the checkpoint's values, or leave out --init")
         for module in (self.model, self.ema):
             module.load_state_dict(source, strict=False)
 
@@ -239,6 +263,21 @@ class Trainer:
         save_checkpoint(self.ema, str(path), extra_metadata={**self.training_metadata(), **(extra or {})})
 
 
+# tensors whose shape follows from one config field: a misfit names the field
+SHAPE_FIELDS = {"trunk.class_emb.weight": "num_classes"}
+
+
+def misfit_line(name: str, stored, own, stored_config: ECARConfig, config: ECARConfig) -> str:
+    """One tensor of an --init checkpoint that does not fit: its shape there and here, and the field behind it."""
+    if own is None:
+        return f"{name} {list(stored)} is not in this config"
+    line = f"{name} is {list(stored)} in the checkpoint, {list(own.shape)} in this config"
+    field = SHAPE_FIELDS.get(name)
+    if field and getattr(stored_config, field) != getattr(config, field):
+        line += f" ({field} {getattr(stored_config, field)} vs {getattr(config, field)})"
+    return line
+
+
 def checkpoint_mlps(model: ECARModel) -> None:
     """Activation checkpointing for large presets: each trunk block's MLP (its 4x-wide hidden layer, the
     largest activation of a block) is recomputed in the backward pass instead of being stored."""
@@ -252,6 +291,8 @@ def sample_grid(trainer: Trainer, decoder, path: Path, metadata: dict[str, str],
                 max_rows: int = 10) -> None:
     """A PNG of EMA samples: one labelled row per class (up to max_rows classes, evenly spaced), at the
     sampling settings the --metadata gives (the sampler's defaults otherwise), seeds 0, 1, ..."""
+    import numpy as np
+
     from ..output import make_grid, save_image
     from ..defaults import SamplingDefaults
     from ..sampler import Sampler
@@ -377,10 +418,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for option in ("metadata", "set"):
         if any("=" not in kv for kv in getattr(args, option)):
             p.error(f"--{option} takes KEY=VALUE")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.until is not None and args.until > args.steps:
+        p.error(f"--until {args.until} is beyond --steps {args.steps}: give an --until of at most --steps, or more "
+                f"--steps")
+    if args.device == "cuda" and not cuda_available():
         p.error("--device cuda: CUDA is not available here; use --device cpu (or auto)")
     args.workdir = args.workdir or default_workdir(args.data)
     return args
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def final_path(args: argparse.Namespace) -> Path:
@@ -397,17 +447,31 @@ def check_outputs(workdir: Path, final: Path) -> None:
 def saved_step(state: Path) -> int | None:
     """The step of the resume state `state` (from its metadata alone), None if there is none; a state that
     cannot be read is a user error (it is the work folder's, which the user can delete)."""
-    from safetensors import SafetensorError, safe_open
-
     if not state.exists():
         return None
     try:
-        with safe_open(str(state), framework="pt") as f:
-            return int((f.metadata() or {})["step"])
-    except (SafetensorError, OSError, KeyError, ValueError) as err:
+        return int(header_metadata(state)["step"])
+    except (OSError, KeyError, ValueError) as err:
         why = "no step in its metadata" if isinstance(err, KeyError) else " ".join(str(err).split())[:200]
         raise UsageError(f"the resume state {state} cannot be read ({why}): delete it to start over, or choose "
                          f"another --workdir") from None
+
+
+def header_metadata(path: Path) -> dict[str, str]:
+    """The metadata of the .safetensors file `path`, from its header, in plain Python: saved_step also runs in
+    the Ctrl-C handler, which may have interrupted the import of torch (safetensors' reader imports it again).
+    ValueError if the file is not a whole safetensors file."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    try:
+        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        metadata = header.get("__metadata__") or {}
+    except (AttributeError, IndexError, KeyError, TypeError):
+        raise ValueError("its header does not describe safetensors tensors") from None
+    if 8 + size + data_end != path.stat().st_size:
+        raise ValueError(f"it has {path.stat().st_size} bytes where its header describes {8 + size + data_end}")
+    return metadata
 
 
 def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data) -> dict:
@@ -422,6 +486,8 @@ def check_same_run(workdir: Path, settings: dict) -> int | None:
     """Refuse to resume the run in `workdir` with settings other than its record's, --steps aside (a run
     may be extended: the schedule then spans the new count); returns the recorded --steps. A state saved
     before the record was kept has none: it resumes (None), and the record is written then."""
+    from ..targets import differing_settings, read_settings
+
     record = workdir / SETTINGS_FILE
     if not record.exists():
         return None
@@ -443,6 +509,16 @@ def interrupted(workdir: Path) -> str:
         return "interrupted before any state was saved; rerun the same command to start again"
     return (f"interrupted; the last saved state is step {step} in {workdir / STATE_FILE}: rerun the same command "
             f"with --resume to continue it")
+
+
+def init_path(spec: str) -> Path:
+    """The checkpoint --init names (a file or a shipped model), refused now if there is none: before the data,
+    whose opening may take hours."""
+    path = checkpoint_path(spec)
+    if not path.exists():
+        raise UsageError(f"--init {spec}: file not found; give a checkpoint file or the name of a shipped model "
+                         f"({', '.join(shipped_models())})")
+    return path
 
 
 def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> None:
@@ -471,6 +547,8 @@ def build_config(args: argparse.Namespace) -> ECARConfig:
 def recorded_vae_id(workdir: Path) -> str | None:
     """The VAE fingerprint in the settings record of the run in `workdir`, None where none is recorded (a
     pixel run, no record, or one check_same_run will report as unreadable)."""
+    from ..targets import read_settings
+
     try:
         data = read_settings(workdir / SETTINGS_FILE).get("data")
     except (OSError, ValueError):
@@ -517,6 +595,9 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
 
 def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
     """(device, rank, world size); joins the process group when torchrun started several ranks."""
+    import torch
+    import torch.distributed as dist
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
     if world == 1:
@@ -535,6 +616,9 @@ def check_ranks_agree(trainer: Trainer, workdir: Path) -> None:
     """Every rank must start from the same step: ranks that see different work folders (one per machine
     where a shared one was meant) would resume different states, and DDP, which syncs the weights only
     when it is built (before the state is loaded), would average gradients of different weights silently."""
+    import torch
+    import torch.distributed as dist
+
     mine = torch.tensor([trainer.step], dtype=torch.int64, device=trainer.device)   # NCCL: on the rank's GPU
     steps = [torch.zeros_like(mine) for _ in range(trainer.world)]
     dist.all_gather(steps, mine)
@@ -548,6 +632,8 @@ def teardown_distributed(trainer: Trainer) -> None:
     """Leave the process group cleanly: every rank waits for the others (rank 0 may still be
     writing), then DDP's reducer is released before the group is destroyed, so no gloo work object
     outlives the group into interpreter shutdown (a known source of SIGABRT at exit)."""
+    import torch.distributed as dist
+
     dist.barrier()
     trainer.forward = trainer.objective
     dist.destroy_process_group()
@@ -557,6 +643,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
             world: int, log) -> tuple[Trainer, object, dict[str, str]]:
     """(the trainer at its start or resumed step, the decoder for sample grids, the final metadata), or a
     user error: every check that can fail comes before the first step."""
+    from ..targets import write_settings
+
     workdir, final = Path(args.workdir), final_path(args)
     check_outputs(workdir, final)
     step = saved_step(workdir / STATE_FILE)
@@ -566,6 +654,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
     config = build_config(args)
     check_metadata(metadata, config, final)
+    init = init_path(args.init) if args.init else None
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
                                                recorded_vae_id(workdir) if step is not None else None)
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
@@ -583,14 +672,31 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
             raise UsageError(f"--until {args.until}: the run in {workdir} is already at step {trainer.step}, "
                              f"nothing to do; give a later --until, or leave it out to finish at --steps "
                              f"{settings.steps}")
-    elif args.init:
-        trainer.init_from(checkpoint_path(args.init))
+    elif init:
+        trainer.init_from(init)
     if rank == 0:
         write_settings(workdir / SETTINGS_FILE, record)
     return trainer, decoder, metadata
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: Path):
+    """If the block fails (a user error, Ctrl-C), remove `folder` where the block created it and left it
+    empty (empty sub-folders aside), and the parents created for it: a refused run leaves no debris, and
+    a folder that existed before, or holds a file, stays."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]   # the innermost first
+    try:
+        yield
+    except BaseException:
+        if created:
+            for path in [*sorted(folder.rglob("*"), reverse=True), *created]:   # sub-folders before their parents
+                with contextlib.suppress(OSError):
+                    path.rmdir()   # refused for a file or a folder that is not empty
+        raise
+
+
 def train(args: argparse.Namespace) -> None:
+    import torch
     from tqdm.auto import tqdm
 
     from .log import TrainLog
@@ -609,7 +715,10 @@ def train(args: argparse.Namespace) -> None:
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed)
     try:
-        trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
+        with removed_if_left_empty(Path(args.workdir)):
+            trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
+    except KeyboardInterrupt:   # before user_errors(), whose imports must not run inside an interrupted import
+        raise
     except (*user_errors(), ValueError, OSError) as err:
         user_error(str(err))
     workdir, data = Path(args.workdir), trainer.data
@@ -649,7 +758,8 @@ def train(args: argparse.Namespace) -> None:
         train_log.close()
         out = final_path(args) if stop == settings.steps else workdir / f"ema-step{trainer.step}.safetensors"
         trainer.export_ema(out, metadata)
-        log(f"wrote {out} (step {trainer.step}, loss {trainer.loss_avg:.5f})")
+        log(f"wrote {out} (step {trainer.step}, mean loss of the last {len(trainer.recent_losses)} steps "
+            f"{trainer.loss_avg:.5f})")
     if world > 1:
         teardown_distributed(trainer)
 
@@ -658,12 +768,14 @@ def main(argv: list[str] | None = None) -> None:
     """ecar-train: user errors print one line and exit 2; Ctrl-C prints one line (rank 0 alone under
     torchrun, where every rank gets the signal) saying how to continue, and exits 130."""
     keep_freed_memory()
-    args = parse_args(argv)
-    try:
+    args = None
+    try:   # from the start: the first seconds import torch
+        args = parse_args(argv)
         train(args)
     except KeyboardInterrupt:
         if launched_rank() == 0:
-            print(f"ecar-train: {interrupted(Path(args.workdir))}", file=sys.stderr, flush=True)
+            line = interrupted(Path(args.workdir)) if args else "interrupted: nothing was written"
+            print(f"ecar-train: {line}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
 
 
