@@ -173,7 +173,7 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
     out = outputs.add_mutually_exclusive_group()
     out.add_argument("--out", metavar="FILE", help=f"one grid image (.png, .jpg or .webp), a row per class while "
                                                    f"--per-class is 2-{MAX_GRID_COLUMNS} (default {default_out})")
-    outputs.add_argument("--label-rows", action="store_true", help="write each row's class name beside the --out grid")
+    outputs.add_argument("--label-rows", action="store_true", help="write each row's class name beside the --out grid (one row per class)")
     out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png " + (
         "(resumes; torchrun shards it)" if torchrun else "(each written atomically once all are edited; no resume)"))
     out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file FILE.npz: uint8 NHWC arr_0 and labels " + (
@@ -441,7 +441,8 @@ def make_target(args, sampler, labels: list[int], seeds: list[int]):
         return NpzTarget(args.npz, labels, seeds, args.batch_size)
     if args.outdir:
         return FolderTarget(args.outdir, labels, seeds, args.batch_size)
-    columns = args.per_class if 1 < args.per_class <= MAX_GRID_COLUMNS else None
+    # a row per class while --per-class fits in one, and always with --label-rows: a row then names one class
+    columns = args.per_class if 1 < args.per_class <= MAX_GRID_COLUMNS or args.label_rows else None
     names = (sampler.class_names or [str(i) for i in range(sampler.config.num_classes)]
              if args.label_rows else None)
     return GridTarget(args.out, labels, seeds, args.batch_size, columns, names)

@@ -160,6 +160,23 @@ def test_grid_rows_are_labelled(named_checkpoint, tmp_path):
     assert (b[:, :margin] < 128).any()   # some dark text
 
 
+def test_labelled_rows_hold_one_class_each_however_many_images_it_has(named_checkpoint, tmp_path, monkeypatch):
+    """More images per class than an unlabelled grid puts in a row (16): with --label-rows each class still
+    gets a row of its own, so that no row is labelled with two classes."""
+    from ecar_infer import class_names
+
+    seen = []
+    monkeypatch.setattr(class_names, "label_rows", lambda grid, row_labels, *a, **k: seen.append(row_labels) or grid)
+    out = tmp_path / "g.png"
+    assert sample_main(["--ckpt", str(named_checkpoint), "--n", "17", "--class", "food,objects", "--steps", "1",
+                        "--device", "cpu", "-q", "--out", str(out), "--label-rows"]) == 0
+    from PIL import Image
+
+    side = load_checkpoint(named_checkpoint).config.image_size + 2   # make_grid's 2-pixel gaps
+    assert seen == [["Food & Drink", "Objects"]]
+    assert Image.open(out).size == (17 * side - 2, 2 * side - 2)
+
+
 def test_label_rows_keeps_grayscale_and_places_each_label_by_its_row():
     grid = np.full((16 * 2 + 2, 16, 1), 128, np.uint8)
     out = label_rows(grid, ["top", "bottom"], row_height=16)
