@@ -173,7 +173,8 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
     out = outputs.add_mutually_exclusive_group()
     out.add_argument("--out", metavar="FILE", help=f"one grid image (.png, .jpg or .webp), a row per class while "
                                                    f"--per-class is 2-{MAX_GRID_COLUMNS} (default {default_out})")
-    outputs.add_argument("--label-rows", action="store_true", help="write each row's class name beside the --out grid (one row per class)")
+    outputs.add_argument("--label-rows", action="store_true",
+                         help="write each row's class name beside the --out grid (one row per class)")
     out.add_argument("--outdir", metavar="DIR", help="one PNG per image: DIR/class003_seed000017.png " + (
         "(resumes; torchrun shards it)" if torchrun else "(each written atomically once all are edited; no resume)"))
     out.add_argument("--npz", metavar="FILE", help="ADM-evaluator file FILE.npz: uint8 NHWC arr_0 and labels " + (
