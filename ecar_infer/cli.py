@@ -357,7 +357,8 @@ def check_sampling_args(args, sampler, count: int) -> None:
                          f"value for all stages, or one per stage ({num_stages})")
     if args.out and count > MAX_GRID_IMAGES:
         raise UsageError(f"--out {args.out}: a grid holds every image in memory until it is written, at most "
-                         f"{MAX_GRID_IMAGES:,} (this request has {count:,}); write them with --outdir DIR or --npz FILE")
+                         f"{MAX_GRID_IMAGES:,} (this request has {count:,}); write them with --outdir DIR or "
+                         f"--npz FILE")
     if args.seed + count - 1 > MAX_SEED:
         raise UsageError(f"--seed {args.seed} is too large for {count} images: image k gets seed SEED+k, which "
                          f"must stay at most 2**64-1; use a --seed of at most {MAX_SEED - count + 1}")
