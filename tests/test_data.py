@@ -210,6 +210,22 @@ def test_npz_is_memory_mapped_in_place_or_cached_when_compressed_or_resized(tmp_
     assert np.array_equal(data.pixels[2], want)
 
 
+def test_an_adm_layout_npz_trains_as_is(tmp_path):
+    """`arr_0` and `labels`, as the ADM evaluator reads them and ecar-sample --npz writes them, memory-mapped or
+    compressed; `images` comes first where a file holds both."""
+    from ecar_infer.output import save_npz
+
+    images, labels = random_images(4, 16, 16), [2, 0, 1, 2]
+    save_npz(images, labels, tmp_path / "samples.npz")
+    data = open_npz(tmp_path / "samples.npz", RGB16, tmp_path / "cache")
+    assert isinstance(data.pixels, np.memmap) and np.array_equal(data.pixels, images)
+    assert data.labels.tolist() == labels and data.class_names == ["0", "1", "2"]
+    np.savez_compressed(tmp_path / "packed.npz", arr_0=images, labels=labels)
+    assert np.array_equal(open_npz(tmp_path / "packed.npz", RGB16, tmp_path / "cache").pixels, images)
+    np.savez(tmp_path / "both.npz", images=images, arr_0=images[::-1], labels=labels)
+    assert np.array_equal(open_npz(tmp_path / "both.npz", RGB16, tmp_path / "cache").pixels, images)
+
+
 def test_an_interrupted_cache_build_resumes_and_a_changed_key_rebuilds(tmp_path):
     rows = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
     asked, interrupt = [], [False, True]

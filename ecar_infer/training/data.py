@@ -2,6 +2,7 @@
 
     --data digits32    the built-in digit glyphs (ecar_infer/training/digits.py)
     --data FILE.npz    `images` uint8 [N, H, W, C], `labels` integers [N], optional `class_names` strings [K]
+                       (`arr_0` for `images`, as in the ADM evaluator's files and `ecar-sample --npz`'s)
     --data DIR         the ImageFolder layout: one sub-folder per class, classes sorted by folder name,
                        the folder names are the class names
 
@@ -299,14 +300,15 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
     try:
         with np.load(path, allow_pickle=False) as f:
             names = set(f.files)
-            if not {"images", "labels"} <= names:
-                raise DataError(f"{path}: an .npz data set needs `images` (uint8 [N, H, W, C]) and `labels` "
-                                f"([N] integers); it has {sorted(names)}")
+            member = "images" if "images" in names else "arr_0"   # arr_0: the ADM evaluator's layout
+            if not {member, "labels"} <= names:
+                raise DataError(f"{path}: an .npz data set needs `images` (uint8 [N, H, W, C], or `arr_0`) and "
+                                f"`labels` ([N] integers); it has {sorted(names)}")
             labels = np.asarray(f["labels"])
             class_names = [str(n) for n in f["class_names"]] if "class_names" in names else None
-            images = _npz_member_memmap(path, "images")
+            images = _npz_member_memmap(path, member)
             if images is None:   # compressed: decompressed row by row into the cache below
-                images = _CompressedRows(path, "images")
+                images = _CompressedRows(path, member)
     except (OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
         if isinstance(err, DataError):
             raise
