@@ -146,13 +146,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     Any file that is not such a checkpoint raises CheckpointError.
     """
     path = Path(path)
-    if not path.exists():
-        from .weights import shipped_models
-
-        raise CheckpointError(path, f"file not found (the shipped models, by name: {', '.join(shipped_models())})")
-    if path.is_dir():
-        raise CheckpointError(path, f"is a directory; give a .safetensors file or a *{INDEX_SUFFIX} index")
-    metadata, entries = _read_index(path) if path.name.endswith(INDEX_SUFFIX) else _read_file(path)
+    metadata, entries = _read_header(path)
     config = _config(path, metadata)
     _check_entries(path, config, metadata)
     model = _build_on_meta(path, config, entries)
@@ -185,8 +179,28 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model.eval()
 
 
+def read_checkpoint_header(path: str | os.PathLike) -> tuple[ECARConfig, dict[str, tuple[int, ...]]]:
+    """A checkpoint's config and the shapes of its tensors, from its header alone (no weights are read):
+    what a model must match to take its weights. Any file that is not such a checkpoint raises
+    CheckpointError, as in load_checkpoint."""
+    path = Path(path)
+    metadata, entries = _read_header(path)
+    return _config(path, metadata), {name: shape for name, (shape, _, _) in entries.items()}
+
+
 # name -> (shape, safetensors dtype name, file holding it)
 Entries = dict[str, tuple[tuple[int, ...], str, Path]]
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], Entries]:
+    """The metadata and tensor table of a checkpoint file or shard index."""
+    if not path.exists():
+        from .weights import shipped_models
+
+        raise CheckpointError(path, f"file not found (the shipped models, by name: {', '.join(shipped_models())})")
+    if path.is_dir():
+        raise CheckpointError(path, f"is a directory; give a .safetensors file or a *{INDEX_SUFFIX} index")
+    return _read_index(path) if path.name.endswith(INDEX_SUFFIX) else _read_file(path)
 
 
 def _read_file(path: Path) -> tuple[dict[str, str], Entries]:

@@ -688,6 +688,19 @@ def test_a_missing_init_checkpoint_is_named_before_the_data_opens(tmp_path, caps
     assert err == ("ecar-train: error: --init nonexist.safetensors: file not found; give a checkpoint file or the "
                    "name of a shipped model (tinyship)\n")
 
+def test_an_init_checkpoint_that_does_not_fit_is_refused_before_the_data_opens(tmp_path, capsys):
+    """A misfit --init is found from the checkpoint's header and the config's shapes, before the data opens
+    (here the data does not exist, so opening it first would fail on that instead)."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny").replace(num_classes=4)), tmp_path / "four.safetensors")
+    err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere"),
+                                         "--init", str(tmp_path / "four.safetensors")])
+    assert err.startswith(f"ecar-train: error: --init {tmp_path / 'four.safetensors'} does not fit this config: "
+                          f"trunk.class_emb.weight is [5, ") and "(num_classes 4 vs 10)" in err, err
+
+
 def test_resume_knows_the_init_checkpoint_by_content(tmp_path, capsys, monkeypatch):
     """A run started --init from a checkpoint resumes with a copy of it at another path, not with other
     weights under the same name."""

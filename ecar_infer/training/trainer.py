@@ -239,14 +239,8 @@ class Trainer:
         layers, e.g. the level MLP that turns a flow head into a shortcut head) keep their init."""
         from ..checkpoint import load_checkpoint
 
-        checkpoint = load_checkpoint(path, device=self.device)
-        source, own = checkpoint.state_dict(), self.model.state_dict()
-        misfit = [misfit_line(k, v.shape, own.get(k), checkpoint.config, self.config)
-                  for k, v in source.items() if k not in own or own[k].shape != v.shape]
-        if misfit:
-            more = f"; and {len(misfit) - 3} more" if len(misfit) > 3 else ""
-            raise ValueError(f"--init {path} does not fit this config: {'; '.join(misfit[:3])}{more}; give the config "
-                             f"the checkpoint's values, or leave out --init")
+        check_init_fits(path, self.config)
+        source = load_checkpoint(path, device=self.device).state_dict()
         for module in (self.model, self.ema):
             module.load_state_dict(source, strict=False)
 
@@ -267,11 +261,32 @@ class Trainer:
 SHAPE_FIELDS = {"trunk.class_emb.weight": "num_classes"}
 
 
+def check_init_fits(path: Path, config: ECARConfig) -> None:
+    """Refuse an --init checkpoint with a tensor that a model of `config` lacks or shapes otherwise, from the
+    checkpoint's header and the model built on the meta device (no weights are read or allocated), so that
+    a misfit is found before the data opens, which may take hours."""
+    import torch
+
+    from ..checkpoint import read_checkpoint_header
+    from ..model import ECARModel
+
+    stored_config, stored = read_checkpoint_header(path)
+    with torch.device("meta"):
+        own = {name: tuple(t.shape) for name, t in ECARModel(config).state_dict().items()}
+    misfit = [misfit_line(name, shape, own.get(name), stored_config, config)
+              for name, shape in stored.items() if own.get(name) != tuple(shape)]
+    if misfit:
+        more = f"; and {len(misfit) - 3} more" if len(misfit) > 3 else ""
+        raise ValueError(f"--init {path} does not fit this config: {'; '.join(misfit[:3])}{more}; give the config "
+                         f"the checkpoint's values, or leave out --init")
+
+
 def misfit_line(name: str, stored, own, stored_config: ECARConfig, config: ECARConfig) -> str:
-    """One tensor of an --init checkpoint that does not fit: its shape there and here, and the field behind it."""
+    """One tensor of an --init checkpoint that does not fit: its shape there and here (None: not in this
+    config), and the field behind it."""
     if own is None:
         return f"{name} {list(stored)} is not in this config"
-    line = f"{name} is {list(stored)} in the checkpoint, {list(own.shape)} in this config"
+    line = f"{name} is {list(stored)} in the checkpoint, {list(own)} in this config"
     field = SHAPE_FIELDS.get(name)
     if field and getattr(stored_config, field) != getattr(config, field):
         line += f" ({field} {getattr(stored_config, field)} vs {getattr(config, field)})"
@@ -511,13 +526,14 @@ def interrupted(workdir: Path) -> str:
             f"with --resume to continue it")
 
 
-def init_path(spec: str) -> Path:
-    """The checkpoint --init names (a file or a shipped model), refused now if there is none: before the data,
-    whose opening may take hours."""
+def init_path(spec: str, config: ECARConfig) -> Path:
+    """The checkpoint --init names (a file or a shipped model), refused now if there is none or it does not fit
+    `config`: before the data, whose opening may take hours."""
     path = checkpoint_path(spec)
     if not path.exists():
         raise UsageError(f"--init {spec}: file not found; give a checkpoint file or the name of a shipped model "
                          f"({', '.join(shipped_models())})")
+    check_init_fits(path, config)
     return path
 
 
@@ -654,7 +670,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
     config = build_config(args)
     check_metadata(metadata, config, final)
-    init = init_path(args.init) if args.init else None
+    init = init_path(args.init, config) if args.init else None
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
                                                recorded_vae_id(workdir) if step is not None else None)
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
