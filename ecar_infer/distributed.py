@@ -78,8 +78,9 @@ class Group:
         try:
             collective(*args, **kwargs)
         except RuntimeError as err:  # gloo: a peer's connection closed, or the timeout passed
-            raise RankLost(f"another rank stopped or did not answer within {self.timeout_s:g} s "
-                           f"({_detail(err)})") from None
+            if "timed out" in str(err).lower() or "timeout" in str(err).lower():
+                raise RankLost(f"another rank did not answer within {self.timeout_s:g} s ({_detail(err)})") from None
+            raise RankLost(f"another rank stopped: its connection closed ({_detail(err)})") from None
 
 
 def join(timeout_s: float) -> Group:
