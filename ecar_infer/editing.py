@@ -239,7 +239,9 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
 
 
 def region_mask(region: str, size: int, mode: str) -> torch.Tensor:
-    """bool [size, size] keep-mask of a built-in region: inpaint regenerates the region, outpaint keeps it."""
+    """bool [size, size] keep-mask of a built-in region (named in any case): inpaint regenerates the region,
+    outpaint keeps it."""
+    region = region.lower()
     if region not in REGIONS:
         raise EditInputError(f"unknown mask region {region!r}: choose one of {REGIONS}, or give a mask image")
     if mode not in ("inpaint", "outpaint"):

@@ -98,6 +98,7 @@ def test_outpaint_regions_are_exactly_the_halves_and_the_centred_square():
     expected["border"] = ~expected["center"]
     for region, keep in expected.items():
         assert torch.equal(region_mask(region, size, "outpaint"), keep), region
+        assert torch.equal(region_mask(region.upper(), size, "outpaint"), keep), region   # any case, as ecar-edit
 
 
 def test_mask_thresholds_keep_uint8_from_128_and_floats_from_one_half():
