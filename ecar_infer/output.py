@@ -21,7 +21,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 class SampleOutput:
     """images: list of PIL images ("pil"), uint8 [B, H, W, C] array ("np"), float [B, C, H, W] in [0, 1]
     ("pt"), or the [B, C, h, w] latent in scaled latent space ("latent"); tensors are fp32 on the CPU
-    whatever the sampler's device and dtype. seeds[k] regenerates image k."""
+    whatever the sampler's device and dtype. seeds[k] regenerates image k, up to the rounding of a batch
+    of another size."""
 
     images: Any
     seeds: list[int]
