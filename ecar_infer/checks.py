@@ -20,10 +20,19 @@ def integers(name: str, values, expected: str = "a sequence of integers") -> lis
     """A sequence (or integer tensor) of integers as a list of ints; anything else is an error that says
     what was `expected`."""
     torch = sys.modules.get("torch")  # a tensor can only be given once torch is imported
+    numpy = sys.modules.get("numpy")
     if torch is not None and isinstance(values, torch.Tensor):
         if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
             raise ValueError(f"{name} must hold integers, got a tensor of {values.dtype}")
-        return values.flatten().tolist()
+        if values.dim() != 1:
+            raise ValueError(f"{name} must be {expected}: a tensor of one dimension, got shape {tuple(values.shape)}")
+        return values.tolist()
+    if numpy is not None and isinstance(values, numpy.ndarray):
+        if values.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers, got an array of {values.dtype}")
+        if values.ndim != 1:
+            raise ValueError(f"{name} must be {expected}: an array of one dimension, got shape {values.shape}")
+        return values.tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"{name} must be {expected}, got {values!r}")
     values = list(values)

@@ -1,7 +1,7 @@
 """Named ECARConfig presets (docs/MODEL.md, "Presets")."""
 from __future__ import annotations
 
-from .config import ECARConfig
+from .config import ConfigError, ECARConfig
 
 _IMAGENET_256 = dict(latent_kind="sd-vae", latent_channels=4, image_size=256, vae_downsample=8,
                      vae_scaling_factor=0.18215, patch_size=2, num_stages=5, num_classes=1000)
@@ -52,5 +52,5 @@ def preset_names() -> list[str]:
 def get_preset(name: str) -> ECARConfig:
     try:
         return PRESETS[name]
-    except KeyError:
-        raise KeyError(f"unknown preset {name!r}; choose one of {preset_names()}") from None
+    except (KeyError, TypeError):   # a ValueError (ConfigError), whose message is not quoted as a KeyError's is
+        raise ConfigError(f"unknown preset {name!r}; choose one of {preset_names()}") from None

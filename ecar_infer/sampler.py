@@ -44,11 +44,24 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (negative seeds woul
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
+    """"auto" (or None): CUDA where there is a GPU, else the CPU; otherwise "cpu", "cuda", "cuda:N" (any case)
+    or a torch.device of those."""
+    if device is None or str(device).lower() == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    expected = f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (or such a torch.device), got {device!r}"
+    if not isinstance(device, (str, torch.device)):
+        raise ValueError(expected)
+    try:
+        device = torch.device(device.lower() if isinstance(device, str) else device)
+    except RuntimeError:
+        raise ValueError(expected) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(expected)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but CUDA is not available here; use device='cpu' or 'auto'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={str(device)!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -61,12 +74,13 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     """None means bf16 on CUDA and fp32 elsewhere."""
     if dtype is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     try:
         return DTYPES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}") from None
+    except (KeyError, TypeError):
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or torch.float32 / bfloat16 / float16, got "
+                         f"{dtype!r}") from None
 
 
 @contextlib.contextmanager
@@ -114,7 +128,9 @@ class Sampler:
                  cuda_graphs: bool = True, progress: bool = True, compile: bool = False, tf32: bool = True,
                  max_engines: int = DEFAULT_MAX_ENGINES) -> None:
         if not is_integer(max_engines) or max_engines < 1:
-            raise ValueError(f"max_engines must be at least 1, got {max_engines}")
+            raise ValueError(f"max_engines must be an integer of at least 1, got {max_engines!r}")
+        if not isinstance(progress, bool):
+            raise ValueError(f"progress must be True or False, got {progress!r}")
         self.model = model.eval().requires_grad_(False)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -151,7 +167,15 @@ class Sampler:
     def from_config(cls, config: ECARConfig, device: str | torch.device | None = "auto",
                     dtype: str | torch.dtype | None = None, seed: int = 0, vae=None, random_vae: bool = True,
                     **kwargs) -> "Sampler":
-        """A sampler with random weights drawn from `seed` (every weight random, see init_weights)."""
+        """A sampler with random weights drawn from `seed` (every weight random, see init_weights); `config`
+        is an ECARConfig or a preset's name ("ecar-tiny")."""
+        if isinstance(config, str):
+            config = ECARConfig.preset(config)
+        if not isinstance(config, ECARConfig):
+            raise ValueError(f"config must be an ECARConfig or a preset's name, got {type(config).__name__} (a dict "
+                             f"of fields: ECARConfig.from_dict)")
+        if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         model = ECARModel(config).init_weights(seed, zero_init=False).to(device=device, dtype=dtype)
@@ -290,6 +314,8 @@ class Sampler:
 
         from tqdm.auto import tqdm
 
+        if progress is not None and not isinstance(progress, bool):
+            raise ValueError(f"progress must be True, False or None (the sampler's setting), got {progress!r}")
         show = self.progress if progress is None else progress
         chunks = [range(i, min(i + batch_size, len(labels))) for i in range(0, len(labels), batch_size)]
         bar = tqdm(total=len(chunks) * sum(st.steps for st in steps), unit="step", disable=not show,

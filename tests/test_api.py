@@ -40,6 +40,11 @@ def sampler():
     (dict(class_labels="3"), "class_labels must be a sequence of integers"),
     (dict(class_labels=3), "class_labels must be a sequence of integers"),
     (dict(class_labels=torch.tensor([3.0])), "class_labels must hold integers"),
+    (dict(class_labels=np.array([3.0])), "class_labels must hold integers, got an array of float64"),
+    (dict(class_labels=np.array(3)), r"class_labels must be a sequence of integers: an array of one dimension, got "
+                                     r"shape \(\)"),
+    (dict(class_labels=torch.tensor([[1, 2]])), r"one dimension, got shape \(1, 2\)"),
+    (dict(progress="no"), "progress must be True, False or None"),
     (dict(seed=2**64), "seeds must lie in 0..2\\*\\*64-1"),
     (dict(seed=-1), r"seeds must lie in 0..2\*\*64-1 \(torch.Generator's range\), got -1$"),
     (dict(steps_per_stage=True), "steps_per_stage must be an integer or a sequence of integers, got True"),
@@ -85,6 +90,35 @@ def test_none_means_the_default_and_integer_kinds_are_accepted(sampler):
         assert out.class_labels == [1, 2] and out.seeds == [5, 6]
         assert torch.equal(out.images, plain.images)
     assert sampler.generate([1], seed=2**64 - 1, output_type="latent").seeds == [2**64 - 1]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device="gpu"), "device must be 'auto', 'cpu', 'cuda' or 'cuda:N' .*got 'gpu'"),
+    (dict(device=3), "device must be .*got 3"),
+    (dict(device="meta"), "device must be .*got 'meta'"),
+    (dict(dtype=torch.int8), r"dtype must be one of \[.*\] or torch.float32 / bfloat16 / float16, got torch.int8"),
+    (dict(dtype=torch.float64), "dtype must be one of"),
+    (dict(dtype="fp64"), "dtype must be one of"),
+    (dict(seed=1.5), r"seed must be an integer in 0..2\*\*64-1, got 1.5"),
+    (dict(seed=-1), "seed must be an integer in 0..2"),
+    (dict(progress="no"), "progress must be True or False, got 'no'"),
+    (dict(max_engines=2.0), "max_engines must be an integer of at least 1, got 2.0"),
+])
+def test_bad_sampler_options_are_value_errors_that_name_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Sampler.from_config(ECARConfig.preset("ecar-tiny"), **{"device": "cpu", **kwargs})
+
+
+def test_from_config_takes_a_preset_name_and_refuses_other_types():
+    named = Sampler.from_config("ecar-tiny", device="CPU", seed=4, progress=False)
+    config = ECARConfig.preset("ecar-tiny")
+    assert named.config == config and named.device == torch.device("cpu")
+    same = Sampler.from_config(config, device=torch.device("cpu"), seed=4, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(named.model.state_dict().values(), same.model.state_dict().values()))
+    with pytest.raises(ValueError, match="config must be an ECARConfig or a preset's name, got dict"):
+        Sampler.from_config(config.to_dict(), device="cpu")
+    with pytest.raises(ValueError, match="unknown preset 'ecar-nope'"):
+        Sampler.from_config("ecar-nope", device="cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -261,7 +261,7 @@ def test_clear_cache_and_max_engines(model):
     assert not sampler._engines and sampler.runner.num_captures == 0
     assert torch.equal(sampler.generate([4], seed=3, steps_per_stage=2, output_type="latent").images, expected)
     for bad in (0, -1, 1.5, "2"):
-        with pytest.raises(ValueError, match="max_engines must be at least 1"):
+        with pytest.raises(ValueError, match="max_engines must be an integer of at least 1"):
             Sampler(model, max_engines=bad)
 
 
