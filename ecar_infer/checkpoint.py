@@ -137,15 +137,22 @@ def _check_entries(path: Path, config: ECARConfig, metadata: dict[str, str]) -> 
 
 # ---- loading ---------------------------------------------------------------------------------------
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    dtype: torch.dtype | None = None) -> ECARModel:
-    """An ECARModel in eval mode from a checkpoint written by save_checkpoint.
+                    dtype: torch.dtype | str | None = None) -> ECARModel:
+    """An ECARModel in eval mode from a checkpoint written by save_checkpoint: a path, or the name of a shipped
+    model ("ecar-digits32") where no file of that name exists. `dtype` as in Sampler.from_pretrained.
 
     The model is built on the meta device within what the file's tensor table allows, every stored
     tensor's name, shape and dtype is checked against it, then the weights are assigned (cast to `dtype`
     unless it is None) and moved to `device`. model.checkpoint_metadata holds the extra metadata entries.
     Any file that is not such a checkpoint raises CheckpointError.
     """
-    path = Path(path)
+    from .weights import checkpoint_path
+
+    path = checkpoint_path(path)
+    if dtype is not None:
+        from .sampler import resolve_dtype
+
+        dtype = resolve_dtype(dtype, torch.device(device))
     metadata, entries = _read_header(path)
     config = _config(path, metadata)
     _check_entries(path, config, metadata)

@@ -418,5 +418,15 @@ def test_the_same_model_is_always_written_as_the_same_bytes(model, tmp_path):
     assert load_checkpoint(tmp_path / "m5.safetensors").checkpoint_metadata == {**extra}
 
 
+def test_a_shipped_model_loads_by_name_and_dtype_by_its_name(tmp_path, monkeypatch):
+    """load_checkpoint finds a shipped model by name as from_pretrained and ecar-sample do, from any folder, and
+    takes the dtype names they take."""
+    monkeypatch.chdir(tmp_path)
+    model = load_checkpoint("ecar-digits32", dtype="bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.config.num_classes == 10
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_checkpoint("ecar-digits32", dtype="fp64")
+
+
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
