@@ -62,6 +62,8 @@ def save_checkpoint(model: ECARModel, path: str | os.PathLike, extra_metadata: d
     that many bytes (a tensor larger than that gets a shard of its own) named after the index.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(path, "is a directory; give the checkpoint a file name, e.g. model.safetensors")
     carried = getattr(model, "checkpoint_metadata", {})
     metadata = metadata_entries(path, model.config, {**carried, **(extra_metadata or {})})
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}

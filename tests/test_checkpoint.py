@@ -234,6 +234,12 @@ def test_shards_hold_whole_tensors_up_to_the_limit_and_are_named_i_of_n(model, t
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_save_to_a_folder_is_a_checkpoint_error(model, tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory; give the checkpoint a file name"):
+        save_checkpoint(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_save_refuses_a_model_of_mixed_dtypes(model, tmp_path):
     mixed = random_model(model.config, seed=5)
     mixed.head.out.bias.data = mixed.head.out.bias.data.half()
