@@ -552,6 +552,28 @@ def test_an_unreadable_resume_state_is_one_line(tmp_path, capsys, damage):
         assert err.endswith("): delete it to start over, or choose another --workdir\n")
 
 
+def damaged_header(length: int | None, header: str) -> bytes:
+    body = header.encode()
+    return (len(body) if length is None else length).to_bytes(8, "little") + body + bytes(4)
+
+
+@pytest.mark.parametrize("content", [
+    damaged_header(2**64 - 1, "{}"),   # a length no read can take (OverflowError)
+    damaged_header(2**40, "{}"),       # a length far beyond the file (MemoryError)
+    damaged_header(None, '{"__metadata__":["step"],"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'),
+    damaged_header(None, '{"__metadata__":{"step":[2]},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'),
+    damaged_header(None, '{"x":{"dtype":"F32","shape":[1],"data_offsets":["0","4"]}}'),
+], ids=["length beyond any file", "length beyond the file", "metadata a list", "a step not a string",
+        "offsets not numbers"])
+def test_a_resume_state_with_a_damaged_header_is_one_line(tmp_path, content):
+    """saved_step reads the header in plain Python (it runs in the Ctrl-C handler): any damage to it is the
+    one-line user error, not an OverflowError, a MemoryError or a TypeError."""
+    state = tmp_path / "state.safetensors"
+    state.write_bytes(content)
+    with pytest.raises(UsageError, match=r"cannot be read \(.*\): delete it to start over"):
+        trainer_module.saved_step(state)
+
+
 def test_a_larger_steps_extends_a_run_and_says_so(tmp_path, capsys):
     """Training a model longer is the usual reason to resume with other settings: --steps may grow (the cosine
     schedule then spans the new count from the saved step on), with a line saying so; it may not fall to or
