@@ -422,6 +422,18 @@ def test_the_same_model_is_always_written_as_the_same_bytes(model, tmp_path):
         files.append((tmp_path / f"m{i}.safetensors").read_bytes())
     assert all(f == files[0] for f in files)
     assert load_checkpoint(tmp_path / "m5.safetensors").checkpoint_metadata == {**extra}
+    for i, order in enumerate([list(extra), list(reversed(extra))]):   # each shard of a sharded checkpoint too
+        (tmp_path / f"s{i}").mkdir()
+        save_checkpoint(model, tmp_path / f"s{i}" / "m.safetensors.index.json",
+                        extra_metadata={k: extra[k] for k in order}, max_shard_bytes=20_000)
+    for pad in range(8):   # a header of any length mod 8 (safetensors pads it with up to 7 spaces)
+        pair = [{"note": "x" * pad, **extra}, {**dict(reversed(extra.items())), "note": "x" * pad}]
+        for i, metadata in enumerate(pair):
+            save_checkpoint(model, tmp_path / f"p{i}.safetensors", extra_metadata=metadata)
+        assert (tmp_path / "p0.safetensors").read_bytes() == (tmp_path / "p1.safetensors").read_bytes(), pad
+    shards = sorted(p.name for p in (tmp_path / "s0").iterdir())
+    assert len(shards) > 2 and all((tmp_path / "s0" / name).read_bytes() == (tmp_path / "s1" / name).read_bytes()
+                                   for name in shards)
 
 
 def test_a_shipped_model_loads_by_name_and_dtype_by_its_name(tmp_path, monkeypatch):

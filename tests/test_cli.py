@@ -753,6 +753,27 @@ def test_the_largest_seeds_are_accepted(ckpt, tmp_path, capsys):
     assert f"class001_seed{2**64 - 1}.png" in {p.name for p in tmp_path.iterdir()}
 
 
+def test_the_bounds_a_typo_reaches_are_inclusive_and_the_grid_bound_is_a_grids(monkeypatch):
+    """1000 steps per stage, MAX_IMAGES images and MAX_GRID_IMAGES images in a grid are allowed, one more is
+    not; --outdir and --npz write image by image, so the grid's bound is not theirs."""
+    from types import SimpleNamespace
+
+    from ecar_infer import cli
+
+    assert cli.steps_spec("1000") == 1000 and cli.steps_spec("1,1000,2") == (1, 1000, 2)
+    monkeypatch.setattr(cli, "MAX_IMAGES", 20)
+    assert len(cli.expand_classes([[None]], 10, 2)) == 20
+    with pytest.raises(cli.UsageError, match="ask for 10 x 3 = 30 images, more than the 20 one command samples"):
+        cli.expand_classes([[None]], 10, 3)
+    sampler = SimpleNamespace(config=SimpleNamespace(num_stages=3, shortcut=False))
+    args = lambda **output: SimpleNamespace(steps=None, seed=0, **{"out": None, **output})  # noqa: E731
+    cli.check_sampling_args(args(out="g.png"), sampler, cli.MAX_GRID_IMAGES)
+    with pytest.raises(cli.UsageError, match="at most 10,000 \\(this request has 10,001\\)"):
+        cli.check_sampling_args(args(out="g.png"), sampler, cli.MAX_GRID_IMAGES + 1)
+    for output in (dict(outdir="d"), dict(npz="x.npz")):
+        cli.check_sampling_args(args(**output), sampler, cli.MAX_GRID_IMAGES + 1)
+
+
 def test_a_grid_under_several_ranks_is_refused_before_any_work(tmp_path):
     from ecar_infer.cli import UsageError, check_output, parse_args
 

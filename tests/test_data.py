@@ -120,6 +120,7 @@ def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):
                                                   f"(--preset ecar-emoji32, or --set latent_channels=3) or convert "
                                                   f"the images to grayscale")):
         open_image_folder(root, gray, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()   # refused before the cache: no lock, record or full-size partial file
     Image.open(color[0]).convert("1").save(color[0])   # bilevel and 16-bit grayscale are grayscale too
     Image.fromarray(np.asarray(Image.open(color[1]).convert("L")).astype(np.uint16) * 257).save(color[1])
     assert Image.open(color[1]).mode == "I;16"

@@ -265,6 +265,24 @@ def test_clear_cache_and_max_engines(model):
             Sampler(model, max_engines=bad)
 
 
+@torch.no_grad()
+def test_by_default_four_request_shapes_keep_their_engines(model):
+    """The documented default, max_engines=4: a CLI run's two shapes (full chunks and the last) plus an
+    edit's fit with room to spare, and requests of four shapes in turn capture nothing anew."""
+    sampler = replaying_sampler(model)
+    shapes = [dict(labels=[1, 2, 3], batch_size=2, steps_per_stage=1), dict(labels=[1], steps_per_stage=2),
+              dict(labels=[1, 2, 3, 4], steps_per_stage=3)]   # batch buckets 2 and 1, 1, 4: four engines
+    for shape in shapes:
+        sampler.generate(shape["labels"], seed=0, steps_per_stage=shape["steps_per_stage"],
+                         batch_size=shape.get("batch_size"), output_type="latent")
+    captures = sampler.runner.num_captures
+    assert len(sampler._engines) == 4
+    for shape in shapes:
+        sampler.generate(shape["labels"], seed=0, steps_per_stage=shape["steps_per_stage"],
+                         batch_size=shape.get("batch_size"), output_type="latent")
+    assert sampler.runner.num_captures == captures and len(sampler._engines) == 4
+
+
 def test_runner_forgets_one_engine_exactly():
     """An edit engine's key extends its plain engine's: forgetting one keeps the other's graphs."""
     runner = GraphRunner(torch.device("cpu"))

@@ -163,3 +163,6 @@ def test_a_resume_with_another_vae_is_refused_before_encoding(images, tmp_path, 
         main(common + ["--vae", str(tmp_path / "vae1.safetensors"), "--resume"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "trained on the latents of another VAE" in err and "vae1" in err
+    monkeypatch.undo()
+    (tmp_path / "run" / "state.safetensors").unlink()   # a record but no state (^C before the first save):
+    main(common + ["--vae", str(tmp_path / "vae1.safetensors"), "--until", "1"])   # a new run, with any VAE

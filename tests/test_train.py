@@ -291,6 +291,17 @@ def test_an_init_checkpoint_that_does_not_fit_says_how(tiny_config, digits16, tm
     assert str(err.value) == (f"--init {tmp_path / 'ten.safetensors'} does not fit this config: trunk.class_emb.weight "
                               f"is [11, {width}] in the checkpoint, [4, {width}] in this config (num_classes 10 vs 3); "
                               f"give the config the checkpoint's values, or leave out --init")
+    wide = make_trainer(tiny_config.replace(width=2 * width), digits16)   # every weight misfits: three are named
+    with pytest.raises(ValueError) as err:
+        wide.init_from(tmp_path / "ten.safetensors")
+    own = wide.model.state_dict()
+    misfits = sum(1 for k, v in random_model(tiny_config).state_dict().items() if k not in own or own[k].shape != v.shape)
+    assert str(err.value).count(" in the checkpoint, ") == 3 and misfits > 3
+    assert f"; and {misfits - 3} more; give the config the checkpoint's values" in str(err.value)
+    # the field is named only where it differs
+    line = trainer_module.misfit_line("trunk.class_emb.weight", torch.Size([11, width]), torch.zeros(11, 2 * width),
+                                      tiny_config, tiny_config.replace(width=2 * width))
+    assert line == f"trunk.class_emb.weight is [11, {width}] in the checkpoint, [11, {2 * width}] in this config"
 
 
 def test_activation_checkpointing_leaves_the_step_unchanged(tiny_config, digits16):
@@ -451,6 +462,25 @@ def test_a_refused_run_leaves_no_empty_work_folder(tmp_path, capsys, args):
     user_error(capsys, run + ["--workdir", str(tmp_path / "old")])
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
 
+
+def test_removed_if_left_empty_removes_what_it_made_and_left_empty_only(tmp_path):
+    """On a failure: the folder it made, with its empty sub-folders and the parents made for it, goes; a folder
+    that was there before stays with its empty sub-folders, and one that holds a file stays whole."""
+    made = tmp_path / "runs" / "new"
+    with pytest.raises(KeyboardInterrupt), trainer_module.removed_if_left_empty(made):
+        (made / "cache" / "empty").mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "old" / "samples").mkdir(parents=True)
+    with pytest.raises(KeyboardInterrupt), trainer_module.removed_if_left_empty(tmp_path / "old"):
+        raise KeyboardInterrupt
+    assert (tmp_path / "old" / "samples").is_dir()
+    with pytest.raises(ValueError), trainer_module.removed_if_left_empty(made):
+        (made / "cache").mkdir(parents=True)
+        (made / "cache" / "x.lock").write_text("")
+        raise ValueError
+    assert (made / "cache" / "x.lock").is_file()
+
 @pytest.mark.parametrize("outputs", [["--workdir", "{ro}", "--out", "{tmp}/final.safetensors"],
                                      ["--workdir", "{tmp}/run", "--out", "{ro}/final.safetensors"]],
                          ids=["workdir", "out"])
@@ -550,6 +580,33 @@ def test_an_unreadable_resume_state_is_one_line(tmp_path, capsys, damage):
         assert f"the resume state {state} cannot be read (" in err
         assert damage != "no step" or "cannot be read (no step in its metadata)" in err
         assert err.endswith("): delete it to start over, or choose another --workdir\n")
+
+
+def damaged_header(length: int | None, header: str) -> bytes:
+    body = header.encode()
+    return (len(body) if length is None else length).to_bytes(8, "little") + body + bytes(4)
+
+
+@pytest.mark.parametrize("content", [
+    damaged_header(2**64 - 1, "{}"),   # a length no read can take (OverflowError)
+    damaged_header(2**40, "{}"),       # a length far beyond the file (MemoryError)
+    damaged_header(None, '{"__metadata__":["step"],"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'),
+    damaged_header(None, '{"__metadata__":{"step":[2]},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'),
+    damaged_header(None, '{"x":{"dtype":"F32","shape":[1],"data_offsets":["0","4"]}}'),
+    damaged_header(None, '{"__metadata__":{"step":"2"}}'),   # 4 bytes that no tensor describes
+], ids=["length beyond any file", "length beyond the file", "metadata a list", "a step not a string",
+        "offsets not numbers", "bytes beyond its tensors"])
+def test_a_resume_state_with_a_damaged_header_is_one_line(tmp_path, content):
+    """saved_step reads the header in plain Python (it runs in the Ctrl-C handler): any damage to it is the
+    one-line user error, not an OverflowError, a MemoryError or a TypeError."""
+    state = tmp_path / "state.safetensors"
+    state.write_bytes(content)
+    with pytest.raises(UsageError, match=r"cannot be read \(.*\): delete it to start over"):
+        trainer_module.saved_step(state)
+
+
+def test_until_may_be_steps():
+    assert trainer_module.parse_args(TINY_RUN + ["--until", "4"]).until == 4   # TINY_RUN has --steps 4
 
 
 def test_a_larger_steps_extends_a_run_and_says_so(tmp_path, capsys):

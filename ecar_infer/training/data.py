@@ -37,7 +37,7 @@ import torch
 from ..class_names import ClassNameError, encode_class_names
 from ..config import ECARConfig
 from ..pil_input import as_model_image
-from .diskcache import cached_array
+from .diskcache import cached_array, is_cached
 
 DIGITS32 = "digits32"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -365,21 +365,22 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
     size = config.image_size
     key = {"folder": str(root.resolve()), "channels": c, "size": size,
            "files": digest([(str(f.relative_to(root)), *_stamp(f)) for f in files])}
-    headers_read = False
+    data.fingerprint = digest(key)
+    cache, shape = Path(cache_dir) / f"pixels-{data.fingerprint}.npy", (len(files), size, size, c)
+    # a 1-channel config refuses color images once per build (a finished cache opens no image), before the
+    # cache's files are made: a refused run leaves none (its work folder then goes, empty)
+    headers_read = c == 1 and not is_cached(cache, key, shape, np.uint8)
+    if headers_read:
+        _check_grayscale(root, files, workers)   # opens every header: a file that is no image fails here too
 
     def decode(a: int, b: int) -> np.ndarray:
         nonlocal headers_read
-        if not headers_read:   # once per build (a finished cache opens no image), before decoding: every file
-            if c == 1:         # that is not an image at all, and for a 1-channel config every color image
-                _check_grayscale(root, files, workers)
-            else:
-                _each_image(_open_header, files[a:], workers)
+        if not headers_read:   # once per build, before decoding: every file that is not an image at all
+            _each_image(_open_header, files[a:], workers)
             headers_read = True
         return np.stack(_each_image(lambda f: _decode_image(f, size, c), files[a:b], workers))
 
-    data.fingerprint = digest(key)
-    data.pixels = cached_array(Path(cache_dir) / f"pixels-{data.fingerprint}.npy", key, (len(files), size, size, c),
-                               np.uint8, decode, CACHE_CHUNK)
+    data.pixels = cached_array(cache, key, shape, np.uint8, decode, CACHE_CHUNK)
     return data
 
 

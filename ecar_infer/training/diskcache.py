@@ -36,6 +36,17 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def _meta_text(key: dict, shape: tuple[int, ...], dtype: np.dtype) -> str:
+    return json.dumps({"key": key, "shape": list(shape), "dtype": np.dtype(dtype).str}, sort_keys=True)
+
+
+def is_cached(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether cached_array(path, key, shape, dtype, ...) would find its array finished; creates nothing."""
+    path = Path(path)
+    meta_path = path.with_suffix("").with_suffix(".json")
+    return path.exists() and meta_path.exists() and meta_path.read_text() == _meta_text(key, shape, dtype)
+
+
 def cached_array(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dtype: np.dtype,
                  fill: Callable[[int, int], np.ndarray], chunk: int,
                  report: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -49,7 +60,7 @@ def cached_array(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dty
     stem = path.with_suffix("")
     meta_path, progress_path = stem.with_suffix(".json"), stem.with_suffix(".progress")
     partial = stem.with_name(stem.name + ".partial.npy")
-    want = json.dumps({"key": key, "shape": list(shape), "dtype": np.dtype(dtype).str}, sort_keys=True)
+    want = _meta_text(key, shape, dtype)
     with _locked(stem.with_suffix(".lock")):
         same = meta_path.exists() and meta_path.read_text() == want
         if same and path.exists():

@@ -476,16 +476,23 @@ def header_metadata(path: Path) -> dict[str, str]:
     """The metadata of the .safetensors file `path`, from its header, in plain Python: saved_step also runs in
     the Ctrl-C handler, which may have interrupted the import of torch (safetensors' reader imports it again).
     ValueError if the file is not a whole safetensors file."""
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
+        if size > file_size - 8:   # a damaged length: read as is, an OverflowError or a MemoryError
+            raise ValueError(f"its header length {size} is beyond the file's {file_size} bytes")
         header = json.loads(f.read(size))
     try:
-        data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
         metadata = header.get("__metadata__") or {}
+        if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+                and all(type(end) is int for end in ends)):
+            raise TypeError
     except (AttributeError, IndexError, KeyError, TypeError):
         raise ValueError("its header does not describe safetensors tensors") from None
-    if 8 + size + data_end != path.stat().st_size:
-        raise ValueError(f"it has {path.stat().st_size} bytes where its header describes {8 + size + data_end}")
+    data_end = max(ends, default=0)
+    if 8 + size + data_end != file_size:
+        raise ValueError(f"it has {file_size} bytes where its header describes {8 + size + data_end}")
     return metadata
 
 
