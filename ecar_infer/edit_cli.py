@@ -170,7 +170,8 @@ def warnings_to_stderr():
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     keep_freed_memory()
-    target = None  # where the output is being written, once editing is done
+    target = None  # where the output goes
+    writing = False  # whether the edits are being written (before that, a Ctrl-C has written nothing)
     saved = None   # on Ctrl-C: what is on disk
     with warnings_to_stderr():
         try:
@@ -193,13 +194,14 @@ def main(argv: list[str] | None = None) -> int:
                                    progress=not (args.quiet or args.no_progress))
             except EditInputError as err:
                 raise cli.UsageError(in_cli_terms(str(err))) from None
+            writing = True
             try:
                 written = write(args, target, out)
             except OSError as err:
                 print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)
                 return cli.EXIT_FAILED
         except KeyboardInterrupt:  # before user_errors(), whose imports must not run inside an interrupted import
-            saved = target.saved() if target else "nothing was written"
+            saved = target.saved() if writing and target else "nothing was written"
         except cli.user_errors() as err:
             print(f"{PROG}: error: {cli.one_line(err)}", file=sys.stderr)
             return cli.EXIT_USER_ERROR

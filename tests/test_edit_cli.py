@@ -302,11 +302,12 @@ def test_ctrl_c_prints_what_was_written_and_exits_130(ckpt, image, tmp_path, cap
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:  # while editing: nothing is written
-        patch.setattr(Sampler, "edit", interrupt)
-        code, stdout, stderr = run(capsys, *common, "--out", tmp_path / "e.png")
-    assert (code, stdout, stderr) == (130, "", "ecar-edit: interrupted: nothing was written\n")
-    assert not (tmp_path / "e.png").exists()
+    for output in (("--out", tmp_path / "e.png"), ("--outdir", tmp_path / "early")):
+        with monkeypatch.context() as patch:  # while editing: nothing is written (no "0 of 2 batches" either)
+            patch.setattr(Sampler, "edit", interrupt)
+            code, stdout, stderr = run(capsys, *common, *output)
+        assert (code, stdout, stderr) == (130, "", "ecar-edit: interrupted: nothing was written\n")
+    assert not (tmp_path / "e.png").exists() and not any((tmp_path / "early").iterdir())
 
     sample_latents, batches = Sampler._sample_latents, []
 
