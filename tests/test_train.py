@@ -299,7 +299,7 @@ def test_an_init_checkpoint_that_does_not_fit_says_how(tiny_config, digits16, tm
     assert str(err.value).count(" in the checkpoint, ") == 3 and misfits > 3
     assert f"; and {misfits - 3} more; give the config the checkpoint's values" in str(err.value)
     # the field is named only where it differs
-    line = trainer_module.misfit_line("trunk.class_emb.weight", torch.Size([11, width]), torch.zeros(11, 2 * width),
+    line = trainer_module.misfit_line("trunk.class_emb.weight", (11, width), (11, 2 * width),
                                       tiny_config, tiny_config.replace(width=2 * width))
     assert line == f"trunk.class_emb.weight is [11, {width}] in the checkpoint, [11, {2 * width}] in this config"
 
