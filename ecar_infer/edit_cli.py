@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from . import cli, distributed
+from .checks import some_of
 from .cpu_memory import keep_freed_memory
 
 PROG = "ecar-edit"
@@ -130,9 +131,8 @@ def check_no_overwrite(args, target) -> None:
             raise cli.UsageError(f"--outdir {args.outdir} holds an ecar-sample run ({record.name}): write the edits "
                                  f"elsewhere")
         if found:
-            raise cli.UsageError(f"--outdir {args.outdir} already holds {found[0].name}"
-                                 f"{f' and {len(found) - 1} more' if len(found) > 1 else ''} of the files this "
-                                 f"request would write: write elsewhere, or move them away")
+            raise cli.UsageError(f"--outdir {args.outdir} already holds {some_of([p.name for p in found], 1)} of "
+                                 f"the files this request would write: write elsewhere, or move them away")
 
 
 def write(args, target, out) -> str:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_write_text
-from .checks import parse_json
+from .checks import parse_json, some_of
 from .output import join_npz, make_grid, npz_settings, save_image, save_npz
 
 RECORD = "run.json"
@@ -105,8 +105,8 @@ class Target:
     def check_no_foreign_files(self) -> None:
         found = self.foreign_files()
         if found:
-            names = ", ".join(p.name for p in found[:2]) + (f" and {len(found) - 2} more" if len(found) > 2 else "")
-            raise ResumeError(f"{self.where()} holds files this request would write ({names}) but no {RECORD} "
+            raise ResumeError(f"{self.where()} holds files this request would write "
+                              f"({some_of([p.name for p in found], 2)}) but no {RECORD} "
                               f"record of an ecar-sample run, so they cannot be resumed: write elsewhere, or move "
                               f"them away")
 

@@ -1,5 +1,6 @@
 """Shared test setup. TRITON_INTERPRET must be set before anything imports triton, so it is set here
 (on machines without CUDA), before the tests import ecar_infer."""
+import contextlib
 import os
 import tempfile
 
@@ -69,6 +70,23 @@ def refuse_writes_in(monkeypatch, folder):
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+
+
+def stub_cuda_device(monkeypatch) -> list[int]:
+    """Stand torch.cuda.device in for a machine without CUDA: entering it makes its index current (restored on
+    exit); the returned one-element list holds the current index (0 to begin with)."""
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        previous, current[0] = current[0], torch.device(d).index
+        try:
+            yield
+        finally:
+            current[0] = previous
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    return current
 
 
 @pytest.fixture(scope="module")

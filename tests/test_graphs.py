@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import random_model, stub_cuda_device
 from ecar_infer.engine import StageEngine
 from ecar_infer.graphs import GraphRunner, batch_bucket
 from ecar_infer.model import ECARModel
@@ -79,15 +79,7 @@ def test_runner_captures_on_a_stream_of_the_current_device(monkeypatch):
     current when the process's default capture stream was made)."""
     import contextlib
 
-    current, seen = [0], []
-
-    @contextlib.contextmanager
-    def device(d):
-        previous, current[0] = current[0], torch.device(d).index
-        try:
-            yield
-        finally:
-            current[0] = previous
+    current, seen = stub_cuda_device(monkeypatch), []
 
     class Graph:
         def replay(self):
@@ -108,7 +100,6 @@ def test_runner_captures_on_a_stream_of_the_current_device(monkeypatch):
         def wait_stream(self, other):
             pass
 
-    monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())

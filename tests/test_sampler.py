@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import random_model, stub_cuda_device
 from ecar_infer import ECARConfig, Sampler
 from ecar_infer.kernels.reference import block_noise, upsample2x
 from ecar_infer.schedule import jump_coefficients, stage_windows
@@ -312,22 +312,12 @@ def test_an_edit_encodes_in_the_samplers_device_context(monkeypatch, tf32, resto
     under its TF32 setting, as the sampling does (it ran under whatever the process had: cuDNN's TF32 on by
     default, even with tf32=False). The CUDA branch is emulated: a CPU sampler that says it is on cuda:1, with
     torch.cuda.device and the request's build stubbed."""
-    import contextlib
-
     import ecar_infer.sampler as sampler_module
 
     class Stop(Exception):
         pass
 
-    current, seen = [0], []
-
-    @contextlib.contextmanager
-    def device(d):
-        previous, current[0] = current[0], torch.device(d).index
-        try:
-            yield
-        finally:
-            current[0] = previous
+    current, seen = stub_cuda_device(monkeypatch), []
 
     def build_request(*args, **kwargs):
         seen.append((current[0], torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()))
@@ -335,7 +325,6 @@ def test_an_edit_encodes_in_the_samplers_device_context(monkeypatch, tf32, resto
 
     sampler = Sampler.from_config(ECARConfig.preset("ecar-tiny"), device="cpu", progress=False, tf32=tf32)
     monkeypatch.setattr(sampler_module, "build_request", build_request)
-    monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(sampler, "device", torch.device("cuda:1"))
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)  # no CUDA here: pixels stay put
     torch.backends.cudnn.allow_tf32 = not tf32

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import some_of
 from ..class_names import ClassNameError, encode_class_names
 from ..config import ECARConfig
 from ..pil_input import as_model_image
@@ -65,19 +66,13 @@ def resize_center_crop(image, size: int):
     return image.crop((left, top, left + size, top + size))
 
 
-def _some(items: list, limit: int = MAX_NAMED) -> str:
-    """'a, b, c' or, past `limit` items, 'a, b, ... and N more'."""
-    shown = ", ".join(map(str, items[:limit]))
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
 def _unreadable(failures: list[tuple[Path, Exception]]) -> DataError:
     """The error of image files PIL cannot read: (path, PIL's error) pairs."""
     if len(failures) == 1:
         path, err = failures[0]
         return DataError(f"{path}: cannot read the image ({err}); remove or replace the file")
-    return DataError(f"{len(failures)} images cannot be read: {_some([f'{p} ({e})' for p, e in failures])}; "
-                     f"remove or replace them")
+    named = some_of([f"{p} ({e})" for p, e in failures], MAX_NAMED)
+    return DataError(f"{len(failures)} images cannot be read: {named}; remove or replace them")
 
 
 def _open(path: str | os.PathLike):
@@ -221,8 +216,8 @@ def _check_labels(labels: np.ndarray, class_names: list[str], where: str) -> np.
     empty = np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0)
     if len(empty):
         named = [str(i) if class_names[i] == str(i) else f"{i} ({class_names[i]})" for i in empty]
-        raise DataError(f"{where}: no images of class(es) {_some(named)} of the {num_classes} classes; add images "
-                        f"of them, or leave them out (renumber the labels, drop their `class_names` or lower "
+        raise DataError(f"{where}: no images of class(es) {some_of(named, MAX_NAMED)} of the {num_classes} classes; "
+                        f"add images of them, or leave them out (renumber the labels, drop their `class_names` or lower "
                         f"--set num_classes)")
     return labels.astype(np.int64)
 
@@ -388,7 +383,7 @@ def _check_grayscale(root: Path, files: list[Path], workers: int) -> None:
     """A 1-channel config refuses a folder of color images (its model would silently learn them in gray)."""
     color = [f for f, is_color in zip(files, _each_image(_is_color, files, workers)) if is_color]
     if color:
-        raise DataError(f"{root}: {len(color)} of {len(files)} images are in color ({_some(color, 3)}) but the "
+        raise DataError(f"{root}: {len(color)} of {len(files)} images are in color ({some_of(color, 3)}) but the "
                         f"config has latent_channels=1; train a 3-channel config (--preset ecar-emoji32, or "
                         f"--set latent_channels=3) or convert the images to grayscale")
 
