@@ -118,7 +118,8 @@ fi
 "$PY" -c 'import platform, torch, triton, diffusers; print("python", platform.python_version(), "torch", torch.__version__,
 "triton", triton.__version__, "diffusers", diffusers.__version__,
 "gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else None)' \
-    >"$OUTDIR/versions.txt" 2>&1
+    >"$OUTDIR/versions.txt" 2>&1 \
+    || log "WARNING: $(tail -1 "$OUTDIR/versions.txt") (the graphs and throughput parts need diffusers, for the SD-VAE decoder and DiT-XL/2: fetch its wheels as this script's header says)"
 
 # The GPU tests in 8 processes where pytest-xdist is there (the GPU image has it): on a fresh machine most
 # of their time is Triton compiling every kernel variant (the attention kernel alone: up to 3 query

@@ -17,6 +17,7 @@ torch.compile (an optional mode, never required); the graphs then capture the co
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Callable, Hashable
@@ -118,6 +119,11 @@ class GraphRunner:
                 fn()
         except Exception as err:  # any failure to warm up or capture: this key runs eagerly from now on
             logger.warning("ecar_infer: CUDA graph capture failed for unit %s; it runs eagerly: %s", key, err)
+            # torch before 2.12 raises out of capture_end before it stops routing allocations into the pool
+            # (pytorch#180395); the allocator then believes a capture is still running, and every later capture
+            # and empty_cache() fails an internal assert. Stop it here; where torch already did, this raises.
+            with contextlib.suppress(Exception):
+                torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), self._pool)
             # torch.cuda.graph's exit raises (invalidated capture) before restoring the caller's stream
             torch.cuda.set_stream(stream)
             self._eager_keys.add(key)

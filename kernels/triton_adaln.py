@@ -23,7 +23,9 @@ def _adaln_kernel(X, Y, GATE, SHIFT, SCALE, X_OUT, H_OUT,
                   sx, sy, sg, s_shift, s_scale, s_xo, s_ho, div_g, div_shift, div_scale,
                   n_rows, D, eps,
                   RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # int64 rows: a row's offset r * stride passes 2**31 elements in the head's per-token modulations at
+    # ecar-xl scale (rows = 2 * 256 images * 256 tokens, stride 20 * 1280), and int32 would wrap
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_D)
     mask = (r < n_rows)[:, None] & (c < D)[None, :]
     r2 = r[:, None]

@@ -39,7 +39,7 @@ def _attention_kernel(Q, K, V, O, STAGE, STAGE_END,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CAUSAL: tl.constexpr,
                       FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
-    b = tl.program_id(1) // n_heads
+    b = (tl.program_id(1) // n_heads).to(tl.int64)  # b * batch stride passes 2**31 elements in a large cache
     h = tl.program_id(1) % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

@@ -7,6 +7,8 @@ On a CUDA machine the same tests run the compiled kernels on the GPU.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -484,3 +486,40 @@ def test_attention_blocking_depends_on_the_query_count_alone():
     for n_q, block_m in ((1, 16), (4, 16), (17, 32), (64, 64), (256, 64), (341, 64)):
         assert triton_attention.launch_config(n_q)["BLOCK_M"] == block_m
         assert triton_attention.launch_config(n_q)["BLOCK_N"] == 64
+
+
+# ---- offsets past 2**31 elements -----------------------------------------------------------------
+
+# Runs in a child process: an offset that wraps in int32 reads or writes far outside its tensor, which in
+# the interpreter is a segfault rather than a mismatch. The tensors are views whose rows lie a huge
+# stride apart in one storage, as the flow head's modulations do at ecar-xl scale; only the pages the
+# kernel touches become resident (a few MB of a 4-7 GB storage on the CPU).
+FAR_APART_ROWS = """
+import math, sys, torch
+from ecar_infer.kernels import reference, triton_adaln, triton_attention
+device, op = sys.argv[1], sys.argv[2]
+gen = torch.Generator().manual_seed(0)
+
+def far_apart(shape, stride0):
+    inner = [math.prod(shape[i + 1:]) for i in range(1, len(shape))]
+    view = torch.empty(shape[0] * stride0, dtype=torch.float16, device=device).as_strided(shape, (stride0, *inner))
+    return view.copy_(torch.randn(shape, generator=gen))
+
+def small(*shape):
+    return torch.randn(shape, generator=gen).to(device, torch.float16)
+
+if op == "adaln":   # row 1024 starts at element 2**31
+    x, shift, scale = far_apart((1025, 24), 2**21), small(1025, 24), small(1025, 24)
+    out, ref = triton_adaln.layernorm_modulate(x, shift, scale, 1e-6), reference.layernorm_modulate(x, shift, scale, 1e-6)
+else:               # image 2's queries start at element 2 * (2**30 + 64)
+    q, k, v = far_apart((3, 5, 2, 16), 2**30 + 64), small(3, 7, 2, 16), small(3, 7, 2, 16)
+    out, ref = triton_attention.stage_attention(q, k, v, 7), reference.stage_attention(q, k, v, 7)
+torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+"""
+
+
+@pytest.mark.parametrize("op", ["adaln", "attention"])
+def test_row_offsets_past_2_31_elements_do_not_wrap(op):
+    child = subprocess.run([sys.executable, "-c", FAR_APART_ROWS, DEVICE, op], capture_output=True, text=True,
+                           timeout=600)
+    assert child.returncode == 0, f"exit status {child.returncode}\n{child.stderr[-3000:]}"
