@@ -10,7 +10,8 @@ space against the held-out real images, the mean distance from a sample to its n
 (pixels in [-1, 1]; real held-out images give the reference value), speckle (isolated foreground pixels
 per image), the head evaluations per image (one
 evaluation runs the head on every token of a stage, per guidance branch), and the wall time to sample 64
-images (one warm-up, then the median of --repeats). Guided rows use each checkpoint's recommended guidance
+images (one warm-up, then the median of --repeats); a row also records the checkpoint's training steps
+where its metadata has them. Guided rows use each checkpoint's recommended guidance
 interval unless --cfg-interval is given, and record it. A shortcut model takes only powers of two: a step
 count that is not one is replaced by the largest power of two below it, and the row says so.
 """
@@ -68,6 +69,13 @@ def time_64(sampler: Sampler, repeats: int, **settings) -> float:
     return statistics.median(times)
 
 
+def training_steps(sampler: Sampler) -> dict[str, int]:
+    """{"training_steps": N} from the checkpoint's metadata (ecar-train writes it; a re-issued file may say
+    the total over several legs), else {}: the "training steps" column of benchmarks/heads_table.py."""
+    value = getattr(sampler.model, "checkpoint_metadata", {}).get("training_steps")
+    return {"training_steps": int(value)} if value and value.isdigit() else {}
+
+
 def nearest_train_distance(images: np.ndarray, train: np.ndarray) -> float:
     """Mean over images of the distance to the closest training image."""
     chunks = np.array_split(flat(images), max(1, len(images) // 256))  # bounded memory for the distance matrix
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                        "nearest_train": nearest_train_distance(images, ref.train),
                        "isolated_pixels": isolated_pixels(images),
                        "head_evals_per_image": head_evaluations(sampler.plan(**settings)),
-                       "seconds_64": time_64(sampler, args.repeats, **settings)}
+                       "seconds_64": time_64(sampler, args.repeats, **settings), **training_steps(sampler)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     report = {"rows": rows, "real_heldout_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),

@@ -127,3 +127,25 @@ def test_models_are_told_apart_by_training_steps_and_grouped_by_the_steps_asked(
                      ["mlp/flow", "-", "8"],
                      ["mlp/shortcut", "1,200", "8 (asked 10)"], ["mlp/flow", "-", "10"],
                      ["mlp/shortcut", "22,500", "8 (asked 10)"]]
+
+
+def test_heads_records_each_checkpoints_training_steps_for_the_table(tmp_path, monkeypatch, capsys):
+    """The table's "training steps" column comes from benchmarks/heads.py's own report: each row carries the
+    checkpoint's training_steps metadata (what ecar-train and a re-issue write), "-" where a file has none."""
+    from benchmarks import heads
+    from conftest import random_model
+    from ecar_infer import ECARConfig, save_checkpoint
+    from ecar_infer.training import quality
+
+    monkeypatch.setattr(heads, "build_reference", lambda: quality.build_reference(train_size=100, heldout_size=50))
+    config = ECARConfig.preset("ecar-tiny").replace(image_size=32, patch_size=4)
+    trained, bare = tmp_path / "trained.safetensors", tmp_path / "bare.safetensors"
+    save_checkpoint(random_model(config, seed=1), trained, extra_metadata={"training_steps": "22500"})
+    save_checkpoint(random_model(config, seed=2), bare)
+    out = tmp_path / "heads.json"
+    heads.main(["--ckpt", str(trained), "--ckpt", str(bare), "--steps", "1", "--cfg", "1", "--per-class", "1",
+                "--repeats", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r.get("training_steps") for r in rows] == [22500, None]
+    printed = capsys.readouterr().out
+    assert [cells[1] for cells in table_rows(printed[printed.index("| variant"):])] == ["22,500", "-"]
