@@ -15,9 +15,12 @@ is reported apart), then up to --repeats timed calls each with output_type="late
 excluded) and "pt" (decode included), fewer once --row-seconds of timed calls are spent. Latency is the
 median call, timed with CUDA events. A failing row (out of memory) records its error and the sweep goes
 on; results are rewritten after every row, and the rows the targets name run first, so a run cut short
-(Ctrl-C, `timeout -s INT`) keeps them. A full default sweep should take about 3 minutes on an H100 (an
-estimate from FLOP counts: not run yet). For ecar-xl at batch 1 and 64, torch.profiler's top ops by device
-time for one call (decode included) of the graph and eager paths go to DIR/profile-<preset>-b<batch>-<path>.txt.
+(Ctrl-C, `timeout -s INT`) keeps them; a CUDA error that leaves the device unusable stops the sweep there.
+A full default sweep should take about 3 minutes on an H100 (an estimate from FLOP counts: not run yet).
+For ecar-xl at batch 1 and 64, torch.profiler's top ops by device time for one call (decode included) of
+the graph and eager paths go to DIR/profile-<preset>-b<batch>-<path>.txt, taken after all of the preset's
+timed rows (the profiler leaves CUPTI attached, which slows later launches: pytorch#144455). Peak memory
+includes every path's weights: the bf16 and the fp32 copies of the model stay resident for the whole preset.
 
 Targets (issue 6; reported, never asserted): graphs >= 3x the reference at batch 1 and >= 1.5x at
 batch 64; ecar-xl batch-1 latency including the VAE decode <= 20 ms on an H100.
@@ -42,7 +45,7 @@ from ecar_infer.sampler import vae_dtype
 from ecar_infer.vae import build_decoder, sd_vae_random
 
 from .flops import GUIDANCE_SCALE, STEPS_PER_STAGE
-from .measure import PeakMemory, median, release, time_call, write_profile
+from .measure import DeviceFault, PeakMemory, is_device_fault, median, one_line, release, time_call, write_profile
 from .report import environment, environment_line, markdown_table, write_outputs
 
 
@@ -82,10 +85,6 @@ class Row:
     error: str | None = None
 
 
-def one_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
-
-
 def speedup(rows: list[Row], row: Row, field: str) -> float | None:
     ref = next((r for r in rows if (r.preset, r.batch, r.path) == (row.preset, row.batch, "reference")), None)
     ours, theirs = getattr(row, field), getattr(ref, field) if ref else None
@@ -99,6 +98,7 @@ class Bench:
         self.out = Path(args.out)
         self.rows: list[Row] = []
         self.profiles: list[str] = []
+        self.fault: str | None = None  # the CUDA error that left the device unusable (measure.is_device_fault)
         self.env = environment(self.device)
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -135,19 +135,41 @@ class Bench:
                         with_decode.append(time_call(call("pt"), self.device))
                 row.latency_s, row.latency_with_decode_s = median(without), median(with_decode)
                 row.repeats, row.peak_bytes, row.reserved_bytes = len(without), memory.peak_bytes, memory.reserved_bytes
-                if path in PROFILED_PATHS and batch in PROFILED.get(preset, ()):
-                    self.profile(f"{preset}-b{batch}-{path}", call("pt"))
         except Exception as err:  # one failing row (OOM, a kernel that cannot run) must not end the sweep
             row.error = one_line(err)
+            if is_device_fault(err):
+                self.fault = row.error
         del sampler
-        release(self.device)
+        self.release()
         return row
 
-    def profile(self, name: str, fn: Callable[[], Any]) -> None:
-        """One call under torch.profiler: the ops that take the time, by self device (or CPU) time."""
-        path = self.out / f"profile-{name}.txt"
-        write_profile(fn, self.device, path)
-        self.profiles.append(path.name)
+    def release(self) -> None:
+        try:
+            release(self.device)
+        except Exception as err:  # after a sticky CUDA error even freeing the cache fails
+            self.fault = self.fault or one_line(err)
+
+    def profile(self, preset: str, config: ECARConfig, batch: int, path: str, model, decoder) -> None:
+        """One call (decode included) under torch.profiler, after a warm-up call: the ops that take the time,
+        by self device (or CPU) time."""
+        spec = PATHS[path]
+        sampler = Sampler(model, decoder, cuda_graphs=spec.cuda_graphs, tf32=spec.tf32, progress=False)
+        labels = [k % config.num_classes for k in range(batch)]
+
+        def call() -> Any:
+            return sampler.generate(labels, seed=self.args.seed, cfg_scale=self.args.cfg_scale,
+                                    steps_per_stage=self.args.steps, output_type="pt")
+
+        file = self.out / f"profile-{preset}-b{batch}-{path}.txt"
+        try:
+            with force_backend(spec.backend):
+                call()
+                write_profile(call, self.device, file)
+        except Exception as err:  # the warm-up call failed: a profile is never worth the rows, say why in its file
+            file.write_text(f"profiling failed: {one_line(err)}\n")
+        self.profiles.append(file.name)
+        del sampler
+        self.release()
 
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +182,15 @@ class Bench:
                     self.rows.append(row)
                     self.write()
                     print(self.describe(row), file=sys.stderr, flush=True)
+                    if self.fault:
+                        raise DeviceFault(self.fault)
+            for batch in self.args.batches:
+                for path in PROFILED_PATHS if batch in PROFILED.get(preset, ()) else ():
+                    if path in self.args.paths:
+                        self.profile(preset, config, batch, path, *models[PATHS[path].dtype])
+                        self.write()
             del models
-            release(self.device)
+            self.release()
         print(self.markdown())
 
     # ---- results -----------------------------------------------------------------------------------
@@ -211,7 +240,7 @@ class Bench:
                  f"Settings: {self.args.steps} Euler steps per stage, guidance {self.args.cfg_scale}, random weights; "
                  "latency is the median device-synchronized call; +VAE includes the SD-VAE decode; peak GiB is "
                  "max_memory_allocated, which leaves out a replayed graph's activations (its private pool), "
-                 "reserved GiB includes them.", "",
+                 "reserved GiB includes them; both include the weights of every path (bf16 and fp32 copies).", "",
                  markdown_table(headers, table), "", "Targets (reported, never asserted):", ""]
         for t in self.targets():
             got = t["measured"]
@@ -259,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # cut short: what was measured is already written; show it
         print(bench.markdown() + "\n\n(interrupted: the sweep did not finish)")
         return 130
+    except DeviceFault as fault:
+        print(bench.markdown() + f"\n\n(stopped: the device faulted ({fault}); the later rows were not measured)")
+        return 1
     return 0
 
 

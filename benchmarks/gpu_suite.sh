@@ -19,7 +19,11 @@
 # Each part runs under `timeout` with its own budget (seconds below), cut to what is left of T_TOTAL so
 # that the whole suite ends in time for the caller to pack OUTDIR; a part that fails or runs out of time
 # is logged in OUTDIR/parts.txt and the suite goes on. The throughput harness rewrites its JSON and
-# Markdown after every row, so a part cut short still leaves what it measured.
+# Markdown after every row, so a part cut short still leaves what it measured. With ECAR_PACK=FILE.tgz
+# OUTDIR is packed into FILE.tgz after every part (atomically), so that a call cut off by the device
+# tool's own limit still brings back everything up to the last finished part. Before and after each part
+# the GPU's clocks, power, temperature, throttle reasons and compute processes go to OUTDIR/gpu-state.log
+# (the card as it was found: nothing here changes its settings).
 #
 # ECAR_SUITE_REHEARSAL=1 rehearses the suite on a machine without a GPU (tests/test_gpu_suite.py, in CI):
 # every part runs its GPU command with CPU options appended (argparse keeps an option's last value), on
@@ -52,6 +56,20 @@ fi
 
 log() { echo "[gpu_suite $(date +%T)] $*" | tee -a "$OUTDIR/suite.log"; }
 
+gpu_state() {  # gpu_state LABEL: the card's state now, appended to OUTDIR/gpu-state.log (nothing without nvidia-smi)
+    command -v nvidia-smi >/dev/null || return 0
+    {
+        echo "==== $1 ($(date +%T))"
+        timeout 20 nvidia-smi -q -d PERFORMANCE,CLOCK,POWER,TEMPERATURE
+        timeout 20 nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+    } >>"$OUTDIR/gpu-state.log" 2>&1
+}
+
+pack() {  # OUTDIR into $ECAR_PACK, replaced atomically, where the caller asked for it
+    [ -n "${ECAR_PACK:-}" ] || return 0
+    tar -czf "$ECAR_PACK.partial" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" && mv -f "$ECAR_PACK.partial" "$ECAR_PACK"
+}
+
 part() {  # part NAME SECONDS COMMAND...: run under a time limit, output to OUTDIR/NAME.log
     local name=$1 limit=$2 started=$SECONDS rc left=$((T_TOTAL - SECONDS - 10))
     shift 2
@@ -62,16 +80,19 @@ part() {  # part NAME SECONDS COMMAND...: run under a time limit, output to OUTD
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     log "$name: start (limit ${limit}s): $*"
+    gpu_state "before $name"
     timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
     rc=$?
+    gpu_state "after $name"
     log "$name: exit $rc after $((SECONDS - started))s"
     echo "$name exit=$rc seconds=$((SECONDS - started))" >>"$OUTDIR/parts.txt"
+    pack
 }
 
 sharded() {  # issue 11's 1,008-image npz, by one process and by torchrun with a rank per GPU: the files must match
     local ranks dir
     ranks=$("$PY" -c 'import torch; print(max(torch.cuda.device_count(), 1))')
-    dir=$(mktemp -d) || return 1
+    dir=$SHARDED_DIR
     local request=(--ckpt ecar-emoji32 --class all --per-class 112 --no-progress "$@")
     echo "== one process"
     time "$PY" -m ecar_infer.cli "${request[@]}" --npz "$dir/one.npz" || return 1
@@ -87,12 +108,12 @@ install() {  # from wheels whatever of diffusers / pytest-benchmark is missing, 
     if [ -n "$missing" ]; then
         if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
             echo "missing: $missing, and no wheels in $WHEELS (see the header of benchmarks/gpu_suite.sh)"
-        elif ! "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl; then
+        elif ! timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl; then
             echo "pip could not install into $PY's environment; installing the wheels into $SITE instead"
-            "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || return 1
+            timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$WHEELS"/*.whl || return 1
         fi
     fi
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . && return 0
+    timeout 60 "$PY" -m pip install -q --no-deps --no-build-isolation -e . && return 0
     # Without the editable install, import the repo in place: link the two folders that setup.py maps
     # into the package (this is the device's copy of the tree).
     echo "pip could not install the repo; importing it in place"
@@ -102,7 +123,7 @@ install() {  # from wheels whatever of diffusers / pytest-benchmark is missing, 
 
 : >"$OUTDIR/parts.txt"
 log "repo $(git rev-parse --short HEAD 2>/dev/null || echo unknown), outdir $OUTDIR"
-nvidia-smi -q >"$OUTDIR/nvidia-smi-q.txt" 2>&1
+timeout 30 nvidia-smi -q >"$OUTDIR/nvidia-smi-q.txt" 2>&1
 {
     grep -E "Product Name|Product Brand|Product Architecture|Form Factor|Part Number|Driver Version|CUDA Version|Power Limit|PCIe Generation|Link Width" "$OUTDIR/nvidia-smi-q.txt"
     echo "SXM or PCIe: 'H100 80GB HBM3' is the SXM part (about 700 W limit), 'H100 PCIe' / 'H100 NVL' are not (350-400 W)"
@@ -136,13 +157,18 @@ part graphs "$T_GRAPHS" "$PY" -m benchmarks.bench_graphs --out "$OUTDIR/graphs" 
     ${GRAPHS_CPU[@]+"${GRAPHS_CPU[@]}"}
 
 # issue 11: the GPU row of docs/BENCHMARKS.md, "Sharded FID-scale sampling"
-export -f sharded && export PY
+SHARDED_DIR=$(mktemp -d)
+export -f sharded && export PY SHARDED_DIR
 part sharded "$T_SHARDED" bash -c 'sharded "$@"' sharded ${SHARDED_CPU[@]+"${SHARDED_CPU[@]}"}
+# torchrun starts its workers in sessions of their own, out of reach of timeout's kill: where the part was cut,
+# stop any that sample on, so that nothing shares the GPU with the throughput timings
+pkill -f -- "$SHARDED_DIR/" 2>/dev/null || true
 
 # ecar-xl is the preset the issue-5 targets name; batch 64 first so the target rows come first; then the
 # attention + shortcut head at 2 steps per stage (issue 13), whose rows are the first to go if time runs out
 part throughput "$T_THROUGHPUT" "$PY" -m benchmarks.throughput --models ecar-xl ecar-xl-attn-sc@2 --batches 64 1 8 256 \
-    --variant-batches 64 1 --repeats 3 --max-call-s 25 --profile "$OUTDIR" \
+    --variant-batches 64 1 --repeats 3 --max-call-s 10 --profile "$OUTDIR" \
     --json "$OUTDIR/throughput.json" --markdown "$OUTDIR/throughput.md" ${THROUGHPUT_CPU[@]+"${THROUGHPUT_CPU[@]}"}
 
 log "done in ${SECONDS}s; results in $OUTDIR"
+pack

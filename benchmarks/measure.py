@@ -46,7 +46,25 @@ def write_profile(fn: Callable[[], Any], device: torch.device, path: Path, row_l
         sort = "self_device_time_total" if gpu else "self_cpu_time_total"
         path.write_text(prof.key_averages().table(sort_by=sort, row_limit=row_limit) + "\n")
     except Exception as err:  # any profiler failure (see above)
-        path.write_text(f"profiling failed: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}\n")
+        path.write_text(f"profiling failed: {one_line(err)}\n")
+
+
+class DeviceFault(RuntimeError):
+    """The device cannot run anything more in this process (a sticky CUDA error): a sweep stops here and
+    keeps the rows it has, instead of recording every later row as the same error or dying unwritten."""
+
+
+def is_device_fault(err: BaseException) -> bool:
+    """Whether err is a CUDA error that poisons the context (an illegal address, a device-side assert, a
+    failed launch), after which every CUDA call fails. Out of memory is not one: the next row may fit."""
+    text = str(err)
+    if "out of memory" in text.lower():
+        return False
+    return type(err).__name__ == "AcceleratorError" or "CUDA error" in text or "Triton Error [CUDA]" in text
+
+
+def one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
 def release(device: torch.device) -> None:

@@ -61,6 +61,11 @@ class GraphRunner:
         """How many graphs this runner has recorded."""
         return len(self._graphs)
 
+    @property
+    def num_failed_captures(self) -> int:
+        """How many units run eagerly because their capture failed (each logged once)."""
+        return len(self._eager_keys)
+
     def run(self, key: Hashable, fn: Callable[[], None]) -> None:
         """Run the unit `fn` named by `key`: replay its graph, capturing it first if needed, or run eagerly.
         On CUDA the caller makes the runner's device current (Sampler does, once per request): streams,

@@ -3,6 +3,7 @@ capture and replay tests): off CUDA the runner runs each unit once and the sampl
 units are idempotent and touch no host data, padding to a batch bucket leaves the real images unchanged,
 engines are reused. Also benchmarks/bench_graphs.py's reported numbers (speedups, targets, medians) on stand-in
 rows and times."""
+import json
 import types
 
 import pytest
@@ -334,3 +335,38 @@ def test_bench_graphs_row_is_the_median_of_each_kind_of_call(model, tmp_path, mo
     row = bench.run_row("ecar-tiny", model.config, 2, "eager", model, None)
     assert row.error is None and (row.first_call_s, row.repeats) == (9.0, repeats)
     assert (row.latency_s, row.latency_with_decode_s) == ((2.0, 12.0) if repeats == 3 else (1.0, 11.0))
+
+
+def test_bench_graphs_profiles_after_the_presets_timed_rows_and_stops_at_a_device_fault(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The profiles come after every timed row of their preset (the profiler slows later launches); a CUDA error
+    that leaves the device unusable stops the sweep with the rows so far written, and main says so (status 1)."""
+    from benchmarks import bench_graphs
+
+    order = []
+    monkeypatch.setattr(bench_graphs.Bench, "models",
+                        lambda self, config: {torch.bfloat16: (None, None), torch.float32: (None, None)})
+
+    def run_row(self, preset, config, batch, path, model, decoder):
+        order.append(f"{path} b{batch}")
+        if (path, batch) == (fault_at, 64):
+            self.fault = "RuntimeError: CUDA error: an illegal memory access was encountered"
+        return bench_graphs.Row(preset, batch, path, 0.01, 0.02)
+
+    monkeypatch.setattr(bench_graphs.Bench, "run_row", run_row)
+    monkeypatch.setattr(bench_graphs.Bench, "profile",
+                        lambda self, preset, config, batch, path, *model: order.append(f"profile {path} b{batch}"))
+    argv = ["--device", "cpu", "--out", str(tmp_path), "--presets", "ecar-xl", "--batches", "1", "64"]
+    fault_at = None
+    assert bench_graphs.main(argv) == 0
+    assert order == ["graphs b1", "eager b1", "reference b1", "graphs b64", "eager b64", "reference b64",
+                     "profile graphs b1", "profile eager b1", "profile graphs b64", "profile eager b64"]
+    order.clear()
+    fault_at = "eager"
+    assert bench_graphs.main(argv) == 1
+    assert order == ["graphs b1", "eager b1", "reference b1", "graphs b64", "eager b64"]
+    assert "(stopped: the device faulted (RuntimeError: CUDA error: an illegal memory access was encountered)" \
+        in capsys.readouterr().out
+    saved = json.loads((tmp_path / "bench_graphs.json").read_text())["rows"]
+    assert [(r["batch"], r["path"]) for r in saved] == [(1, "graphs"), (1, "eager"), (1, "reference"),
+                                                       (64, "graphs"), (64, "eager")]

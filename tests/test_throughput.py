@@ -29,7 +29,9 @@ def test_harness_writes_rows_json_and_markdown(tmp_path):
     assert peak > 0 and row["mfu"] == pytest.approx(row["flops_per_image"] * row["images_per_s"] / peak)
     assert row["backends"] == {op: "reference" for op in row["backends"]} and "guided_euler_step_" in row["backends"]
     assert payload["targets"] == []  # GPU targets are never evaluated on the CPU
-    assert f"| ecar-tiny | auto | reference | 1 | 2 x 3 stages | {row['latency_s']:.3g} |" in out_md.read_text()
+    low, high = (f"{t:.3g}" for t in (min(row["times"]), max(row["times"])))
+    assert (f"| ecar-tiny | auto | reference | 1 | 2 x 3 stages | {row['latency_s']:.3g} ({low}-{high}, n=3) |"
+            in out_md.read_text())
 
 
 def test_cpu_runs_only_automatic_dispatch_unless_asked():
@@ -97,20 +99,63 @@ def test_cuda_peak_memory_also_reads_what_is_reserved(monkeypatch):
     assert throughput._memory(3 << 30, 7 << 30) == "3.00 GiB (7.00 GiB)"
 
 
-def test_dit_runs_right_after_the_first_preset(monkeypatch):
-    """The issue-5 targets compare the first preset with DiT-XL/2: when the GPU suite's time runs out, the
-    later presets' rows are the ones cut, never DiT's (which used to come after every preset)."""
+def test_dit_runs_right_after_the_first_presets_default_path_and_the_profile_last(monkeypatch, tmp_path):
+    """The issue-5 targets compare the first preset's default path with DiT-XL/2: when the GPU suite's time
+    runs out, or a forced backend faults, the other variants' and presets' rows are the ones lost, never
+    DiT's. The profile comes after every timed row, since the profiler slows later launches."""
     order = []
     monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": 1e12, "how": "stub"})
     monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch: order.append(f"vae b{batch}"))
-    monkeypatch.setattr(throughput.Harness, "ecar", lambda self, preset: order.append(preset))
+    monkeypatch.setattr(throughput.Harness, "ecar", lambda self, preset, variants=slice(None):
+                        order.append(f"{preset} {variants.start}:{variants.stop}"))
     monkeypatch.setattr(throughput.Harness, "dit", lambda self, pipe, batch: order.append(f"dit b{batch}"))
+    monkeypatch.setattr(throughput.Harness, "profile", lambda self, preset: order.append(f"profile {preset}"))
     monkeypatch.setattr(throughput.Harness, "shared_vae", lambda self: None)
     monkeypatch.setattr(throughput, "dit_xl_2", lambda: torch.nn.Linear(1, 1))
     monkeypatch.setattr(throughput, "dit_pipeline", lambda transformer, vae: "pipe")
     monkeypatch.setattr(throughput, "render_markdown", lambda payload: "")
-    throughput.main(["--device", "cpu", "--models", "ecar-tiny", "ecar-digits32-attn-sc@2", "--batches", "2", "1"])
-    assert order == ["vae b1", "vae b2", "ecar-tiny", "dit b2", "dit b1", "ecar-digits32-attn-sc@2"]
+    throughput.main(["--device", "cpu", "--models", "ecar-tiny", "ecar-digits32-attn-sc@2", "--batches", "2", "1",
+                     "--profile", str(tmp_path)])
+    assert order == ["vae b1", "vae b2", "ecar-tiny 0:1", "dit b2", "dit b1", "ecar-tiny 1:None",
+                     "ecar-digits32-attn-sc@2 None:None", "profile ecar-tiny"]
+
+
+def test_a_device_fault_stops_the_sweep_and_keeps_the_rows(monkeypatch, tmp_path):
+    """After a sticky CUDA error (an illegal address) every later call fails, freeing the cache included: the
+    faulting row is written with its error and the sweep stops there, instead of dying unwritten in release()
+    or recording every later row as the same error. An out-of-memory row is not a fault: the sweep goes on."""
+    h = harness(monkeypatch, "--json", str(tmp_path / "t.json"))
+    oom, fault = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), \
+        RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    def failing(err):
+        def call():
+            raise err
+        return call
+
+    h.add(h.measure(throughput.Row("ecar-xl", "auto", 256, "20", 1.0), failing(oom), lambda: None))
+    assert h.fault is None
+    monkeypatch.setattr(throughput, "release", failing(RuntimeError("CUDA error: an illegal memory access")))
+    row = h.measure(throughput.Row("ecar-xl", "triton", 64, "20", 1.0), failing(fault), lambda: None)
+    with pytest.raises(measure.DeviceFault, match="illegal memory access"):
+        h.add(row)
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["error"] for r in rows] == ["OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB",
+                                          "RuntimeError: CUDA error: an illegal memory access was encountered"]
+    assert measure.is_device_fault(RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))
+    assert not measure.is_device_fault(ValueError("this engine takes 1..4 images"))
+
+
+def test_a_fault_ends_main_with_status_1_and_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": 1e12, "how": "stub"})
+
+    def ecar(self, preset, variants=slice(None)):
+        raise measure.DeviceFault("RuntimeError: CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(throughput.Harness, "ecar", ecar)
+    assert throughput.main(["--device", "cpu", "--models", "ecar-tiny", "--no-dit"]) == 1
+    assert "(stopped: the device faulted (RuntimeError: CUDA error: an illegal memory access was encountered); " \
+           "the later rows were not measured)" in capsys.readouterr().out
 
 
 def test_an_interrupted_sweep_still_measures_the_peak_again_and_writes(monkeypatch, tmp_path):
@@ -120,7 +165,7 @@ def test_an_interrupted_sweep_still_measures_the_peak_again_and_writes(monkeypat
     monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": next(peaks), "how": "stub"})
     monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch: None)
 
-    def ecar(self, preset):
+    def ecar(self, preset, variants=slice(None)):
         if preset != "ecar-tiny":
             raise KeyboardInterrupt
 
@@ -150,9 +195,10 @@ def test_the_peak_is_the_highest_measured(monkeypatch):
 
 
 def test_derived_columns_and_the_summary_against_dit_at_each_step_count(monkeypatch):
-    """Batch 4: the VAE decode takes 0.5 s; two E-CAR variants take 2 s and 1 s (4 images/s, the fastest listed
-    second), a third failed; DiT takes 100 s at 250 steps (0.04 images/s) and 20 s at 50 (0.2). Batch 1 has its
-    own DiT row (0.1 images/s), which must not leak into batch 4's speedups."""
+    """Batch 4: the VAE decode takes 0.5 s; two E-CAR variants take 2 s (the default path, auto) and 1 s (4
+    images/s, the fastest, listed second), a third failed; DiT takes 100 s at 250 steps (0.04 images/s) and
+    20 s at 50 (0.2). Batch 1 has its own DiT row (0.1 images/s), which must not leak into batch 4's speedups.
+    The speedups are the default path's; the fastest variant stands beside them."""
     Row, VAE, DIT = throughput.Row, throughput.VAE_NAME, throughput.DIT_NAME
     h = harness(monkeypatch)
     h.decode_s = {4: 0.5}
@@ -172,28 +218,42 @@ def test_derived_columns_and_the_summary_against_dit_at_each_step_count(monkeypa
     assert failed == {"images_per_s": None, "mfu": None, "images_per_s_without_decode": None}
     summary = h.summary()
     assert summary == [
-        {"batch": 1, "model": "ecar-xl", "variant": "auto", "images_per_s": 4.0, "speedup_vs_dit": {"250": 40.0}},
-        {"batch": 4, "model": "ecar-xl", "variant": "triton", "images_per_s": 4.0,
-         "speedup_vs_dit": {"250": pytest.approx(100.0), "50": pytest.approx(20.0)}}]
+        {"batch": 1, "model": "ecar-xl", "variant": "auto", "images_per_s": 4.0, "speedup_vs_dit": {"250": 40.0},
+         "dit_extrapolated": [], "fastest": {"variant": "auto", "images_per_s": 4.0}},
+        {"batch": 4, "model": "ecar-xl", "variant": "auto", "images_per_s": 2.0,
+         "speedup_vs_dit": {"250": pytest.approx(50.0), "50": pytest.approx(10.0)},
+         "dit_extrapolated": [], "fastest": {"variant": "triton", "images_per_s": 4.0}}]
     text = throughput.render_markdown(h.payload())
     assert "| ecar-xl | triton | - | 4 | 20 x 4 stages | 1 | 4 | 8 | n/a | 200 | 80.0% |  |" in text
-    assert "| 4 | ecar-xl (triton) | 4 | 100.0x | 20.0x |" in text
-    assert "| 1 | ecar-xl (auto) | 4 | 40.0x | - |" in text
+    assert "| 4 | ecar-xl (auto) | 2 | 50.0x | 10.0x | triton (4) |" in text
+    assert "| 1 | ecar-xl (auto) | 4 | 40.0x | - | auto (4) |" in text
+    h.rows[4].note = "extrapolated from 100-step runs"  # DiT at 250 steps, batch 4
+    assert h.summary()[1]["dit_extrapolated"] == ["250"]
+    assert "| 4 | ecar-xl (auto) | 2 | 50.0x* | 10.0x | triton (4) |" in throughput.render_markdown(h.payload())
 
 
-def test_targets_take_the_250_step_speedup_at_batch_64(monkeypatch):
+def test_targets_take_the_250_step_speedup_at_batch_64_on_an_h100_only(monkeypatch):
     h = harness(monkeypatch)
+    entry = dict(dit_extrapolated=[], fastest={})
     summary = [{"batch": 64, "model": "ecar-xl", "variant": "auto", "images_per_s": 300.0,
-                "speedup_vs_dit": {"250": 50.0, "50": 10.0}},
-               {"batch": 8, "model": "ecar-xl", "variant": "auto", "images_per_s": 1.0, "speedup_vs_dit": {"250": 1.0}},
-               {"batch": 64, "model": "ecar-b", "variant": "auto", "images_per_s": 1.0, "speedup_vs_dit": {"250": 1.0}}]
+                "speedup_vs_dit": {"250": 50.0, "50": 10.0}, **entry},
+               {"batch": 8, "model": "ecar-xl", "variant": "auto", "images_per_s": 1.0, "speedup_vs_dit": {"250": 1.0},
+                **entry},
+               {"batch": 64, "model": "ecar-b", "variant": "auto", "images_per_s": 1.0, "speedup_vs_dit": {"250": 1.0},
+                **entry}]
     assert h.targets(summary) == []  # on the CPU
-    h.device = torch.device("cuda")  # targets() looks at the device type only
+    h.device = torch.device("cuda")  # targets() looks at the device type and the device's name only
+    h.env["device"] = "NVIDIA H100 80GB HBM3"
     assert h.targets(summary) == [
         {"what": "speedup over DiT-XL/2 at 250 steps", "measured": 50.0, "required": 25.0, "met": True, "margin": 2.0},
         {"what": "images/s including decode", "measured": 300.0, "required": 150.0, "met": True, "margin": 2.0}]
     (only,) = h.targets([{**summary[0], "images_per_s": 75.0, "speedup_vs_dit": {"50": 10.0}}])
     assert (only["what"], only["met"], only["margin"]) == ("images/s including decode", False, 0.5)
+    (speedup, _) = h.targets([{**summary[0], "dit_extrapolated": ["250"]}])
+    assert speedup["what"] == "speedup over DiT-XL/2 at 250 steps (DiT extrapolated from shorter runs)"
+    h.env["device"] = "NVIDIA H200"  # the targets are set for one H100: listed, with no verdict
+    assert [t["met"] for t in h.targets(summary)] == [None, None]
+    assert throughput._verdict(h.targets(summary)[0]) == "n/a: not an H100"
 
 
 def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch):

@@ -69,9 +69,11 @@ def test_graphs_of_a_request_guided_on_the_early_stages_only():
 def test_padded_graph_batch_matches_the_exact_eager_batch():
     graphs = tiny_sampler()
     eager = Sampler(graphs.model, graphs.decoder, cuda_graphs=False, progress=False)
-    got = graphs.generate([1, 2, 3], seed=5, steps_per_stage=2, **GUIDED).images  # bucket 4
-    expected = eager.generate([1, 2, 3], seed=5, steps_per_stage=2, **GUIDED).images
-    assert relative_error(got, expected) <= 1e-2  # bf16: a 4-row GEMM may round differently from a 3-row one
+    got = graphs.generate([1, 2, 3], seed=5, steps_per_stage=2, **GUIDED).images  # bucket 4, one padding row
+    # eager on a whole bucket too (a 4-row bf16 GEMM may round differently from a 3-row one), its fourth image
+    # unlike the padding row: every op is row-wise, so what fills the fourth row cannot touch the first three
+    expected = eager.generate([1, 2, 3, 9], seed=[5, 6, 7, 0], steps_per_stage=2, **GUIDED).images[:3]
+    assert torch.equal(got, expected)
 
 
 @torch.no_grad()
@@ -106,8 +108,9 @@ def test_an_evicted_engine_is_captured_anew():
         assert len(sampler._engines) == 1 and sampler.runner.num_captures == per_request
 
 # bf16 weights and activations alone put these random-weight latents this far (relative L2) from fp32: on the
-# CPU with the bf16 reference ops, ecar-b 3.1-3.3% and ecar-b-attn-sc 0.9% (two requests each, 2026-12-07)
-BF16_TOLERANCE = {"mlp": 6e-2, "attention-shortcut": 2e-2}
+# CPU with the bf16 reference ops, ecar-b 3.1-3.3% and ecar-b-attn-sc 0.9% (two requests each, 2026-12-07); the
+# fused kernels round in other places too (P to bf16 before P @ V), estimated to take the latter to 1.1-1.4%
+BF16_TOLERANCE = {"mlp": 6e-2, "attention-shortcut": 3e-2}
 
 
 @pytest.mark.parametrize("head", ["mlp", "attention-shortcut"])
