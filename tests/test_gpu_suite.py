@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def rehearse(out: Path, **budgets: str) -> dict[str, str]:
     # the suite runs as a user starts it, not as a pytest worker: under `pytest -n` the inherited
     # PYTEST_XDIST_WORKER makes the suite's own pytest-benchmark run refuse --benchmark-only
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    env.update(ECAR_SUITE_REHEARSAL="1", PYTHON=sys.executable, **budgets)
+    env.update(ECAR_SUITE_REHEARSAL="1", PYTHON=sys.executable, ECAR_PACK=str(out.parent / f"{out.name}.tgz"), **budgets)
     done = subprocess.run(["bash", str(SUITE), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -69,6 +70,18 @@ def test_each_part_writes_its_results(rehearsal):
     assert all(r["error"] is None for r in rows), rows
     assert (out / "versions.txt").read_text().startswith("python ")
     assert "the two npz files are byte-identical" in (out / "sharded.log").read_text()
+
+
+@pytest.mark.slow
+def test_the_results_are_packed_whole_for_the_caller(rehearsal):
+    """ECAR_PACK: OUTDIR packed after every part (here the last packing, after the suite's end), so that a call
+    cut off by the device tool still brings back the parts finished before it."""
+    out, _ = rehearsal
+    with tarfile.open(out.parent / f"{out.name}.tgz") as pack:
+        names = set(pack.getnames())
+    assert {f"{out.name}/{name}" for name in ("parts.txt", "suite.log", "throughput.json", *(
+        f"{part}.log" for part in PARTS))} <= names
+    assert not (out.parent / f"{out.name}.tgz.partial").exists()
 
 
 @pytest.mark.slow
