@@ -25,7 +25,6 @@ the arithmetic is tested on the CPU (tests/test_bench_kernels.py).
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from ecar_infer import ECARConfig  # noqa: E402
+from ecar_infer.graphs import recover_from_failed_capture  # noqa: E402
 from ecar_infer.kernels import dispatch, flash, force_backend  # noqa: E402
 from ecar_infer.stages import StagePlan  # noqa: E402
 
@@ -285,12 +285,7 @@ def _capture(fn: Callable, sets: list[tuple], calls: int) -> tuple[torch.cuda.CU
             for i in range(calls):
                 fn(*sets[i % len(sets)])
     except Exception as err:
-        # as ecar_infer/graphs.py: torch before 2.12 raises out of capture_end before it stops routing
-        # allocations into the pool (pytorch#180395), and torch.cuda.graph's exit then leaves the capture
-        # stream current; undo both so that the next case can capture.
-        with contextlib.suppress(Exception):
-            torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
-        torch.cuda.set_stream(stream)
+        recover_from_failed_capture(pool, stream)  # so that the next case can capture
         torch.cuda.synchronize()
         return None, f"{type(err).__name__}: {err}".splitlines()[0][:160]
     torch.cuda.synchronize()

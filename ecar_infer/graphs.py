@@ -45,6 +45,18 @@ def batch_bucket(batch: int) -> int:
     return -(-batch // step) * step
 
 
+def recover_from_failed_capture(pool, stream: torch.cuda.Stream) -> None:
+    """Undo what a capture into `pool` that raised leaves behind, so that later captures work; `stream` is the
+    caller's stream, made current again."""
+    # torch before 2.12 raises out of capture_end before it stops routing allocations into the pool
+    # (pytorch#180395); the allocator then believes a capture is still running, and every later capture and
+    # empty_cache() fails an internal assert. Stop it here; where torch already did, this raises.
+    with contextlib.suppress(Exception):
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
+    # torch.cuda.graph's exit raises (invalidated capture) before restoring the caller's stream
+    torch.cuda.set_stream(stream)
+
+
 class GraphRunner:
     def __init__(self, device: torch.device, cuda_graphs: bool = True, compile: bool = False) -> None:
         self.graphs_enabled = cuda_graphs and device.type == "cuda"
@@ -124,13 +136,7 @@ class GraphRunner:
                 fn()
         except Exception as err:  # any failure to warm up or capture: this key runs eagerly from now on
             logger.warning("ecar_infer: CUDA graph capture failed for unit %s; it runs eagerly: %s", key, err)
-            # torch before 2.12 raises out of capture_end before it stops routing allocations into the pool
-            # (pytorch#180395); the allocator then believes a capture is still running, and every later capture
-            # and empty_cache() fails an internal assert. Stop it here; where torch already did, this raises.
-            with contextlib.suppress(Exception):
-                torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), self._pool)
-            # torch.cuda.graph's exit raises (invalidated capture) before restoring the caller's stream
-            torch.cuda.set_stream(stream)
+            recover_from_failed_capture(self._pool, stream)
             self._eager_keys.add(key)
             return None
         torch.cuda.synchronize()
