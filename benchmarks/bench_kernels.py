@@ -26,7 +26,6 @@ the arithmetic is tested on the CPU (tests/test_bench_kernels.py).
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -40,6 +39,8 @@ from ecar_infer.graphs import recover_from_failed_capture  # noqa: E402
 from ecar_infer.kernels import dispatch, flash, force_backend  # noqa: E402
 from ecar_infer.stages import StagePlan  # noqa: E402
 
+from benchmarks.measure import matmul_peak, one_line, time_call  # noqa: E402
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 # Vendor datasheet rates (bytes/s of HBM, dense bf16 FLOP/s), matched on the device name; printed beside
@@ -51,9 +52,8 @@ EAGER_ROUNDS = 5      # timed eager rounds
 MAX_SETS = 64         # argument sets per case at most
 MEMORY_BUDGET = 8 << 30  # bytes of argument sets per case at most (a kv cache set is ~200 MB)
 COPY_BYTES = 1 << 30  # the bandwidth ceiling's copy (read once, written once)
-MATMUL_N = 8192       # the matmul ceiling: bf16 [N, N] @ [N, N]
-MATMUL_WARMUP_S = 0.5
 CEILING_REPEATS = 5
+CUDA = torch.device("cuda")
 
 XL = ECARConfig.preset("ecar-xl")
 PLAN = StagePlan(XL)
@@ -101,11 +101,6 @@ def per_call_us(elapsed_ms: float, calls: int) -> float:
 def copy_bandwidth(nbytes: int, elapsed_ms: float) -> float:
     """Bytes/s of a device-to-device copy of `nbytes`: read once and written once."""
     return 2 * nbytes / (elapsed_ms * 1e-3)
-
-
-def matmul_rate(n: int, count: int, elapsed_ms: float) -> float:
-    """FLOP/s of `count` [n, n] @ [n, n] products in `elapsed_ms`."""
-    return count * 2 * n ** 3 / (elapsed_ms * 1e-3)
 
 
 def floor_us(nbytes: int, flops: int, bandwidth: float, rate: float) -> float:
@@ -224,13 +219,8 @@ CEILINGS: dict[str, float] = {}  # filled by the `ceilings` fixture: bandwidth (
 # ---- timing on the GPU ----
 
 def _event_ms(work: Callable[[], object]) -> float:
-    """Milliseconds of the device work `work` queues on the current stream, by CUDA events."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    work()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
+    """Milliseconds of the device work `work` queues, by CUDA events (measure.time_call)."""
+    return 1e3 * time_call(work, CUDA)
 
 
 def _storage_bytes(args: tuple) -> int:
@@ -241,7 +231,8 @@ def _storage_bytes(args: tuple) -> int:
 
 
 def _measure_ceilings() -> dict[str, float]:
-    """Copy bandwidth and bf16 matmul rate of this device, as it is now (median of CEILING_REPEATS)."""
+    """Copy bandwidth (median of CEILING_REPEATS copies) and bf16 matmul rate (measure.matmul_peak, the
+    throughput harness's MFU reference) of this device, as it is now."""
     src = torch.randn(COPY_BYTES // FP32, device="cuda")
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -249,21 +240,8 @@ def _measure_ceilings() -> dict[str, float]:
     bandwidth = copy_bandwidth(src.nbytes, copy_ms)
     del src, dst
 
-    a, b = (torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    c = torch.empty_like(a)
-    deadline = time.perf_counter() + MATMUL_WARMUP_S  # clocks up, cuBLAS handle and heuristics made
-    while time.perf_counter() < deadline:
-        for _ in range(10):
-            torch.matmul(a, b, out=c)
-        torch.cuda.synchronize()
-
-    def ten_products() -> None:
-        for _ in range(10):
-            torch.matmul(a, b, out=c)
-
-    matmul_ms = statistics.median(_event_ms(ten_products) for _ in range(CEILING_REPEATS))
     l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
-    return {"bandwidth": bandwidth, "matmul": matmul_rate(MATMUL_N, 10, matmul_ms), "l2": float(l2)}
+    return {"bandwidth": bandwidth, "matmul": matmul_peak(CUDA, torch.bfloat16)["flops_per_s"], "l2": float(l2)}
 
 
 def _capture(fn: Callable, sets: list[tuple], calls: int) -> tuple[torch.cuda.CUDAGraph | None, str]:
@@ -287,7 +265,7 @@ def _capture(fn: Callable, sets: list[tuple], calls: int) -> tuple[torch.cuda.CU
     except Exception as err:
         recover_from_failed_capture(pool, stream)  # so that the next case can capture
         torch.cuda.synchronize()
-        return None, f"{type(err).__name__}: {err}".splitlines()[0][:160]
+        return None, one_line(err)
     torch.cuda.synchronize()
     return graph, ""
 

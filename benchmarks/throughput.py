@@ -229,7 +229,9 @@ class Harness:
                 call(1)
             step_guess = max(time_call(functools.partial(call, 1), self.device) - decode, 1e-6)
         except Exception as err:
-            self.add(Row(DIT_NAME, "DDPM, CFG", batch, "-", 0, error=f"{type(err).__name__}: {err}"[:200]))
+            if is_device_fault(err):
+                self.fault = one_line(err)
+            self.add(Row(DIT_NAME, "DDPM, CFG", batch, "-", 0, error=one_line(err)))
             return
         measured: Row | None = None
         for steps in sorted(self.args.dit_steps):

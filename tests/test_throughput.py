@@ -311,3 +311,15 @@ def test_ecar_rows_count_the_decode_of_a_latent_model(monkeypatch):
 
 def test_markdown_table_has_one_separator_per_column():
     assert report.markdown_table(["a", "b", "c"], [[1, "x", 2.5]]) == "| a | b | c |\n|---|---|---|\n| 1 | x | 2.5 |"
+
+
+def test_a_device_fault_in_dits_warm_up_also_stops_the_sweep(monkeypatch):
+    h = harness(monkeypatch)
+
+    def pipe(**kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    with pytest.raises(measure.DeviceFault):
+        h.dit(pipe, 2)
+    assert h.rows[-1].model == throughput.DIT_NAME
+    assert h.rows[-1].error == "RuntimeError: CUDA error: an illegal memory access was encountered"

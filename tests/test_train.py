@@ -92,17 +92,23 @@ def test_a_few_steps_lower_the_loss(tiny_config, digits16):
     assert eval_loss() < 0.8 * before
 
 
+def resumed_after(steps: int, config, data, folder):
+    """A fresh trainer loaded from the state another one saved after `steps` steps."""
+    first = make_trainer(config, data)
+    for _ in range(steps):
+        first.train_step()
+    first.save_state(folder / "state.safetensors")
+    resumed = make_trainer(config, data)
+    resumed.load_state(folder / "state.safetensors")
+    return resumed
+
+
 def test_resume_continues_from_the_saved_step_with_identical_state(tiny_config, digits16, tmp_path):
     straight = make_trainer(tiny_config, digits16)
     for _ in range(4):
         straight.train_step()
 
-    first = make_trainer(tiny_config, digits16)
-    for _ in range(2):
-        first.train_step()
-    first.save_state(tmp_path / "state.safetensors")
-    resumed = make_trainer(tiny_config, digits16)
-    resumed.load_state(tmp_path / "state.safetensors")
+    resumed = resumed_after(2, tiny_config, digits16, tmp_path)
     assert resumed.step == 2
     for _ in range(2):
         resumed.train_step()
@@ -206,12 +212,7 @@ def test_the_mean_loss_is_of_the_last_window_of_steps_and_resumes_exactly(tiny_c
     straight = make_trainer(tiny_config, digits16)
     losses = [straight.train_step() for _ in range(5)]
     assert straight.loss_avg == sum(losses[-3:]) / 3
-    first = make_trainer(tiny_config, digits16)
-    for _ in range(4):
-        first.train_step()
-    first.save_state(tmp_path / "state.safetensors")
-    resumed = make_trainer(tiny_config, digits16)
-    resumed.load_state(tmp_path / "state.safetensors")
+    resumed = resumed_after(4, tiny_config, digits16, tmp_path)
     resumed.train_step()
     assert resumed.loss_avg == straight.loss_avg
 
