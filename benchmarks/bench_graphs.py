@@ -45,7 +45,7 @@ from ecar_infer.sampler import vae_dtype
 from ecar_infer.vae import build_decoder, sd_vae_random
 
 from .flops import GUIDANCE_SCALE, STEPS_PER_STAGE
-from .measure import DeviceFault, PeakMemory, is_device_fault, median, one_line, release, time_call, write_profile
+from .measure import DeviceFault, FaultWatch, PeakMemory, median, one_line, time_call, write_profile
 from .report import environment, environment_line, markdown_table, write_outputs
 
 
@@ -98,7 +98,7 @@ class Bench:
         self.out = Path(args.out)
         self.rows: list[Row] = []
         self.profiles: list[str] = []
-        self.fault: str | None = None  # the CUDA error that left the device unusable (measure.is_device_fault)
+        self.faults = FaultWatch(self.device)
         self.env = environment(self.device)
 
     # ---- setup -------------------------------------------------------------------------------------
@@ -136,18 +136,10 @@ class Bench:
                 row.latency_s, row.latency_with_decode_s = median(without), median(with_decode)
                 row.repeats, row.peak_bytes, row.reserved_bytes = len(without), memory.peak_bytes, memory.reserved_bytes
         except Exception as err:  # one failing row (OOM, a kernel that cannot run) must not end the sweep
-            row.error = one_line(err)
-            if is_device_fault(err):
-                self.fault = row.error
+            row.error = self.faults.row_error(err)
         del sampler
-        self.release()
+        self.faults.release()
         return row
-
-    def release(self) -> None:
-        try:
-            release(self.device)
-        except Exception as err:  # after a sticky CUDA error even freeing the cache fails
-            self.fault = self.fault or one_line(err)
 
     def profile(self, preset: str, config: ECARConfig, batch: int, path: str, model, decoder) -> None:
         """One call (decode included) under torch.profiler, after a warm-up call: the ops that take the time,
@@ -169,7 +161,7 @@ class Bench:
             file.write_text(f"profiling failed: {one_line(err)}\n")
         self.profiles.append(file.name)
         del sampler
-        self.release()
+        self.faults.release()
 
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -182,15 +174,14 @@ class Bench:
                     self.rows.append(row)
                     self.write()
                     print(self.describe(row), file=sys.stderr, flush=True)
-                    if self.fault:
-                        raise DeviceFault(self.fault)
+                    self.faults.stop_if_faulted()
             for batch in self.args.batches:
                 for path in PROFILED_PATHS if batch in PROFILED.get(preset, ()) else ():
                     if path in self.args.paths:
                         self.profile(preset, config, batch, path, *models[PATHS[path].dtype])
                         self.write()
             del models
-            self.release()
+            self.faults.release()
         print(self.markdown())
 
     # ---- results -----------------------------------------------------------------------------------

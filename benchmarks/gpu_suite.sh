@@ -71,7 +71,9 @@ pack() {  # OUTDIR into $ECAR_PACK, replaced atomically, where the caller asked 
 }
 
 part() {  # part NAME SECONDS COMMAND...: run under a time limit, output to OUTDIR/NAME.log
-    local name=$1 limit=$2 started=$SECONDS rc left=$((T_TOTAL - SECONDS - 10))
+    # left: what remains of T_TOTAL less the part's 10 s grace and 2 s for what follows it (the card's state,
+    # the packing) and for SECONDS counting whole seconds
+    local name=$1 limit=$2 started=$SECONDS rc left=$((T_TOTAL - SECONDS - 12))
     shift 2
     if [ "$left" -lt 5 ]; then
         log "$name: skipped, the suite's ${T_TOTAL}s are spent"

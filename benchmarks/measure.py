@@ -74,6 +74,32 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class FaultWatch:
+    """A sweep's first sticky device fault (is_device_fault): each row keeps its own error, and the sweep
+    stops (DeviceFault) once the device cannot run anything more, with the rows so far written."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.fault: str | None = None
+
+    def row_error(self, err: BaseException) -> str:
+        """err as a row's one-line error, remembered as the fault if it left the device unusable."""
+        text = one_line(err)
+        if is_device_fault(err):
+            self.fault = self.fault or text
+        return text
+
+    def release(self) -> None:
+        try:
+            release(self.device)
+        except Exception as err:  # after a sticky CUDA error even freeing the cache fails
+            self.fault = self.fault or one_line(err)
+
+    def stop_if_faulted(self) -> None:
+        if self.fault:
+            raise DeviceFault(self.fault)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -47,8 +47,7 @@ from ecar_infer.vae import AutoencoderDecoder, build_decoder, sd_vae_random
 
 from . import flops
 from .dit import DIT_NAME, DIT_XL_2, dit_pipeline, dit_xl_2
-from .measure import (DeviceFault, PeakMemory, is_device_fault, matmul_peak, median, one_line, release, time_call,
-                      write_profile)
+from .measure import DeviceFault, FaultWatch, PeakMemory, matmul_peak, median, time_call, write_profile
 from .report import environment, environment_line, markdown_table, write_outputs
 
 GPU_BATCHES = [1, 8, 64, 256]
@@ -105,7 +104,7 @@ def variant_label(backend: str, graphs: bool | None) -> str:
 class Harness:
     def __init__(self, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
         self.args, self.device, self.dtype = args, device, dtype
-        self.fault: str | None = None  # the CUDA error that left the device unusable (measure.is_device_fault)
+        self.faults = FaultWatch(self.device)
         self.cheap_warmup = device.type != "cuda"
         self.peak: dict[str, Any] = {"flops_per_s": 0.0}
         self.update_peak()
@@ -134,24 +133,15 @@ class Harness:
                     row.times = [time_call(call, self.device) for _ in range(self.args.repeats)]
             row.latency_s, row.peak_bytes, row.reserved_bytes = median(row.times), memory.peak_bytes, memory.reserved_bytes
         except Exception as err:  # one failing case (OOM, a kernel that cannot run) must not end the sweep
-            row.error = one_line(err)
-            if is_device_fault(err):
-                self.fault = row.error
-        self.release()
+            row.error = self.faults.row_error(err)
+        self.faults.release()
         return row
-
-    def release(self) -> None:
-        try:
-            release(self.device)
-        except Exception as err:  # after a sticky CUDA error even freeing the cache fails
-            self.fault = self.fault or one_line(err)
 
     def add(self, row: Row) -> None:
         """Keep the row and rewrite the results; then stop the sweep if the device faulted."""
         self.rows.append(row)
         self.write()
-        if self.fault:
-            raise DeviceFault(self.fault)
+        self.faults.stop_if_faulted()
 
     def shared_vae(self):
         if self.vae is None:
@@ -207,10 +197,10 @@ class Harness:
                 if sampler.runner.num_failed_captures:  # such units ran eagerly in a row labelled graphs on
                     row.note = f"{sampler.runner.num_failed_captures} unit(s) eager: their graph capture failed"
                 del sampler, call, warm  # the partials hold the sampler: free its engines before the next row
-                self.release()
+                self.faults.release()
                 self.add(row)
         del model
-        self.release()
+        self.faults.release()
 
     def dit(self, pipe, batch: int) -> None:
         """DiT at every requested step count for one batch size; long runs are measured short and extrapolated."""
@@ -229,9 +219,7 @@ class Harness:
                 call(1)
             step_guess = max(time_call(functools.partial(call, 1), self.device) - decode, 1e-6)
         except Exception as err:
-            if is_device_fault(err):
-                self.fault = one_line(err)
-            self.add(Row(DIT_NAME, "DDPM, CFG", batch, "-", 0, error=one_line(err)))
+            self.add(Row(DIT_NAME, "DDPM, CFG", batch, "-", 0, error=self.faults.row_error(err)))
             return
         measured: Row | None = None
         for steps in sorted(self.args.dit_steps):
@@ -265,7 +253,7 @@ class Harness:
         write_profile(call, self.device, path, row_limit=40)
         self.profile_path = str(path)
         del sampler, call, model
-        self.release()
+        self.faults.release()
 
     # ---- results ---------------------------------------------------------------------------------
     def derived(self, row: Row) -> dict[str, Any]:
@@ -382,7 +370,7 @@ def render_markdown(payload: dict[str, Any]) -> str:
         note = r["error"] or r["note"]
         rows.append([r["model"], r["variant"], _backends(r["backends"]), r["batch"], r["steps"],
                      _latency(r), _num(r["images_per_s"]), _num(r["images_per_s_without_decode"]),
-                     _memory(r["peak_bytes"], r.get("reserved_bytes")), f"{r['flops_per_image'] / 1e9:,.0f}",
+                     _memory(r["peak_bytes"], r.get("reserved_bytes")), _num(r["flops_per_image"] / 1e9),
                      "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", note])
     parts = [f"Device {payload['environment']['device']}, {s['dtype']}; peak {peak['flops_per_s'] / 1e12:.3g} "
              f"TFLOP/s measured ({peak['how']}; the higher of the run's start and end). E-CAR: {s['ecar']}; {DIT_NAME}: {s['dit']}. Median of "
@@ -454,7 +442,7 @@ def run_dit(harness: Harness, device: torch.device, batches: Sequence[int]) -> N
     for batch in batches:
         harness.dit(pipe, batch)
     del pipe, transformer
-    harness.release()
+    harness.faults.release()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

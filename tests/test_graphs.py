@@ -350,7 +350,7 @@ def test_bench_graphs_profiles_after_the_presets_timed_rows_and_stops_at_a_devic
     def run_row(self, preset, config, batch, path, model, decoder):
         order.append(f"{path} b{batch}")
         if (path, batch) == (fault_at, 64):
-            self.fault = "RuntimeError: CUDA error: an illegal memory access was encountered"
+            self.faults.fault = "RuntimeError: CUDA error: an illegal memory access was encountered"
         return bench_graphs.Row(preset, batch, path, 0.01, 0.02)
 
     monkeypatch.setattr(bench_graphs.Bench, "run_row", run_row)

@@ -32,6 +32,7 @@ def test_harness_writes_rows_json_and_markdown(tmp_path):
     low, high = (f"{t:.3g}" for t in (min(row["times"]), max(row["times"])))
     assert (f"| ecar-tiny | auto | reference | 1 | 2 x 3 stages | {row['latency_s']:.3g} ({low}-{high}, n=3) |"
             in out_md.read_text())
+    assert f"| {row['flops_per_image'] / 1e9:.3g} | " in out_md.read_text()  # a tiny model's GFLOPs are not "0"
 
 
 def test_cpu_runs_only_automatic_dispatch_unless_asked():
@@ -134,8 +135,8 @@ def test_a_device_fault_stops_the_sweep_and_keeps_the_rows(monkeypatch, tmp_path
         return call
 
     h.add(h.measure(throughput.Row("ecar-xl", "auto", 256, "20", 1.0), failing(oom), lambda: None))
-    assert h.fault is None
-    monkeypatch.setattr(throughput, "release", failing(RuntimeError("CUDA error: an illegal memory access")))
+    assert h.faults.fault is None
+    monkeypatch.setattr(measure, "release", failing(RuntimeError("CUDA error: an illegal memory access")))
     row = h.measure(throughput.Row("ecar-xl", "triton", 64, "20", 1.0), failing(fault), lambda: None)
     with pytest.raises(measure.DeviceFault, match="illegal memory access"):
         h.add(row)
