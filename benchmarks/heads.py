@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from benchmarks.heads_table import render_table
-from ecar_infer import Sampler, keep_freed_memory
+from ecar_infer import CheckpointError, Sampler, keep_freed_memory
+from ecar_infer.atomic import atomic_write_text
 from ecar_infer.cli import interval_spec
 from ecar_infer.schedule import StageSteps
 from ecar_infer.training.digits import NUM_CLASSES
@@ -82,6 +83,32 @@ def nearest_train_distance(images: np.ndarray, train: np.ndarray) -> float:
     return float(np.concatenate([pairwise_distances(chunk, train).min(1) for chunk in chunks]).mean())
 
 
+def numbers(parser: argparse.ArgumentParser, option: str, text: str, kind: type) -> list:
+    """A comma-separated list of positive numbers, or the parser's usage error."""
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        parser.error(f"{option} {text}: give positive numbers separated by commas, e.g. {option} 1,2")
+    return values
+
+
+def digits32_sampler(parser: argparse.ArgumentParser, ckpt: str) -> Sampler:
+    """The checkpoint's CPU sampler, or the parser's usage error where it cannot be read or is not a model of
+    digits32's images (the reference classifier judges 32x32 grayscale digits of 10 classes)."""
+    try:
+        sampler = Sampler.from_pretrained(ckpt, device="cpu", progress=False)
+    except CheckpointError as err:
+        parser.error(str(err))
+    c = sampler.config
+    if (c.latent_kind, c.latent_channels, c.image_size, c.num_classes) != ("pixel", 1, 32, NUM_CLASSES):
+        parser.error(f"--ckpt {ckpt}: a {c.latent_kind} model of {c.image_size}x{c.image_size} images with "
+                     f"{c.latent_channels} channel(s) and {c.num_classes} classes; this table judges digits32 "
+                     f"models (pixel, 32x32, 1 channel, {NUM_CLASSES} classes)")
+    return sampler
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", action="append", default=[], help="checkpoint (repeatable)")
@@ -102,19 +129,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.ckpt or not args.out:
         parser.error("give --ckpt (one or more) and --out, or --render JSON")
+    step_counts, scales = numbers(parser, "--steps", args.steps, int), numbers(parser, "--cfg", args.cfg, float)
+    # every checkpoint loaded and checked before the reference classifier is fit (most of a minute)
+    samplers = {ckpt: digits32_sampler(parser, ckpt) for ckpt in args.ckpt}
     keep_freed_memory()  # as ecar-sample does: times are what the command line gets
     torch.set_num_threads(args.threads)
     ref = build_reference()
     real_features = ref.features(ref.heldout)
     real_nearest = nearest_train_distance(ref.heldout[:NUM_CLASSES * args.per_class], ref.train)
     rows = []
-    for ckpt in args.ckpt:
-        sampler = Sampler.from_pretrained(ckpt, device="cpu", progress=False)
+    for ckpt, sampler in samplers.items():
         cfg_model = sampler.config
         name = f"{cfg_model.head_kind}/{cfg_model.head_objective}"
-        for steps in [int(v) for v in args.steps.split(",")]:
+        for steps in step_counts:
             used = usable_steps(sampler, steps)
-            for cfg in [float(v) for v in args.cfg.split(",")]:
+            for cfg in scales:
                 settings = dict(cfg_scale=cfg, steps_per_stage=used, cfg_interval=args.cfg_interval)
                 images, labels = generate(sampler, args.per_class, args.seed, **settings)
                 interval = sampler.defaults.guidance_interval(args.cfg_interval)
@@ -132,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"rows": rows, "real_heldout_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),
               "real_nearest_train": real_nearest, "real_isolated_pixels": isolated_pixels(ref.heldout),
               "threads": args.threads, "per_class": args.per_class, "seed": args.seed, "torch": torch.__version__}
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    atomic_write_text(args.out, json.dumps(report, indent=1))
     print(render_table([(args.out, report)]))
 
 

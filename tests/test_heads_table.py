@@ -149,3 +149,23 @@ def test_heads_records_each_checkpoints_training_steps_for_the_table(tmp_path, m
     assert [r.get("training_steps") for r in rows] == [22500, None]
     printed = capsys.readouterr().out
     assert [cells[1] for cells in table_rows(printed[printed.index("| variant"):])] == ["22,500", "-"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "ecar-emoji32"], "--ckpt ecar-emoji32: a pixel model of 32x32 images with 3 channel(s) and 9 "
+                                 "classes; this table judges digits32 models"),
+    (["--ckpt", "{tmp}/missing.safetensors"], "missing.safetensors: file not found"),
+    (["--ckpt", "ecar-digits32", "--steps", "1,two"], "--steps 1,two: give positive numbers separated by commas"),
+    (["--ckpt", "ecar-digits32", "--cfg", "0"], "--cfg 0: give positive numbers separated by commas"),
+])
+def test_heads_refuses_a_request_it_cannot_judge_before_fitting_the_reference(tmp_path, monkeypatch, capsys,
+                                                                              argv, message):
+    """A model that is not a digits32 model, an unreadable checkpoint or a malformed step list: a usage error
+    (status 2) at once, not a traceback after the reference classifier's minute of fitting."""
+    from benchmarks import heads
+
+    monkeypatch.setattr(heads, "build_reference", lambda: pytest.fail("the reference was built"))
+    with pytest.raises(SystemExit) as exit_:
+        heads.main([a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "heads.json")])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "heads.json").exists()
