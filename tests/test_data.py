@@ -383,6 +383,22 @@ def test_npz_labels_out_of_range(tmp_path, labels, problem):
         open_npz(path, RGB16, tmp_path / "cache")
 
 
+@pytest.mark.parametrize("arrays, problem", [
+    (dict(labels=np.array(1)), r"labels must be a 1-D integer array, got int64 \[\]"),
+    (dict(class_names=np.array("abc")), r"`class_names` must be a 1-D array of strings \(np.array\(names\)\), got <U3 \[\]"),
+    (dict(class_names=np.array([b"a", b"b", b"c"])), r"`class_names` must be a 1-D array of strings .*got \|S1 \[3\]"),
+    (dict(class_names=np.arange(3)), r"`class_names` must be a 1-D array of strings .*got int64 \[3\]"),
+    (dict(images=np.zeros((3, 0, 16, 3), np.uint8)), r"`images` must be uint8 .*\(and H, W at least 1\), got uint8 \[3, 0, 16, 3\]"),
+], ids=["labels 0-d", "class_names 0-d", "class_names bytes", "class_names numbers", "images of no pixels"])
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_arrays_of_the_wrong_form_are_named(tmp_path, arrays, problem, save):
+    """Arrays the loader would trip over (a TypeError, a division by zero) or misread (bytes as "b'a'") are named."""
+    path = tmp_path / "d.npz"
+    save(path, **{"images": random_images(3, 16, 16), "labels": np.arange(3), **arrays})
+    with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
 def test_npz_channel_mismatch_and_malformed_files(tmp_path):
     gray = tmp_path / "gray.npz"
     np.savez(gray, images=random_images(3, 16, 16, c=1), labels=np.arange(3))

@@ -204,11 +204,14 @@ class ImageSet:
             raise DataError(f"{self.description}: no images")
 
 
-def _check_labels(labels: np.ndarray, class_names: list[str], where: str) -> np.ndarray:
-    """The labels as int64, each one a class of `class_names` and every class with at least one image."""
+def _check_labels(labels: np.ndarray, class_names: list[str], where: str, images: int) -> np.ndarray:
+    """The labels as int64, one per image, each one a class of `class_names` and every class with at least one
+    image."""
     num_classes = len(class_names)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
+    if len(labels) != images:
+        raise DataError(f"{where}: {images} images but {len(labels)} labels")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         raise DataError(f"{where}: label {labels[bad[0]]} of image {bad[0]} is outside the classes "
@@ -287,6 +290,14 @@ class _CompressedRows:
         return np.frombuffer(data, self.dtype).reshape((b - a,) + self.shape[1:])
 
 
+def _class_names(names: np.ndarray, path: Path) -> list[str]:
+    """The `class_names` of an .npz data set: a 1-D array of strings."""
+    if names.ndim != 1 or names.dtype.kind != "U":
+        raise DataError(f"{path}: `class_names` must be a 1-D array of strings (np.array(names)), got "
+                        f"{names.dtype} {list(names.shape)}")
+    return names.tolist()
+
+
 def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.PathLike,
              channels: int | None = None) -> ImageSet:
     """An .npz data set (see the module docstring) at the config's size."""
@@ -300,7 +311,7 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
                 raise DataError(f"{path}: an .npz data set needs `images` (uint8 [N, H, W, C], or `arr_0`) and "
                                 f"`labels` ([N] integers); it has {sorted(names)}")
             labels = np.asarray(f["labels"])
-            class_names = [str(n) for n in f["class_names"]] if "class_names" in names else None
+            class_names = _class_names(f["class_names"], path) if "class_names" in names else None
             images = _npz_member_memmap(path, member)
             if images is None:   # compressed: decompressed row by row into the cache below
                 images = _CompressedRows(path, member)
@@ -308,13 +319,12 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
         if isinstance(err, DataError):
             raise
         raise DataError(f"{path}: cannot read the .npz ({err})") from None
-    if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{path}: `images` must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype} "
-                        f"{list(images.shape)}")
-    if len(images) != len(labels):
-        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if (images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3)
+            or 0 in images.shape[1:3]):
+        raise DataError(f"{path}: `images` must be uint8 [N, H, W, C] with C 1 or 3 (and H, W at least 1), got "
+                        f"{images.dtype} {list(images.shape)}")
     class_names = class_names or [str(i) for i in range(config.num_classes)]
-    labels = _check_labels(labels, class_names, str(path))
+    labels = _check_labels(labels, class_names, str(path), len(images))
     nbytes, mtime_ns = _stamp(path)
     if not isinstance(images, np.memmap) or images.shape[1:3] != (size, size):
         key = {"npz": str(path.resolve()), "bytes": nbytes, "mtime_ns": mtime_ns, "size": size}
