@@ -1,7 +1,9 @@
 """Training data sources: image folders and .npz files on tiny generated images, the resize rule, the
 resumable disk cache, and every bad-data error."""
+import io
 import os
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -396,6 +398,50 @@ def test_npz_arrays_of_the_wrong_form_are_named(tmp_path, arrays, problem, save)
     path = tmp_path / "d.npz"
     save(path, **{"images": random_images(3, 16, 16), "labels": np.arange(3), **arrays})
     with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
+def npy_bytes(array: np.ndarray, shape=None) -> bytes:
+    """An .npy file of `array`, its header declaring `shape` (default: the array's own)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                                  "fortran_order": False, "shape": shape or array.shape})
+    return header.getvalue() + array.tobytes()
+
+
+@pytest.mark.parametrize("member, shape, problem", [
+    ("labels", (10**12,), r"`labels` describes an array of int64 \[1000000000000\] \(8,000,000,000,128 bytes\) but holds "
+                          r"152 bytes: the file is truncated or damaged; write it again"),
+    ("images", (3, 16, 32, 3), r"`images` describes an array of uint8 \[3, 16, 32, 3\] .* but holds 2,432 bytes"),
+    ("images", (3, 10**6, 10**6, 3), r"`images` describes an array of uint8 \[3, 1000000, 1000000, 3\]"),
+], ids=["labels beyond any memory", "images beyond their data", "images beyond any memory"])
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_an_npz_member_declaring_more_than_it_holds_is_named(tmp_path, member, shape, problem, compression):
+    """numpy allocates what a member's header declares before reading it (a MemoryError), and the rows of a
+    compressed member came up short in the cache build (a reshape's ValueError): both are a DataError now,
+    before any image is decoded."""
+    path = tmp_path / "d.npz"
+    arrays = {"images": random_images(3, 16, 16), "labels": np.arange(3)}
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, array in arrays.items():
+            archive.writestr(name + ".npy", npy_bytes(array, shape if name == member else None))
+    if member == "images" and compression == zipfile.ZIP_STORED:
+        problem = r"cannot read the .npz \(mmap length is greater than file size\)"   # memory-mapped: numpy checks
+    with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
+def test_damaged_compressed_images_are_named_in_the_cache_build(tmp_path):
+    """A flipped byte in a compressed member surfaces only when the cache build decompresses it (zipfile's
+    BadZipFile, or zlib.error): a DataError."""
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, images=random_images(40, 20, 20), labels=np.arange(40) % 3)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("images.npy")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"d.npz: `images` cannot be decompressed \(.*\): the file is damaged; write it again"):
         open_npz(path, RGB16, tmp_path / "cache")
 
 

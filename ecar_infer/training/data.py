@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,6 +244,18 @@ def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
 
 
+def _member_header(path: Path, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The .npy header of the member `name` of an .npz; a DataError if it describes more bytes than the member
+    holds (a damaged file: numpy would ask for all of them from memory before reading any)."""
+    with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
+        shape, fortran, dtype = _npy_header(f)
+        described, held = f.tell() + dtype.itemsize * math.prod(shape), archive.getinfo(name + ".npy").file_size
+    if described > held:
+        raise DataError(f"{path}: `{name}` describes an array of {dtype} {list(shape)} ({described:,} bytes) but "
+                        f"holds {held:,} bytes: the file is truncated or damaged; write it again")
+    return shape, fortran, dtype
+
+
 def _npz_member_memmap(path: Path, name: str) -> np.ndarray | None:
     """The member `name`.npy of an .npz memory-mapped in place, or None if it is compressed."""
     with zipfile.ZipFile(path) as archive:
@@ -265,8 +279,7 @@ class _CompressedRows:
 
     def __init__(self, path: Path, name: str) -> None:
         self.path, self.name = path, name
-        with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
-            self.shape, fortran, self.dtype = _npy_header(f)
+        self.shape, fortran, self.dtype = _member_header(path, name)
         if fortran or len(self.shape) != 4:
             raise DataError(f"{path}: `{name}` must be a C-ordered [N, H, W, C] array")
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
@@ -277,15 +290,22 @@ class _CompressedRows:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         a, b, _ = rows.indices(len(self))
-        if self._stream is None or a < self._row:   # (re)open at the start of the member
-            self._archive = zipfile.ZipFile(self.path)
-            self._stream = self._archive.open(self.name + ".npy")
-            _npy_header(self._stream)
-            self._row = 0
-        while self._row < a:   # skip rows a resumed build has already done
-            self._stream.read(self.row_bytes)
-            self._row += 1
-        data = self._stream.read(self.row_bytes * (b - a))
+        try:
+            if self._stream is None or a < self._row:   # (re)open at the start of the member
+                self._archive = zipfile.ZipFile(self.path)
+                self._stream = self._archive.open(self.name + ".npy")
+                _npy_header(self._stream)
+                self._row = 0
+            while self._row < a:   # skip rows a resumed build has already done
+                self._stream.read(self.row_bytes)
+                self._row += 1
+            data = self._stream.read(self.row_bytes * (b - a))
+        except (zipfile.BadZipFile, EOFError, zlib.error) as err:   # damaged compressed data (a bad CRC-32)
+            raise DataError(f"{self.path}: `{self.name}` cannot be decompressed ({err}): the file is damaged; "
+                            f"write it again") from None
+        if len(data) != self.row_bytes * (b - a):
+            raise DataError(f"{self.path}: `{self.name}` ends before its image {a + len(data) // self.row_bytes}: the "
+                            f"file is truncated or damaged; write it again")
         self._row = b
         return np.frombuffer(data, self.dtype).reshape((b - a,) + self.shape[1:])
 
@@ -310,6 +330,7 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
             if not {member, "labels"} <= names:
                 raise DataError(f"{path}: an .npz data set needs `images` (uint8 [N, H, W, C], or `arr_0`) and "
                                 f"`labels` ([N] integers); it has {sorted(names)}")
+            _member_header(path, "labels")   # before numpy allocates what it describes
             labels = np.asarray(f["labels"])
             class_names = _class_names(f["class_names"], path) if "class_names" in names else None
             images = _npz_member_memmap(path, member)
