@@ -254,6 +254,38 @@ def test_an_interrupted_cache_build_resumes_and_a_changed_key_rebuilds(tmp_path)
     assert asked == [0, 3, 6]
 
 
+@pytest.mark.parametrize("damage", ["cut short", "garbage", "another shape", "progress not a count",
+                                    "progress beyond the rows", "partial cut short"])
+def test_a_damaged_cache_file_is_built_again(tmp_path, damage):
+    """The cache's own files, damaged (a crash, a full disk, a copy cut short), were read as they were: a
+    ValueError naming no file (mmap length, int()), an IndexError at a training step for an array of another
+    shape, or unfilled rows published as done for a progress record beyond them. They are built again now."""
+    rows = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    asked = []
+
+    def fill(a, b):
+        asked.append(a)
+        return rows[a:b]
+
+    path = tmp_path / "c.npy"
+    diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3)
+    if damage == "cut short":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"garbage")
+    elif damage == "another shape":
+        np.save(path, rows[:2])
+    else:   # an interrupted build: the partial file and its progress record
+        path.rename(tmp_path / "c.partial.npy")
+        (tmp_path / "c.progress").write_text({"progress not a count": "three", "progress beyond the rows": "99",
+                                              "partial cut short": "3"}[damage])
+        if damage == "partial cut short":
+            (tmp_path / "c.partial.npy").write_bytes(b"\x93NUMPY")
+    asked.clear()
+    out = diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3)
+    assert asked == [0, 3, 6] and np.array_equal(out, rows)
+
+
 def test_a_build_interrupted_in_its_first_chunk_starts_afresh(tmp_path):
     """The partial file exists from the start, before any progress is recorded: it holds no finished rows."""
     rows = np.arange(1, 7 * 2 + 1, dtype=np.float32).reshape(7, 2)
