@@ -225,6 +225,8 @@ def _read_autoencoder(path: Path):
     """load_autoencoder, but for the check of the weights' values."""
     if not path.exists():
         raise VAEError(f"VAE not found: {path} (give a local diffusers AutoencoderKL folder or a .safetensors file)")
+    if not path.is_dir() and not path.is_file():   # a FIFO or a device: reading it may wait forever, or never end
+        raise VAEError(f"could not load the VAE at {path}: not a regular file or folder (a FIFO or a device)")
     from diffusers import AutoencoderKL
 
     try:

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import fifo_at, random_model
 from ecar_infer import ECARConfig, Sampler, save_checkpoint
 from ecar_infer.vae import (CONFIG_KEY, AutoencoderDecoder, IdentityDecoder, VAEError, build_decoder, load_autoencoder,
                             save_autoencoder)
@@ -368,3 +368,10 @@ def test_random_vae_is_fitted_to_the_config():
     assert list(sampler.decoder.vae.config.block_out_channels) == [128, 256]  # the SD-VAE's first two blocks
     images = sampler.generate([3], steps_per_stage=1, output_type="np").images
     assert images.shape == (1, 32, 32, 3)
+
+
+def test_a_fifo_is_refused_before_it_is_read(tmp_path):
+    """safetensors waited forever on a FIFO, for no writer may ever come."""
+    with fifo_at(tmp_path / "vae.safetensors") as path:
+        with pytest.raises(VAEError, match=r"vae.safetensors: not a regular file or folder \(a FIFO or a device\)"):
+            load_autoencoder(path)
