@@ -209,6 +209,9 @@ def _read_header(path: Path) -> tuple[dict[str, str], Entries]:
         raise CheckpointError(path, f"file not found (the shipped models, by name: {', '.join(shipped_models())})")
     if path.is_dir():
         raise CheckpointError(path, f"is a directory; give a .safetensors file or a *{INDEX_SUFFIX} index")
+    if not path.is_file():   # a FIFO or a device: reading it may wait forever, or never end
+        raise CheckpointError(path, f"is not a regular file (a FIFO or a device); give a .safetensors file or a "
+                                    f"*{INDEX_SUFFIX} index")
     return _read_index(path) if path.name.endswith(INDEX_SUFFIX) else _read_file(path)
 
 

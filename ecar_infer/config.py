@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .checks import is_finite_real, parse_json
+from .checks import FLOAT32_MAX, is_finite_real, parse_json
 
 LATENT_KINDS = ("sd-vae", "pixel")
 STAGE_WINDOWS = ("uniform",)
@@ -105,8 +105,8 @@ class ECARConfig:
                 fail(name, "must be a positive integer")
         for name in ("mlp_ratio", "vae_scaling_factor", "time_scale", "norm_eps"):
             value = getattr(self, name)
-            if not (is_finite_real(value) and value > 0):
-                fail(name, "must be a positive finite number")
+            if not (is_finite_real(value) and 0 < value <= FLOAT32_MAX):   # beyond: inf in the model, NaN images
+                fail(name, "must be a positive finite number within float32's range (at most 3.4e38)")
         if self.latent_kind == "pixel" and self.vae_downsample != 1:
             fail("vae_downsample", "must be 1 for latent_kind='pixel' (the identity latent)")
         if self.image_size % self.vae_downsample:

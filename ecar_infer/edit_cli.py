@@ -74,6 +74,8 @@ def read_image(path: str, what: str, size: int):
     any file)."""
     from PIL import Image, UnidentifiedImageError
 
+    if Path(path).exists() and not Path(path).is_file():   # a FIFO would make Image.open wait forever
+        raise cli.UsageError(f"{what} {path}: not a regular file (a folder, a FIFO or a device); give an image file")
     try:
         image = Image.open(path)
     except FileNotFoundError:

@@ -215,6 +215,8 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
             x = x[None]
         if x.dim() != 4:
             raise EditInputError(f"an image tensor must be [C, H, W] or [N, C, H, W], got shape {tuple(images.shape)}")
+        if x.isnan().any():   # NaN passes the range check below, and an edit would carry it into its output
+            raise EditInputError("image tensors must be numbers in the model's pixel range [-1, 1], got NaN values")
         if x.abs().max() > 1.0 + 1e-3:
             raise EditInputError(f"image tensors must be in the model's pixel range [-1, 1], got values up to "
                              f"{x.abs().max().item():.3g}")

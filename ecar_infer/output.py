@@ -111,12 +111,17 @@ def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: st
              settings: str | None = None) -> None:
     """Join the `arr_0` of several sample files, in order, into one sample file for `labels`, streaming
     one file at a time (a 50,000-image file need not fit in memory twice); `settings` (text) is stored
-    beside them as a 0-d string array `settings`, which evaluators ignore."""
+    beside them as a 0-d string array `settings`, which evaluators ignore. ValueError if a file cannot be read
+    or its images do not fit the others."""
 
     def arrays() -> Iterator[np.ndarray]:
         for file in files:
-            with np.load(file) as data:
-                yield data["arr_0"]
+            try:
+                with np.load(file, allow_pickle=False) as data:
+                    images = data["arr_0"]
+            except (KeyError, ValueError, zipfile.BadZipFile) as err:   # a damaged file (OSError: as a write's)
+                raise ValueError(f"{Path(file).name} cannot be read ({err})") from None
+            yield images
 
     _write_npz(path, arrays(), labels, settings)
 

@@ -187,8 +187,12 @@ class NpzTarget(Target):
         if self.finished_before:
             return str(self.path)
         self.check_complete()
-        join_npz([self.part(b) for b in range(len(self.batches))], self.labels, self.path,
-                 settings_text(self.settings))
+        try:
+            join_npz([self.part(b) for b in range(len(self.batches))], self.labels, self.path,
+                     settings_text(self.settings))
+        except ValueError as err:   # a batch file damaged after it was written whole (cut short in a copy)
+            raise ResumeError(f"{self.where()} holds a damaged batch file: {err}; delete that file and rerun the "
+                              f"same command, which samples its batch again") from None
         shutil.rmtree(self.parts)
         return str(self.path)
 

@@ -21,7 +21,7 @@ import torch
 from .checks import parse_json
 from .config import ECARConfig
 from .atomic import atomic_path
-from .meta_build import BuildError, build_within, mismatch, names_differ, shapes_differ
+from .meta_build import BuildError, build_within, mismatch, names_differ, shapes_differ, some
 
 logger = logging.getLogger("ecar_infer")
 
@@ -211,10 +211,22 @@ def hub_offline() -> Iterator[None]:
 
 
 def load_autoencoder(path: str | os.PathLike):
-    """AutoencoderKL from a local diffusers folder (config.json + weights) or a single .safetensors file."""
-    path = Path(path)
+    """AutoencoderKL from a local diffusers folder (config.json + weights) or a single .safetensors file; a
+    VAEError for anything else, weights that hold NaN or infinite values included (they decode to NaN images)."""
+    vae = _read_autoencoder(Path(path))
+    nonfinite = [name for name, t in vae.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if nonfinite:
+        raise VAEError(f"could not load the VAE at {path}: {some(sorted(nonfinite))} hold NaN or infinite values: the "
+                       f"file is corrupt, or it was saved from a training run that diverged")
+    return vae
+
+
+def _read_autoencoder(path: Path):
+    """load_autoencoder, but for the check of the weights' values."""
     if not path.exists():
         raise VAEError(f"VAE not found: {path} (give a local diffusers AutoencoderKL folder or a .safetensors file)")
+    if not path.is_dir() and not path.is_file():   # a FIFO or a device: reading it may wait forever, or never end
+        raise VAEError(f"could not load the VAE at {path}: not a regular file or folder (a FIFO or a device)")
     from diffusers import AutoencoderKL
 
     try:

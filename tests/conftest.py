@@ -60,6 +60,23 @@ def assert_matches_reference(out: torch.Tensor, oracle: torch.Tensor, same_preci
     assert err <= bound, f"max error {err:.3g} > bound {bound:.3g} (same-precision torch: {err_torch:.3g})"
 
 
+@contextlib.contextmanager
+def fifo_at(path):
+    """A FIFO at `path` whose first reader gets end-of-file at once (a writer process opens and closes it: a
+    thread could not, while the reader holds the GIL), so that a loader that reads it fails its test instead
+    of waiting forever; the writer is released at the end."""
+    import subprocess
+
+    os.mkfifo(path)
+    writer = subprocess.Popen(["sh", "-c", ': > "$0"', str(path)])
+    try:
+        yield path
+    finally:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)   # a reader: the writer's open returns
+        writer.wait(5)
+        os.close(fd)
+
+
 def refuse_writes_in(monkeypatch, folder):
     """Make `folder` read-only to the writability check (chmod does not stop root, who may run the tests)."""
     real = tempfile.TemporaryFile

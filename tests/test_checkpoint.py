@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import random_model
+from conftest import fifo_at, random_model
 from ecar_infer import CheckpointError, ECARConfig, Sampler, load_checkpoint, save_checkpoint
 from ecar_infer.checkpoint import FORMAT, FORMAT_VERSION
 from ecar_infer.model import ECARModel
@@ -203,7 +203,8 @@ def test_an_index_reads_its_metadata_values_as_strings(model, tmp_path):
 
 @pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
 def test_a_file_that_cannot_be_mapped_is_refused_as_not_safetensors():
-    with pytest.raises(CheckpointError, match=r"checkpoint /dev/null: not a safetensors file \(0 bytes"):
+    """A device is no checkpoint (and reading one such as a terminal would wait), refused before it is read."""
+    with pytest.raises(CheckpointError, match=r"checkpoint /dev/null: is not a regular file \(a FIFO or a device\)"):
         load_checkpoint("/dev/null")
 
 
@@ -448,3 +449,10 @@ def test_a_shipped_model_loads_by_name_and_dtype_by_its_name(tmp_path, monkeypat
 
 def test_checkpoint_error_is_a_value_error():
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_a_fifo_is_refused_before_it_is_read(tmp_path):
+    """A FIFO (or a device) at the path: safetensors waited forever on it, for no writer may ever come."""
+    with fifo_at(tmp_path / "model.safetensors") as path:
+        with pytest.raises(CheckpointError, match=r"model.safetensors: is not a regular file \(a FIFO or a device\)"):
+            load_checkpoint(path)

@@ -53,6 +53,8 @@ def test_unknown_preset_lists_the_known_ones():
     (dict(time_scale=float("nan")), "time_scale"),
     (dict(time_scale=float("inf")), "time_scale"),
     (dict(time_scale=10**400), "time_scale"),               # an int beyond a float's range: no OverflowError
+    (dict(time_scale=1e39), "time_scale"),                  # inf in float32: a checkpoint of it sampled NaN images
+    (dict(vae_scaling_factor=1e300), "vae_scaling_factor"),
     (dict(mlp_ratio="4"), "mlp_ratio"),                     # a number, not its text
     (dict(vae_scaling_factor=-0.18215), "vae_scaling_factor"),
     (dict(width=72, num_heads=12), "width"),                # width % 4 == 0, but head dim 6 is not a multiple of 4
@@ -69,6 +71,7 @@ def test_validation_names_the_offending_field(changes, field):
     dict(head_kind="attention", head_width=1028, head_num_heads=4), dict(mlp_ratio=1e-3, norm_eps=1e-12),
     dict(head_width=1022, head_num_heads=3),   # an mlp head has no attention heads to divide it
     dict(image_size=192, num_stages=3),        # grid 12 halves exactly twice: 12, 6, 3
+    dict(time_scale=3.4028234663852886e38),    # the largest float32
 ])
 def test_values_at_each_bound_are_accepted(changes):
     cfg = ECARConfig.preset("ecar-b").replace(**changes)

@@ -1,7 +1,9 @@
 """Training data sources: image folders and .npz files on tiny generated images, the resize rule, the
 resumable disk cache, and every bad-data error."""
+import io
 import os
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -252,6 +254,38 @@ def test_an_interrupted_cache_build_resumes_and_a_changed_key_rebuilds(tmp_path)
     assert asked == [0, 3, 6]
 
 
+@pytest.mark.parametrize("damage", ["cut short", "garbage", "another shape", "progress not a count",
+                                    "progress beyond the rows", "partial cut short"])
+def test_a_damaged_cache_file_is_built_again(tmp_path, damage):
+    """The cache's own files, damaged (a crash, a full disk, a copy cut short), were read as they were: a
+    ValueError naming no file (mmap length, int()), an IndexError at a training step for an array of another
+    shape, or unfilled rows published as done for a progress record beyond them. They are built again now."""
+    rows = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    asked = []
+
+    def fill(a, b):
+        asked.append(a)
+        return rows[a:b]
+
+    path = tmp_path / "c.npy"
+    diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3)
+    if damage == "cut short":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "garbage":
+        path.write_bytes(b"garbage")
+    elif damage == "another shape":
+        np.save(path, rows[:2])
+    else:   # an interrupted build: the partial file and its progress record
+        path.rename(tmp_path / "c.partial.npy")
+        (tmp_path / "c.progress").write_text({"progress not a count": "three", "progress beyond the rows": "99",
+                                              "partial cut short": "3"}[damage])
+        if damage == "partial cut short":
+            (tmp_path / "c.partial.npy").write_bytes(b"\x93NUMPY")
+    asked.clear()
+    out = diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3)
+    assert asked == [0, 3, 6] and np.array_equal(out, rows)
+
+
 def test_a_build_interrupted_in_its_first_chunk_starts_afresh(tmp_path):
     """The partial file exists from the start, before any progress is recorded: it holds no finished rows."""
     rows = np.arange(1, 7 * 2 + 1, dtype=np.float32).reshape(7, 2)
@@ -380,6 +414,66 @@ def test_npz_labels_out_of_range(tmp_path, labels, problem):
     path = tmp_path / "d.npz"
     np.savez(path, images=random_images(3, 16, 16), labels=np.array(labels))
     with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("arrays, problem", [
+    (dict(labels=np.array(1)), r"labels must be a 1-D integer array, got int64 \[\]"),
+    (dict(class_names=np.array("abc")), r"`class_names` must be a 1-D array of strings \(np.array\(names\)\), got <U3 \[\]"),
+    (dict(class_names=np.array([b"a", b"b", b"c"])), r"`class_names` must be a 1-D array of strings .*got \|S1 \[3\]"),
+    (dict(class_names=np.arange(3)), r"`class_names` must be a 1-D array of strings .*got int64 \[3\]"),
+    (dict(images=np.zeros((3, 0, 16, 3), np.uint8)), r"`images` must be uint8 .*\(and H, W at least 1\), got uint8 \[3, 0, 16, 3\]"),
+], ids=["labels 0-d", "class_names 0-d", "class_names bytes", "class_names numbers", "images of no pixels"])
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_arrays_of_the_wrong_form_are_named(tmp_path, arrays, problem, save):
+    """Arrays the loader would trip over (a TypeError, a division by zero) or misread (bytes as "b'a'") are named."""
+    path = tmp_path / "d.npz"
+    save(path, **{"images": random_images(3, 16, 16), "labels": np.arange(3), **arrays})
+    with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
+def npy_bytes(array: np.ndarray, shape=None) -> bytes:
+    """An .npy file of `array`, its header declaring `shape` (default: the array's own)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                                  "fortran_order": False, "shape": shape or array.shape})
+    return header.getvalue() + array.tobytes()
+
+
+@pytest.mark.parametrize("member, shape, problem", [
+    ("labels", (10**12,), r"`labels` describes an array of int64 \[1000000000000\] \(8,000,000,000,128 bytes\) but holds "
+                          r"152 bytes: the file is truncated or damaged; write it again"),
+    ("images", (3, 16, 32, 3), r"`images` describes an array of uint8 \[3, 16, 32, 3\] .* but holds 2,432 bytes"),
+    ("images", (3, 10**6, 10**6, 3), r"`images` describes an array of uint8 \[3, 1000000, 1000000, 3\]"),
+], ids=["labels beyond any memory", "images beyond their data", "images beyond any memory"])
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_an_npz_member_declaring_more_than_it_holds_is_named(tmp_path, member, shape, problem, compression):
+    """numpy allocates what a member's header declares before reading it (a MemoryError), and the rows of a
+    compressed member came up short in the cache build (a reshape's ValueError): both are a DataError now,
+    before any image is decoded."""
+    path = tmp_path / "d.npz"
+    arrays = {"images": random_images(3, 16, 16), "labels": np.arange(3)}
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, array in arrays.items():
+            archive.writestr(name + ".npy", npy_bytes(array, shape if name == member else None))
+    if member == "images" and compression == zipfile.ZIP_STORED:
+        problem = r"cannot read the .npz \(mmap length is greater than file size\)"   # memory-mapped: numpy checks
+    with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
+def test_damaged_compressed_images_are_named_in_the_cache_build(tmp_path):
+    """A flipped byte in a compressed member surfaces only when the cache build decompresses it (zipfile's
+    BadZipFile, or zlib.error): a DataError."""
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, images=random_images(40, 20, 20), labels=np.arange(40) % 3)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("images.npy")
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"d.npz: `images` cannot be decompressed \(.*\): the file is damaged; write it again"):
         open_npz(path, RGB16, tmp_path / "cache")
 
 

@@ -448,6 +448,7 @@ def test_latent_model_requests_without_a_mask_paste_nothing(vae_sampler):
     (dict(images=np.zeros((20, 20), dtype=np.uint8)), "images are 20x20 pixels but the model makes 16x16"),
     (dict(images=np.zeros((16, 16, 3), dtype=np.uint8)), "3 channels but the model makes grayscale"),
     (dict(images=torch.full((1, 16, 16), 3.0)), r"pixel range \[-1, 1\]"),
+    (dict(images=torch.full((1, 16, 16), float("nan"))), r"pixel range \[-1, 1\], got NaN values"),
     (dict(images=np.zeros((16, 16), dtype=np.float32)), "image arrays must be uint8"),
     (dict(mask=[np.ones((16, 16), dtype=bool)] * 3), "3 masks for 1 images"),
     (dict(output_type="jpeg"), "output_type"),

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import fifo_at
 from ecar_infer import ECARConfig, Sampler
 from ecar_infer.edit_cli import main
 
@@ -176,6 +177,18 @@ def test_an_image_too_large_to_decode_is_a_user_error(ckpt, image, tmp_path, cap
     assert re.search(r"ecar-edit: error: --image .*in.png is far larger than the model's 16x16 images: "
                      r"Image size \(256 pixels\)", stderr), stderr
     assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("option", ["--image", "--mask"])
+def test_a_fifo_given_as_an_image_is_a_user_error(ckpt, image, tmp_path, capsys, option):
+    """PIL waited forever on a FIFO, for no writer may ever come."""
+    path, _ = image
+    with fifo_at(tmp_path / "fifo.png") as fifo:
+        args = {"--image": path, "--mask": "left", option: fifo}
+        code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", tmp_path / "out.png",
+                              *[str(a) for kv in args.items() for a in kv])
+    assert code == 2 and stderr == (f"ecar-edit: error: {option} {fifo}: not a regular file (a folder, a FIFO or a "
+                                    f"device); give an image file\n"), stderr
 
 
 @pytest.mark.parametrize("output, message", [

@@ -583,6 +583,37 @@ def test_an_unreadable_resume_state_is_one_line(tmp_path, capsys, damage):
         assert err.endswith("): delete it to start over, or choose another --workdir\n")
 
 
+def test_a_resume_state_whose_tensors_do_not_fit_is_one_line(tmp_path, capsys):
+    """A state whose header reads but whose entries do not fit the run (one missing, of another shape, a config
+    that is not JSON, a negative step) was a KeyError, RuntimeError, ConfigError or TypeError traceback, some
+    only at the first step (AdamW moments of another shape, losses of two dimensions)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+    state = tmp_path / "state.safetensors"
+    with safe_open(state, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    moment = next(k for k in tensors if k.startswith("adamw.exp_avg."))
+    damages = {
+        "it lacks 'rng'": ({k: v for k, v in tensors.items() if k != "rng"}, meta),
+        "it lacks 'config'": (tensors, {k: v for k, v in meta.items() if k != "config"}),
+        "config is not valid JSON": (tensors, {**meta, "config": "{"}),
+        f"{moment} is [1], its parameter": ({**tensors, moment: torch.zeros(1)}, meta),
+        "Expected a CPUGeneratorImplState": ({**tensors, "rng": torch.zeros(3, dtype=torch.uint8)}, meta),
+        "recent_losses must be a list of losses, got a tensor of shape [2, 2]":
+            ({**tensors, "recent_losses": torch.zeros(2, 2, dtype=torch.float64)}, meta),
+        "its step -1 is negative": (tensors, {**meta, "step": "-1"}),
+    }
+    for why, (damaged, metadata) in damages.items():
+        save_file(damaged, state, metadata=metadata)
+        err = user_error(capsys, run + ["--resume", "--until", "3"])
+        assert f"the resume state {state} cannot be read ({why}" in err, err
+        assert err.endswith("): delete it to start over, or choose another --workdir\n")
+
+
 def damaged_header(length: int | None, header: str) -> bytes:
     body = header.encode()
     return (len(body) if length is None else length).to_bytes(8, "little") + body + bytes(4)

@@ -3,7 +3,7 @@ import logging
 import pytest
 import torch
 
-from conftest import random_model
+from conftest import fifo_at, random_model
 from ecar_infer import ECARConfig, Sampler, save_checkpoint
 from ecar_infer.vae import (CONFIG_KEY, AutoencoderDecoder, IdentityDecoder, VAEError, build_decoder, load_autoencoder,
                             save_autoencoder)
@@ -241,6 +241,20 @@ def test_a_crafted_diffusers_folder_is_refused_before_anything_is_built(vae, tmp
         load_autoencoder(misshaped)
 
 
+@pytest.mark.parametrize("craft", [crafted_file, crafted_folder], ids=["single file", "diffusers folder"])
+def test_a_vae_whose_weights_hold_nan_or_inf_is_refused(vae, tmp_path, craft):
+    """As a checkpoint's: such weights loaded and decoded every image to NaN (black) without a word."""
+    def poison(tensors):
+        tensors["decoder.conv_out.weight"] = tensors["decoder.conv_out.weight"].clone()
+        tensors["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
+        tensors["encoder.conv_in.bias"] = torch.full_like(tensors["encoder.conv_in.bias"], float("inf"))
+
+    path = craft(vae, tmp_path / ("bad.safetensors" if craft is crafted_file else "bad"), edit_tensors=poison)
+    with pytest.raises(VAEError, match=r"could not load the VAE at .*bad.*: decoder.conv_out.weight, encoder.conv_in.bias "
+                                       r"hold NaN or infinite values: the file is corrupt"):
+        load_autoencoder(path)
+
+
 def test_older_diffusers_folders_still_load(vae, tmp_path):
     """The bounded check must not refuse what diffusers reads: the attention names of folders written before
     diffusers renamed them (the SD VAEs on the Hub), and pickled weights without a safetensors file."""
@@ -354,3 +368,10 @@ def test_random_vae_is_fitted_to_the_config():
     assert list(sampler.decoder.vae.config.block_out_channels) == [128, 256]  # the SD-VAE's first two blocks
     images = sampler.generate([3], steps_per_stage=1, output_type="np").images
     assert images.shape == (1, 32, 32, 3)
+
+
+def test_a_fifo_is_refused_before_it_is_read(tmp_path):
+    """safetensors waited forever on a FIFO, for no writer may ever come."""
+    with fifo_at(tmp_path / "vae.safetensors") as path:
+        with pytest.raises(VAEError, match=r"vae.safetensors: not a regular file or folder \(a FIFO or a device\)"):
+            load_autoencoder(path)

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,11 +206,14 @@ class ImageSet:
             raise DataError(f"{self.description}: no images")
 
 
-def _check_labels(labels: np.ndarray, class_names: list[str], where: str) -> np.ndarray:
-    """The labels as int64, each one a class of `class_names` and every class with at least one image."""
+def _check_labels(labels: np.ndarray, class_names: list[str], where: str, images: int) -> np.ndarray:
+    """The labels as int64, one per image, each one a class of `class_names` and every class with at least one
+    image."""
     num_classes = len(class_names)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-D integer array, got {labels.dtype} {list(labels.shape)}")
+    if len(labels) != images:
+        raise DataError(f"{where}: {images} images but {len(labels)} labels")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         raise DataError(f"{where}: label {labels[bad[0]]} of image {bad[0]} is outside the classes "
@@ -239,6 +244,18 @@ def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
 
 
+def _member_header(path: Path, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The .npy header of the member `name` of an .npz; a DataError if it describes more bytes than the member
+    holds (a damaged file: numpy would ask for all of them from memory before reading any)."""
+    with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
+        shape, fortran, dtype = _npy_header(f)
+        described, held = f.tell() + dtype.itemsize * math.prod(shape), archive.getinfo(name + ".npy").file_size
+    if described > held:
+        raise DataError(f"{path}: `{name}` describes an array of {dtype} {list(shape)} ({described:,} bytes) but "
+                        f"holds {held:,} bytes: the file is truncated or damaged; write it again")
+    return shape, fortran, dtype
+
+
 def _npz_member_memmap(path: Path, name: str) -> np.ndarray | None:
     """The member `name`.npy of an .npz memory-mapped in place, or None if it is compressed."""
     with zipfile.ZipFile(path) as archive:
@@ -262,8 +279,7 @@ class _CompressedRows:
 
     def __init__(self, path: Path, name: str) -> None:
         self.path, self.name = path, name
-        with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
-            self.shape, fortran, self.dtype = _npy_header(f)
+        self.shape, fortran, self.dtype = _member_header(path, name)
         if fortran or len(self.shape) != 4:
             raise DataError(f"{path}: `{name}` must be a C-ordered [N, H, W, C] array")
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
@@ -274,17 +290,32 @@ class _CompressedRows:
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         a, b, _ = rows.indices(len(self))
-        if self._stream is None or a < self._row:   # (re)open at the start of the member
-            self._archive = zipfile.ZipFile(self.path)
-            self._stream = self._archive.open(self.name + ".npy")
-            _npy_header(self._stream)
-            self._row = 0
-        while self._row < a:   # skip rows a resumed build has already done
-            self._stream.read(self.row_bytes)
-            self._row += 1
-        data = self._stream.read(self.row_bytes * (b - a))
+        try:
+            if self._stream is None or a < self._row:   # (re)open at the start of the member
+                self._archive = zipfile.ZipFile(self.path)
+                self._stream = self._archive.open(self.name + ".npy")
+                _npy_header(self._stream)
+                self._row = 0
+            while self._row < a:   # skip rows a resumed build has already done
+                self._stream.read(self.row_bytes)
+                self._row += 1
+            data = self._stream.read(self.row_bytes * (b - a))
+        except (zipfile.BadZipFile, EOFError, zlib.error) as err:   # damaged compressed data (a bad CRC-32)
+            raise DataError(f"{self.path}: `{self.name}` cannot be decompressed ({err}): the file is damaged; "
+                            f"write it again") from None
+        if len(data) != self.row_bytes * (b - a):
+            raise DataError(f"{self.path}: `{self.name}` ends before its image {a + len(data) // self.row_bytes}: the "
+                            f"file is truncated or damaged; write it again")
         self._row = b
         return np.frombuffer(data, self.dtype).reshape((b - a,) + self.shape[1:])
+
+
+def _class_names(names: np.ndarray, path: Path) -> list[str]:
+    """The `class_names` of an .npz data set: a 1-D array of strings."""
+    if names.ndim != 1 or names.dtype.kind != "U":
+        raise DataError(f"{path}: `class_names` must be a 1-D array of strings (np.array(names)), got "
+                        f"{names.dtype} {list(names.shape)}")
+    return names.tolist()
 
 
 def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.PathLike,
@@ -299,8 +330,9 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
             if not {member, "labels"} <= names:
                 raise DataError(f"{path}: an .npz data set needs `images` (uint8 [N, H, W, C], or `arr_0`) and "
                                 f"`labels` ([N] integers); it has {sorted(names)}")
+            _member_header(path, "labels")   # before numpy allocates what it describes
             labels = np.asarray(f["labels"])
-            class_names = [str(n) for n in f["class_names"]] if "class_names" in names else None
+            class_names = _class_names(f["class_names"], path) if "class_names" in names else None
             images = _npz_member_memmap(path, member)
             if images is None:   # compressed: decompressed row by row into the cache below
                 images = _CompressedRows(path, member)
@@ -308,13 +340,12 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
         if isinstance(err, DataError):
             raise
         raise DataError(f"{path}: cannot read the .npz ({err})") from None
-    if images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{path}: `images` must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype} "
-                        f"{list(images.shape)}")
-    if len(images) != len(labels):
-        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
+    if (images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3)
+            or 0 in images.shape[1:3]):
+        raise DataError(f"{path}: `images` must be uint8 [N, H, W, C] with C 1 or 3 (and H, W at least 1), got "
+                        f"{images.dtype} {list(images.shape)}")
     class_names = class_names or [str(i) for i in range(config.num_classes)]
-    labels = _check_labels(labels, class_names, str(path))
+    labels = _check_labels(labels, class_names, str(path), len(images))
     nbytes, mtime_ns = _stamp(path)
     if not isinstance(images, np.memmap) or images.shape[1:3] != (size, size):
         key = {"npz": str(path.resolve()), "bytes": nbytes, "mtime_ns": mtime_ns, "size": size}

@@ -47,6 +47,25 @@ def is_cached(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dtype:
     return path.exists() and meta_path.exists() and meta_path.read_text() == _meta_text(key, shape, dtype)
 
 
+def _opened(path: Path, shape: tuple[int, ...], dtype: np.dtype, mode: str) -> np.ndarray | None:
+    """The .npy file `path` memory-mapped, or None where it is not a whole array of `shape` and `dtype` (a file
+    cut short or written over: the cache's own file, so it is built again rather than refused)."""
+    try:
+        array = np.lib.format.open_memmap(path, mode=mode)
+    except (OSError, ValueError):
+        return None
+    return array if array.shape == tuple(shape) and array.dtype == np.dtype(dtype) else None
+
+
+def _rows_done(progress_path: Path, total: int) -> int | None:
+    """The rows a progress record counts as done, None where it is not a count of 0..total."""
+    try:
+        done = int(progress_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return done if 0 <= done <= total else None
+
+
 def cached_array(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dtype: np.dtype,
                  fill: Callable[[int, int], np.ndarray], chunk: int,
                  report: Callable[[int, int], None] | None = None) -> np.ndarray:
@@ -63,12 +82,12 @@ def cached_array(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dty
     want = _meta_text(key, shape, dtype)
     with _locked(stem.with_suffix(".lock")):
         same = meta_path.exists() and meta_path.read_text() == want
-        if same and path.exists():
-            return np.load(path, mmap_mode="r")
-        if same and partial.exists() and progress_path.exists():
-            done = int(progress_path.read_text())
-            array = np.lib.format.open_memmap(partial, mode="r+")
-        else:   # nothing usable: start afresh
+        finished = _opened(path, shape, dtype, "r") if same and path.exists() else None
+        if finished is not None:
+            return finished
+        done = _rows_done(progress_path, shape[0]) if same and partial.exists() else None
+        array = None if done is None else _opened(partial, shape, dtype, "r+")
+        if array is None:   # nothing usable (or a damaged file): start afresh
             for stale in (path, partial, progress_path):
                 stale.unlink(missing_ok=True)
             _write_text(meta_path, want)

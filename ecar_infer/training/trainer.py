@@ -49,7 +49,7 @@ from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
 from ..cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file, check_writable_folder, checked,
                    content_sha256, make_folder, normalize, positive_int, user_errors)
-from ..config import ECARConfig
+from ..config import ConfigError, ECARConfig
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
 from ..registry import preset_names
@@ -222,16 +222,26 @@ class Trainer:
         strip = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         self.model.load_state_dict(strip("model."))
         self.ema.load_state_dict(strip("ema."))
+
+        def moment(kind: str, name: str, param: torch.Tensor) -> torch.Tensor:   # AdamW would take any shape
+            value = tensors[f"adamw.{kind}.{name}"]
+            if value.shape != param.shape:
+                raise RuntimeError(f"adamw.{kind}.{name} is {list(value.shape)}, its parameter {list(param.shape)}")
+            return value
+
         opt_state = self.optimizer.state_dict()
         opt_state["state"] = {
-            i: {"step": tensors[f"adamw.step.{name}"].reshape(()), "exp_avg": tensors[f"adamw.exp_avg.{name}"],
-                "exp_avg_sq": tensors[f"adamw.exp_avg_sq.{name}"]}
-            for i, (name, _) in enumerate(self.model.named_parameters()) if f"adamw.step.{name}" in tensors}
+            i: {"step": tensors[f"adamw.step.{name}"].reshape(()), "exp_avg": moment("exp_avg", name, p),
+                "exp_avg_sq": moment("exp_avg_sq", name, p)}
+            for i, (name, p) in enumerate(self.model.named_parameters()) if f"adamw.step.{name}" in tensors}
         self.optimizer.load_state_dict(opt_state)
         self.gen.set_state(tensors["rng"])
         self.step = int(meta["step"])
         # a state saved before the losses were kept has none: the mean then starts at the resumed step
         recent = tensors["recent_losses"].tolist() if "recent_losses" in tensors else []
+        if not all(isinstance(loss, float) for loss in recent):   # else the first mean fails, steps later
+            raise TypeError(f"recent_losses must be a list of losses, got a tensor of shape "
+                            f"{list(tensors['recent_losses'].shape)}")
         self.recent_losses = collections.deque(recent, maxlen=LOSS_WINDOW)
 
     def init_from(self, path: Path) -> None:
@@ -465,11 +475,20 @@ def saved_step(state: Path) -> int | None:
     if not state.exists():
         return None
     try:
-        return int(header_metadata(state)["step"])
+        step = int(header_metadata(state)["step"])
+        if step < 0:
+            raise ValueError(f"its step {step} is negative")
+        return step
     except (OSError, KeyError, ValueError) as err:
-        why = "no step in its metadata" if isinstance(err, KeyError) else " ".join(str(err).split())[:200]
-        raise UsageError(f"the resume state {state} cannot be read ({why}): delete it to start over, or choose "
-                         f"another --workdir") from None
+        raise unreadable_state(state, "no step in its metadata" if isinstance(err, KeyError) else err) from None
+
+
+def unreadable_state(state: Path, why: str | Exception) -> UsageError:
+    """The one-line error of a resume state that cannot be used (it is the work folder's, which the user can
+    delete): `why`, or the error that says it, in one line."""
+    why = " ".join(str(why).split())[:200]
+    return UsageError(f"the resume state {state} cannot be read ({why}): delete it to start over, or choose "
+                      f"another --workdir")
 
 
 def header_metadata(path: Path) -> dict[str, str]:
@@ -666,6 +685,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
             world: int, log) -> tuple[Trainer, object, dict[str, str]]:
     """(the trainer at its start or resumed step, the decoder for sample grids, the final metadata), or a
     user error: every check that can fail comes before the first step."""
+    from safetensors import SafetensorError
+
     from ..targets import write_settings
 
     workdir, final = Path(args.workdir), final_path(args)
@@ -684,7 +705,12 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     record = run_settings(args, config, settings, data)
     if step is not None:
         recorded_steps = check_same_run(workdir, record)
-        trainer.load_state(workdir / STATE_FILE)
+        try:
+            trainer.load_state(workdir / STATE_FILE)
+        except KeyError as err:   # a damaged state: a tensor or metadata entry missing
+            raise unreadable_state(workdir / STATE_FILE, f"it lacks {err}") from None
+        except (ConfigError, RuntimeError, SafetensorError, TypeError) as err:   # a tensor of another shape, a config
+            raise unreadable_state(workdir / STATE_FILE, err) from None
         if settings.steps <= trainer.step:
             raise UsageError(f"--steps {settings.steps}: the run in {workdir} is already at step {trainer.step}; "
                              f"give more --steps to extend it")
