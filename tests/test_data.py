@@ -3,6 +3,7 @@ resumable disk cache, and every bad-data error."""
 import io
 import os
 import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -13,8 +14,8 @@ from PIL import Image
 from ecar_infer import ECARConfig
 from ecar_infer.training import data as data_module
 from ecar_infer.training import diskcache
-from ecar_infer.training.data import (DataError, DataDraws, PixelBatches, load_image, open_data, open_image_folder,
-                                      open_npz, resize_center_crop)
+from ecar_infer.training.data import (DataError, DataDraws, PixelBatches, list_image_folder, load_image, open_data,
+                                      open_image_folder, open_npz, resize_center_crop)
 
 RGB16 = ECARConfig.preset("ecar-tiny").replace(latent_channels=3, num_classes=3)   # 16 px, 3 classes
 
@@ -109,6 +110,19 @@ def test_image_folder_classes_labels_and_cache(tmp_path):
     again = open_image_folder(root, RGB16, tmp_path / "cache")   # reuses the finished cache
     assert np.array_equal(again.pixels, data.pixels)
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".npy"]
+
+
+def test_hidden_files_and_folders_inside_a_class_are_left_out(tmp_path):
+    """A folder copied from a Mac holds ._NAME.png companions that are not images, and a notebook's folder a
+    .ipynb_checkpoints/ of copies: like a hidden class folder, neither is data."""
+    root = make_folder(tmp_path / "imgs")
+    (root / "a_dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
+    (root / "b_cat" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(root / "b_cat" / "1.png", root / "b_cat" / ".ipynb_checkpoints" / "1-checkpoint.png")
+    classes, files, labels = list_image_folder(root)
+    assert classes == ["a_dog", "b_cat", "c_eel"] and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert not any(part.startswith(".") for f in files for part in f.relative_to(root).parts)
+    assert len(open_image_folder(root, RGB16, tmp_path / "cache")) == 6
 
 
 def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):

@@ -361,14 +361,17 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
 
 # ---- image folder ------------------------------------------------------------------------------------
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[Path], np.ndarray]:
-    """(class names, image files, labels) of an ImageFolder-layout directory, in a fixed order."""
+    """(class names, image files, labels) of an ImageFolder-layout directory, in a fixed order. Hidden entries
+    (names starting with ".") are left out at every level: a hidden class folder, and inside a class the
+    macOS ._NAME.png companions (not images) and folders such as .ipynb_checkpoints (copies)."""
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class sub-folders; an image folder holds one sub-folder of images per class")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in p.relative_to(root / name).parts) and p.is_file())
         if not found:
             raise DataError(f"{root / name}: class {name!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"add some or remove the folder")
