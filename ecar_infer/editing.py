@@ -25,6 +25,7 @@ from .config import ECARConfig
 from .kernels import ops
 from .kernels.reference import upsample2x
 from .pil_input import as_model_image
+from .pil_input import as_model_image
 from .schedule import stage_windows
 from .stages import StagePlan, patchify
 
@@ -260,9 +261,10 @@ def region_mask(region: str, size: int, mode: str) -> torch.Tensor:
 def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
     """A mask -> bool [N, 1, size, size] on the CPU (N = 1 or one per image), True where kept.
 
-    Accepted: a built-in region name (see region_mask); a PIL image (mode L after conversion; >= 128 is
-    kept); a bool array or tensor; a uint8 array (>= 128 is kept); a float array or tensor (>= 0.5 is
-    kept); shapes [H, W], [N, H, W] or [N, 1, H, W]; or a list of masks.
+    Accepted: a built-in region name (see region_mask); a PIL image, read as every user image is
+    (ecar_infer/pil_input.py: transparency on white, 16 bits scaled to 8, then grey; >= 128 is kept); a bool
+    array or tensor; a uint8 array (>= 128 is kept); a float array or tensor (>= 0.5 is kept, NaN refused);
+    shapes [H, W], [N, H, W] or [N, 1, H, W]; or a list of masks.
     """
     if isinstance(mask, str):
         return region_mask(mask, size, mode)[None, None]
@@ -271,7 +273,7 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
             raise EditInputError("mask is an empty list")
         return torch.cat([as_keep_masks(one, size, mode) for one in mask])
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # a PIL image
-        mask = np.asarray(mask.convert("L"))
+        mask = np.asarray(as_model_image(mask, 1))
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.array(mask))  # a copy: arrays from PIL are read-only
     if not isinstance(mask, torch.Tensor):
@@ -282,6 +284,8 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
     elif mask.dtype == torch.uint8:
         keep = mask >= 128
     elif mask.is_floating_point():
+        if mask.isnan().any():   # NaN >= 0.5 is False: it would silently mean "regenerate"
+            raise EditInputError("a float mask must hold numbers (>= 0.5 kept), got NaN values")
         keep = mask >= 0.5
     else:
         raise EditInputError(f"masks must be bool, uint8 (>= 128 kept) or float (>= 0.5 kept), got {mask.dtype}")

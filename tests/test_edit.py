@@ -112,6 +112,24 @@ def test_mask_thresholds_keep_uint8_from_128_and_floats_from_one_half():
         assert torch.equal(as_keep_masks(mask, 4, "inpaint")[0, 0], expected)
 
 
+def test_pil_masks_are_read_as_every_user_image_is():
+    """A 16-bit mask is scaled to 8 bits (Pillow's own conversion clips every value above 255 to white, so a
+    nearly black 200/65535 was kept); a transparent area is white, kept, as transparency is in every image;
+    a float mask holding NaN is refused (NaN >= 0.5 is False: it would silently mean "regenerate")."""
+    deep = np.array([[0, 200, 257 * 127, 257 * 128]], dtype=np.uint16).repeat(4, 0)
+    expected = torch.tensor([False, False, False, True]).expand(4, 4)
+    assert torch.equal(as_keep_masks(Image.frombytes("I;16", (4, 4), deep.astype("<u2").tobytes()), 4,
+                                     "inpaint")[0, 0], expected)
+    painted = np.zeros((4, 4, 4), np.uint8)       # transparent everywhere but black, opaque, right half
+    painted[:, 2:, 3] = 255
+    assert torch.equal(as_keep_masks(Image.fromarray(painted, "RGBA"), 4, "inpaint")[0, 0],
+                       torch.tensor([True, True, False, False]).expand(4, 4))
+    floats = np.ones((4, 4), np.float32)
+    floats[1, 2] = np.nan
+    with pytest.raises(EditInputError, match="NaN"):
+        as_keep_masks(floats, 4, "inpaint")
+
+
 def test_pil_images_are_converted_to_the_models_channels():
     """PIL images become what the model makes: L for grayscale, RGB (from RGBA or L) for 3 channels."""
     rgb = np.random.default_rng(3).integers(0, 256, size=(16, 16, 3)).astype(np.uint8)
