@@ -536,6 +536,27 @@ def test_a_workdir_holding_a_run_is_refused_without_resume(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept
 
 
+def test_decoding_an_image_folder_shows_its_progress(tmp_path, capsys, monkeypatch):
+    """The image cache of a folder is a long build at scale (every image decoded once): it reports each chunk,
+    as the latent cache does; a finished cache opens silently."""
+    from PIL import Image
+
+    from ecar_infer.training import data as data_module
+
+    monkeypatch.setattr(data_module, "CACHE_CHUNK", 4)
+    for k, name in enumerate(("cats", "dogs")):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (80 * k, 40 * i, 0)).save(tmp_path / "pets" / name / f"{i}.png")
+    run = ["--preset", "ecar-tiny", "--set", "latent_channels=3", "--set", "num_classes=2", "--data",
+           str(tmp_path / "pets"), "--batch-size", "2", "--steps", "1", "--sample-every", "0", "--device", "cpu"]
+    main(run + ["--workdir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert "ecar-train: image cache: 4/6 images decoded\necar-train: image cache: 6/6 images decoded\n" in out
+    main(run + ["--workdir", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "a" / "cache")])
+    assert "image cache" not in capsys.readouterr().out
+
+
 def class_npz(path, class_names):
     np.savez(path, images=np.zeros((6, 16, 16, 1), np.uint8), labels=np.arange(6) % 3, class_names=class_names)
 

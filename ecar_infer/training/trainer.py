@@ -588,10 +588,13 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
     from .data import PixelBatches, open_data
     from .latents import LatentBatches, latent_moments, vae_fingerprint
 
+    def decoded(done: int, total: int) -> None:
+        log(f"image cache: {done}/{total} images decoded")
+
     if config.latent_kind == "pixel":
         if args.vae:
             raise ValueError("--vae: this is a pixel-space config, it needs no VAE")
-        images = open_data(args.data, config, cache_dir, train_size=args.train_size)
+        images = open_data(args.data, config, cache_dir, train_size=args.train_size, report=decoded)
         return PixelBatches(images, args.flip), config, IdentityDecoder()
     if not args.vae:
         raise ValueError(f"a {config.latent_kind} config trains on VAE latents: give --vae PATH (a local diffusers "
@@ -607,7 +610,8 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
         log(f"vae_scaling_factor {config.vae_scaling_factor} -> {scaling} (the VAE's)")
         config = config.replace(vae_scaling_factor=scaling)
     decoder = build_decoder(config, vae, device=device)   # checks the latent channels and downsampling
-    images = open_data(args.data, config, cache_dir, channels=vae.config.in_channels, train_size=args.train_size)
+    images = open_data(args.data, config, cache_dir, channels=vae.config.in_channels, train_size=args.train_size,
+                       report=decoded)
 
     def report(done: int, total: int) -> None:
         log(f"latent cache: {done}/{total} images encoded")
