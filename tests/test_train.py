@@ -557,6 +557,20 @@ def test_decoding_an_image_folder_shows_its_progress(tmp_path, capsys, monkeypat
     assert "image cache" not in capsys.readouterr().out
 
 
+def test_a_resume_drops_the_row_a_killed_run_cut_short_in_loss_csv(tmp_path, capsys):
+    """A run killed while it wrote a row of loss.csv (its power cut, the disk full) leaves part of the row,
+    here cut after the first digit of its step (of a step 10-19): the resume drops it, rather than keeping a
+    step-1 row with no loss that loss.png then cannot plot (a traceback at every resume)."""
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    with open(tmp_path / "loss.csv", "a") as f:
+        f.write("1")
+    main(run + ["--resume"])
+    with open(tmp_path / "loss.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
 def class_npz(path, class_names):
     np.savez(path, images=np.zeros((6, 16, 16, 1), np.uint8), labels=np.arange(6) % 3, class_names=class_names)
 
