@@ -166,3 +166,17 @@ def test_a_resume_with_another_vae_is_refused_before_encoding(images, tmp_path, 
     monkeypatch.undo()
     (tmp_path / "run" / "state.safetensors").unlink()   # a record but no state (^C before the first save):
     main(common + ["--vae", str(tmp_path / "vae1.safetensors"), "--until", "1"])   # a new run, with any VAE
+
+
+def test_a_vae_that_does_not_fit_the_config_says_how_to_fit_it(images, tmp_path, capsys):
+    """A VAE of other downsampling than the preset's (here 4x against ecar-tiny-vae's 2x) is refused in one
+    line that names the --set fields which make the config fit it."""
+    save_autoencoder(tiny_autoencoder(blocks=3), tmp_path / "vae4x.safetensors")
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--data", images.description, "--vae", str(tmp_path / "vae4x.safetensors"),
+              "--steps", "1", "--workdir", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "4x downsampling, but the model expects 4 and 2x" in err and "--set vae_downsample=" in err

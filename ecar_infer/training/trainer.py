@@ -584,7 +584,7 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
     """(training batches, the config, the decoder for sample grids). A latent model's config takes the
     VAE's scaling factor; its data set is encoded into the latent cache first (once). A resume whose run
     was encoded by another VAE than --vae (resumed_vae_id) is refused before any image is encoded."""
-    from ..vae import IdentityDecoder, build_decoder, load_autoencoder
+    from ..vae import IdentityDecoder, VAEError, build_decoder, load_autoencoder
     from .data import PixelBatches, open_data
     from .latents import LatentBatches, latent_moments, vae_fingerprint
 
@@ -609,7 +609,11 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
     if scaling != config.vae_scaling_factor:
         log(f"vae_scaling_factor {config.vae_scaling_factor} -> {scaling} (the VAE's)")
         config = config.replace(vae_scaling_factor=scaling)
-    decoder = build_decoder(config, vae, device=device)   # checks the latent channels and downsampling
+    try:
+        decoder = build_decoder(config, vae, device=device)   # checks the latent channels and downsampling
+    except VAEError as err:
+        raise UsageError(f"--vae {args.vae}: {err}; train a config that fits the VAE (--set latent_channels=C "
+                         f"--set vae_downsample=D, the VAE's)") from None
     images = open_data(args.data, config, cache_dir, channels=vae.config.in_channels, train_size=args.train_size,
                        report=decoded)
 
