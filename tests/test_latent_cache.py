@@ -180,3 +180,30 @@ def test_a_vae_that_does_not_fit_the_config_says_how_to_fit_it(images, tmp_path,
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert "4x downsampling, but the model expects 4 and 2x" in err and "--set vae_downsample=" in err
+
+
+def test_a_resume_with_other_settings_is_refused_before_decoding_or_encoding(images, tmp_path, monkeypatch, capsys):
+    """A resume that forgets --flip asks for another latent cache (both flips against one), hours of
+    encoding on a real data set: it is refused first, naming flip, as one with another --set is."""
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    save_autoencoder(tiny_autoencoder(), tmp_path / "vae.safetensors")
+    common = ["--config", str(config), "--data", images.description, "--vae", str(tmp_path / "vae.safetensors"),
+              "--batch-size", "4", "--steps", "2", "--workdir", str(tmp_path / "run"), "--ckpt-every", "1",
+              "--sample-every", "0", "--device", "cpu"]
+    main(common + ["--flip", "--until", "1"])
+    from diffusers import AutoencoderKL
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran before the resume was refused")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", no_encoder)
+    for change, named in (([], "flip"), (["--flip", "--set", "depth=3", "--cache-dir", str(tmp_path / "new")],
+                                          "config.depth")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(common + ["--resume"] + change)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"holds a run with other settings ({named})" in err, err
+    monkeypatch.undo()
+    main(common + ["--flip", "--resume"])   # the run's own settings resume it

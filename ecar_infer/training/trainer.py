@@ -496,18 +496,20 @@ def header_metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
-def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data) -> dict:
+def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data=None) -> dict:
     """What decides the trained numbers, with every default resolved (spelling out a default is no
-    change), for the settings record: a --resume must agree on all of it."""
-    return {**{f"config.{k}": v for k, v in config.to_dict().items()}, **dataclasses.asdict(settings),
-            "data": data.identity(), "flip": args.flip,
-            "init_sha256": content_sha256(checkpoint_path(args.init)) if args.init else None}
+    change), for the settings record: a --resume must agree on all of it. Without `data`, all but the
+    data's identity (what a resume can check before the data opens)."""
+    record = {**{f"config.{k}": v for k, v in config.to_dict().items()}, **dataclasses.asdict(settings),
+              "flip": args.flip, "init_sha256": content_sha256(checkpoint_path(args.init)) if args.init else None}
+    return record if data is None else {**record, "data": data.identity()}
 
 
-def check_same_run(workdir: Path, settings: dict) -> int | None:
+def check_same_run(workdir: Path, settings: dict, unknown: tuple[str, ...] = ()) -> int | None:
     """Refuse to resume the run in `workdir` with settings other than its record's, --steps aside (a run
-    may be extended: the schedule then spans the new count); returns the recorded --steps. A state saved
-    before the record was kept has none: it resumes (None), and the record is written then."""
+    may be extended: the schedule then spans the new count), and `unknown` (settings not known yet); returns
+    the recorded --steps. A state saved before the record was kept has none: it resumes (None), and the
+    record is written then."""
     from ..targets import differing_settings, read_settings
 
     record = workdir / SETTINGS_FILE
@@ -517,7 +519,7 @@ def check_same_run(workdir: Path, settings: dict) -> int | None:
         saved = read_settings(record)
     except (OSError, ValueError) as err:
         raise UsageError(f"{record} cannot be read ({err}); delete it to resume with this command's settings") from None
-    differ = [name for name in differing_settings(saved, settings) if name != "steps"]
+    differ = [name for name in differing_settings(saved, settings) if name not in ("steps", *unknown)]
     if differ:
         raise UsageError(f"{workdir} holds a run with other settings ({', '.join(differ)}): resume it with the "
                          f"settings in {record}, choose another --workdir, or delete {workdir}")
@@ -686,6 +688,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     config = build_config(args)
     check_metadata(metadata, config, final)
     init = init_path(args.init, config) if args.init else None
+    if step is not None:   # before the data, whose decoding and encoding may take hours: all but what they decide
+        check_same_run(workdir, run_settings(args, config, settings), unknown=("data", "config.vae_scaling_factor"))
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
                                                recorded_vae_id(workdir) if step is not None else None)
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
