@@ -781,6 +781,15 @@ def test_a_missing_init_checkpoint_is_named_before_the_data_opens(tmp_path, caps
     assert err == ("ecar-train: error: --init nonexist.safetensors: file not found; give a checkpoint file or the "
                    "name of a shipped model (tinyship)\n")
 
+def test_a_batch_the_ranks_cannot_split_is_refused_before_the_data_opens(tmp_path, capsys):
+    """--batch-size not divisible by the ranks times --accum: refused before the data is opened (decoded and
+    encoded, hours on a real data set): here the data does not exist."""
+    err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere"),
+                                         "--accum", "3"])
+    assert err == ("ecar-train: error: the batch size 4 must be divisible by the world size 1 times the gradient "
+                   "accumulation 3\n")
+
+
 def test_an_init_checkpoint_that_does_not_fit_is_refused_before_the_data_opens(tmp_path, capsys):
     """A misfit --init is found from the checkpoint's header and the config's shapes, before the data opens
     (here the data does not exist, so opening it first would fail on that instead)."""

@@ -111,9 +111,7 @@ class Trainer:
         from ..model import ECARModel
         from .objective import build_objective
 
-        if settings.batch_size % (world * accum):
-            raise ValueError(f"the batch size {settings.batch_size} must be divisible by the world size {world} "
-                             f"times the gradient accumulation {accum}")
+        check_batch_split(settings.batch_size, world, accum)
         self.config, self.settings, self.data = config, settings, data
         self.device, self.rank, self.world, self.accum = device, rank, world, accum
         self.model = ECARModel(config).init_weights(settings.seed, zero_init=True).to(device)
@@ -496,6 +494,13 @@ def header_metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
+def check_batch_split(batch_size: int, world: int, accum: int) -> None:
+    """Each rank's micro-batches must split the global batch evenly."""
+    if batch_size % (world * accum):
+        raise ValueError(f"the batch size {batch_size} must be divisible by the world size {world} times the "
+                         f"gradient accumulation {accum}")
+
+
 def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data=None) -> dict:
     """What decides the trained numbers, with every default resolved (spelling out a default is no
     change), for the settings record: a --resume must agree on all of it. Without `data`, all but the
@@ -688,6 +693,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     config = build_config(args)
     check_metadata(metadata, config, final)
     init = init_path(args.init, config) if args.init else None
+    check_batch_split(settings.batch_size, world, args.accum)   # before the data too
     if step is not None:   # before the data, whose decoding and encoding may take hours: all but what they decide
         check_same_run(workdir, run_settings(args, config, settings), unknown=("data", "config.vae_scaling_factor"))
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
