@@ -352,7 +352,9 @@ def build_parser() -> Parser:
                "underscores (--batch_size).")
     model = p.add_argument_group("model")
     model.add_argument("--preset", default="ecar-digits32", choices=preset_names(), metavar="NAME",
-                       help="model config preset (ecar_infer.registry; default %(default)s)")
+                       help=f"model config preset: {', '.join(preset_names())} (docs/MODEL.md, \"Presets\"; "
+                            f"latent models, which take --vae: ecar-b, -l, -xl and their variants at 256 px, "
+                            f"ecar-tiny-vae at 32 px; default %(default)s)")
     model.add_argument("--config", help="a config JSON file instead of --preset (default: the preset)")
     model.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="change one config field, e.g. num_classes=5 or latent_channels=3 (repeatable; "
