@@ -207,3 +207,18 @@ def test_a_resume_with_other_settings_is_refused_before_decoding_or_encoding(ima
         assert exit_info.value.code == 2 and f"holds a run with other settings ({named})" in err, err
     monkeypatch.undo()
     main(common + ["--flip", "--resume"])   # the run's own settings resume it
+
+
+def test_the_rank_that_builds_the_caches_reports_them(images, tmp_path, capsys):
+    """Under torchrun the ranks race for a cache's lock and any one of them builds it while the others wait:
+    the builder reports its progress, named, even where it is not rank 0 (which waits silently)."""
+    from ecar_infer.training.trainer import TrainSettings, parse_args, prepare
+
+    save_autoencoder(tiny_autoencoder(), tmp_path / "vae.safetensors")
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    args = parse_args(["--config", str(config), "--data", images.description, "--vae", str(tmp_path / "vae.safetensors"),
+                       "--steps", "1", "--batch-size", "2", "--workdir", str(tmp_path / "run")])
+    capsys.readouterr()
+    prepare(args, TrainSettings(steps=1, batch_size=2), torch.device("cpu"), 1, 1, lambda message: None)
+    assert capsys.readouterr().out == "ecar-train: rank 1: latent cache: 5/5 images encoded\n"

@@ -328,6 +328,11 @@ non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a no
 decay_float = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def say(message: str, rank: int = 0) -> None:
+    """One line of news on stdout, naming the rank where it is not rank 0."""
+    print(f"ecar-train: {message}" if rank == 0 else f"ecar-train: rank {rank}: {message}", flush=True)
+
+
 def user_error(message: str) -> NoReturn:
     """A mistake the user can fix: one line on stderr, exit status 2 (before any training)."""
     print(f"ecar-train: error: {message}", file=sys.stderr, flush=True)
@@ -589,16 +594,18 @@ def recorded_vae_id(workdir: Path) -> str | None:
 
 
 def open_training_data(args: argparse.Namespace, config: ECARConfig, device: torch.device, cache_dir: Path,
-                       log, resumed_vae_id: str | None = None) -> tuple[object, ECARConfig, object]:
+                       log, resumed_vae_id: str | None = None, progress=None) -> tuple[object, ECARConfig, object]:
     """(training batches, the config, the decoder for sample grids). A latent model's config takes the
     VAE's scaling factor; its data set is encoded into the latent cache first (once). A resume whose run
-    was encoded by another VAE than --vae (resumed_vae_id) is refused before any image is encoded."""
+    was encoded by another VAE than --vae (resumed_vae_id) is refused before any image is encoded.
+    progress: where a cache build reports (default `log`): whichever rank builds a cache, the others wait."""
+    progress = progress or log
     from ..vae import IdentityDecoder, VAEError, build_decoder, load_autoencoder
     from .data import PixelBatches, open_data
     from .latents import LatentBatches, latent_moments, vae_fingerprint
 
     def decoded(done: int, total: int) -> None:
-        log(f"image cache: {done}/{total} images decoded")
+        progress(f"image cache: {done}/{total} images decoded")
 
     if config.latent_kind == "pixel":
         if args.vae:
@@ -627,7 +634,7 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
                        report=decoded)
 
     def report(done: int, total: int) -> None:
-        log(f"latent cache: {done}/{total} images encoded")
+        progress(f"latent cache: {done}/{total} images encoded")
 
     moments = latent_moments(images, decoder.vae, args.flip, cache_dir, report=report)
     return LatentBatches(moments, images, scaling, vae_id), config, decoder
@@ -699,7 +706,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     if step is not None:   # before the data, whose decoding and encoding may take hours: all but what they decide
         check_same_run(workdir, run_settings(args, config, settings), unknown=("data", "config.vae_scaling_factor"))
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
-                                               recorded_vae_id(workdir) if step is not None else None)
+                                               recorded_vae_id(workdir) if step is not None else None,
+                                               functools.partial(say, rank=rank))
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
     record = run_settings(args, config, settings, data)
     if step is not None:
@@ -753,7 +761,7 @@ def train(args: argparse.Namespace) -> None:
 
     def log(message: str) -> None:
         if rank == 0:
-            print(f"ecar-train: {message}", flush=True)
+            say(message)
 
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed)
