@@ -217,8 +217,9 @@ def test_the_rank_that_builds_the_caches_reports_them(images, tmp_path, capsys):
     save_autoencoder(tiny_autoencoder(), tmp_path / "vae.safetensors")
     config = tmp_path / "config.json"
     config.write_text(CONFIG.to_json())
-    args = parse_args(["--config", str(config), "--data", images.description, "--vae", str(tmp_path / "vae.safetensors"),
-                       "--steps", "1", "--batch-size", "2", "--workdir", str(tmp_path / "run")])
+    args = parse_args(["--config", str(config), "--data", images.description, "--vae",
+                       str(tmp_path / "vae.safetensors"), "--steps", "1", "--batch-size", "2", "--workdir",
+                       str(tmp_path / "run")])
     capsys.readouterr()
     prepare(args, TrainSettings(steps=1, batch_size=2), torch.device("cpu"), 1, 1, lambda message: None)
     assert capsys.readouterr().out == "ecar-train: rank 1: latent cache: 5/5 images encoded\n"
