@@ -166,3 +166,60 @@ def test_a_resume_with_another_vae_is_refused_before_encoding(images, tmp_path, 
     monkeypatch.undo()
     (tmp_path / "run" / "state.safetensors").unlink()   # a record but no state (^C before the first save):
     main(common + ["--vae", str(tmp_path / "vae1.safetensors"), "--until", "1"])   # a new run, with any VAE
+
+
+def test_a_vae_that_does_not_fit_the_config_says_how_to_fit_it(images, tmp_path, capsys):
+    """A VAE of other downsampling than the preset's (here 4x against ecar-tiny-vae's 2x) is refused in one
+    line that names the --set fields which make the config fit it."""
+    save_autoencoder(tiny_autoencoder(blocks=3), tmp_path / "vae4x.safetensors")
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), "--data", images.description, "--vae", str(tmp_path / "vae4x.safetensors"),
+              "--steps", "1", "--workdir", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert "4x downsampling, but the model expects 4 and 2x" in err and "--set vae_downsample=" in err
+
+
+def test_a_resume_with_other_settings_is_refused_before_decoding_or_encoding(images, tmp_path, monkeypatch, capsys):
+    """A resume that forgets --flip asks for another latent cache (both flips against one), hours of
+    encoding on a real data set: it is refused first, naming flip, as one with another --set is."""
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    save_autoencoder(tiny_autoencoder(), tmp_path / "vae.safetensors")
+    common = ["--config", str(config), "--data", images.description, "--vae", str(tmp_path / "vae.safetensors"),
+              "--batch-size", "4", "--steps", "2", "--workdir", str(tmp_path / "run"), "--ckpt-every", "1",
+              "--sample-every", "0", "--device", "cpu"]
+    main(common + ["--flip", "--until", "1"])
+    from diffusers import AutoencoderKL
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran before the resume was refused")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", no_encoder)
+    for change, named in (([], "flip"), (["--flip", "--set", "depth=3", "--cache-dir", str(tmp_path / "new")],
+                                          "config.depth")):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main(common + ["--resume"] + change)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and f"holds a run with other settings ({named})" in err, err
+    monkeypatch.undo()
+    main(common + ["--flip", "--resume"])   # the run's own settings resume it
+
+
+def test_the_rank_that_builds_the_caches_reports_them(images, tmp_path, capsys):
+    """Under torchrun the ranks race for a cache's lock and any one of them builds it while the others wait:
+    the builder reports its progress, named, even where it is not rank 0 (which waits silently)."""
+    from ecar_infer.training.trainer import TrainSettings, parse_args, prepare
+
+    save_autoencoder(tiny_autoencoder(), tmp_path / "vae.safetensors")
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    args = parse_args(["--config", str(config), "--data", images.description, "--vae",
+                       str(tmp_path / "vae.safetensors"), "--steps", "1", "--batch-size", "2", "--workdir",
+                       str(tmp_path / "run")])
+    capsys.readouterr()
+    prepare(args, TrainSettings(steps=1, batch_size=2), torch.device("cpu"), 1, 1, lambda message: None)
+    assert capsys.readouterr().out == "ecar-train: rank 1: latent cache: 5/5 images encoded\n"

@@ -536,6 +536,41 @@ def test_a_workdir_holding_a_run_is_refused_without_resume(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == kept
 
 
+def test_decoding_an_image_folder_shows_its_progress(tmp_path, capsys, monkeypatch):
+    """The image cache of a folder is a long build at scale (every image decoded once): it reports each chunk,
+    as the latent cache does; a finished cache opens silently."""
+    from PIL import Image
+
+    from ecar_infer.training import data as data_module
+
+    monkeypatch.setattr(data_module, "CACHE_CHUNK", 4)
+    for k, name in enumerate(("cats", "dogs")):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (80 * k, 40 * i, 0)).save(tmp_path / "pets" / name / f"{i}.png")
+    run = ["--preset", "ecar-tiny", "--set", "latent_channels=3", "--set", "num_classes=2", "--data",
+           str(tmp_path / "pets"), "--batch-size", "2", "--steps", "1", "--sample-every", "0", "--device", "cpu"]
+    main(run + ["--workdir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert "ecar-train: image cache: 4/6 images decoded\necar-train: image cache: 6/6 images decoded\n" in out
+    main(run + ["--workdir", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "a" / "cache")])
+    assert "image cache" not in capsys.readouterr().out
+
+
+def test_a_resume_drops_the_row_a_killed_run_cut_short_in_loss_csv(tmp_path, capsys):
+    """A run killed while it wrote a row of loss.csv (its power cut, the disk full) leaves part of the row,
+    here cut after the first digit of its step (of a step 10-19): the resume drops it, rather than keeping a
+    step-1 row with no loss that loss.png then cannot plot (a traceback at every resume)."""
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    with open(tmp_path / "loss.csv", "a") as f:
+        f.write("1")
+    main(run + ["--resume"])
+    with open(tmp_path / "loss.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
 def class_npz(path, class_names):
     np.savez(path, images=np.zeros((6, 16, 16, 1), np.uint8), labels=np.arange(6) % 3, class_names=class_names)
 
@@ -776,6 +811,15 @@ def test_a_missing_init_checkpoint_is_named_before_the_data_opens(tmp_path, caps
                                          "--init", "nonexist.safetensors"])
     assert err == ("ecar-train: error: --init nonexist.safetensors: file not found; give a checkpoint file or the "
                    "name of a shipped model (tinyship)\n")
+
+def test_a_batch_the_ranks_cannot_split_is_refused_before_the_data_opens(tmp_path, capsys):
+    """--batch-size not divisible by the ranks times --accum: refused before the data is opened (decoded and
+    encoded, hours on a real data set): here the data does not exist."""
+    err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere"),
+                                         "--accum", "3"])
+    assert err == ("ecar-train: error: the batch size 4 must be divisible by the world size 1 times the gradient "
+                   "accumulation 3\n")
+
 
 def test_an_init_checkpoint_that_does_not_fit_is_refused_before_the_data_opens(tmp_path, capsys):
     """A misfit --init is found from the checkpoint's header and the config's shapes, before the data opens

@@ -32,6 +32,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -319,8 +320,9 @@ def _class_names(names: np.ndarray, path: Path) -> list[str]:
 
 
 def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.PathLike,
-             channels: int | None = None) -> ImageSet:
-    """An .npz data set (see the module docstring) at the config's size."""
+             channels: int | None = None, report: Callable[[int, int], None] | None = None) -> ImageSet:
+    """An .npz data set (see the module docstring) at the config's size; report(done, total) after each
+    chunk of a cache build (resizing)."""
     path = Path(path)
     size = config.image_size
     try:
@@ -352,7 +354,7 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
         source = images
         images = cached_array(Path(cache_dir) / f"pixels-{digest(key)}.npy", key,
                               (len(source), size, size, source.shape[-1]), np.uint8,
-                              lambda a, b: resize_array(source[a:b], size), CACHE_CHUNK)
+                              lambda a, b: resize_array(source[a:b], size), CACHE_CHUNK, report)
     data = ImageSet(images, labels, class_names, str(path),
                     digest([str(path.resolve()), nbytes, mtime_ns, config.image_size]))
     data.check(config, channels)
@@ -381,8 +383,10 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[Path], n
 
 
 def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: str | os.PathLike,
-                      channels: int | None = None, workers: int | None = None) -> ImageSet:
-    """An image folder decoded once into a uint8 cache at the config's size."""
+                      channels: int | None = None, workers: int | None = None,
+                      report: Callable[[int, int], None] | None = None) -> ImageSet:
+    """An image folder decoded once into a uint8 cache at the config's size; report(done, total) after each
+    chunk of the cache build."""
     root = Path(root)
     class_names, files, labels = list_image_folder(root)
     c = channels or config.latent_channels
@@ -409,7 +413,7 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
             headers_read = True
         return np.stack(_each_image(lambda f: _decode_image(f, size, c), files[a:b], workers))
 
-    data.pixels = cached_array(cache, key, shape, np.uint8, decode, CACHE_CHUNK)
+    data.pixels = cached_array(cache, key, shape, np.uint8, decode, CACHE_CHUNK, report)
     return data
 
 
@@ -434,9 +438,10 @@ def open_digits32(config: ECARConfig, train_size: int | None = None) -> ImageSet
 
 
 def open_data(spec: str, config: ECARConfig, cache_dir: str | os.PathLike, channels: int | None = None,
-              train_size: int | None = None) -> ImageSet:
+              train_size: int | None = None, report: Callable[[int, int], None] | None = None) -> ImageSet:
     """The data set `spec` names (digits32, an .npz file or an image folder) at the config's size.
-    channels: the images' channels where they differ from the config's (a latent model's VAE input)."""
+    channels: the images' channels where they differ from the config's (a latent model's VAE input);
+    report(done, total): progress of a cache build (decoding or resizing images)."""
     if spec == DIGITS32:
         if channels:
             raise DataError("digits32 is grayscale pixel data: train it with a pixel config, without --vae")
@@ -445,9 +450,9 @@ def open_data(spec: str, config: ECARConfig, cache_dir: str | os.PathLike, chann
         raise DataError("--train-size applies to digits32 only")
     path = Path(spec)
     if path.is_dir():
-        return open_image_folder(path, config, cache_dir, channels)
+        return open_image_folder(path, config, cache_dir, channels, report=report)
     if path.suffix.lower() == ".npz" and path.is_file():
-        return open_npz(path, config, cache_dir, channels)
+        return open_npz(path, config, cache_dir, channels, report)
     if path.exists():
         raise DataError(f"--data {spec}: a file that is not an .npz; give {DIGITS32}, an .npz file or an image "
                         f"folder (one sub-folder per class)")

@@ -13,14 +13,15 @@ COLUMNS = ("step", "loss", "loss_avg", "lr", "step_seconds", "images_per_s", "to
 
 class TrainLog:
     """Appends one row per step to `path`. A resumed run first drops the rows after the step it resumes
-    from (steps an interrupted run logged after its last saved state), so the log has each step once."""
+    from (steps an interrupted run logged after its last saved state), so the log has each step once, and a
+    row cut short by a killed run (its fields missing)."""
 
     def __init__(self, path: str | Path, resume_step: int = 0) -> None:
         self.path = Path(path)
         rows = []
         if resume_step and self.path.exists():
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(f) if None not in r.values() and int(r["step"]) <= resume_step]
         text = io.StringIO()
         writer = csv.DictWriter(text, COLUMNS)
         writer.writeheader()

@@ -111,9 +111,7 @@ class Trainer:
         from ..model import ECARModel
         from .objective import build_objective
 
-        if settings.batch_size % (world * accum):
-            raise ValueError(f"the batch size {settings.batch_size} must be divisible by the world size {world} "
-                             f"times the gradient accumulation {accum}")
+        check_batch_split(settings.batch_size, world, accum)
         self.config, self.settings, self.data = config, settings, data
         self.device, self.rank, self.world, self.accum = device, rank, world, accum
         self.model = ECARModel(config).init_weights(settings.seed, zero_init=True).to(device)
@@ -340,6 +338,11 @@ non_negative_float = checked(float, lambda v: math.isfinite(v) and v >= 0, "a no
 decay_float = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
+def say(message: str, rank: int = 0) -> None:
+    """One line of news on stdout, naming the rank where it is not rank 0."""
+    print(f"ecar-train: {message}" if rank == 0 else f"ecar-train: rank {rank}: {message}", flush=True)
+
+
 def user_error(message: str) -> NoReturn:
     """A mistake the user can fix: one line on stderr, exit status 2 (before any training)."""
     print(f"ecar-train: error: {message}", file=sys.stderr, flush=True)
@@ -364,7 +367,9 @@ def build_parser() -> Parser:
                "underscores (--batch_size).")
     model = p.add_argument_group("model")
     model.add_argument("--preset", default="ecar-digits32", choices=preset_names(), metavar="NAME",
-                       help="model config preset (ecar_infer.registry; default %(default)s)")
+                       help=f"model config preset: {', '.join(preset_names())} (docs/MODEL.md, \"Presets\"; "
+                            f"latent models, which take --vae: ecar-b, -l, -xl and their variants at 256 px, "
+                            f"ecar-tiny-vae at 32 px; default %(default)s)")
     model.add_argument("--config", help="a config JSON file instead of --preset (default: the preset)")
     model.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                        help="change one config field, e.g. num_classes=5 or latent_channels=3 (repeatable; "
@@ -515,18 +520,27 @@ def header_metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
-def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data) -> dict:
+def check_batch_split(batch_size: int, world: int, accum: int) -> None:
+    """Each rank's micro-batches must split the global batch evenly."""
+    if batch_size % (world * accum):
+        raise ValueError(f"the batch size {batch_size} must be divisible by the world size {world} times the "
+                         f"gradient accumulation {accum}")
+
+
+def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data=None) -> dict:
     """What decides the trained numbers, with every default resolved (spelling out a default is no
-    change), for the settings record: a --resume must agree on all of it."""
-    return {**{f"config.{k}": v for k, v in config.to_dict().items()}, **dataclasses.asdict(settings),
-            "data": data.identity(), "flip": args.flip,
-            "init_sha256": content_sha256(checkpoint_path(args.init)) if args.init else None}
+    change), for the settings record: a --resume must agree on all of it. Without `data`, all but the
+    data's identity (what a resume can check before the data opens)."""
+    record = {**{f"config.{k}": v for k, v in config.to_dict().items()}, **dataclasses.asdict(settings),
+              "flip": args.flip, "init_sha256": content_sha256(checkpoint_path(args.init)) if args.init else None}
+    return record if data is None else {**record, "data": data.identity()}
 
 
-def check_same_run(workdir: Path, settings: dict) -> int | None:
+def check_same_run(workdir: Path, settings: dict, unknown: tuple[str, ...] = ()) -> int | None:
     """Refuse to resume the run in `workdir` with settings other than its record's, --steps aside (a run
-    may be extended: the schedule then spans the new count); returns the recorded --steps. A state saved
-    before the record was kept has none: it resumes (None), and the record is written then."""
+    may be extended: the schedule then spans the new count), and `unknown` (settings not known yet); returns
+    the recorded --steps. A state saved before the record was kept has none: it resumes (None), and the
+    record is written then."""
     from ..targets import differing_settings, read_settings
 
     record = workdir / SETTINGS_FILE
@@ -536,7 +550,7 @@ def check_same_run(workdir: Path, settings: dict) -> int | None:
         saved = read_settings(record)
     except (OSError, ValueError) as err:
         raise UsageError(f"{record} cannot be read ({err}); delete it to resume with this command's settings") from None
-    differ = [name for name in differing_settings(saved, settings) if name != "steps"]
+    differ = [name for name in differing_settings(saved, settings) if name not in ("steps", *unknown)]
     if differ:
         raise UsageError(f"{workdir} holds a run with other settings ({', '.join(differ)}): resume it with the "
                          f"settings in {record}, choose another --workdir, or delete {workdir}")
@@ -599,18 +613,23 @@ def recorded_vae_id(workdir: Path) -> str | None:
 
 
 def open_training_data(args: argparse.Namespace, config: ECARConfig, device: torch.device, cache_dir: Path,
-                       log, resumed_vae_id: str | None = None) -> tuple[object, ECARConfig, object]:
+                       log, resumed_vae_id: str | None = None, progress=None) -> tuple[object, ECARConfig, object]:
     """(training batches, the config, the decoder for sample grids). A latent model's config takes the
     VAE's scaling factor; its data set is encoded into the latent cache first (once). A resume whose run
-    was encoded by another VAE than --vae (resumed_vae_id) is refused before any image is encoded."""
-    from ..vae import IdentityDecoder, build_decoder, load_autoencoder
+    was encoded by another VAE than --vae (resumed_vae_id) is refused before any image is encoded.
+    progress: where a cache build reports (default `log`): whichever rank builds a cache, the others wait."""
+    progress = progress or log
+    from ..vae import IdentityDecoder, VAEError, build_decoder, load_autoencoder
     from .data import PixelBatches, open_data
     from .latents import LatentBatches, latent_moments, vae_fingerprint
+
+    def decoded(done: int, total: int) -> None:
+        progress(f"image cache: {done}/{total} images decoded")
 
     if config.latent_kind == "pixel":
         if args.vae:
             raise ValueError("--vae: this is a pixel-space config, it needs no VAE")
-        images = open_data(args.data, config, cache_dir, train_size=args.train_size)
+        images = open_data(args.data, config, cache_dir, train_size=args.train_size, report=decoded)
         return PixelBatches(images, args.flip), config, IdentityDecoder()
     if not args.vae:
         raise ValueError(f"a {config.latent_kind} config trains on VAE latents: give --vae PATH (a local diffusers "
@@ -625,11 +644,16 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
     if scaling != config.vae_scaling_factor:
         log(f"vae_scaling_factor {config.vae_scaling_factor} -> {scaling} (the VAE's)")
         config = config.replace(vae_scaling_factor=scaling)
-    decoder = build_decoder(config, vae, device=device)   # checks the latent channels and downsampling
-    images = open_data(args.data, config, cache_dir, channels=vae.config.in_channels, train_size=args.train_size)
+    try:
+        decoder = build_decoder(config, vae, device=device)   # checks the latent channels and downsampling
+    except VAEError as err:
+        raise UsageError(f"--vae {args.vae}: {err}; train a config that fits the VAE (--set latent_channels=C "
+                         f"--set vae_downsample=D, the VAE's)") from None
+    images = open_data(args.data, config, cache_dir, channels=vae.config.in_channels, train_size=args.train_size,
+                       report=decoded)
 
     def report(done: int, total: int) -> None:
-        log(f"latent cache: {done}/{total} images encoded")
+        progress(f"latent cache: {done}/{total} images encoded")
 
     moments = latent_moments(images, decoder.vae, args.flip, cache_dir, report=report)
     return LatentBatches(moments, images, scaling, vae_id), config, decoder
@@ -699,8 +723,12 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     config = build_config(args)
     check_metadata(metadata, config, final)
     init = init_path(args.init, config) if args.init else None
+    check_batch_split(settings.batch_size, world, args.accum)   # before the data too
+    if step is not None:   # before the data, whose decoding and encoding may take hours: all but what they decide
+        check_same_run(workdir, run_settings(args, config, settings), unknown=("data", "config.vae_scaling_factor"))
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
-                                               recorded_vae_id(workdir) if step is not None else None)
+                                               recorded_vae_id(workdir) if step is not None else None,
+                                               functools.partial(say, rank=rank))
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
     record = run_settings(args, config, settings, data)
     if step is not None:
@@ -759,7 +787,7 @@ def train(args: argparse.Namespace) -> None:
 
     def log(message: str) -> None:
         if rank == 0:
-            print(f"ecar-train: {message}", flush=True)
+            say(message)
 
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                              weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed)
