@@ -120,7 +120,7 @@ def check_no_overwrite(args, target) -> None:
     ecar-sample's, or its unfinished FILE.parts/), or in an --outdir any PNG this request would write, or an
     ecar-sample run's folder (its run.json would then vouch for edits as its samples). A grid --out is
     replaced, as ecar-sample replaces it."""
-    from .targets import RECORD, FolderTarget
+    from .targets import FolderTarget
 
     if args.npz:
         for path in (Path(args.npz), Path(f"{args.npz}.parts")):

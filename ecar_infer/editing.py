@@ -25,7 +25,6 @@ from .config import ECARConfig
 from .kernels import ops
 from .kernels.reference import upsample2x
 from .pil_input import as_model_image
-from .pil_input import as_model_image
 from .schedule import stage_windows
 from .stages import StagePlan, patchify
 

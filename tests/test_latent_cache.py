@@ -222,4 +222,4 @@ def test_the_rank_that_builds_the_caches_reports_them(images, tmp_path, capsys):
                        str(tmp_path / "run")])
     capsys.readouterr()
     prepare(args, TrainSettings(steps=1, batch_size=2), torch.device("cpu"), 1, 1, lambda message: None)
-    assert capsys.readouterr().out == "ecar-train: rank 1: latent cache: 5/5 images encoded\n"
+    assert capsys.readouterr().out == "ecar-train: rank 1: latent cache: 5/5 images encoded (100%)\n"

@@ -552,9 +552,22 @@ def test_decoding_an_image_folder_shows_its_progress(tmp_path, capsys, monkeypat
            str(tmp_path / "pets"), "--batch-size", "2", "--steps", "1", "--sample-every", "0", "--device", "cpu"]
     main(run + ["--workdir", str(tmp_path / "a")])
     out = capsys.readouterr().out
-    assert "ecar-train: image cache: 4/6 images decoded\necar-train: image cache: 6/6 images decoded\n" in out
+    assert ("ecar-train: image cache: 4/6 images decoded (66%)\necar-train: image cache: 6/6 images decoded (100%)\n"
+            in out)
     main(run + ["--workdir", str(tmp_path / "b"), "--cache-dir", str(tmp_path / "a" / "cache")])
     assert "image cache" not in capsys.readouterr().out
+
+
+def test_a_cache_builds_progress_shows_the_first_and_last_lines_and_one_per_interval_between():
+    """ImageNet's latent cache has 40,000 chunks of 32 images: a line each would bury everything else."""
+    from ecar_infer.training.log import at_most_every
+
+    now, shown = [0.0], []
+    report = at_most_every(10.0, lambda done, total: shown.append(done), clock=lambda: now[0])
+    for done in range(1, 101):
+        now[0] = done * 0.5   # a chunk every half second
+        report(done, 100)
+    assert shown == [1, 21, 41, 61, 81, 100]
 
 
 def test_a_resume_drops_the_row_a_killed_run_cut_short_in_loss_csv(tmp_path, capsys):
@@ -716,7 +729,7 @@ def test_until_at_or_before_the_saved_step_is_an_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("at_step, line", [
     (3, "interrupted; the last saved state is step 2 in {state}: rerun the same command with --resume to continue it"),
-    (1, "interrupted before any state was saved; rerun the same command to start again"),   # --ckpt-every 2
+    (1, trainer_module.INTERRUPTED_BEFORE_ANY_STATE),   # --ckpt-every 2
 ], ids=["after a saved state", "before any saved state"])
 def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, capsys, monkeypatch, at_step, line):
     train_step = Trainer.train_step
@@ -758,7 +771,7 @@ def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, saved):
     import sys
 
     argv = TINY_RUN + ["--workdir", str(tmp_path)]
-    line = "interrupted before any state was saved; rerun the same command to start again"
+    line = trainer_module.INTERRUPTED_BEFORE_ANY_STATE
     if saved:
         main(argv + ["--until", "2"])
         argv += ["--resume"]
@@ -782,8 +795,7 @@ def test_ctrl_c_while_the_data_opens_is_one_line(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         main(TINY_RUN + ["--workdir", str(tmp_path)])
     assert exit_info.value.code == 130
-    assert capsys.readouterr().err == ("ecar-train: interrupted before any state was saved; rerun the same command to "
-                                       "start again\n")
+    assert capsys.readouterr().err == f"ecar-train: {trainer_module.INTERRUPTED_BEFORE_ANY_STATE}\n"
 
 
 def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
@@ -992,3 +1004,13 @@ def test_ranks_that_resume_different_steps_are_refused(one_thread):
     assert out["differ0"] == out["differ1"] == (
         "the ranks found different runs in --workdir runs/x (steps [7, 8], by rank): every rank must see the "
         "same work folder (on several machines, a shared file system)")
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, capsys):
+    """A short trial run with the default --warmup 50 never reaches its --lr: said once, in one line."""
+    main(TINY_RUN + ["--workdir", str(tmp_path / "a")])
+    out = capsys.readouterr().out
+    assert out.count("ecar-train: warning: --warmup 50 is not shorter than --steps 4, so the learning rate never "
+                     "reaches --lr") == 1
+    main(TINY_RUN + ["--workdir", str(tmp_path / "b"), "--warmup", "3"])
+    assert "warning" not in capsys.readouterr().out

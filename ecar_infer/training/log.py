@@ -1,14 +1,34 @@
 """The training log in the work folder: loss.csv (one row per step) and loss.png (a plot of it). loss_avg is
-the trainer's mean loss of the last LOSS_WINDOW (100) steps, or of every step before that many."""
+the trainer's mean loss of the last LOSS_WINDOW (100) steps, or of every step before that many. Also the
+pacing of progress lines (at_most_every)."""
 from __future__ import annotations
 
 import csv
 import io
+import math
+import time
 from pathlib import Path
+from typing import Callable
 
 from ..output import atomic_path
 
 COLUMNS = ("step", "loss", "loss_avg", "lr", "step_seconds", "images_per_s", "tokens_per_s")
+PROGRESS_SECONDS = 10.0   # a cache build's progress: one line at most this often (ImageNet: ~100 lines, not 40,000)
+
+
+def at_most_every(seconds: float, report: Callable[[int, int], None],
+                  clock: Callable[[], float] = time.monotonic) -> Callable[[int, int], None]:
+    """report(done, total), but only the first call, the last (done == total) and any `seconds` after the
+    last one shown."""
+    shown = -math.inf
+
+    def paced(done: int, total: int) -> None:
+        nonlocal shown
+        if done == total or clock() - shown >= seconds:
+            shown = clock()
+            report(done, total)
+
+    return paced
 
 
 class TrainLog:

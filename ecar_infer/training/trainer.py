@@ -557,11 +557,15 @@ def check_same_run(workdir: Path, settings: dict, unknown: tuple[str, ...] = ())
     return saved.get("steps")
 
 
+INTERRUPTED_BEFORE_ANY_STATE = ("interrupted before any state was saved; rerun the same command to start again (a "
+                                "data cache it was building goes on from where it stopped)")
+
+
 def interrupted(workdir: Path) -> str:
     """The line printed when Ctrl-C stops a run: where it can be continued from."""
     step = saved_step(workdir / STATE_FILE)
     if step is None:
-        return "interrupted before any state was saved; rerun the same command to start again"
+        return INTERRUPTED_BEFORE_ANY_STATE
     return (f"interrupted; the last saved state is step {step} in {workdir / STATE_FILE}: rerun the same command "
             f"with --resume to continue it")
 
@@ -622,9 +626,10 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
     from ..vae import IdentityDecoder, VAEError, build_decoder, load_autoencoder
     from .data import PixelBatches, open_data
     from .latents import LatentBatches, latent_moments, vae_fingerprint
+    from .log import PROGRESS_SECONDS, at_most_every
 
-    def decoded(done: int, total: int) -> None:
-        progress(f"image cache: {done}/{total} images decoded")
+    decoded = at_most_every(PROGRESS_SECONDS, lambda done, total: progress(
+        f"image cache: {done:,}/{total:,} images decoded ({100 * done // total}%)"))
 
     if config.latent_kind == "pixel":
         if args.vae:
@@ -652,10 +657,10 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
     images = open_data(args.data, config, cache_dir, channels=vae.config.in_channels, train_size=args.train_size,
                        report=decoded)
 
-    def report(done: int, total: int) -> None:
-        progress(f"latent cache: {done}/{total} images encoded")
+    encoded = at_most_every(PROGRESS_SECONDS, lambda done, total: progress(
+        f"latent cache: {done:,}/{total:,} images encoded ({100 * done // total}%)"))
 
-    moments = latent_moments(images, decoder.vae, args.flip, cache_dir, report=report)
+    moments = latent_moments(images, decoder.vae, args.flip, cache_dir, report=encoded)
     return LatentBatches(moments, images, scaling, vae_id), config, decoder
 
 
@@ -808,6 +813,9 @@ def train(args: argparse.Namespace) -> None:
     train_log = TrainLog(workdir / LOG_FILE, trainer.step) if rank == 0 else None
     log(f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {data.description} "
         f"({len(data)} images), step {trainer.step}/{settings.steps}, world {world}, device {device}")
+    if settings.warmup >= settings.steps:
+        log(f"warning: --warmup {settings.warmup} is not shorter than --steps {settings.steps}, so the learning "
+            f"rate never reaches --lr {settings.lr:g}; give fewer --warmup steps")
     stop = settings.steps if args.until is None else min(args.until, settings.steps)
     with tqdm(total=settings.steps, initial=trainer.step, disable=rank != 0, unit="step", dynamic_ncols=True,
               mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:   # closed before an interruption's line
