@@ -30,10 +30,12 @@ import torch
 from benchmarks.heads_table import render_table
 from ecar_infer import CheckpointError, Sampler, keep_freed_memory
 from ecar_infer.atomic import atomic_write_text
+from ecar_infer.checkpoint import read_checkpoint_header
 from ecar_infer.cli import interval_spec
 from ecar_infer.schedule import StageSteps
 from ecar_infer.training.digits import NUM_CLASSES
 from ecar_infer.training.quality import build_reference, flat, frechet_distance, generate, pairwise_distances
+from ecar_infer.weights import checkpoint_path
 
 
 def isolated_pixels(images: np.ndarray) -> float:
@@ -89,7 +91,7 @@ def numbers(parser: argparse.ArgumentParser, option: str, text: str, kind: type)
         values = [kind(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if not values or min(values) <= 0:
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
         parser.error(f"{option} {text}: give positive numbers separated by commas, e.g. {option} 1,2")
     return values
 
@@ -97,16 +99,18 @@ def numbers(parser: argparse.ArgumentParser, option: str, text: str, kind: type)
 def digits32_sampler(parser: argparse.ArgumentParser, ckpt: str) -> Sampler:
     """The checkpoint's CPU sampler, or the parser's usage error where it cannot be read or is not a model of
     digits32's images (the reference classifier judges 32x32 grayscale digits of 10 classes)."""
-    try:
-        sampler = Sampler.from_pretrained(ckpt, device="cpu", progress=False)
+    try:   # the header first: a latent model would want its VAE before it could be refused
+        c, _ = read_checkpoint_header(checkpoint_path(ckpt))
     except CheckpointError as err:
         parser.error(str(err))
-    c = sampler.config
     if (c.latent_kind, c.latent_channels, c.image_size, c.num_classes) != ("pixel", 1, 32, NUM_CLASSES):
         parser.error(f"--ckpt {ckpt}: a {c.latent_kind} model of {c.image_size}x{c.image_size} images with "
                      f"{c.latent_channels} channel(s) and {c.num_classes} classes; this table judges digits32 "
                      f"models (pixel, 32x32, 1 channel, {NUM_CLASSES} classes)")
-    return sampler
+    try:
+        return Sampler.from_pretrained(ckpt, device="cpu", progress=False)
+    except CheckpointError as err:   # a header that reads over tensors that do not
+        parser.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> None:

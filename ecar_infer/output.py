@@ -108,19 +108,27 @@ def save_npz(array: np.ndarray, labels: Sequence[int], path: str | os.PathLike) 
 
 
 def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: str | os.PathLike,
-             settings: str | None = None) -> None:
+             settings: str | None = None, sizes: Sequence[int] | None = None) -> None:
     """Join the `arr_0` of several sample files, in order, into one sample file for `labels`, streaming
     one file at a time (a 50,000-image file need not fit in memory twice); `settings` (text) is stored
-    beside them as a 0-d string array `settings`, which evaluators ignore. ValueError if a file cannot be read
-    or its images do not fit the others."""
+    beside them as a 0-d string array `settings`, which evaluators ignore; `sizes`, if given, is how many
+    images each file holds. ValueError if a file cannot be read, holds another number of images than its
+    size, or its images do not fit the first file's (naming both: either may be the odd one)."""
 
     def arrays() -> Iterator[np.ndarray]:
-        for file in files:
+        first = None
+        for i, file in enumerate(map(Path, files)):
             try:
                 with np.load(file, allow_pickle=False) as data:
                     images = data["arr_0"]
             except (KeyError, ValueError, zipfile.BadZipFile) as err:   # a damaged file (OSError: as a write's)
-                raise ValueError(f"{Path(file).name} cannot be read ({err})") from None
+                raise ValueError(f"{file.name} cannot be read ({err})") from None
+            if sizes is not None and len(images) != sizes[i]:
+                raise ValueError(f"{file.name} holds {len(images)} images, not {sizes[i]}")
+            first = first or (file.name, images.dtype, images.shape[1:])
+            if (images.dtype, images.shape[1:]) != first[1:]:
+                raise ValueError(f"{file.name} holds images of {images.dtype} {images.shape[1:]} where {first[0]} "
+                                 f"holds {first[1]} {first[2]}")
             yield images
 
     _write_npz(path, arrays(), labels, settings)

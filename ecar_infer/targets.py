@@ -189,10 +189,10 @@ class NpzTarget(Target):
         self.check_complete()
         try:
             join_npz([self.part(b) for b in range(len(self.batches))], self.labels, self.path,
-                     settings_text(self.settings))
+                     settings_text(self.settings), sizes=[len(batch) for batch in self.batches])
         except ValueError as err:   # a batch file damaged after it was written whole (cut short in a copy)
-            raise ResumeError(f"{self.where()} holds a damaged batch file: {err}; delete that file and rerun the "
-                              f"same command, which samples its batch again") from None
+            raise ResumeError(f"{self.where()} holds a damaged batch file: {err}; delete the damaged file and rerun "
+                              f"the same command, which samples its batch again") from None
         shutil.rmtree(self.parts)
         return str(self.path)
 

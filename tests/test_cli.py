@@ -290,11 +290,14 @@ def test_batches_missing_at_the_end_are_a_user_error_and_the_parts_stay(ckpt, tm
 @pytest.mark.parametrize("damage, why", [
     (lambda part: part.write_bytes(part.read_bytes()[:100]), r"batch000000.npz cannot be read \(File is not a zip file\)"),
     (lambda part: np.savez(part, arr_0=np.array([None], dtype=object)), r"batch000000.npz cannot be read \(Object arrays"),
-    (lambda part: np.savez(part, arr_0=np.zeros((3, 8, 16, 3), np.uint8)), r"images of uint8 \(16, 16, 3\) do not fit"),
-], ids=["cut short", "pickled", "another size"])
+    (lambda part: np.savez(part, arr_0=np.zeros((1, 8, 16, 3), np.uint8)),
+     r"batch000001.npz holds images of uint8 \(16, 16, 3\) where batch000000.npz holds uint8 \(8, 16, 3\)"),
+    (lambda part: np.savez(part, arr_0=np.zeros((3, 16, 16, 3), np.uint8)), r"batch000000.npz holds 3 images, not 1"),
+], ids=["cut short", "pickled", "another size", "another number"])
 def test_a_damaged_batch_file_is_a_user_error_and_the_parts_stay(ckpt, tmp_path, capsys, monkeypatch, damage, why):
     """A batch file in FILE.parts/ damaged after it was written (a copy cut short) failed the join at the end
-    with a BadZipFile or ValueError traceback: one line now, naming the file where it cannot be read."""
+    with a BadZipFile or ValueError traceback: one line now, naming the file (for a batch of another image size, that
+    file and the first: the user knows which size the model makes)."""
     path = tmp_path / "s.npz"
     args = ("--ckpt", ckpt, "--class", "1-2", "--steps", "1", "--batch-size", "1", "--npz", path, "-q")
     assert run_interrupted(capsys, monkeypatch, 2, *args)[0] == 130
@@ -302,7 +305,7 @@ def test_a_damaged_batch_file_is_a_user_error_and_the_parts_stay(ckpt, tmp_path,
     code, stdout, stderr = run(capsys, *args)
     assert code == 2 and "Traceback" not in stderr, stderr
     assert re.fullmatch(f"ecar-sample: error: {re.escape(str(path))}.parts/ holds a damaged batch file: {why}.*; delete "
-                        f"that file and rerun the same command, which samples its batch again\n", stderr), stderr
+                        f"the damaged file and rerun the same command, which samples its batch again\n", stderr), stderr
     assert not path.exists() and (tmp_path / "s.npz.parts" / "batch000001.npz").exists()
 
 

@@ -269,11 +269,12 @@ def test_an_interrupted_cache_build_resumes_and_a_changed_key_rebuilds(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["cut short", "garbage", "another shape", "progress not a count",
-                                    "progress beyond the rows", "partial cut short"])
+                                    "progress beyond the rows", "partial cut short", "partial rows cut short"])
 def test_a_damaged_cache_file_is_built_again(tmp_path, damage):
     """The cache's own files, damaged (a crash, a full disk, a copy cut short), were read as they were: a
     ValueError naming no file (mmap length, int()), an IndexError at a training step for an array of another
-    shape, or unfilled rows published as done for a progress record beyond them. They are built again now."""
+    shape, or unfilled rows published as done for a progress record beyond them or a partial file shorter than it. They are
+    built again now."""
     rows = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
     asked = []
 
@@ -292,9 +293,12 @@ def test_a_damaged_cache_file_is_built_again(tmp_path, damage):
     else:   # an interrupted build: the partial file and its progress record
         path.rename(tmp_path / "c.partial.npy")
         (tmp_path / "c.progress").write_text({"progress not a count": "three", "progress beyond the rows": "99",
-                                              "partial cut short": "3"}[damage])
+                                              "partial cut short": "3", "partial rows cut short": "3"}[damage])
         if damage == "partial cut short":
             (tmp_path / "c.partial.npy").write_bytes(b"\x93NUMPY")
+        elif damage == "partial rows cut short":   # a whole header and one row: opened for writing, numpy would
+            partial = tmp_path / "c.partial.npy"   # lengthen it with zeros, published as rows 1 and 2
+            partial.write_bytes(partial.read_bytes()[:-6 * rows[0].nbytes])
     asked.clear()
     out = diskcache.cached_array(path, {"v": 1}, (7, 2), np.float32, fill, chunk=3)
     assert asked == [0, 3, 6] and np.array_equal(out, rows)
@@ -460,14 +464,16 @@ def npy_bytes(array: np.ndarray, shape=None) -> bytes:
                           r"152 bytes: the file is truncated or damaged; write it again"),
     ("images", (3, 16, 32, 3), r"`images` describes an array of uint8 \[3, 16, 32, 3\] .* but holds 2,432 bytes"),
     ("images", (3, 10**6, 10**6, 3), r"`images` describes an array of uint8 \[3, 1000000, 1000000, 3\]"),
-], ids=["labels beyond any memory", "images beyond their data", "images beyond any memory"])
+    ("class_names", (10**10,), r"`class_names` describes an array of <U3 \[10000000000\]"),
+], ids=["labels beyond any memory", "images beyond their data", "images beyond any memory",
+        "class names beyond any memory"])
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
 def test_an_npz_member_declaring_more_than_it_holds_is_named(tmp_path, member, shape, problem, compression):
     """numpy allocates what a member's header declares before reading it (a MemoryError), and the rows of a
     compressed member came up short in the cache build (a reshape's ValueError): both are a DataError now,
     before any image is decoded."""
     path = tmp_path / "d.npz"
-    arrays = {"images": random_images(3, 16, 16), "labels": np.arange(3)}
+    arrays = {"images": random_images(3, 16, 16), "labels": np.arange(3), "class_names": np.array(["ant", "bee", "cow"])}
     with zipfile.ZipFile(path, "w", compression) as archive:
         for name, array in arrays.items():
             archive.writestr(name + ".npy", npy_bytes(array, shape if name == member else None))
@@ -477,17 +483,24 @@ def test_an_npz_member_declaring_more_than_it_holds_is_named(tmp_path, member, s
         open_npz(path, RGB16, tmp_path / "cache")
 
 
-def test_damaged_compressed_images_are_named_in_the_cache_build(tmp_path):
-    """A flipped byte in a compressed member surfaces only when the cache build decompresses it (zipfile's
-    BadZipFile, or zlib.error): a DataError."""
+@pytest.mark.parametrize("member, problem", [
+    ("images", r"`images` cannot be decompressed \(.*\): the file is damaged; write it again"),
+    ("labels", r"cannot read the .npz \(.*\)"),
+    ("class_names", r"cannot read the .npz \(.*\)"),
+])
+@pytest.mark.parametrize("where", [0.3, 0.5, 0.7])
+def test_damaged_compressed_members_are_a_data_error(tmp_path, member, problem, where):
+    """A flipped byte in a compressed member: zipfile's BadZipFile, zlib.error or EOFError, depending on the
+    byte. The images' surfaces only when the cache build decompresses them; each is a DataError naming the file."""
     path = tmp_path / "d.npz"
-    np.savez_compressed(path, images=random_images(40, 20, 20), labels=np.arange(40) % 3)
+    np.savez_compressed(path, images=random_images(40, 20, 20), labels=np.arange(40) % 3,
+                        class_names=np.array(["ant", "bee", "cow"]))
     with zipfile.ZipFile(path) as archive:
-        info = archive.getinfo("images.npy")
+        info = archive.getinfo(member + ".npy")
     data = bytearray(path.read_bytes())
-    data[info.header_offset + 30 + len(info.filename) + info.compress_size // 2] ^= 0xFF
+    data[info.header_offset + 30 + len(info.filename) + int(info.compress_size * where)] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"d.npz: `images` cannot be decompressed \(.*\): the file is damaged; write it again"):
+    with pytest.raises(DataError, match=f"d.npz: {problem}"):
         open_npz(path, RGB16, tmp_path / "cache")
 
 

@@ -157,13 +157,22 @@ def test_heads_records_each_checkpoints_training_steps_for_the_table(tmp_path, m
     (["--ckpt", "{tmp}/missing.safetensors"], "missing.safetensors: file not found"),
     (["--ckpt", "ecar-digits32", "--steps", "1,two"], "--steps 1,two: give positive numbers separated by commas"),
     (["--ckpt", "ecar-digits32", "--cfg", "0"], "--cfg 0: give positive numbers separated by commas"),
+    (["--ckpt", "ecar-digits32", "--cfg", "4,nan"], "--cfg 4,nan: give positive numbers separated by commas"),
+    (["--ckpt", "{tmp}/latent.safetensors"], "latent.safetensors: a sd-vae model of 32x32 images with 4 channel(s)"),
 ])
 def test_heads_refuses_a_request_it_cannot_judge_before_fitting_the_reference(tmp_path, monkeypatch, capsys,
                                                                               argv, message):
     """A model that is not a digits32 model, an unreadable checkpoint or a malformed step list: a usage error
-    (status 2) at once, not a traceback after the reference classifier's minute of fitting."""
-    from benchmarks import heads
+    (status 2) at once, not a traceback after the reference classifier's minute of fitting (a latent model's
+    was a VAEError traceback: it was refused only once loaded, which wants its VAE)."""
+    from conftest import random_model
 
+    from benchmarks import heads
+    from ecar_infer import ECARConfig, save_checkpoint
+
+    latent = ECARConfig.preset("ecar-tiny").replace(latent_kind="sd-vae", latent_channels=4, vae_downsample=2,
+                                                    image_size=32)
+    save_checkpoint(random_model(latent, seed=0), tmp_path / "latent.safetensors")
     monkeypatch.setattr(heads, "build_reference", lambda: pytest.fail("the reference was built"))
     with pytest.raises(SystemExit) as exit_:
         heads.main([a.format(tmp=tmp_path) for a in argv] + ["--out", str(tmp_path / "heads.json")])

@@ -662,6 +662,25 @@ def test_a_resume_state_whose_tensors_do_not_fit_is_one_line(tmp_path, capsys):
         assert err.endswith("): delete it to start over, or choose another --workdir\n")
 
 
+def test_running_out_of_device_memory_while_resuming_never_calls_the_state_damaged(tmp_path, capsys, monkeypatch):
+    """An out-of-memory error is a RuntimeError, as a tensor of another shape is: resuming on a busier card
+    said "cannot be read: delete it to start over" of a sound state, maybe days of training."""
+    from ecar_infer.training.trainer import Trainer
+
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+
+    def out_of_memory(self, path):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "load_state", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        main(run + ["--resume", "--until", "3"])
+    assert "delete it" not in capsys.readouterr().err
+    assert (tmp_path / "state.safetensors").exists()
+
+
 def damaged_header(length: int | None, header: str) -> bytes:
     body = header.encode()
     return (len(body) if length is None else length).to_bytes(8, "little") + body + bytes(4)
@@ -1006,11 +1025,13 @@ def test_ranks_that_resume_different_steps_are_refused(one_thread):
         "same work folder (on several machines, a shared file system)")
 
 
-def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, capsys):
-    """A short trial run with the default --warmup 50 never reaches its --lr: said once, in one line."""
+def test_a_warmup_longer_than_the_run_is_warned_of(tmp_path, capsys):
+    """A short trial run with the default --warmup 50 never reaches its --lr: said once, in one line. A warmup
+    as long as the run reaches it at the last step: no warning."""
     main(TINY_RUN + ["--workdir", str(tmp_path / "a")])
     out = capsys.readouterr().out
-    assert out.count("ecar-train: warning: --warmup 50 is not shorter than --steps 4, so the learning rate never "
+    assert out.count("ecar-train: warning: --warmup 50 is longer than --steps 4, so the learning rate never "
                      "reaches --lr") == 1
-    main(TINY_RUN + ["--workdir", str(tmp_path / "b"), "--warmup", "3"])
+    main(TINY_RUN + ["--workdir", str(tmp_path / "b"), "--warmup", "4"])
     assert "warning" not in capsys.readouterr().out
+    assert TrainSettings(steps=4, warmup=4, lr=1e-3).lr_at(3) == 1e-3

@@ -332,14 +332,15 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
             if not {member, "labels"} <= names:
                 raise DataError(f"{path}: an .npz data set needs `images` (uint8 [N, H, W, C], or `arr_0`) and "
                                 f"`labels` ([N] integers); it has {sorted(names)}")
-            _member_header(path, "labels")   # before numpy allocates what it describes
+            for small in {"labels", "class_names"} & names:   # before numpy allocates what they describe
+                _member_header(path, small)
             labels = np.asarray(f["labels"])
             class_names = _class_names(f["class_names"], path) if "class_names" in names else None
             images = _npz_member_memmap(path, member)
             if images is None:   # compressed: decompressed row by row into the cache below
                 images = _CompressedRows(path, member)
-    except (OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
-        if isinstance(err, DataError):
+    except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError, zlib.error) as err:   # the last two: a
+        if isinstance(err, DataError):                                                      # damaged compressed member
             raise
         raise DataError(f"{path}: cannot read the .npz ({err})") from None
     if (images.dtype != np.uint8 or len(images.shape) != 4 or images.shape[-1] not in (1, 3)

@@ -51,10 +51,12 @@ def _opened(path: Path, shape: tuple[int, ...], dtype: np.dtype, mode: str) -> n
     """The .npy file `path` memory-mapped, or None where it is not a whole array of `shape` and `dtype` (a file
     cut short or written over: the cache's own file, so it is built again rather than refused)."""
     try:
-        array = np.lib.format.open_memmap(path, mode=mode)
+        array = np.lib.format.open_memmap(path, mode="r")   # mode "r+" would lengthen a short file with zeros
+        if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+            return None
+        return array if mode == "r" else np.lib.format.open_memmap(path, mode=mode)
     except (OSError, ValueError):
         return None
-    return array if array.shape == tuple(shape) and array.dtype == np.dtype(dtype) else None
 
 
 def _rows_done(progress_path: Path, total: int) -> int | None:

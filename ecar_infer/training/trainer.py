@@ -714,6 +714,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
             world: int, log) -> tuple[Trainer, object, dict[str, str]]:
     """(the trainer at its start or resumed step, the decoder for sample grids, the final metadata), or a
     user error: every check that can fail comes before the first step."""
+    import torch
     from safetensors import SafetensorError
 
     from ..targets import write_settings
@@ -742,6 +743,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
             trainer.load_state(workdir / STATE_FILE)
         except KeyError as err:   # a damaged state: a tensor or metadata entry missing
             raise unreadable_state(workdir / STATE_FILE, f"it lacks {err}") from None
+        except (torch.OutOfMemoryError, torch.AcceleratorError):   # RuntimeErrors of the device, not of the file:
+            raise                                                     # the state is sound, never say to delete it
         except (ConfigError, RuntimeError, SafetensorError, TypeError) as err:   # a tensor of another shape, a config
             raise unreadable_state(workdir / STATE_FILE, err) from None
         if settings.steps <= trainer.step:
@@ -813,8 +816,8 @@ def train(args: argparse.Namespace) -> None:
     train_log = TrainLog(workdir / LOG_FILE, trainer.step) if rank == 0 else None
     log(f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {data.description} "
         f"({len(data)} images), step {trainer.step}/{settings.steps}, world {world}, device {device}")
-    if settings.warmup >= settings.steps:
-        log(f"warning: --warmup {settings.warmup} is not shorter than --steps {settings.steps}, so the learning "
+    if settings.warmup > settings.steps:   # a warmup as long as the run reaches --lr at its last step
+        log(f"warning: --warmup {settings.warmup} is longer than --steps {settings.steps}, so the learning "
             f"rate never reaches --lr {settings.lr:g}; give fewer --warmup steps")
     stop = settings.steps if args.until is None else min(args.until, settings.steps)
     with tqdm(total=settings.steps, initial=trainer.step, disable=rank != 0, unit="step", dynamic_ncols=True,
