@@ -215,6 +215,8 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
             x = x[None]
         if x.dim() != 4:
             raise EditInputError(f"an image tensor must be [C, H, W] or [N, C, H, W], got shape {tuple(images.shape)}")
+        if not x.numel():
+            raise EditInputError(f"images is empty (shape {tuple(images.shape)}): give at least one image")
         if x.isnan().any():   # NaN passes the range check below, and an edit would carry it into its output
             raise EditInputError("image tensors must be numbers in the model's pixel range [-1, 1], got NaN values")
         if x.abs().max() > 1.0 + 1e-3:
@@ -227,17 +229,26 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
     if x.shape[1] == 3 and channels == 1:
         raise EditInputError("the images have 3 channels but the model makes grayscale images: convert them first")
     if x.shape[1] != channels:
-        hint = ""
-        if isinstance(images, np.ndarray) and images.ndim == 3 and images.shape[0] in (1, 3):
-            hint = (f" (a uint8 array of shape {images.shape} is read as {images.shape[0]} grayscale image(s) "
-                    f"[N, H, W]: give arrays channels last, [H, W, C] or [N, H, W, C])")
         have = f"{x.shape[1]} channel" + ("" if x.shape[1] == 1 else "s")
         raise EditInputError(f"the images have {have} but the model makes {channels}-channel images"
-                             f"{hint}")
+                             f"{_array_layout_hint(images)}")
     if tuple(x.shape[-2:]) != (size, size):
         raise EditInputError(f"the images are {x.shape[-1]}x{x.shape[-2]} pixels but the model makes {size}x{size} "
-                         f"images: resize or crop them first")
+                         f"images: resize or crop them first{_array_layout_hint(images)}")
     return x
+
+
+def _array_layout_hint(images: Any) -> str:
+    """Why a uint8 array may have been read in another layout than its user meant, for a misfit's error."""
+    if not isinstance(images, np.ndarray) or images.ndim not in (3, 4):
+        return ""
+    if images.shape[-1] in (2, 4):
+        return (f" (an array of shape {images.shape}: arrays with an alpha channel are not read; composite it, or "
+                f"give a PIL image, which is composited on white)")
+    if images.ndim == 3 and images.shape[0] in (1, 3):
+        return (f" (a uint8 array of shape {images.shape} is read as {images.shape[0]} grayscale image(s) "
+                f"[N, H, W]: give arrays channels last, [H, W, C] or [N, H, W, C])")
+    return ""
 
 
 def region_mask(region: str, size: int, mode: str) -> torch.Tensor:
@@ -262,7 +273,8 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
 
     Accepted: a built-in region name (see region_mask); a PIL image, read as every user image is
     (ecar_infer/pil_input.py: transparency on white, 16 bits scaled to 8, then grey; >= 128 is kept); a bool
-    array or tensor; a uint8 array (>= 128 is kept); a float array or tensor (>= 0.5 is kept, NaN refused);
+    array or tensor; a uint8 array (>= 128 is kept; one of 0 and 1 only is refused: it is meant as bool); a
+    float array or tensor of 0..1 (>= 0.5 is kept; NaN, or values above 1, refused);
     shapes [H, W], [N, H, W] or [N, 1, H, W]; or a list of masks.
     """
     if isinstance(mask, str):
@@ -281,10 +293,16 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
     if mask.dtype == torch.bool:
         keep = mask
     elif mask.dtype == torch.uint8:
+        if mask.numel() and mask.max() == 1:   # a 0/1 array meant as bool: it would silently keep nothing
+            raise EditInputError("a uint8 mask holding only 0 and 1 keeps nothing (uint8 masks keep values >= 128, "
+                                 "white in an image): give it as bool (mask.astype(bool)), or use 0 and 255")
         keep = mask >= 128
     elif mask.is_floating_point():
         if mask.isnan().any():   # NaN >= 0.5 is False: it would silently mean "regenerate"
             raise EditInputError("a float mask must hold numbers (>= 0.5 kept), got NaN values")
+        if mask.numel() and mask.max() > 1:   # a 0..255 mask as floats: greys from 0.5 up would be kept
+            raise EditInputError(f"a float mask holds 0..1 (>= 0.5 kept), got values up to {mask.max().item():g}: "
+                                 f"divide a 0..255 mask by 255")
         keep = mask >= 0.5
     else:
         raise EditInputError(f"masks must be bool, uint8 (>= 128 kept) or float (>= 0.5 kept), got {mask.dtype}")

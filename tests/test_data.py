@@ -66,11 +66,21 @@ def test_transparent_images_are_composited_on_white(tmp_path):
     assert load_image(tmp_path / "a.png", 16, 1).shape == (16, 16, 1)
 
 
-def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
-    Image.fromarray(np.arange(256, dtype=np.uint16).reshape(16, 16) * 257).save(tmp_path / "deep.png")
-    assert Image.open(tmp_path / "deep.png").mode == "I;16"
-    out = load_image(tmp_path / "deep.png", 16, 1)[..., 0]
-    assert np.array_equal(out, np.arange(256, dtype=np.uint8).reshape(16, 16))
+@pytest.mark.parametrize("maxval", [None, 65535, 1023])
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path, maxval):
+    """A 16-bit PNG opens as mode I;16, a PGM of a maximum above 255 as mode I (Pillow scales it to 0..65535):
+    Pillow's own conversion to 8 bits clipped the PGM's values, so a ramp loaded nearly white."""
+    ramp = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    if maxval is None:
+        path = tmp_path / "deep.png"
+        Image.fromarray(ramp * 257).save(path)
+        assert Image.open(path).mode == "I;16"
+    else:
+        path = tmp_path / "deep.pgm"
+        path.write_bytes(b"P5\n16 16\n%d\n" % maxval + np.round(ramp * (maxval / 255)).astype(">u2").tobytes())
+        assert Image.open(path).mode == "I"
+    out = load_image(path, 16, 1)[..., 0]
+    assert np.abs(out.astype(int) - ramp).max() <= (0 if maxval != 1023 else 1)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I;16B"])   # a 16-bit PNG opens as I;16, a big-endian TIFF as I;16B
@@ -501,6 +511,58 @@ def test_damaged_compressed_members_are_a_data_error(tmp_path, member, problem, 
     data[info.header_offset + 30 + len(info.filename) + int(info.compress_size * where)] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
+def test_a_very_thin_image_is_cropped_before_it_is_scaled_up(tmp_path, monkeypatch):
+    """A 400x10 strip was scaled to 640x16 before the 16x16 centre crop (a 400000x1 PNG of 1 kB took 8 GB at
+    size 64): a longer side beyond MAX_ASPECT times the shorter is cropped around the centre first."""
+    strip = np.zeros((10, 400, 3), np.uint8)
+    strip[:, 160:240] = 255   # white around the centre, black elsewhere
+    Image.fromarray(strip).save(tmp_path / "strip.png")
+    asked = []
+    resize = Image.Image.resize
+
+    def recorded(self, size, *args, **kwargs):
+        asked.append(size[0] * size[1])
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recorded)
+    out = load_image(tmp_path / "strip.png", 16, 3)
+    assert max(asked) <= data_module.MAX_ASPECT * 16 * 16 and (out == 255).all()
+    Image.fromarray(strip[:, :80]).save(tmp_path / "wide.png")   # 8:1, not cropped: scaled to 128x16
+    load_image(tmp_path / "wide.png", 16, 3)
+    assert asked[-1] == 128 * 16
+
+
+def test_an_npz_is_checked_against_the_config_before_its_cache_is_built(tmp_path):
+    """A compressed .npz of 3-channel images for a 1-channel config was decompressed and resized in full (hours
+    for a large one), then refused, its cache left behind."""
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, images=random_images(10, 20, 20), labels=np.arange(10))
+    reports = []
+    with pytest.raises(DataError, match="d.npz: the images have 3 channel"):
+        open_npz(path, ECARConfig.preset("ecar-tiny"), tmp_path / "cache", report=lambda *a: reports.append(a))
+    assert reports == [] and not list((tmp_path / "cache").glob("*.npy"))
+
+
+def test_a_compressed_npz_is_decompressed_in_chunks_of_bounded_bytes(tmp_path, monkeypatch):
+    """Its cache build read CACHE_CHUNK (1024) rows at once whatever their size: 50 GB for 4096x4096 images."""
+    path = tmp_path / "d.npz"
+    images = random_images(5, 20, 20)
+    np.savez_compressed(path, images=images, labels=np.arange(5) % 3)
+    monkeypatch.setattr(data_module, "CHUNK_BYTES", 2 * images[0].nbytes + 1)
+    reports = []
+    data = open_npz(path, RGB16, tmp_path / "cache", report=lambda done, total: reports.append(done))
+    assert reports == [2, 4, 5]
+    assert np.array_equal(data.pixels, data_module.resize_array(images, 16))
+
+
+def test_an_npz_of_images_too_large_to_decode_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, images=random_images(3, 16, 16), labels=np.arange(3))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # refused above 200 pixels: 256 is
+    with pytest.raises(DataError, match=r"d.npz: images of 16x16 pixels are too large to decode \(more than 200 pixels\)"):
         open_npz(path, RGB16, tmp_path / "cache")
 
 

@@ -46,6 +46,8 @@ from .diskcache import cached_array, is_cached
 DIGITS32 = "digits32"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 CACHE_CHUNK = 1024   # images decoded per step of the cache build (and per progress record)
+CHUNK_BYTES = 256 * 2**20   # at most this much of a compressed .npz decompressed per step of its cache build
+MAX_ASPECT = 8       # a longer side beyond this many times the shorter is cropped first (resize_center_crop)
 MAX_NAMED = 20       # files or classes an error names (then a count of the rest)
 IDENTITY_ROWS = 64   # images hashed by ImageSet.identity (all of them would take minutes on a large set)
 GRAY_BANDS = {"1", "L", "I", "F", "A"}   # PIL bands of grayscale images (with or without alpha)
@@ -58,9 +60,17 @@ class DataError(ValueError):
 # ---- one image ---------------------------------------------------------------------------------------
 def resize_center_crop(image, size: int):
     """The ADM / DiT rule: box-halve while the shorter side is >= 2*size, bicubic to a shorter side of
-    `size`, centre crop. A PIL image in, a PIL image of size x size out."""
+    `size`, centre crop. A PIL image in, a PIL image of size x size out. An image more than MAX_ASPECT times
+    as long as it is wide is first cropped to MAX_ASPECT around its centre: the final crop keeps only the
+    centre anyway, and a 400000x1 strip would otherwise be scaled up to gigabytes."""
     from PIL import Image
 
+    short, long = sorted(image.size)
+    if long > MAX_ASPECT * short:
+        keep = MAX_ASPECT * short
+        start = (long - keep) // 2
+        image = image.crop((start, 0, start + keep, short) if image.size[0] > image.size[1]
+                           else (0, start, short, start + keep))
     while min(image.size) >= 2 * size:
         image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
     scale = size / min(image.size)
@@ -347,18 +357,25 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
             or 0 in images.shape[1:3]):
         raise DataError(f"{path}: `images` must be uint8 [N, H, W, C] with C 1 or 3 (and H, W at least 1), got "
                         f"{images.dtype} {list(images.shape)}")
+    from PIL import Image
+
+    if images.shape[1] * images.shape[2] > 2 * Image.MAX_IMAGE_PIXELS:   # as PIL refuses a folder's image
+        raise DataError(f"{path}: images of {images.shape[2]}x{images.shape[1]} pixels are too large to decode (more "
+                        f"than {2 * Image.MAX_IMAGE_PIXELS:,} pixels); resize them first")
     class_names = class_names or [str(i) for i in range(config.num_classes)]
     labels = _check_labels(labels, class_names, str(path), len(images))
+    data = ImageSet(np.zeros((len(labels), 0, 0, images.shape[-1]), np.uint8), labels, class_names, str(path))
+    data.check(config, channels)   # before hours of decompressing or resizing
     nbytes, mtime_ns = _stamp(path)
     if not isinstance(images, np.memmap) or images.shape[1:3] != (size, size):
         key = {"npz": str(path.resolve()), "bytes": nbytes, "mtime_ns": mtime_ns, "size": size}
         source = images
+        chunk = max(1, min(CACHE_CHUNK, CHUNK_BYTES // math.prod(images.shape[1:])))
         images = cached_array(Path(cache_dir) / f"pixels-{digest(key)}.npy", key,
                               (len(source), size, size, source.shape[-1]), np.uint8,
-                              lambda a, b: resize_array(source[a:b], size), CACHE_CHUNK, report)
-    data = ImageSet(images, labels, class_names, str(path),
-                    digest([str(path.resolve()), nbytes, mtime_ns, config.image_size]))
-    data.check(config, channels)
+                              lambda a, b: resize_array(source[a:b], size), chunk, report)
+    data.pixels = images
+    data.fingerprint = digest([str(path.resolve()), nbytes, mtime_ns, config.image_size])
     return data
 
 
