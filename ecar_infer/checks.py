@@ -35,6 +35,8 @@ def integers(name: str, values, expected: str = "a sequence of integers") -> lis
         return values.tolist()
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ValueError(f"{name} must be {expected}, got {values!r}")
+    if isinstance(values, (set, frozenset, dict)):   # no order: which image gets which value would be chance
+        raise ValueError(f"{name} must be {expected} in order, got a {type(values).__name__}; give a list")
     values = list(values)
     bad = [v for v in values if not is_integer(v)]
     if bad:

@@ -479,9 +479,22 @@ def agree(group: distributed.Group, error: str | None) -> str | None:
     return None
 
 
+def settings_disagreement(every: list[dict]) -> str | None:
+    """Why the ranks' run settings (in rank order) cannot make one output, or None where all agree."""
+    from .targets import differing_settings
+
+    for rank, settings in enumerate(every[1:], start=1):
+        differ = differing_settings(every[0], settings)
+        if differ:
+            return (f"rank {rank}'s settings differ from rank 0's ({', '.join(differ)}): every rank must run the "
+                    f"same command with the same checkpoint and VAE, on devices of one kind")
+    return None
+
+
 def plan(args, group: distributed.Group) -> tuple[Job | None, list[int] | str]:
-    """Prepare on every rank, then rank 0 checks the target's settings record and lists the batches it
-    lacks. Every rank gets the same answer: the batches to sample, or the error that stops the run."""
+    """Prepare on every rank, check that the ranks agree on the settings, then rank 0 checks the target's
+    settings record and lists the batches it lacks. Every rank gets the same answer: the batches to sample,
+    or the error that stops the run."""
     try:
         job, error = prepare(args, group), None
     except KeyboardInterrupt:  # before user_errors(), whose imports must not run inside an interrupted import
@@ -489,6 +502,8 @@ def plan(args, group: distributed.Group) -> tuple[Job | None, list[int] | str]:
     except user_errors() as err:
         job, error = None, one_line(err)
     answer = agree(group, error)
+    if answer is None:   # the same command on every machine may meet another checkpoint file, or another GPU
+        answer = settings_disagreement(group.gather(job.settings))
     from .targets import ResumeError
 
     if answer is None and group.rank == 0:

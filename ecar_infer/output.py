@@ -121,7 +121,7 @@ def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: st
             try:
                 with np.load(file, allow_pickle=False) as data:
                     images = data["arr_0"]
-            except (KeyError, ValueError, zipfile.BadZipFile) as err:   # a damaged file (OSError: as a write's)
+            except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:   # a damaged or empty file
                 raise ValueError(f"{file.name} cannot be read ({err})") from None
             if sizes is not None and len(images) != sizes[i]:
                 raise ValueError(f"{file.name} holds {len(images)} images, not {sizes[i]}")

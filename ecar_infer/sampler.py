@@ -210,6 +210,8 @@ class Sampler:
 
     @staticmethod
     def _seeds(seed: int | Sequence[int], count: int) -> list[int]:
+        if getattr(seed, "ndim", None) == 0 and hasattr(seed, "item"):   # a 0-d tensor or array: one seed
+            seed = seed.item()
         if is_integer(seed):
             seeds = [int(seed) + k for k in range(count)]
         else:

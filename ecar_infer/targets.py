@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -149,20 +150,25 @@ class NpzTarget(Target):
 
     def start(self, settings: dict) -> list[int]:
         self.settings = settings
-        if self.parts.exists() or not self.path.exists():
+        if self.parts.exists() and not self.parts.is_dir():
+            raise ResumeError(f"{self.parts} is a file where this run would keep its batches: move it away, or "
+                              f"write elsewhere")
+        if not self.path.exists() or self.record_path().exists():   # FILE.parts/ with its record: a run to finish
             return super().start(settings)
         self.finished_before = True
         try:
             text = npz_settings(self.path)
             saved = None if text is None else parse_settings(text)
-        except (OSError, ValueError) as err:
-            raise ResumeError(f"{self.path} exists and is not a sample file ({err}): write elsewhere, or delete it")
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:   # EOFError: an empty file
+            raise ResumeError(f"{self.path} exists and is not a sample file ({err}): write elsewhere, or delete "
+                              f"it") from None
         if saved is None:
             raise ResumeError(f"{self.path} exists and records no ecar-sample settings: write elsewhere, or delete it")
         differ = differing_settings(saved, settings)
         if differ:
             raise ResumeError(f"{self.path} holds the finished run of other settings ({', '.join(differ)}): write "
                               f"elsewhere, or delete {self.path}")
+        shutil.rmtree(self.parts, ignore_errors=True)   # without its record: a finish() cut short while removing it
         return []
 
     def where(self) -> str:
@@ -193,6 +199,7 @@ class NpzTarget(Target):
         except ValueError as err:   # a batch file damaged after it was written whole (cut short in a copy)
             raise ResumeError(f"{self.where()} holds a damaged batch file: {err}; delete the damaged file and rerun "
                               f"the same command, which samples its batch again") from None
+        self.record_path().unlink()   # first: FILE.parts/ without its record is taken for what is left to remove
         shutil.rmtree(self.parts)
         return str(self.path)
 
@@ -213,8 +220,8 @@ class FolderTarget(Target):
     def image_path(self, index: int) -> Path:
         return self.folder / f"class{self.labels[index]:03d}_seed{self.seeds[index]:06d}.png"
 
-    def holds(self, batch: int) -> bool:
-        return all(self.image_path(i).exists() for i in self.batches[batch])
+    def holds(self, batch: int) -> bool:   # an empty file is what a write cut by a power loss can leave
+        return all(self.image_path(i).exists() and self.image_path(i).stat().st_size for i in self.batches[batch])
 
     def foreign_files(self) -> list[Path]:
         return [path for path in map(self.image_path, range(len(self.labels))) if path.exists()]

@@ -59,6 +59,8 @@ def sampler():
     (dict(seed=2**64 - 1, class_labels=[1, 2]), "seed may be at most 2\\*\\*64 - 2"),
     (dict(seed=[1.5]), "seed must be integers"),
     (dict(seed="7"), "seed must be a sequence of integers"),
+    (dict(class_labels={3, 4}), "class_labels must be a sequence of integers in order, got a set; give a list"),
+    (dict(seed=torch.tensor(1.5)), "seed must be a sequence of integers, got 1.5"),
 ])
 def test_bad_arguments_are_errors_not_defaults(sampler, kwargs, match):
     kwargs = {"class_labels": [1], **kwargs}

@@ -161,13 +161,51 @@ def test_a_finished_npz_is_not_sampled_again_nor_replaced_by_another_request(ckp
         assert path.read_bytes() == whole and sorted(tmp_path.iterdir()) == [path]
         for other, why in ((lambda: np.savez(path, arr_0=np.zeros((1, 2, 2, 3), np.uint8)),
                             "records no ecar-sample settings"),
-                           (lambda: path.write_text("not an npz"), "is not a sample file")):
+                           (lambda: path.write_text("not an npz"), "is not a sample file"),
+                           (lambda: path.write_bytes(b""), "is not a sample file"),   # was an EOFError traceback
+                           (lambda: path.write_bytes(whole[:300]), "is not a sample file")):
             other()
             code, stdout, stderr = run(capsys, *args)
             assert code == 2 and stderr.startswith(f"ecar-sample: error: {path} exists and {why}"), stderr
             assert stderr.endswith(": write elsewhere, or delete it\n") and sorted(tmp_path.iterdir()) == [path]
     path.unlink()
     assert run(capsys, *args)[0] == 0 and path.read_bytes() == whole
+
+
+def test_a_finish_interrupted_while_removing_the_parts_is_finished(ckpt, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the joined file's FILE.parts/ was being removed, its run.json already gone: the rerun
+    refused the finished file ("holds files ... but no run.json"). It is finished; the rest of the folder goes."""
+    path = tmp_path / "s.npz"
+    args = ("--ckpt", ckpt, "--class", "2", "--per-class", "2", "--steps", "1", "--batch-size", "1", "--npz", path)
+    assert run(capsys, *args)[0] == 0
+    whole = path.read_bytes()
+    (tmp_path / "s.npz.parts").mkdir()
+    np.savez(tmp_path / "s.npz.parts" / "batch000001.npz", arr_0=np.zeros((1, 16, 16, 3), np.uint8))
+    monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("nothing should be sampled"))
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0 and stderr == "" and stdout.startswith("nothing to sample"), stderr
+    assert path.read_bytes() == whole and sorted(tmp_path.iterdir()) == [path]
+
+
+def test_a_file_where_the_parts_folder_goes_is_a_user_error(ckpt, tmp_path, capsys):
+    path = tmp_path / "s.npz"
+    (tmp_path / "s.npz.parts").write_text("mine")
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--class", "2", "--steps", "1", "--npz", path)
+    assert code == 2 and stderr == (f"ecar-sample: error: {path}.parts is a file where this run would keep its "
+                                    f"batches: move it away, or write elsewhere\n"), stderr
+    assert (tmp_path / "s.npz.parts").read_text() == "mine"
+
+
+def test_an_empty_png_in_an_outdir_is_sampled_again(ckpt, tmp_path, capsys):
+    """A write cut by a power loss can leave an empty file: its batch counted as written, and stayed empty."""
+    args = ("--ckpt", ckpt, "--class", "2", "--per-class", "3", "--steps", "1", "--batch-size", "1", "--outdir",
+            tmp_path / "out")
+    assert run(capsys, *args)[0] == 0
+    pngs = sorted((tmp_path / "out").glob("*.png"))
+    whole = pngs[1].read_bytes()
+    pngs[1].write_bytes(b"")
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0 and pngs[1].read_bytes() == whole, stderr
 
 
 def test_a_finished_outdir_says_there_is_nothing_to_sample(ckpt, tmp_path, capsys, monkeypatch):

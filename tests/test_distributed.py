@@ -51,11 +51,12 @@ def free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, argv: list[str], logs: Path, die_at_call: int | None,
-          hang: bool = False) -> None:
+          hang: bool = False, rank1_extra: tuple[str, ...] = ()) -> None:
     """One spawned rank: ecar-sample's main() with this rank's torchrun environment, its stdout and
     stderr in logs/rankR.out and .err. With die_at_call, rank 1 exits abruptly in that batch, once
     rank 0 has written batch 2 (so that rank 0 is then waiting for it, however slow the machine); with
-    hang too, it stops answering there instead (sleeps, its connections open)."""
+    hang too, it stops answering there instead (sleeps, its connections open). rank1_extra: arguments rank 1
+    alone adds (as a machine whose files or GPU differ would differ)."""
     from ecar_infer import Sampler
 
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -79,7 +80,7 @@ def _rank(rank: int, world: int, port: int, argv: list[str], logs: Path, die_at_
             return real(self, *args, **kwargs)
 
         Sampler.generate = generate
-    code = main(argv)
+    code = main(argv + list(rank1_extra) if rank == 1 else argv)
     (logs / f"rank{rank}.ended").write_text(repr(time.time()))
     sys.stdout.flush()
     sys.stderr.flush()
@@ -87,14 +88,14 @@ def _rank(rank: int, world: int, port: int, argv: list[str], logs: Path, die_at_
 
 
 def spawn_ranks(world: int, argv: list[str], logs: Path, die_at_call: int | None = None, hang: bool = False,
-                wait_s: float = 300) -> list[int]:
+                wait_s: float = 300, rank1_extra: tuple[str, ...] = ()) -> list[int]:
     """Run `world` ranks of ecar-sample; their exit codes (None: still running after wait_s, 5 minutes,
     which only a hang takes: a rank needs seconds on an idle machine, a minute or two on a crowded one).
     With hang, rank 1 hangs (see _rank): only rank 0 is waited for, then rank 1 is killed."""
     logs.mkdir(exist_ok=True)
     context = mp.get_context("spawn")
     port = free_port()
-    procs = [context.Process(target=_rank, args=(r, world, port, argv, logs, die_at_call, hang))
+    procs = [context.Process(target=_rank, args=(r, world, port, argv, logs, die_at_call, hang, rank1_extra))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -187,6 +188,20 @@ def test_settings_refusal_and_user_errors_come_from_rank_0_alone(ckpt, tmp_path,
     assert spawn_ranks(2, ["--ckpt", str(ckpt), *REQUEST, "--npz", str(npz), "--seed", "1"], logs) == [2, 2]
     assert "holds images of a run with other settings (seed)" in log(logs, 0, "err")
     assert len(log(logs, 0, "err").splitlines()) == 1 and log(logs, 1, "err") == ""
+
+
+@pytest.mark.slow
+def test_ranks_whose_settings_differ_write_nothing(ckpt, tmp_path):
+    """A machine with a stale checkpoint, or another GPU (another dtype), added its batches to the file under
+    rank 0's settings record: the ranks compare their settings first."""
+    npz, logs = tmp_path / "s.npz", tmp_path / "logs"
+    codes = spawn_ranks(2, ["--ckpt", str(ckpt), *REQUEST, "--npz", str(npz), "-q"], logs,
+                        rank1_extra=("--cfg-scale", "5"))
+    assert codes == [2, 2]
+    assert log(logs, 0, "err") == ("ecar-sample: error: rank 1's settings differ from rank 0's (cfg_scale): every "
+                                   "rank must run the same command with the same checkpoint and VAE, on devices of "
+                                   "one kind\n")
+    assert log(logs, 1, "err") == "" and not npz.exists() and not Path(f"{npz}.parts").exists()
 
 
 def test_rank_lost_shows_the_first_line_of_gloo_errors_without_their_source_location():

@@ -80,8 +80,10 @@ def test_chunks_are_joined_in_order_for_every_output_type(sampler, output_type):
     assert np.array_equal(as_array(joined), np.concatenate([as_array(p) for p in parts]))
 
 
-def test_numpy_integer_seed_is_a_base_seed(sampler):
-    out = sampler.generate([1, 2], seed=np.int64(5), steps_per_stage=1, output_type="latent")
+@pytest.mark.parametrize("seed", [np.int64(5), np.array(5), torch.tensor(5)], ids=["numpy int", "0-d array",
+                                                                                 "0-d tensor"])
+def test_an_integer_scalar_seed_is_a_base_seed(sampler, seed):
+    out = sampler.generate([1, 2], seed=seed, steps_per_stage=1, output_type="latent")
     assert out.seeds == [5, 6]
 
 
