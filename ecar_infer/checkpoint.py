@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,9 @@ INDEX_SUFFIX = ".safetensors.index.json"
 # safetensors' dtype names of the float dtypes a checkpoint may hold
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
+MAX_CONFIG_CHARS = 1 << 16   # a config entry is about 700 characters; JSON would take ~30x a crafted one's size
+MAX_HEADER_BYTES = 100_000_000   # safetensors' own bound on a header
+MAX_INDEX_BYTES = 16 << 20   # a shard index names each tensor once: a few hundred kB for the largest preset
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a bare pickle (protocol 2+)
 
 
@@ -157,8 +161,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         dtype = resolve_dtype(dtype, torch.device(device))
     metadata, entries = _read_header(path)
     config = _config(path, metadata)
+    model = _build_on_meta(path, config, entries)   # first: it bounds the config by the file (num_stages, classes)
     _check_entries(path, config, metadata)
-    model = _build_on_meta(path, config, entries)
     stored_dtype = _check_tensors(path, model, entries)
     dtype = stored_dtype if dtype is None else dtype
     device = torch.device(device)
@@ -226,7 +230,7 @@ def _read_file(path: Path) -> tuple[dict[str, str], Entries]:
                 entries[name] = (tuple(piece.get_shape()), piece.get_dtype(), path)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(path, _why_unreadable(path, err)) from None
-    return metadata, entries
+    return {str(k): str(v) for k, v in metadata.items()}, entries
 
 
 def _why_unreadable(path: Path, err: Exception) -> str:
@@ -245,22 +249,23 @@ def _why_unreadable(path: Path, err: Exception) -> str:
     return f"not a safetensors file ({size} bytes that do not start with a safetensors header)"
 
 
+DATA_END = re.compile(rb'"data_offsets"\s*:\s*\[\s*\d+\s*,\s*(\d+)\s*\]')
+
+
 def _data_bytes(path: Path, header_len: int) -> int:
-    """How many data bytes a safetensors header describes (0 if the header cannot be parsed)."""
+    """How many data bytes a safetensors header describes, as far as it can be read: the largest end of
+    its data_offsets, found in the bytes (a JSON parse of a crafted header takes ~30x its size)."""
     with open(path, "rb") as f:
         f.seek(8)
-        try:
-            header = parse_json(f.read(header_len))
-        except ValueError:  # not UTF-8, not JSON
-            return 0
-    if not isinstance(header, dict):
-        return 0
-    offsets = [v.get("data_offsets") for v in header.values() if isinstance(v, dict)]
-    return max((o[1] for o in offsets if isinstance(o, list) and len(o) == 2 and isinstance(o[1], int)), default=0)
+        header = f.read(min(header_len, MAX_HEADER_BYTES))
+    return max((int(end) for end in DATA_END.findall(header)), default=0)
 
 
 def _read_index(path: Path) -> tuple[dict[str, str], Entries]:
     """The metadata of a shard index and the tensor table of all its shards."""
+    if path.stat().st_size > MAX_INDEX_BYTES:   # before JSON takes ~30x its size
+        raise CheckpointError(path, f"shard index is {path.stat().st_size:,} bytes: an index is under "
+                                    f"{MAX_INDEX_BYTES:,}")
     try:
         index = parse_json(path.read_text())
     except ValueError as err:  # UnicodeDecodeError too
@@ -269,16 +274,18 @@ def _read_index(path: Path) -> tuple[dict[str, str], Entries]:
     metadata = index.get("metadata") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not isinstance(metadata, dict):
         raise CheckpointError(path, 'shard index must be a JSON object with "metadata" and "weight_map" objects')
-    names = set(weight_map.values())
-    if not all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..") for n in names):
+    if not all(isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..") for n in weight_map.values()):
         raise CheckpointError(path, "shard index: every weight_map value must be a file name in the index's folder")
+    by_shard: dict[str, list[str]] = {}
+    for name, shard_name in weight_map.items():
+        by_shard.setdefault(shard_name, []).append(name)
     entries: Entries = {}
-    for shard_name in sorted(names):
+    for shard_name in sorted(by_shard):
         shard = path.parent / shard_name
         if not shard.is_file():
             raise CheckpointError(path, f"shard {shard_name} listed in the index is missing")
         _, shard_entries = _read_file(shard)
-        for name in (n for n, s in weight_map.items() if s == shard_name):
+        for name in by_shard[shard_name]:
             if name not in shard_entries:
                 raise CheckpointError(shard, f"lacks tensor {name!r} that the index {path.name} places there")
             entries[name] = shard_entries[name]
@@ -294,6 +301,9 @@ def _config(path: Path, metadata: dict[str, str]) -> ECARConfig:
                                     f"ecar_infer reads format_version={FORMAT_VERSION!r}")
     if "config" not in metadata:
         raise CheckpointError(path, "its metadata has no config entry")
+    if len(metadata["config"]) > MAX_CONFIG_CHARS:
+        raise CheckpointError(path, f"invalid config: {len(metadata['config']):,} characters (a config is under "
+                                    f"{MAX_CONFIG_CHARS:,})")
     try:
         data = parse_json(metadata["config"])
     except ValueError as err:

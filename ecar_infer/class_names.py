@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 METADATA_KEY = "class_names"
+MAX_NAME_CHARS = 1024   # the class_names entry's bound per class (JSON quotes and escapes included)
 
 
 class ClassNameError(ValueError):
@@ -22,6 +23,9 @@ def parse_class_names(text: str | None, num_classes: int) -> list[str] | None:
     """The class names of a checkpoint's metadata entry (None when it has none)."""
     if text is None:
         return None
+    if isinstance(text, str) and len(text) > MAX_NAME_CHARS * num_classes:   # before JSON takes ~30x its size
+        raise ClassNameError(f"{METADATA_KEY} is {len(text):,} characters: more than {MAX_NAME_CHARS:,} for each "
+                             f"of the {num_classes} classes")
     try:
         names = parse_json(text)
     except (TypeError, ValueError):

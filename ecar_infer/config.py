@@ -92,6 +92,8 @@ class ECARConfig:
             fail("latent_kind", f"must be one of {LATENT_KINDS}")
         if self.stage_windows not in STAGE_WINDOWS:
             fail("stage_windows", f"must be one of {STAGE_WINDOWS}")
+        if not isinstance(self.renoise, bool):   # "false" would count as True, and no checkpoint could hold it
+            fail("renoise", "must be True or False (a JSON true or false)")
         if self.head_kind not in HEAD_KINDS:
             fail("head_kind", f"must be one of {HEAD_KINDS}")
         if self.head_objective not in HEAD_OBJECTIVES:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .checks import parse_json
+from .checks import is_finite_real, parse_json
 from .config import ECARConfig
 from .atomic import atomic_path
 from .meta_build import BuildError, build_within, mismatch, names_differ, shapes_differ, some
@@ -161,23 +161,39 @@ def _load_single_file(path: Path, config_json: str):
 # save_pretrained's names; a config.json is about 1 KB, so one past this bound is not a diffusers config
 FOLDER_CONFIG = "config.json"
 FOLDER_WEIGHTS = "diffusion_pytorch_model.safetensors"
+FOLDER_PICKLED = "diffusion_pytorch_model.bin"   # older folders: torch.save's zip, read with weights_only
 MAX_CONFIG_BYTES = 1 << 20
+
+
+def _folder_tensor_table(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a folder's weights without reading them (a pickled file memory-mapped); a
+    VAEError for a folder of neither kind (a sharded one among them), which could not bound the build."""
+    if (folder / FOLDER_WEIGHTS).is_file():
+        return _tensor_table(folder / FOLDER_WEIGHTS)
+    if (folder / FOLDER_PICKLED).is_file():
+        state = torch.load(folder / FOLDER_PICKLED, map_location="cpu", mmap=True, weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise VAEError(f"its {FOLDER_PICKLED} holds no table of tensors")
+        return {str(name): tuple(t.shape) for name, t in state.items()}
+    raise VAEError(f"it holds neither {FOLDER_WEIGHTS} nor {FOLDER_PICKLED} (a VAE saved in shards is not read: "
+                   f"save it as one file)")
 
 
 def _load_folder(folder: Path):
     """An AutoencoderKL from a diffusers folder through diffusers' from_pretrained, which also reads the
-    deprecated attention names of older folders (the SD VAEs on the Hub among them). With safetensors
-    weights, the folder's config is first built on the meta device bounded by the weights' tensor table, so
+    deprecated attention names of older folders (the SD VAEs on the Hub among them). The folder's config is
+    first built on the meta device bounded by the weights' tensor table (safetensors, or a pickled .bin), so
     a crafted config.json costs no more than the file holds. Tensors the config needs and the file lacks,
     or that the config does not use, are refused (diffusers only logs them, and leaves the missing ones
     uninitialised), and so are tensors of the wrong shape (diffusers' own error would name none of them)."""
     from diffusers import AutoencoderKL
 
-    config_file, weights = folder / FOLDER_CONFIG, folder / FOLDER_WEIGHTS
-    if config_file.is_file() and weights.is_file():
-        if config_file.stat().st_size > MAX_CONFIG_BYTES:
-            raise VAEError(f"its {FOLDER_CONFIG} is {config_file.stat().st_size:,} bytes: not a diffusers config")
-        _build_bounded(_config_object(config_file.read_bytes(), f"its {FOLDER_CONFIG}"), _tensor_table(weights))
+    config_file = folder / FOLDER_CONFIG
+    if not config_file.is_file():
+        raise VAEError(f"it has no {FOLDER_CONFIG}: give a folder as AutoencoderKL.save_pretrained writes it")
+    if config_file.stat().st_size > MAX_CONFIG_BYTES:
+        raise VAEError(f"its {FOLDER_CONFIG} is {config_file.stat().st_size:,} bytes: not a diffusers config")
+    _build_bounded(_config_object(config_file.read_bytes(), f"its {FOLDER_CONFIG}"), _folder_tensor_table(folder))
     vae, info = AutoencoderKL.from_pretrained(folder, local_files_only=True, low_cpu_mem_usage=False,
                                               ignore_mismatched_sizes=True, output_loading_info=True)
     # mismatched_keys: (name, shape in the file, shape the config gives)
@@ -214,6 +230,10 @@ def load_autoencoder(path: str | os.PathLike):
     """AutoencoderKL from a local diffusers folder (config.json + weights) or a single .safetensors file; a
     VAEError for anything else, weights that hold NaN or infinite values included (they decode to NaN images)."""
     vae = _read_autoencoder(Path(path))
+    factor = getattr(vae.config, "scaling_factor", None)
+    if not (is_finite_real(factor) and factor > 0):   # latents are scaled by it: a string was a TypeError later
+        raise VAEError(f"could not load the VAE at {path}: its config's scaling_factor is {factor!r}, not a positive "
+                       f"number")
     nonfinite = [name for name, t in vae.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
     if nonfinite:
         raise VAEError(f"could not load the VAE at {path}: {some(sorted(nonfinite))} hold NaN or infinite values: the "

@@ -29,7 +29,7 @@ def state(model):
 
 
 # JSON nested past the parser's recursion limit (json.loads raises RecursionError, not ValueError)
-DEEP = "[" * 100_000 + "]" * 100_000
+DEEP = "[" * 5_000 + "]" * 5_000   # past the JSON parser's recursion limit, within the size bounds of entries
 
 
 def metadata(model, **changes):
@@ -138,6 +138,9 @@ def bad_index(kind, index):
     if kind == "nested too deeply":
         index.write_text(DEEP)
         return
+    if kind == "too large":   # JSON would take ~30x its size before anything refused it
+        index.write_text(" " * (16 << 20) + json.dumps(data))
+        return
     if kind == "a list":
         data = [data]
     elif kind == "metadata a list":
@@ -174,6 +177,7 @@ BAD_INDEXES = {
     "shard a folder": "shard tiny-dir.safetensors listed in the index is missing",
     "tensor not in its shard": "lacks tensor 'head.out.bias' that the index tiny.safetensors.index.json places there",
     "config an object": "invalid config: config is not valid JSON",
+    "too large": "bytes: an index is under 16,777,216",
 }
 
 
@@ -327,6 +331,10 @@ def write_bad(kind, model, path):
         meta = metadata(model, config=DEEP)
     elif kind == "class_names nested too deeply":
         meta = metadata(model, class_names=DEEP)
+    elif kind == "config too long":   # JSON would take ~30x its size before anything refused it
+        meta = metadata(model, config=model.config.to_json()[:-1] + ', "x": "' + "x" * 70_000 + '"}')
+    elif kind == "class_names too long":
+        meta = metadata(model, class_names=json.dumps(["x" * 1_100] * model.config.num_classes))
     elif kind == "invalid config JSON":
         meta = metadata(model, config='{"width": 32,')
     elif kind == "config fails validation":
@@ -370,6 +378,8 @@ BAD_FILES = {
     "config nested too deeply": r"invalid config: config is not valid JSON: JSON nested too deeply",
     "class_names nested too deeply": r"class_names must be a JSON list of non-empty strings",
     "header nested too deeply": r"corrupt safetensors file",
+    "config too long": r"invalid config: 70,\d+ characters \(a config is under 65,536\)$",
+    "class_names too long": r"class_names is 11,\d+ characters: more than 1,024 for each of the 10 classes$",
     "no metadata": "not an E-CAR checkpoint: its metadata has no format entry",
     "wrong format": "not an E-CAR checkpoint: its metadata has format='pt'",
     "wrong version": "format_version='2' is not supported",

@@ -157,6 +157,27 @@ def test_absurd_sizes_are_refused_from_the_header_alone(good, tmp_path):
     assert check_cases(cases, tmp_path) == {"loaded": 0, "refused": len(cases)}
 
 
+@pytest.mark.slow
+def test_large_json_is_refused_before_it_is_parsed(good, tmp_path):
+    """Python's JSON takes ~30x a text's size: a 70 MB config or class_names entry (a header safetensors
+    accepts) took 2 GB before it was refused, and so did explaining a 57 MB header safetensors refuses. And
+    the sampling defaults were checked before the bounded build: a config of 14,001 stages with
+    recommended_steps 1000 planned 14 million steps first. Each is refused at once now."""
+    header, body = split(good)
+    config = json.loads(header["__metadata__"]["config"])
+    many = "[" + "{}," * 23_000_000 + "{}]"   # 69 MB
+    cases = []
+    for key, value in [("config", many), ("class_names", many),
+                       ("config", json.dumps({**config, "image_size": 2 ** 14000, "num_stages": 14_001,
+                                              "patch_size": 1}))]:
+        edited = json.loads(json.dumps(header))
+        edited["__metadata__"].update({key: value, "recommended_steps": "1000"})
+        cases.append((f"{key} of {len(value):,} characters", join(edited, body)))
+    raw = b'{"a":[' + b"{}," * 19_000_000 + b"{}]}"   # 57 MB that safetensors refuses: no tensor entries
+    cases.append(("an unreadable header of 57 MB", struct.pack("<Q", len(raw)) + raw + body))
+    assert check_cases(cases, tmp_path) == {"loaded": 0, "refused": len(cases)}
+
+
 def forged_headers(header: dict) -> list[tuple[str, dict]]:
     names = sorted(k for k in header if k != "__metadata__")
     rng = random.Random(2)

@@ -60,6 +60,8 @@ def test_unknown_preset_lists_the_known_ones():
     (dict(width=72, num_heads=12), "width"),                # width % 4 == 0, but head dim 6 is not a multiple of 4
     (dict(head_kind="attention", head_num_heads=3), "head_num_heads"),  # does not divide head_width 1024
     (dict(head_kind="attention", head_width=1022, head_num_heads=2), "head_width"),  # not a multiple of 4
+    (dict(renoise="false"), "renoise"),   # was True (a non-empty string), in a checkpoint no loader would take
+    (dict(renoise=0), "renoise"),
 ])
 def test_validation_names_the_offending_field(changes, field):
     with pytest.raises(ConfigError, match=rf"ECARConfig\.{field}="):

@@ -1,4 +1,5 @@
 import logging
+import re
 
 import pytest
 import torch
@@ -253,6 +254,42 @@ def test_a_vae_whose_weights_hold_nan_or_inf_is_refused(vae, tmp_path, craft):
     with pytest.raises(VAEError, match=r"could not load the VAE at .*bad.*: decoder.conv_out.weight, encoder.conv_in.bias "
                                        r"hold NaN or infinite values: the file is corrupt"):
         load_autoencoder(path)
+
+
+def test_a_crafted_config_beside_pickled_weights_is_refused_before_anything_is_built(vae, tmp_path):
+    """The bound held only beside safetensors weights: beside a pickled .bin, diffusers built whatever
+    config.json asked for (1 KB of layers_per_block 8000: 22 s and 1.8 GB). A folder of neither kind, or
+    without its config.json, is refused: nothing could bound what it builds."""
+    import json
+    import time
+
+    pickled = tmp_path / "pickled"
+    vae.save_pretrained(pickled, safe_serialization=False)
+    config = json.loads((pickled / "config.json").read_text())
+    (pickled / "config.json").write_text(json.dumps({**config, "layers_per_block": 100_000}))
+    start = time.monotonic()
+    with pytest.raises(VAEError, match="pickled: does not match its config: the config describes a model larger"):
+        load_autoencoder(pickled)
+    assert time.monotonic() - start < 20
+    (pickled / "diffusion_pytorch_model.bin").rename(pickled / "diffusion_pytorch_model-00001-of-00002.bin")
+    with pytest.raises(VAEError, match="pickled: it holds neither diffusion_pytorch_model.safetensors nor"):
+        load_autoencoder(pickled)
+    (pickled / "config.json").unlink()
+    with pytest.raises(VAEError, match="pickled: it has no config.json"):
+        load_autoencoder(pickled)
+
+
+@pytest.mark.parametrize("factor", ["0.18", None, -1.0, float("nan")])
+def test_a_vae_whose_scaling_factor_is_no_positive_number_is_refused(vae, tmp_path, factor):
+    """Latents are scaled by it: a string was a TypeError in build_decoder, outside any VAEError."""
+    import json
+
+    folder = tmp_path / "vae"
+    vae.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "scaling_factor": factor}))
+    with pytest.raises(VAEError, match=f"vae: its config's scaling_factor is {re.escape(repr(factor))}, not a positive"):
+        load_autoencoder(folder)
 
 
 def test_older_diffusers_folders_still_load(vae, tmp_path):
