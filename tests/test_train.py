@@ -766,6 +766,38 @@ def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, caps
     assert err == "ecar-train: " + line.format(state=tmp_path / "state.safetensors")
 
 
+@pytest.mark.parametrize("until", [None, 2], ids=["the last step", "an --until step"])
+def test_a_stop_between_a_steps_files_and_its_state_redoes_the_step_on_resume(tmp_path, capsys, monkeypatch, until):
+    """The state was saved first: a stop in the exports after it left the step's EMA export, sample grid and
+    final checkpoint unwritten for good (the rerun was refused, "already at step 4"). The state is saved last
+    now: the rerun redoes the step, exactly, and writes them all."""
+    run = TINY_RUN + ["--workdir", str(tmp_path / "run"), "--sample-every", "2"]
+    run += [] if until is None else ["--until", str(until)]
+    main(TINY_RUN + ["--workdir", str(tmp_path / "straight"), "--sample-every", "2"]
+         + ([] if until is None else ["--until", str(until)]))
+    export_ema, stop_at = Trainer.export_ema, until or 4
+
+    def stopped(self, path, *args):   # Ctrl-C in the step's first export
+        if self.step == stop_at:
+            raise KeyboardInterrupt
+        return export_ema(self, path, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "export_ema", stopped)
+        with pytest.raises(SystemExit):
+            main(run)
+    main(run + ["--resume"])
+    out = "final.safetensors" if until is None else f"ema-step{until}.safetensors"
+    for name in (out, "ema.safetensors", f"samples/step{stop_at:07d}.png", "state.safetensors"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_an_out_that_is_a_file_the_work_folder_keeps_is_refused(tmp_path, capsys):
+    for kept in ("state.safetensors", "ema.safetensors"):
+        err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path), "--out", str(tmp_path / kept)])
+        assert f"that is the work folder's {kept}, which the run keeps writing; choose another file" in err
+
+
 # ^C while torch is imported (the first seconds of ecar-train), simulated: importing torch raises it
 INTERRUPTED_TORCH_IMPORT = """
 import builtins

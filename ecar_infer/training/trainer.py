@@ -202,12 +202,12 @@ class Trainer:
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def save_state(self, path: Path) -> None:
-        from safetensors.torch import save_file
+        from ..checkpoint import save_safetensors   # the same state is the same bytes
 
         meta = {"step": str(self.step), "loss_avg": repr(self.loss_avg), "config": self.config.to_json(),
                 "settings": json.dumps(self.settings.__dict__, sort_keys=True)}
         with atomic_path(path) as tmp:  # never leave a half-written state behind
-            save_file(self.state_tensors(), str(tmp), metadata=meta)
+            save_safetensors(self.state_tensors(), tmp, meta)
 
     def load_state(self, path: Path) -> None:
         from safetensors import safe_open
@@ -468,7 +468,12 @@ def final_path(args: argparse.Namespace) -> Path:
 
 
 def check_outputs(workdir: Path, final: Path) -> None:
-    """Fail before any work if the work folder or the final checkpoint cannot be written."""
+    """Fail before any work if the work folder or the final checkpoint cannot be written, or if the final
+    checkpoint would replace one of the files the run keeps in its work folder."""
+    for kept in (STATE_FILE, EMA_FILE):
+        if final.resolve() == (workdir / kept).resolve():
+            raise UsageError(f"--out {final}: that is the work folder's {kept}, which the run keeps writing; "
+                             f"choose another file")
     make_folder(workdir, "--workdir")
     check_writable_folder(workdir)
     check_writable_file(final)
@@ -820,6 +825,7 @@ def train(args: argparse.Namespace) -> None:
         log(f"warning: --warmup {settings.warmup} is longer than --steps {settings.steps}, so the learning "
             f"rate never reaches --lr {settings.lr:g}; give fewer --warmup steps")
     stop = settings.steps if args.until is None else min(args.until, settings.steps)
+    out = final_path(args) if stop == settings.steps else workdir / f"ema-step{stop}.safetensors"
     with tqdm(total=settings.steps, initial=trainer.step, disable=rank != 0, unit="step", dynamic_ncols=True,
               mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:   # closed before an interruption's line
         while trainer.step < stop:
@@ -836,16 +842,18 @@ def train(args: argparse.Namespace) -> None:
             train_log.append(step=trainer.step, loss=loss, loss_avg=trainer.loss_avg, lr=lr, step_seconds=seconds,
                              images_per_s=images_per_s, tokens_per_s=images_per_s * trainer.tokens_per_image)
             last = trainer.step == stop
-            if trainer.step % args.ckpt_every == 0 or last:
-                trainer.save_state(workdir / STATE_FILE)
+            checkpoint = trainer.step % args.ckpt_every == 0 or last
+            if checkpoint:
                 trainer.export_ema(workdir / EMA_FILE)
                 train_log.plot(workdir / PLOT_FILE)
             if sample_every and (trainer.step % sample_every == 0 or last):
                 sample_grid(trainer, decoder, workdir / SAMPLES_DIR / f"step{trainer.step:07d}.png", metadata)
+            if last:
+                trainer.export_ema(out, metadata)
+            if checkpoint:   # last: the state marks the step done, so a stop before it redoes the step (exactly)
+                trainer.save_state(workdir / STATE_FILE)   # on resume, and every file of the step is written again
     if rank == 0:
         train_log.close()
-        out = final_path(args) if stop == settings.steps else workdir / f"ema-step{trainer.step}.safetensors"
-        trainer.export_ema(out, metadata)
         log(f"wrote {out} (step {trainer.step}, mean loss of the last {len(trainer.recent_losses)} steps "
             f"{trainer.loss_avg:.5f})")
     if world > 1:
