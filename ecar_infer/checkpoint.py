@@ -230,7 +230,7 @@ def _read_file(path: Path) -> tuple[dict[str, str], Entries]:
                 entries[name] = (tuple(piece.get_shape()), piece.get_dtype(), path)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(path, _why_unreadable(path, err)) from None
-    return {str(k): str(v) for k, v in metadata.items()}, entries
+    return metadata, entries
 
 
 def _why_unreadable(path: Path, err: Exception) -> str:

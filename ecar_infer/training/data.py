@@ -169,6 +169,12 @@ class ImageSet:
     description: str
     fingerprint: str = ""   # identifies the content (what caches built from it are keyed by)
 
+    @classmethod
+    def undecoded(cls, labels: np.ndarray, class_names: list[str], description: str, channels: int) -> "ImageSet":
+        """A set whose pixels are not decoded yet (no rows of 0x0 images): what check() needs, before the
+        hours of decoding that fill `pixels`."""
+        return cls(np.zeros((len(labels), 0, 0, channels), np.uint8), labels, class_names, description)
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -364,7 +370,7 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
                         f"than {2 * Image.MAX_IMAGE_PIXELS:,} pixels); resize them first")
     class_names = class_names or [str(i) for i in range(config.num_classes)]
     labels = _check_labels(labels, class_names, str(path), len(images))
-    data = ImageSet(np.zeros((len(labels), 0, 0, images.shape[-1]), np.uint8), labels, class_names, str(path))
+    data = ImageSet.undecoded(labels, class_names, str(path), images.shape[-1])
     data.check(config, channels)   # before hours of decompressing or resizing
     nbytes, mtime_ns = _stamp(path)
     if not isinstance(images, np.memmap) or images.shape[1:3] != (size, size):
@@ -410,7 +416,7 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
     c = channels or config.latent_channels
     if c not in (1, 3):
         raise DataError(f"{root}: image folders give 1 (grayscale) or 3 (RGB) channels, the config needs {c}")
-    data = ImageSet(np.zeros((len(files), 0, 0, c), np.uint8), labels, class_names, str(root))
+    data = ImageSet.undecoded(labels, class_names, str(root), c)
     data.check(config, channels)   # before hours of decoding
     workers = workers or min(8, os.cpu_count() or 1)
     size = config.image_size
