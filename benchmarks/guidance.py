@@ -8,8 +8,9 @@ Each --setting is W:LO,HI (guidance weight W where LO <= sigma <= HI; 0,1 is eve
 samples the same seed sets (--seed-sets of --per-class images per class, seeds from 10,000 in steps of
 10,000, so at most 10,000 images per set) at the checkpoint's recommended steps per stage (or --steps), so the settings differ only in guidance. The
 judge is ecar_infer/training/quality.py's (accuracy of the independent classifier, Frechet distance to
-the held-out images, the share of samples nearer a training image than the median real nearest-neighbour
-distance). Prints one line per setting and seed set, then the means over the seed sets.
+the held-out images, read against the FD of as many real training images, which the report records as
+real_fd; the share of samples nearer a training image than the median real nearest-neighbour distance).
+Prints one line per setting and seed set, then the means over the seed sets.
 """
 from __future__ import annotations
 
@@ -94,9 +95,11 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(measure(sampler, ref, real_features, cfg, interval, k * SEED_STEP, args.per_class, args.steps))
             print(json.dumps(rows[-1]), flush=True)
     steps = sampler.defaults.steps_per_stage if args.steps is None else args.steps
+    real_fd, real_images = ref.real_fd(per_set)
     report = {"ckpt": str(args.ckpt), "data": args.data, "per_class": args.per_class,
-              "steps_per_stage": steps, "threads": args.threads,
+              "steps_per_stage": steps, "threads": args.threads, "real_fd": real_fd, "real_fd_images": real_images,
               "torch": torch.__version__, "rows": rows, "summary": summarise(rows)}
+    print(f"real images: FD {real_fd:.3f} of {real_images} training images against the held-out images")
     for s in report["summary"]:
         print(f"guidance {s['cfg']:g} on sigma {s['interval'][0]:g}-{s['interval'][1]:g}: accuracy "
               f"{100 * s['accuracy']:.2f}%, FD {s['fd']:.3f} ({s['fd_range'][0]:.3f}-{s['fd_range'][1]:.3f}), "

@@ -59,6 +59,10 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys):
     images, labels = quality.generate(sampler, 4, 20_000, cfg_scale=2.0, cfg_interval=(0.55, 0.9), steps_per_stage=2)
     assert row["accuracy"] == ref.accuracy(images, labels)
     assert row["fd"] == pytest.approx(quality.frechet_distance(ref.features(images), ref.features(ref.heldout)))
+    # ... read against the FD of as many real images (12 a set; a seeded draw: this classifier saw every one)
+    real = ref.train[np.random.default_rng(0).permutation(len(ref.train))[:12]]
+    assert report["real_fd_images"] == 12
+    assert report["real_fd"] == pytest.approx(quality.frechet_distance(ref.features(real), ref.features(ref.heldout)))
 
 
 class HeldoutImages:

@@ -30,7 +30,7 @@ VARIANTS = report([
 SHIPPED = report([row("shipped", "attention/flow", 1, 1.0, 0.94, 2.3695, training_steps=13000),
                   row("shipped", "attention/flow", 1, 2.0, 0.998, 3.1, training_steps=13000, cfg_interval=[0.55, 1.0]),
                   row("shipped", "attention/flow", 1, 2.0, 0.999, 3.0573, training_steps=13000)],
-                 per_class=100, real_isolated_pixels=0.0025)
+                 per_class=100, real_isolated_pixels=0.0025, real_fd=0.7049)
 
 
 def table_rows(markdown):
@@ -59,7 +59,8 @@ def test_one_source_line_per_report():
         "- variants.json: 30 images per class and setting, seeds from 10000, 1 thread(s), torch 2.13.0+cpu; "
         "real held-out images: accuracy 98.85%, nearest train 11.70.",
         "- shipped.json: 100 images per class and setting, seeds from 10000, 1 thread(s), torch 2.13.0+cpu; "
-        "real held-out images: accuracy 98.85%, nearest train 11.70, isolated px 0.00.",
+        "real held-out images: accuracy 98.85%, nearest train 11.70, FD of as many real images 0.70, "
+        "isolated px 0.00.",
     ]
 
 
@@ -136,8 +137,10 @@ def test_heads_records_each_checkpoints_training_steps_for_the_table(tmp_path, m
     from conftest import random_model
     from ecar_infer import ECARConfig, save_checkpoint
     from ecar_infer.training import quality
+    from ecar_infer.training.quality import frechet_distance
 
-    monkeypatch.setattr(heads, "build_reference", lambda: quality.build_reference(train_size=100, heldout_size=50))
+    small = quality.build_reference(train_size=100, heldout_size=50, split_size=300)
+    monkeypatch.setattr(heads, "build_reference", lambda: small)
     config = ECARConfig.preset("ecar-tiny").replace(image_size=32, patch_size=4)
     trained, bare = tmp_path / "trained.safetensors", tmp_path / "bare.safetensors"
     save_checkpoint(random_model(config, seed=1), trained, extra_metadata={"training_steps": "22500"})
@@ -145,8 +148,11 @@ def test_heads_records_each_checkpoints_training_steps_for_the_table(tmp_path, m
     out = tmp_path / "heads.json"
     heads.main(["--ckpt", str(trained), "--ckpt", str(bare), "--steps", "1", "--cfg", "1", "--per-class", "1",
                 "--repeats", "1", "--out", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    assert [r.get("training_steps") for r in rows] == [22500, None]
+    saved = json.loads(out.read_text())
+    assert [r.get("training_steps") for r in saved["rows"]] == [22500, None]
+    # the rows' FD (10 images each) is read against the FD of 10 real training images the judge was not fit on
+    real = small.features(small.train[100:110])
+    assert saved["real_fd"] == pytest.approx(frechet_distance(real, small.features(small.heldout)))
     printed = capsys.readouterr().out
     assert [cells[1] for cells in table_rows(printed[printed.index("| variant"):])] == ["22,500", "-"]
 

@@ -111,6 +111,20 @@ def test_frechet_distance_is_the_closed_form_of_the_two_sample_gaussians():
     assert frechet_distance(one[:, :1], other[:, :1]) == pytest.approx(9.0 + (2.0 - 0.5) ** 2, rel=1e-9)
 
 
+def test_digits_reference_searches_the_whole_training_split():
+    """The classifier is fit on the first train_size images; the copy check searches every training image the
+    model learnt from (until 2026-12-07 only the classifier's 4,000 of 20,000)."""
+    from ecar_infer.training.quality import memorisation
+
+    ref = build_reference(train_size=100, heldout_size=50, split_size=400)
+    assert (len(ref.train), ref.fit_size) == (400, 100)
+    assert ref.classifier[0].n_samples_ == 100
+    copies = ref.train[300:320]   # training images the classifier never saw
+    assert memorisation(copies, ref.train_labels[300:320], ref, "nearest") == 1.0
+    with pytest.raises(ValueError, match="smaller than train_size"):
+        build_reference(train_size=100, heldout_size=10, split_size=50)
+
+
 def test_diversity_of_hand_built_points():
     def line(*xs):   # images of 3 pixels whose first pixel is x: distances are differences of x
         return np.array([[x, 0.0, 0.0] for x in xs])

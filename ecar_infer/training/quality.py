@@ -1,21 +1,26 @@
 """Sample quality of a class-conditional model, judged by an independent classifier trained on the real
 training split of its data set (digits32, or any ecar-train data source with a held-out split).
 
-The classifier is scikit-learn's PCA (whitened) + RBF SVM on raw pixels, fit on the training split.
-Its PCA features are the feature space of the Frechet distance (FD): mean and covariance of the features
-of two image sets, FD = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)). Memorisation is the share of
-images whose nearest training image (pixel distance) is closer than the median distance between two
-real training images of their class, reported for the samples next to the same share for real held-out
-images (which the model never saw); and, because that share saturates near 1 on data sets with many
-images per class, the same with the median distance from a real image to its nearest neighbour.
+The classifier is scikit-learn's PCA (whitened) + RBF SVM on raw pixels, fit on the training split
+(digits32: its first 4,000 images). Its PCA features are the feature space of the Frechet distance (FD):
+mean and covariance of the features of two image sets, FD = |mu_a - mu_b|^2 + tr(C_a + C_b - 2 (C_a C_b)^(1/2)).
+The FD of two finite samples of one distribution is not 0 and grows as the samples shrink, so a sample
+set's FD is read against the FD of as many real images (`Reference.real_fd`), never against a real
+baseline of another size.
+
+Memorisation is the share of images whose nearest training image (pixel distance, searched over the
+whole training split the model learnt from) is closer than the median distance between two real training
+images of their class, reported for the samples next to the same share for real held-out images (which
+the model never saw); and, because that share saturates near 1 on data sets with many images per class,
+the same with the median distance from a real image to its nearest other image of its whole class.
 
     python -m ecar_infer.training.quality [--ckpt weights/ecar-digits32.safetensors] [--per-class 100]
     python -m ecar_infer.training.quality --ckpt emoji.safetensors --data emoji32.npz --heldout emoji32-heldout.npz
 
 prints the held-out accuracy of real images, the accuracy, FD and memorisation share of generated images
 without guidance and at the checkpoint's recommended settings (its recommended steps per stage, or
---steps N), the FD of real images against real
-images, and the diversity statistics that tests/test_quality.py checks.
+--steps N), the FD of as many real images as samples against the same held-out images, and the diversity
+statistics that tests/test_quality.py checks.
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ from .digits import NUM_CLASSES, build_split
 
 PCA_COMPONENTS = 40
 CLASSIFIER_TRAIN_SIZE = 4000
-MEDIAN_PAIRS_PER_CLASS = 300   # real images per class whose pairwise distances give the class median
+THRESHOLD_IMAGES_PER_CLASS = 300   # real images per class drawn to estimate a class's median distance
+CHUNK_ROWS = 256                   # images per block of a distance matrix (bounded memory)
 
 
 @dataclass
@@ -37,14 +43,27 @@ class Reference:
     """The classifier and the real images it is judged against."""
 
     classifier: object            # sklearn Pipeline: PCA -> SVC on flattened pixels
-    train: np.ndarray             # [N, D] the real training images (for nearest-neighbour checks)
+    train: np.ndarray             # [N, D] every real training image the model learnt from (nearest-neighbour checks)
     heldout: np.ndarray           # [M, D]
     heldout_labels: np.ndarray
     train_labels: np.ndarray | None = None
     class_names: list[str] = field(default_factory=list)
+    fit_size: int | None = None   # the classifier was fit on train[:fit_size] (None: on all of it)
 
     def features(self, images: np.ndarray) -> np.ndarray:
         return self.classifier[:-1].transform(flat(images))
+
+    def real_fd(self, count: int, seed: int = 0) -> tuple[float, int]:
+        """(FD, images used) of `count` real training images against the held-out images: the value an FD of
+        `count` samples is to be read against. The images are the first ones the classifier was not fit on
+        where there are `count` of them (digits32), else a seeded draw from the whole training split (at
+        most all of it)."""
+        unseen = self.train[self.fit_size:] if self.fit_size is not None else self.train[:0]
+        if len(unseen) >= count:
+            real = unseen[:count]
+        else:
+            real = self.train[np.random.default_rng(seed).permutation(len(self.train))[:count]]
+        return frechet_distance(self.features(real), self.features(self.heldout)), len(real)
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         return float((self.classifier.predict(flat(images)) == labels).mean())
@@ -56,22 +75,28 @@ def flat(images: np.ndarray) -> np.ndarray:
 
 
 def fit_reference(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, y_held: np.ndarray,
-                  class_names: list[str] | None = None) -> Reference:
-    """Fit the classifier on (x_train, y_train): images [N, C, H, W] in [-1, 1]."""
+                  class_names: list[str] | None = None, fit_size: int | None = None) -> Reference:
+    """Fit the classifier on the first fit_size (default: all) of (x_train, y_train): images [N, C, H, W]
+    in [-1, 1]. All of x_train is the training split the memorisation checks search."""
     from sklearn.decomposition import PCA
     from sklearn.pipeline import make_pipeline
     from sklearn.svm import SVC
 
     classifier = make_pipeline(PCA(PCA_COMPONENTS, whiten=True, random_state=0), SVC(C=10.0, gamma="scale"))
-    classifier.fit(flat(x_train), y_train)
-    return Reference(classifier, flat(x_train), flat(x_held), y_held, y_train, class_names or [])
+    classifier.fit(flat(x_train[:fit_size]), y_train[:fit_size])
+    return Reference(classifier, flat(x_train), flat(x_held), y_held, y_train, class_names or [], fit_size)
 
 
-def build_reference(train_size: int = CLASSIFIER_TRAIN_SIZE, heldout_size: int = 2000) -> Reference:
-    """The digits32 reference: the first train_size training images, heldout_size held-out images."""
-    x_train, y_train = build_split("train", train_size)
+def build_reference(train_size: int = CLASSIFIER_TRAIN_SIZE, heldout_size: int = 2000,
+                    split_size: int | None = None) -> Reference:
+    """The digits32 reference: the classifier fit on the first train_size training images, judged on
+    heldout_size held-out images; the nearest-neighbour checks search the first split_size training images
+    (default: the whole split, the 20,000 images ecar-train reads)."""
+    x_train, y_train = build_split("train", split_size)
+    if len(x_train) < train_size:
+        raise ValueError(f"split_size {len(x_train)} is smaller than train_size {train_size}")
     x_held, y_held = build_split("heldout", heldout_size)
-    return fit_reference(x_train, y_train, x_held, y_held, [str(d) for d in range(NUM_CLASSES)])
+    return fit_reference(x_train, y_train, x_held, y_held, [str(d) for d in range(NUM_CLASSES)], train_size)
 
 
 def reference_from_data(train: str, heldout: str, config, cache_dir: str) -> Reference:
@@ -117,32 +142,43 @@ def diversity(samples: np.ndarray, real: np.ndarray, train: np.ndarray) -> dict[
             "min_nearest_train": float(pairwise_distances(samples, train).min())}
 
 
+def nearest_distances(images: np.ndarray, pool: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
+    """[N] distance from each row of images [N, D] to its nearest row of pool [P, D], in blocks of CHUNK_ROWS
+    images; own[i], where given, is the row of pool that is image i itself, which does not count."""
+    out = np.empty(len(images))
+    for start in range(0, len(images), CHUNK_ROWS):
+        d = pairwise_distances(images[start:start + CHUNK_ROWS], pool)
+        if own is not None:
+            d[np.arange(len(d)), own[start:start + CHUNK_ROWS]] = np.inf
+        out[start:start + CHUNK_ROWS] = d.min(1)
+    return out
+
+
 def memorisation(images: np.ndarray, labels: np.ndarray, ref: Reference, threshold: str = "pair",
                  seed: int = 0) -> float:
-    """The share of `images` whose nearest training image is closer than a typical distance within their
-    class, from at most MEDIAN_PAIRS_PER_CLASS real training images per class:
+    """The share of `images` whose nearest image of the whole training split is closer than a typical
+    distance within their class, a median over at most THRESHOLD_IMAGES_PER_CLASS real training images of
+    the class drawn at random:
 
-    threshold="pair": the median distance between two real images of the class (issue 9's definition;
-    with many images per class the nearest neighbour of almost any image is closer, so it saturates);
-    threshold="nearest": the median distance from a real image to its nearest other real image of the
-    class (about half of new real images fall under it, and copies all do).
+    threshold="pair": the median distance between two of the drawn images (issue 9's definition; with many
+    images per class the nearest neighbour of almost any image is closer, so it saturates);
+    threshold="nearest": the median distance from a drawn image to its nearest other image of the whole
+    class (searched as the images' nearest neighbours are, so that about half of new real images fall
+    under it; copies all do).
     """
     rng = np.random.default_rng(seed)
-    images = flat(images)
-    nearest = np.concatenate([pairwise_distances(images[i:i + 256], ref.train).min(1)
-                              for i in range(0, len(images), 256)])
+    nearest = nearest_distances(flat(images), ref.train)
     close = np.zeros(len(images), dtype=bool)
     for c in np.unique(labels):
         members = np.flatnonzero(ref.train_labels == c)
-        members = rng.choice(members, min(len(members), MEDIAN_PAIRS_PER_CLASS), replace=False)
         if len(members) < 2:
             continue
-        d = pairwise_distances(ref.train[members], ref.train[members])
+        drawn = np.sort(rng.choice(members, min(len(members), THRESHOLD_IMAGES_PER_CLASS), replace=False))
         if threshold == "pair":
-            typical = np.median(off_diagonal(d))
+            typical = np.median(off_diagonal(pairwise_distances(ref.train[drawn], ref.train[drawn])))
         else:
-            np.fill_diagonal(d, np.inf)
-            typical = np.median(d.min(1))
+            typical = np.median(nearest_distances(ref.train[drawn], ref.train[members],
+                                                  own=np.searchsorted(members, drawn)))
         close[labels == c] = nearest[labels == c] < typical
     return float(close.mean())
 
@@ -155,19 +191,14 @@ def generate(sampler, per_class: int, seed: int, **kwargs) -> tuple[np.ndarray, 
     return images, labels
 
 
-def evaluate(sampler, ref: Reference | None = None, per_class: int = 100, seed: int = 10_000,
-             second_real: np.ndarray | None = None) -> dict:
-    """The quality report. Without `ref`, the digits32 reference; second_real: real images the classifier
-    did not see, for the real-vs-real FD (digits32: more training images; otherwise the training images)."""
+def evaluate(sampler, ref: Reference | None = None, per_class: int = 100, seed: int = 10_000) -> dict:
+    """The quality report. Without `ref`, the digits32 reference."""
     if ref is None:
         ref = build_reference()
-        second_real, _ = build_split("train", CLASSIFIER_TRAIN_SIZE + len(ref.heldout))
-        second_real = second_real[CLASSIFIER_TRAIN_SIZE:]
-    if second_real is None:
-        second_real = ref.train[np.random.default_rng(seed).permutation(len(ref.train))[:len(ref.heldout)]]
     real_feats = ref.features(ref.heldout)
+    fd_real, real_count = ref.real_fd(per_class * sampler.config.num_classes, seed)
     report = {"heldout_real_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),
-              "fd_real_vs_real": frechet_distance(ref.features(second_real), real_feats),
+              "fd_real_vs_real": fd_real, "fd_real_vs_real_images": real_count,
               "memorisation_heldout_real": memorisation(ref.heldout, ref.heldout_labels, ref),
               "memorisation_nearest_heldout_real": memorisation(ref.heldout, ref.heldout_labels, ref, "nearest"),
               "settings": {}}
