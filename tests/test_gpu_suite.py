@@ -112,3 +112,30 @@ def test_the_gpu_runs_presets_exist():
     for spec in models + presets:
         preset, _ = flops.parse_spec(spec, flops.STEPS_PER_STAGE)
         ECARConfig.preset(preset)
+
+
+def test_install_still_installs_the_repo_when_the_wheels_fail(tmp_path):
+    """The rehearsal skips install(), so it runs here alone against a stand-in python whose pip refuses the
+    wheels: the repo must still be installed, so that the parts that need no wheel (the GPU tests, the
+    kernels, the sharded row) run. An early return there had cost a GPU session every part."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+case "$*" in
+    -c*) echo diffusers ;;            # the module check: diffusers is missing
+    *.whl*) exit 1 ;;                 # pip refuses the wheels, into the environment and into SITE
+    *"-e ."*) exit 0 ;;               # the editable install of the repo works
+esac
+""")
+    fake.chmod(0o755)
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    (wheels / "diffusers-0.0-py3-none-any.whl").write_bytes(b"")
+    function = re.search(r"^install\(\) \{.*?^\}", SUITE.read_text(), re.S | re.M).group(0)
+    script = f'{function}\nPY={fake} WHEELS={wheels} SITE={tmp_path / "site"}\ninstall; echo "status $?"'
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "status 0" in done.stdout, done.stdout + done.stderr
+    assert "the wheels did not install either: the parts that need diffusers will fail" in done.stdout
+    lines = calls.read_text().splitlines()
+    assert len([line for line in lines if line.endswith(".whl")]) == 2 and "-e ." in lines[-1], lines
