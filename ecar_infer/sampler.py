@@ -131,16 +131,22 @@ class Sampler:
             raise ValueError(f"max_engines must be an integer of at least 1, got {max_engines!r}")
         if not isinstance(progress, bool):
             raise ValueError(f"progress must be True or False, got {progress!r}")
-        self.model = model.eval().requires_grad_(False)
+        self.model = model.eval()   # the caller's model, in eval mode: sample from a copy of one in training
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.decoder = decoder if decoder is not None else build_decoder(model.config)
         self.defaults = defaults or SamplingDefaults.for_config(model.config)
         self.runner = GraphRunner(self.device, cuda_graphs=cuda_graphs, compile=compile)
-        self.tf32 = tf32
+        self._tf32 = tf32
         self.progress = progress
         self.max_engines = max_engines
         self._engines: OrderedDict[tuple, StageEngine] = OrderedDict()  # least recently used first
+
+    @property
+    def tf32(self) -> bool:
+        """Fixed at construction: a CUDA graph keeps the matmul precision it was captured with, so a later
+        change would reach only some of the sampler's work (make another Sampler instead)."""
+        return self._tf32
 
     @property
     def config(self) -> ECARConfig:
@@ -225,6 +231,9 @@ class Sampler:
                                 if is_integer(seed) and bad[0] > MAX_SEED else ""))
         return seeds
 
+    # Both run outside inference mode, whatever the caller's: the engines they cache keep static buffers that
+    # later calls write in place, which an inference tensor refuses outside inference mode.
+    @torch.inference_mode(False)
     @torch.no_grad()
     def generate(self, class_labels: Sequence[int], seed: int | Sequence[int] = 0, cfg_scale: float | None = None,
                  steps_per_stage: int | Sequence[int] | None = None, cfg_schedule: str | None = None,
@@ -242,6 +251,7 @@ class Sampler:
         steps = self.plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
         return self._run(labels, seeds, steps, output_type, batch_size, progress)
 
+    @torch.inference_mode(False)
     @torch.no_grad()
     def edit(self, images, class_labels: int | Sequence[int], mask=None, mode: str = "inpaint",
              from_stage: int | None = None, seed: int | Sequence[int] = 0, cfg_scale: float | None = None,

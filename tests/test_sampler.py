@@ -334,3 +334,34 @@ def test_an_edit_encodes_in_the_samplers_device_context(monkeypatch, tf32, resto
         sampler.edit(torch.zeros(1, 1, 16, 16), 1, mask="left")
     assert seen == [(1, tf32, "high" if tf32 else "highest")]
     assert current[0] == 0 and torch.backends.cudnn.allow_tf32 == (not tf32)  # restored
+
+
+@pytest.mark.parametrize("call", ["generate", "edit"])
+def test_a_request_in_inference_mode_leaves_the_sampler_usable_outside_it(call):
+    """A first request inside torch.inference_mode() used to build the cached engine's buffers as inference
+    tensors; the next request of that shape outside it failed writing into them (until clear_cache())."""
+    sampler = Sampler(random_model(ECARConfig.preset("ecar-tiny"), seed=3), progress=False)
+    image = torch.zeros(1, 1, sampler.config.image_size, sampler.config.image_size)
+    request = {"generate": lambda: sampler.generate([3], seed=5, steps_per_stage=1, output_type="pt"),
+               "edit": lambda: sampler.edit(image, 3, mask="left", seed=5, steps_per_stage=1, output_type="pt")}[call]
+    with torch.inference_mode():
+        inside = request().images
+    outside = request().images
+    torch.testing.assert_close(outside, inside, rtol=0, atol=0)
+    with torch.inference_mode():   # and back again
+        torch.testing.assert_close(request().images, inside, rtol=0, atol=0)
+
+
+def test_the_callers_model_keeps_its_gradients():
+    model = random_model(ECARConfig.preset("ecar-tiny"), seed=3)
+    sampler = Sampler(model, progress=False)
+    sampler.generate([1], steps_per_stage=1, output_type="pt")
+    assert all(p.requires_grad for p in model.parameters())   # a model still in training stays trainable
+    assert not model.training
+
+
+def test_tf32_is_fixed_when_the_sampler_is_made():
+    sampler = Sampler(random_model(ECARConfig.preset("ecar-tiny"), seed=3), tf32=False, progress=False)
+    assert sampler.tf32 is False
+    with pytest.raises(AttributeError):
+        sampler.tf32 = True   # captured graphs would keep the old precision: make another Sampler
