@@ -22,14 +22,19 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 
 
-def launch_config(n_q: int) -> dict:
-    """The kernel's blocking, a function of the query count alone and never of timing. The key blocks
-    (BLOCK_N) set the order of the online softmax's float sums, so a config chosen by timing (autotuning)
-    could differ between processes (torchrun's ranks, a resumed run, another machine) and with it the last
-    bits of their images; one fixed rule makes them all compute the same numbers. Query blocks are no
-    taller than the stage needs (stage 1 has one token); the interpreter runs the same rule."""
+def launch_config(n_q: int, fp32: bool = False) -> dict:
+    """The kernel's blocking, a function of the query count and dtype alone and never of timing. The key
+    blocks (BLOCK_N) set the order of the online softmax's float sums, so a config chosen by timing
+    (autotuning) could differ between processes (torchrun's ranks, a resumed run, another machine) and with
+    it the last bits of their images; one fixed rule makes them all compute the same numbers. Query blocks
+    are no taller than the stage needs (stage 1 has one token); the interpreter runs the same rule.
+
+    fp32 tiles are twice the size of bf16 ones: pipelined over 3 stages they need about 180 KB of shared
+    memory at head dim 128, more than an A100 (163 KB) or an sm_86/89 GPU (99 KB) has, so fp32 runs one
+    stage (about 80 KB). The pipeline depth changes when tiles load, not the order of the sums."""
     block_m = min(64, max(16, triton.next_power_of_2(n_q)))
-    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=3 if block_m == 64 else 2)
+    stages = 1 if fp32 else 3 if block_m == 64 else 2
+    return dict(BLOCK_M=block_m, BLOCK_N=64, num_warps=4, num_stages=stages)
 
 
 @triton.jit(do_not_specialize=["n_q", "kv_len"])  # lengths only bound masks and loops: one binary per config
@@ -38,9 +43,13 @@ def _attention_kernel(Q, K, V, O, STAGE, STAGE_END,
                       n_q, kv_len, n_heads, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_CAUSAL: tl.constexpr,
                       FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    b = (tl.program_id(1) // n_heads).to(tl.int64)  # b * batch stride passes 2**31 elements in a large cache
-    h = tl.program_id(1) % n_heads
+    # A 1-D grid, query blocks fastest: a second axis of batch * heads would pass CUDA's 65535 limit on
+    # grid axes 1 and 2 (16,384 guided rows of 4 heads), axis 0 allows 2**31 - 1.
+    blocks_m = tl.cdiv(n_q, BLOCK_M)
+    pid_m = tl.program_id(0) % blocks_m
+    pid_bh = tl.program_id(0) // blocks_m
+    b = (pid_bh // n_heads).to(tl.int64)  # b * batch stride passes 2**31 elements in a large cache
+    h = pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -100,8 +109,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int, stag
             stage_end: torch.Tensor | None) -> torch.Tensor:
     batch, n_q, n_heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    config = launch_config(n_q)
-    grid = (triton.cdiv(n_q, config["BLOCK_M"]), batch * n_heads)
+    config = launch_config(n_q, fp32=q.dtype == torch.float32)
+    grid = (triton.cdiv(n_q, config["BLOCK_M"]) * batch * n_heads,)
     _attention_kernel[grid](q, k, v, out, stage, stage_end, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                             n_q, kv_len, n_heads, LOG2E / math.sqrt(head_dim),
                             HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),

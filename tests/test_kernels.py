@@ -7,6 +7,7 @@ On a CUDA machine the same tests run the compiled kernels on the GPU.
 """
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import zlib
@@ -466,6 +467,21 @@ for guided in (True, False):
     build(triton_euler._euler_kernel, dict(GUIDED=guided, BLOCK=1024), pointers, floats=("dr",))
 build(triton_renoise._upsample_renoise_kernel, dict(BLOCK=256), dict.fromkeys(("X_LOW", "XI", "OUT"), "*bf16"),
       floats=("alpha", "beta_gain"))
+# attention's launch config, at the largest head dim, fits the shared memory of every GPU it may run on
+# (bytes a block may use: sm_80 A100, sm_86/89 consumer and L40 cards, sm_90 H100)
+SHARED_LIMITS = {80: 166912, 86: 101376, 90: 232448}
+for dtype in ("bf16", "fp32"):
+    config = triton_attention.launch_config(64, fp32=dtype == "fp32")
+    consts = dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_CAUSAL=True, FP32=dtype == "fp32", BLOCK_M=config["BLOCK_M"],
+                  BLOCK_N=config["BLOCK_N"])
+    pointers = dict.fromkeys(("Q", "K", "V", "O"), "*" + dtype) | dict(STAGE="*i32", STAGE_END="*i32")
+    sig = {name: "constexpr" if name in consts else pointers.get(name) or ("fp32" if name == "qk_scale" else "i32")
+           for name in triton_attention._attention_kernel.arg_names}
+    for arch, limit in SHARED_LIMITS.items():
+        options = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+        compiled = triton.compile(ASTSource(triton_attention._attention_kernel, sig, consts),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+        assert compiled.metadata.shared <= limit, (dtype, arch, compiled.metadata.shared, limit)
 print("compiled")
 """
 
@@ -475,6 +491,24 @@ def test_kernels_compile_for_hopper():
     """The interpreter never compiles a kernel, so build the GPU variants (bf16, and fp32 attention) for
     sm_90 with Triton's NVIDIA backend, which needs no GPU: it catches what only compilation sees."""
     compile_for_sm90(COMPILE_SCRIPT)
+
+
+def test_attention_grid_stays_within_cuda_limits_for_large_batches(monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65,535 programs: batch * heads there failed to launch for 16,384
+    guided rows of 4 heads (an 8,192-image request of ecar-digits32 in one chunk). The interpreter has no
+    such limit, so the grid is checked here."""
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(triton_attention, "_attention_kernel", Recorder())
+    q = torch.empty(16384, 3, 4, 32)
+    triton_attention.stage_attention(q, torch.empty(16384, 5, 4, 32), torch.empty(16384, 5, 4, 32), 5)
+    (grid,) = launched
+    assert math.prod(grid) == 16384 * 4 and grid[0] <= 2**31 - 1 and all(n <= 65535 for n in grid[1:])
 
 
 def test_attention_blocking_depends_on_the_query_count_alone():
