@@ -102,13 +102,19 @@ def ecar_flops(config: ECARConfig, steps_per_stage: int = STEPS_PER_STAGE, cfg_s
             "generator": sum(by_kind.values())}
 
 
-def naive_ar_flops(config: ECARConfig, guided: bool = True) -> int:
-    """Per-image AR FLOPs without the KV cache: at every stage s, forward_full over stages 0..s."""
-    rows = 2 if guided else 1
+def naive_ar_flops(config: ECARConfig, guided: bool | Sequence[bool] = True) -> int:
+    """Per-image AR FLOPs without the KV cache: at every stage s, forward_full over stages 0..s, on both
+    branches where stage s has a guided step (guided: one flag for every stage, or one per stage)."""
     model = on_meta(lambda: ECARModel(config))
-    labels = torch.zeros(rows, dtype=torch.long, device="meta")
-    ups = [torch.zeros(rows, config.latent_channels, side, side, device="meta") for side in model.plan.latent_sides[1:]]
-    return sum(count_flops(lambda: model.forward_full(labels, ups[:s])) for s in range(config.num_stages))
+    per_stage = [guided] * config.num_stages if isinstance(guided, bool) else list(guided)
+
+    def prefix(stage: int, rows: int) -> Callable[[], Any]:
+        labels = torch.zeros(rows, dtype=torch.long, device="meta")
+        ups = [torch.zeros(rows, config.latent_channels, side, side, device="meta")
+               for side in model.plan.latent_sides[1:stage + 1]]
+        return lambda: model.forward_full(labels, ups)
+
+    return sum(count_flops(prefix(s, 2 if g else 1)) for s, g in enumerate(per_stage))
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +152,9 @@ def build_report(presets: Sequence[str] = PRESETS, steps_per_stage: int = STEPS_
         row = {"preset": spec, "stages": config.num_stages, "steps": steps,
                "head_variant": f"{config.head_kind} {config.head_objective}",
                **ecar_flops(config, steps, cfg_scale, cfg_interval)}
-        row["naive_ar"] = naive_ar_flops(config, guided)
+        # the naive loop too runs the null branch only at stages with a guided step (an interval may leave some out)
+        plan = plan_for(config, steps, cfg_scale, cfg_interval=cfg_interval)
+        row["naive_ar"] = naive_ar_flops(config, [any(stage.guided) for stage in plan])
         row["naive_generator"] = row["generator"] - row["ar"] + row["naive_ar"]  # the head is the same
         row["vae_decode"] = vae_decode_flops(config.latent_size) if config.latent_kind == "sd-vae" else 0
         row["dit_ratio"] = {n: d["generator"] / row["generator"] for n, d in zip(dit_steps, dit_rows)}

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks import flops
 from ecar_infer import ECARConfig
+from ecar_infer.schedule import plan_for
 
 # small enough to count in a moment, with every dimension distinct so a swapped factor shows
 CONFIG = ECARConfig(latent_kind="pixel", latent_channels=1, image_size=8, vae_downsample=1, vae_scaling_factor=1.0,
@@ -111,6 +112,18 @@ def test_naive_loop_reruns_every_prefix():
     assert flops.naive_ar_flops(CONFIG, guided=True) == expected
 
 
+def test_naive_loop_runs_the_null_branch_only_at_guided_stages():
+    """With a guidance interval a stage may have no guided step: its prefix pass runs the conditional branch
+    alone (until 2026-12-07 every stage was counted on both, overstating the naive/staged ratio)."""
+    for guided in ((True, False), (False, True)):
+        expected = 0
+        for s, g in enumerate(guided):
+            rows, seen = (2 if g else 1), PREFIXES[s] + TOKENS[s]
+            expected += (condition_flops(rows) + 2 * rows * (seen - TOKENS[0]) * TOKEN_DIM * D
+                         + blocks_flops(rows, seen, seen))
+        assert flops.naive_ar_flops(CONFIG, guided) == expected
+
+
 def test_dit_xl_2_step_matches_hand_count():
     """One DiT-XL/2 forward per image; diffusers gives every block (and the final layer) its own
     timestep MLP (256 -> d -> d), beside the 6d AdaLN-Zero projection."""
@@ -183,6 +196,8 @@ def test_report_combines_the_counts_per_preset_spec_and_guidance(monkeypatch):
     (row,) = interval["ecar"]
     assert row["head"] < at3["head"] and row["ar"] < at3["ar"]
     assert {k: row[k] for k in ("ar", "head")} == {k: flops.ecar_flops(tiny, 3, 4.0, (0.7, 1.0))[k] for k in ("ar", "head")}
+    guided_stages = [any(stage.guided) for stage in plan_for(tiny, 3, 4.0, cfg_interval=(0.7, 1.0))]
+    assert not all(guided_stages) and row["naive_ar"] == flops.naive_ar_flops(tiny, guided_stages) < at3["naive_ar"]
 
 
 def test_targets_compare_the_counted_ratio_with_the_required_one():
