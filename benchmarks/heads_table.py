@@ -48,8 +48,10 @@ def render_row(row: dict[str, Any]) -> list[str]:
 def source_line(name: str, report: dict[str, Any]) -> str:
     real = (f"real held-out images: accuracy {100 * report['real_heldout_accuracy']:.2f}%, "
             f"nearest train {report['real_nearest_train']:.2f}")
-    if "real_fd" in report:   # reports before 2026-12-07 have no FD of real images at their sample count
+    if "real_fd" in report:
         real += f", FD of as many real images {report['real_fd']:.2f}"
+    else:   # written before the judge was mended on 2026-12-07 (ecar_infer/training/quality.py)
+        real += " (the judge before 2026-12-07: nearest train among the classifier's 4,000 images)"
     if "real_isolated_pixels" in report:
         real += f", isolated px {report['real_isolated_pixels']:.2f}"
     return (f"- {name}: {report['per_class']} images per class and setting, seeds from {report['seed']}, "

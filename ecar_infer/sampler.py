@@ -114,7 +114,8 @@ def tf32_allowed(enabled: bool):
 
 
 class Sampler:
-    """Generates images from a model and its decoder.
+    """Generates images from a model and its decoder. The model is put in eval mode (the caller's object: to
+    sample from a model in training, give a copy, as ecar-train does); its parameters are left as they are.
 
     cuda_graphs: capture and replay the units as CUDA graphs (CUDA only; eager elsewhere).
     compile: wrap each unit in torch.compile (optional; minutes of compilation on first use).

@@ -57,7 +57,8 @@ def test_one_source_line_per_report():
     notes = heads_table.render_table([("variants.json", VARIANTS), ("shipped.json", SHIPPED)]).split("\n\n")[1]
     assert notes.splitlines() == [
         "- variants.json: 30 images per class and setting, seeds from 10000, 1 thread(s), torch 2.13.0+cpu; "
-        "real held-out images: accuracy 98.85%, nearest train 11.70.",
+        "real held-out images: accuracy 98.85%, nearest train 11.70 (the judge before 2026-12-07: nearest train "
+        "among the classifier's 4,000 images).",
         "- shipped.json: 100 images per class and setting, seeds from 10000, 1 thread(s), torch 2.13.0+cpu; "
         "real held-out images: accuracy 98.85%, nearest train 11.70, FD of as many real images 0.70, "
         "isolated px 0.00.",

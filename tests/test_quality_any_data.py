@@ -160,9 +160,9 @@ def test_evaluate_reports_each_setting_under_its_own_name(reference):
     # the real images' numbers: the held-out images under both thresholds, and real against real
     for key, threshold in (("memorisation_heldout_real", "pair"), ("memorisation_nearest_heldout_real", "nearest")):
         assert report[key] == memorisation(reference.heldout, reference.heldout_labels, reference, threshold)
-    # real against real at the samples' count (30 a setting), drawn with the report's seed: this classifier was
-    # fit on every training image
-    second = reference.train[np.random.default_rng(5).permutation(len(reference.train))[:30]]
+    # real against real at the samples' count (30 a setting), the draw of seed 0 whatever the sampling seed (the
+    # benchmarks report the same floor for the same data): this classifier was fit on every training image
+    second = reference.train[np.random.default_rng(0).permutation(len(reference.train))[:30]]
     assert report["fd_real_vs_real_images"] == 30
     assert report["fd_real_vs_real"] == pytest.approx(
         frechet_distance(reference.features(second), reference.features(reference.heldout)))

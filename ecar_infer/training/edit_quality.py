@@ -37,7 +37,7 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from .data import DIGITS32
-from .quality import build_reference, flat, off_diagonal, pairwise_distances, reference_from_data
+from .quality import CLASSIFIER_TRAIN_SIZE, build_reference, flat, off_diagonal, pairwise_distances, reference_from_data
 
 HALVES = ("top", "bottom", "left", "right")
 GREY = 0.0  # mid-grey in [-1, 1]
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--heldout is needed with --data")
     sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
     if args.data == DIGITS32:
-        ref = build_reference()
+        ref = build_reference(split_size=CLASSIFIER_TRAIN_SIZE)   # the classifier and held-out images only
     else:
         with tempfile.TemporaryDirectory() as cache:
             ref = reference_from_data(args.data, args.heldout, sampler.config, cache)

@@ -196,7 +196,7 @@ def evaluate(sampler, ref: Reference | None = None, per_class: int = 100, seed: 
     if ref is None:
         ref = build_reference()
     real_feats = ref.features(ref.heldout)
-    fd_real, real_count = ref.real_fd(per_class * sampler.config.num_classes, seed)
+    fd_real, real_count = ref.real_fd(per_class * sampler.config.num_classes)   # the draw benchmarks/ makes too
     report = {"heldout_real_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),
               "fd_real_vs_real": fd_real, "fd_real_vs_real_images": real_count,
               "memorisation_heldout_real": memorisation(ref.heldout, ref.heldout_labels, ref),
