@@ -133,15 +133,6 @@ def off_diagonal(d: np.ndarray) -> np.ndarray:
     return d[~np.eye(len(d), dtype=bool)]
 
 
-def diversity(samples: np.ndarray, real: np.ndarray, train: np.ndarray) -> dict[str, float]:
-    """Distances between images of ONE class: the closest pair of samples and the median real pair
-    (collapse check), and the closest training image to any sample (copying check)."""
-    samples, real = flat(samples), flat(real)
-    return {"min_sample_pair": float(off_diagonal(pairwise_distances(samples, samples)).min()),
-            "median_real_pair": float(np.median(off_diagonal(pairwise_distances(real, real)))),
-            "min_nearest_train": float(pairwise_distances(samples, train).min())}
-
-
 def nearest_distances(images: np.ndarray, pool: np.ndarray, own: np.ndarray | None = None) -> np.ndarray:
     """[N] distance from each row of images [N, D] to its nearest row of pool [P, D], in blocks of CHUNK_ROWS
     images; own[i], where given, is the row of pool that is image i itself, which does not count."""
@@ -152,6 +143,15 @@ def nearest_distances(images: np.ndarray, pool: np.ndarray, own: np.ndarray | No
             d[np.arange(len(d)), own[start:start + CHUNK_ROWS]] = np.inf
         out[start:start + CHUNK_ROWS] = d.min(1)
     return out
+
+
+def diversity(samples: np.ndarray, real: np.ndarray, train: np.ndarray) -> dict[str, float]:
+    """Distances between images of ONE class: the closest pair of samples and the median real pair
+    (collapse check), and the closest training image to any sample (copying check)."""
+    samples, real = flat(samples), flat(real)
+    return {"min_sample_pair": float(off_diagonal(pairwise_distances(samples, samples)).min()),
+            "median_real_pair": float(np.median(off_diagonal(pairwise_distances(real, real)))),
+            "min_nearest_train": float(nearest_distances(samples, train).min())}
 
 
 def memorisation(images: np.ndarray, labels: np.ndarray, ref: Reference, threshold: str = "pair",
