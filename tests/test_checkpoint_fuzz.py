@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import random
+import re
 import struct
 import sys
 import time
@@ -160,22 +161,33 @@ def test_absurd_sizes_are_refused_from_the_header_alone(good, tmp_path):
 @pytest.mark.slow
 def test_large_json_is_refused_before_it_is_parsed(good, tmp_path):
     """Python's JSON takes ~30x a text's size: a 70 MB config or class_names entry (a header safetensors
-    accepts) took 2 GB before it was refused, and so did explaining a 57 MB header safetensors refuses. And
-    the sampling defaults were checked before the bounded build: a config of 14,001 stages with
-    recommended_steps 1000 planned 14 million steps first. Each is refused at once now."""
+    accepts) took 2 GB before it was refused, and so did explaining a 57 MB header safetensors refuses; and
+    safetensors itself took 1.1-2.1 s to parse that header (a CI run failed on it). The sampling defaults
+    were checked before the bounded build: a config of 14,001 stages with recommended_steps 1000 planned 14
+    million steps first. Each is refused at once now, by the bound that is meant to refuse it."""
     header, body = split(good)
     config = json.loads(header["__metadata__"]["config"])
-    many = "[" + "{}," * 23_000_000 + "{}]"   # 69 MB
+    inside_header_bound = "[" + "{}," * 4_000_000 + "{}]"   # 12 MB: a header under MAX_HEADER_BYTES
     cases = []
-    for key, value in [("config", many), ("class_names", many),
-                       ("config", json.dumps({**config, "image_size": 2 ** 14000, "num_stages": 14_001,
-                                              "patch_size": 1}))]:
+    for key, value, reason in [
+            ("config", inside_header_bound, "invalid config: 12,000,004 characters"),
+            ("class_names", inside_header_bound, "class_names is 12,000,004 characters"),
+            ("config", json.dumps({**config, "image_size": 2 ** 14000, "num_stages": 14_001, "patch_size": 1}),
+             "the config describes a model larger than"),
+            ("config", "[" + "{}," * 23_000_000 + "{}]", "header is 69,004,400 bytes"),   # 69 MB: over the header bound
+    ]:
         edited = json.loads(json.dumps(header))
         edited["__metadata__"].update({key: value, "recommended_steps": "1000"})
-        cases.append((f"{key} of {len(value):,} characters", join(edited, body)))
+        cases.append((f"{key} of {len(value):,} characters", join(edited, body), reason))
     raw = b'{"a":[' + b"{}," * 19_000_000 + b"{}]}"   # 57 MB that safetensors refuses: no tensor entries
-    cases.append(("an unreadable header of 57 MB", struct.pack("<Q", len(raw)) + raw + body))
-    assert check_cases(cases, tmp_path) == {"loaded": 0, "refused": len(cases)}
+    cases.append(("an unreadable header of 57 MB", struct.pack("<Q", len(raw)) + raw + body,
+                  "header is 57,000,010 bytes"))
+    assert check_cases([case[:2] for case in cases], tmp_path) == {"loaded": 0, "refused": len(cases)}
+    path = tmp_path / "case.safetensors"
+    for name, data, reason in cases:   # each refused by its own bound, not by a later check
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=re.escape(reason)):
+            load_checkpoint(path)
 
 
 def forged_headers(header: dict) -> list[tuple[str, dict]]:
