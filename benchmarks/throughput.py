@@ -11,8 +11,8 @@ each batch size it times
   then each registered backend forced first, with CUDA graphs on and off where the sampler has them;
 * DiTPipeline with DiT-XL/2 (random weights, DDPMScheduler with 1000 linear-beta training steps,
   guidance 4.0, decode included) at 250 and 50 steps. Where one call would take longer than
-  --max-call-s, DiT runs fewer steps and the time is extrapolated linearly in the step count
-  (decode time + steps x per-step time); such rows say "extrapolated".
+  --max-call-s, DiT runs fewer steps and the time is extrapolated linearly in the step count (the
+  per-step time is the slope between runs of two step counts); such rows say "extrapolated".
 Warm-up calls are excluded: on CUDA they are identical calls (graphs are captured there); on the CPU
 they run the same shapes with 1 step per stage (DiT: 1 step). Each row is the median of --repeats
 device-synchronized calls (CUDA events on GPU), shown with their range. MFU = counted FLOPs per image
@@ -224,6 +224,7 @@ class Harness:
             self.add(Row(DIT_NAME, "DDPM, CFG", batch, "-", 0, error=self.faults.row_error(err)))
             return
         measured: Row | None = None
+        shorter: Row | None = None   # the second point of an extrapolation
         for steps in sorted(self.args.dit_steps):
             row = Row(DIT_NAME, "DDPM, CFG", batch, str(steps), steps * per_step + decode_flops)
             if measured is None or decode + steps * step_guess <= self.args.max_call_s:
@@ -232,12 +233,23 @@ class Harness:
                                         functools.partial(call, run_steps), lambda: None)
             run_steps = int(measured.steps)
             row.times, row.peak_bytes, row.error = measured.times, measured.peak_bytes, measured.error
-            row.reserved_bytes = measured.reserved_bytes
-            if measured.latency_s is not None:
-                step_s = max(measured.latency_s - decode, 0.0) / run_steps
-                row.latency_s = measured.latency_s + (steps - run_steps) * step_s
-            if run_steps != steps:
-                row.note = f"extrapolated from {run_steps}-step runs (decode {decode:.3g} s + {steps} x per-step time)"
+            row.reserved_bytes, row.latency_s = measured.reserved_bytes, measured.latency_s
+            if run_steps != steps and measured.latency_s is not None:
+                # the per-step time is the slope between two step counts: every fixed cost of a call (the
+                # decode, the pipeline's set-up and copies) cancels, where subtracting the decode row, timed
+                # alone at another moment, left any difference multiplied by the steps extrapolated
+                other_steps = 1 if run_steps > 1 else 2
+                if shorter is None or int(shorter.steps) != other_steps:
+                    shorter = self.measure(dataclasses.replace(row, steps=str(other_steps)),
+                                           functools.partial(call, other_steps), lambda: None)
+                row.error = row.error or shorter.error
+                if shorter.latency_s is not None:
+                    step_s = (measured.latency_s - shorter.latency_s) / (run_steps - other_steps)
+                    row.latency_s = measured.latency_s + (steps - run_steps) * step_s
+                    row.note = (f"extrapolated from {min(run_steps, other_steps)}- and "
+                                f"{max(run_steps, other_steps)}-step runs: {steps} steps at their per-step slope")
+                else:
+                    row.latency_s = None
             self.add(row)
 
     def profile_batch(self) -> int:

@@ -258,17 +258,19 @@ def test_targets_take_the_250_step_speedup_at_batch_64_on_an_h100_only(monkeypat
 
 
 def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch):
-    """A stand-in DiT whose call takes decode + steps x per-step time exactly (2 s + 0.5 s per step), with calls
-    of at most 30 s: at 100 and 250 steps it runs the 56 steps that fit, and the extrapolation gives the exact
-    100- and 250-step times back. FLOPs per image are steps x the per-step count plus one decode."""
-    decode, per_step = 2.0, 0.5
+    """A stand-in DiT whose call takes a fixed 2.1 s (the decode row's 2 s and 0.1 s of the pipeline's own) +
+    0.5 s per step, with calls of at most 30 s: at 100 and 250 steps it runs the 46 steps that fit and 1 step,
+    and the slope between them gives the exact 100- and 250-step times back (subtracting the decode row
+    instead put the pipeline's 0.1 s into every extrapolated step: 250 steps 0.4 s long). FLOPs per image are
+    steps x the per-step count plus one decode."""
+    decode, fixed, per_step = 2.0, 2.1, 0.5
     calls = []
 
     def pipe(class_labels, guidance_scale, num_inference_steps, output_type):
         calls.append(num_inference_steps)
         return SimpleNamespace(images=torch.zeros(len(class_labels), 3, 4, 4))  # "pt": a tensor
 
-    monkeypatch.setattr(throughput, "time_call", lambda fn, device: (fn(), decode + per_step * calls[-1])[1])
+    monkeypatch.setattr(throughput, "time_call", lambda fn, device: (fn(), fixed + per_step * calls[-1])[1])
     monkeypatch.setattr(flops, "dit_step_flops", lambda guided=True: {"params": 1, "step": 1000 if guided else 500})
     monkeypatch.setattr(flops, "vae_decode_flops", lambda side: 7)
     h = harness(monkeypatch, "--dit-steps", "250", "100", "--max-call-s", "30", "--repeats", "3")
@@ -276,15 +278,22 @@ def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch)
     h.dit(pipe, 2)
     assert [(r.steps, r.flops_per_image) for r in h.rows] == [("100", 100 * 1000 + 7), ("250", 250 * 1000 + 7)]
     for row in h.rows:
-        assert row.latency_s == pytest.approx(decode + int(row.steps) * per_step)
-        assert row.note.startswith("extrapolated from 56-step runs") and row.times == [30.0] * 3
-    assert max(calls) == 56  # the longest call that fits in 30 s
+        assert row.latency_s == pytest.approx(fixed + int(row.steps) * per_step, rel=1e-9)
+        assert row.note.startswith("extrapolated from 1- and 46-step runs") and row.times == [25.1] * 3
+    assert calls == [1, 1] + [46] * 3 + [1] * 3   # warm-up, the guess, then each point's timed calls, once
 
-    calls.clear()
-    h = harness(monkeypatch, "--dit-steps", "50", "20", "--max-call-s", "30")
+    calls.clear()   # where one step is all that fits, the second point is 2 steps
+    h = harness(monkeypatch, "--dit-steps", "250", "--max-call-s", "2.5", "--repeats", "1")
     h.decode_s[2] = decode
     h.dit(pipe, 2)
-    assert [(r.steps, r.latency_s, r.note) for r in h.rows] == [("20", 12.0, ""), ("50", 27.0, "")]  # measured
+    assert h.rows[0].latency_s == pytest.approx(fixed + 250 * per_step, rel=1e-9)
+    assert h.rows[0].note.startswith("extrapolated from 1- and 2-step runs")
+
+    calls.clear()
+    h = harness(monkeypatch, "--dit-steps", "50", "20", "--max-call-s", "35")
+    h.decode_s[2] = decode
+    h.dit(pipe, 2)
+    assert [(r.steps, r.latency_s, r.note) for r in h.rows] == [("20", 12.1, ""), ("50", 27.1, "")]  # measured
 
 
 def test_a_row_is_the_median_of_its_repeats(monkeypatch):
