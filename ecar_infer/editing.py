@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -24,6 +25,8 @@ from .checks import is_integer
 from .config import ECARConfig
 from .kernels import ops
 from .kernels.reference import upsample2x
+
+logger = logging.getLogger("ecar_infer")
 from .pil_input import as_model_image
 from .schedule import stage_windows
 from .stages import StagePlan, patchify
@@ -222,6 +225,13 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
         if x.abs().max() > 1.0 + 1e-3:
             raise EditInputError(f"image tensors must be in the model's pixel range [-1, 1], got values up to "
                              f"{x.abs().max().item():.3g}")
+        if x.min() >= 0 and x.max() > 0:
+            # the likeliest cause: [0, 1] images, as output_type="pt" and torchvision's ToTensor give; read as
+            # [-1, 1] their black would be mid-grey. A real image in [-1, 1] has nothing darker than mid-grey
+            # only rarely, so this warns and goes on
+            logger.warning("every value of the image tensor is in [0, 1], but tensors are read in the model's "
+                           "pixel range [-1, 1] (0 is mid-grey): if these are [0, 1] images (output_type=\"pt\" "
+                           "and torchvision's ToTensor give those), pass images * 2 - 1")
         x = x.clamp(-1, 1)
     else:
         raise EditInputError(f"cannot read images of type {type(images).__name__}: give PIL images, uint8 arrays "

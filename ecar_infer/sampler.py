@@ -263,6 +263,8 @@ class Sampler:
 
         images: PIL images, uint8 arrays ([H, W], [H, W, C] or [N, H, W, C]) or float tensors in [-1, 1]
         ([C, H, W] or [N, C, H, W]) at the model's image size; latent models encode them with their VAE.
+        generate's output_type="pt" gives [0, 1]: pass `images * 2 - 1` (a tensor wholly in [0, 1] is
+        warned about).
         One image with several class labels is edited once per label.
         class_labels: one per output image, or one int for every image.
         mask: True (white, >= 128, >= 0.5) where the pixels are kept: a PIL image, an array or a tensor, one

@@ -350,6 +350,19 @@ def test_edits_regenerate_alone_and_do_not_depend_on_batching(sampler):
     torch.testing.assert_close(alone.images[0], whole.images[3], rtol=1e-4, atol=1e-5)
 
 
+def test_a_tensor_wholly_in_0_1_is_warned_about(sampler, caplog):
+    """generate's output_type="pt" gives [0, 1] while edit reads tensors in [-1, 1]: handing one to the other
+    is warned about (black would read as mid-grey); the same images in [-1, 1] are not, nor is uint8 input."""
+    made = sampler.generate([1, 2], seed=7, steps_per_stage=1, output_type="pt").images
+    assert made.min() >= 0
+    for images, warned in [(made, True), (made * 2 - 1, False), (sampler.generate([1], seed=7, steps_per_stage=1,
+                                                                                    output_type="np").images, False)]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ecar_infer"):
+            sampler.edit(images, [1] * len(images), mode="vary", from_stage=1, steps_per_stage=1, output_type="latent")
+        assert ("pass images * 2 - 1" in caplog.text) == warned, caplog.text
+
+
 def test_an_image_kept_wholly_beside_an_edited_one_leaves_the_other_edited_as_alone(sampler, caplog):
     """A stage is "known" (no flow loop, its end is X_end) only when every image of the batch keeps all of it:
     an image kept wholly comes back as its input, and the other image of its batch is edited as it is alone,
