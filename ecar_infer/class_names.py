@@ -4,6 +4,7 @@ the rows of an image grid."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import TYPE_CHECKING
 
 from .checks import parse_json
@@ -13,6 +14,12 @@ if TYPE_CHECKING:
 
 METADATA_KEY = "class_names"
 MAX_NAME_CHARS = 1024   # the class_names entry's bound per class (JSON quotes and escapes included)
+
+
+def match_key(name: str) -> str:
+    """What names are compared by: case folded and Unicode-normalised (NFKC), so that "CAFÉ" typed with a
+    combining accent, or a fullwidth letter, finds "café" (Unicode's compatibility caseless match)."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
 
 
 class ClassNameError(ValueError):
@@ -34,8 +41,8 @@ def parse_class_names(text: str | None, num_classes: int) -> list[str] | None:
         raise ClassNameError(f"{METADATA_KEY} must be a JSON list of non-empty strings")
     if len(names) != num_classes:
         raise ClassNameError(f"{METADATA_KEY} has {len(names)} names for {num_classes} classes")
-    if len({n.casefold() for n in names}) != len(names):
-        raise ClassNameError(f"{METADATA_KEY} has names that differ only in case")
+    if len({match_key(n) for n in names}) != len(names):
+        raise ClassNameError(f"{METADATA_KEY} has names that differ only in case or Unicode form")
     return names
 
 
@@ -55,11 +62,12 @@ def list_classes(names: list[str] | None, num_classes: int, limit: int = 50) -> 
 
 
 def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:
-    """A class index from a name, exact (case-insensitive), else an index ('3'), else an unambiguous
-    prefix of a name. A name comes first, so that classes named by digits ("2", "3d") are found by name."""
+    """A class index from a name, exact (by match_key: case and Unicode form ignored), else an index ('3'),
+    else an unambiguous prefix of a name. A name comes first, so that classes named by digits ("2", "3d") are
+    found by name."""
     text = text.strip()
-    key = text.casefold()
-    exact = [i for i, n in enumerate(names or []) if n.casefold() == key]
+    key = match_key(text)
+    exact = [i for i, n in enumerate(names or []) if match_key(n) == key]
     if exact:
         return exact[0]
     if text.isdecimal():  # what int() reads ('²' is a digit but no number)
@@ -69,7 +77,7 @@ def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:
         raise ClassNameError(f"class {index} is outside this model's classes: {list_classes(names, num_classes)}")
     if not names:
         raise ClassNameError(f"class {text!r}: this model has no class names; give an index 0-{num_classes - 1}")
-    matches = [i for i, n in enumerate(names) if n.casefold().startswith(key)]
+    matches = [i for i, n in enumerate(names) if match_key(n).startswith(key)]
     if len(matches) == 1:
         return matches[0]
     if matches:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import distributed
 from .checks import FLOAT32_MAX
-from .class_names import ClassNameError, list_classes, resolve_class
+from .class_names import ClassNameError, list_classes, match_key, resolve_class
 from .config import ConfigError
 from .cpu_memory import keep_freed_memory
 from .registry import get_preset, preset_names
@@ -319,14 +319,14 @@ def load_model(args, group: distributed.Group):
 
 
 def expand_classes(specs: list[list[str | None]], num_classes: int, n: int, names: list[str] | None = None) -> list[int]:
-    """The class of every image: each --class part, a class name (exact, case-insensitive: so a class named
+    """The class of every image: each --class part, a class name (exact, by match_key: so a class named
     "2" or "3d" is found by its name), an index, a range LO-HI, or None for all, then `n` images per class."""
     classes = []
     for part in (p for spec in specs for p in spec):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part) if part is not None else None
         if part is None:
             lo, hi = 0, num_classes - 1
-        elif match and not (names and part.casefold() in {name.casefold() for name in names}):
+        elif match and not (names and match_key(part) in {match_key(name) for name in names}):
             lo, hi = int(match[1]), int(match[2] or match[1])
             if lo > hi:
                 raise UsageError(f"--class {part}: a range runs from low to high, e.g. {hi}-{lo}")

@@ -9,7 +9,7 @@ from ecar_infer import ECARConfig, load_checkpoint, save_checkpoint
 from ecar_infer.checkpoint import CheckpointError
 from ecar_infer.class_names import (ClassNameError, encode_class_names, label_rows, list_classes,
                                     parse_class_names, resolve_class)
-from ecar_infer.cli import main as sample_main
+from ecar_infer.cli import expand_classes, main as sample_main
 
 NAMES = ["Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink", "Travel & Places",
          "Activities", "Objects", "Symbols", "Flags", "Sports"]
@@ -49,6 +49,21 @@ def test_exact_name_wins_over_a_longer_one():
     assert resolve_class("cat", ["catfish", "cat"], 2) == 1
     assert resolve_class("CAT", ["catfish", "cat"], 2) == 1   # exact in any case, not an ambiguous prefix
     assert resolve_class("cat", ["Catfish", "Cat"], 2) == 1
+
+
+def test_names_match_whatever_the_unicode_form():
+    """A name typed with a combining accent (as macOS keyboards and file names give it), or in fullwidth
+    letters, finds the precomposed name, exactly and as a prefix; two names that differ only in form are
+    refused, as two that differ only in case are."""
+    names = ["Caf\u00e9 & Bar", "Drinks"]
+    assert resolve_class("cafe\u0301 & bar", names, 2) == 0
+    assert resolve_class("CAFE\u0301", names, 2) == 0
+    assert resolve_class("\uff24rinks", names, 2) == 1        # fullwidth D
+    assert resolve_class("Café & Bar".replace("é", "e\u0301"), ["Cafe & Bar", "Café & Bar"], 2) == 1
+    with pytest.raises(ClassNameError, match="differ only in case or Unicode form"):
+        parse_class_names(json.dumps(["Caf\u00e9", "Cafe\u0301"]), 2)
+    assert expand_classes([["cafe\u0301 & bar"]], 2, 1, names) == [0]
+    assert expand_classes([["0"]], 2, 1, ["\uff11", "\uff10"]) == [1]   # classes named by fullwidth digits: by name
 
 
 def test_names_made_of_digits_are_found_by_name_first():
