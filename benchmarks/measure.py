@@ -1,6 +1,7 @@
 """Device-synchronized timing, peak memory, the device's measured matmul peak, and profiler tables."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import statistics
@@ -12,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 _STATM = Path("/proc/self/statm")
-RSS_SAMPLE_S = 0.005
+SAMPLE_S = 0.005
 GPU_WARMUP_S = 0.5  # matmul_peak's warm-up on a GPU before its timed products
 
 
@@ -108,6 +109,33 @@ def _rss_bytes() -> int:
     return int(_STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _Mallinfo2(ctypes.Structure):   # glibc's struct mallinfo2 (malloc.h), every field a size_t
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_reader() -> Callable[[], int] | None:
+    """Bytes the C heap has handed out and not had back (glibc >= 2.33: mallinfo2's in-use bytes of every
+    arena plus its mmapped chunks), or None where the C library has no mallinfo2.
+
+    On the CPU torch allocates tensors with malloc, so this follows what is live. The resident set does not
+    where freed memory is kept for reuse (ecar_infer.cpu_memory): it only grows, and a row after a larger
+    one read 0 MiB."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _Mallinfo2
+
+    def in_use() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+    return in_use
+
+
+_HEAP_IN_USE = _heap_reader()
+
+
 class PeakMemory:
     """Peak memory of what runs inside the block, in bytes (None where it cannot be measured).
 
@@ -116,7 +144,9 @@ class PeakMemory:
     reserved, never allocated, so the graph path's peak_bytes leaves them out. reserved_bytes
     (torch.cuda.max_memory_reserved: graph pools and the allocator's cache included) is what the process
     holds, and the figure to compare between the graph and eager paths.
-    CPU (Linux): the process's resident set sampled every few ms by a thread, minus its size on entry.
+    CPU: the peak, sampled every 5 ms by a thread, of the C heap's bytes in use (glibc), minus their count
+    on entry (a peak that lasts less than 5 ms can be missed); elsewhere on Linux the same of the resident set
+    (which only grows where freed memory is kept for reuse: a row after a larger one reads 0).
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -132,18 +162,24 @@ class PeakMemory:
         if self.device.type == "cuda":
             return ("torch.cuda.max_memory_allocated (weights included; CUDA graph activations excluded), and "
                     "max_memory_reserved (graph pools and cache included) in parentheses")
+        if _HEAP_IN_USE is not None:
+            return "growth of the C heap's bytes in use (glibc mallinfo2), sampled every 5 ms"
         return "resident set growth, sampled every 5 ms" if _STATM.exists() else "n/a"
 
+    @staticmethod
+    def _cpu_bytes() -> int:
+        return _HEAP_IN_USE() if _HEAP_IN_USE is not None else _rss_bytes()
+
     def _sample(self) -> None:
-        while not self._stop.wait(RSS_SAMPLE_S):
-            self._max = max(self._max, _rss_bytes())
+        while not self._stop.wait(SAMPLE_S):
+            self._max = max(self._max, self._cpu_bytes())
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif _STATM.exists():
-            self._base = self._max = _rss_bytes()
+        elif _HEAP_IN_USE is not None or _STATM.exists():
+            self._base = self._max = self._cpu_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -155,7 +191,7 @@ class PeakMemory:
         elif self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self._max, _rss_bytes()) - self._base
+            self.peak_bytes = max(self._max, self._cpu_bytes()) - self._base
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 10) -> dict[str, Any]:
