@@ -1,7 +1,9 @@
 """PIL images as the models read them: 8 bits per channel, opaque, in the model's channels.
 
-One rule for every image a user gives (an image to edit, a training image): transparency (RGBA, LA, PA,
-a palette with a transparent colour) is composited on white, as the emoji data set is; 16-bit grayscale
+One rule for every image a user gives (an image to edit, a training image): the EXIF orientation is
+applied (a phone photo stored sideways is read upright, as viewers show it); transparency (RGBA, LA, PA,
+a palette or an L or RGB image with a transparent colour) is composited on white, as the emoji data set
+is; 16-bit grayscale
 (mode I;16, what Pillow opens a 16-bit PNG or TIFF as, and mode I of a 16-bit PGM, which Pillow scales to
 0..65535 whatever its maximum) is scaled to 8 bits (Pillow's own conversion would clip every value above
 255 to white); then L for 1-channel models, RGB for 3-channel ones.
@@ -12,14 +14,32 @@ import numpy as np
 
 
 def as_model_image(image, channels: int):
-    """A PIL image in mode L (channels 1) or RGB (channels 3), by the rules above."""
+    """A PIL image in mode L (channels 1) or RGB (channels 3), by the rules above (the caller's image is not
+    changed)."""
     from PIL import Image
 
+    turn = _orientation_fix(image)
     if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM"):
         scaled = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255
         image = Image.fromarray(np.round(scaled).astype(np.uint8), "L")
-    elif image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:   # a PNG's tRNS colour key
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return image.convert("L" if channels == 1 else "RGB")
+    image = image.convert("L" if channels == 1 else "RGB")
+    return image.transpose(turn) if turn is not None else image
+
+
+def _orientation_fix(image):
+    """The transpose that shows `image` upright by its EXIF orientation tag (None for none, 1, or an EXIF
+    block too malformed to read, which is ignored: the pixels are still good). Taken from the image as given,
+    before any conversion drops the tag (a TIFF keeps it outside the EXIF bytes a copy carries)."""
+    from PIL import Image
+
+    try:
+        orientation = image.getexif().get(0x0112, 1)   # EXIF tag 274, Orientation
+    except Exception:   # noqa: BLE001  (Pillow raises many types on malformed EXIF; none should cost the image)
+        return None
+    return {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}.get(orientation)

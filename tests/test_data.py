@@ -107,6 +107,40 @@ def test_a_palette_image_with_a_transparent_colour_is_composited_on_white():
     assert np.asarray(as_model_image(image, 3))[0, 0].tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_an_image_with_a_transparent_colour_key_is_composited_on_white(tmp_path, mode):
+    """A PNG's tRNS chunk marks one colour transparent in L and RGB images too (not only in palettes): that
+    colour was read as it is (black here), where every viewer shows the background."""
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    pixels[2:6, 2:6] = (200, 0, 0)
+    image = Image.fromarray(pixels[..., 0] if mode == "L" else pixels)
+    image.save(tmp_path / "key.png", transparency=0 if mode == "L" else (0, 0, 0))
+    out = load_image(tmp_path / "key.png", 8, 3)
+    assert (out[0, 0] == 255).all() and (out[:2] == 255).all()
+    assert out[3, 3].tolist() == ([200, 200, 200] if mode == "L" else [200, 0, 0])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_exif_orientation_is_applied_as_viewers_apply_it(tmp_path, orientation):
+    """A phone photo is stored sideways with an EXIF orientation tag: training and editing read it upright, as
+    Pillow's ImageOps.exif_transpose shows it, for all eight orientations; the caller's image is unchanged."""
+    from PIL import ImageOps
+
+    from ecar_infer.pil_input import as_model_image
+
+    rng = np.random.default_rng(orientation)
+    image = Image.fromarray(rng.integers(0, 256, size=(6, 10, 3), dtype=np.uint8))   # 10 wide, 6 high
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "photo.png", exif=exif)
+    with Image.open(tmp_path / "photo.png") as opened:
+        opened.load()
+        want = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+        assert np.array_equal(np.asarray(as_model_image(opened, 3)), want)
+        assert opened.size == (10, 6)
+    assert want.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
+
+
 def test_image_folder_classes_labels_and_cache(tmp_path):
     root = make_folder(tmp_path / "imgs")
     data = open_image_folder(root, RGB16, tmp_path / "cache")
