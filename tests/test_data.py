@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -185,6 +186,28 @@ def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):
     Image.fromarray(np.asarray(Image.open(color[1]).convert("L")).astype(np.uint16) * 257).save(color[1])
     assert Image.open(color[1]).mode == "I;16"
     assert open_image_folder(root, gray, tmp_path / "cache").pixels.shape == (6, 16, 16, 1)
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".png"])
+def test_palette_images_of_grays_are_grayscale(tmp_path, suffix):
+    """A grayscale GIF or PNG-8 is a palette image: it counted as color, and a 1-channel config refused it. Its
+    palette decides now; one color entry makes it color."""
+    root = make_folder(tmp_path / "imgs")
+    for path in root.rglob("*.png"):
+        path.unlink()
+        Image.fromarray(random_images(1, 16, 16)[0]).convert("L").convert("P").save(path.with_suffix(suffix))
+    assert Image.open(next(root.rglob("*" + suffix))).mode == "P"
+    gray = RGB16.replace(latent_channels=1)
+    assert open_image_folder(root, gray, tmp_path / "cache").pixels.shape == (6, 16, 16, 1)
+    colored = next(root.rglob("*" + suffix))
+    image = Image.open(colored)
+    palette = image.getpalette()
+    entry = 3 * int(np.asarray(image)[0, 0])   # the entry of a pixel the image uses
+    palette[entry:entry + 3] = [255, 0, 0]
+    image.putpalette(palette)
+    image.save(colored)
+    with pytest.raises(DataError, match=r"1 of 6 images are in color"):
+        open_image_folder(root, gray, tmp_path / "cache2")
 
 
 @pytest.mark.parametrize("channels", [1, 3])
@@ -432,6 +455,52 @@ def test_images_that_fail_to_decode_are_named_together(tmp_path):
     with pytest.raises(DataError, match=r"^2 images cannot be read: .*a_dog/1.png \(.*truncated.*\), "
                                         r".*c_eel/0.png \(.*truncated.*\); remove or replace them$"):
         open_image_folder(root, RGB16, tmp_path / "cache")
+
+
+def test_images_that_fail_to_decode_in_later_chunks_are_named_with_the_first_and_the_build_is_deleted(
+        tmp_path, monkeypatch):
+    """With chunks of 2 images, truncated files in the first and the last chunk: the build reported only the
+    first, and mending it changed the key, so the next build decoded everything again to find the second (once
+    per bad file), leaving a full-size partial file behind each time. Now both are named at once and the failed
+    build leaves no file but its lock; after mending both, one build finishes."""
+    monkeypatch.setattr(data_module, "CACHE_CHUNK", 2)
+    root = make_folder(tmp_path / "imgs", sizes=((64, 64),))
+    files = sorted(root.rglob("*.png"))
+    bad = [files[0], files[-1]]
+    whole = {path: path.read_bytes() for path in bad}
+    for path in bad:
+        path.write_bytes(whole[path][: len(whole[path]) // 2])
+    with pytest.raises(DataError, match=r"^2 images cannot be read: .*a_dog/0.png .*c_eel/1.png"):
+        open_image_folder(root, RGB16, tmp_path / "cache")
+    assert sorted(f.suffix for f in (tmp_path / "cache").iterdir()) == [".lock"]
+    for path in bad:
+        path.write_bytes(whole[path])
+    assert open_image_folder(root, RGB16, tmp_path / "cache").pixels.shape == (6, 16, 16, 3)
+
+
+def test_a_change_of_the_decoding_rules_rebuilds_a_folder_cache(tmp_path, monkeypatch):
+    """A cache decoded under older rules (before EXIF orientation, say) is not reused: the rules' number is
+    part of its key."""
+    root = make_folder(tmp_path / "imgs")
+    first = open_image_folder(root, RGB16, tmp_path / "cache").fingerprint
+    assert open_image_folder(root, RGB16, tmp_path / "cache").fingerprint == first
+    monkeypatch.setattr(data_module, "DECODE_RULES", data_module.DECODE_RULES + 1)
+    assert open_image_folder(root, RGB16, tmp_path / "cache").fingerprint != first
+
+
+def test_the_decoding_threads_are_handed_the_files_a_slice_at_a_time(tmp_path, monkeypatch):
+    """A pool given every file at once held a pending task for each (2 GB for ImageNet's 1.28M files): the
+    files go POOL_SLICE at a time, and the results come back in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    handed = []
+    real_map = ThreadPoolExecutor.map
+    monkeypatch.setattr(ThreadPoolExecutor, "map", lambda self, fn, items: handed.append(len(items)) or
+                        real_map(self, fn, items))
+    monkeypatch.setattr(data_module, "POOL_SLICE", 3)
+    files = [Path(f"f{k}") for k in range(8)]
+    assert data_module._each_image(lambda f: f.name, files, 2) == [f.name for f in files]
+    assert handed == [3, 3, 2]
 
 
 def test_empty_class_and_missing_classes_are_named(tmp_path):

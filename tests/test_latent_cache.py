@@ -46,6 +46,24 @@ def test_cache_holds_the_posterior_of_each_image_and_its_mirror(vae, images, tmp
     assert latent_moments(images, vae, flips=False, cache_dir=tmp_path / "cache").shape == (5, 1, 2, 4, 16, 16)
 
 
+def test_the_vae_fingerprint_is_the_same_however_its_path_is_spelt(vae, tmp_path, monkeypatch):
+    """diffusers records the path a VAE was loaded from in its config (`_name_or_path`), and its own version:
+    the fingerprint hashed them, so `--vae vae` and `--vae /abs/vae` re-encoded the data set and refused to
+    resume each other's runs. Weights still count: one changed weight changes it."""
+    from ecar_infer.vae import load_autoencoder
+
+    import json
+
+    vae.save_pretrained(tmp_path / "vae")   # a diffusers folder, as --vae takes it
+    monkeypatch.chdir(tmp_path)
+    spelt = [load_autoencoder(path) for path in ("vae", "./vae", str(tmp_path / "vae"))]
+    assert len({json.loads(v.to_json_string())["_name_or_path"] for v in spelt}) > 1
+    assert len({latents.vae_fingerprint(v) for v in spelt}) == 1
+    with torch.no_grad():
+        next(spelt[0].parameters()).view(-1)[0] += 1
+    assert latents.vae_fingerprint(spelt[0]) != latents.vae_fingerprint(spelt[1])
+
+
 def test_an_interrupted_encode_resumes(vae, images, tmp_path, monkeypatch):
     straight = np.array(latent_moments(images, vae, flips=False, cache_dir=tmp_path / "a", batch=2))
     calls, armed = [], [True]

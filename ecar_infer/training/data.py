@@ -8,8 +8,8 @@
 
 Images are brought to the config's size S by the ADM / DiT rule: while the shorter side is at least 2S,
 halve the image with a box filter; then resize bicubically so the shorter side is S; then crop the
-centre S x S. Images are read as ecar_infer/pil_input.py reads every user image (transparency composited on
-white, 16-bit grayscale scaled to 8 bits). A folder gives RGB to a 3-channel config
+centre S x S. Images are read as ecar_infer/pil_input.py reads every user image (EXIF orientation applied,
+transparency composited on white, 16-bit grayscale scaled to 8 bits). A folder gives RGB to a 3-channel config
 (grayscale images are replicated into the three channels, as the sampler shows a 1-channel model's
 images) and grayscale to a 1-channel config, which refuses a folder holding color images.
 
@@ -17,9 +17,10 @@ Nothing holds the whole data set in memory: an uncompressed .npz at the right si
 place; an image folder, a compressed .npz or one of another size is converted once into a uint8
 memory-mapped cache file (ecar_infer/training/diskcache.py: resumable, shared by the ranks). Unreadable
 images stop that build, before training starts: every file that cannot be opened as an image is named
-before any decoding, and an image that fails to decode (a truncated file) when the build reaches it,
-with the others of its chunk of CACHE_CHUNK (at most MAX_NAMED names, and a count). Training reads only
-the rows it draws.
+before any decoding, and an image that fails to decode (a truncated file) when the build reaches it, with
+every other such file of the folder, found by decoding the rest (at most MAX_NAMED names, and a count); the
+failed build is deleted, since mending the files changes the cache's key. Training reads only the rows it
+draws.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ from .diskcache import cached_array, is_cached
 DIGITS32 = "digits32"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 CACHE_CHUNK = 1024   # images decoded per step of the cache build (and per progress record)
+POOL_SLICE = 4096    # files handed to the decoding threads at a time (each pending one costs memory)
+DECODE_RULES = 2     # in an image folder cache's key: raised when the decoding rules change (pil_input.py;
+                     # 2: EXIF orientation and colour-key transparency), so that no cache of the old rules is used
 CHUNK_BYTES = 256 * 2**20   # at most this much of a compressed .npz decompressed per step of its cache build
 MAX_ASPECT = 8       # a longer side beyond this many times the shorter is cropped first (resize_center_crop)
 MAX_NAMED = 20       # files or classes an error names (then a count of the rest)
@@ -124,23 +128,37 @@ def _open_header(path: Path) -> None:
 
 
 def _is_color(path: Path) -> bool:
-    """Whether an image file holds color (from its header; a palette image counts as color)."""
+    """Whether an image file holds color, from its header: a palette image is color if any entry of its palette
+    is (a grayscale GIF or PNG-8 has a palette of grays)."""
     with _open(path) as image:
-        return not set(image.getbands()) <= GRAY_BANDS
+        if set(image.getbands()) <= GRAY_BANDS:
+            return False
+        if image.mode in ("P", "PA"):
+            palette = image.getpalette("RGB") or []
+            return any(not r == g == b for r, g, b in zip(palette[0::3], palette[1::3], palette[2::3]))
+        return True
 
 
-def _each_image(fn, files: list[Path], workers: int) -> list:
-    """fn(file) for each file on a thread pool (PIL releases the GIL while decoding and resizing); one
-    DataError names every file fn fails on."""
+def _attempt_each(fn, files: list[Path], workers: int) -> tuple[list, list[tuple[Path, Exception]]]:
+    """(fn(file) or its error for each file, the (file, error) pairs of the failures), on a thread pool (PIL
+    releases the GIL while decoding and resizing), submitted POOL_SLICE files at a time: a pool given all
+    1.28M files of ImageNet at once held a pending task of 1.65 kB for each, 2 GB."""
     def attempt(path: Path):
         try:
             return fn(path)
         except (OSError, ValueError) as err:
             return err
 
+    results = []
     with ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(attempt, files))
-    failures = [(f, r) for f, r in zip(files, results) if isinstance(r, Exception)]
+        for start in range(0, len(files), POOL_SLICE):
+            results += pool.map(attempt, files[start:start + POOL_SLICE])
+    return results, [(f, r) for f, r in zip(files, results) if isinstance(r, Exception)]
+
+
+def _each_image(fn, files: list[Path], workers: int) -> list:
+    """fn(file) for each file (_attempt_each); one DataError names every file fn fails on."""
+    results, failures = _attempt_each(fn, files, workers)
     if failures:
         raise _unreadable(failures)
     return results
@@ -420,7 +438,7 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
     data.check(config, channels)   # before hours of decoding
     workers = workers or min(8, os.cpu_count() or 1)
     size = config.image_size
-    key = {"folder": str(root.resolve()), "channels": c, "size": size,
+    key = {"folder": str(root.resolve()), "channels": c, "size": size, "rules": DECODE_RULES,
            "files": digest([(str(f.relative_to(root)), *_stamp(f)) for f in files])}
     data.fingerprint = digest(key)
     cache, shape = Path(cache_dir) / f"pixels-{data.fingerprint}.npy", (len(files), size, size, c)
@@ -435,9 +453,16 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
         if not headers_read:   # once per build, before decoding: every file that is not an image at all
             _each_image(_open_header, files[a:], workers)
             headers_read = True
-        return np.stack(_each_image(lambda f: _decode_image(f, size, c), files[a:b], workers))
+        decoded, failures = _attempt_each(lambda f: _decode_image(f, size, c), files[a:b], workers)
+        if failures:   # a file whose header reads but whose data does not (a truncated download): every
+            # other such file is found now, by decoding the rest, so that one fix of them all makes the next
+            # build the last (fixing a file changes the key, so each build starts from the first image)
+            failures += _attempt_each(lambda f: _decode_image(f, size, c), files[b:], workers)[1]
+            raise _unreadable(failures)
+        return np.stack(decoded)
 
-    data.pixels = cached_array(cache, key, shape, np.uint8, decode, CACHE_CHUNK, report)
+    # a build that fails on unreadable images is deleted: mending them changes the key, so it is never resumed
+    data.pixels = cached_array(cache, key, shape, np.uint8, decode, CACHE_CHUNK, report, discard_on=(DataError,))
     return data
 
 

@@ -70,11 +70,13 @@ def _rows_done(progress_path: Path, total: int) -> int | None:
 
 def cached_array(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dtype: np.dtype,
                  fill: Callable[[int, int], np.ndarray], chunk: int,
-                 report: Callable[[int, int], None] | None = None) -> np.ndarray:
+                 report: Callable[[int, int], None] | None = None,
+                 discard_on: tuple[type[BaseException], ...] = ()) -> np.ndarray:
     """The read-only memory-mapped array at `path` (a .npy file), built first if it is missing.
 
     key: what the array is computed from (JSON-able); fill(start, stop): rows [start, stop) of the array;
-    report(done, total): called after each chunk (progress display).
+    report(done, total): called after each chunk (progress display); discard_on: errors of fill after which
+    the unfinished build is deleted rather than kept to resume (its inputs must change, and with them the key).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,13 +98,19 @@ def cached_array(path: str | os.PathLike, key: dict, shape: tuple[int, ...], dty
             done = 0
             array = np.lib.format.open_memmap(partial, mode="w+", dtype=dtype, shape=tuple(shape))
         total = shape[0]
-        for start in range(done, total, chunk):
-            stop = min(start + chunk, total)
-            array[start:stop] = fill(start, stop)
-            array.flush()
-            _write_text(progress_path, str(stop))
-            if report:
-                report(stop, total)
+        try:
+            for start in range(done, total, chunk):
+                stop = min(start + chunk, total)
+                array[start:stop] = fill(start, stop)
+                array.flush()
+                _write_text(progress_path, str(stop))
+                if report:
+                    report(stop, total)
+        except discard_on:
+            del array
+            for unusable in (partial, progress_path, meta_path):
+                unusable.unlink(missing_ok=True)
+            raise
         del array
         os.replace(partial, path)
         progress_path.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ the step's generator, the scaling factor being the VAE config's (stored in the m
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -23,8 +24,12 @@ ENCODE_BATCH = 32
 
 
 def vae_fingerprint(vae) -> str:
-    """A short hash of the VAE's config and weights (what the cache depends on)."""
-    h = hashlib.sha256(vae.to_json_string().encode())
+    """A short hash of the VAE's config and weights (what the cache depends on). The config's "_" keys are
+    diffusers' bookkeeping, not the model: `_name_or_path` changed with how --vae was spelt (vae, ./vae,
+    /abs/vae), which re-encoded the whole data set and refused a resume, and `_diffusers_version` with the
+    library."""
+    config = {k: v for k, v in json.loads(vae.to_json_string()).items() if not k.startswith("_")}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
