@@ -23,7 +23,8 @@ def png(color, alpha) -> bytes:
     return out.getvalue()
 
 
-def make_tarball(path, per_class=(5, 3, 12), drop_image=None):
+def make_tarball(path, per_class=(5, 3, 12), drop_image=None, copied=False):
+    """copied: every Flags image is drawn as the first one (the package draws some pictures for several emoji)."""
     entries, files = [], {}
     order = 0
     for c, (category, n) in enumerate(zip(CATEGORIES, per_class)):
@@ -31,7 +32,7 @@ def make_tarball(path, per_class=(5, 3, 12), drop_image=None):
             name = f"{c:02x}{i:02x}.png"
             entries.append({"image": name, "category": category, "sort_order": order, "short_name": f"e{c}_{i}",
                             "has_img_google": True})
-            files[name] = png((40 * c, 10 * i, 200), 255)
+            files[name] = png((40 * c, 0 if copied and category == "Flags" else 10 * i, 200), 255)
             order += 1
     entries.append({"image": "skin.png", "category": "Component", "sort_order": order, "short_name": "skin-tone-2",
                     "has_img_google": True})
@@ -70,6 +71,18 @@ def test_build_writes_train_and_heldout_splits_with_class_names(tmp_path):
     assert isinstance(train.pixels, np.memmap)   # uncompressed: memory-mapped for training
     both = np.concatenate([train.pixels, held.pixels]).reshape(20, -1)
     assert len(np.unique(both, axis=0)) == 20   # every image lands in exactly one split
+
+
+def test_heldout_images_identical_to_a_training_image_are_left_out(tmp_path):
+    """Held-out copies of training images flattered every measurement against the split (the real package
+    put 2 of its 190 held-out images in both splits): they are left out of it, and the training split is the
+    draw's rest, as it was before, so that a model trained on it is still measured against unseen images."""
+    counts = build(make_tarball(tmp_path / "p.tgz", copied=True), tmp_path / "emoji32.npz")
+    assert counts["train"] == {"Smileys & Emotion": 4, "Animals & Nature": 2, "Flags": 11}
+    assert counts["heldout"] == {"Smileys & Emotion": 1, "Animals & Nature": 1, "Flags": 0}
+    with np.load(tmp_path / "emoji32.npz") as train, np.load(tmp_path / "emoji32-heldout.npz") as held:
+        seen = {image.tobytes() for image in train["images"]}
+        assert not any(image.tobytes() in seen for image in held["images"])
 
 
 def test_heldout_draw_is_per_class_seeded_and_at_least_one():
