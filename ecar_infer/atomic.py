@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 
-def _create_temporary(path: Path) -> Path:
+def create_temporary(path: Path) -> Path:
     """A new empty file beside `path`, named `.NAME.XXXXXXXX.tmp`, created with the umask's mode."""
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
@@ -35,7 +35,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the block to write; rename it onto `path` only if the
     block succeeds (on any exception, KeyboardInterrupt included, the temporary file is removed)."""
     path = Path(path)
-    tmp = _create_temporary(path)
+    tmp = create_temporary(path)
     mode = tmp.stat().st_mode
     try:
         yield tmp

@@ -17,6 +17,7 @@ is byte-identical to one process (ecar_infer/distributed.py).
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
+from .atomic import create_temporary
 from .checks import FLOAT32_MAX
 from .class_names import ClassNameError, list_classes, match_key, resolve_class
 from .config import ConfigError
@@ -244,12 +246,21 @@ def make_folder(folder: Path, option: str) -> None:
 
 
 def check_writable_file(target: Path) -> None:
-    """Fail if the file `target` cannot be written: a directory, or in a folder missing or read-only."""
+    """Fail if the file `target` cannot be written: a directory, in a folder missing or read-only, or a name
+    the file system refuses once the atomic write's temporary name (ecar_infer/atomic.py, 14 characters
+    longer; FILE.parts/ is 6) is made of it, which a name of 242-255 bytes passed only to fail after sampling."""
     if target.is_dir():
         raise UsageError(f"cannot write {target}: it is a directory")
     if not target.parent.is_dir():
         raise UsageError(f"cannot write {target}: directory {target.parent} does not exist")
-    check_writable_folder(target.parent)
+    try:
+        create_temporary(target).unlink()
+    except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            raise UsageError(f"cannot write {target}: the name is too long for the file system once made into "
+                             f"the temporary name it is written through (14 characters longer); choose a shorter "
+                             f"one") from None
+        raise UsageError(f"cannot write to {target.parent}: {err.strerror or err}") from None
 
 
 def check_writable_folder(folder: Path) -> None:
@@ -296,9 +307,10 @@ def load_model(args, group: distributed.Group):
     if args.random_init:
         if args.ckpt:
             raise UsageError("give --ckpt or --random-init, not both")
-        if group.rank == 0:
-            print(f"{PROG}: warning: --random-init {args.random_init}: RANDOM weights, the images are noise "
-                  f"(for smoke tests and timing only)", file=sys.stderr)
+        # through the logger: the command's handler names the program (ecar-sample or ecar-edit) and speaks
+        # for rank 0 alone
+        logging.getLogger("ecar_infer").warning(f"--random-init {args.random_init}: RANDOM weights, the images "
+                                                f"are noise (for smoke tests and timing only)")
         sampler = Sampler.from_config(get_preset(args.random_init), random_vae=args.vae is None, **options)
         sampler.decoder.set_memory_options(args.vae_slicing, args.vae_tiling)
         return sampler

@@ -102,6 +102,10 @@ def prepare(args):
     config = sampler.config
     labels = cli.expand_classes(args.classes, config.num_classes, args.per_class, sampler.class_names)
     cli.check_sampling_args(args, sampler, len(labels))
+    if len(labels) > cli.MAX_GRID_IMAGES:   # ecar-sample's --outdir and --npz write batch by batch; edit() does not
+        raise cli.UsageError(f"--class and --per-class ask for {len(labels):,} edits: ecar-edit holds every image in "
+                             f"memory until it writes them, whatever the output, at most {cli.MAX_GRID_IMAGES:,}; "
+                             f"split the request (by --class, or with another --seed)")
     image = read_image(args.image, "--image", config.image_size)
     from .editing import REGIONS
 

@@ -282,9 +282,11 @@ class Sampler:
         the decoded image); output_type="latent" returns the edited latent, whose kept elements are the
         encoded input's, with nothing pasted.
         """
+        started = time.perf_counter()
         cfg = self.config
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        self._run_options(batch_size, progress)   # checked whether or not anything is sampled
         pixels = as_images(images, cfg)
         labels = self._validate_labels([class_labels] if is_integer(class_labels) else class_labels)
         if len(labels) == 1 and len(pixels) > 1:
@@ -302,7 +304,8 @@ class Sampler:
             logger.warning("the mask keeps every pixel: the input is returned unchanged")
             images = (request.latents.clone() if output_type == "latent"
                       else convert(pixels.expand(count, -1, -1, -1), output_type))
-            return SampleOutput(images, seeds, labels, {"total_s": 0.0})
+            elapsed = time.perf_counter() - started
+            return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": count / elapsed})
         if everything:
             logger.warning(f"the mask keeps every pixel of image(s) {everything}: their outputs are their inputs")
         return self._run(labels, seeds, steps, output_type, batch_size, progress, request)
@@ -323,15 +326,10 @@ class Sampler:
     def _run(self, labels: list[int], seeds: list[int], steps, output_type: str, batch_size: int | None,
              progress: bool | None, edit: EditRequest | None = None) -> SampleOutput:
         """Sample (or, with `edit`, edit) the images batch by batch, decode and convert them."""
+        batch_size, show = self._run_options(batch_size, progress)
         batch_size = len(labels) if batch_size is None else batch_size
-        if not is_integer(batch_size) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-
         from tqdm.auto import tqdm
 
-        if progress is not None and not isinstance(progress, bool):
-            raise ValueError(f"progress must be True, False or None (the sampler's setting), got {progress!r}")
-        show = self.progress if progress is None else progress
         chunks = [range(i, min(i + batch_size, len(labels))) for i in range(0, len(labels), batch_size)]
         bar = tqdm(total=len(chunks) * sum(st.steps for st in steps), unit="step", disable=not show,
                    desc="sampling" if edit is None else "editing")
@@ -352,6 +350,15 @@ class Sampler:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
         return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": len(labels) / elapsed})
+
+    def _run_options(self, batch_size: int | None, progress: bool | None) -> tuple[int | None, bool]:
+        """(batch_size, whether to show progress), checked: a positive integer or None (the whole request),
+        and True, False or None (the sampler's setting)."""
+        if batch_size is not None and (not is_integer(batch_size) or batch_size <= 0):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if progress is not None and not isinstance(progress, bool):
+            raise ValueError(f"progress must be True, False or None (the sampler's setting), got {progress!r}")
+        return batch_size, self.progress if progress is None else progress
 
     def _on_device(self) -> contextlib.AbstractContextManager:
         """A request's context. On CUDA: the sampler's device current, since streams, graphs and Triton's

@@ -78,7 +78,8 @@ def fifo_at(path):
 
 
 def refuse_writes_in(monkeypatch, folder):
-    """Make `folder` read-only to the writability check (chmod does not stop root, who may run the tests)."""
+    """Make `folder` read-only to the writability checks and the atomic writes' temporary files (chmod does not
+    stop root, who may run the tests)."""
     real = tempfile.TemporaryFile
 
     def temporary_file(*args, dir=None, **kwargs):
@@ -87,6 +88,14 @@ def refuse_writes_in(monkeypatch, folder):
         return real(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "TemporaryFile", temporary_file)
+    real_open = os.open
+
+    def open_file(path, flags, *args, **kwargs):   # the atomic writes' temporary files (ecar_infer/atomic.py)
+        if flags & os.O_CREAT and os.path.realpath(os.path.dirname(path)) == os.path.realpath(folder):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_file)
 
 
 def stub_cuda_device(monkeypatch) -> list[int]:

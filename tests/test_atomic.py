@@ -125,8 +125,8 @@ def test_benchmark_reports_are_written_through_the_helper(tmp_path, monkeypatch,
     import ecar_infer.atomic
     from benchmarks.report import write_outputs
 
-    written, real = [], ecar_infer.atomic._create_temporary
-    monkeypatch.setattr(ecar_infer.atomic, "_create_temporary", lambda path: written.append(path.name) or real(path))
+    written, real = [], ecar_infer.atomic.create_temporary
+    monkeypatch.setattr(ecar_infer.atomic, "create_temporary", lambda path: written.append(path.name) or real(path))
     write_outputs({"a": 1}, "| a |", str(tmp_path / "r.json"), str(tmp_path / "r.md"))
     assert written == ["r.json", "r.md"] and names(tmp_path) == ["r.json", "r.md"]
     assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}

@@ -806,6 +806,22 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_sampling(ckpt
     assert list(ro.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag, suffix", [("--out", ".png"), ("--npz", ".npz")])
+def test_a_name_too_long_for_its_temporary_file_is_refused_before_sampling(ckpt, tmp_path, capsys, monkeypatch,
+                                                                           flag, suffix):
+    """A 245-byte name fits the file system's 255, its temporary name (14 bytes longer) does not: the command
+    sampled everything and then failed to write (an --npz run could never finish: every rerun failed at the
+    join). Now it is refused first, status 2, one line."""
+    monkeypatch.setattr(Sampler, "generate", lambda *a, **k: pytest.fail("the output is checked before sampling"))
+    target = tmp_path / ("z" * 241 + suffix)
+    code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--steps", "1", flag, target)
+    assert code == 2 and stdout == ""
+    assert stderr == (f"ecar-sample: error: cannot write {target}: the name is too long for the file system once "
+                      f"made into the temporary name it is written through (14 characters longer); choose a "
+                      f"shorter one\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_largest_seeds_are_accepted(ckpt, tmp_path, capsys):
     """--seed 2**64-3 with 3 images: the last image gets seed 2**64-1, the largest torch takes."""
     code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--n", "3", "--seed", 2**64 - 3, "--steps", "1",

@@ -502,6 +502,11 @@ def test_a_mask_that_keeps_everything_returns_the_input_with_a_warning(sampler, 
         out = sampler.edit(image, [3, 4], mask=np.ones((16, 16), dtype=bool), seed=0, output_type="np")
     assert "keeps every pixel" in caplog.text
     assert np.array_equal(out.images[..., 0], np.stack([image, image]))
+    assert set(out.timings) == {"total_s", "images_per_s"} and out.timings["images_per_s"] > 0   # as generate's
+    for bad, match in [(dict(batch_size=0), "batch_size must be a positive integer"),
+                       (dict(progress="no"), "progress must be True, False or None")]:   # checked all the same
+        with pytest.raises(ValueError, match=match):
+            sampler.edit(image, [3, 4], mask=np.ones((16, 16), dtype=bool), **bad)
 
 
 # ---- the engine's buffers and the fused kernel -------------------------------------------------------

@@ -166,6 +166,37 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
     assert code == 2 and "--class 12 is outside this model's classes 0-9" in stderr
 
 
+@pytest.mark.parametrize("output", ["--npz {tmp}/e.npz", "--outdir {tmp}/out"])
+def test_more_edits_than_memory_holds_are_refused_for_every_output(ckpt, image, tmp_path, capsys, monkeypatch,
+                                                                  output):
+    """ecar-edit holds every edit until it writes them, whatever the output: --npz and --outdir took a million
+    (27 GB for 32x32 RGB) where --out refused 10,001; the bound is the grid's for all of them."""
+    from ecar_infer import cli
+
+    monkeypatch.setattr(cli, "MAX_GRID_IMAGES", 20)
+    monkeypatch.setattr(Sampler, "edit", lambda *a, **k: pytest.fail("refused before editing"))
+    path, _ = image
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "0-6", "--n", "3", "--image", path, "--mask", "left",
+                          *output.format(tmp=tmp_path).split())
+    assert code == 2 and stderr == ("ecar-edit: error: --class and --per-class ask for 21 edits: ecar-edit holds "
+                                    "every image in memory until it writes them, whatever the output, at most 20; "
+                                    "split the request (by --class, or with another --seed)\n")
+    monkeypatch.setattr(cli, "MAX_GRID_IMAGES", 21)
+    monkeypatch.setattr(Sampler, "edit", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "0-6", "--n", "3", "--image", path, "--mask", "left",
+                          *output.format(tmp=tmp_path).split())
+    assert code == 130   # 21 are accepted: the edit was reached
+
+
+def test_random_init_warns_in_ecar_edits_name(image, tmp_path, capsys):
+    path, _ = image
+    code, _, stderr = run(capsys, "--random-init", "ecar-tiny", "--class", "1", "--image", path, "--mask", "left",
+                          "--steps", "1", "--out", tmp_path / "e.png", "--quiet")
+    assert code == 0
+    assert stderr == ("ecar-edit: warning: --random-init ecar-tiny: RANDOM weights, the images are noise (for smoke "
+                      "tests and timing only)\n")
+
+
 def test_an_image_too_large_to_decode_is_a_user_error(ckpt, image, tmp_path, capsys, monkeypatch):
     """PIL's refusal of a decompression bomb (neither an OSError nor a ValueError) is a user error too
     (--mask files are read by the same function)."""
