@@ -936,6 +936,38 @@ def test_a_resume_keeps_its_state_whatever_its_init_is_called_and_refuses_anothe
     assert "run holds a run with other settings (init_sha256): resume it with the settings in " in err
 
 
+def test_a_run_started_from_init_resumes_after_the_init_file_is_gone(tmp_path, capsys, monkeypatch):
+    """A resume never reads --init (the state holds the weights), but it required the file: with it deleted,
+    `--resume --init F` said "file not found" and `--resume` alone was refused for another init_sha256, whose
+    only way out offered was deleting the run. Now --init may be left out (the record keeps the run's, so a
+    later resume with another --init is still refused); given, a missing file is named as not needed."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=9), tmp_path / "init.safetensors")
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=10), tmp_path / "other.safetensors")
+    run = TINY_RUN + ["--workdir", "run"]
+    main(run + ["--init", "init.safetensors", "--until", "1"])
+    recorded = json.loads((tmp_path / "run" / "settings.json").read_text())["init_sha256"]
+    (tmp_path / "init.safetensors").unlink()
+    capsys.readouterr()
+    err = user_error(capsys, run + ["--init", "init.safetensors", "--resume", "--until", "2"])
+    assert err == ("ecar-train: error: --init init.safetensors: file not found; a --resume does not read it: leave "
+                   "--init out\n")
+    main(run + ["--resume", "--until", "2"])
+    assert json.loads((tmp_path / "run" / "settings.json").read_text())["init_sha256"] == recorded
+    capsys.readouterr()
+    err = user_error(capsys, run + ["--init", "other.safetensors", "--resume"])
+    assert "run holds a run with other settings (init_sha256)" in err
+
+
+def test_a_seed_outside_torchs_range_is_refused_with_the_options_name(tmp_path, capsys):
+    err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--seed", str(2 ** 64)])
+    assert "argument --seed: must be an integer in 0..18446744073709551615 (2**64-1), got '18446744073709551616'" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ---- DDP: two gloo ranks on the CPU, run once for the tests below ---------------------------------------
 DDP_STEPS, DDP_SETTINGS = 3, TrainSettings(steps=3, batch_size=8, seed=0)
 

@@ -48,7 +48,7 @@ from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
 from ..cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file, check_writable_folder, checked,
-                   content_sha256, make_folder, normalize, positive_int, user_errors)
+                   content_sha256, make_folder, normalize, positive_int, seed_int, user_errors)
 from ..config import ConfigError, ECARConfig
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
@@ -354,11 +354,13 @@ class Parser(argparse.ArgumentParser):
         user_error(f"{message} (see ecar-train --help)")
 
 
-# What a --resume may change: none of it changes the trained numbers (--accum, the world size and the
-# device only their float rounding). Everything else is in the settings record (run_settings).
+# What a --resume may change: none of it changes the trained numbers (--threads, --accum, the world size
+# and the device only their float rounding: the same command on the same machine resumes bit-identically).
+# Everything else is in the settings record (run_settings).
 FREE_ON_RESUME = ("--until, --out, --ckpt-every, --sample-every, --metadata, --device, --threads, --accum, "
-                  "--grad-checkpoint, --compile, --cache-dir and the number of ranks; a larger --steps extends the "
-                  "run (its learning-rate schedule then spans the new count, which is said)")
+                  "--grad-checkpoint, --compile, --cache-dir and the number of ranks; --init may be left out (a "
+                  "resume never reads it); a larger --steps extends the run (its learning-rate schedule then spans "
+                  "the new count, which is said)")
 
 
 def build_parser() -> Parser:
@@ -402,7 +404,7 @@ def build_parser() -> Parser:
                      help="AdamW weight decay (default %(default)s)")
     opt.add_argument("--ema-decay", type=decay_float, default=d.ema_decay,
                      help="decay in [0, 1) of the EMA of the weights that the checkpoints hold (default %(default)s)")
-    opt.add_argument("--seed", type=int, default=d.seed,
+    opt.add_argument("--seed", type=seed_int, default=d.seed,
                      help="seed of the initial weights and of every random draw of training (default %(default)s)")
     run = p.add_argument_group("run")
     run.add_argument("--workdir", help="resume state, settings record, EMA checkpoint, loss log, samples (default "
@@ -609,15 +611,21 @@ def build_config(args: argparse.Namespace) -> ECARConfig:
     return ECARConfig.from_dict({**config.to_dict(), **changes}) if changes else config
 
 
-def recorded_vae_id(workdir: Path) -> str | None:
-    """The VAE fingerprint in the settings record of the run in `workdir`, None where none is recorded (a
-    pixel run, no record, or one check_same_run will report as unreadable)."""
+def recorded_settings(workdir: Path) -> dict:
+    """The settings record of the run in `workdir`, {} where there is none (or one check_same_run will report
+    as unreadable)."""
     from ..targets import read_settings
 
     try:
-        data = read_settings(workdir / SETTINGS_FILE).get("data")
+        return read_settings(workdir / SETTINGS_FILE)
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def recorded_vae_id(workdir: Path) -> str | None:
+    """The VAE fingerprint in the settings record of the run in `workdir`, None where none is recorded (a
+    pixel run, no record, or one check_same_run will report as unreadable)."""
+    data = recorded_settings(workdir).get("data")
     return data.get("vae") if isinstance(data, dict) else None
 
 
@@ -733,17 +741,25 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
     config = build_config(args)
     check_metadata(metadata, config, final)
-    init = init_path(args.init, config) if args.init else None
+    # a resume never reads --init (the state holds the weights): it may be left out, and then the record's
+    # init is kept; given, it must still be the run's (its file then must exist to be compared)
+    if step is not None and args.init and not checkpoint_path(args.init).exists():
+        raise UsageError(f"--init {args.init}: file not found; a --resume does not read it: leave --init out")
+    init = init_path(args.init, config) if args.init and step is None else None
+    init_unknown = ("init_sha256",) if step is not None and not args.init else ()
     check_batch_split(settings.batch_size, world, args.accum)   # before the data too
     if step is not None:   # before the data, whose decoding and encoding may take hours: all but what they decide
-        check_same_run(workdir, run_settings(args, config, settings), unknown=("data", "config.vae_scaling_factor"))
+        check_same_run(workdir, run_settings(args, config, settings),
+                       unknown=("data", "config.vae_scaling_factor", *init_unknown))
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
                                                recorded_vae_id(workdir) if step is not None else None,
                                                functools.partial(say, rank=rank))
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
     record = run_settings(args, config, settings, data)
     if step is not None:
-        recorded_steps = check_same_run(workdir, record)
+        recorded_steps = check_same_run(workdir, record, unknown=init_unknown)
+        if init_unknown:
+            record["init_sha256"] = recorded_settings(workdir).get("init_sha256")
         try:
             trainer.load_state(workdir / STATE_FILE)
         except KeyError as err:   # a damaged state: a tensor or metadata entry missing
