@@ -1063,9 +1063,11 @@ def _agree_worker(rank, port, out):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     device, rank, world = setup_distributed("cpu")
-    for name, step in (("same", 7), ("differ", 7 + rank)):
+    same_data = SimpleNamespace(identity=lambda: {"images": 10, "sha256": "abc"})
+    own_data = SimpleNamespace(identity=lambda: {"images": 10, "sha256": "abc" if rank == 0 else "abd"})
+    for name, step, data in (("same", 7, same_data), ("differ", 7 + rank, same_data), ("data", 7, own_data)):
         try:
-            check_ranks_agree(SimpleNamespace(step=step, device=device, world=world), Path("runs/x"))
+            check_ranks_agree(SimpleNamespace(step=step, device=device, world=world, data=data), Path("runs/x"))
             out[f"{name}{rank}"] = "ok"
         except UsageError as err:
             out[f"{name}{rank}"] = str(err)
@@ -1073,9 +1075,11 @@ def _agree_worker(rank, port, out):
     os._exit(0)
 
 
-def test_ranks_that_resume_different_steps_are_refused(one_thread):
+def test_ranks_that_resume_different_steps_or_read_different_data_are_refused(one_thread):
     """A work folder the ranks see differently (one per machine, not shared): rank 0 resumes step 7 and
-    rank 1 another step; every rank refuses instead of training different weights under one DDP."""
+    rank 1 another step; every rank refuses instead of training different weights under one DDP. Ranks whose
+    data differs (a copy per machine, one of them changed) are refused as well: DDP would average the
+    gradients of different images."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -1087,6 +1091,9 @@ def test_ranks_that_resume_different_steps_are_refused(one_thread):
     assert out["differ0"] == out["differ1"] == (
         "the ranks found different runs in --workdir runs/x (steps [7, 8], by rank): every rank must see the "
         "same work folder (on several machines, a shared file system)")
+    assert out["data0"] == out["data1"] == (
+        "the ranks read different data (data sets [0, 1], by rank: the same number is the same images): every "
+        "rank must read the same --data (on several machines, identical copies or a shared file system)")
 
 
 def test_a_warmup_longer_than_the_run_is_warned_of(tmp_path, capsys):

@@ -35,6 +35,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -697,19 +698,29 @@ def setup_distributed(device_arg: str) -> tuple[torch.device, int, int]:
 
 
 def check_ranks_agree(trainer: Trainer, workdir: Path) -> None:
-    """Every rank must start from the same step: ranks that see different work folders (one per machine
-    where a shared one was meant) would resume different states, and DDP, which syncs the weights only
-    when it is built (before the state is loaded), would average gradients of different weights silently."""
+    """Every rank must start from the same step and read the same data: ranks that see different work folders
+    (one per machine where a shared one was meant) would resume different states, and DDP, which syncs the
+    weights only when it is built (before the state is loaded), would average gradients of different weights
+    silently; ranks that read different copies of the data (a folder per machine, one of them changed) would
+    average gradients of different images as silently."""
     import torch
     import torch.distributed as dist
 
-    mine = torch.tensor([trainer.step], dtype=torch.int64, device=trainer.device)   # NCCL: on the rank's GPU
-    steps = [torch.zeros_like(mine) for _ in range(trainer.world)]
-    dist.all_gather(steps, mine)
-    steps = [int(s) for s in steps]
+    identity = json.dumps(trainer.data.identity(), sort_keys=True).encode()
+    data = int.from_bytes(hashlib.sha256(identity).digest()[:8], "little", signed=True)
+    mine = torch.tensor([trainer.step, data], dtype=torch.int64, device=trainer.device)   # NCCL: on the rank's GPU
+    gathered = [torch.zeros_like(mine) for _ in range(trainer.world)]
+    dist.all_gather(gathered, mine)
+    steps = [int(g[0]) for g in gathered]
     if len(set(steps)) > 1:
         raise UsageError(f"the ranks found different runs in --workdir {workdir} (steps {steps}, by rank): every "
                          f"rank must see the same work folder (on several machines, a shared file system)")
+    first_seen = {}
+    groups = [first_seen.setdefault(int(g[1]), len(first_seen)) for g in gathered]
+    if len(first_seen) > 1:
+        raise UsageError(f"the ranks read different data (data sets {groups}, by rank: the same number is the same "
+                         f"images): every rank must read the same --data (on several machines, identical copies "
+                         f"or a shared file system)")
 
 
 def teardown_distributed(trainer: Trainer) -> None:
