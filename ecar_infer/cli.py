@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import json
 import logging
 import math
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 from . import distributed
 from .atomic import create_temporary
@@ -65,6 +69,27 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 # ---- argument types ----------------------------------------------------------------------------------
+def stops_on_sigterm(main):
+    """Decorate a command's main so that SIGTERM (a cluster's preemption, `kill`, torchrun stopping its
+    workers) stops it as Ctrl-C does: the temporary file of a write under way is removed, what was saved
+    stays, and the command's one line says how to resume. Python leaves SIGTERM to kill the process at once
+    otherwise. The previous handler is back when main returns (main may run inside a test process)."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():   # handlers are set in the main thread only
+            return main(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return run
+
+
+def _raise_interrupt(signum, frame) -> NoReturn:
+    raise KeyboardInterrupt
+
+
 def checked(parse, ok, requirement: str):
     """An argparse type: parse(text), then ok(value), else "must be <requirement>, got <text>"."""
     def convert(text: str):
@@ -578,6 +603,7 @@ def summary(tally: distributed.Tally, seconds: float, written: str, total: float
     return f"sampled {image_count(count)} in {seconds:.2f} s ({rate}); wrote {written}; total {total:.2f} s"
 
 
+@stops_on_sigterm
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     keep_freed_memory()

@@ -173,6 +173,7 @@ def warnings_to_stderr():
             logger.addHandler(h)
 
 
+@cli.stops_on_sigterm
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     keep_freed_memory()

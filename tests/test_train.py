@@ -835,6 +835,46 @@ def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, saved):
     assert (result.returncode, result.stdout, result.stderr) == (130, "", f"ecar-train: {line}\n")
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    """A cluster preempts a job with SIGTERM (torchrun passes it to its workers): Python's default killed the
+    run at once, with no line, and a save under way left its temporary file (several times the model's size).
+    Now it stops as Ctrl-C does: one line naming the last saved state, status 130, no temporary file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir = tmp_path / "run"
+    argv = ["--preset", "ecar-tiny", "--batch-size", "4", "--train-size", "20", "--steps", "100000", "--ckpt-every",
+            "1", "--sample-every", "0", "--device", "cpu", "--workdir", str(workdir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.Popen([sys.executable, "-m", "ecar_infer.training", *argv], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (workdir / "state.safetensors").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert err.splitlines()[-1].startswith(f"ecar-train: interrupted; the last saved state is step "), err
+    assert err.splitlines()[-1].endswith(f"in {workdir / 'state.safetensors'}: rerun the same command with --resume "
+                                         f"to continue it"), err
+    assert "Traceback" not in err and not list(workdir.rglob("*.tmp"))
+
+
+def test_stops_on_sigterm_restores_the_handler_it_replaced():
+    import signal
+
+    from ecar_infer.cli import stops_on_sigterm
+
+    before, seen = signal.getsignal(signal.SIGTERM), []
+    stops_on_sigterm(lambda: seen.append(signal.getsignal(signal.SIGTERM)))()
+    assert seen[0] is not before and signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(KeyboardInterrupt):
+        seen[0](signal.SIGTERM, None)
+
+
 def test_ctrl_c_while_the_data_opens_is_one_line(tmp_path, capsys, monkeypatch):
     """^C while the data set opens (its imports, a cache build): the user error types must not be imported
     to match it, since importing inside an interrupted import fails with a traceback."""

@@ -49,7 +49,8 @@ from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
 from ..cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file, check_writable_folder, checked,
-                   content_sha256, make_folder, normalize, positive_int, seed_int, user_errors)
+                   content_sha256, make_folder, normalize, positive_int, seed_int, stops_on_sigterm,
+                   user_errors)
 from ..config import ConfigError, ECARConfig
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
@@ -887,8 +888,9 @@ def train(args: argparse.Namespace) -> None:
         teardown_distributed(trainer)
 
 
+@stops_on_sigterm
 def main(argv: list[str] | None = None) -> None:
-    """ecar-train: user errors print one line and exit 2; Ctrl-C prints one line (rank 0 alone under
+    """ecar-train: user errors print one line and exit 2; Ctrl-C or SIGTERM prints one line (rank 0 alone under
     torchrun, where every rank gets the signal) saying how to continue, and exits 130."""
     keep_freed_memory()
     args = None
