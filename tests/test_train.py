@@ -681,6 +681,26 @@ def test_running_out_of_device_memory_while_resuming_never_calls_the_state_damag
     assert (tmp_path / "state.safetensors").exists()
 
 
+def test_running_out_of_cpu_memory_while_resuming_never_calls_the_state_damaged(tmp_path, capsys, monkeypatch):
+    """On the CPU torch's out-of-memory is a plain RuntimeError (the type a tensor of another shape raises):
+    it said "cannot be read: delete it to start over" of a sound state. The error below is the message torch
+    2.13 gives for torch.empty(2**50) (a real allocation failure)."""
+    from ecar_infer.training.trainer import Trainer
+
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+    try:
+        torch.empty(2 ** 50, dtype=torch.uint8)
+    except RuntimeError as err:
+        real = err
+    monkeypatch.setattr(Trainer, "load_state", lambda self, path: (_ for _ in ()).throw(real))
+    err = user_error(capsys, run + ["--resume", "--until", "3"])
+    assert err.startswith(f"ecar-train: error: not enough memory to load the resume state {tmp_path / 'state.safetensors'} (")
+    assert err.endswith("); it is kept: resume where more memory is free\n") and "delete it" not in err
+    assert (tmp_path / "state.safetensors").exists()
+
+
 def damaged_header(length: int | None, header: str) -> bytes:
     body = header.encode()
     return (len(body) if length is None else length).to_bytes(8, "little") + body + bytes(4)

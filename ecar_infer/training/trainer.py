@@ -497,6 +497,9 @@ def saved_step(state: Path) -> int | None:
         raise unreadable_state(state, "no step in its metadata" if isinstance(err, KeyError) else err) from None
 
 
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator"   # in torch's message when a CPU allocation fails (a RuntimeError)
+
+
 def unreadable_state(state: Path, why: str | Exception) -> UsageError:
     """The one-line error of a resume state that cannot be used (it is the work folder's, which the user can
     delete): `why`, or the error that says it, in one line."""
@@ -779,6 +782,10 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
         except (torch.OutOfMemoryError, torch.AcceleratorError):   # RuntimeErrors of the device, not of the file:
             raise                                                     # the state is sound, never say to delete it
         except (ConfigError, RuntimeError, SafetensorError, TypeError) as err:   # a tensor of another shape, a config
+            if CPU_OUT_OF_MEMORY in str(err):   # the CPU's out-of-memory is a plain RuntimeError: the state is sound
+                raise UsageError(f"not enough memory to load the resume state {workdir / STATE_FILE} "
+                                 f"({' '.join(str(err).split())[:200]}); it is kept: resume where more memory is "
+                                 f"free") from None
             raise unreadable_state(workdir / STATE_FILE, err) from None
         if settings.steps <= trainer.step:
             raise UsageError(f"--steps {settings.steps}: the run in {workdir} is already at step {trainer.step}; "
