@@ -50,6 +50,7 @@ MAX_SEED = 2**64 - 1   # torch.Generator's seed range
 MAX_IMAGES = 10_000_000   # one command's images (an FID set is 50,000): a typo must not fill the memory
 MAX_GRID_IMAGES = 10_000  # a grid --out holds every image in memory until it is written
 DEFAULT_RANK_TIMEOUT = 600
+MAX_RANK_TIMEOUT = 10**7   # seconds (116 days): far larger and the timedelta the ranks are joined with overflows
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
@@ -106,6 +107,7 @@ def checked(parse, ok, requirement: str):
 positive_int = checked(int, lambda v: v > 0, "a positive integer")
 step_count = checked(int, lambda v: 0 < v <= MAX_STEPS_PER_STAGE, f"an integer in 1..{MAX_STEPS_PER_STAGE}")
 seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**64-1)")
+rank_timeout = checked(int, lambda v: 0 < v <= MAX_RANK_TIMEOUT, f"a number of seconds in 1..{MAX_RANK_TIMEOUT:,}")
 guidance_float = checked(float, lambda v: math.isfinite(v) and abs(v) <= FLOAT32_MAX,
                          "a finite number within float32's range (|W| <= 3.4e38)")
 
@@ -191,7 +193,7 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
     run.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                      help="allow TF32 for fp32 matmuls on CUDA (default on)")
     if torchrun:
-        run.add_argument("--rank-timeout", type=positive_int, default=DEFAULT_RANK_TIMEOUT, metavar="S",
+        run.add_argument("--rank-timeout", type=rank_timeout, default=DEFAULT_RANK_TIMEOUT, metavar="S",
                          help=f"under torchrun, how long a rank waits for the others before it stops with an "
                               f"error (default {DEFAULT_RANK_TIMEOUT}; a rank that exits is noticed at once)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

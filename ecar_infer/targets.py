@@ -89,7 +89,9 @@ class Target:
         record = self.record_path()
         if record.exists():
             differ = differing_settings(self.read_record(), settings)
-            if differ:
+            if differ and not self.holds_anything():   # stopped before its first batch was saved: nothing to keep
+                write_settings(record, settings)
+            elif differ:
                 raise ResumeError(f"{self.where()} holds images of a run with other settings ({', '.join(differ)}): "
                                   f"rerun that command to finish it, write elsewhere, or delete {self.where()}")
         else:
@@ -97,6 +99,11 @@ class Target:
             record.parent.mkdir(parents=True, exist_ok=True)
             write_settings(record, settings)
         return [b for b in range(len(self.batches)) if not self.holds(b)]
+
+    def holds_anything(self) -> bool:
+        """Whether the place holds any file besides the settings record (a run's images, or another's)."""
+        folder = self.record_path().parent
+        return any(path != self.record_path() for path in folder.iterdir())
 
     def foreign_files(self) -> list[Path]:
         """Files at the places this request would write, where no run of this command keeps a record: an
@@ -183,8 +190,9 @@ class NpzTarget(Target):
     def write(self, batch: int, images: np.ndarray) -> None:
         save_npz(images, [self.labels[i] for i in self.batches[batch]], self.part(batch))
 
-    def holds(self, batch: int) -> bool:
-        return self.finished_before or self.part(batch).exists()
+    def holds(self, batch: int) -> bool:   # an empty or cut file (a power loss, a copy cut short) is sampled again
+        part = self.part(batch)
+        return self.finished_before or (part.exists() and part.stat().st_size > 0 and zipfile.is_zipfile(part))
 
     def foreign_files(self) -> list[Path]:
         return [path for path in map(self.part, range(len(self.batches))) if path.exists()]

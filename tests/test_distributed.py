@@ -183,7 +183,7 @@ def test_one_process_interrupted_then_two_ranks_finish_the_folder(ckpt, one_proc
 def test_settings_refusal_and_user_errors_come_from_rank_0_alone(ckpt, tmp_path, capsys, monkeypatch):
     """A rerun with other settings under torchrun: every rank stops with status 2, rank 0 says why."""
     npz, logs = tmp_path / "s.npz", tmp_path / "logs"
-    code, _ = run_interrupted(capsys, monkeypatch, 1, "--ckpt", ckpt, *REQUEST, "--npz", npz, "-q")
+    code, _ = run_interrupted(capsys, monkeypatch, 2, "--ckpt", ckpt, *REQUEST, "--npz", npz, "-q")   # 1 batch saved
     assert code == 130
     assert spawn_ranks(2, ["--ckpt", str(ckpt), *REQUEST, "--npz", str(npz), "--seed", "1"], logs) == [2, 2]
     assert "holds images of a run with other settings (seed)" in log(logs, 0, "err")
