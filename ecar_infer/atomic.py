@@ -7,7 +7,8 @@ target is either absent, the old file, or the whole new file: never half written
 skips finished files relies on this). The temporary file is created with mode 0o666 filtered by the
 umask, as open() would create the target itself, not mkstemp's 0600. There is no fsync: this holds when
 a process is killed, not when the machine loses power (an fsync per image would cost a 50k-image run on a
-GPU more than its sampling).
+GPU more than its sampling). The one exception is make_durable, for a file whose sources are then deleted
+(the --npz join, before its batch files go).
 """
 from __future__ import annotations
 
@@ -44,6 +45,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def make_durable(path: str | os.PathLike) -> None:
+    """fsync `path` and its folder (the rename): for a file whose sources are about to be deleted, so that a
+    power loss cannot take both (the one place the project pays for an fsync)."""
+    path = Path(path)
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))):
+        fd = os.open(target, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, make_durable
 from .checks import parse_json, some_of
 from .output import join_npz, make_grid, npz_settings, save_image, save_npz
 
@@ -207,6 +207,7 @@ class NpzTarget(Target):
         except ValueError as err:   # a batch file damaged after it was written whole (cut short in a copy)
             raise ResumeError(f"{self.where()} holds a damaged batch file: {err}; delete the damaged file and rerun "
                               f"the same command, which samples its batch again") from None
+        make_durable(self.path)   # on disk before the batches go: a power loss must not take the run with both
         self.record_path().unlink()   # first: FILE.parts/ without its record is taken for what is left to remove
         shutil.rmtree(self.parts)
         return str(self.path)

@@ -172,6 +172,25 @@ def test_a_finished_npz_is_not_sampled_again_nor_replaced_by_another_request(ckp
     assert run(capsys, *args)[0] == 0 and path.read_bytes() == whole
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="names the synced files through /proc (Linux)")
+def test_the_joined_npz_is_on_disk_before_its_batch_files_are_removed(ckpt, tmp_path, capsys, monkeypatch):
+    """Without an fsync, a power loss just after the join could leave an empty FILE (delayed allocation) with
+    the batch files already gone: the whole run lost. FILE and its folder are synced first."""
+    import os
+    import shutil
+
+    from ecar_infer import targets
+
+    events, real_fsync, real_rmtree = [], os.fsync, shutil.rmtree
+    path = tmp_path / "s.npz"
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(targets.shutil, "rmtree", lambda p, *a, **k: events.append(("rmtree", str(p)))
+                        or real_rmtree(p, *a, **k))
+    assert run(capsys, "--ckpt", ckpt, "--class", "1-2", "--steps", "1", "--batch-size", "1", "--npz", path, "-q")[0] == 0
+    assert events == [("fsync", str(path)), ("fsync", str(tmp_path)), ("rmtree", f"{path}.parts")]
+
+
 def test_a_finish_interrupted_while_removing_the_parts_is_finished(ckpt, tmp_path, capsys, monkeypatch):
     """Ctrl-C while the joined file's FILE.parts/ was being removed, its run.json already gone: the rerun
     refused the finished file ("holds files ... but no run.json"). It is finished; the rest of the folder goes."""
