@@ -244,7 +244,8 @@ class Harness:
                                            functools.partial(call, other_steps), lambda: None)
                 row.error = row.error or shorter.error
                 if shorter.latency_s is not None:
-                    step_s = (measured.latency_s - shorter.latency_s) / (run_steps - other_steps)
+                    # at least 0: two noisy timings of nearly equal calls must not make a negative per-step time
+                    step_s = max((measured.latency_s - shorter.latency_s) / (run_steps - other_steps), 0.0)
                     row.latency_s = measured.latency_s + (steps - run_steps) * step_s
                     row.note = (f"extrapolated from {min(run_steps, other_steps)}- and "
                                 f"{max(run_steps, other_steps)}-step runs: {steps} steps at their per-step slope")

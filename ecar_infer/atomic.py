@@ -36,14 +36,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the block to write; rename it onto `path` only if the
     block succeeds (on any exception, KeyboardInterrupt included, the temporary file is removed)."""
     path = Path(path)
-    tmp = create_temporary(path)
-    mode = tmp.stat().st_mode
-    try:
+    tmp = None
+    try:   # from the creation on: an interrupt (Ctrl-C, SIGTERM) right after it must not leave the file
+        tmp = create_temporary(path)
+        mode = tmp.stat().st_mode
         yield tmp
         os.chmod(tmp, mode)  # in case the writer replaced the file (safetensors does, with mode 0600)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
@@ -51,12 +52,19 @@ def make_durable(path: str | os.PathLike) -> None:
     """fsync `path` and its folder (the rename): for a file whose sources are about to be deleted, so that a
     power loss cannot take both (the one place the project pays for an fsync)."""
     path = Path(path)
-    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))):
-        fd = os.open(target, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _fsync(path, os.O_RDONLY)
+    try:   # some file systems refuse to fsync a folder (EINVAL): the file's own sync is what must not fail
+        _fsync(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        pass
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -50,7 +50,8 @@ MAX_SEED = 2**64 - 1   # torch.Generator's seed range
 MAX_IMAGES = 10_000_000   # one command's images (an FID set is 50,000): a typo must not fill the memory
 MAX_GRID_IMAGES = 10_000  # a grid --out holds every image in memory until it is written
 DEFAULT_RANK_TIMEOUT = 600
-MAX_RANK_TIMEOUT = 10**7   # seconds (116 days): far larger and the timedelta the ranks are joined with overflows
+MAX_RANK_TIMEOUT = 10**7   # seconds (116 days), a bound a typo cannot pass (near 8.6e13 s the timedelta the
+                           # ranks are joined with overflows, in a traceback on every rank)
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 

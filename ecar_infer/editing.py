@@ -25,11 +25,11 @@ from .checks import is_integer
 from .config import ECARConfig
 from .kernels import ops
 from .kernels.reference import upsample2x
-
-logger = logging.getLogger("ecar_infer")
 from .pil_input import as_model_image
 from .schedule import stage_windows
 from .stages import StagePlan, patchify
+
+logger = logging.getLogger("ecar_infer")
 
 MODES = ("inpaint", "outpaint", "vary")
 REGIONS = ("left", "right", "top", "bottom", "center", "border")

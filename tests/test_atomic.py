@@ -130,3 +130,28 @@ def test_benchmark_reports_are_written_through_the_helper(tmp_path, monkeypatch,
     write_outputs({"a": 1}, "| a |", str(tmp_path / "r.json"), str(tmp_path / "r.md"))
     assert written == ["r.json", "r.md"] and names(tmp_path) == ["r.json", "r.md"]
     assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o644}
+
+
+def test_make_durable_syncs_the_file_and_tolerates_a_folder_that_refuses(tmp_path, monkeypatch):
+    """Some file systems refuse to fsync a folder (EINVAL): the --npz join must not fail on every rerun for it.
+    A file that cannot be synced is an error still."""
+    import errno
+
+    from ecar_infer.atomic import make_durable
+
+    path = tmp_path / "f.npz"
+    path.write_bytes(b"x")
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    make_durable(path)
+    assert len(synced) == 1
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        make_durable(path)

@@ -470,9 +470,15 @@ def test_images_that_fail_to_decode_in_later_chunks_are_named_with_the_first_and
     whole = {path: path.read_bytes() for path in bad}
     for path in bad:
         path.write_bytes(whole[path][: len(whole[path]) // 2])
+    kept = []   # what each pass over the files holds until it returns
+    real_attempt = data_module._attempt_each
+    monkeypatch.setattr(data_module, "_attempt_each", lambda *a: kept.append(real_attempt(*a)[0]) or
+                        real_attempt(*a))
     with pytest.raises(DataError, match=r"^2 images cannot be read: .*a_dog/0.png .*c_eel/1.png"):
         open_image_folder(root, RGB16, tmp_path / "cache")
     assert sorted(f.suffix for f in (tmp_path / "cache").iterdir()) == [".lock"]
+    scan = kept[-1]   # the search for the other bad files keeps no image (ImageNet's rest would not fit)
+    assert len(scan) == 4 and not any(isinstance(r, np.ndarray) for r in scan)
     for path in bad:
         path.write_bytes(whole[path])
     assert open_image_folder(root, RGB16, tmp_path / "cache").pixels.shape == (6, 16, 16, 3)

@@ -186,6 +186,37 @@ def test_a_resume_with_another_vae_is_refused_before_encoding(images, tmp_path, 
     main(common + ["--vae", str(tmp_path / "vae1.safetensors"), "--until", "1"])   # a new run, with any VAE
 
 
+def test_a_run_recorded_with_the_old_vae_fingerprint_resumes_with_the_same_vae(images, tmp_path, capsys):
+    """The fingerprint changed on 2026-12-07 (diffusers' "_" keys left out): a run recorded before was refused
+    as "trained on the latents of another VAE" when resumed with the very VAE it used. The old fingerprint of
+    the same VAE is accepted, and the run keeps it; another VAE is still refused."""
+    import json
+
+    from ecar_infer.vae import load_autoencoder
+
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    vae_path = str(tmp_path / "vae0.safetensors")
+    save_autoencoder(tiny_autoencoder(seed=0), vae_path)
+    common = ["--config", str(config), "--data", images.description, "--batch-size", "4", "--steps", "3",
+              "--workdir", str(tmp_path / "run"), "--ckpt-every", "1", "--sample-every", "0", "--device", "cpu",
+              "--vae", vae_path]
+    main(common + ["--until", "1"])
+    record_path = tmp_path / "run" / "settings.json"
+    record = json.loads(record_path.read_text())
+    old = latents.vae_fingerprint(load_autoencoder(vae_path), before_2026_12_07=True)
+    assert old != record["data"]["vae"]
+    record["data"]["vae"] = old   # as the version before wrote it
+    record_path.write_text(json.dumps(record))
+    main(common + ["--until", "2", "--resume"])
+    assert json.loads(record_path.read_text())["data"]["vae"] == old
+    record["data"]["vae"] = "0" * 16   # another VAE's
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--resume"])
+    assert exit_info.value.code == 2 and "trained on the latents of another VAE" in capsys.readouterr().err
+
+
 def test_a_vae_that_does_not_fit_the_config_says_how_to_fit_it(images, tmp_path, capsys):
     """A VAE of other downsampling than the preset's (here 4x against ecar-tiny-vae's 2x) is refused in one
     line that names the --set fields which make the config fit it."""

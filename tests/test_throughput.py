@@ -72,7 +72,7 @@ def test_cpu_peak_memory_counts_tensors_made_in_memory_kept_for_reuse():
     """With freed memory kept (as every program of the project runs), a tensor made in memory a larger freed
     one left adds nothing to the resident set: the RSS-based reading gave 0 MiB for such a row (ecar-b at batch
     8 after the decode's 2.6 GiB). The heap's bytes in use count it, and not the process's whole footprint
-    (hundreds of MiB with torch loaded). The tensor lives 50 ms: a sampled peak misses what lives less than
+    (hundreds of MiB with torch loaded). The tensor lives 250 ms: a sampled peak misses what lives less than
     the 5 ms between samples. In a fresh process, since keeping freed memory changes the whole process."""
     script = """
 import time
@@ -83,7 +83,7 @@ assert keep_freed_memory()
 size = 64 << 20
 first = torch.ones(size); del first          # 256 MiB made and freed: kept in the heap
 with PeakMemory(torch.device("cpu")) as memory:
-    again = torch.ones(size // 4); time.sleep(0.05); del again   # live for 10 samples
+    again = torch.ones(size // 4); time.sleep(0.25); del again   # live for 50 samples
 with PeakMemory(torch.device("cpu")) as nothing:
     pass
 print(memory.peak_bytes, nothing.peak_bytes)

@@ -871,11 +871,15 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     run = subprocess.Popen([sys.executable, "-m", "ecar_infer.training", *argv], stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 240
-    while not (workdir / "state.safetensors").exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    run.send_signal(signal.SIGTERM)
-    _, err = run.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 240
+        while not (workdir / "state.safetensors").exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+    finally:   # never leave a 100,000-step run behind, whatever failed
+        run.kill()
+        run.wait()
     assert run.returncode == 130, err
     assert err.splitlines()[-1].startswith(f"ecar-train: interrupted; the last saved state is step "), err
     assert err.splitlines()[-1].endswith(f"in {workdir / 'state.safetensors'}: rerun the same command with --resume "
@@ -1152,8 +1156,9 @@ def test_ranks_that_resume_different_steps_or_read_different_data_are_refused(on
         "the ranks found different runs in --workdir runs/x (steps [7, 8], by rank): every rank must see the "
         "same work folder (on several machines, a shared file system)")
     assert out["data0"] == out["data1"] == (
-        "the ranks read different data (data sets [0, 1], by rank: the same number is the same images): every "
-        "rank must read the same --data (on several machines, identical copies or a shared file system)")
+        "the ranks read different data (data sets [0, 1], by rank, told apart by their class names, image count, "
+        "labels and 64 sampled images): every rank must read the same --data (on several machines, identical "
+        "copies or a shared file system)")
 
 
 def test_a_warmup_longer_than_the_run_is_warned_of(tmp_path, capsys):

@@ -456,8 +456,9 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
         decoded, failures = _attempt_each(lambda f: _decode_image(f, size, c), files[a:b], workers)
         if failures:   # a file whose header reads but whose data does not (a truncated download): every
             # other such file is found now, by decoding the rest, so that one fix of them all makes the next
-            # build the last (fixing a file changes the key, so each build starts from the first image)
-            failures += _attempt_each(lambda f: _decode_image(f, size, c), files[b:], workers)[1]
+            # build the last (fixing a file changes the key, so each build starts from the first image); the
+            # images are dropped as they are decoded (the rest of ImageNet would not fit in memory)
+            failures += _attempt_each(lambda f: _decode_image(f, size, c) is None, files[b:], workers)[1]
             raise _unreadable(failures)
         return np.stack(decoded)
 

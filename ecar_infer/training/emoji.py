@@ -14,7 +14,7 @@ of emoji.json with a Google image is one image (its skin-tone variants are left 
 "Component" category (the five skin-tone swatches) is left out, leaving nine classes, ordered as
 emoji.json orders the categories. Each image is composited on white at 64x64, then brought to 32x32 by
 the training resize rule (here one 2x box filter). The held-out split is drawn per class: a seeded
-random tenth of each category (at least one image), less the images identical to a training image (the
+random tenth of each category (at least one image drawn), less the images identical to a training image (the
 package draws some pictures for several emoji: territories that share a flag, some families), which would
 flatter every measurement against it; the training split is the draw's rest, as before.
 """

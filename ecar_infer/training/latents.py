@@ -23,13 +23,15 @@ from .diskcache import cached_array
 ENCODE_BATCH = 32
 
 
-def vae_fingerprint(vae) -> str:
+def vae_fingerprint(vae, before_2026_12_07: bool = False) -> str:
     """A short hash of the VAE's config and weights (what the cache depends on). The config's "_" keys are
     diffusers' bookkeeping, not the model: `_name_or_path` changed with how --vae was spelt (vae, ./vae,
     /abs/vae), which re-encoded the whole data set and refused a resume, and `_diffusers_version` with the
-    library."""
-    config = {k: v for k, v in json.loads(vae.to_json_string()).items() if not k.startswith("_")}
-    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    library. before_2026_12_07: the fingerprint as it was, "_" keys included, which runs recorded then carry."""
+    text = vae.to_json_string()
+    if not before_2026_12_07:
+        text = json.dumps({k: v for k, v in json.loads(text).items() if not k.startswith("_")}, sort_keys=True)
+    h = hashlib.sha256(text.encode())
     for name, t in sorted(vae.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().float().cpu().numpy().tobytes())
@@ -45,14 +47,16 @@ def encode_moments(vae, images: torch.Tensor) -> torch.Tensor:
 
 
 def latent_moments(images: ImageSet, vae, flips: bool, cache_dir: str | os.PathLike, batch: int = ENCODE_BATCH,
-                   report=None) -> np.ndarray:
-    """The memory-mapped [N, F, 2, C, h, w] cache of `images` (built first if missing or stale)."""
+                   report=None, vae_id: str | None = None) -> np.ndarray:
+    """The memory-mapped [N, F, 2, C, h, w] cache of `images` (built first if missing or stale); vae_id: the
+    VAE's fingerprint where the run knows it by another than vae_fingerprint(vae) (a run recorded before
+    2026-12-07, whose cache is keyed by the old one)."""
     vae = vae.eval()
     c, down = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
     side = images.size // down
     views = 2 if flips else 1
-    key = {"data": images.fingerprint, "count": len(images), "size": images.size, "vae": vae_fingerprint(vae),
-           "flips": views}
+    key = {"data": images.fingerprint, "count": len(images), "size": images.size,
+           "vae": vae_id or vae_fingerprint(vae), "flips": views}
 
     def encode(a: int, b: int) -> np.ndarray:
         x = images.images(np.arange(a, b))

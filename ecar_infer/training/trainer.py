@@ -659,6 +659,8 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
                          f"AutoencoderKL folder or .safetensors file)")
     vae = load_autoencoder(args.vae)
     vae_id = vae_fingerprint(vae)
+    if resumed_vae_id is not None and vae_id != resumed_vae_id == vae_fingerprint(vae, before_2026_12_07=True):
+        vae_id = resumed_vae_id   # the same VAE, recorded by the old fingerprint: the run and its cache keep it
     if resumed_vae_id is not None and vae_id != resumed_vae_id:
         raise UsageError(f"--vae {args.vae}: the run being resumed was trained on the latents of another VAE "
                          f"(fingerprint {resumed_vae_id}, this one's is {vae_id}); resume with the VAE it used, "
@@ -678,7 +680,7 @@ def open_training_data(args: argparse.Namespace, config: ECARConfig, device: tor
     encoded = at_most_every(PROGRESS_SECONDS, lambda done, total: progress(
         f"latent cache: {done:,}/{total:,} images encoded ({100 * done // total}%)"))
 
-    moments = latent_moments(images, decoder.vae, args.flip, cache_dir, report=encoded)
+    moments = latent_moments(images, decoder.vae, args.flip, cache_dir, report=encoded, vae_id=vae_id)
     return LatentBatches(moments, images, scaling, vae_id), config, decoder
 
 
@@ -706,9 +708,12 @@ def check_ranks_agree(trainer: Trainer, workdir: Path) -> None:
     (one per machine where a shared one was meant) would resume different states, and DDP, which syncs the
     weights only when it is built (before the state is loaded), would average gradients of different weights
     silently; ranks that read different copies of the data (a folder per machine, one of them changed) would
-    average gradients of different images as silently."""
+    average gradients of different images as silently. The data are compared by ImageSet.identity: class
+    names, image count, labels and IDENTITY_ROWS evenly spaced images, not every pixel."""
     import torch
     import torch.distributed as dist
+
+    from .data import IDENTITY_ROWS
 
     identity = json.dumps(trainer.data.identity(), sort_keys=True).encode()
     data = int.from_bytes(hashlib.sha256(identity).digest()[:8], "little", signed=True)
@@ -722,9 +727,9 @@ def check_ranks_agree(trainer: Trainer, workdir: Path) -> None:
     first_seen = {}
     groups = [first_seen.setdefault(int(g[1]), len(first_seen)) for g in gathered]
     if len(first_seen) > 1:
-        raise UsageError(f"the ranks read different data (data sets {groups}, by rank: the same number is the same "
-                         f"images): every rank must read the same --data (on several machines, identical copies "
-                         f"or a shared file system)")
+        raise UsageError(f"the ranks read different data (data sets {groups}, by rank, told apart by their class "
+                         f"names, image count, labels and {IDENTITY_ROWS} sampled images): every rank must read the "
+                         f"same --data (on several machines, identical copies or a shared file system)")
 
 
 def teardown_distributed(trainer: Trainer) -> None:
