@@ -317,12 +317,23 @@ def sampling_device(args, group: distributed.Group) -> str:
 
 
 def load_sampler(args, group: distributed.Group = distributed.Group()):
-    """The sampler of --ckpt (or --random-init), with --vae for a latent model; a pixel model refuses --vae."""
-    sampler = load_model(args, group)
-    if args.vae is not None and sampler.config.latent_kind == "pixel":
+    """The sampler of --ckpt (or --random-init), with --vae for a latent model; a pixel model refuses --vae,
+    from its config alone, before the model is built (building it warned that the VAE goes unused first:
+    two lines for one mistake)."""
+    if args.vae is not None and model_config(args).latent_kind == "pixel":
         raise UsageError(f"--vae {args.vae}: this model works in pixel space and decodes without a VAE; leave "
                          f"--vae out")
-    return sampler
+    return load_model(args, group)
+
+
+def model_config(args):
+    """The config of --random-init's preset or of --ckpt's header (a checkpoint that cannot be read is
+    refused here, as loading it would be)."""
+    if args.random_init:
+        return get_preset(args.random_init)
+    from .checkpoint import read_checkpoint_header
+
+    return read_checkpoint_header(checkpoint_path(args.ckpt))[0]
 
 
 def load_model(args, group: distributed.Group):

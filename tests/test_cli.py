@@ -846,6 +846,8 @@ def test_user_errors_print_one_line_and_exit_2(case, ckpt, corrupt_ckpt, vae_ckp
     assert code == 2 and stdout == ""
     assert len(lines) == 1 and lines[0].startswith("ecar-sample: error: ") and expected.format(**files) in lines[0], \
         stderr
+    if case == "vae for a pixel model":   # refused from the config: no warning that the VAE goes unused first
+        assert stderr.count("\n") == 1, stderr
     assert "Traceback" not in stderr
     assert sorted(tmp_path.iterdir()) == before  # nothing written
 
