@@ -6,7 +6,10 @@ a palette or an L or RGB image with a transparent colour) is composited on white
 is; 16-bit grayscale
 (mode I;16, what Pillow opens a 16-bit PNG or TIFF as, and mode I of a 16-bit PGM, which Pillow scales to
 0..65535 whatever its maximum) is scaled to 8 bits (Pillow's own conversion would clip every value above
-255 to white); then L for 1-channel models, RGB for 3-channel ones.
+255 to white); a 32-bit image (mode I or F, as scientific tools write TIFFs) is read by its values' range:
+integers up to 255 as 8 bits, up to 65535 as 16 bits, floats in [0, 1] as intensities, floats up to 255 as 8
+bits, and any other range is refused (its scale cannot be known; Pillow clipped it silently); then L for
+1-channel models, RGB for 3-channel ones.
 """
 from __future__ import annotations
 
@@ -20,14 +23,37 @@ def as_model_image(image, channels: int):
 
     turn = _orientation_fix(image)
     if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM"):
-        scaled = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255
-        image = Image.fromarray(np.round(scaled).astype(np.uint8), "L")
+        image = _gray8(np.asarray(image).astype(np.float32) / 257.0)  # 65535 -> 255
+    elif image.mode in ("I", "F"):
+        image = _gray8(_to_8_bit_scale(np.asarray(image), image.mode))
     elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:   # a PNG's tRNS colour key
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     image = image.convert("L" if channels == 1 else "RGB")
     return image.transpose(turn) if turn is not None else image
+
+
+def _gray8(levels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(np.round(levels).astype(np.uint8), "L")
+
+
+def _to_8_bit_scale(values: np.ndarray, mode: str) -> np.ndarray:
+    """A 32-bit image's values on the 0..255 scale, by their range (the rules above); a ValueError otherwise."""
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(f"a 32-bit image (mode {mode}) with NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and mode == "F" and high <= 1:
+        return values * 255.0
+    if low >= 0 and high <= 255:
+        return values
+    if low >= 0 and mode == "I" and high <= 65535:
+        return values / 257.0
+    raise ValueError(f"a 32-bit image (mode {mode}) with values from {low:g} to {high:g}: its scale cannot be "
+                     f"known; convert it to 8 or 16 bits first")
 
 
 def _orientation_fix(image):

@@ -96,6 +96,32 @@ def test_16_bit_grayscale_rounds_to_the_nearest_8_bit_level_whatever_its_byte_or
     assert np.array_equal(np.asarray(as_model_image(image, 3)), np.repeat(want[..., None], 3, -1))
 
 
+@pytest.mark.parametrize("values, mode, want", [
+    ([[0, 128], [255, 200]], "I", [[0, 128], [255, 200]]),            # 32-bit integers of 8-bit values
+    ([[0, 32896], [65535, 257]], "I", [[0, 128], [255, 1]]),          # of 16-bit values (ImageJ's TIFFs)
+    ([[0.0, 0.5], [1.0, 0.25]], "F", [[0, 128], [255, 64]]),          # floats in [0, 1]: intensities
+    ([[0.0, 100.0], [255.0, 3.0]], "F", [[0, 100], [255, 3]]),        # floats on the 8-bit scale
+], ids=["I 8-bit", "I 16-bit", "F unit", "F 8-bit"])
+def test_32_bit_images_are_read_by_their_range(tmp_path, values, mode, want):
+    """Pillow's conversion clipped a 32-bit TIFF to 8 bits: 16-bit values came out white, [0, 1] floats black."""
+    path = tmp_path / "deep.tif"
+    Image.fromarray(np.array(values, dtype=np.int32 if mode == "I" else np.float32), mode).save(path)
+    assert Image.open(path).mode == mode
+    assert load_image(path, 2, 1)[..., 0].tolist() == want
+
+
+@pytest.mark.parametrize("values, mode, why", [
+    ([[0, 70000]], "I", "values from 0 to 70000"), ([[-1, 5]], "I", "values from -1 to 5"),
+    ([[0.0, 300.0]], "F", "values from 0 to 300"), ([[0.0, float("nan")]], "F", "NaN or infinite values"),
+])
+def test_a_32_bit_image_of_unknown_scale_is_refused_by_name(tmp_path, values, mode, why):
+    path = tmp_path / "deep.tif"
+    Image.fromarray(np.array(values, dtype=np.int32 if mode == "I" else np.float32), mode).save(path)
+    with pytest.raises(DataError, match=re.escape(f"deep.tif: cannot read the image (a 32-bit image (mode {mode}) "
+                                                  f"with {why}")):
+        load_image(path, 2, 1)
+
+
 def test_a_palette_image_with_a_transparent_colour_is_composited_on_white():
     from ecar_infer.pil_input import as_model_image
 

@@ -9,7 +9,7 @@
 Images are brought to the config's size S by the ADM / DiT rule: while the shorter side is at least 2S,
 halve the image with a box filter; then resize bicubically so the shorter side is S; then crop the
 centre S x S. Images are read as ecar_infer/pil_input.py reads every user image (EXIF orientation applied,
-transparency composited on white, 16-bit grayscale scaled to 8 bits). A folder gives RGB to a 3-channel config
+transparency composited on white, 16-bit grayscale scaled to 8 bits, 32-bit images read by their range). A folder gives RGB to a 3-channel config
 (grayscale images are replicated into the three channels, as the sampler shows a 1-channel model's
 images) and grayscale to a 1-channel config, which refuses a folder holding color images.
 
@@ -49,7 +49,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 CACHE_CHUNK = 1024   # images decoded per step of the cache build (and per progress record)
 POOL_SLICE = 4096    # files handed to the decoding threads at a time (each pending one costs memory)
 DECODE_RULES = 2     # in an image folder cache's key: raised when the decoding rules change (pil_input.py;
-                     # 2: EXIF orientation and colour-key transparency), so that no cache of the old rules is used
+                     # 2: EXIF orientation, colour-key transparency, 32-bit images by their range), so that no
+                     # cache of the old rules is used
 CHUNK_BYTES = 256 * 2**20   # at most this much of a compressed .npz decompressed per step of its cache build
 MAX_ASPECT = 8       # a longer side beyond this many times the shorter is cropped first (resize_center_crop)
 MAX_NAMED = 20       # files or classes an error names (then a count of the rest)
