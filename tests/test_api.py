@@ -45,6 +45,7 @@ def sampler():
                                      r"shape \(\)"),
     (dict(class_labels=torch.tensor([[1, 2]])), r"one dimension, got shape \(1, 2\)"),
     (dict(progress="no"), "progress must be True, False or None"),
+    (dict(progress=1), "progress must be True, False or None"),
     (dict(seed=2**64), "seeds must lie in 0..2\\*\\*64-1"),
     (dict(seed=-1), r"seeds must lie in 0..2\*\*64-1 \(torch.Generator's range\), got -1$"),
     (dict(steps_per_stage=True), "steps_per_stage must be an integer or a sequence of integers, got True"),

@@ -155,3 +155,23 @@ def test_make_durable_syncs_the_file_and_tolerates_a_folder_that_refuses(tmp_pat
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         make_durable(path)
+
+
+def test_an_interrupt_right_after_the_temporary_file_is_made_leaves_none(tmp_path, monkeypatch):
+    """SIGTERM or Ctrl-C can land between creating the temporary file and the block: it must go too."""
+    from pathlib import Path
+
+    real_stat, calls = Path.stat, []
+
+    def stat_once_interrupted(self, *args, **kwargs):
+        if self.name.endswith(".tmp") and not calls:
+            calls.append(self)
+            raise KeyboardInterrupt
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat_once_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "out.txt") as tmp:
+            tmp.write_text("never")
+    monkeypatch.undo()
+    assert calls and list(tmp_path.iterdir()) == []

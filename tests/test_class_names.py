@@ -59,6 +59,7 @@ def test_names_match_whatever_the_unicode_form():
     assert resolve_class("cafe\u0301 & bar", names, 2) == 0
     assert resolve_class("CAFE\u0301", names, 2) == 0
     assert resolve_class("\uff24rinks", names, 2) == 1        # fullwidth D
+    assert resolve_class("dri", ["Caf\u00e9", "\uff24rinks"], 2) == 1   # a prefix of a name written fullwidth
     assert resolve_class("Café & Bar".replace("é", "e\u0301"), ["Cafe & Bar", "Café & Bar"], 2) == 1
     with pytest.raises(ClassNameError, match="differ only in case or Unicode form"):
         parse_class_names(json.dumps(["Caf\u00e9", "Cafe\u0301"]), 2)

@@ -391,7 +391,9 @@ def test_a_run_stopped_before_its_first_batch_takes_corrected_settings(ckpt, tmp
     args = ("--ckpt", ckpt, "--class", "1-2", "--steps", "1", "--batch-size", "1", "--npz", path, "-q")
     assert run_interrupted(capsys, monkeypatch, 1, *args)[0] == 130
     assert sorted(p.name for p in (tmp_path / "s.npz.parts").iterdir()) == ["run.json"]
-    assert run(capsys, *args, "--cfg-scale", "3")[0] == 0 and path.exists()   # the checkpoint recommends 2
+    assert run_interrupted(capsys, monkeypatch, 2, *args, "--cfg-scale", "3")[0] == 130   # the checkpoint recommends 2
+    assert json.loads((tmp_path / "s.npz.parts" / "run.json").read_text())["cfg_scale"] == 3.0   # the new record
+    assert run(capsys, *args, "--cfg-scale", "3")[0] == 0 and path.exists()
     path.unlink()
     assert run_interrupted(capsys, monkeypatch, 2, *args)[0] == 130
     code, _, stderr = run(capsys, *args, "--cfg-scale", "2.5")
@@ -1038,3 +1040,19 @@ def test_a_bad_ecar_backend_is_a_user_error(ckpt, tmp_path, capsys, monkeypatch)
     assert stderr.strip() == ("ecar-sample: error: ECAR_BACKEND='tritn' is not a backend: set it to one of "
                               "('flash', 'triton', 'sdpa', 'reference', 'auto'), or unset it")
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("program", ["ecar-sample", "ecar-edit"])
+def test_sigterm_is_an_interrupt_while_the_commands_run(program, monkeypatch, capsys):
+    """ecar-sample and ecar-edit stop on SIGTERM as on Ctrl-C (the handler ecar-train's subprocess test
+    exercises): while main runs, SIGTERM raises KeyboardInterrupt; after it, the handler is back."""
+    import signal
+
+    from ecar_infer import cli, edit_cli
+
+    module = cli if program == "ecar-sample" else edit_cli
+    before, seen = signal.getsignal(signal.SIGTERM), []
+    monkeypatch.setattr(module, "keep_freed_memory", lambda: seen.append(signal.getsignal(signal.SIGTERM)))
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert seen and seen[0] is cli._raise_interrupt and signal.getsignal(signal.SIGTERM) is before

@@ -147,8 +147,9 @@ def test_an_image_with_a_transparent_colour_key_is_composited_on_white(tmp_path,
     assert out[3, 3].tolist() == ([200, 200, 200] if mode == "L" else [200, 0, 0])
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "I;16"])
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_the_exif_orientation_is_applied_as_viewers_apply_it(tmp_path, orientation):
+def test_the_exif_orientation_is_applied_as_viewers_apply_it(tmp_path, orientation, mode):
     """A phone photo is stored sideways with an EXIF orientation tag: training and editing read it upright, as
     Pillow's ImageOps.exif_transpose shows it, for all eight orientations; the caller's image is unchanged."""
     from PIL import ImageOps
@@ -156,16 +157,23 @@ def test_the_exif_orientation_is_applied_as_viewers_apply_it(tmp_path, orientati
     from ecar_infer.pil_input import as_model_image
 
     rng = np.random.default_rng(orientation)
-    image = Image.fromarray(rng.integers(0, 256, size=(6, 10, 3), dtype=np.uint8))   # 10 wide, 6 high
+    pixels = rng.integers(0, 256, size=(6, 10, 4), dtype=np.uint8)   # 10 wide, 6 high
+    pixels[..., 3] = 255   # opaque: the composite on white is the image itself
+    image = (Image.fromarray(pixels[..., 0].astype(np.uint16) * 257) if mode == "I;16"
+             else Image.fromarray(pixels if mode == "RGBA" else pixels[..., :3], mode))
     exif = image.getexif()
     exif[0x0112] = orientation
     image.save(tmp_path / "photo.png", exif=exif)
+    base = Image.fromarray(pixels[..., 0] if mode == "I;16" else pixels[..., :3])   # the 8-bit image it holds
+    base.getexif()[0x0112] = orientation
+    want = np.asarray(ImageOps.exif_transpose(base))
     with Image.open(tmp_path / "photo.png") as opened:
         opened.load()
-        want = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
-        assert np.array_equal(np.asarray(as_model_image(opened, 3)), want)
+        assert opened.mode == mode
+        got = np.asarray(as_model_image(opened, 1 if mode == "I;16" else 3))
+        assert np.array_equal(got, want)
         assert opened.size == (10, 6)
-    assert want.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
+    assert got.shape[:2] == ((10, 6) if orientation >= 5 else (6, 10))
 
 
 def test_image_folder_classes_labels_and_cache(tmp_path):
@@ -234,6 +242,12 @@ def test_palette_images_of_grays_are_grayscale(tmp_path, suffix):
     image.save(colored)
     with pytest.raises(DataError, match=r"1 of 6 images are in color"):
         open_image_folder(root, gray, tmp_path / "cache2")
+    gray_palette = [v for k in range(256) for v in (k, k, k)]
+    gray_palette[-3:] = [0, 0, 255]   # the last entry alone is a colour (a GIF's transparent or spare slot)
+    image.putpalette(gray_palette)
+    image.save(colored)
+    with pytest.raises(DataError, match=r"1 of 6 images are in color"):
+        open_image_folder(root, gray, tmp_path / "cache3")
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -356,7 +356,8 @@ def test_a_tensor_wholly_in_0_1_is_warned_about(sampler, caplog):
     made = sampler.generate([1, 2], seed=7, steps_per_stage=1, output_type="pt").images
     assert made.min() >= 0
     for images, warned in [(made, True), (made * 2 - 1, False), (sampler.generate([1], seed=7, steps_per_stage=1,
-                                                                                    output_type="np").images, False)]:
+                                                                                    output_type="np").images, False),
+                           (torch.zeros(1, 1, 16, 16), False)]:   # mid-grey, valid in [-1, 1]
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ecar_infer"):
             sampler.edit(images, [1] * len(images), mode="vary", from_stage=1, steps_per_stage=1, output_type="latent")
@@ -504,7 +505,8 @@ def test_a_mask_that_keeps_everything_returns_the_input_with_a_warning(sampler, 
     assert np.array_equal(out.images[..., 0], np.stack([image, image]))
     assert set(out.timings) == {"total_s", "images_per_s"} and out.timings["images_per_s"] > 0   # as generate's
     for bad, match in [(dict(batch_size=0), "batch_size must be a positive integer"),
-                       (dict(progress="no"), "progress must be True, False or None")]:   # checked all the same
+                       (dict(progress="no"), "progress must be True, False or None"),
+                       (dict(progress=1), "progress must be True, False or None")]:   # checked all the same
         with pytest.raises(ValueError, match=match):
             sampler.edit(image, [3, 4], mask=np.ones((16, 16), dtype=bool), **bad)
 

@@ -59,6 +59,9 @@ def test_the_vae_fingerprint_is_the_same_however_its_path_is_spelt(vae, tmp_path
     spelt = [load_autoencoder(path) for path in ("vae", "./vae", str(tmp_path / "vae"))]
     assert len({json.loads(v.to_json_string())["_name_or_path"] for v in spelt}) > 1
     assert len({latents.vae_fingerprint(v) for v in spelt}) == 1
+    other_version = json.dumps({**json.loads(spelt[1].to_json_string()), "_diffusers_version": "0.0.1"})
+    monkeypatch.setattr(spelt[1], "to_json_string", lambda: other_version)   # another diffusers wrote it
+    assert latents.vae_fingerprint(spelt[1]) == latents.vae_fingerprint(spelt[0])
     with torch.no_grad():
         next(spelt[0].parameters()).view(-1)[0] += 1
     assert latents.vae_fingerprint(spelt[0]) != latents.vae_fingerprint(spelt[1])
@@ -186,10 +189,12 @@ def test_a_resume_with_another_vae_is_refused_before_encoding(images, tmp_path, 
     main(common + ["--vae", str(tmp_path / "vae1.safetensors"), "--until", "1"])   # a new run, with any VAE
 
 
-def test_a_run_recorded_with_the_old_vae_fingerprint_resumes_with_the_same_vae(images, tmp_path, capsys):
+def test_a_run_recorded_with_the_old_vae_fingerprint_resumes_with_the_same_vae(images, tmp_path, capsys,
+                                                                              monkeypatch):
     """The fingerprint changed on 2026-12-07 (diffusers' "_" keys left out): a run recorded before was refused
     as "trained on the latents of another VAE" when resumed with the very VAE it used. The old fingerprint of
-    the same VAE is accepted, and the run keeps it; another VAE is still refused."""
+    the same VAE is accepted, and the run keeps it, and its latent cache (not encoded again); another VAE is
+    still refused."""
     import json
 
     from ecar_infer.vae import load_autoencoder
@@ -201,15 +206,19 @@ def test_a_run_recorded_with_the_old_vae_fingerprint_resumes_with_the_same_vae(i
     common = ["--config", str(config), "--data", images.description, "--batch-size", "4", "--steps", "3",
               "--workdir", str(tmp_path / "run"), "--ckpt-every", "1", "--sample-every", "0", "--device", "cpu",
               "--vae", vae_path]
-    main(common + ["--until", "1"])
+    real = latents.vae_fingerprint
+    with monkeypatch.context() as patch:   # the version before: its fingerprint keyed the record and the cache
+        patch.setattr(latents, "vae_fingerprint", lambda vae, before_2026_12_07=False: real(vae, True))
+        main(common + ["--until", "1"])
     record_path = tmp_path / "run" / "settings.json"
     record = json.loads(record_path.read_text())
-    old = latents.vae_fingerprint(load_autoencoder(vae_path), before_2026_12_07=True)
-    assert old != record["data"]["vae"]
-    record["data"]["vae"] = old   # as the version before wrote it
-    record_path.write_text(json.dumps(record))
+    old = real(load_autoencoder(vae_path), before_2026_12_07=True)
+    assert record["data"]["vae"] == old != real(load_autoencoder(vae_path))
+    caches = sorted((tmp_path / "run" / "cache").glob("latents-*.npy"))
+    assert len(caches) == 1
     main(common + ["--until", "2", "--resume"])
     assert json.loads(record_path.read_text())["data"]["vae"] == old
+    assert sorted((tmp_path / "run" / "cache").glob("latents-*.npy")) == caches   # the same cache, reused
     record["data"]["vae"] = "0" * 16   # another VAE's
     record_path.write_text(json.dumps(record))
     with pytest.raises(SystemExit) as exit_info:
