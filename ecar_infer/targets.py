@@ -8,6 +8,7 @@ may write any batch; every file is written atomically, so a file that exists is 
 """
 from __future__ import annotations
 
+import glob
 import json
 import shutil
 import zipfile
@@ -88,6 +89,8 @@ class Target:
         return the batches still to sample."""
         record = self.record_path()
         if record.exists():
+            for stale in self.stale_temporaries():   # before anything is held to count: they hold nothing
+                stale.unlink(missing_ok=True)
             differ = differing_settings(self.read_record(), settings)
             if differ and not self.holds_anything():   # stopped before its first batch was saved: nothing to keep
                 write_settings(record, settings)
@@ -99,6 +102,16 @@ class Target:
             record.parent.mkdir(parents=True, exist_ok=True)
             write_settings(record, settings)
         return [b for b in range(len(self.batches)) if not self.holds(b)]
+
+    def stale_temporaries(self) -> list[Path]:
+        """The temporary files (atomic.py: .NAME.XXXXXXXX.tmp) that writes of this run cut short by a SIGKILL
+        left behind; a resume removes them (the one of a join is as large as the whole --npz)."""
+        return self.temporaries_of(self.record_path())
+
+    @staticmethod
+    def temporaries_of(pattern: Path) -> list[Path]:
+        """The temporary files of the file names `pattern` matches (a glob in its last part)."""
+        return sorted(pattern.parent.glob(f".{pattern.name}.{'[0-9a-f]' * 8}.tmp"))
 
     def holds_anything(self) -> bool:
         """Whether the place holds any file besides the settings record (a run's images, or another's)."""
@@ -187,6 +200,10 @@ class NpzTarget(Target):
     def part(self, batch: int) -> Path:
         return self.parts / f"batch{batch:06d}.npz"
 
+    def stale_temporaries(self) -> list[Path]:
+        return (super().stale_temporaries() + self.temporaries_of(self.parts / "batch[0-9]*.npz")
+                + self.temporaries_of(self.path.with_name(glob.escape(self.path.name))))
+
     def write(self, batch: int, images: np.ndarray) -> None:
         save_npz(images, [self.labels[i] for i in self.batches[batch]], self.part(batch))
 
@@ -225,6 +242,9 @@ class FolderTarget(Target):
 
     def record_path(self) -> Path:
         return self.folder / RECORD
+
+    def stale_temporaries(self) -> list[Path]:
+        return super().stale_temporaries() + self.temporaries_of(self.folder / "class[0-9]*_seed[0-9]*.png")
 
     def image_path(self, index: int) -> Path:
         return self.folder / f"class{self.labels[index]:03d}_seed{self.seeds[index]:06d}.png"

@@ -383,6 +383,25 @@ def test_an_empty_or_cut_batch_file_is_sampled_again(ckpt, tmp_path, capsys, mon
     assert path.read_bytes() == whole
 
 
+@pytest.mark.parametrize("output", ["npz", "outdir"])
+def test_a_resume_removes_the_temporary_files_a_killed_run_left(ckpt, tmp_path, capsys, monkeypatch, output):
+    """A SIGKILL cuts a write short before its rename: the temporary file (.NAME.XXXXXXXX.tmp) stayed for good,
+    and the join's is as large as the whole --npz. A resume removes this run's; a user's own hidden file stays,
+    and a record beside nothing else still takes corrected settings."""
+    out = ["--npz", str(tmp_path / "s.npz")] if output == "npz" else ["--outdir", str(tmp_path / "out")]
+    args = ("--ckpt", ckpt, "--class", "1-2", "--steps", "1", "--batch-size", "1", *out, "-q")
+    assert run_interrupted(capsys, monkeypatch, 1, *args)[0] == 130
+    folder = tmp_path / ("s.npz.parts" if output == "npz" else "out")
+    stale = [folder / ".run.json.0123abcd.tmp"] + (
+        [folder / ".batch000000.npz.89abcdef.tmp", tmp_path / ".s.npz.deadbeef.tmp"] if output == "npz"
+        else [folder / ".class001_seed000000.png.89abcdef.tmp"])
+    for path in stale:
+        path.write_bytes(b"cut short")
+    (tmp_path / ".notes.tmp").write_text("mine")
+    assert run(capsys, *args, "--cfg-scale", "3")[0] == 0   # other settings: nothing but the record was held
+    assert not any(path.exists() for path in stale) and (tmp_path / ".notes.tmp").read_text() == "mine"
+
+
 def test_a_run_stopped_before_its_first_batch_takes_corrected_settings(ckpt, tmp_path, capsys, monkeypatch):
     """Stopped before any batch was saved, a run leaves only its settings record; the corrected command was
     refused for settings that held no image, and the way out offered was deleting the folder. Now the record is
