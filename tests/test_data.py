@@ -519,6 +519,12 @@ def test_images_that_fail_to_decode_in_later_chunks_are_named_with_the_first_and
     assert sorted(f.suffix for f in (tmp_path / "cache").iterdir()) == [".lock"]
     scan = kept[-1]   # the search for the other bad files keeps no image (ImageNet's rest would not fit)
     assert len(scan) == 4 and not any(isinstance(r, np.ndarray) for r in scan)
+    monkeypatch.setattr(data_module, "_attempt_each", real_attempt)
+    monkeypatch.setattr(data_module, "POOL_SLICE", 3)
+    reports = []   # and it reports its progress, slice by slice, as the build does
+    with pytest.raises(DataError):
+        open_image_folder(root, RGB16, tmp_path / "cache", report=lambda done, total: reports.append((done, total)))
+    assert reports == [(5, 6), (6, 6)]
     for path in bad:
         path.write_bytes(whole[path])
     assert open_image_folder(root, RGB16, tmp_path / "cache").pixels.shape == (6, 16, 16, 3)

@@ -140,10 +140,12 @@ def _is_color(path: Path) -> bool:
         return True
 
 
-def _attempt_each(fn, files: list[Path], workers: int) -> tuple[list, list[tuple[Path, Exception]]]:
+def _attempt_each(fn, files: list[Path], workers: int,
+                  done: Callable[[int], None] | None = None) -> tuple[list, list[tuple[Path, Exception]]]:
     """(fn(file) or its error for each file, the (file, error) pairs of the failures), on a thread pool (PIL
     releases the GIL while decoding and resizing), submitted POOL_SLICE files at a time: a pool given all
-    1.28M files of ImageNet at once held a pending task of 1.65 kB for each, 2 GB."""
+    1.28M files of ImageNet at once held a pending task of 1.65 kB for each, 2 GB. done(n): after each slice,
+    the files attempted so far."""
     def attempt(path: Path):
         try:
             return fn(path)
@@ -154,6 +156,8 @@ def _attempt_each(fn, files: list[Path], workers: int) -> tuple[list, list[tuple
     with ThreadPoolExecutor(workers) as pool:
         for start in range(0, len(files), POOL_SLICE):
             results += pool.map(attempt, files[start:start + POOL_SLICE])
+            if done:
+                done(len(results))
     return results, [(f, r) for f, r in zip(files, results) if isinstance(r, Exception)]
 
 
@@ -459,7 +463,8 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
             # other such file is found now, by decoding the rest, so that one fix of them all makes the next
             # build the last (fixing a file changes the key, so each build starts from the first image); the
             # images are dropped as they are decoded (the rest of ImageNet would not fit in memory)
-            failures += _attempt_each(lambda f: _decode_image(f, size, c) is None, files[b:], workers)[1]
+            progress = (lambda n: report(b + n, len(files))) if report else None   # hours, for a large folder
+            failures += _attempt_each(lambda f: _decode_image(f, size, c) is None, files[b:], workers, progress)[1]
             raise _unreadable(failures)
         return np.stack(decoded)
 
