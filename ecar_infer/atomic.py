@@ -19,10 +19,19 @@ from pathlib import Path
 from typing import Iterator
 
 
+TOKEN_BYTES = 4   # the random part of a temporary name: 8 hex digits
+
+
+def temporaries_of(pattern: Path) -> list[Path]:
+    """The temporary files create_temporary made for the names `pattern` matches (a glob in its last part):
+    what writes cut short by a SIGKILL leave behind."""
+    return sorted(pattern.parent.glob(f".{pattern.name}.{'[0-9a-f]' * (2 * TOKEN_BYTES)}.tmp"))
+
+
 def create_temporary(path: Path) -> Path:
     """A new empty file beside `path`, named `.NAME.XXXXXXXX.tmp`, created with the umask's mode."""
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(TOKEN_BYTES)}.tmp"
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:

@@ -70,7 +70,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     return UsageError, ResumeError, ConfigError, CheckpointError, VAEError, BackendError
 
 
-# ---- argument types ----------------------------------------------------------------------------------
+# ---- stopping ----------------------------------------------------------------------------------------
 def stops_on_sigterm(main):
     """Decorate a command's main so that SIGTERM (a cluster's preemption, `kill`, torchrun stopping its
     workers) stops it as Ctrl-C does: the temporary file of a write under way is removed, what was saved
@@ -92,6 +92,7 @@ def _raise_interrupt(signum, frame) -> NoReturn:
     raise KeyboardInterrupt
 
 
+# ---- argument types ----------------------------------------------------------------------------------
 def checked(parse, ok, requirement: str):
     """An argparse type: parse(text), then ok(value), else "must be <requirement>, got <text>"."""
     def convert(text: str):

@@ -286,7 +286,7 @@ class Sampler:
         cfg = self.config
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        self._run_options(batch_size, progress)   # checked whether or not anything is sampled
+        self._show_progress(batch_size, progress)   # checked whether or not anything is sampled
         pixels = as_images(images, cfg)
         labels = self._validate_labels([class_labels] if is_integer(class_labels) else class_labels)
         if len(labels) == 1 and len(pixels) > 1:
@@ -326,7 +326,7 @@ class Sampler:
     def _run(self, labels: list[int], seeds: list[int], steps, output_type: str, batch_size: int | None,
              progress: bool | None, edit: EditRequest | None = None) -> SampleOutput:
         """Sample (or, with `edit`, edit) the images batch by batch, decode and convert them."""
-        batch_size, show = self._run_options(batch_size, progress)
+        show = self._show_progress(batch_size, progress)
         batch_size = len(labels) if batch_size is None else batch_size
         from tqdm.auto import tqdm
 
@@ -351,14 +351,14 @@ class Sampler:
         elapsed = time.perf_counter() - started
         return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": len(labels) / elapsed})
 
-    def _run_options(self, batch_size: int | None, progress: bool | None) -> tuple[int | None, bool]:
-        """(batch_size, whether to show progress), checked: a positive integer or None (the whole request),
-        and True, False or None (the sampler's setting)."""
+    def _show_progress(self, batch_size: int | None, progress: bool | None) -> bool:
+        """Whether a request shows its progress bar, once its run options are checked: batch_size a positive
+        integer or None (the whole request), progress True, False or None (the sampler's setting)."""
         if batch_size is not None and (not is_integer(batch_size) or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         if progress is not None and not isinstance(progress, bool):
             raise ValueError(f"progress must be True, False or None (the sampler's setting), got {progress!r}")
-        return batch_size, self.progress if progress is None else progress
+        return self.progress if progress is None else progress
 
     def _on_device(self) -> contextlib.AbstractContextManager:
         """A request's context. On CUDA: the sampler's device current, since streams, graphs and Triton's

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_write_text, make_durable
+from .atomic import atomic_write_text, make_durable, temporaries_of
 from .checks import parse_json, some_of
 from .output import join_npz, make_grid, npz_settings, save_image, save_npz
 
@@ -106,12 +106,7 @@ class Target:
     def stale_temporaries(self) -> list[Path]:
         """The temporary files (atomic.py: .NAME.XXXXXXXX.tmp) that writes of this run cut short by a SIGKILL
         left behind; a resume removes them (the one of a join is as large as the whole --npz)."""
-        return self.temporaries_of(self.record_path())
-
-    @staticmethod
-    def temporaries_of(pattern: Path) -> list[Path]:
-        """The temporary files of the file names `pattern` matches (a glob in its last part)."""
-        return sorted(pattern.parent.glob(f".{pattern.name}.{'[0-9a-f]' * 8}.tmp"))
+        return temporaries_of(self.record_path())
 
     def holds_anything(self) -> bool:
         """Whether the place holds any file besides the settings record (a run's images, or another's)."""
@@ -201,15 +196,14 @@ class NpzTarget(Target):
         return self.parts / f"batch{batch:06d}.npz"
 
     def stale_temporaries(self) -> list[Path]:
-        return (super().stale_temporaries() + self.temporaries_of(self.parts / "batch[0-9]*.npz")
-                + self.temporaries_of(self.path.with_name(glob.escape(self.path.name))))
+        return (super().stale_temporaries() + temporaries_of(self.parts / "batch[0-9]*.npz")
+                + temporaries_of(self.path.with_name(glob.escape(self.path.name))))
 
     def write(self, batch: int, images: np.ndarray) -> None:
         save_npz(images, [self.labels[i] for i in self.batches[batch]], self.part(batch))
 
     def holds(self, batch: int) -> bool:   # an empty or cut file (a power loss, a copy cut short) is sampled again
-        part = self.part(batch)
-        return self.finished_before or (part.exists() and part.stat().st_size > 0 and zipfile.is_zipfile(part))
+        return self.finished_before or zipfile.is_zipfile(self.part(batch))   # False for a missing file too
 
     def foreign_files(self) -> list[Path]:
         return [path for path in map(self.part, range(len(self.batches))) if path.exists()]
@@ -244,7 +238,7 @@ class FolderTarget(Target):
         return self.folder / RECORD
 
     def stale_temporaries(self) -> list[Path]:
-        return super().stale_temporaries() + self.temporaries_of(self.folder / "class[0-9]*_seed[0-9]*.png")
+        return super().stale_temporaries() + temporaries_of(self.folder / "class[0-9]*_seed[0-9]*.png")
 
     def image_path(self, index: int) -> Path:
         return self.folder / f"class{self.labels[index]:03d}_seed{self.seeds[index]:06d}.png"

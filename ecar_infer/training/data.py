@@ -9,7 +9,8 @@
 Images are brought to the config's size S by the ADM / DiT rule: while the shorter side is at least 2S,
 halve the image with a box filter; then resize bicubically so the shorter side is S; then crop the
 centre S x S. Images are read as ecar_infer/pil_input.py reads every user image (EXIF orientation applied,
-transparency composited on white, 16-bit grayscale scaled to 8 bits, 32-bit images read by their range). A folder gives RGB to a 3-channel config
+transparency composited on white, 16-bit grayscale scaled to 8 bits, 32-bit images read by their range). A
+folder gives RGB to a 3-channel config
 (grayscale images are replicated into the three channels, as the sampler shows a 1-channel model's
 images) and grayscale to a 1-channel config, which refuses a folder holding color images.
 
