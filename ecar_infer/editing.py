@@ -249,7 +249,14 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
 
 
 def _array_layout_hint(images: Any) -> str:
-    """Why a uint8 array may have been read in another layout than its user meant, for a misfit's error."""
+    """Why an array or tensor may have been read in another layout than its user meant, for a misfit's
+    error."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() in (3, 4) and images.shape[-1] in (1, 3, 4) and images.shape[-3] not in (1, 3):
+            return (f" (tensors are read channels first, [C, H, W] or [N, C, H, W], and this one's shape is "
+                    f"{tuple(images.shape)}: for a channels-last tensor, pass "
+                    f"images.permute({'0, 3, 1, 2' if images.dim() == 4 else '2, 0, 1'}))")
+        return ""
     if not isinstance(images, np.ndarray) or images.ndim not in (3, 4):
         return ""
     if images.shape[-1] in (2, 4):
@@ -281,11 +288,12 @@ def region_mask(region: str, size: int, mode: str) -> torch.Tensor:
 def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
     """A mask -> bool [N, 1, size, size] on the CPU (N = 1 or one per image), True where kept.
 
-    Accepted: a built-in region name (see region_mask); a PIL image, read as every user image is
-    (ecar_infer/pil_input.py: transparency on white, 16 bits scaled to 8, then grey; >= 128 is kept); a bool
-    array or tensor; a uint8 array (>= 128 is kept; one of 0 and 1 only is refused: it is meant as bool); a
-    float array or tensor of 0..1 (>= 0.5 is kept; NaN, or values above 1, refused);
-    shapes [H, W], [N, H, W] or [N, 1, H, W]; or a list of masks.
+    Accepted: a built-in region name (see region_mask); a PIL image without transparent pixels (refused:
+    _refuse_transparency), read as every user image is (ecar_infer/pil_input.py: 16 bits scaled to 8, then
+    grey; >= 128 is kept); a bool array or tensor; a uint8 array (>= 128 is kept; one of 0 and 1 only is
+    refused: it is meant as bool); a float array or tensor of 0..1 (>= 0.5 is kept; NaN, or values outside
+    0..1, refused); shapes [H, W], [N, H, W] or [N, 1, H, W], or channels last with one channel ([H, W, 1],
+    [N, H, W, 1]); or a list of masks.
     """
     if isinstance(mask, str):
         return region_mask(mask, size, mode)[None, None]
@@ -294,6 +302,7 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
             raise EditInputError("mask is an empty list")
         return torch.cat([as_keep_masks(one, size, mode) for one in mask])
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # a PIL image
+        _refuse_transparency(mask)
         mask = np.asarray(as_model_image(mask, 1))
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.array(mask))  # a copy: arrays from PIL are read-only
@@ -313,19 +322,41 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
         if mask.numel() and mask.max() > 1:   # a 0..255 mask as floats: greys from 0.5 up would be kept
             raise EditInputError(f"a float mask holds 0..1 (>= 0.5 kept), got values up to {mask.max().item():g}: "
                                  f"divide a 0..255 mask by 255")
+        if mask.numel() and mask.min() < 0:   # a [-1, 1] mask, made as images are: its mid-grey 0 would regenerate
+            raise EditInputError(f"a float mask holds 0..1 (>= 0.5 kept), got values down to {mask.min().item():g}: "
+                                 f"map a [-1, 1] mask to 0..1 with (mask + 1) / 2")
         keep = mask >= 0.5
     else:
         raise EditInputError(f"masks must be bool, uint8 (>= 128 kept) or float (>= 0.5 kept), got {mask.dtype}")
     keep = keep.cpu()
+    if keep.dim() in (3, 4) and keep.shape[-1] in (1, 3, 4) and keep.shape[-1] != size:  # channels last
+        if keep.shape[-1] != 1:
+            raise EditInputError(f"a mask has one channel, got shape {tuple(mask.shape)}: give [H, W] or [N, H, W] "
+                                 f"(for an RGB or RGBA array, one of its channels, such as mask[..., 0])")
+        keep = keep[..., 0]   # [H, W, 1] or [N, H, W, 1], as a grayscale image array comes
     if keep.dim() == 2:
         keep = keep[None]
     if keep.dim() == 3:
         keep = keep[:, None]
     if keep.dim() != 4 or keep.shape[1] != 1:
-        raise EditInputError(f"a mask must be [H, W], [N, H, W] or [N, 1, H, W], got shape {tuple(mask.shape)}")
+        raise EditInputError(f"a mask must be [H, W], [N, H, W], [N, 1, H, W] or channels last with one channel, "
+                             f"got shape {tuple(mask.shape)}")
     if tuple(keep.shape[-2:]) != (size, size):
         raise EditInputError(f"the mask is {keep.shape[-1]}x{keep.shape[-2]} pixels but the images are {size}x{size}")
     return keep
+
+
+def _refuse_transparency(mask) -> None:
+    """Refuse a PIL mask with transparent pixels. A mask is read by its grey level, and an image's
+    transparency is composited on white (ecar_infer/pil_input.py), so a transparent area would be kept,
+    where tools that mark the area to edit by transparency (OpenAI's image edits) mean the opposite."""
+    if mask.mode not in ("RGBA", "LA", "PA") and "transparency" not in mask.info:
+        return
+    if mask.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+        raise EditInputError("the mask image has transparent pixels, which a mask does not read (white is kept, "
+                             "black regenerated, and a transparent area would be kept as white): give a mask "
+                             "without transparency; to keep the opaque pixels, use its alpha channel "
+                             "(mask.convert(\"RGBA\").getchannel(\"A\") in Python)")
 
 
 def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_stage: int | None,

@@ -297,7 +297,8 @@ class Sampler:
         count = len(labels)
         seeds = self._seeds(seed, count)
         with self._on_device():  # the VAE encode is part of the request: the same TF32 setting as its sampling
-            request = build_request(pixels.to(self.device), count, mask, mode, from_stage, cfg, self.decoder.encode)
+            request = build_request(pixels, count, mask, mode, from_stage, cfg,
+                                    lambda x: self._encode(x, batch_size))
         everything = request.kept_wholly()
         steps = self.plan(cfg_scale, steps_per_stage, cfg_schedule, cfg_interval)
         if len(everything) == count:
@@ -308,7 +309,13 @@ class Sampler:
             return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": count / elapsed})
         if everything:
             logger.warning(f"the mask keeps every pixel of image(s) {everything}: their outputs are their inputs")
-        return self._run(labels, seeds, steps, output_type, batch_size, progress, request)
+        return self._run(labels, seeds, steps, output_type, batch_size, progress, request, started)
+
+    def _encode(self, pixels: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+        """Latents of input pixels (on the CPU), encoded batch_size images at a time on the device, as
+        sampling and decoding go (the whole request for None): a long edit request holds one chunk there."""
+        chunks = pixels.split(batch_size or len(pixels))
+        return torch.cat([self.decoder.encode(chunk.to(self.device)).cpu() for chunk in chunks])
 
     def plan(self, cfg_scale: float | None = None, steps_per_stage: int | Sequence[int] | None = None,
              cfg_schedule: str | None = None, cfg_interval: tuple[float, float] | None = None) -> list[StageSteps]:
@@ -324,8 +331,9 @@ class Sampler:
         return plan_for(self.config, steps_per_stage, cfg_scale, cfg_schedule, cfg_interval)
 
     def _run(self, labels: list[int], seeds: list[int], steps, output_type: str, batch_size: int | None,
-             progress: bool | None, edit: EditRequest | None = None) -> SampleOutput:
-        """Sample (or, with `edit`, edit) the images batch by batch, decode and convert them."""
+             progress: bool | None, edit: EditRequest | None = None, started: float | None = None) -> SampleOutput:
+        """Sample (or, with `edit`, edit) the images batch by batch, decode and convert them. The timings
+        count from `started` (an edit's start, its encode included), or from the first batch."""
         show = self._show_progress(batch_size, progress)
         batch_size = len(labels) if batch_size is None else batch_size
         from tqdm.auto import tqdm
@@ -333,7 +341,7 @@ class Sampler:
         chunks = [range(i, min(i + batch_size, len(labels))) for i in range(0, len(labels), batch_size)]
         bar = tqdm(total=len(chunks) * sum(st.steps for st in steps), unit="step", disable=not show,
                    desc="sampling" if edit is None else "editing")
-        started = time.perf_counter()
+        started = time.perf_counter() if started is None else started
         pieces = []
         # the bar is closed however the loop ends, so a line printed after an interrupt starts on its own line
         with self._on_device():

@@ -5,6 +5,7 @@ equal to generate, input errors, and the fused kernel against its reference."""
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 
 import numpy as np
@@ -114,20 +115,61 @@ def test_mask_thresholds_keep_uint8_from_128_and_floats_from_one_half():
 
 def test_pil_masks_are_read_as_every_user_image_is():
     """A 16-bit mask is scaled to 8 bits (Pillow's own conversion clips every value above 255 to white, so a
-    nearly black 200/65535 was kept); a transparent area is white, kept, as transparency is in every image;
-    a float mask holding NaN is refused (NaN >= 0.5 is False: it would silently mean "regenerate")."""
+    nearly black 200/65535 was kept); an opaque RGBA mask is read by its grey; a float mask holding NaN is
+    refused (NaN >= 0.5 is False: it would silently mean "regenerate")."""
     deep = np.array([[0, 200, 257 * 127, 257 * 128]], dtype=np.uint16).repeat(4, 0)
     expected = torch.tensor([False, False, False, True]).expand(4, 4)
     assert torch.equal(as_keep_masks(Image.frombytes("I;16", (4, 4), deep.astype("<u2").tobytes()), 4,
                                      "inpaint")[0, 0], expected)
-    painted = np.zeros((4, 4, 4), np.uint8)       # transparent everywhere but black, opaque, right half
-    painted[:, 2:, 3] = 255
-    assert torch.equal(as_keep_masks(Image.fromarray(painted, "RGBA"), 4, "inpaint")[0, 0],
+    opaque = np.full((4, 4, 4), 255, np.uint8)    # white, opaque, with a black right half
+    opaque[:, 2:, :3] = 0
+    assert torch.equal(as_keep_masks(Image.fromarray(opaque, "RGBA"), 4, "inpaint")[0, 0],
                        torch.tensor([True, True, False, False]).expand(4, 4))
     floats = np.ones((4, 4), np.float32)
     floats[1, 2] = np.nan
     with pytest.raises(EditInputError, match="NaN"):
         as_keep_masks(floats, 4, "inpaint")
+
+
+def transparent_masks():
+    """Masks with some transparent pixels, in each of the ways an image carries transparency."""
+    painted = np.zeros((4, 4, 4), np.uint8)       # transparent everywhere but black, opaque, right half
+    painted[:, 2:, 3] = 255
+    keyed_grey = Image.fromarray(np.full((4, 4), 255, np.uint8))
+    keyed_grey.info["transparency"] = 255         # a PNG tRNS colour key: white is transparent
+    palette = Image.fromarray(painted, "RGBA").convert("P")
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    return {"RGBA": Image.fromarray(painted, "RGBA"), "LA": Image.fromarray(painted[..., [0, 3]], "LA"),
+            "L with a colour key": keyed_grey, "P with a colour key": palette}
+
+
+@pytest.mark.parametrize("kind", list(transparent_masks()))
+def test_a_mask_with_transparent_pixels_is_refused(kind):
+    """Read by its grey, a transparent area would be white, kept, where tools that mark the area to edit by
+    transparency (OpenAI's image edits) mean "regenerate": refused, rather than silently inverted."""
+    with pytest.raises(EditInputError, match="the mask image has transparent pixels"):
+        as_keep_masks(transparent_masks()[kind], 4, "inpaint")
+
+
+def test_channels_last_masks_with_one_channel_are_read_and_others_refused():
+    keep = np.zeros((2, 4, 4), bool)
+    keep[0, :, :2], keep[1, 1:, :] = True, True
+    want = as_keep_masks(keep, 4, "inpaint")
+    assert want.shape == (2, 1, 4, 4) and want.any()
+    assert torch.equal(as_keep_masks(keep[..., None], 4, "inpaint"), want)         # [N, H, W, 1]
+    assert torch.equal(as_keep_masks(keep[0, ..., None], 4, "inpaint"), want[:1])  # [H, W, 1]
+    grey = (keep * 255).astype(np.uint8)
+    assert torch.equal(as_keep_masks(grey[..., None], 4, "inpaint"), want)
+    with pytest.raises(EditInputError, match=r"a mask has one channel, got shape \(4, 4, 3\).*mask\[\.\.\., 0\]"):
+        as_keep_masks(np.repeat(grey[0, ..., None], 3, -1), 4, "inpaint")
+
+
+def test_a_channels_last_tensor_gets_a_hint():
+    colour = TINY.replace(latent_channels=3)
+    with pytest.raises(EditInputError, match=r"channels first.*shape is \(2, 16, 16, 3\).*permute\(0, 3, 1, 2\)"):
+        as_images(torch.zeros(2, 16, 16, 3), colour)
+    with pytest.raises(EditInputError, match=r"shape is \(16, 16, 3\).*permute\(2, 0, 1\)"):
+        as_images(torch.zeros(16, 16, 3), colour)
 
 
 def test_pil_images_are_converted_to_the_models_channels():
@@ -452,6 +494,27 @@ def test_latent_model_pastes_the_kept_pixels_back_exactly(vae_sampler, mode, reg
     assert (uint8[:, ~keep.numpy()] != images[:, ~keep.numpy()]).mean() > 0.5
 
 
+def test_latent_model_encodes_batch_size_images_at_a_time_and_times_the_encode(vae_sampler, monkeypatch):
+    """An edit request's VAE encode goes batch_size images at a time, as its sampling and decoding do (500
+    images at 256 px in one encode can run a GPU out of memory whatever batch_size says), to the same
+    latents (the encoder does not mix images); the request's total_s counts the encode."""
+    images = rgb_images(5, seed=4)
+    encode, shapes = vae_sampler.decoder.encode, []
+
+    def slow_encode(x):
+        shapes.append(len(x))
+        time.sleep(0.1)
+        return encode(x)
+
+    whole = vae_sampler.edit(images, [1, 2, 3, 4, 5], mask="left", seed=1, steps_per_stage=1, output_type="latent")
+    monkeypatch.setattr(vae_sampler.decoder, "encode", slow_encode)
+    out = vae_sampler.edit(images, [1, 2, 3, 4, 5], mask="left", seed=1, steps_per_stage=1, output_type="latent",
+                           batch_size=2)
+    assert shapes == [2, 2, 1]
+    torch.testing.assert_close(out.images, whole.images, rtol=1e-5, atol=1e-5)
+    assert out.timings["total_s"] >= 0.3
+
+
 def test_latent_model_requests_without_a_mask_paste_nothing(vae_sampler):
     """vary keeps no pixel: from stage 0 it is plain sampling, from stage 1 its images are its latents decoded."""
     kwargs = dict(seed=[4, 11], steps_per_stage=2, output_type="pt")
@@ -471,6 +534,8 @@ def test_latent_model_requests_without_a_mask_paste_nothing(vae_sampler):
     (dict(mask=np.ones((16, 16), dtype=np.uint8)), "uint8 masks keep values >= 128"),
     (dict(mask=np.ones((16, 16), dtype=np.uint8), from_stage=1), "a uint8 mask holding only 0 and 1 keeps nothing"),
     (dict(mask=np.full((16, 16), 200.0, dtype=np.float32)), "a float mask holds 0..1 .*got values up to 200"),
+    (dict(mask=np.full((16, 16), -1.0, dtype=np.float32)), r"a float mask holds 0..1 .*got values down to -1: "
+                                                             r"map a \[-1, 1\] mask"),
     (dict(images=torch.zeros(0, 1, 16, 16)), r"images is empty \(shape \(0, 1, 16, 16\)\)"),
     (dict(images=np.zeros((16, 16, 4), dtype=np.uint8)), "the images are 4x16 pixels .*alpha channel are not read"),
     (dict(class_labels=[10]), r"class label\(s\) \[10\] outside this model's range 0..9"),
