@@ -4,11 +4,12 @@
     ecar-edit --image in.png --mask left --class 3 --n 8                      # regenerate the left half
     ecar-edit --image in.png --mode outpaint --mask center --class 3 --n 8    # keep the centre, draw around it
     ecar-edit --image in.png --mode vary --from-stage 2 --class 3 --n 8       # variations keeping the layout
+    ecar-edit --image photo.jpg --fit --mask center --class 3 --n 8           # any size: resized, centre-cropped
 
 It takes the options of `ecar-sample` (model, sampling, execution; output as one grid image with
 --label-rows, --outdir or --npz) with the same meaning, except that it runs in one process (no torchrun,
 no --rank-timeout) and writes its output once every image is edited (no resume; an existing --npz file or
---outdir image it would write is refused, not replaced), plus --image, --mask,
+--outdir image it would write is refused, not replaced), plus --image, --mask, --fit,
 --mode and --from-stage. Each output image k uses seed --seed + k. Every user error prints one line
 `ecar-edit: error: ...` and exits with status 2, before any sampling (the library's errors are said in
 the command line's terms); outputs are checked for writability first and written atomically. Ctrl-C
@@ -57,11 +58,15 @@ def build_parser() -> cli.Parser:
 
     p = cli.build_parser(PROG, DESCRIPTION, DEFAULT_OUT, torchrun=False)
     edit = p.add_argument_group("what to edit")
-    edit.add_argument("--image", required=True, metavar="PNG", help="the image to edit, at the model's image size")
+    edit.add_argument("--image", required=True, metavar="PNG",
+                      help="the image to edit, at the model's image size (or any size, with --fit)")
     edit.add_argument("--mask", metavar="PNG|REGION",
                       help=f"a mask image, white where the pixels are kept, or a built-in region "
                            f"({', '.join(REGIONS)}): inpaint regenerates it, outpaint keeps it; "
                            f"not with --mode vary")
+    edit.add_argument("--fit", action="store_true",
+                      help="resize and centre-crop --image (and a --mask image, which must be the same size) to "
+                           "the model's image size, as training reads images")
     edit.add_argument("--mode", choices=MODES, default="inpaint", help="default inpaint")
     edit.add_argument("--from-stage", type=int, metavar="K",
                       help="keep the image's stages below K wholly (0-based; default for --mode vary: the last stage, "
@@ -69,9 +74,9 @@ def build_parser() -> cli.Parser:
     return p
 
 
-def read_image(path: str, what: str, size: int):
+def read_image(path: str, what: str, size: int | None):
     """A PIL image from `path`, checked to be size x size before its pixels are decoded (bounded work for
-    any file)."""
+    any file); of any size for size None (PIL refuses a decompression bomb, over 2 x 89M pixels)."""
     from PIL import Image, UnidentifiedImageError
 
     if Path(path).exists() and not Path(path).is_file():   # a FIFO would make Image.open wait forever
@@ -83,11 +88,11 @@ def read_image(path: str, what: str, size: int):
     except (UnidentifiedImageError, OSError) as err:
         raise cli.UsageError(f"cannot read {what} {path}: not an image file ({err})") from None
     except Image.DecompressionBombError as err:  # neither an OSError nor a ValueError
-        raise cli.UsageError(f"{what} {path} is far larger than the model's {size}x{size} images: {err}") from None
+        raise cli.UsageError(f"{what} {path} is too large to decode: {err}") from None
     width, height = image.size
-    if (width, height) != (size, size):
+    if size is not None and (width, height) != (size, size):
         raise cli.UsageError(f"{what} {path} is {width}x{height} pixels but the model makes {size}x{size} images: "
-                             f"resize or crop it first")
+                             f"resize or crop it first, or give --fit")
     try:
         image.load()
     except (OSError, ValueError) as err:
@@ -106,16 +111,25 @@ def prepare(args):
         raise cli.UsageError(f"--class and --per-class ask for {len(labels):,} edits: ecar-edit holds every image in "
                              f"memory until it writes them, whatever the output, at most {cli.MAX_GRID_IMAGES:,}; "
                              f"split the request (by --class, or with another --seed)")
-    image = read_image(args.image, "--image", config.image_size)
-    from .editing import REGIONS
+    from .editing import REGIONS, fitted_image, fitted_mask
 
+    size = None if args.fit else config.image_size
+    image = read_image(args.image, "--image", size)
     mask = args.mask
     if mask is not None and mask.lower() in REGIONS:
         mask = mask.lower()
     elif mask is not None:
         if not Path(mask).exists():
             raise cli.UsageError(f"--mask {mask}: no such file, and not a built-in region ({', '.join(REGIONS)})")
-        mask = read_image(mask, "--mask", config.image_size)
+        mask = read_image(mask, "--mask", size)
+        if args.fit and mask.size != image.size:   # fitted alike, they cover the same pixels only if the same size
+            raise cli.UsageError(f"--mask {args.mask} is {mask.size[0]}x{mask.size[1]} pixels but --image "
+                                 f"{args.image} is {image.size[0]}x{image.size[1]}: with --fit they must be the same "
+                                 f"size")
+        if args.fit:
+            mask = fitted_mask(mask, config.image_size)
+    if args.fit:
+        image = fitted_image(image, config)
     return sampler, labels, image, mask
 
 
@@ -189,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
 
             args = build_parser().parse_args(cli.normalize(sys.argv[1:] if argv is None else list(argv)))
             args = cli.resolve_output(args, DEFAULT_OUT)
-            sampler, labels, image, mask = prepare(args)
-            seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
-            target = None if args.npz else cli.make_target(args, sampler, labels, seeds)
-            check_no_overwrite(args, target)
-            try:  # edit() checks its inputs (mask, mode, from_stage) before any sampling
+            try:  # prepare() and edit() check the inputs (image, mask, mode, from_stage) before any sampling
+                sampler, labels, image, mask = prepare(args)
+                seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
+                target = None if args.npz else cli.make_target(args, sampler, labels, seeds)
+                check_no_overwrite(args, target)
                 out = sampler.edit(image, labels, mask=mask, mode=args.mode, from_stage=args.from_stage,
                                    seed=seeds, cfg_scale=args.cfg_scale, steps_per_stage=args.steps,
                                    cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval,

@@ -25,7 +25,7 @@ from .checks import is_integer
 from .config import ECARConfig
 from .kernels import ops
 from .kernels.reference import upsample2x
-from .pil_input import as_model_image
+from .pil_input import as_model_image, resize_center_crop
 from .schedule import stage_windows
 from .stages import StagePlan, patchify
 
@@ -357,6 +357,20 @@ def _refuse_transparency(mask) -> None:
                              "black regenerated, and a transparent area would be kept as white): give a mask "
                              "without transparency; to keep the opaque pixels, use its alpha channel "
                              "(mask.convert(\"RGBA\").getchannel(\"A\") in Python)")
+
+
+def fitted_image(image, config: ECARConfig):
+    """A PIL image of any size brought to the model's as training brings its images: read as as_images reads
+    a PIL image, then resized and centre-cropped (ecar_infer/pil_input.py, resize_center_crop)."""
+    return resize_center_crop(as_model_image(image, image_channels(config)), config.image_size)
+
+
+def fitted_mask(mask, size: int):
+    """A PIL mask of the image's size brought to size x size by fitted_image's rule, so that it covers the
+    same pixels of the fitted image (its grey, between kept and not at the edge, is then thresholded at 128
+    as every mask's is)."""
+    _refuse_transparency(mask)
+    return resize_center_crop(as_model_image(mask, 1), size)
 
 
 def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_stage: int | None,

@@ -10,10 +10,15 @@ is; 16-bit grayscale
 integers up to 255 as 8 bits, up to 65535 as 16 bits, floats in [0, 1] as intensities, floats up to 255 as 8
 bits, and any other range is refused (its scale cannot be known; Pillow clipped it silently); then L for
 1-channel models, RGB for 3-channel ones.
+
+Images of another size are brought to the model's by one rule too (resize_center_crop): training reads
+every image so, and `ecar-edit --fit` an image to edit.
 """
 from __future__ import annotations
 
 import numpy as np
+
+MAX_ASPECT = 8   # a longer side beyond this many times the shorter is cropped first (resize_center_crop)
 
 
 def as_model_image(image, channels: int):
@@ -69,3 +74,24 @@ def _orientation_fix(image):
     return {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
             8: Image.Transpose.ROTATE_90}.get(orientation)
+
+
+def resize_center_crop(image, size: int):
+    """The ADM / DiT rule: box-halve while the shorter side is >= 2*size, bicubic to a shorter side of
+    `size`, centre crop. A PIL image in, a PIL image of size x size out. An image more than MAX_ASPECT times
+    as long as it is wide is first cropped to MAX_ASPECT around its centre: the final crop keeps only the
+    centre anyway, and a 400000x1 strip would otherwise be scaled up to gigabytes."""
+    from PIL import Image
+
+    short, long = sorted(image.size)
+    if long > MAX_ASPECT * short:
+        keep = MAX_ASPECT * short
+        start = (long - keep) // 2
+        image = image.crop((start, 0, start + keep, short) if image.size[0] > image.size[1]
+                           else (0, start, short, start + keep))
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(max(size, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))

@@ -15,8 +15,9 @@ from PIL import Image
 from ecar_infer import ECARConfig
 from ecar_infer.training import data as data_module
 from ecar_infer.training import diskcache
+from ecar_infer.pil_input import MAX_ASPECT, resize_center_crop
 from ecar_infer.training.data import (DataError, DataDraws, PixelBatches, list_image_folder, load_image, open_data,
-                                      open_image_folder, open_npz, resize_center_crop)
+                                      open_image_folder, open_npz)
 
 RGB16 = ECARConfig.preset("ecar-tiny").replace(latent_channels=3, num_classes=3)   # 16 px, 3 classes
 
@@ -684,7 +685,7 @@ def test_a_very_thin_image_is_cropped_before_it_is_scaled_up(tmp_path, monkeypat
 
     monkeypatch.setattr(Image.Image, "resize", recorded)
     out = load_image(tmp_path / "strip.png", 16, 3)
-    assert max(asked) <= data_module.MAX_ASPECT * 16 * 16 and (out == 255).all()
+    assert max(asked) <= MAX_ASPECT * 16 * 16 and (out == 255).all()
     Image.fromarray(strip[:, :80]).save(tmp_path / "wide.png")   # 8:1, not cropped: scaled to 128x16
     load_image(tmp_path / "wide.png", 16, 3)
     assert asked[-1] == 128 * 16

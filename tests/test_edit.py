@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import assert_matches_reference, compile_for_sm90, random_model
 from ecar_infer import ECARConfig, Sampler
-from ecar_infer.editing import (EditInputError, EditRequest, as_images, as_keep_masks, build_request,
+from ecar_infer.editing import (EditInputError, EditRequest, as_images, as_keep_masks, build_request, fitted_mask,
                                 known_endpoints, mask_pyramid, min_pool, region_mask)
 from ecar_infer.engine import StageEngine
 from ecar_infer.kernels import INTERPRETING, ops, reference
@@ -149,6 +149,8 @@ def test_a_mask_with_transparent_pixels_is_refused(kind):
     transparency (OpenAI's image edits) mean "regenerate": refused, rather than silently inverted."""
     with pytest.raises(EditInputError, match="the mask image has transparent pixels"):
         as_keep_masks(transparent_masks()[kind], 4, "inpaint")
+    with pytest.raises(EditInputError, match="the mask image has transparent pixels"):
+        fitted_mask(transparent_masks()[kind], 2)   # ecar-edit --fit's mask, before it is resized
 
 
 def test_channels_last_masks_with_one_channel_are_read_and_others_refused():

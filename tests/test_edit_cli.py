@@ -69,6 +69,31 @@ def test_mask_file_white_is_kept_and_outdir_names_match_the_python_api(ckpt, ima
     assert np.array_equal(got, alone.images[0, ..., 0])
 
 
+def test_fit_reads_an_image_of_any_size_as_training_does_and_its_mask_alike(ckpt, tmp_path, capsys):
+    """--fit brings a 24x20 image to the model's 16x16 by the training rule (the same pixels as the trainer's
+    load_image), and a mask image of the same size by the same rule, so it covers the same pixels."""
+    from ecar_infer.training.data import load_image
+
+    rng = np.random.default_rng(5)
+    wide = rng.integers(0, 256, size=(20, 24)).astype(np.uint8)
+    keep = np.zeros((20, 24), dtype=np.uint8)
+    keep[:, :12] = 255   # the left half: scaled by 0.8 to 19x16, cropped by 1, it ends near column 8.6
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(keep).save(tmp_path / "keep.png")
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--image", tmp_path / "wide.png", "--mask", tmp_path / "keep.png",
+                          "--fit", "--class", "4", "--n", "2", "--steps", "2", "--outdir", tmp_path / "out", "-q")
+    assert code == 0, stderr
+    fitted = load_image(tmp_path / "wide.png", 16, 1)[..., 0]
+    fitted_keep = load_image(tmp_path / "keep.png", 16, 1)[..., 0] >= 128
+    assert fitted_keep[:, :9].all() and not fitted_keep[:, 9:].any()
+    alone = Sampler.from_pretrained(ckpt, device="cpu", progress=False).edit(
+        fitted, [4, 4], mask=fitted_keep, seed=0, steps_per_stage=2, output_type="np").images[..., 0]
+    for k, name in enumerate(sorted((tmp_path / "out").iterdir())):
+        got = np.asarray(Image.open(name))
+        assert np.array_equal(got, alone[k])
+        assert np.array_equal(got[fitted_keep], fitted[fitted_keep])
+
+
 def test_every_output_of_several_batches_holds_each_image_in_its_place(ckpt, image, tmp_path, capsys):
     """With --batch-size smaller than the request (4 images in batches of 3 and 1), each file of --outdir and
     each tile of the --out grid is image k's edit (class and seed SEED+k), as the Python API returns it."""
@@ -139,7 +164,10 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
     out = tmp_path / "never.png"
     cases = [
         (("--image", tmp_path / "missing.png", "--mask", "left"), "--image .*missing.png: no such file"),
-        (("--image", tmp_path / "small.png", "--mask", "left"), "is 8x8 pixels but the model makes 16x16"),
+        (("--image", tmp_path / "small.png", "--mask", "left"),
+         "is 8x8 pixels but the model makes 16x16 images: resize or crop it first, or give --fit"),
+        (("--image", path, "--mask", tmp_path / "small.png", "--fit"),
+         "--mask .*small.png is 8x8 pixels but --image .*in.png is 16x16: with --fit they must be the same size"),
         (("--image", tmp_path / "junk.png", "--mask", "left"), "not an image file"),
         (("--image", path, "--mask", tmp_path / "small.png"), "--mask .* is 8x8 pixels"),
         (("--image", path, "--mask", "middle"), "no such file, and not a built-in region"),
@@ -205,9 +233,12 @@ def test_an_image_too_large_to_decode_is_a_user_error(ckpt, image, tmp_path, cap
     code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", tmp_path / "out.png", "--image", path,
                           "--mask", "left")
     assert code == 2 and stderr.count("\n") == 1, stderr
-    assert re.search(r"ecar-edit: error: --image .*in.png is far larger than the model's 16x16 images: "
-                     r"Image size \(256 pixels\)", stderr), stderr
+    assert re.search(r"ecar-edit: error: --image .*in.png is too large to decode: Image size \(256 pixels\)",
+                     stderr), stderr
     assert not (tmp_path / "out.png").exists()
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", tmp_path / "out.png", "--image", path,
+                          "--mask", "left", "--fit")   # with --fit, the size is not checked first: PIL's bound holds
+    assert code == 2 and "--image" in stderr and "too large to decode" in stderr, stderr
 
 
 @pytest.mark.parametrize("option", ["--image", "--mask"])

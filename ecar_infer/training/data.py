@@ -42,7 +42,7 @@ import torch
 from ..checks import some_of
 from ..class_names import ClassNameError, encode_class_names
 from ..config import ECARConfig
-from ..pil_input import as_model_image
+from ..pil_input import as_model_image, resize_center_crop
 from .diskcache import cached_array, is_cached
 
 DIGITS32 = "digits32"
@@ -53,7 +53,6 @@ DECODE_RULES = 2     # in an image folder cache's key: raised when the decoding 
                      # 2: EXIF orientation, colour-key transparency, 32-bit images by their range), so that no
                      # cache of the old rules is used
 CHUNK_BYTES = 256 * 2**20   # at most this much of a compressed .npz decompressed per step of its cache build
-MAX_ASPECT = 8       # a longer side beyond this many times the shorter is cropped first (resize_center_crop)
 MAX_NAMED = 20       # files or classes an error names (then a count of the rest)
 IDENTITY_ROWS = 64   # images hashed by ImageSet.identity (all of them would take minutes on a large set)
 GRAY_BANDS = {"1", "L", "I", "F", "A"}   # PIL bands of grayscale images (with or without alpha)
@@ -64,27 +63,6 @@ class DataError(ValueError):
 
 
 # ---- one image ---------------------------------------------------------------------------------------
-def resize_center_crop(image, size: int):
-    """The ADM / DiT rule: box-halve while the shorter side is >= 2*size, bicubic to a shorter side of
-    `size`, centre crop. A PIL image in, a PIL image of size x size out. An image more than MAX_ASPECT times
-    as long as it is wide is first cropped to MAX_ASPECT around its centre: the final crop keeps only the
-    centre anyway, and a 400000x1 strip would otherwise be scaled up to gigabytes."""
-    from PIL import Image
-
-    short, long = sorted(image.size)
-    if long > MAX_ASPECT * short:
-        keep = MAX_ASPECT * short
-        start = (long - keep) // 2
-        image = image.crop((start, 0, start + keep, short) if image.size[0] > image.size[1]
-                           else (0, start, short, start + keep))
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(max(size, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def _unreadable(failures: list[tuple[Path, Exception]]) -> DataError:
     """The error of image files PIL cannot read: (path, PIL's error) pairs."""
     if len(failures) == 1:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..output import atomic_path
-from ..pil_input import as_model_image
-from .data import DataError, resize_center_crop
+from ..pil_input import as_model_image, resize_center_crop
+from .data import DataError
 
 IMAGE_DIR = "package/img/google/64/"
 LEFT_OUT = ("Component",)
