@@ -21,7 +21,8 @@
 # is logged in OUTDIR/parts.txt and the suite goes on. The throughput harness rewrites its JSON and
 # Markdown after every row, so a part cut short still leaves what it measured. With ECAR_PACK=FILE.tgz
 # OUTDIR is packed into FILE.tgz after every part (atomically), so that a call cut off by the device
-# tool's own limit still brings back everything up to the last finished part. Before and after each part
+# tool's own limit still brings back everything up to the last finished part, and what the part under way
+# had written 30 s before. Before and after each part
 # the GPU's clocks, power, temperature, throttle reasons and compute processes go to OUTDIR/gpu-state.log
 # (the card as it was found: nothing here changes its settings).
 #
@@ -45,6 +46,7 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONPATH="$SITE${PYT
 # part's 10 s grace after its limit included, leaving the device tool's 600 s per call time to pack OUTDIR
 T_TESTS=${T_TESTS:-100} T_KERNELS=${T_KERNELS:-65} T_GRAPHS=${T_GRAPHS:-90}
 T_SHARDED=${T_SHARDED:-40} T_THROUGHPUT=${T_THROUGHPUT:-230} T_TOTAL=${T_TOTAL:-565}
+PACK_EVERY=${ECAR_PACK_EVERY:-30}   # seconds between the packs of OUTDIR while a part runs (with ECAR_PACK)
 
 REHEARSAL=${ECAR_SUITE_REHEARSAL:-}
 GRAPHS_CPU=() THROUGHPUT_CPU=() SHARDED_CPU=()
@@ -71,6 +73,20 @@ pack() {  # OUTDIR into $ECAR_PACK, replaced atomically, where the caller asked 
     tar -czf "$ECAR_PACK.partial" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" && mv -f "$ECAR_PACK.partial" "$ECAR_PACK"
 }
 
+pack_periodically() {  # in the background while a part runs: OUTDIR packed every $PACK_EVERY s, so that a call the
+    # device tool cuts off in the middle of a part (the throughput sweep) still brings back the rows written so
+    # far; stopped with TERM, which waits for a pack under way (its temporary file is then packed over and
+    # moved). The sleep holds none of the suite's output open, which the device tool would wait for.
+    local sleeper
+    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+    while :; do
+        sleep "$PACK_EVERY" </dev/null >/dev/null 2>&1 &
+        sleeper=$!
+        wait "$sleeper"
+        pack
+    done
+}
+
 part() {  # part NAME SECONDS COMMAND...: run under a time limit, output to OUTDIR/NAME.log
     # left: what remains of T_TOTAL less the part's 10 s grace and 2 s for what follows it (the card's state,
     # the packing) and for SECONDS counting whole seconds
@@ -84,8 +100,11 @@ part() {  # part NAME SECONDS COMMAND...: run under a time limit, output to OUTD
     [ "$limit" -gt "$left" ] && limit=$left
     log "$name: start (limit ${limit}s): $*"
     gpu_state "before $name"
+    pack_periodically &
+    local packer=$!
     timeout --signal=INT --kill-after=10 "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
     rc=$?
+    kill "$packer" && wait "$packer"
     gpu_state "after $name"
     log "$name: exit $rc after $((SECONDS - started))s"
     echo "$name exit=$rc seconds=$((SECONDS - started))" >>"$OUTDIR/parts.txt"

@@ -114,6 +114,7 @@ class Harness:
         self.env = environment(device)
         self.vae = None
         self.flops_by_preset: dict[str, int] = {}   # counted once (seconds of CPU for ecar-xl) per preset
+        self.built: dict[str, tuple[ECARConfig, int, ECARModel, Any]] = {}   # build()'s, once per preset
 
     # ---- measuring -------------------------------------------------------------------------------
     def update_peak(self) -> None:
@@ -162,13 +163,17 @@ class Harness:
         self.add(row)
 
     def build(self, preset: str) -> tuple[ECARConfig, int, ECARModel, Any]:
-        """(config, steps per stage, model, decoder) of 'NAME' or 'NAME@STEPS' (a head variant at its own steps)."""
-        name, steps = flops.parse_spec(preset, self.args.steps)
-        config = ECARConfig.preset(name)
-        model = ECARModel(config).init_weights(self.args.seed, zero_init=False).to(self.device, self.dtype)
-        decoder = (AutoencoderDecoder(self.shared_vae(), config.vae_scaling_factor)
-                   if config.latent_kind == "sd-vae" else build_decoder(config))
-        return config, steps, model, decoder
+        """(config, steps per stage, model, decoder) of 'NAME' or 'NAME@STEPS' (a head variant at its own steps),
+        built once per preset: ecar-xl's random initialisation takes about 10 s of CPU, and a preset's rows
+        and its profile come in three calls (a GPU session's seconds; the models fit its memory together)."""
+        if preset not in self.built:
+            name, steps = flops.parse_spec(preset, self.args.steps)
+            config = ECARConfig.preset(name)
+            model = ECARModel(config).init_weights(self.args.seed, zero_init=False).to(self.device, self.dtype)
+            decoder = (AutoencoderDecoder(self.shared_vae(), config.vae_scaling_factor)
+                       if config.latent_kind == "sd-vae" else build_decoder(config))
+            self.built[preset] = config, steps, model, decoder
+        return self.built[preset]
 
     def generate_call(self, sampler: Sampler, config: ECARConfig, batch: int, steps: int) -> Callable[[], Any]:
         labels = [k % config.num_classes for k in range(batch)]
@@ -201,8 +206,6 @@ class Harness:
                 del sampler, call, warm  # the partials hold the sampler: free its engines before the next row
                 self.faults.release()
                 self.add(row)
-        del model
-        self.faults.release()
 
     def dit(self, pipe, batch: int) -> None:
         """DiT at every requested step count for one batch size; long runs are measured short and extrapolated."""
@@ -267,7 +270,7 @@ class Harness:
         path = Path(self.args.profile) / f"profile-{preset}-b{batch}.txt"
         write_profile(call, self.device, path, row_limit=40)
         self.profile_path = str(path)
-        del sampler, call, model
+        del sampler, call
         self.faults.release()
 
     # ---- results ---------------------------------------------------------------------------------

@@ -7,9 +7,11 @@ checks every GPU option; the tests below check each part ran and wrote what the 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,55 @@ def test_the_results_are_packed_whole_for_the_caller(rehearsal):
     assert {f"{out.name}/{name}" for name in ("parts.txt", "suite.log", "throughput.json", *(
         f"{part}.log" for part in PARTS))} <= names
     assert not (out.parent / f"{out.name}.tgz.partial").exists()
+
+
+def suite_functions(*names: str) -> str:
+    """The definitions of the suite's shell functions `names`, to run alone."""
+    script = SUITE.read_text()
+    return "\n".join(re.search(rf"^{name}\(\) \{{.*?^\}}", script, re.S | re.M).group(0) for name in names)
+
+
+def test_a_part_cut_off_in_the_middle_still_brings_back_what_it_wrote(tmp_path):
+    """While a part runs, OUTDIR is packed every PACK_EVERY seconds: the device tool's own limit kills the
+    whole call at once (here SIGKILL to every process of the suite, in the middle of a part that would run
+    for minutes), and the pack must still hold the rows the part had written (the throughput sweep's)."""
+    out, pack = tmp_path / "out", tmp_path / "suite.tgz"
+    out.mkdir()
+    functions = suite_functions("log", "gpu_state", "pack", "pack_periodically", "part")
+    script = (f'{functions}\nOUTDIR={out} ECAR_PACK={pack} PACK_EVERY=1 T_TOTAL=600\n'
+              f'part throughput 300 bash -c "echo row1 > {out}/rows.txt; sleep 2; echo row2 >> {out}/rows.txt; '
+              f'sleep 300"')
+    suite = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            if pack.exists():
+                with tarfile.open(pack) as packed:
+                    if "out/rows.txt" in packed.getnames() and b"row2" in packed.extractfile("out/rows.txt").read():
+                        break
+        else:
+            pytest.fail("no pack holding the part's second row within 60 s")
+        assert suite.poll() is None   # the part was still running: the packs came from within it
+    finally:
+        os.killpg(suite.pid, signal.SIGKILL)
+        suite.wait()
+
+
+def test_the_periodic_packer_stops_with_its_part_and_holds_no_output_open(tmp_path):
+    """A part that ends stops its packer at once (no sleep of PACK_EVERY left holding the suite's stdout,
+    which the device tool would wait for), and the pack after it is the last word."""
+    out, pack = tmp_path / "out", tmp_path / "suite.tgz"
+    out.mkdir()
+    functions = suite_functions("log", "gpu_state", "pack", "pack_periodically", "part")
+    script = f'{functions}\nOUTDIR={out} ECAR_PACK={pack} PACK_EVERY=600 T_TOTAL=600\npart quick 60 true'
+    started = time.monotonic()
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and time.monotonic() - started < 30, done.stdout + done.stderr
+    with tarfile.open(pack) as packed:
+        assert "out/parts.txt" in packed.getnames()
+    assert not list(tmp_path.glob("suite.tgz.partial*"))
 
 
 @pytest.mark.slow

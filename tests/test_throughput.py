@@ -144,6 +144,25 @@ def test_dit_runs_right_after_the_first_presets_default_path_and_the_profile_las
                      "ecar-digits32-attn-sc@2 None:None", "profile ecar-tiny"]
 
 
+def test_each_presets_model_is_built_once_for_its_rows_and_its_profile(monkeypatch, tmp_path):
+    """ecar-xl's random initialisation takes about 10 s of CPU, and its default path, its other variants and
+    its profile are three calls: one build serves them all (seconds of a GPU session's device time)."""
+    built = []
+    init_weights = throughput.ECARModel.init_weights
+
+    def counted(self, *args, **kwargs):
+        built.append(self.config.depth)
+        return init_weights(self, *args, **kwargs)
+
+    monkeypatch.setattr(throughput.ECARModel, "init_weights", counted)
+    monkeypatch.setattr(throughput, "render_markdown", lambda payload: "")
+    throughput.main(["--device", "cpu", "--models", "ecar-tiny", "--steps", "1", "--no-dit", "--repeats", "1",
+                     "--backends", "sdpa", "--profile", str(tmp_path), "--json", str(tmp_path / "t.json")])
+    rows = json.loads((tmp_path / "t.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["auto", "sdpa"] and (tmp_path / "profile-ecar-tiny-b1.txt").exists()
+    assert built == [ECARConfig.preset("ecar-tiny").depth]
+
+
 def test_a_device_fault_stops_the_sweep_and_keeps_the_rows(monkeypatch, tmp_path):
     """After a sticky CUDA error (an illegal address) every later call fails, freeing the cache included: the
     faulting row is written with its error and the sweep stops there, instead of dying unwritten in release()

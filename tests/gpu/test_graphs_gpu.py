@@ -132,6 +132,7 @@ def test_bf16_fast_path_near_fp32_reference_ecar_b(head):
 # GraphRunner mends it) would otherwise fail whichever later tests share this process, far from the cause.
 FAILED_CAPTURE = """
 import logging, torch
+from ecar_infer.graphs import GraphRunner
 logging.basicConfig(level=logging.WARNING)
 runner = GraphRunner(torch.device("cuda"))
 x = torch.zeros(4, device="cuda")
