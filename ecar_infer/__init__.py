@@ -19,3 +19,7 @@ def __getattr__(name):
 
         return getattr(checkpoint, name)
     raise AttributeError(f"module 'ecar_infer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

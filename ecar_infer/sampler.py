@@ -143,6 +143,21 @@ class Sampler:
         self.max_engines = max_engines
         self._engines: OrderedDict[tuple, StageEngine] = OrderedDict()  # least recently used first
 
+    def __repr__(self) -> str:
+        """What a user checks first: the model, where and how it samples, and the defaults a request gets."""
+        cfg, d = self.config, self.defaults
+        kind = "pixel" if cfg.latent_kind == "pixel" else f"{cfg.latent_kind} latent"
+        params = sum(p.numel() for p in self.model.parameters())
+        head = f"{cfg.head_kind} head" + (" (shortcut)" if cfg.shortcut else "")
+        steps = d.steps_per_stage if is_integer(d.steps_per_stage) else list(d.steps_per_stage)
+        interval = d.guidance_interval()
+        guidance = ("unguided" if d.cfg_scale == 1 else f"guidance {d.cfg_scale:g} ({d.cfg_schedule})"
+                    + ("" if interval is None else f" on sigma {interval[0]:g}-{interval[1]:g}"))
+        return (f"Sampler({cfg.image_size}x{cfg.image_size} {kind} model, {cfg.num_stages} stages, "
+                f"{cfg.num_classes} classes, {params:,} parameters, {head}; {self.device}, "
+                f"{str(self.dtype).removeprefix('torch.')}, CUDA graphs {'on' if self.runner.graphs_enabled else 'off'}; "
+                f"defaults: {steps} steps per stage, {guidance})")
+
     @property
     def tf32(self) -> bool:
         """Fixed at construction: a CUDA graph keeps the matmul precision it was captured with, so a later

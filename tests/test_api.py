@@ -218,3 +218,22 @@ def test_each_shipped_checkpoint_is_the_preset_its_card_names(name, preset, chan
     with safe_open(WEIGHTS_DIR / f"{name}.safetensors", framework="pt") as f:
         stored = ECARConfig.from_json(f.metadata()["config"])
     assert stored == ECARConfig.preset(preset).replace(**changes)
+
+
+def test_a_samplers_repr_says_its_model_device_and_defaults():
+    model = random_model(ECARConfig.preset("ecar-tiny").replace(head_kind="attention", head_objective="shortcut",
+                                                                head_blocks=2), seed=1)
+    params = sum(p.numel() for p in model.parameters())
+    shown = repr(Sampler(model, progress=False, defaults=SamplingDefaults(cfg_scale=3.5, steps_per_stage=(1, 2, 2),
+                                                                          cfg_interval=(0.55, 0.9))))
+    assert shown == (f"Sampler(16x16 pixel model, 3 stages, 10 classes, {params:,} parameters, attention head "
+                     f"(shortcut); cpu, float32, CUDA graphs off; defaults: [1, 2, 2] steps per stage, guidance 3.5 "
+                     f"(constant) on sigma 0.55-0.9)")
+    plain = repr(Sampler(random_model(ECARConfig.preset("ecar-tiny"), seed=1), progress=False))
+    assert "mlp head;" in plain and plain.endswith("defaults: 20 steps per stage, unguided)")
+
+
+def test_the_lazy_names_of_the_package_are_listed():
+    import ecar_infer
+
+    assert set(ecar_infer.__all__) <= set(dir(ecar_infer))
