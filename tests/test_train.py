@@ -595,6 +595,7 @@ def class_npz(path, class_names):
     (["--flip", "--warmup", "3"], "flip, warmup"),
     (["--set", "depth=3"], "config.depth"),
     (["--data", "other.npz"], "data"),
+    (["--stage-noise", "tied"], "stage_noise"),
 ])
 def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys, monkeypatch, change, fields):
     monkeypatch.chdir(tmp_path)
@@ -610,6 +611,67 @@ def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys, monkeypa
                 "--sample-every", "1", "--metadata", "recommended_cfg=2"])
     assert "schedule" not in capsys.readouterr().out   # the same --steps: nothing to say about it
     assert load_checkpoint(tmp_path / "run" / "ema-step3.safetensors").checkpoint_metadata["training_steps"] == "3"
+
+
+def test_a_run_recorded_before_the_stage_noise_setting_resumes_as_it_trained(tmp_path, capsys, monkeypatch):
+    """A settings record written before --stage-noise existed has no such entry: that run trained on
+    independent stage noise, so it resumes with the default and is refused with --stage-noise tied."""
+    monkeypatch.chdir(tmp_path)
+    class_npz("pets.npz", ["cat", "dog", "fish"])
+    run = TINY_RUN[:4] + TINY_RUN[6:] + ["--data", "pets.npz", "--set", "num_classes=3", "--workdir", "run"]
+    main(run + ["--until", "2"])
+    record = tmp_path / "run" / "settings.json"
+    saved = json.loads(record.read_text())
+    assert saved.pop("stage_noise") == "independent"
+    record.write_text(json.dumps(saved))
+    capsys.readouterr()
+    err = user_error(capsys, run + ["--resume", "--stage-noise", "tied"])
+    assert "run holds a run with other settings (stage_noise)" in err
+    main(run + ["--resume", "--until", "3"])
+    assert load_checkpoint(tmp_path / "run" / "ema-step3.safetensors").checkpoint_metadata["training_steps"] == "3"
+
+
+def test_tied_stage_noise_starts_each_stage_at_the_samplers_jump_with_standard_normal_noise():
+    """The tied pairing (docs/MODEL.md, "Training objective"): every stage's eps is still i.i.d. standard
+    normal (so each stage's own pairs are drawn as before), and the start of stage s+1 is exactly the
+    sampler's jump, alpha Up(x_end^(s)) + beta n'(xi), from the end of stage s, the trunk's input."""
+    from ecar_infer.kernels.reference import upsample_renoise
+    from ecar_infer.schedule import stage_jumps
+    from ecar_infer.training.objective import known_endpoints, tie_stage_noise
+
+    gen = torch.Generator().manual_seed(0)
+    xi = [torch.randn(40000, 1, side, side, generator=gen) for side in (2, 4, 8)]
+    eps = tie_stage_noise(xi)
+    assert torch.equal(eps[0], xi[0])
+    for e in eps[1:]:
+        flat = e.flatten(1)
+        assert abs(flat.mean()) < 0.01 and abs(flat.var() - 1) < 0.01
+        corr = torch.corrcoef(torch.stack([e[:, 0, 0, 0], e[:, 0, 0, 1], e[:, 0, 1, 0], e[:, 0, 1, 1], e[:, 0, 2, 2]]))
+        assert (corr - torch.eye(5)).abs().max() < 0.03, corr   # within a 2x2 block and across blocks
+        assert abs(torch.corrcoef(torch.stack([e[:, 0, 0, 0], eps[0][:, 0, 0, 0]]))[0, 1]) > 0.1   # tied to stage 1
+    x0 = torch.randn(3, 1, 8, 8, generator=gen)
+    ends = known_endpoints(x0, [e[:3] for e in eps])
+    for s, (alpha, beta) in enumerate(stage_jumps(3)):
+        torch.testing.assert_close(upsample_renoise(ends[s][1], xi[s + 1][:3], alpha, beta), ends[s + 1][0],
+                                   rtol=0, atol=1e-6)
+    independent = known_endpoints(x0, [x[:3] for x in xi])
+    assert not torch.allclose(upsample_renoise(independent[0][1], xi[1][:3], *stage_jumps(3)[0]), independent[1][0])
+
+
+def test_tied_stage_noise_draws_the_same_numbers_and_changes_only_the_noise(tiny_config):
+    """draw_step with stage_noise "tied" consumes the generator as "independent" does (the data draws after it
+    are the same), keeps every other draw, and ties the stages' noise."""
+    from ecar_infer.stages import StagePlan
+    from ecar_infer.training.objective import tie_stage_noise
+
+    plan = StagePlan(tiny_config)
+    gens = [torch.Generator().manual_seed(4) for _ in range(2)]
+    plain, tied = draw_step(gens[0], plan, 50, 6), draw_step(gens[1], plan, 50, 6, "tied")
+    assert torch.equal(torch.rand(3, generator=gens[0]), torch.rand(3, generator=gens[1]))
+    assert torch.equal(plain.index, tied.index) and torch.equal(plain.r, tied.r) and torch.equal(plain.drop, tied.drop)
+    assert all(torch.equal(a, b) for a, b in zip(tie_stage_noise(plain.eps), tied.eps))
+    with pytest.raises(ValueError, match="stage_noise must be one of"):
+        draw_step(gens[0], plan, 50, 6, "shared")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no step"])

@@ -11,12 +11,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..editing import known_endpoints   # the endpoint pairing, shared with editing
-from ..kernels.reference import upsample2x
+from ..kernels.reference import upsample2x, upsample_renoise
 from ..model import ECARModel
-from ..schedule import stage_windows
+from ..schedule import stage_jumps, stage_windows
 from ..stages import StagePlan, patchify
 
 LABEL_DROP_PROB = 0.1
+STAGE_NOISE = ("independent", "tied")   # how the stages' noise draws relate (tie_stage_noise)
 SHORTCUT_FRACTION = 0.25     # share of (image, stage) pairs that train on self-consistency targets
 SHORTCUT_TARGET_CLIP = 4.0   # consistency targets are clipped to +-this (as shortcut models do)
 
@@ -42,6 +43,22 @@ def stage_targets(x0: torch.Tensor, eps: list[torch.Tensor], r: torch.Tensor) ->
         out.append(StageTargets(r_s * x_start + (1 - r_s) * x_end, x_end, x_start - x_end,
                                 end + r[:, s] * (start - end)))
     return out
+
+
+def tie_stage_noise(xi: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Stage noise whose every stage start is the sampler's jump from the previous stage's end (docs/MODEL.md,
+    "Training objective", the tied pairing): eps_1 = xi_1 and, for s >= 1,
+    eps_(s+1) = (alpha_s e_s Up(eps_s) + beta_s n'(xi_(s+1))) / start_(s+1).
+    Each is standard normal, i.i.d. at its stage's size (the re-noising identity), so every stage's marginal
+    pairs are those of the independent draws; but then (1 - start) Up(x0^(s)) + start eps_(s+1) =
+    alpha Up(x_end^(s)) + beta n', so the head is trained on the stage starts that sampling makes from the
+    trunk's own input, noise and all. xi: per stage [B, C, side_s, side_s] standard normal."""
+    windows, jumps = stage_windows(len(xi)), stage_jumps(len(xi))
+    eps = [xi[0]]
+    for s, (alpha, beta) in enumerate(jumps):
+        end, start = windows[s][1], windows[s + 1][0]
+        eps.append(upsample_renoise(end * eps[s], xi[s + 1], alpha, beta) / start)
+    return eps
 
 
 def build_objective(model: ECARModel, ema: ECARModel) -> nn.Module:
@@ -94,10 +111,17 @@ class StepDraws:
                          self.drop.to(device), None if self.level is None else self.level.to(device))
 
 
-def draw_step(gen: torch.Generator, plan: StagePlan, data_size: int, batch: int) -> StepDraws:
+def draw_step(gen: torch.Generator, plan: StagePlan, data_size: int, batch: int,
+              stage_noise: str = "independent") -> StepDraws:
+    """The random inputs of one step; stage_noise "tied" draws the same numbers and ties them across stages
+    (tie_stage_noise)."""
+    if stage_noise not in STAGE_NOISE:
+        raise ValueError(f"stage_noise must be one of {STAGE_NOISE}, got {stage_noise!r}")
     c = plan.config.latent_channels
     index = torch.randint(data_size, (batch,), generator=gen)
     eps = [torch.randn(batch, c, side, side, generator=gen) for side in plan.latent_sides]
+    if stage_noise == "tied":
+        eps = tie_stage_noise(eps)
     r = torch.rand(batch, plan.num_stages, generator=gen)
     drop = torch.rand(batch, generator=gen) < LABEL_DROP_PROB
     if not plan.config.shortcut:

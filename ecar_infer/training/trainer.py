@@ -81,6 +81,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     ema_decay: float = 0.995
     seed: int = 0
+    stage_noise: str = "independent"   # objective.STAGE_NOISE: how the stages' noise draws relate
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -157,7 +158,7 @@ class Trainer:
         from .objective import draw_step
 
         s = self.settings
-        draws = draw_step(self.gen, self.model.plan, len(self.data), s.batch_size)
+        draws = draw_step(self.gen, self.model.plan, len(self.data), s.batch_size, s.stage_noise)
         data_draws = self.data.draw(self.gen, s.batch_size)   # after the objective's draws, same generator
         draws, data_draws = draws.shard(self.rank, self.world), data_draws.shard(self.rank, self.world)
         for group in self.optimizer.param_groups:
@@ -405,6 +406,10 @@ def build_parser() -> Parser:
                      help="AdamW weight decay (default %(default)s)")
     opt.add_argument("--ema-decay", type=decay_float, default=d.ema_decay,
                      help="decay in [0, 1) of the EMA of the weights that the checkpoints hold (default %(default)s)")
+    opt.add_argument("--stage-noise", choices=("independent", "tied"), default=d.stage_noise,
+                     help="noise of the stages' training pairs: drawn independently, or tied so that each stage "
+                          "starts where the sampler's jump from the previous stage's end puts it (docs/MODEL.md, "
+                          "\"Training objective\"; default %(default)s)")
     opt.add_argument("--seed", type=seed_int, default=d.seed,
                      help="seed of the initial weights and of every random draw of training (default %(default)s)")
     run = p.add_argument_group("run")
@@ -547,6 +552,10 @@ def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSe
     return record if data is None else {**record, "data": data.identity()}
 
 
+# settings added after runs were recorded without them: such a run trained with the value given here
+SETTINGS_ADDED_SINCE = {"stage_noise": "independent"}
+
+
 def check_same_run(workdir: Path, settings: dict, unknown: tuple[str, ...] = ()) -> int | None:
     """Refuse to resume the run in `workdir` with settings other than its record's, --steps aside (a run
     may be extended: the schedule then spans the new count), and `unknown` (settings not known yet); returns
@@ -561,6 +570,7 @@ def check_same_run(workdir: Path, settings: dict, unknown: tuple[str, ...] = ())
         saved = read_settings(record)
     except (OSError, ValueError) as err:
         raise UsageError(f"{record} cannot be read ({err}); delete it to resume with this command's settings") from None
+    saved = {**SETTINGS_ADDED_SINCE, **saved}
     differ = [name for name in differing_settings(saved, settings) if name not in ("steps", *unknown)]
     if differ:
         raise UsageError(f"{workdir} holds a run with other settings ({', '.join(differ)}): resume it with the "
@@ -841,7 +851,8 @@ def train(args: argparse.Namespace) -> None:
             say(message)
 
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                             weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed)
+                             weight_decay=args.weight_decay, ema_decay=args.ema_decay, seed=args.seed,
+                             stage_noise=args.stage_noise)
     try:
         with removed_if_left_empty(Path(args.workdir)):
             trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
