@@ -46,7 +46,9 @@ class ECARConfig:
     num_classes: int = 1000
     # schedule options
     stage_windows: str = "uniform"       # how [0, 1] is split into stage sigma windows
-    renoise: bool = True                 # block re-noise jump between stages (Pyramidal Flow)
+    # the block re-noise jump between stages (Pyramidal Flow); a field of every checkpoint's config, which
+    # must be True: the stage windows, the training pairs and editing all assume the jump
+    renoise: bool = True
     time_scale: float = 1000.0           # the head embeds time_scale * sigma
     norm_eps: float = 1e-6
 
@@ -92,8 +94,10 @@ class ECARConfig:
             fail("latent_kind", f"must be one of {LATENT_KINDS}")
         if self.stage_windows not in STAGE_WINDOWS:
             fail("stage_windows", f"must be one of {STAGE_WINDOWS}")
-        if not isinstance(self.renoise, bool):   # "false" would count as True, and no checkpoint could hold it
-            fail("renoise", "must be True or False (a JSON true or false)")
+        if self.renoise is not True:   # "false" would count as True; False started stages at the wrong level
+            fail("renoise", "must be True (a JSON true): every stage starts from the re-noise jump (docs/MODEL.md); "
+                            "sampling without it started each stage with less noise than its window says, for a "
+                            "head trained with the jump")
         if self.head_kind not in HEAD_KINDS:
             fail("head_kind", f"must be one of {HEAD_KINDS}")
         if self.head_objective not in HEAD_OBJECTIVES:

@@ -173,11 +173,8 @@ class StageEngine:
         cfg = self.model.config
         x_end = unpatchify(self.x[s], cfg.patch_size, cfg.latent_channels)
         self.ups[s + 1].copy_(upsample2x(x_end))
-        if cfg.renoise:
-            alpha, beta = self.jumps[s]
-            x_start = ops.upsample_renoise(x_end, self.jump_noise[s], alpha, beta)
-        else:
-            x_start = upsample2x(x_end)
+        alpha, beta = self.jumps[s]
+        x_start = ops.upsample_renoise(x_end, self.jump_noise[s], alpha, beta)
         self.starts[s + 1].copy_(patchify(x_start, cfg.patch_size))
 
     def final_latent(self) -> torch.Tensor:

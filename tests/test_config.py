@@ -62,6 +62,7 @@ def test_unknown_preset_lists_the_known_ones():
     (dict(head_kind="attention", head_width=1022, head_num_heads=2), "head_width"),  # not a multiple of 4
     (dict(renoise="false"), "renoise"),   # was True (a non-empty string), in a checkpoint no loader would take
     (dict(renoise=0), "renoise"),
+    (dict(renoise=False), "renoise"),   # sampled each stage from less noise than its window, for a head trained on it
 ])
 def test_validation_names_the_offending_field(changes, field):
     with pytest.raises(ConfigError, match=rf"ECARConfig\.{field}="):
