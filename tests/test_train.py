@@ -279,30 +279,49 @@ def test_init_copies_a_checkpoint_into_the_model_and_the_ema(tiny_config, digits
 
 
 def test_an_init_checkpoint_that_does_not_fit_says_how(tiny_config, digits16, tmp_path):
-    """A misfit names each tensor with its shape in the checkpoint and in the config, the config field behind
-    it where one field decides it (the class embedding: num_classes), and what to do."""
+    """A misfit names each tensor with its shape in the checkpoint and in the config (three, then a count),
+    the config fields in which the two differ, and what to do."""
     from conftest import random_model
     from ecar_infer import save_checkpoint
 
     width = tiny_config.width
     save_checkpoint(random_model(tiny_config), tmp_path / "ten.safetensors")
-    trainer = make_trainer(tiny_config.replace(num_classes=3), digits16)
-    with pytest.raises(ValueError) as err:
-        trainer.init_from(tmp_path / "ten.safetensors")
-    assert str(err.value) == (f"--init {tmp_path / 'ten.safetensors'} does not fit this config: trunk.class_emb.weight "
-                              f"is [11, {width}] in the checkpoint, [4, {width}] in this config (num_classes 10 vs 3); "
-                              f"give the config the checkpoint's values, or leave out --init")
-    wide = make_trainer(tiny_config.replace(width=2 * width), digits16)   # every weight misfits: three are named
+    wide = make_trainer(tiny_config.replace(width=2 * width), digits16)   # every trunk weight misfits
     with pytest.raises(ValueError) as err:
         wide.init_from(tmp_path / "ten.safetensors")
     own = wide.model.state_dict()
     misfits = sum(1 for k, v in random_model(tiny_config).state_dict().items() if k not in own or own[k].shape != v.shape)
     assert str(err.value).count(" in the checkpoint, ") == 3 and misfits > 3
-    assert f"; and {misfits - 3} more; give the config the checkpoint's values" in str(err.value)
-    # the field is named only where it differs
-    line = trainer_module.misfit_line("trunk.class_emb.weight", (11, width), (11, 2 * width),
-                                      tiny_config, tiny_config.replace(width=2 * width))
-    assert line == f"trunk.class_emb.weight is [11, {width}] in the checkpoint, [11, {2 * width}] in this config"
+    assert str(err.value).startswith(f"--init {tmp_path / 'ten.safetensors'} does not fit this config: ")
+    assert (f"; and {misfits - 3} more (the checkpoint's config against this one: width {width} vs {2 * width}); "
+            f"give the config the checkpoint's values, or leave out --init") in str(err.value)
+    assert trainer_module.misfit_line("trunk.pos_emb", (4, 8), None) == "trunk.pos_emb [4, 8] is not in this config"
+
+
+def test_an_init_checkpoint_of_other_classes_gives_all_but_their_embeddings(tiny_config, digits16, tmp_path):
+    """Fine-tuning a model on new classes: from a checkpoint of 10 classes into a run of 3, every weight is
+    the checkpoint's but the class embeddings, which keep the run's init, and the null class's (the unguided
+    branch, the last row), which is the checkpoint's; the returned line says so."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    source = random_model(tiny_config, seed=4)
+    save_checkpoint(source, tmp_path / "ten.safetensors")
+    trainer = make_trainer(tiny_config.replace(num_classes=3), digits16)
+    fresh = trainer.model.state_dict()["trunk.class_emb.weight"].clone()
+    note = trainer.init_from(tmp_path / "ten.safetensors")
+    assert note == (f"--init {tmp_path / 'ten.safetensors'}: its 10 classes are not this run's 3: the class "
+                    f"embeddings start fresh, the null class's (unguided sampling) is the checkpoint's")
+    theirs = source.state_dict()
+    for module in (trainer.model, trainer.ema):
+        state = module.state_dict()
+        emb = state["trunk.class_emb.weight"]
+        assert emb.shape[0] == 4 and torch.equal(emb[:3], fresh[:3]) and torch.equal(emb[3], theirs["trunk.class_emb.weight"][10])
+        for name, value in theirs.items():
+            if name != "trunk.class_emb.weight":
+                assert torch.equal(state[name], value), name
+    same = make_trainer(tiny_config, digits16)
+    assert same.init_from(tmp_path / "ten.safetensors") is None
 
 
 def test_activation_checkpointing_leaves_the_step_unchanged(tiny_config, digits16):
@@ -988,6 +1007,15 @@ def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
     assert loaded == [tmp_path / "tinyship.safetensors"]
 
 
+def test_an_init_of_other_classes_is_said_at_the_start(tmp_path, capsys):
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny").replace(num_classes=4)), tmp_path / "four.safetensors")
+    main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--init", str(tmp_path / "four.safetensors"), "--steps", "1"])
+    assert (f"ecar-train: --init {tmp_path / 'four.safetensors'}: its 4 classes are not this run's 10: the class "
+            f"embeddings start fresh" in capsys.readouterr().out)
+
 
 def test_a_missing_init_checkpoint_is_named_before_the_data_opens(tmp_path, capsys, monkeypatch):
     """--init FILE that does not exist: the option and the file, not an OSError's text, and before the data is
@@ -1016,11 +1044,11 @@ def test_an_init_checkpoint_that_does_not_fit_is_refused_before_the_data_opens(t
     from conftest import random_model
     from ecar_infer import save_checkpoint
 
-    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny").replace(num_classes=4)), tmp_path / "four.safetensors")
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny").replace(depth=3)), tmp_path / "deep.safetensors")
     err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--data", str(tmp_path / "nowhere"),
-                                         "--init", str(tmp_path / "four.safetensors")])
-    assert err.startswith(f"ecar-train: error: --init {tmp_path / 'four.safetensors'} does not fit this config: "
-                          f"trunk.class_emb.weight is [5, ") and "(num_classes 4 vs 10)" in err, err
+                                         "--init", str(tmp_path / "deep.safetensors")])
+    assert err.startswith(f"ecar-train: error: --init {tmp_path / 'deep.safetensors'} does not fit this config: "
+                          f"trunk.blocks.2.") and "(the checkpoint's config against this one: depth 3 vs 2)" in err, err
 
 
 def test_resume_knows_the_init_checkpoint_by_content(tmp_path, capsys, monkeypatch):

@@ -244,15 +244,26 @@ class Trainer:
                             f"{list(tensors['recent_losses'].shape)}")
         self.recent_losses = collections.deque(recent, maxlen=LOSS_WINDOW)
 
-    def init_from(self, path: Path) -> None:
+    def init_from(self, path: Path) -> str | None:
         """Copy the weights of a checkpoint into the model and the EMA; tensors the checkpoint lacks (new
-        layers, e.g. the level MLP that turns a flow head into a shortcut head) keep their init."""
+        layers, e.g. the level MLP that turns a flow head into a shortcut head) keep their init. From a
+        checkpoint of other classes (a shipped model fine-tuned on new data), the classes' embeddings keep
+        their init too and the null class's (the unguided branch) is copied; the line saying so is returned
+        (None otherwise)."""
         from ..checkpoint import load_checkpoint
 
         check_init_fits(path, self.config)
         source = load_checkpoint(path, device=self.device).state_dict()
+        theirs, note = source[CLASS_EMBEDDING], None
+        if theirs.shape[0] != self.config.num_classes + 1:
+            own = self.model.state_dict()[CLASS_EMBEDDING].clone()
+            own[-1] = theirs[-1]   # the null class is the last row
+            source[CLASS_EMBEDDING] = own
+            note = (f"--init {path}: its {theirs.shape[0] - 1} classes are not this run's {self.config.num_classes}: "
+                    f"the class embeddings start fresh, the null class's (unguided sampling) is the checkpoint's")
         for module in (self.model, self.ema):
             module.load_state_dict(source, strict=False)
+        return note
 
     def training_metadata(self) -> dict[str, str]:
         return {"training_data": f"{self.data.description}, {len(self.data)} images",
@@ -267,14 +278,14 @@ class Trainer:
         save_checkpoint(self.ema, str(path), extra_metadata={**self.training_metadata(), **(extra or {})})
 
 
-# tensors whose shape follows from one config field: a misfit names the field
-SHAPE_FIELDS = {"trunk.class_emb.weight": "num_classes"}
+CLASS_EMBEDDING = "trunk.class_emb.weight"   # [num_classes + 1, width]: an --init of other classes may differ
 
 
 def check_init_fits(path: Path, config: ECARConfig) -> None:
-    """Refuse an --init checkpoint with a tensor that a model of `config` lacks or shapes otherwise, from the
-    checkpoint's header and the model built on the meta device (no weights are read or allocated), so that
-    a misfit is found before the data opens, which may take hours."""
+    """Refuse an --init checkpoint with a tensor that a model of `config` lacks or shapes otherwise (the class
+    embedding aside: Trainer.init_from), from the checkpoint's header and the model built on the meta device
+    (no weights are read or allocated), so that a misfit is found before the data opens, which may take
+    hours. The error names the tensors and the config fields in which the two differ."""
     import torch
 
     from ..checkpoint import read_checkpoint_header
@@ -283,24 +294,24 @@ def check_init_fits(path: Path, config: ECARConfig) -> None:
     stored_config, stored = read_checkpoint_header(path)
     with torch.device("meta"):
         own = {name: tuple(t.shape) for name, t in ECARModel(config).state_dict().items()}
-    misfit = [misfit_line(name, shape, own.get(name), stored_config, config)
-              for name, shape in stored.items() if own.get(name) != tuple(shape)]
+    other_classes = lambda name, shape: name == CLASS_EMBEDDING and own[name][1:] == tuple(shape)[1:]  # noqa: E731
+    misfit = [misfit_line(name, shape, own.get(name)) for name, shape in stored.items()
+              if own.get(name) != tuple(shape) and not other_classes(name, shape)]
     if misfit:
         more = f"; and {len(misfit) - 3} more" if len(misfit) > 3 else ""
-        raise ValueError(f"--init {path} does not fit this config: {'; '.join(misfit[:3])}{more}; give the config "
-                         f"the checkpoint's values, or leave out --init")
+        fields = [f"{k} {v!r} vs {getattr(config, k)!r}" for k, v in stored_config.to_dict().items()
+                  if k != "num_classes" and getattr(config, k) != v]
+        differ = f" (the checkpoint's config against this one: {', '.join(fields)})" if fields else ""
+        raise ValueError(f"--init {path} does not fit this config: {'; '.join(misfit[:3])}{more}{differ}; give the "
+                         f"config the checkpoint's values, or leave out --init")
 
 
-def misfit_line(name: str, stored, own, stored_config: ECARConfig, config: ECARConfig) -> str:
+def misfit_line(name: str, stored, own) -> str:
     """One tensor of an --init checkpoint that does not fit: its shape there and here (None: not in this
-    config), and the field behind it."""
+    config)."""
     if own is None:
         return f"{name} {list(stored)} is not in this config"
-    line = f"{name} is {list(stored)} in the checkpoint, {list(own)} in this config"
-    field = SHAPE_FIELDS.get(name)
-    if field and getattr(stored_config, field) != getattr(config, field):
-        line += f" ({field} {getattr(stored_config, field)} vs {getattr(config, field)})"
-    return line
+    return f"{name} is {list(stored)} in the checkpoint, {list(own)} in this config"
 
 
 def checkpoint_mlps(model: ECARModel) -> None:
@@ -811,7 +822,9 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
                              f"nothing to do; give a later --until, or leave it out to finish at --steps "
                              f"{settings.steps}")
     elif init:
-        trainer.init_from(init)
+        note = trainer.init_from(init)
+        if note:
+            log(note)
     if rank == 0:
         write_settings(workdir / SETTINGS_FILE, record)
     return trainer, decoder, metadata
