@@ -16,8 +16,8 @@ from ecar_infer import ECARConfig
 from ecar_infer.training import data as data_module
 from ecar_infer.training import diskcache
 from ecar_infer.pil_input import MAX_ASPECT, resize_center_crop
-from ecar_infer.training.data import (DataError, DataDraws, PixelBatches, list_image_folder, load_image, open_data,
-                                      open_image_folder, open_npz)
+from ecar_infer.training.data import (DataError, DataDraws, PixelBatches, class_counts, list_image_folder, load_image,
+                                      open_data, open_image_folder, open_npz)
 
 RGB16 = ECARConfig.preset("ecar-tiny").replace(latent_channels=3, num_classes=3)   # 16 px, 3 classes
 
@@ -585,10 +585,34 @@ def test_npz_bad_class_names_name_the_file(tmp_path, class_names, problem):
         open_npz(path, RGB16, tmp_path / "cache")
 
 
-def test_class_count_must_match_the_config(tmp_path):
+def test_class_count_must_match_the_config_and_the_error_shows_the_classes_found(tmp_path):
+    """The classes are listed with their image counts: data/train and data/val as the two "classes" of
+    --data data is then plain to see, and the error says what else may be meant."""
     root = make_folder(tmp_path / "imgs")
-    with pytest.raises(DataError, match=r"imgs: 3 classes but the config has num_classes=10; use --set num_classes=3"):
+    with pytest.raises(DataError, match=r"imgs: 3 classes \(a_dog: 2 images, b_cat: 2, c_eel: 2\) but the config has "
+                                        r"num_classes=10; use --set num_classes=3, or point --data at the folder "
+                                        r"whose sub-folders are the classes"):
         open_image_folder(root, RGB16.replace(num_classes=10), tmp_path / "cache")
+    assert class_counts([f"c{k}" for k in range(25)], np.arange(25).repeat(2), limit=3) == \
+        "c0: 2 images, c1: 2, c2: 2, ... (22 more)"
+
+
+def test_linked_folders_inside_a_class_are_followed_once(tmp_path):
+    """A linked sub-folder's images belong to its class (as torchvision's ImageFolder has them; Path.rglob left
+    them out without a word), a link back up does not loop, and a folder reached twice counts once."""
+    root = make_folder(tmp_path / "imgs")
+    elsewhere = tmp_path / "more_dogs"
+    elsewhere.mkdir()
+    for i in range(3):
+        shutil.copy(root / "a_dog" / "0.png", elsewhere / f"extra{i}.png")
+    (root / "a_dog" / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "a_dog" / "again").symlink_to(elsewhere, target_is_directory=True)
+    (elsewhere / "up").symlink_to(root / "a_dog", target_is_directory=True)   # a loop
+    classes, files, labels = list_image_folder(root)
+    assert labels.tolist() == [0] * 5 + [1, 1, 2, 2]
+    dogs = [f.relative_to(root / "a_dog").as_posix() for f in files[:5]]
+    assert dogs[:2] == ["0.png", "1.png"] and sorted(Path(d).name for d in dogs[2:]) == ["extra0.png", "extra1.png",
+                                                                                       "extra2.png"]
 
 
 @pytest.mark.parametrize("labels, problem", [([0, 1, 3], "label 3 of image 2 is outside the classes 0-2"),

@@ -1007,6 +1007,16 @@ def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
     assert loaded == [tmp_path / "tinyship.safetensors"]
 
 
+def test_the_start_says_the_classes_and_their_image_counts(tmp_path, capsys):
+    import re
+
+    main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--steps", "1"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("ecar-train: classes: "))
+    counts = [int(n.replace(",", "")) for n in re.findall(r": ([\d,]+)", line.removeprefix("ecar-train: classes: "))]
+    assert line.startswith("ecar-train: classes: 0: ") and " images, 1: " in line
+    assert len(counts) == 10 and sum(counts) == 20   # --train-size 20
+
+
 def test_an_init_of_other_classes_is_said_at_the_start(tmp_path, capsys):
     from conftest import random_model
     from ecar_infer import save_checkpoint

@@ -63,6 +63,15 @@ class DataError(ValueError):
 
 
 # ---- one image ---------------------------------------------------------------------------------------
+def class_counts(class_names: list[str], labels, limit: int = 20) -> str:
+    """'cat: 120 images, dog: 98, ...' for the first `limit` classes, then a count of the rest."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
+    shown = [f"{name}: {count:,}" + (" images" if k == 0 else "")
+             for k, (name, count) in enumerate(zip(class_names[:limit], counts))]
+    more = len(class_names) - limit
+    return ", ".join(shown) + (f", ... ({more:,} more)" if more > 0 else "")
+
+
 def _unreadable(failures: list[tuple[Path, Exception]]) -> DataError:
     """The error of image files PIL cannot read: (path, PIL's error) pairs."""
     if len(failures) == 1:
@@ -215,8 +224,10 @@ class ImageSet:
                             f"latent_channels={want}; use a config that matches the data (--set "
                             f"latent_channels={self.channels}) or convert the images")
         if len(self.class_names) != config.num_classes:
-            raise DataError(f"{self.description}: {len(self.class_names)} classes but the config has "
-                            f"num_classes={config.num_classes}; use --set num_classes={len(self.class_names)}")
+            raise DataError(f"{self.description}: {len(self.class_names)} classes ({class_counts(self.class_names, self.labels)}) but the "
+                            f"config has num_classes={config.num_classes}; use --set "
+                            f"num_classes={len(self.class_names)}, or point --data at the folder whose sub-folders "
+                            f"are the classes")
         try:   # the names must make a valid checkpoint entry: found now, not at the first checkpoint
             encode_class_names(self.class_names, config.num_classes)
         except ClassNameError as err:
@@ -398,14 +409,30 @@ def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[Path], n
         raise DataError(f"{root}: no class sub-folders; an image folder holds one sub-folder of images per class")
     files, labels = [], []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") for part in p.relative_to(root / name).parts) and p.is_file())
+        found = _image_files(root / name)
         if not found:
             raise DataError(f"{root / name}: class {name!r} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                             f"add some or remove the folder")
         files += found
         labels += [label] * len(found)
     return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files below `folder`, sorted, hidden entries left out. Linked folders are followed, as
+    torchvision's ImageFolder follows them (Path.rglob does not enter them before Python 3.13, which left
+    their images out without a word), and each real folder is entered once: a link back up cannot loop."""
+    found, entered = [], set()
+    for top, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in entered:
+            folders[:] = []
+            continue
+        entered.add(real)
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        found += [Path(top, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+                  and Path(top, n).is_file()]
+    return sorted(found)
 
 
 def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: str | os.PathLike,

@@ -883,6 +883,9 @@ def train(args: argparse.Namespace) -> None:
     train_log = TrainLog(workdir / LOG_FILE, trainer.step) if rank == 0 else None
     log(f"{sum(p.numel() for p in trainer.model.parameters()):,} parameters, {data.description} "
         f"({len(data)} images), step {trainer.step}/{settings.steps}, world {world}, device {device}")
+    from .data import class_counts
+
+    log(f"classes: {class_counts(data.class_names, data.labels)}")
     if settings.warmup > settings.steps:   # a warmup as long as the run reaches --lr at its last step
         log(f"warning: --warmup {settings.warmup} is longer than --steps {settings.steps}, so the learning "
             f"rate never reaches --lr {settings.lr:g}; give fewer --warmup steps")
