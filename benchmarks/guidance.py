@@ -87,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         ref = quality.build_reference()
     else:
         with tempfile.TemporaryDirectory() as cache:
-            ref = quality.reference_from_data(args.data, args.heldout, sampler.config, cache)
+            try:
+                ref = quality.reference_from_data(args.data, args.heldout, sampler.config, cache, sampler.class_names)
+            except ValueError as err:   # the data's errors (DataError too) and a misfit of classes
+                parser.error(str(err))
     real_features = ref.features(ref.heldout)
     rows = []
     for k in range(1, args.seed_sets + 1):

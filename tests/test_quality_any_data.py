@@ -195,3 +195,44 @@ def test_real_fd_compares_as_many_real_images_as_asked():
     assert ref.real_fd(100)[1] == 60
     # the FD of few images sits higher than that of many (why the count must match the samples')
     assert ref.real_fd(10)[0] > ref.real_fd(35)[0]
+
+
+def colour_npz(folder, name, n, seed, class_names=("red", "green", "blue")):
+    images, labels = colour_classes(n, seed)
+    np.savez(folder / f"{name}.npz", images=images, labels=labels, class_names=np.array(class_names))
+    return str(folder / f"{name}.npz")
+
+
+def test_the_data_must_name_the_models_classes_in_its_order(tmp_path):
+    """Class k of the samples is judged as class k of the data: data of other or reordered classes would give
+    numbers that mean nothing, so it is refused; a model without names is not checked."""
+    config = ECARConfig.preset("ecar-tiny").replace(latent_channels=3, num_classes=3)
+    train, held = colour_npz(tmp_path, "train", 8, 0), colour_npz(tmp_path, "heldout", 4, 1)
+    for names in (["red", "green", "blue"], None):
+        reference_from_data(train, held, config, str(tmp_path / "cache"), names)
+    with pytest.raises(ValueError, match=r"train.npz names its classes red, green, blue but the model's are green, red, "
+                                         r"blue: judge a model on the data of its own classes, in their order"):
+        reference_from_data(train, held, config, str(tmp_path / "cache"), ["green", "red", "blue"])
+
+
+def test_a_training_split_smaller_than_the_classifiers_components_is_judged(tmp_path):
+    """24 training images: the PCA keeps the 23 components with variance (it needed 40 and failed)."""
+    config = ECARConfig.preset("ecar-tiny").replace(latent_channels=3, num_classes=3)
+    train, held = colour_npz(tmp_path, "train", 8, 0), colour_npz(tmp_path, "heldout", 4, 1)
+    ref = reference_from_data(train, held, config, str(tmp_path / "cache"))
+    assert ref.features(ref.heldout).shape == (12, 23)
+    assert ref.accuracy(ref.heldout, ref.heldout_labels) > 0.9
+
+
+def test_quality_cli_says_a_data_error_in_one_line(tmp_path, capsys):
+    from ecar_infer.training.quality import main
+    from ecar_infer.weights import shipped_checkpoint
+
+    train = colour_npz(tmp_path, "train", 8, 0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", str(shipped_checkpoint("ecar-emoji32")), "--data", train, "--heldout", train])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2
+    assert err[-1].endswith(f"error: {train}: 3 classes (red: 8 images, green: 8, blue: 8) but the config has "
+                            f"num_classes=9; use --set num_classes=3, or point --data at the folder whose sub-folders "
+                            f"are the classes"), err

@@ -206,7 +206,10 @@ def main(argv: list[str] | None = None) -> None:
         ref = build_reference(split_size=CLASSIFIER_TRAIN_SIZE)   # the classifier and held-out images only
     else:
         with tempfile.TemporaryDirectory() as cache:
-            ref = reference_from_data(args.data, args.heldout, sampler.config, cache)
+            try:
+                ref = reference_from_data(args.data, args.heldout, sampler.config, cache, sampler.class_names)
+            except ValueError as err:   # the data's errors (DataError too) and a misfit of classes
+                parser.error(str(err))
     chosen = pick(ref.heldout_labels, args.per_class)
     size = sampler.config.image_size
     images = ref.heldout[chosen].reshape(len(chosen), image_channels(sampler.config), size, size)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..checks import some_of
 from .digits import NUM_CLASSES, build_split
 
 PCA_COMPONENTS = 40
@@ -82,8 +83,12 @@ def fit_reference(x_train: np.ndarray, y_train: np.ndarray, x_held: np.ndarray, 
     from sklearn.pipeline import make_pipeline
     from sklearn.svm import SVC
 
-    classifier = make_pipeline(PCA(PCA_COMPONENTS, whiten=True, random_state=0), SVC(C=10.0, gamma="scale"))
-    classifier.fit(flat(x_train[:fit_size]), y_train[:fit_size])
+    fit = flat(x_train[:fit_size])
+    # a split of n images has n - 1 components with variance (the mean is taken out): whitening one more
+    # would blow up a zero-variance direction
+    components = min(PCA_COMPONENTS, len(fit) - 1, fit.shape[1])
+    classifier = make_pipeline(PCA(components, whiten=True, random_state=0), SVC(C=10.0, gamma="scale"))
+    classifier.fit(fit, y_train[:fit_size])
     return Reference(classifier, flat(x_train), flat(x_held), y_held, y_train, class_names or [], fit_size)
 
 
@@ -99,14 +104,21 @@ def build_reference(train_size: int = CLASSIFIER_TRAIN_SIZE, heldout_size: int =
     return fit_reference(x_train, y_train, x_held, y_held, [str(d) for d in range(NUM_CLASSES)], train_size)
 
 
-def reference_from_data(train: str, heldout: str, config, cache_dir: str) -> Reference:
+def reference_from_data(train: str, heldout: str, config, cache_dir: str,
+                        model_class_names: list[str] | None = None) -> Reference:
     """The reference of any data set ecar-train reads (ecar_infer/training/data.py): the classifier is fit
-    on the whole training split, at the model's image size."""
+    on the whole training split, at the model's image size. The splits must name their classes as the
+    model does (model_class_names, where it has names): class k of the samples is judged as class k of the
+    data, so other or reordered classes would give numbers that mean nothing."""
     from .data import open_data
 
     x_train, x_held = (open_data(spec, config, cache_dir) for spec in (train, heldout))
     if x_held.class_names != x_train.class_names:
         raise ValueError(f"{heldout} and {train} name their classes differently")
+    if model_class_names is not None and model_class_names != x_train.class_names:
+        raise ValueError(f"{train} names its classes {some_of(x_train.class_names, 5)} but the model's are "
+                         f"{some_of(model_class_names, 5)}: judge a model on the data of its own classes, in "
+                         f"their order")
     return fit_reference(x_train.images(np.arange(len(x_train))).numpy(), np.asarray(x_train.labels),
                          x_held.images(np.arange(len(x_held))).numpy(), np.asarray(x_held.labels),
                          x_train.class_names)
@@ -247,7 +259,10 @@ def main(argv: list[str] | None = None) -> None:
         if not args.heldout:
             parser.error("--heldout is needed with --data")
         with tempfile.TemporaryDirectory() as cache:
-            ref = reference_from_data(args.data, args.heldout, sampler.config, cache)
+            try:
+                ref = reference_from_data(args.data, args.heldout, sampler.config, cache, sampler.class_names)
+            except ValueError as err:   # the data's errors (DataError too) and a misfit of classes
+                parser.error(str(err))
     print(json.dumps(evaluate(sampler, ref, args.per_class, args.seed), indent=1))
 
 
