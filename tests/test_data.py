@@ -211,10 +211,11 @@ def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):
     for path in [*root.glob("a_dog/*.png"), *root.glob("b_cat/*.png")]:   # grayscale, with and without alpha
         Image.open(path).convert("LA" if "cat" in str(path) else "L").save(path)
     color = [root / "c_eel" / "0.png", root / "c_eel" / "1.png"]   # the count and the names are of these
-    with pytest.raises(DataError, match=re.escape(f"imgs: 2 of 6 images are in color ({color[0]}, {color[1]}) but "
-                                                  f"the config has latent_channels=1; train a 3-channel config "
-                                                  f"(--preset ecar-emoji32, or --set latent_channels=3) or convert "
-                                                  f"the images to grayscale")):
+    with pytest.raises(DataError, match=re.escape(f"imgs: 2 of 6 images are stored in color (RGB or a color "
+                                                  f"palette: {color[0]}, {color[1]}) but the config has "
+                                                  f"latent_channels=1; train a 3-channel config (--preset "
+                                                  f"ecar-emoji32, or --set latent_channels=3), or save the images as "
+                                                  f"grayscale (mode L), as gray images stored in RGB must be")):
         open_image_folder(root, gray, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()   # refused before the cache: no lock, record or full-size partial file
     Image.open(color[0]).convert("1").save(color[0])   # bilevel and 16-bit grayscale are grayscale too
@@ -241,13 +242,13 @@ def test_palette_images_of_grays_are_grayscale(tmp_path, suffix):
     palette[entry:entry + 3] = [255, 0, 0]
     image.putpalette(palette)
     image.save(colored)
-    with pytest.raises(DataError, match=r"1 of 6 images are in color"):
+    with pytest.raises(DataError, match=r"1 of 6 images are stored in color"):
         open_image_folder(root, gray, tmp_path / "cache2")
     gray_palette = [v for k in range(256) for v in (k, k, k)]
     gray_palette[-3:] = [0, 0, 255]   # the last entry alone is a colour (a GIF's transparent or spare slot)
     image.putpalette(gray_palette)
     image.save(colored)
-    with pytest.raises(DataError, match=r"1 of 6 images are in color"):
+    with pytest.raises(DataError, match=r"1 of 6 images are stored in color"):
         open_image_folder(root, gray, tmp_path / "cache3")
 
 

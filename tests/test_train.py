@@ -364,13 +364,16 @@ def test_cli_work_folder_resume_and_metadata(tmp_path):
     config.write_text(ECARConfig.preset("ecar-tiny").to_json())
     common = ["--config", str(config), "--batch-size", "4", "--train-size", "20", "--workdir", str(tmp_path),
               "--ckpt-every", "2", "--device", "cpu", "--metadata", "recommended_steps=1"]
-    main(common + ["--steps", "3", "--until", "2"])
+    main(common + ["--steps", "3", "--until", "2", "--metadata", "notes=any other entry is kept as it is"])
+    assert load_checkpoint(tmp_path / "ema.safetensors").checkpoint_metadata["notes"] == \
+        "any other entry is kept as it is"
     main(common + ["--steps", "3", "--resume", "--metadata", "recommended_cfg=2.5"])
     model = load_checkpoint(tmp_path / "final.safetensors")
     assert model.checkpoint_metadata["training_steps"] == "3"
     assert model.checkpoint_metadata["recommended_cfg"] == "2.5"
     assert json.loads(model.checkpoint_metadata["class_names"]) == [str(d) for d in range(10)]
-    assert load_checkpoint(tmp_path / "ema.safetensors").checkpoint_metadata["training_steps"] == "3"
+    ema = load_checkpoint(tmp_path / "ema.safetensors").checkpoint_metadata
+    assert ema["training_steps"] == "3" and ema["recommended_cfg"] == "2.5"   # samples as the final file does
     with open(tmp_path / "loss.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
@@ -422,6 +425,9 @@ def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
     (["--metadata", "config=x"], "--metadata: extra_metadata may not set the reserved key(s) ['config']; fix"),
     (["--metadata", 'class_names=["a"]'], "--metadata: class_names has 1 names for 10 classes; fix or drop"),
     (["--metadata", "recommended_cfg"], "--metadata takes KEY=VALUE"),
+    (["--metadata", "recomended_cfg=3"], "--metadata recomended_cfg: the sampler reads no such entry; did you mean "
+                                         "recommended_cfg?"),
+    (["--metadata", "recommended_step=2"], "did you mean recommended_steps?"),
     (["--ema-decay", "2"], "argument --ema-decay: must be a number in [0, 1), got '2'"),
     (["--ema-decay", "1"], "argument --ema-decay: must be a number in [0, 1)"),
     (["--ema-decay", "-0.1"], "argument --ema-decay: must be a number in [0, 1)"),
@@ -1015,6 +1021,15 @@ def test_the_start_says_the_classes_and_their_image_counts(tmp_path, capsys):
     counts = [int(n.replace(",", "")) for n in re.findall(r": ([\d,]+)", line.removeprefix("ecar-train: classes: "))]
     assert line.startswith("ecar-train: classes: 0: ") and " images, 1: " in line
     assert len(counts) == 10 and sum(counts) == 20   # --train-size 20
+
+
+def test_a_resume_with_no_run_to_continue_starts_one_and_says_so(tmp_path, capsys):
+    """--resume on a fresh folder starts the run (torchrun jobs are started so), and says so: a mistyped
+    --workdir would otherwise start over without a word."""
+    main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--steps", "1", "--resume"])
+    assert f"ecar-train: --resume: {tmp_path / 'run'} holds no saved run; starting one\n" in capsys.readouterr().out
+    main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--steps", "2", "--resume"])
+    assert "holds no saved run" not in capsys.readouterr().out
 
 
 def test_an_init_of_other_classes_is_said_at_the_start(tmp_path, capsys):

@@ -483,9 +483,10 @@ def _check_grayscale(root: Path, files: list[Path], workers: int) -> None:
     """A 1-channel config refuses a folder of color images (its model would silently learn them in gray)."""
     color = [f for f, is_color in zip(files, _each_image(_is_color, files, workers)) if is_color]
     if color:
-        raise DataError(f"{root}: {len(color)} of {len(files)} images are in color ({some_of(color, 3)}) but the "
-                        f"config has latent_channels=1; train a 3-channel config (--preset ecar-emoji32, or "
-                        f"--set latent_channels=3) or convert the images to grayscale")
+        raise DataError(f"{root}: {len(color)} of {len(files)} images are stored in color (RGB or a color palette: "
+                        f"{some_of(color, 3)}) but the config has latent_channels=1; train a 3-channel config "
+                        f"(--preset ecar-emoji32, or --set latent_channels=3), or save the images as grayscale "
+                        f"(mode L), as gray images stored in RGB must be")
 
 
 # ---- any source --------------------------------------------------------------------------------------

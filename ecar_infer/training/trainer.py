@@ -614,9 +614,17 @@ def init_path(spec: str, config: ECARConfig) -> Path:
 
 
 def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> None:
-    """Refuse --metadata entries the checkpoint writer would refuse at the end of the run, now."""
-    from ..checkpoint import CheckpointError, metadata_entries
+    """Refuse --metadata entries the checkpoint writer would refuse at the end of the run, now, and a key one
+    typo away from an entry the sampler reads (recomended_cfg: kept, never read, the model unguided)."""
+    import difflib
 
+    from ..checkpoint import CheckpointError, metadata_entries
+    from ..defaults import RECOMMENDED_KEYS
+
+    for key in metadata:
+        near = difflib.get_close_matches(key, RECOMMENDED_KEYS, n=1, cutoff=0.8)
+        if near and key != near[0]:
+            raise ValueError(f"--metadata {key}: the sampler reads no such entry; did you mean {near[0]}?")
     try:
         metadata_entries(out, config, metadata)
     except CheckpointError as err:
@@ -777,6 +785,8 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     if step is not None and not args.resume:   # before the data: opening it may take hours
         raise UsageError(f"{workdir} holds a run at step {step}: pass --resume to continue it, or choose another "
                          f"--workdir (or delete {workdir})")
+    if step is None and args.resume:   # how torchrun jobs are started too; said, in case --workdir is mistyped
+        log(f"--resume: {workdir} holds no saved run; starting one")
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
     config = build_config(args)
     check_metadata(metadata, config, final)
@@ -909,7 +919,7 @@ def train(args: argparse.Namespace) -> None:
             last = trainer.step == stop
             checkpoint = trainer.step % args.ckpt_every == 0 or last
             if checkpoint:
-                trainer.export_ema(workdir / EMA_FILE)
+                trainer.export_ema(workdir / EMA_FILE, metadata)   # samples as the grids and the final file do
                 train_log.plot(workdir / PLOT_FILE)
             if sample_every and (trainer.step % sample_every == 0 or last):
                 sample_grid(trainer, decoder, workdir / SAMPLES_DIR / f"step{trainer.step:07d}.png", metadata)
