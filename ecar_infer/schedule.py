@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 # for a step table of terabytes
 MAX_STEPS_PER_STAGE = 1000
 CFG_SCHEDULES = ("constant", "linear")
+# a step's sigma within this of a guidance-interval bound counts as on it: window starts come out of float64
+# arithmetic (S = 3's last stage starts at 0.5000000000000001, not the table's 0.5), so a bound typed from
+# the table would otherwise miss the step it names
+INTERVAL_TOLERANCE = 1e-6
 
 
 def stage_end(s: int, num_stages: int) -> float:
@@ -136,8 +140,9 @@ def plan_steps(num_stages: int, steps_per_stage: int | Sequence[int], cfg_scale:
     for s, (n, window) in enumerate(zip(steps, stage_windows(num_stages))):
         sigmas = tuple(float(global_sigma(r, window)) for r in euler_ratios(n)[:-1].tolist())
         w_s = stage_guidance(cfg_scale, cfg_schedule, s, num_stages)
-        guidance = tuple(w_s if cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1] else 1.0
-                         for t in sigmas)
+        guidance = tuple(w_s if cfg_interval is None
+                         or cfg_interval[0] - INTERVAL_TOLERANCE <= t <= cfg_interval[1] + INTERVAL_TOLERANCE
+                         else 1.0 for t in sigmas)
         level = None if shortcut_max_level is None else shortcut_level(n, shortcut_max_level)
         plans.append(StageSteps(n, window, sigmas, guidance, level))
     return plans

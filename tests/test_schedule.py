@@ -82,8 +82,17 @@ def test_cfg_interval_limits_guidance_by_global_sigma():
     plans = plan_steps(3, 4, cfg_scale=2.0, cfg_interval=(0.0, 0.5))
     for p in plans:
         for t, w in zip(p.sigmas, p.guidance):
-            assert w == (2.0 if t <= 0.5 else 1.0)
+            assert w == (2.0 if t <= 0.5 + 1e-6 else 1.0)
     assert not plans[0].any_guided and plans[2].any_guided
+
+
+def test_a_bound_on_a_steps_sigma_holds_that_step():
+    """The window table's 0.5 is 0.5000000000000001 as the float64 arithmetic gives it: a bound typed as 0.5
+    holds that step (it fell outside: --cfg-interval 0,0.5, "guide only the last stage", left the last
+    stage's first step unguided), and a bound clearly below it does not."""
+    last = plan_steps(3, 4, cfg_scale=2.0, cfg_interval=(0.0, 0.5))[2]
+    assert last.sigmas[0] > 0.5 and last.guidance == (2.0,) * 4
+    assert plan_steps(3, 4, cfg_scale=2.0, cfg_interval=(0.0, 0.4999))[2].guidance == (1.0, 2.0, 2.0, 2.0)
 
 
 def test_steps_validation():

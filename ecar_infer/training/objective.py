@@ -35,7 +35,8 @@ def stage_targets(x0: torch.Tensor, eps: list[torch.Tensor], r: torch.Tensor) ->
     """Per stage s: x_end = (1-e_s) x0^(s) + e_s eps_s; x_start = (1-start_s) Up(x0^(s-1)) + start_s eps_s
     (x_start = eps_1 at the first stage); x_r = r x_start + (1-r) x_end; target x_start - x_end.
 
-    eps[s]: [B, C, side_s, side_s] standard normal, used for both ends; r: [B, S] in [0, 1).
+    eps[s]: [B, C, side_s, side_s] standard normal, used for both ends; r: [B, S] in [0, 1] (1 only on the
+    shortcut objective's self-consistency rows, whose r lies on a level's grid d, 2d, ..., 1).
     """
     out = []
     for s, ((start, end), (x_start, x_end)) in enumerate(zip(stage_windows(len(eps)), known_endpoints(x0, eps))):
