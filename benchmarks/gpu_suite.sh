@@ -77,12 +77,11 @@ pack_periodically() {  # in the background while a part runs: OUTDIR packed ever
     # device tool cuts off in the middle of a part (the throughput sweep) still brings back the rows written so
     # far; stopped with TERM, which waits for a pack under way (its temporary file is then packed over and
     # moved). The sleep holds none of the suite's output open, which the device tool would wait for.
-    local sleeper
-    trap 'kill "$sleeper" 2>/dev/null; exit 0' TERM
+    # (the trap stops every background job of the packer: a sleep started just before TERM, too)
+    trap 'kill $(jobs -p) 2>/dev/null; exit 0' TERM
     while :; do
         sleep "$PACK_EVERY" </dev/null >/dev/null 2>&1 &
-        sleeper=$!
-        wait "$sleeper"
+        wait $!
         pack
     done
 }

@@ -181,6 +181,15 @@ def image_channels(config: ECARConfig) -> int:
     return config.latent_channels if config.latent_kind == "pixel" else 3
 
 
+def _model_image(image, channels: int):
+    """as_model_image (ecar_infer/pil_input.py), whose refusal of an image it cannot read (a 32-bit image whose
+    scale its values leave unknown) is an EditInputError, as every other unusable input is."""
+    try:
+        return as_model_image(image, channels)
+    except ValueError as err:
+        raise EditInputError(f"cannot read the image: {err}") from None
+
+
 def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
     """Images -> float32 [N, C, H, W] in [-1, 1] on the CPU.
 
@@ -195,7 +204,7 @@ def as_images(images: Any, config: ECARConfig) -> torch.Tensor:
             raise EditInputError("images is empty: give at least one image")
         return torch.cat([as_images(one, config) for one in images])
     if hasattr(images, "convert") and hasattr(images, "size"):  # a PIL image
-        images = np.asarray(as_model_image(images, channels))
+        images = np.asarray(_model_image(images, channels))
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
             raise EditInputError(f"image arrays must be uint8 (0..255), got {images.dtype}; give floats in [-1, 1] "
@@ -303,7 +312,7 @@ def as_keep_masks(mask: Any, size: int, mode: str) -> torch.Tensor:
         return torch.cat([as_keep_masks(one, size, mode) for one in mask])
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # a PIL image
         _refuse_transparency(mask)
-        mask = np.asarray(as_model_image(mask, 1))
+        mask = np.asarray(_model_image(mask, 1))
     if isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.array(mask))  # a copy: arrays from PIL are read-only
     if not isinstance(mask, torch.Tensor):
@@ -362,7 +371,7 @@ def _refuse_transparency(mask) -> None:
 def fitted_image(image, config: ECARConfig):
     """A PIL image of any size brought to the model's as training brings its images: read as as_images reads
     a PIL image, then resized and centre-cropped (ecar_infer/pil_input.py, resize_center_crop)."""
-    return resize_center_crop(as_model_image(image, image_channels(config)), config.image_size)
+    return resize_center_crop(_model_image(image, image_channels(config)), config.image_size)
 
 
 def fitted_mask(mask, size: int):
@@ -370,7 +379,7 @@ def fitted_mask(mask, size: int):
     same pixels of the fitted image (its grey, between kept and not at the edge, is then thresholded at 128
     as every mask's is)."""
     _refuse_transparency(mask)
-    return resize_center_crop(as_model_image(mask, 1), size)
+    return resize_center_crop(_model_image(mask, 1), size)
 
 
 def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_stage: int | None,

@@ -233,6 +233,15 @@ def test_a_samplers_repr_says_its_model_device_and_defaults():
     assert "mlp head;" in plain and plain.endswith("defaults: 20 steps per stage, unguided)")
 
 
+def test_a_samplers_repr_says_whether_cuda_graphs_are_on():
+    """A CPU sampler never captures graphs; one that does (on a GPU, the runner's switch on) says so: the
+    line a user checks before timing a run."""
+    sampler = Sampler(random_model(ECARConfig.preset("ecar-tiny"), seed=1), progress=False)
+    assert "CUDA graphs off;" in repr(sampler)
+    sampler.runner.graphs_enabled = True   # as a CUDA device with cuda_graphs=True sets it
+    assert "CUDA graphs on;" in repr(sampler)
+
+
 def test_the_lazy_names_of_the_package_are_listed():
     import ecar_infer
 

@@ -205,6 +205,17 @@ def test_hidden_files_and_folders_inside_a_class_are_left_out(tmp_path):
     assert len(open_image_folder(root, RGB16, tmp_path / "cache")) == 6
 
 
+def test_entries_named_as_images_that_are_not_files_are_left_out(tmp_path):
+    """A broken link or a FIFO named NAME.png is no image of its class: listing it would stop the cache build
+    with an unreadable file (or, for a FIFO, wait on it), where the listing left such entries out as it did
+    before linked folders were walked."""
+    root = make_folder(tmp_path / "imgs")
+    (root / "a_dog" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    os.mkfifo(root / "b_cat" / "pipe.png")
+    classes, files, labels = list_image_folder(root)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2] and all(f.is_file() for f in files)
+
+
 def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):
     root = make_folder(tmp_path / "imgs")
     gray = RGB16.replace(latent_channels=1)
@@ -596,6 +607,13 @@ def test_class_count_must_match_the_config_and_the_error_shows_the_classes_found
         open_image_folder(root, RGB16.replace(num_classes=10), tmp_path / "cache")
     assert class_counts([f"c{k}" for k in range(25)], np.arange(25).repeat(2), limit=3) == \
         "c0: 2 images, c1: 2, c2: 2, ... (22 more)"
+
+
+def test_class_counts_show_every_class_and_only_a_real_remainder():
+    """Exactly `limit` classes are all shown, with no "... (0 more)"; a class without images (digits32 with
+    --train-size below 10) is shown with 0, not left out of the run's log."""
+    assert class_counts(["a", "b", "c"], [0, 1, 2, 2], limit=3) == "a: 1 images, b: 1, c: 2"
+    assert class_counts(["a", "b", "c"], [0, 0]) == "a: 2 images, b: 0, c: 0"
 
 
 def test_linked_folders_inside_a_class_are_followed_once(tmp_path):

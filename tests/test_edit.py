@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import assert_matches_reference, compile_for_sm90, random_model
 from ecar_infer import ECARConfig, Sampler
-from ecar_infer.editing import (EditInputError, EditRequest, as_images, as_keep_masks, build_request, fitted_mask,
-                                known_endpoints, mask_pyramid, min_pool, region_mask)
+from ecar_infer.editing import (EditInputError, EditRequest, as_images, as_keep_masks, build_request, fitted_image,
+                                fitted_mask, known_endpoints, mask_pyramid, min_pool, region_mask)
 from ecar_infer.engine import StageEngine
 from ecar_infer.kernels import INTERPRETING, ops, reference
 from ecar_infer.noise import draw_noise
@@ -139,8 +139,12 @@ def transparent_masks():
     keyed_grey.info["transparency"] = 255         # a PNG tRNS colour key: white is transparent
     palette = Image.fromarray(painted, "RGBA").convert("P")
     palette.info["transparency"] = palette.getpixel((0, 0))
+    half_seen = np.full((4, 4, 4), 255, np.uint8)  # white, half transparent on the left: still not opaque
+    half_seen[:, :2, 3] = 128
     return {"RGBA": Image.fromarray(painted, "RGBA"), "LA": Image.fromarray(painted[..., [0, 3]], "LA"),
-            "L with a colour key": keyed_grey, "P with a colour key": palette}
+            "L with a colour key": keyed_grey, "P with a colour key": palette,
+            "PA": Image.fromarray(painted, "RGBA").convert("PA"),
+            "RGBA half transparent": Image.fromarray(half_seen, "RGBA")}
 
 
 @pytest.mark.parametrize("kind", list(transparent_masks()))
@@ -151,6 +155,18 @@ def test_a_mask_with_transparent_pixels_is_refused(kind):
         as_keep_masks(transparent_masks()[kind], 4, "inpaint")
     with pytest.raises(EditInputError, match="the mask image has transparent pixels"):
         fitted_mask(transparent_masks()[kind], 2)   # ecar-edit --fit's mask, before it is resized
+
+
+def test_a_32_bit_image_of_unknown_scale_is_an_edit_input_error():
+    """A mode-F image of values up to 1000 has no known scale (ecar_infer/pil_input.py): refused as every
+    unusable input is, as an image, a mask or a --fit image alike (it was a plain ValueError: a traceback from
+    ecar-edit)."""
+    deep = Image.fromarray(np.full((16, 16), 1000.0, np.float32), "F")
+    for read in (lambda: as_images(deep, TINY), lambda: as_keep_masks(deep, 16, "inpaint"),
+                 lambda: fitted_image(deep, TINY), lambda: fitted_mask(deep, 16)):
+        with pytest.raises(EditInputError, match=r"cannot read the image: a 32-bit image \(mode F\) with values from "
+                                                 r"1000 to 1000: its scale cannot be known"):
+            read()
 
 
 def test_channels_last_masks_with_one_channel_are_read_and_others_refused():
@@ -172,6 +188,22 @@ def test_a_channels_last_tensor_gets_a_hint():
         as_images(torch.zeros(2, 16, 16, 3), colour)
     with pytest.raises(EditInputError, match=r"shape is \(16, 16, 3\).*permute\(2, 0, 1\)"):
         as_images(torch.zeros(16, 16, 3), colour)
+    # a grayscale model's channels-last tensor, one channel last, gets the hint too
+    with pytest.raises(EditInputError, match=r"channels first.*shape is \(2, 16, 16, 1\).*permute\(0, 3, 1, 2\)"):
+        as_images(torch.zeros(2, 16, 16, 1), TINY)
+
+
+def test_a_fitted_image_keeps_its_colour_and_is_read_as_training_reads_it(tmp_path):
+    """ecar-edit --fit brings an image to a colour model's size as the trainer's load_image does, in colour
+    (read in the model's channels, not in grey), so a fine-tuned model edits what it was trained on."""
+    from ecar_infer.editing import fitted_image
+    from ecar_infer.training.data import load_image
+
+    rgb = np.random.default_rng(6).integers(0, 256, size=(20, 24, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "wide.png")
+    fitted = fitted_image(Image.open(tmp_path / "wide.png"), TINY.replace(latent_channels=3))
+    assert fitted.mode == "RGB" and fitted.size == (16, 16)
+    assert np.array_equal(np.asarray(fitted), load_image(tmp_path / "wide.png", 16, 3))
 
 
 def test_pil_images_are_converted_to_the_models_channels():
@@ -449,6 +481,10 @@ def vae_sampler():
     """ecar-tiny-vae (32 px RGB, 2x VAE, latent 16x16x4) with a random SD-VAE-architecture decoder."""
     pytest.importorskip("diffusers")
     return Sampler.from_config(ECARConfig.preset("ecar-tiny-vae"), device="cpu", seed=0, progress=False)
+
+
+def test_a_latent_samplers_repr_names_its_latent_kind(vae_sampler):
+    assert repr(vae_sampler).startswith("Sampler(32x32 sd-vae latent model, ")
 
 
 def rgb_images(count: int, seed: int = 0) -> np.ndarray:

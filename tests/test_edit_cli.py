@@ -161,6 +161,10 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "small.png")
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "none.png")
     (tmp_path / "junk.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((12, 16), dtype=np.uint8)).save(tmp_path / "tall.png")   # 16 wide, 12 high
+    see_through = np.full((16, 16, 4), 255, dtype=np.uint8)
+    see_through[:, :8, 3] = 0
+    Image.fromarray(see_through, "RGBA").save(tmp_path / "see_through.png")
     out = tmp_path / "never.png"
     cases = [
         (("--image", tmp_path / "missing.png", "--mask", "left"), "--image .*missing.png: no such file"),
@@ -168,6 +172,11 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
          "is 8x8 pixels but the model makes 16x16 images: resize or crop it first, or give --fit"),
         (("--image", path, "--mask", tmp_path / "small.png", "--fit"),
          "--mask .*small.png is 8x8 pixels but --image .*in.png is 16x16: with --fit they must be the same size"),
+        # both sides count: fitted alike, a mask of the same width but another height covers other pixels
+        (("--image", path, "--mask", tmp_path / "tall.png", "--fit"),
+         "--mask .*tall.png is 16x12 pixels but --image .*in.png is 16x16: with --fit they must be the same size"),
+        # found while --fit prepares the mask (before edit()), and said as one line too
+        (("--image", path, "--mask", tmp_path / "see_through.png", "--fit"), "the mask image has transparent pixels"),
         (("--image", tmp_path / "junk.png", "--mask", "left"), "not an image file"),
         (("--image", path, "--mask", tmp_path / "small.png"), "--mask .* is 8x8 pixels"),
         (("--image", path, "--mask", "middle"), "no such file, and not a built-in region"),
@@ -239,6 +248,18 @@ def test_an_image_too_large_to_decode_is_a_user_error(ckpt, image, tmp_path, cap
     code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", tmp_path / "out.png", "--image", path,
                           "--mask", "left", "--fit")   # with --fit, the size is not checked first: PIL's bound holds
     assert code == 2 and "--image" in stderr and "too large to decode" in stderr, stderr
+
+
+@pytest.mark.parametrize("fit", [[], ["--fit"]])
+def test_a_32_bit_image_of_unknown_scale_is_a_user_error(ckpt, image, tmp_path, capsys, fit):
+    """A TIFF of floats up to 1000 has no known scale: one line with status 2, as an image and as a mask, with
+    and without --fit (it was a traceback)."""
+    Image.fromarray(np.full((16, 16), 1000.0, np.float32), "F").save(tmp_path / "deep.tif")
+    for args in (("--image", tmp_path / "deep.tif", "--mask", "left"), ("--image", image[0], "--mask", tmp_path / "deep.tif")):
+        code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", "--out", tmp_path / "out.png", *args, *fit)
+        assert code == 2 and stderr.count("\n") == 1, stderr
+        assert "ecar-edit: error: cannot read the image: a 32-bit image (mode F) with values from 1000 to 1000" in stderr
+    assert not (tmp_path / "out.png").exists()
 
 
 @pytest.mark.parametrize("option", ["--image", "--mask"])

@@ -130,6 +130,19 @@ def test_the_command_on_a_colour_data_set(tmp_path):
     assert vary.shape == (6 * 34 - 2, 9 * 34 - 2, 3)
 
 
+def test_data_of_other_classes_than_the_models_is_one_line_with_status_2(tmp_path, capsys):
+    """The model's class names reach the reference: data of its classes in another order is refused, and as
+    a usage error (the reference's ValueError is not a traceback)."""
+    from test_quality_any_data import checkpoint_of_classes, colour_npz
+
+    ckpt = checkpoint_of_classes(tmp_path / "gbr.safetensors", ["green", "blue", "red"])
+    train, held = colour_npz(tmp_path, "train", 8, 0), colour_npz(tmp_path, "heldout", 4, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        edit_quality.main(["--ckpt", ckpt, "--data", train, "--heldout", held, "--skip-cost"])
+    assert exit_info.value.code == 2
+    assert "but the model's are green, blue, red" in capsys.readouterr().err.splitlines()[-1]
+
+
 def test_data_other_than_digits_needs_its_heldout_split(capsys):
     with pytest.raises(SystemExit) as exit_info:
         edit_quality.main(["--data", "emoji32.npz"])

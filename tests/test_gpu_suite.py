@@ -4,6 +4,7 @@ A GPU session has a few minutes of device time: an option the suite passes that 
 takes, a preset it names that no longer exists, or a part that crashes before timing anything would waste
 them. The rehearsal runs every part with the GPU run's own options followed by CPU ones, so argparse still
 checks every GPU option; the tests below check each part ran and wrote what the session records."""
+import contextlib
 import json
 import os
 import re
@@ -99,9 +100,10 @@ def test_a_part_cut_off_in_the_middle_still_brings_back_what_it_wrote(tmp_path):
     out, pack = tmp_path / "out", tmp_path / "suite.tgz"
     out.mkdir()
     functions = suite_functions("log", "gpu_state", "pack", "pack_periodically", "part")
+    # the part notes its pid: `timeout` runs it in a process group of its own, which killing the suite's misses
     script = (f'{functions}\nOUTDIR={out} ECAR_PACK={pack} PACK_EVERY=1 T_TOTAL=600\n'
-              f'part throughput 300 bash -c "echo row1 > {out}/rows.txt; sleep 2; echo row2 >> {out}/rows.txt; '
-              f'sleep 300"')
+              f'part throughput 300 bash -c "echo \\$\\$ > {tmp_path}/part.pid; echo row1 > {out}/rows.txt; sleep 2; '
+              f'echo row2 >> {out}/rows.txt; sleep 300"')
     suite = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
@@ -118,6 +120,10 @@ def test_a_part_cut_off_in_the_middle_still_brings_back_what_it_wrote(tmp_path):
     finally:
         os.killpg(suite.pid, signal.SIGKILL)
         suite.wait()
+        part_pid = tmp_path / "part.pid"
+        if part_pid.exists():   # the part and its `timeout`, left running by the kill, as a cut-off call leaves them
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(int(part_pid.read_text())), signal.SIGKILL)
 
 
 def test_the_periodic_packer_stops_with_its_part_and_holds_no_output_open(tmp_path):
@@ -133,6 +139,35 @@ def test_the_periodic_packer_stops_with_its_part_and_holds_no_output_open(tmp_pa
     with tarfile.open(pack) as packed:
         assert "out/parts.txt" in packed.getnames()
     assert not list(tmp_path.glob("suite.tgz.partial*"))
+
+
+def test_the_periodic_packer_leaves_no_process_behind(tmp_path):
+    """Stopping the packer stops its sleep too (the TERM trap): a sleep of PACK_EVERY seconds left behind
+    would outlive the suite, one per part, and a packer killed in the middle of a pack would leave its tar
+    to replace the part's final pack with an older one."""
+    out, pack = tmp_path / "out", tmp_path / "suite.tgz"
+    out.mkdir()
+    functions = suite_functions("log", "gpu_state", "pack", "pack_periodically", "part")
+    # a part of a second: the packer is then waiting on its sleep when it is stopped, as in the suite's parts
+    script = f'{functions}\nOUTDIR={out} ECAR_PACK={pack} PACK_EVERY=600 T_TOTAL=600\npart quick 60 sleep 1'
+    suite = subprocess.Popen(["bash", "-c", script], start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        assert suite.wait(60) == 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:   # every process of the suite's group is gone
+            try:
+                os.killpg(suite.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("a process of the suite outlived it (the packer's sleep)")
+    finally:
+        try:
+            os.killpg(suite.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow

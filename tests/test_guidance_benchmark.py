@@ -65,6 +65,21 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert report["real_fd"] == pytest.approx(quality.frechet_distance(ref.features(real), ref.features(ref.heldout)))
 
 
+def test_data_of_other_classes_than_the_models_is_refused(tmp_path, capsys):
+    """The benchmark passes the model's class names on: data of its classes in another order is a usage error
+    (class k of the samples would be judged as another class)."""
+    from test_quality_any_data import checkpoint_of_classes, colour_npz
+
+    ckpt = checkpoint_of_classes(tmp_path / "gbr.safetensors", ["green", "blue", "red"])
+    train, held = colour_npz(tmp_path, "train", 8, 0), colour_npz(tmp_path, "heldout", 4, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        guidance.main(["--ckpt", ckpt, "--data", train, "--heldout", held, "--setting", "2:0,1",
+                       "--out", str(tmp_path / "g.json")])
+    assert exit_info.value.code == 2
+    assert "but the model's are green, blue, red" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "g.json").exists()
+
+
 class HeldoutImages:
     """A stand-in sampler that returns the reference's held-out images of the classes asked for (images a
     model did not copy, so the pair share and the nearest-neighbour share of them differ)."""

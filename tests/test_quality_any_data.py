@@ -236,3 +236,28 @@ def test_quality_cli_says_a_data_error_in_one_line(tmp_path, capsys):
     assert err[-1].endswith(f"error: {train}: 3 classes (red: 8 images, green: 8, blue: 8) but the config has "
                             f"num_classes=9; use --set num_classes=3, or point --data at the folder whose sub-folders "
                             f"are the classes"), err
+
+
+def checkpoint_of_classes(path, class_names):
+    """A tiny random 3-channel model whose checkpoint names its classes `class_names`."""
+    import json
+
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    config = ECARConfig.preset("ecar-tiny").replace(latent_channels=3, num_classes=len(class_names))
+    save_checkpoint(random_model(config, seed=1), path, extra_metadata={"class_names": json.dumps(class_names)})
+    return str(path)
+
+
+def test_quality_cli_refuses_data_of_other_classes_than_the_models(tmp_path, capsys):
+    """The command passes the model's class names on: data whose classes are the model's in another order is
+    one line with status 2, not numbers that mean nothing."""
+    from ecar_infer.training.quality import main
+
+    ckpt = checkpoint_of_classes(tmp_path / "gbr.safetensors", ["green", "blue", "red"])
+    train, held = colour_npz(tmp_path, "train", 8, 0), colour_npz(tmp_path, "heldout", 4, 1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", ckpt, "--data", train, "--heldout", held])
+    assert exit_info.value.code == 2
+    assert "but the model's are green, blue, red" in capsys.readouterr().err.splitlines()[-1]

@@ -95,6 +95,13 @@ def test_a_bound_on_a_steps_sigma_holds_that_step():
     assert plan_steps(3, 4, cfg_scale=2.0, cfg_interval=(0.0, 0.4999))[2].guidance == (1.0, 2.0, 2.0, 2.0)
 
 
+def test_a_lower_bound_on_a_steps_sigma_holds_that_step():
+    """The tolerance holds at the lower bound too: S = 4's last stage starts at 0.3999999999999999, so
+    --cfg-interval 0.4,1 (guide from the table's 0.4 up) would leave that step unguided without it."""
+    last = plan_steps(4, 4, cfg_scale=2.0, cfg_interval=(0.4, 1.0))[3]
+    assert last.sigmas[0] < 0.4 and last.guidance == (2.0, 1.0, 1.0, 1.0)
+
+
 def test_steps_validation():
     assert [p.steps for p in plan_steps(3, [2, 3, 4])] == [2, 3, 4]
     with pytest.raises(ValueError, match="3 stages"):

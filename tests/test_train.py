@@ -324,6 +324,45 @@ def test_an_init_checkpoint_of_other_classes_gives_all_but_their_embeddings(tiny
     assert same.init_from(tmp_path / "ten.safetensors") is None
 
 
+def test_an_init_misfit_does_not_name_num_classes_among_the_fields_that_differ(tiny_config, tmp_path):
+    """Other classes are taken (their embeddings start fresh): a misfit's list of differing fields names what
+    must change (depth), not num_classes, which may stay as it is."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    save_checkpoint(random_model(tiny_config.replace(depth=3, num_classes=4)), tmp_path / "deep.safetensors")
+    with pytest.raises(ValueError) as err:
+        trainer_module.check_init_fits(tmp_path / "deep.safetensors", tiny_config)
+    assert "(the checkpoint's config against this one: depth 3 vs 2); give the config" in str(err.value)
+
+
+def test_tied_stage_noise_reaches_the_training_step(tiny_config, digits16, monkeypatch):
+    """TrainSettings.stage_noise is what each step draws with: the same seed's first step trains on other
+    pairs (another loss) with "tied" than with "independent"."""
+    from dataclasses import replace
+
+    from ecar_infer.training import objective
+
+    asked = []
+    draw = objective.draw_step
+    monkeypatch.setattr(objective, "draw_step", lambda *args: asked.append(args[-1]) or draw(*args))
+    losses = {noise: make_trainer(tiny_config, digits16, replace(SETTINGS, stage_noise=noise)).train_step()
+              for noise in ("independent", "tied")}
+    assert asked == ["independent", "tied"] and losses["independent"] != losses["tied"]
+
+
+def test_a_run_trained_on_tied_stage_noise_resumes_tied(tmp_path, capsys):
+    """The record's stage_noise, not the default of older records, is what a resume must match: a tied run
+    resumes with --stage-noise tied and is refused without it."""
+    run = TINY_RUN + ["--workdir", str(tmp_path / "run"), "--stage-noise", "tied"]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+    err = user_error(capsys, run[:-2] + ["--resume"])
+    assert "run holds a run with other settings (stage_noise)" in err
+    main(run + ["--resume", "--until", "3"])
+    assert load_checkpoint(tmp_path / "run" / "ema-step3.safetensors").checkpoint_metadata["training_steps"] == "3"
+
+
 def test_activation_checkpointing_leaves_the_step_unchanged(tiny_config, digits16):
     plain = make_trainer(tiny_config, digits16)
     recomputed = make_trainer(tiny_config, digits16, grad_checkpoint=True)
@@ -428,6 +467,7 @@ def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
     (["--metadata", "recomended_cfg=3"], "--metadata recomended_cfg: the sampler reads no such entry; did you mean "
                                          "recommended_cfg?"),
     (["--metadata", "recommended_step=2"], "did you mean recommended_steps?"),
+    (["--metadata", "recommended-cfg=2"], "did you mean recommended_cfg?"),   # a dash for the underscore
     (["--ema-decay", "2"], "argument --ema-decay: must be a number in [0, 1), got '2'"),
     (["--ema-decay", "1"], "argument --ema-decay: must be a number in [0, 1)"),
     (["--ema-decay", "-0.1"], "argument --ema-decay: must be a number in [0, 1)"),
