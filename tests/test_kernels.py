@@ -267,7 +267,7 @@ def several_program_args(op: str, rand) -> tuple:
 # Compiled on a GPU, the checks of what only a GPU shows (a store past an output corrupts memory there; an
 # int32 offset wraps at ecar-xl's sizes) are part of the GPU suite's `pytest -m gpu` as well; the rest of
 # this file is covered there by tests/gpu/test_kernels_gpu.py at the models' own shapes.
-ALSO_IN_THE_GPU_SUITE = pytest.mark.usefixtures() if INTERPRETING else pytest.mark.gpu
+ALSO_IN_THE_GPU_SUITE = (lambda test: test) if INTERPRETING else pytest.mark.gpu
 
 
 @ALSO_IN_THE_GPU_SUITE
