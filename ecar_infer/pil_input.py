@@ -12,7 +12,8 @@ bits, and any other range is refused (its scale cannot be known; Pillow clipped 
 1-channel models, RGB for 3-channel ones.
 
 Images of another size are brought to the model's by one rule too (resize_center_crop): training reads
-every image so, and `ecar-edit --fit` an image to edit.
+every image so, and `ecar-edit --fit` brings an image to edit so. (A mask image is read by these rules as
+well, but one with transparent pixels is refused first: ecar_infer/editing.py.)
 """
 from __future__ import annotations
 

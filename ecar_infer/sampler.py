@@ -153,9 +153,10 @@ class Sampler:
         interval = d.guidance_interval()
         guidance = ("unguided" if d.cfg_scale == 1 else f"guidance {d.cfg_scale:g} ({d.cfg_schedule})"
                     + ("" if interval is None else f" on sigma {interval[0]:g}-{interval[1]:g}"))
+        graphs = "on" if self.runner.graphs_enabled else "off"
         return (f"Sampler({cfg.image_size}x{cfg.image_size} {kind} model, {cfg.num_stages} stages, "
                 f"{cfg.num_classes} classes, {params:,} parameters, {head}; {self.device}, "
-                f"{str(self.dtype).removeprefix('torch.')}, CUDA graphs {'on' if self.runner.graphs_enabled else 'off'}; "
+                f"{str(self.dtype).removeprefix('torch.')}, CUDA graphs {graphs}; "
                 f"defaults: {steps} steps per stage, {guidance})")
 
     @property

@@ -1326,3 +1326,12 @@ def test_a_warmup_longer_than_the_run_is_warned_of(tmp_path, capsys):
     main(TINY_RUN + ["--workdir", str(tmp_path / "b"), "--warmup", "4"])
     assert "warning" not in capsys.readouterr().out
     assert TrainSettings(steps=4, warmup=4, lr=1e-3).lr_at(3) == 1e-3
+
+
+def test_the_stage_noise_option_offers_exactly_the_objectives_pairings():
+    """ecar-train's --stage-noise choices are spelled out (its --help must not import torch): they must stay
+    the objective's STAGE_NOISE."""
+    from ecar_infer.training.objective import STAGE_NOISE
+
+    action = next(a for a in trainer_module.build_parser()._actions if "--stage-noise" in a.option_strings)
+    assert tuple(action.choices) == STAGE_NOISE and action.default == TrainSettings().stage_noise == STAGE_NOISE[0]

@@ -224,7 +224,8 @@ class ImageSet:
                             f"latent_channels={want}; use a config that matches the data (--set "
                             f"latent_channels={self.channels}) or convert the images")
         if len(self.class_names) != config.num_classes:
-            raise DataError(f"{self.description}: {len(self.class_names)} classes ({class_counts(self.class_names, self.labels)}) but the "
+            found = class_counts(self.class_names, self.labels)
+            raise DataError(f"{self.description}: {len(self.class_names)} classes ({found}) but the "
                             f"config has num_classes={config.num_classes}; use --set "
                             f"num_classes={len(self.class_names)}, or point --data at the folder whose sub-folders "
                             f"are the classes")

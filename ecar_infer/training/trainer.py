@@ -417,7 +417,7 @@ def build_parser() -> Parser:
                      help="AdamW weight decay (default %(default)s)")
     opt.add_argument("--ema-decay", type=decay_float, default=d.ema_decay,
                      help="decay in [0, 1) of the EMA of the weights that the checkpoints hold (default %(default)s)")
-    opt.add_argument("--stage-noise", choices=("independent", "tied"), default=d.stage_noise,
+    opt.add_argument("--stage-noise", choices=("independent", "tied"), default=d.stage_noise,   # objective.STAGE_NOISE
                      help="noise of the stages' training pairs: drawn independently, or tied so that each stage "
                           "starts where the sampler's jump from the previous stage's end puts it (docs/MODEL.md, "
                           "\"Training objective\"; default %(default)s)")
