@@ -659,13 +659,16 @@ def class_npz(path, class_names):
     (["--seed", "1"], "seed"),
     (["--flip", "--warmup", "3"], "flip, warmup"),
     (["--set", "depth=3"], "config.depth"),
-    (["--data", "other.npz"], "data"),
+    (["--data", "other.npz"], "data: class_names"),
+    (["--data", "more.npz"], "data: images 6 in the run, 8 now, sha256"),
     (["--stage-noise", "tied"], "stage_noise"),
 ])
 def test_resume_refuses_other_settings_and_names_them(tmp_path, capsys, monkeypatch, change, fields):
     monkeypatch.chdir(tmp_path)
     class_npz("pets.npz", ["cat", "dog", "fish"])
     class_npz("other.npz", ["ant", "bee", "cow"])   # the same images, other classes
+    np.savez("more.npz", images=np.zeros((8, 16, 16, 1), np.uint8), labels=np.arange(8) % 3,
+             class_names=["cat", "dog", "fish"])   # the same classes, two more images
     run = TINY_RUN[:4] + TINY_RUN[6:] + ["--data", "pets.npz", "--set", "num_classes=3", "--workdir", "run"]
     main(run + ["--until", "2"])
     capsys.readouterr()

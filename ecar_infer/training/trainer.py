@@ -584,9 +584,20 @@ def check_same_run(workdir: Path, settings: dict, unknown: tuple[str, ...] = ())
     saved = {**SETTINGS_ADDED_SINCE, **saved}
     differ = [name for name in differing_settings(saved, settings) if name not in ("steps", *unknown)]
     if differ:
-        raise UsageError(f"{workdir} holds a run with other settings ({', '.join(differ)}): resume it with the "
+        named = [what_differs(name, saved.get(name), settings.get(name)) for name in differ]
+        raise UsageError(f"{workdir} holds a run with other settings ({', '.join(named)}): resume it with the "
                          f"settings in {record}, choose another --workdir, or delete {workdir}")
     return saved.get("steps")
+
+
+def what_differs(name: str, saved, now) -> str:
+    """A differing setting as a refused resume names it: the data with what in it differs (its image count
+    with both values), everything else by its name."""
+    if name != "data" or not isinstance(saved, dict) or not isinstance(now, dict):
+        return name
+    parts = [f"images {saved.get(key)} in the run, {now.get(key)} now" if key == "images" else key
+             for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    return f"data: {', '.join(parts)}"
 
 
 INTERRUPTED_BEFORE_ANY_STATE = ("interrupted before any state was saved; rerun the same command to start again (a "
