@@ -112,6 +112,7 @@ def prepare(args):
                              f"memory until it writes them, whatever the output, at most {cli.MAX_GRID_IMAGES:,}; "
                              f"split the request (by --class, or with another --seed)")
     from .editing import REGIONS, fitted_image, fitted_mask
+    from .pil_input import upright_size
 
     size = None if args.fit else config.image_size
     image = read_image(args.image, "--image", size)
@@ -122,10 +123,12 @@ def prepare(args):
         if not Path(mask).exists():
             raise cli.UsageError(f"--mask {mask}: no such file, and not a built-in region ({', '.join(REGIONS)})")
         mask = read_image(mask, "--mask", size)
-        if args.fit and mask.size != image.size:   # fitted alike, they cover the same pixels only if the same size
-            raise cli.UsageError(f"--mask {args.mask} is {mask.size[0]}x{mask.size[1]} pixels but --image "
-                                 f"{args.image} is {image.size[0]}x{image.size[1]}: with --fit they must be the same "
-                                 f"size")
+        # fitted alike, they cover the same pixels only if the same size, as read (upright by their EXIF)
+        if args.fit and upright_size(mask) != upright_size(image):
+            (mask_w, mask_h), (image_w, image_h) = upright_size(mask), upright_size(image)
+            raise cli.UsageError(f"--mask {args.mask} is {mask_w}x{mask_h} pixels but --image {args.image} is "
+                                 f"{image_w}x{image_h} (upright, as viewers show them): with --fit they must be the "
+                                 f"same size")
         if args.fit:
             mask = fitted_mask(mask, config.image_size)
     if args.fit:

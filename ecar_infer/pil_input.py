@@ -36,8 +36,12 @@ def as_model_image(image, channels: int):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    image = image.convert("L" if channels == 1 else "RGB")
-    return image.transpose(turn) if turn is not None else image
+    image = image.convert("L" if channels == 1 else "RGB")   # a copy, even in the same mode
+    image = image.transpose(turn) if turn is not None else image
+    # the rules are applied: the result carries none of the file's metadata (its EXIF orientation above all),
+    # so that reading it again, as ecar-edit --fit's fitted image is read by edit(), changes nothing
+    image.info = {}
+    return image
 
 
 def _gray8(levels: np.ndarray):
@@ -60,6 +64,17 @@ def _to_8_bit_scale(values: np.ndarray, mode: str) -> np.ndarray:
         return values / 257.0
     raise ValueError(f"a 32-bit image (mode {mode}) with values from {low:g} to {high:g}: its scale cannot be "
                      f"known; convert it to 8 or 16 bits first")
+
+
+def upright_size(image) -> tuple[int, int]:
+    """(width, height) of `image` as as_model_image reads it: its stored size, turned a quarter where its EXIF
+    orientation does so."""
+    from PIL import Image
+
+    quarter_turns = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                     Image.Transpose.ROTATE_90)
+    width, height = image.size
+    return (height, width) if _orientation_fix(image) in quarter_turns else (width, height)
 
 
 def _orientation_fix(image):

@@ -152,10 +152,12 @@ def test_an_image_with_a_transparent_colour_key_is_composited_on_white(tmp_path,
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_the_exif_orientation_is_applied_as_viewers_apply_it(tmp_path, orientation, mode):
     """A phone photo is stored sideways with an EXIF orientation tag: training and editing read it upright, as
-    Pillow's ImageOps.exif_transpose shows it, for all eight orientations; the caller's image is unchanged."""
+    Pillow's ImageOps.exif_transpose shows it, for all eight orientations; the caller's image is unchanged;
+    upright_size says the size it is read at; and what is read is read again as it is (the result kept the
+    tag, so ecar-edit --fit, which hands its fitted image to edit(), turned a photo twice)."""
     from PIL import ImageOps
 
-    from ecar_infer.pil_input import as_model_image
+    from ecar_infer.pil_input import as_model_image, upright_size
 
     rng = np.random.default_rng(orientation)
     pixels = rng.integers(0, 256, size=(6, 10, 4), dtype=np.uint8)   # 10 wide, 6 high
@@ -171,9 +173,12 @@ def test_the_exif_orientation_is_applied_as_viewers_apply_it(tmp_path, orientati
     with Image.open(tmp_path / "photo.png") as opened:
         opened.load()
         assert opened.mode == mode
-        got = np.asarray(as_model_image(opened, 1 if mode == "I;16" else 3))
+        read = as_model_image(opened, 1 if mode == "I;16" else 3)
+        got = np.asarray(read)
         assert np.array_equal(got, want)
         assert opened.size == (10, 6)
+        assert upright_size(opened) == read.size
+        assert np.array_equal(np.asarray(as_model_image(read, 1 if mode == "I;16" else 3)), got)
     assert got.shape[:2] == ((10, 6) if orientation >= 5 else (6, 10))
 
 

@@ -94,6 +94,30 @@ def test_fit_reads_an_image_of_any_size_as_training_does_and_its_mask_alike(ckpt
         assert np.array_equal(got[fitted_keep], fitted[fitted_keep])
 
 
+def test_fit_takes_a_mask_drawn_on_an_image_stored_sideways_as_viewers_show_it(ckpt, tmp_path, capsys):
+    """A phone photo stored 24x20 with EXIF orientation 6 is read upright, 20x24; a mask drawn on it in an
+    editor is 20x24 too, and --fit takes the pair (it compared the stored sizes and refused it), keeping the
+    pixels the mask keeps on the upright image."""
+    from ecar_infer.training.data import load_image
+
+    rng = np.random.default_rng(6)
+    stored = Image.fromarray(rng.integers(0, 256, size=(20, 24)).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6   # shown rotated by 90 degrees clockwise: 20 wide, 24 high
+    stored.save(tmp_path / "phone.png", exif=exif)
+    keep = np.zeros((24, 20), dtype=np.uint8)
+    keep[:12] = 255   # the top half as the viewer shows it
+    Image.fromarray(keep).save(tmp_path / "keep.png")
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--image", tmp_path / "phone.png", "--mask", tmp_path / "keep.png",
+                          "--fit", "--class", "4", "--steps", "2", "--outdir", tmp_path / "out", "-q")
+    assert code == 0, stderr
+    upright = load_image(tmp_path / "phone.png", 16, 1)[..., 0]
+    fitted_keep = load_image(tmp_path / "keep.png", 16, 1)[..., 0] >= 128
+    assert fitted_keep[:6].all() and not fitted_keep[9:].any()
+    got = np.asarray(Image.open(next((tmp_path / "out").iterdir())))
+    assert np.array_equal(got[fitted_keep], upright[fitted_keep])
+
+
 def test_every_output_of_several_batches_holds_each_image_in_its_place(ckpt, image, tmp_path, capsys):
     """With --batch-size smaller than the request (4 images in batches of 3 and 1), each file of --outdir and
     each tile of the --out grid is image k's edit (class and seed SEED+k), as the Python API returns it."""
@@ -171,10 +195,10 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
         (("--image", tmp_path / "small.png", "--mask", "left"),
          "is 8x8 pixels but the model makes 16x16 images: resize or crop it first, or give --fit"),
         (("--image", path, "--mask", tmp_path / "small.png", "--fit"),
-         "--mask .*small.png is 8x8 pixels but --image .*in.png is 16x16: with --fit they must be the same size"),
+         "--mask .*small.png is 8x8 pixels but --image .*in.png is 16x16 \\(upright, as viewers show them\\): with --fit they must be the same size"),
         # both sides count: fitted alike, a mask of the same width but another height covers other pixels
         (("--image", path, "--mask", tmp_path / "tall.png", "--fit"),
-         "--mask .*tall.png is 16x12 pixels but --image .*in.png is 16x16: with --fit they must be the same size"),
+         "--mask .*tall.png is 16x12 pixels but --image .*in.png is 16x16 \\(upright, as viewers show them\\): with --fit they must be the same size"),
         # found while --fit prepares the mask (before edit()), and said as one line too
         (("--image", path, "--mask", tmp_path / "see_through.png", "--fit"), "the mask image has transparent pixels"),
         (("--image", tmp_path / "junk.png", "--mask", "left"), "not an image file"),
