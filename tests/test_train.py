@@ -3,6 +3,7 @@ accumulation, the label drop rate, and the command line's work folder (logs, plo
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -940,6 +941,40 @@ def test_a_stop_between_a_steps_files_and_its_state_redoes_the_step_on_resume(tm
     out = "final.safetensors" if until is None else f"ema-step{until}.safetensors"
     for name in (out, "ema.safetensors", f"samples/step{stop_at:07d}.png", "state.safetensors"):
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("blows_up", ["loss", "gradient"])
+def test_a_run_that_diverges_stops_at_once_and_keeps_its_last_saved_state(tmp_path, capsys, monkeypatch, blows_up):
+    """A step whose loss (a weight gone NaN) or gradient norm (the loss still finite) is not finite stops the
+    run before that step writes anything: it went on, writing NaN weights over the last good state, the EMA
+    and the final file. The state of step 2 (--ckpt-every 2) is kept as a straight run to step 2 wrote it."""
+    main(TINY_RUN + ["--workdir", str(tmp_path / "straight"), "--until", "2"])
+    train_step, clip = Trainer.train_step, torch.nn.utils.clip_grad_norm_
+
+    def step_three_blows_up(self):
+        if self.step == 2 and blows_up == "loss":
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        if self.step == 2 and blows_up == "gradient":
+            monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args: clip(*args) * float("inf"))
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_three_blows_up)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY_RUN + ["--workdir", str(run)])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exit_info.value.code == 1
+    assert re.fullmatch(rf"ecar-train: error: the run diverged at step 3 \(loss .*, gradient norm .*\); nothing of "
+                        rf"it was saved: the last saved state is step 2 in {re.escape(str(run / 'state.safetensors'))}"
+                        rf", with its EMA in .*ema.safetensors\. --resume would diverge again at the same step: "
+                        rf"start a new run \(another --workdir\) with a lower --lr than 0.001, or with --init from "
+                        rf"the EMA", err), err
+    for name in ("state.safetensors", "ema.safetensors"):
+        assert (run / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+    assert not (run / "final.safetensors").exists()
+    with open(run / "loss.csv", newline="") as f:
+        assert [int(row["step"]) for row in csv.DictReader(f)] == [1, 2]
 
 
 def test_an_out_that_is_a_file_the_work_folder_keeps_is_refused(tmp_path, capsys):

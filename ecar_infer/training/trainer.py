@@ -47,8 +47,8 @@ from typing import NoReturn
 from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
-from ..cli import (EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file, check_writable_folder, checked,
-                   content_sha256, make_folder, normalize, positive_int, seed_int, stops_on_sigterm,
+from ..cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file,
+                   check_writable_folder, checked, content_sha256, make_folder, normalize, positive_int, seed_int, stops_on_sigterm,
                    user_errors)
 from ..config import ConfigError, ECARConfig
 from ..cpu_memory import keep_freed_memory
@@ -174,7 +174,7 @@ class Trainer:
                     loss = self.forward(x0, labels, micro.to(self.device)) / self.accum
                 loss.backward()
             total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip)
         self.optimizer.step()
         with torch.no_grad():
             decay = s.ema_decay_at(self.step)
@@ -182,7 +182,10 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(total)
             total /= self.world
-        value = total.item()
+        # one read of both; the gradients are all-reduced, so every rank sees the same norm and stops alike
+        value, norm = torch.stack([total, grad_norm.to(total)]).tolist()
+        if not (math.isfinite(value) and math.isfinite(norm)):   # before this step's files are written
+            raise Diverged(self.step + 1, value, norm)
         self.recent_losses.append(value)
         self.step += 1
         return value
@@ -354,6 +357,26 @@ decay_float = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 def say(message: str, rank: int = 0) -> None:
     """One line of news on stdout, naming the rank where it is not rank 0."""
     print(f"ecar-train: {message}" if rank == 0 else f"ecar-train: rank {rank}: {message}", flush=True)
+
+
+class Diverged(Exception):
+    """A step whose loss or gradient norm is not finite: the weights it updated are lost, and so would be
+    every file written from them."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        super().__init__(f"step {step}: loss {loss}, gradient norm {grad_norm}")
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+
+
+def diverged(err: Diverged, workdir: Path, lr: float) -> str:
+    """The line printed when a run diverges: what was kept, and why --resume would not help."""
+    saved = saved_step(workdir / STATE_FILE)
+    kept = ("nothing was saved before it" if saved is None else
+            f"nothing of it was saved: the last saved state is step {saved} in {workdir / STATE_FILE}, with its EMA "
+            f"in {workdir / EMA_FILE}")
+    return (f"the run diverged at step {err.step} (loss {err.loss:g}, gradient norm {err.grad_norm:g}); {kept}. "
+            f"--resume would diverge again at the same step: start a new run (another --workdir) with a lower "
+            f"--lr than {lr:g}, or with --init from the EMA")
 
 
 def user_error(message: str) -> NoReturn:
@@ -917,7 +940,14 @@ def train(args: argparse.Namespace) -> None:
         while trainer.step < stop:
             started = time.perf_counter()
             lr = settings.lr_at(trainer.step)
-            loss = trainer.train_step()
+            try:
+                loss = trainer.train_step()
+            except Diverged as err:
+                bar.close()
+                if rank == 0:
+                    train_log.close()
+                    print(f"ecar-train: error: {diverged(err, workdir, settings.lr)}", file=sys.stderr, flush=True)
+                raise SystemExit(EXIT_FAILED) from None
             seconds = time.perf_counter() - started
             images_per_s = settings.batch_size / seconds
             bar.update(1)
