@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -224,6 +225,24 @@ class NpzTarget(Target):
         return str(self.path)
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"   # the IEND chunk: length 0, type, CRC; every PNG ends so
+
+
+def png_is_whole(path: Path) -> bool:
+    """Whether `path` is a PNG file that reaches its end chunk (cheap: its first and last bytes only)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != b"\x89PNG\r\n\x1a\n":
+                return False
+            f.seek(0, os.SEEK_END)
+            if f.tell() < 8 + len(PNG_END):
+                return False
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return f.read() == PNG_END
+    except OSError:
+        return False
+
+
 class FolderTarget(Target):
     """One PNG per image, DIR/class003_seed000017.png, and the settings record DIR/run.json (kept)."""
 
@@ -243,8 +262,8 @@ class FolderTarget(Target):
     def image_path(self, index: int) -> Path:
         return self.folder / f"class{self.labels[index]:03d}_seed{self.seeds[index]:06d}.png"
 
-    def holds(self, batch: int) -> bool:   # an empty file is what a write cut by a power loss can leave
-        return all(self.image_path(i).exists() and self.image_path(i).stat().st_size for i in self.batches[batch])
+    def holds(self, batch: int) -> bool:   # an empty or cut file is what a power loss or a copy cut short leaves
+        return all(png_is_whole(self.image_path(i)) for i in self.batches[batch])
 
     def foreign_files(self) -> list[Path]:
         return [path for path in map(self.image_path, range(len(self.labels))) if path.exists()]

@@ -215,14 +215,17 @@ def test_a_file_where_the_parts_folder_goes_is_a_user_error(ckpt, tmp_path, caps
     assert (tmp_path / "s.npz.parts").read_text() == "mine"
 
 
-def test_an_empty_png_in_an_outdir_is_sampled_again(ckpt, tmp_path, capsys):
-    """A write cut by a power loss can leave an empty file: its batch counted as written, and stayed empty."""
+@pytest.mark.parametrize("damage", [lambda whole: b"", lambda whole: whole[:100], lambda whole: whole[:-1]],
+                         ids=["empty", "cut short", "its last byte lost"])
+def test_an_empty_or_cut_png_in_an_outdir_is_sampled_again(ckpt, tmp_path, capsys, damage):
+    """A power loss or a copy cut short can leave an empty or cut file: its batch counted as written (a cut one
+    still does not: only a whole PNG does)."""
     args = ("--ckpt", ckpt, "--class", "2", "--per-class", "3", "--steps", "1", "--batch-size", "1", "--outdir",
             tmp_path / "out")
     assert run(capsys, *args)[0] == 0
     pngs = sorted((tmp_path / "out").glob("*.png"))
     whole = pngs[1].read_bytes()
-    pngs[1].write_bytes(b"")
+    pngs[1].write_bytes(damage(whole))
     code, stdout, stderr = run(capsys, *args)
     assert code == 0 and pngs[1].read_bytes() == whole, stderr
 
