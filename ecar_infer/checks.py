@@ -76,6 +76,14 @@ def guidance_weight(value) -> float:
     return weight
 
 
+def switches(**named) -> None:
+    """Refuse a switch given as anything but True or False: a string "false" or "no" is true to Python, and
+    compile="false" would compile for minutes."""
+    for name, value in named.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def parse_json(text: str | bytes):
     """json.loads for text from a file: whatever is not JSON raises ValueError (JSONDecodeError, bad UTF-8,
     an integer too long to convert), text nested past the parser's recursion limit included."""

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .checks import guidance_weight, integers, is_integer
+from .checks import guidance_weight, integers, is_integer, switches
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import parse_class_names, resolve_class
 from .config import ECARConfig
@@ -130,8 +130,7 @@ class Sampler:
                  max_engines: int = DEFAULT_MAX_ENGINES) -> None:
         if not is_integer(max_engines) or max_engines < 1:
             raise ValueError(f"max_engines must be an integer of at least 1, got {max_engines!r}")
-        if not isinstance(progress, bool):
-            raise ValueError(f"progress must be True or False, got {progress!r}")
+        switches(progress=progress, cuda_graphs=cuda_graphs, compile=compile, tf32=tf32)
         self.model = model.eval()   # the caller's model, in eval mode: sample from a copy of one in training
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -179,6 +178,7 @@ class Sampler:
         from .checkpoint import load_checkpoint
         from .weights import checkpoint_path
 
+        switches(vae_slicing=vae_slicing, vae_tiling=vae_tiling)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         model = load_checkpoint(checkpoint_path(path), device=device, dtype=dtype)
@@ -199,6 +199,7 @@ class Sampler:
                              f"of fields: ECARConfig.from_dict)")
         if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
             raise ValueError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
+        switches(random_vae=random_vae)
         device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
         model = ECARModel(config).init_weights(seed, zero_init=False).to(device=device, dtype=dtype)

@@ -105,11 +105,25 @@ def test_none_means_the_default_and_integer_kinds_are_accepted(sampler):
     (dict(seed=1.5), r"seed must be an integer in 0..2\*\*64-1, got 1.5"),
     (dict(seed=-1), "seed must be an integer in 0..2"),
     (dict(progress="no"), "progress must be True or False, got 'no'"),
+    # a string is true to Python: compile="false" compiled for minutes
+    (dict(compile="false"), "compile must be True or False, got 'false'"),
+    (dict(cuda_graphs="no"), "cuda_graphs must be True or False, got 'no'"),
+    (dict(tf32=0), "tf32 must be True or False, got 0"),
+    (dict(random_vae="off"), "random_vae must be True or False, got 'off'"),
     (dict(max_engines=2.0), "max_engines must be an integer of at least 1, got 2.0"),
 ])
 def test_bad_sampler_options_are_value_errors_that_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampler.from_config(ECARConfig.preset("ecar-tiny"), **{"device": "cpu", **kwargs})
+
+
+@pytest.mark.parametrize("switch", ["vae_slicing", "vae_tiling"])
+def test_from_pretrained_refuses_a_switch_that_is_not_a_bool_before_loading(switch, monkeypatch):
+    import ecar_infer.checkpoint
+
+    monkeypatch.setattr(ecar_infer.checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=f"{switch} must be True or False, got 'no'"):
+        Sampler.from_pretrained("ecar-digits32", device="cpu", **{switch: "no"})
 
 
 def test_from_config_takes_a_preset_name_and_refuses_other_types():
