@@ -68,11 +68,17 @@ def finite_real(name: str, value) -> float:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def guidance_weight(value) -> float:
-    """A classifier-free guidance weight: a finite number that float32 holds."""
-    weight = finite_real("cfg_scale", value)
-    if abs(weight) > FLOAT32_MAX:
-        raise ValueError(f"cfg_scale must be within float32's range (|cfg_scale| <= 3.4e38), got {value}")
+# Guidance is useful up to about 10; far beyond, the images only saturate, and further still (about 1e20 on the
+# shipped models, measured) float32 overflows inside the model and the images come out NaN, written as black
+MAX_GUIDANCE = 1e4
+
+
+def guidance_weight(value, name: str = "cfg_scale") -> float:
+    """A classifier-free guidance weight: a finite number of magnitude at most MAX_GUIDANCE."""
+    weight = finite_real(name, value)
+    if abs(weight) > MAX_GUIDANCE:
+        raise ValueError(f"{name} must be within -10,000..10,000 (guidance of 1-10 is usual; far beyond, float32 "
+                         f"overflows in the model and the images are NaN), got {value}")
     return weight
 
 

@@ -35,7 +35,7 @@ from typing import NoReturn
 
 from . import distributed
 from .atomic import create_temporary
-from .checks import FLOAT32_MAX
+from .checks import MAX_GUIDANCE
 from .class_names import ClassNameError, list_classes, match_key, resolve_class
 from .config import ConfigError
 from .cpu_memory import keep_freed_memory
@@ -110,8 +110,8 @@ positive_int = checked(int, lambda v: v > 0, "a positive integer")
 step_count = checked(int, lambda v: 0 < v <= MAX_STEPS_PER_STAGE, f"an integer in 1..{MAX_STEPS_PER_STAGE}")
 seed_int = checked(int, lambda v: 0 <= v <= MAX_SEED, f"an integer in 0..{MAX_SEED} (2**64-1)")
 rank_timeout = checked(int, lambda v: 0 < v <= MAX_RANK_TIMEOUT, f"a number of seconds in 1..{MAX_RANK_TIMEOUT:,}")
-guidance_float = checked(float, lambda v: math.isfinite(v) and abs(v) <= FLOAT32_MAX,
-                         "a finite number within float32's range (|W| <= 3.4e38)")
+guidance_float = checked(float, lambda v: math.isfinite(v) and abs(v) <= MAX_GUIDANCE,
+                         "a finite number within -10,000..10,000")
 
 
 def class_spec(text: str) -> list[str | None]:

@@ -5,10 +5,11 @@ bad entry is a CheckpointError, never a failure at the first generate().
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
-from .checks import finite_real
+from .checks import guidance_weight
 from .config import ECARConfig
 from .schedule import CFG_SCHEDULES, plan_for
 
@@ -47,9 +48,12 @@ class SamplingDefaults:
         if "recommended_cfg" in metadata:
             value = metadata["recommended_cfg"]
             try:
-                cfg_scale = finite_real("recommended_cfg", float(value))
+                number = float(value)
             except ValueError:
-                raise ValueError(f"recommended_cfg must be a finite number, got {value!r}") from None
+                number = math.nan
+            if not math.isfinite(number):
+                raise ValueError(f"recommended_cfg must be a finite number, got {value!r}")
+            cfg_scale = guidance_weight(number, "recommended_cfg")
             out = replace(out, cfg_scale=cfg_scale)
         if "recommended_steps" in metadata:
             value = str(metadata["recommended_steps"])

@@ -32,8 +32,8 @@ def sampler():
     (dict(cfg_scale=math.inf), "cfg_scale must be a finite number"),
     (dict(cfg_scale=-math.inf), "cfg_scale must be a finite number"),
     (dict(cfg_scale=10**400), "cfg_scale must be a finite number"),     # an int beyond a float's range
-    (dict(cfg_scale=1e39), r"cfg_scale must be within float32's range \(\|cfg_scale\| <= 3.4e38\), got 1e\+39"),
-    (dict(cfg_scale=-3.5e38), r"cfg_scale must be within float32's range"),  # inf once in float32
+    (dict(cfg_scale=1e30), r"cfg_scale must be within -10,000..10,000 \(.*\), got 1e\+30"),   # NaN images
+    (dict(cfg_scale=-3.5e38), r"cfg_scale must be within -10,000..10,000"),
     (dict(class_labels=["3"]), "class_labels must be integers, got '3'"),
     (dict(class_labels=[3.0]), "class_labels must be integers, got 3.0"),
     (dict(class_labels=[True]), "class_labels must be integers"),
@@ -69,13 +69,13 @@ def test_bad_arguments_are_errors_not_defaults(sampler, kwargs, match):
         sampler.generate(**kwargs, output_type="latent")
 
 
-def test_guidance_up_to_the_largest_float32_is_accepted_and_one_step_beyond_is_not(sampler):
-    """The bound is inclusive: float32's largest value is a finite weight; the next double above it is not."""
-    largest = float(np.finfo(np.float32).max)
-    for weight in (largest, -largest):
+def test_guidance_up_to_ten_thousand_is_accepted_and_one_step_beyond_is_not(sampler):
+    """The bound is inclusive: 10,000 is a weight; the next double above it is not (far beyond it, about 1e20 on
+    the shipped models, float32 overflowed in the model and the images were NaN, written as black)."""
+    for weight in (1e4, -1e4):
         assert sampler.plan(cfg_scale=weight)
         beyond = math.nextafter(weight, math.copysign(math.inf, weight))
-        with pytest.raises(ValueError, match="cfg_scale must be within float32's range"):
+        with pytest.raises(ValueError, match="cfg_scale must be within -10,000..10,000"):
             sampler.plan(cfg_scale=beyond)
 
 

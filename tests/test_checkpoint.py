@@ -393,6 +393,7 @@ BAD_FILES = {
     "recommended_steps=-2": r"recommended_steps must be one step count .*got '-2'",
     "recommended_cfg=nan": r"recommended_cfg must be a finite number, got 'nan'",
     "recommended_cfg=two": r"recommended_cfg must be a finite number, got 'two'",
+    "recommended_cfg=1e39": r"recommended_cfg must be within -10,000..10,000 \(.*\), got 1e\+39",
     "recommended_cfg_schedule=bogus": r"recommended_cfg_schedule must be one of \('constant', 'linear'\)",
     "recommended_cfg_interval=0.6,0.5": r"recommended_cfg_interval must be two sigmas .*got '0.6,0.5'",
     "recommended_cfg_interval=0.5,nan": r"recommended_cfg_interval must be two sigmas .*got '0.5,nan'",

@@ -821,15 +821,15 @@ USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error
                                                                         "space and decodes without a VAE; leave --vae out"),
     "bad interval": ("--ckpt {ckpt} --class 1 --cfg-interval 0.9,0.1", "give LO,HI with 0 <= LO <= HI <= 1"),
     "nan interval": ("--ckpt {ckpt} --class 1 --cfg-interval nan,1", "give LO,HI with 0 <= LO <= HI <= 1"),
-    "cfg nan": ("--ckpt {ckpt} --class 1 --cfg-scale nan", "argument --cfg-scale: must be a finite number within float32's range (|W| "
-                                                            "<= 3.4e38), got 'nan'"),
+    "cfg nan": ("--ckpt {ckpt} --class 1 --cfg-scale nan", "argument --cfg-scale: must be a finite number within "
+                                                            "-10,000..10,000, got 'nan'"),
     "cfg inf": ("--ckpt {ckpt} --class 1 --cfg-scale inf", "argument --cfg-scale: must be a finite number"),
     "cfg -inf": ("--ckpt {ckpt} --class 1 --cfg-scale=-inf", "argument --cfg-scale: must be a finite number"),
-    "cfg below float32": ("--ckpt {ckpt} --class 1 --cfg-scale=-1e39",
-                          "argument --cfg-scale: must be a finite number within float32's range"),
-    "cfg beyond float32": ("--ckpt {ckpt} --class 1 --cfg-scale 1e39",
-                           "argument --cfg-scale: must be a finite number within float32's range (|W| <= 3.4e38), "
-                           "got '1e39'"),
+    # far beyond any useful guidance, float32 overflows in the model and the images were NaN, written as black
+    "cfg below -10,000": ("--ckpt {ckpt} --class 1 --cfg-scale=-10001",
+                          "argument --cfg-scale: must be a finite number within -10,000..10,000"),
+    "cfg beyond 10,000": ("--ckpt {ckpt} --class 1 --cfg-scale 1e30",
+                          "argument --cfg-scale: must be a finite number within -10,000..10,000, got '1e30'"),
     "seed above 2**64-1": ("--ckpt {ckpt} --class 1 --seed 18446744073709551616",
                            "argument --seed: must be an integer in 0..18446744073709551615"),
     "negative seed": ("--ckpt {ckpt} --class 1 --seed -1", "argument --seed: must be an integer in 0.."),
