@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 
 import torch
 
 from ecar_infer import Sampler, keep_freed_memory
-from ecar_infer.cli import interval_spec, steps_spec
+from ecar_infer.cli import interval_spec, positive_int, steps_spec
 from ecar_infer.training import quality
 
 from .report import write_outputs
@@ -62,35 +61,24 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.guidance", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="checkpoint file or shipped model name")
-    parser.add_argument("--data", default="digits32", help="the training split (any ecar-train --data)")
-    parser.add_argument("--heldout", help="the held-out split (needed unless --data is digits32)")
+    quality.add_judge_arguments(parser, ckpt_required=True)
     parser.add_argument("--setting", type=setting_spec, action="append", required=True, metavar="W:LO,HI")
     parser.add_argument("--steps", type=steps_spec, metavar="N|a,b,c",
                         help="steps per stage (default: the checkpoint's recommended)")
-    parser.add_argument("--seed-sets", type=int, default=5)
-    parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed-sets", type=positive_int, default=5)
+    parser.add_argument("--per-class", type=positive_int, default=100)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--out", help="JSON report")
     args = parser.parse_args(argv)
-    if args.data != "digits32" and not args.heldout:
-        parser.error("--heldout is needed with --data")
     keep_freed_memory()
     torch.set_num_threads(args.threads)
-    sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
+    sampler = quality.judged_model(parser, args)
     per_set = sampler.config.num_classes * args.per_class
     if per_set > SEED_STEP:  # set k takes seeds k*SEED_STEP + 0 .. per_set-1: more would reach the next set's
         parser.error(f"a seed set of {per_set} images ({sampler.config.num_classes} classes x --per-class "
                      f"{args.per_class}) would overlap the next (sets start {SEED_STEP} seeds apart): give "
                      f"--per-class {SEED_STEP // sampler.config.num_classes} or less")
-    if args.data == "digits32":
-        ref = quality.build_reference()
-    else:
-        with tempfile.TemporaryDirectory() as cache:
-            try:
-                ref = quality.reference_from_data(args.data, args.heldout, sampler.config, cache, sampler.class_names)
-            except ValueError as err:   # the data's errors (DataError too) and a misfit of classes
-                parser.error(str(err))
+    ref = quality.judge_of_data(parser, args, sampler) or quality.build_reference()
     real_features = ref.features(ref.heldout)
     rows = []
     for k in range(1, args.seed_sets + 1):

@@ -261,3 +261,62 @@ def test_quality_cli_refuses_data_of_other_classes_than_the_models(tmp_path, cap
         main(["--ckpt", ckpt, "--data", train, "--heldout", held])
     assert exit_info.value.code == 2
     assert "but the model's are green, blue, red" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_judge_takes_a_latent_model_with_its_vae(tmp_path, capsys):
+    """A latent model is judged on its decoded images against the data's pixels (the tools had no --vae, and
+    such a model was a VAEError traceback)."""
+    import json
+
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+    from ecar_infer.training.quality import main
+    from test_vae import tiny_autoencoder
+
+    config = ECARConfig.preset("ecar-tiny-vae").replace(num_classes=3)
+    ckpt = tmp_path / "latent.safetensors"
+    save_checkpoint(random_model(config, seed=1), ckpt, extra_metadata={"recommended_steps": "1"})
+    tiny_autoencoder().save_pretrained(tmp_path / "vae")
+    train, held = colour_npz(tmp_path, "train", 8, 0), colour_npz(tmp_path, "heldout", 4, 1)
+    main(["--ckpt", str(ckpt), "--vae", str(tmp_path / "vae"), "--data", train, "--heldout", held, "--per-class", "2"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["heldout_real_accuracy"] > 0.9   # the real images, read at the model's 32x32 in RGB
+    assert set(report["settings"]) == {"no guidance", "recommended"}
+    assert all(0 <= row["accuracy"] <= 1 and row["fd_vs_heldout"] > 0 for row in report["settings"].values())
+
+
+def judging_tools():
+    from benchmarks import guidance
+    from ecar_infer.training import edit_quality, quality
+
+    return {"quality": (quality.main, []), "edit_quality": (edit_quality.main, []),
+            "guidance": (guidance.main, ["--setting", "1:0,1"])}
+
+
+@pytest.mark.parametrize("tool", ["quality", "edit_quality", "guidance"])
+@pytest.mark.parametrize("problem, args, said", [
+    ("no such checkpoint", ["--ckpt", "{tmp}/nope.safetensors"], "nope.safetensors"),
+    ("a latent model without its VAE", ["--ckpt", "{tmp}/latent.safetensors"], "this model decodes through an SD-VAE"),
+    ("per-class 0", ["--per-class", "0"], "argument --per-class"),
+])
+def test_the_judging_tools_say_what_is_wrong_in_one_line(tool, problem, args, said, tmp_path, capsys):
+    """A missing checkpoint or VAE was a traceback, and so was --per-class 0 (and 1 for quality)."""
+    from conftest import random_model
+    from ecar_infer import save_checkpoint
+
+    save_checkpoint(random_model(ECARConfig.preset("ecar-tiny-vae"), seed=1), tmp_path / "latent.safetensors")
+    main, extra = judging_tools()[tool]
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg.format(tmp=tmp_path) for arg in args] + extra)
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err) and said in err[-1], err
+
+
+def test_the_quality_tool_needs_two_samples_per_class_for_its_pairs(capsys):
+    from ecar_infer.training.quality import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--per-class", "1"])
+    assert exit_info.value.code == 2
+    assert "argument --per-class: must be an integer of at least 2 (the diversity check compares pairs)" in \
+        capsys.readouterr().err

@@ -37,7 +37,8 @@ import numpy as np
 
 from ..atomic import atomic_write_text
 from .data import DIGITS32
-from .quality import CLASSIFIER_TRAIN_SIZE, build_reference, flat, off_diagonal, pairwise_distances, reference_from_data
+from .quality import (CLASSIFIER_TRAIN_SIZE, add_judge_arguments, build_reference, flat, judge_of_data, judged_model,
+                      off_diagonal, pairwise_distances)
 
 HALVES = ("top", "bottom", "left", "right")
 GREY = 0.0  # mid-grey in [-1, 1]
@@ -180,36 +181,24 @@ def pictures(folder: str, images: np.ndarray, completed: dict, varied: dict, row
 
 
 def main(argv: list[str] | None = None) -> None:
-    import tempfile
-
+    from ..cli import positive_int, seed_int
     from ..cpu_memory import keep_freed_memory
     from ..editing import image_channels
-    from ..sampler import Sampler
-    from ..weights import shipped_checkpoint
 
     keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=str(shipped_checkpoint("ecar-digits32")))
-    parser.add_argument("--data", default=DIGITS32, help="the training split (any ecar-train --data)")
-    parser.add_argument("--heldout", help="the held-out split (needed unless --data is digits32)")
-    parser.add_argument("--per-class", type=int, default=10, help="held-out images per class to complete")
-    parser.add_argument("--vary-images", type=int, default=8, help="held-out images to vary (8 variations each)")
-    parser.add_argument("--seed", type=int, default=20_000)
+    add_judge_arguments(parser)
+    parser.add_argument("--per-class", type=positive_int, default=10, help="held-out images per class to complete")
+    parser.add_argument("--vary-images", type=positive_int, default=8,
+                        help="held-out images to vary (8 variations each)")
+    parser.add_argument("--seed", type=seed_int, default=20_000)
     parser.add_argument("--json", help="write the numbers here")
     parser.add_argument("--pictures", help="folder for edit-inpaint[-NAME].png and edit-vary[-NAME].png")
     parser.add_argument("--skip-cost", action="store_true")
     args = parser.parse_args(argv)
-    if args.data != DIGITS32 and not args.heldout:
-        parser.error("--heldout is needed with --data")
-    sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
-    if args.data == DIGITS32:
-        ref = build_reference(split_size=CLASSIFIER_TRAIN_SIZE)   # the classifier and held-out images only
-    else:
-        with tempfile.TemporaryDirectory() as cache:
-            try:
-                ref = reference_from_data(args.data, args.heldout, sampler.config, cache, sampler.class_names)
-            except ValueError as err:   # the data's errors (DataError too) and a misfit of classes
-                parser.error(str(err))
+    sampler = judged_model(parser, args)
+    # digits32: the classifier and held-out images only
+    ref = judge_of_data(parser, args, sampler) or build_reference(split_size=CLASSIFIER_TRAIN_SIZE)
     chosen = pick(ref.heldout_labels, args.per_class)
     size = sampler.config.image_size
     images = ref.heldout[chosen].reshape(len(chosen), image_channels(sampler.config), size, size)

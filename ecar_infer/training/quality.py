@@ -110,9 +110,12 @@ def reference_from_data(train: str, heldout: str, config, cache_dir: str,
     on the whole training split, at the model's image size. The splits must name their classes as the
     model does (model_class_names, where it has names): class k of the samples is judged as class k of the
     data, so other or reordered classes would give numbers that mean nothing."""
+    from ..editing import image_channels
     from .data import open_data
 
-    x_train, x_held = (open_data(spec, config, cache_dir) for spec in (train, heldout))
+    # a latent model is judged on its decoded images: the data's pixels, in the VAE's channels
+    channels = None if config.latent_kind == "pixel" else image_channels(config)
+    x_train, x_held = (open_data(spec, config, cache_dir, channels) for spec in (train, heldout))
     if x_held.class_names != x_train.class_names:
         raise ValueError(f"{heldout} and {train} name their classes differently")
     if model_class_names is not None and model_class_names != x_train.class_names:
@@ -230,39 +233,69 @@ def evaluate(sampler, ref: Reference | None = None, per_class: int = 100, seed: 
     return report
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_judge_arguments(parser: argparse.ArgumentParser, ckpt_required: bool = False) -> None:
+    """The options every judging tool takes: the model (--ckpt, --vae) and its data (--data, --heldout)."""
+    from ..weights import shipped_checkpoint
+
+    if ckpt_required:
+        parser.add_argument("--ckpt", required=True, help="checkpoint file or shipped model name")
+    else:
+        parser.add_argument("--ckpt", default=str(shipped_checkpoint("ecar-digits32")),
+                            help="checkpoint file or shipped model name (default: ecar-digits32)")
+    parser.add_argument("--vae", help="a latent model's VAE: a local diffusers AutoencoderKL, as ecar-sample takes it")
+    parser.add_argument("--data", default="digits32", help="the training split (any ecar-train --data)")
+    parser.add_argument("--heldout", help="the held-out split (needed unless --data is digits32)")
+
+
+def judged_model(parser: argparse.ArgumentParser, args):
+    """The sampler of --ckpt and --vae (on the CPU, quiet); what is wrong with them, or with --data and
+    --heldout together, is one parser error."""
+    from ..sampler import Sampler
+
+    if args.data != "digits32" and not args.heldout:
+        parser.error("--heldout is needed with --data")
+    try:
+        return Sampler.from_pretrained(args.ckpt, device="cpu", progress=False, vae=args.vae)
+    except ValueError as err:   # CheckpointError, ConfigError, VAEError
+        parser.error(str(err))
+
+
+def judge_of_data(parser: argparse.ArgumentParser, args, sampler) -> Reference | None:
+    """The reference of --data and --heldout; None for digits32, whose reference each tool builds as it
+    needs. The data's errors and a misfit of classes are one parser error."""
     import tempfile
 
+    if args.data == "digits32":
+        return None
+    with tempfile.TemporaryDirectory() as cache:
+        try:
+            return reference_from_data(args.data, args.heldout, sampler.config, cache, sampler.class_names)
+        except ValueError as err:   # the data's errors (DataError too) and a misfit of classes
+            parser.error(str(err))
+
+
+def main(argv: list[str] | None = None) -> None:
+    from ..cli import checked, seed_int
     from ..cpu_memory import keep_freed_memory
-    from ..sampler import Sampler
     from ..schedule import plan_for
-    from ..weights import shipped_checkpoint
 
     keep_freed_memory()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt", default=str(shipped_checkpoint("ecar-digits32")))
-    parser.add_argument("--data", default="digits32", help="the training split (any ecar-train --data)")
-    parser.add_argument("--heldout", help="the held-out split (needed unless --data is digits32)")
-    parser.add_argument("--per-class", type=int, default=100, help="generated images per class and setting")
-    parser.add_argument("--seed", type=int, default=10_000)
+    add_judge_arguments(parser)
+    parser.add_argument("--per-class", type=checked(int, lambda v: v >= 2, "an integer of at least 2 (the "
+                                                    "diversity check compares pairs)"), default=100,
+                        help="generated images per class and setting")
+    parser.add_argument("--seed", type=seed_int, default=10_000)
     parser.add_argument("--steps", type=int, help="steps per stage (default: the checkpoint's recommended)")
     args = parser.parse_args(argv)
-    sampler = Sampler.from_pretrained(args.ckpt, device="cpu", progress=False)
+    sampler = judged_model(parser, args)
     if args.steps is not None:
         try:
             plan_for(sampler.config, args.steps)   # a count this head cannot take is a usage error
         except ValueError as err:
             parser.error(f"--steps: {err}")
         sampler.defaults = replace(sampler.defaults, steps_per_stage=args.steps)
-    ref = None
-    if args.data != "digits32":
-        if not args.heldout:
-            parser.error("--heldout is needed with --data")
-        with tempfile.TemporaryDirectory() as cache:
-            try:
-                ref = reference_from_data(args.data, args.heldout, sampler.config, cache, sampler.class_names)
-            except ValueError as err:   # the data's errors (DataError too) and a misfit of classes
-                parser.error(str(err))
+    ref = judge_of_data(parser, args, sampler)
     print(json.dumps(evaluate(sampler, ref, args.per_class, args.seed), indent=1))
 
 
