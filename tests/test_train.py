@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
 from conftest import refuse_writes_in
 from ecar_infer import ECARConfig, load_checkpoint
@@ -981,6 +982,33 @@ def test_an_out_that_is_a_file_the_work_folder_keeps_is_refused(tmp_path, capsys
     for kept in ("state.safetensors", "ema.safetensors"):
         err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path), "--out", str(tmp_path / kept)])
         assert f"that is the work folder's {kept}, which the run keeps writing; choose another file" in err
+
+
+@pytest.mark.parametrize("inside", ["default workdir", "--workdir", "--out"])
+def test_outputs_inside_the_image_folder_are_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, inside):
+    """From inside the data folder, `--data .` put the default runs/NAME there, and its own folder was then
+    listed as a class without images; a --workdir or --out inside it made sample grids and checkpoints
+    training images (or replaced one), and the resume found other data."""
+    data = tmp_path / "pets"
+    for name in ("cat", "dog"):
+        (data / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / name / "0.png")
+    monkeypatch.chdir(data)
+    run = ["--preset", "ecar-tiny", "--set", "num_classes=2", "--set", "latent_channels=3", "--steps", "1",
+           "--batch-size", "2", "--device", "cpu", "--data"]
+    args, said = {
+        "default workdir": ([".", ], "--workdir runs/pets (the default: runs/<data name> in the current folder) lies "
+                                     "inside the image folder --data ., whose every image is training data: give "
+                                     "--workdir outside it"),
+        "--workdir": ([str(data), "--workdir", str(data / "cat" / "run")], f"--workdir {data / 'cat' / 'run'} lies "
+                      f"inside the image folder --data {data}, whose every image is training data"),
+        "--out": ([str(data), "--workdir", str(tmp_path / "run"), "--out", str(data / "cat" / "0.png")],
+                  f"--out {data / 'cat' / '0.png'} lies inside the image folder"),
+    }[inside]
+    err = user_error(capsys, run + args)
+    assert said in err
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == ["cat", "cat/0.png", "dog", "dog/0.png"]
+    assert not (tmp_path / "run").exists()
 
 
 # ^C while torch is imported (the first seconds of ecar-train), simulated: importing torch raises it

@@ -509,9 +509,19 @@ def final_path(args: argparse.Namespace) -> Path:
     return Path(args.out) if args.out else Path(args.workdir) / "final.safetensors"
 
 
-def check_outputs(workdir: Path, final: Path) -> None:
-    """Fail before any work if the work folder or the final checkpoint cannot be written, or if the final
-    checkpoint would replace one of the files the run keeps in its work folder."""
+def check_outputs(workdir: Path, final: Path, data: str) -> None:
+    """Fail before any work if the work folder or the final checkpoint cannot be written, if the final
+    checkpoint would replace one of the files the run keeps in its work folder, or if either lies inside the
+    image folder --data (its sample grids and loss plot would become training images, and a resume would
+    then find other data)."""
+    folder = Path(data)
+    if folder.is_dir():
+        for option, path in (("--workdir", workdir), ("--out", final)):
+            if path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents:
+                default = (" (the default: runs/<data name> in the current folder)"
+                           if option == "--workdir" and str(path) == default_workdir(data) else "")
+                raise UsageError(f"{option} {path}{default} lies inside the image folder --data {data}, whose every "
+                                 f"image is training data: give {option} outside it")
     for kept in (STATE_FILE, EMA_FILE):
         if final.resolve() == (workdir / kept).resolve():
             raise UsageError(f"--out {final}: that is the work folder's {kept}, which the run keeps writing; "
@@ -814,7 +824,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     from ..targets import write_settings
 
     workdir, final = Path(args.workdir), final_path(args)
-    check_outputs(workdir, final)
+    check_outputs(workdir, final, args.data)
     step = saved_step(workdir / STATE_FILE)
     if step is not None and not args.resume:   # before the data: opening it may take hours
         raise UsageError(f"{workdir} holds a run at step {step}: pass --resume to continue it, or choose another "
