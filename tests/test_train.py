@@ -1198,7 +1198,8 @@ def test_resume_knows_the_init_checkpoint_by_content(tmp_path, capsys, monkeypat
     save_checkpoint(random_model(ECARConfig.preset("ecar-tiny"), seed=10), tmp_path / "a" / "init.safetensors")
     capsys.readouterr()
     err = user_error(capsys, run + ["--init", "a/init.safetensors", "--resume"])
-    assert "run holds a run with other settings (init_sha256)" in err
+    assert "run holds a run with other settings (init_sha256: the --init checkpoint is not the one the run began " \
+           "from, and a resume does not read it: leave --init out)" in err
 
 
 def test_a_resume_keeps_its_state_whatever_its_init_is_called_and_refuses_another_init(tmp_path, capsys, monkeypatch):
@@ -1218,7 +1219,8 @@ def test_a_resume_keeps_its_state_whatever_its_init_is_called_and_refuses_anothe
     assert loaded == [tmp_path / "tinyship.safetensors"]
     capsys.readouterr()
     err = user_error(capsys, run + ["--init", str(tmp_path / "other.safetensors"), "--resume"])
-    assert "run holds a run with other settings (init_sha256): resume it with the settings in " in err
+    assert "run holds a run with other settings (init_sha256: the --init checkpoint is not the one the run began " \
+           "from, and a resume does not read it: leave --init out): resume it with the settings in " in err
 
 
 def test_a_run_started_from_init_resumes_after_the_init_file_is_gone(tmp_path, capsys, monkeypatch):
@@ -1244,7 +1246,7 @@ def test_a_run_started_from_init_resumes_after_the_init_file_is_gone(tmp_path, c
     assert json.loads((tmp_path / "run" / "settings.json").read_text())["init_sha256"] == recorded
     capsys.readouterr()
     err = user_error(capsys, run + ["--init", "other.safetensors", "--resume"])
-    assert "run holds a run with other settings (init_sha256)" in err
+    assert "run holds a run with other settings (init_sha256: the --init checkpoint is not" in err
 
 
 def test_a_seed_outside_torchs_range_is_refused_with_the_options_name(tmp_path, capsys):

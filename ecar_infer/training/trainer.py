@@ -625,7 +625,11 @@ def check_same_run(workdir: Path, settings: dict, unknown: tuple[str, ...] = ())
 
 def what_differs(name: str, saved, now) -> str:
     """A differing setting as a refused resume names it: the data with what in it differs (its image count
-    with both values), everything else by its name."""
+    with both values), the --init checkpoint with what to do (a shipped model updated since the run began
+    refused the command that Ctrl-C says to rerun), everything else by its name."""
+    if name == "init_sha256":
+        return "init_sha256: the --init checkpoint is not the one the run began from, and a resume does not read it: " \
+               "leave --init out"
     if name != "data" or not isinstance(saved, dict) or not isinstance(now, dict):
         return name
     parts = [f"images {saved.get(key)} in the run, {now.get(key)} now" if key == "images" else key
