@@ -41,8 +41,17 @@ def parse_class_names(text: str | None, num_classes: int) -> list[str] | None:
         raise ClassNameError(f"{METADATA_KEY} must be a JSON list of non-empty strings")
     if len(names) != num_classes:
         raise ClassNameError(f"{METADATA_KEY} has {len(names)} names for {num_classes} classes")
-    if len({match_key(n) for n in names}) != len(names):
-        raise ClassNameError(f"{METADATA_KEY} has names that differ only in case or Unicode form")
+    # a newline or tab in a name (a folder may be called so) would break one-line errors and the grid labels
+    controlled = next((n for n in names if any(unicodedata.category(ch) == "Cc" for ch in n)), None)
+    if controlled is not None:
+        raise ClassNameError(f"{METADATA_KEY} has a name with a control character (a newline, a tab): "
+                             f"{controlled!r}")
+    first_of = {}
+    for name in names:
+        if match_key(name) in first_of:
+            raise ClassNameError(f"{METADATA_KEY} has names that differ only in case or Unicode form "
+                                 f"({first_of[match_key(name)]!r} and {name!r}), or repeat")
+        first_of[match_key(name)] = name
     return names
 
 

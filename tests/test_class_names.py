@@ -80,7 +80,10 @@ def test_names_made_of_digits_are_found_by_name_first():
                                            ('["a", 3]', "JSON list"), ('["a", ""]', "JSON list"),
                                            ('["a", " "]', "JSON list"), ('["a", "\\t\\n"]', "JSON list"),
                                            ('["a"]', "1 names for 2 classes"),
-                                           ('["Cat", "cat"]', "differ only in case"),
+                                           ('["Cat", "cat"]', r"differ only in case .*\('Cat' and 'cat'\)"),
+                                           ('["a", "a"]', r"\('a' and 'a'\), or repeat"),
+                                           # a folder may be called so: it broke --label-rows and one-line errors
+                                           ('["a\\nb", "c"]', r"a control character .*: 'a\\nb'"),
                                            ('["Straße", "STRASSE"]', "differ only in case")])  # casefold, not lower
 def test_malformed_entries_are_refused(text, problem):
     with pytest.raises(ClassNameError, match=problem):

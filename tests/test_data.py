@@ -594,7 +594,8 @@ def test_npz_class_without_images_is_named(tmp_path, class_names, config_classes
 
 
 @pytest.mark.parametrize("class_names, problem", [(["a", "A", "b"], "differ only in case"),
-                                                  (["a", " ", "b"], "non-empty strings")])
+                                                  (["a", " ", "b"], "non-empty strings"),
+                                                  (["a", "x\ny", "b"], "control character")])
 def test_npz_bad_class_names_name_the_file(tmp_path, class_names, problem):
     path = tmp_path / "d.npz"
     np.savez(path, images=random_images(3, 16, 16), labels=np.arange(3), class_names=np.array(class_names))

@@ -232,7 +232,7 @@ class ImageSet:
         try:   # the names must make a valid checkpoint entry: found now, not at the first checkpoint
             encode_class_names(self.class_names, config.num_classes)
         except ClassNameError as err:
-            raise DataError(f"{self.description}: {err}; give each class a distinct, non-empty name") from None
+            raise DataError(f"{self.description}: {err}; give each class a distinct, non-empty, one-line name") from None
         if not len(self):
             raise DataError(f"{self.description}: no images")
 
