@@ -75,6 +75,8 @@ def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:
     else an unambiguous prefix of a name. A name comes first, so that classes named by digits ("2", "3d") are
     found by name."""
     text = text.strip()
+    if not text:
+        raise ClassNameError(f"an empty class name; the classes are {list_classes(names, num_classes)}")
     key = match_key(text)
     exact = [i for i, n in enumerate(names or []) if match_key(n) == key]
     if exact:

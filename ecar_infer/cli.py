@@ -280,6 +280,8 @@ def check_writable_file(target: Path) -> None:
     longer; FILE.parts/ is 6) is made of it, which a name of 242-255 bytes passed only to fail after sampling."""
     if target.is_dir():
         raise UsageError(f"cannot write {target}: it is a directory")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise UsageError(f"cannot write {target}: {target.parent} is a file, not a directory")
     if not target.parent.is_dir():
         raise UsageError(f"cannot write {target}: directory {target.parent} does not exist")
     try:

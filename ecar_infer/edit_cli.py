@@ -22,6 +22,7 @@ import logging
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import cli, distributed
@@ -79,10 +80,14 @@ def read_image(path: str, what: str, size: int | None):
     any file); of any size for size None (PIL refuses a decompression bomb, over 2 x 89M pixels)."""
     from PIL import Image, UnidentifiedImageError
 
+    if not path:   # Path("") is the current folder
+        raise cli.UsageError(f"{what} is empty: give an image file")
     if Path(path).exists() and not Path(path).is_file():   # a FIFO would make Image.open wait forever
         raise cli.UsageError(f"{what} {path}: not a regular file (a folder, a FIFO or a device); give an image file")
     try:
-        image = Image.open(path)
+        with warnings.catch_warnings():   # Pillow's two-line warning over 89M pixels; its error at twice that holds
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
     except FileNotFoundError:
         raise cli.UsageError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as err:

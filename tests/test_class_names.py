@@ -25,6 +25,8 @@ def test_resolve_by_index_name_and_prefix():
         resolve_class("s", NAMES, 10)
     with pytest.raises(ClassNameError, match="no class 'robots'; the classes are 0 Smileys & Emotion, .*9 Sports"):
         resolve_class("robots", NAMES, 10)
+    with pytest.raises(ClassNameError, match="an empty class name; the classes are 0 Smileys"):   # was "ambiguous"
+        resolve_class(" ", NAMES, 10)
     with pytest.raises(ClassNameError, match="class 12 is outside this model's classes: 0 Smileys"):
         resolve_class("12", NAMES, 10)
     # digits that int() does not read ('²'.isdigit() is True) are no index: a name, or an error that lists them

@@ -843,6 +843,8 @@ USER_ERRORS = {  # arguments ({ckpt}: a good checkpoint), and what the one error
     "corrupt checkpoint": ("--ckpt {corrupt} --class 1", "not a safetensors file"),
     "ckpt and random init": ("--ckpt {ckpt} --random-init ecar-tiny --class 1", "not both"),
     "out dir missing": ("--ckpt {ckpt} --class 1 --out {tmp}/no/such/dir/x.png", "does not exist"),
+    # it said "directory ... does not exist" of a file
+    "out under a file": ("--ckpt {ckpt} --class 1 --out {ckpt}/x.png", "{ckpt} is a file, not a directory"),
     "out is a directory": ("--ckpt {ckpt} --class 1 --out {tmp}", "it is a directory"),
     "outdir is a file": ("--ckpt {ckpt} --class 1 --outdir {corrupt}",
                          "cannot use --outdir {corrupt}: it is a file, not a folder"),

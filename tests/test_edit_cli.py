@@ -94,6 +94,22 @@ def test_fit_reads_an_image_of_any_size_as_training_does_and_its_mask_alike(ckpt
         assert np.array_equal(got[fitted_keep], fitted[fitted_keep])
 
 
+def test_a_large_image_is_read_without_pillows_raw_warning(ckpt, image, tmp_path, capsys, monkeypatch):
+    """Between Pillow's pixel bound and twice it (89M-179M pixels), Pillow printed its two-line
+    DecompressionBombWarning; the image is read (the bound itself is PIL's, and holds: beyond twice it, an
+    error). Simulated with a bound of 200 pixels and a 16x16 image."""
+    import warnings
+
+    path, _ = image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, stderr = run(capsys, "--ckpt", ckpt, "--image", path, "--mask", "left", "--fit", "--class", "1",
+                              "--steps", "1", "--out", tmp_path / "e.png", "-q")
+    assert code == 0, stderr
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
 def test_fit_takes_a_mask_drawn_on_an_image_stored_sideways_as_viewers_show_it(ckpt, tmp_path, capsys):
     """A phone photo stored 24x20 with EXIF orientation 6 is read upright, 20x24; a mask drawn on it in an
     editor is 20x24 too, and --fit takes the pair (it compared the stored sizes and refused it), keeping the
@@ -192,6 +208,9 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
     out = tmp_path / "never.png"
     cases = [
         (("--image", tmp_path / "missing.png", "--mask", "left"), "--image .*missing.png: no such file"),
+        # an empty path is the current folder to Path: it was "not a regular file (a folder, ...)"
+        (("--image", "", "--mask", "left"), "--image is empty: give an image file"),
+        (("--image", path, "--mask", ""), "--mask is empty: give an image file"),
         (("--image", tmp_path / "small.png", "--mask", "left"),
          "is 8x8 pixels but the model makes 16x16 images: resize or crop it first, or give --fit"),
         (("--image", path, "--mask", tmp_path / "small.png", "--fit"),
