@@ -785,9 +785,19 @@ def test_npz_channel_mismatch_and_malformed_files(tmp_path):
     with pytest.raises(DataError, match="nolabels.npz: an .npz data set needs `images`"):
         open_npz(nolabels, RGB16, tmp_path / "cache")
     garbage = tmp_path / "garbage.npz"
-    garbage.write_bytes(b"garbage")
-    with pytest.raises(DataError, match="garbage.npz: cannot read the .npz"):
+    garbage.write_bytes(b"garbage")   # numpy read it as a pickle, and the error suggested allow_pickle
+    with pytest.raises(DataError, match=r"garbage.npz: not an .npz file \(not a zip archive\); write the data set "
+                                        r"with np.savez"):
         open_npz(garbage, RGB16, tmp_path / "cache")
+    # object arrays (pickles) are never loaded: they were called truncated or damaged
+    objects = np.empty((3, 16, 16, 3), dtype=object)
+    objects[...] = 0
+    for member, arrays in (("images", dict(images=objects, labels=np.arange(3))),
+                           ("labels", dict(images=random_images(3, 16, 16), labels=np.arange(3).astype(object)))):
+        np.savez(tmp_path / "objects.npz", **arrays)
+        with pytest.raises(DataError, match=rf"objects.npz: `{member}` holds Python objects \(object\), which a data "
+                                            rf"set never loads; save it as a numeric array"):
+            open_npz(tmp_path / "objects.npz", RGB16, tmp_path / "cache")
 
 
 def test_open_data_dispatch_and_errors(tmp_path):

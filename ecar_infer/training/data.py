@@ -281,6 +281,9 @@ def _member_header(path: Path, name: str) -> tuple[tuple[int, ...], bool, np.dty
     with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
         shape, fortran, dtype = _npy_header(f)
         described, held = f.tell() + dtype.itemsize * math.prod(shape), archive.getinfo(name + ".npy").file_size
+    if dtype.hasobject:   # pickled Python objects, which are never loaded (their size says nothing either)
+        raise DataError(f"{path}: `{name}` holds Python objects ({dtype}), which a data set never loads; save it as "
+                        f"a numeric array (np.asarray(..., dtype=np.uint8) for images, integers for labels)")
     if described > held:
         raise DataError(f"{path}: `{name}` describes an array of {dtype} {list(shape)} ({described:,} bytes) but "
                         f"holds {held:,} bytes: the file is truncated or damaged; write it again")
@@ -355,6 +358,8 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
     chunk of a cache build (resizing)."""
     path = Path(path)
     size = config.image_size
+    if not zipfile.is_zipfile(path):   # else numpy reads it as a pickle, and suggests allow_pickle
+        raise DataError(f"{path}: not an .npz file (not a zip archive); write the data set with np.savez")
     try:
         with np.load(path, allow_pickle=False) as f:
             names = set(f.files)
