@@ -234,6 +234,10 @@ def test_a_folder_of_color_images_is_refused_by_a_one_channel_config(tmp_path):
                                                   f"grayscale (mode L), as gray images stored in RGB must be")):
         open_image_folder(root, gray, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()   # refused before the cache: no lock, record or full-size partial file
+    # a latent model's 1-channel VAE: its config's latent_channels are the latents', not the images' (the error
+    # named them and told to change them)
+    with pytest.raises(DataError, match=re.escape("but the VAE takes 1 channel; use an RGB VAE, or save the images")):
+        open_image_folder(root, RGB16, tmp_path / "cache", channels=1)
     Image.open(color[0]).convert("1").save(color[0])   # bilevel and 16-bit grayscale are grayscale too
     Image.fromarray(np.asarray(Image.open(color[1]).convert("L")).astype(np.uint16) * 257).save(color[1])
     assert Image.open(color[1]).mode == "I;16"
@@ -640,7 +644,9 @@ def test_linked_folders_inside_a_class_are_followed_once(tmp_path):
                                                                                        "extra2.png"]
 
 
-@pytest.mark.parametrize("labels, problem", [([0, 1, 3], "label 3 of image 2 is outside the classes 0-2"),
+@pytest.mark.parametrize("labels, problem", [([0, 1, 3], r"label 3 of image 2 is outside the classes 0-2 \(1 such "
+                                                        r"label\(s\)\); give `class_names` one name per class, or "
+                                                        r"leave it out and --set num_classes=4"),
                                              ([0, -1, 1], "label -1 of image 1 is outside"),
                                              ([0.0, 1.0, 2.0], "labels must be a 1-D integer array")])
 def test_npz_labels_out_of_range(tmp_path, labels, problem):

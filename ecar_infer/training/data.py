@@ -248,7 +248,8 @@ def _check_labels(labels: np.ndarray, class_names: list[str], where: str, images
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         raise DataError(f"{where}: label {labels[bad[0]]} of image {bad[0]} is outside the classes "
-                        f"0-{num_classes - 1} ({len(bad)} such label(s))")
+                        f"0-{num_classes - 1} ({len(bad)} such label(s)); give `class_names` one name per class, or "
+                        f"leave it out and --set num_classes={int(labels.max()) + 1}")
     empty = np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0)
     if len(empty):
         named = [str(i) if class_names[i] == str(i) else f"{i} ({class_names[i]})" for i in empty]
@@ -463,7 +464,7 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
     # cache's files are made: a refused run leaves none (its work folder then goes, empty)
     headers_read = c == 1 and not is_cached(cache, key, shape, np.uint8)
     if headers_read:
-        _check_grayscale(root, files, workers)   # opens every header: a file that is no image fails here too
+        _check_grayscale(root, files, workers, latent=channels is not None)   # every header: a non-image fails too
 
     def decode(a: int, b: int) -> np.ndarray:
         nonlocal headers_read
@@ -485,13 +486,16 @@ def open_image_folder(root: str | os.PathLike, config: ECARConfig, cache_dir: st
     return data
 
 
-def _check_grayscale(root: Path, files: list[Path], workers: int) -> None:
-    """A 1-channel config refuses a folder of color images (its model would silently learn them in gray)."""
+def _check_grayscale(root: Path, files: list[Path], workers: int, latent: bool = False) -> None:
+    """A 1-channel config, or a latent model's 1-channel VAE, refuses a folder of color images (its model would
+    silently learn them in gray)."""
     color = [f for f, is_color in zip(files, _each_image(_is_color, files, workers)) if is_color]
     if color:
+        takes, instead = (("the VAE takes 1 channel", "use an RGB VAE") if latent else
+                          ("the config has latent_channels=1",
+                           "train a 3-channel config (--preset ecar-emoji32, or --set latent_channels=3)"))
         raise DataError(f"{root}: {len(color)} of {len(files)} images are stored in color (RGB or a color palette: "
-                        f"{some_of(color, 3)}) but the config has latent_channels=1; train a 3-channel config "
-                        f"(--preset ecar-emoji32, or --set latent_channels=3), or save the images as grayscale "
+                        f"{some_of(color, 3)}) but {takes}; {instead}, or save the images as grayscale "
                         f"(mode L), as gray images stored in RGB must be")
 
 
