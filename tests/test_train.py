@@ -518,13 +518,22 @@ def test_a_local_rank_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("args", [["--set", "num_classes=3"], ["--set", "bogus=1"],
-                                  ["--out", "{tmp}/nodir/final.safetensors"]],
-                         ids=["wrong num_classes", "unknown config field", "missing --out folder"])
-def test_a_refused_run_leaves_no_empty_work_folder(tmp_path, capsys, args):
+                                  ["--out", "{tmp}/nodir/final.safetensors"],
+                                  ["--data", "{data}", "--set", "num_classes=2", "--set", "latent_channels=3"]],
+                         ids=["wrong num_classes", "unknown config field", "missing --out folder", "an unreadable image"])
+def test_a_refused_run_leaves_no_empty_work_folder(tmp_path, tmp_path_factory, capsys, args):
     """The work folder (and the folders made for it) goes when a user error stops the run in it; one that
-    was there before stays."""
-    run = TINY_RUN + [a.format(tmp=tmp_path) for a in args]
-    user_error(capsys, run + ["--workdir", str(tmp_path / "runs" / "new")])
+    was there before stays. An unreadable image is found while the cache is built: the build is discarded, and
+    its lock file went on holding the work folder."""
+    data = tmp_path_factory.mktemp("data")
+    for name in ("a", "b"):
+        (data / name).mkdir()
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(data / name / "0.png")
+    (data / "b" / "1.png").write_bytes((data / "b" / "0.png").read_bytes()[:30])   # cut short: found when decoded
+    base = TINY_RUN[:4] + TINY_RUN[6:] if "--data" in args else TINY_RUN   # --train-size is digits32's only
+    run = base + [a.format(tmp=tmp_path, data=data) for a in args]
+    err = user_error(capsys, run + ["--workdir", str(tmp_path / "runs" / "new")])
+    assert "--data" not in args or "1.png: cannot read the image" in err
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "old").mkdir()
     user_error(capsys, run + ["--workdir", str(tmp_path / "old")])

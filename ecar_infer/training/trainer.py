@@ -35,6 +35,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
@@ -891,13 +892,16 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
 @contextlib.contextmanager
 def removed_if_left_empty(folder: Path):
     """If the block fails (a user error, Ctrl-C), remove `folder` where the block created it and left it
-    empty (empty sub-folders aside), and the parents created for it: a refused run leaves no debris, and
-    a folder that existed before, or holds a file, stays."""
+    empty (empty sub-folders, and the lock files of caches no longer there, aside), and the parents created
+    for it: a refused run leaves no debris, and a folder that existed before, or holds a file, stays."""
     created = [p for p in (folder, *folder.parents) if not p.exists()]   # the innermost first
     try:
         yield
     except BaseException:
         if created:
+            for lock in folder.rglob("*.lock"):   # a cache build discarded on bad data leaves its lock alone
+                if not [p for p in lock.parent.glob(glob.escape(lock.stem) + ".*") if p != lock]:
+                    lock.unlink(missing_ok=True)
             for path in [*sorted(folder.rglob("*"), reverse=True), *created]:   # sub-folders before their parents
                 with contextlib.suppress(OSError):
                     path.rmdir()   # refused for a file or a folder that is not empty
