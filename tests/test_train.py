@@ -541,8 +541,9 @@ def test_a_refused_run_leaves_no_empty_work_folder(tmp_path, tmp_path_factory, c
 
 
 def test_removed_if_left_empty_removes_what_it_made_and_left_empty_only(tmp_path):
-    """On a failure: the folder it made, with its empty sub-folders and the parents made for it, goes; a folder
-    that was there before stays with its empty sub-folders, and one that holds a file stays whole."""
+    """On a failure: the folder it made, with its empty sub-folders, the lock files of caches not there and the
+    parents made for it, goes; a folder that was there before stays with its empty sub-folders, and one that
+    holds a file (a cache's lock beside the cache's files counts) stays whole."""
     made = tmp_path / "runs" / "new"
     with pytest.raises(KeyboardInterrupt), trainer_module.removed_if_left_empty(made):
         (made / "cache" / "empty").mkdir(parents=True)
@@ -554,9 +555,16 @@ def test_removed_if_left_empty_removes_what_it_made_and_left_empty_only(tmp_path
     assert (tmp_path / "old" / "samples").is_dir()
     with pytest.raises(ValueError), trainer_module.removed_if_left_empty(made):
         (made / "cache").mkdir(parents=True)
-        (made / "cache" / "x.lock").write_text("")
+        (made / "cache" / "x.lock").write_text("")   # a build discarded on bad data: its lock alone
         raise ValueError
-    assert (made / "cache" / "x.lock").is_file()
+    assert list(tmp_path.iterdir()) == [tmp_path / "old"]
+    with pytest.raises(ValueError), trainer_module.removed_if_left_empty(made):
+        (made / "cache").mkdir(parents=True)
+        (made / "cache" / "x.lock").write_text("")
+        (made / "cache" / "x.partial.npy").write_text("")   # a build stopped midway, to resume
+        raise ValueError
+    assert sorted(p.name for p in (made / "cache").iterdir()) == ["x.lock", "x.partial.npy"]
+
 
 @pytest.mark.parametrize("outputs", [["--workdir", "{ro}", "--out", "{tmp}/final.safetensors"],
                                      ["--workdir", "{tmp}/run", "--out", "{ro}/final.safetensors"]],
