@@ -1,4 +1,5 @@
-"""Type checks of the values a caller passes to the sampler (labels, seeds, steps, guidance).
+"""Type checks of the values a caller passes to the sampler (labels, seeds, steps, guidance), and the
+bounded reading of small files (records, configs, JSON).
 
 Light on purpose: schedule.py uses it and `ecar-sample --help` must not import torch.
 """
@@ -7,8 +8,13 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
+import stat
 import sys
 from collections.abc import Iterable
+from typing import BinaryIO
+
+MAX_RECORD_BYTES = 1 << 20   # a settings record or a config file: a few kB in practice
 
 
 def is_integer(value) -> bool:
@@ -88,6 +94,27 @@ def switches(**named) -> None:
     for name, value in named.items():
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """`path` opened for binary reading; ValueError unless it is a regular file: opening a FIFO waits for a
+    writer, forever, and in a Ctrl-C handler past the signal too (opened without waiting, then checked)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ValueError(f"{path} is not a regular file (a FIFO, a device or a folder)")
+    return f
+
+
+def read_record(path: str | os.PathLike, limit: int = MAX_RECORD_BYTES) -> str:
+    """The text of a small file this program or its user wrote (a settings record, a config): a regular file
+    of at most `limit` bytes; OSError or ValueError otherwise."""
+    with open_regular(path) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit:,} bytes, which no record or config of ecar_infer is")
+    return data.decode("utf-8")
 
 
 def parse_json(text: str | bytes):

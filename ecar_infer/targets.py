@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_write_text, make_durable, temporaries_of
-from .checks import parse_json, some_of
+from .checks import parse_json, read_record, some_of
 from .output import join_npz, make_grid, npz_settings, save_image, save_npz
 
 RECORD = "run.json"
@@ -45,7 +45,7 @@ def parse_settings(text: str) -> dict:
 
 def read_settings(record: Path) -> dict:
     """A settings record file (a JSON object); OSError or ValueError if it cannot be read."""
-    return parse_settings(record.read_text())
+    return parse_settings(read_record(record))
 
 
 def settings_text(settings: dict) -> str:

@@ -862,8 +862,9 @@ def damaged_header(length: int | None, header: str) -> bytes:
     damaged_header(None, '{"__metadata__":{"step":[2]},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'),
     damaged_header(None, '{"x":{"dtype":"F32","shape":[1],"data_offsets":["0","4"]}}'),
     damaged_header(None, '{"__metadata__":{"step":"2"}}'),   # 4 bytes that no tensor describes
+    damaged_header(None, "[" * 100_000),   # nested past the parser's recursion limit (a RecursionError)
 ], ids=["length beyond any file", "length beyond the file", "metadata a list", "a step not a string",
-        "offsets not numbers", "bytes beyond its tensors"])
+        "offsets not numbers", "bytes beyond its tensors", "nested too deeply"])
 def test_a_resume_state_with_a_damaged_header_is_one_line(tmp_path, content):
     """saved_step reads the header in plain Python (it runs in the Ctrl-C handler): any damage to it is the
     one-line user error, not an OverflowError, a MemoryError or a TypeError."""
@@ -871,6 +872,37 @@ def test_a_resume_state_with_a_damaged_header_is_one_line(tmp_path, content):
     state.write_bytes(content)
     with pytest.raises(UsageError, match=r"cannot be read \(.*\): delete it to start over"):
         trainer_module.saved_step(state)
+
+
+@pytest.mark.parametrize("fifo", ["state.safetensors", "settings.json", "config"])
+def test_a_fifo_in_place_of_a_runs_file_is_one_line_not_a_hang(tmp_path, fifo):
+    """Opening a FIFO for reading waits for a writer: a resume state, a settings record or a --config that is
+    one hung ecar-train, and the state's even past SIGTERM (its handler read it again). Run as a command with
+    a time limit, so that a hang fails rather than stops the suite."""
+    import subprocess
+    import sys
+
+    run = TINY_RUN + ["--workdir", str(tmp_path / "run")]
+    main(run + ["--until", "2"])
+    config = tmp_path / "tiny.json"
+    config.write_text(ECARConfig.preset("ecar-tiny").to_json())
+    target = tmp_path / "run" / fifo if fifo != "config" else config
+    target.unlink()
+    os.mkfifo(target)
+    args = run if fifo != "config" else ["--config", str(config)] + run[2:]   # in place of --preset
+    done = subprocess.run([sys.executable, "-m", "ecar_infer.training.trainer", *args, "--resume"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "is not a regular file (a FIFO, a device or a folder)" in done.stderr
+
+
+def test_a_settings_record_larger_than_any_record_is_refused_unread(tmp_path, capsys):
+    run = TINY_RUN + ["--workdir", str(tmp_path / "run")]
+    main(run + ["--until", "2"])
+    capsys.readouterr()
+    (tmp_path / "run" / "settings.json").write_text(" " * (2 << 20) + "{}")   # 2 MB: it was read whole
+    err = user_error(capsys, run + ["--resume"])
+    assert "settings.json is larger than 1,048,576 bytes, which no record or config of ecar_infer is" in err
 
 
 def test_until_may_be_steps():

@@ -48,9 +48,10 @@ from typing import NoReturn
 from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
+from ..checks import open_regular, parse_json, read_record
 from ..cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file,
-                   check_writable_folder, checked, content_sha256, make_folder, normalize, positive_int, seed_int, stops_on_sigterm,
-                   user_errors)
+                   check_writable_folder, checked, content_sha256, make_folder, normalize, positive_int, seed_int,
+                   stops_on_sigterm, user_errors)
 from ..config import ConfigError, ECARConfig
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
@@ -561,12 +562,12 @@ def header_metadata(path: Path) -> dict[str, str]:
     """The metadata of the .safetensors file `path`, from its header, in plain Python: saved_step also runs in
     the Ctrl-C handler, which may have interrupted the import of torch (safetensors' reader imports it again).
     ValueError if the file is not a whole safetensors file."""
-    file_size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        file_size = os.fstat(f.fileno()).st_size
         size = int.from_bytes(f.read(8), "little")
         if size > file_size - 8:   # a damaged length: read as is, an OverflowError or a MemoryError
             raise ValueError(f"its header length {size} is beyond the file's {file_size} bytes")
-        header = json.loads(f.read(size))
+        header = parse_json(f.read(size))
     try:
         ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
         metadata = header.get("__metadata__") or {}
@@ -644,7 +645,10 @@ INTERRUPTED_BEFORE_ANY_STATE = ("interrupted before any state was saved; rerun t
 
 def interrupted(workdir: Path) -> str:
     """The line printed when Ctrl-C stops a run: where it can be continued from."""
-    step = saved_step(workdir / STATE_FILE)
+    try:
+        step = saved_step(workdir / STATE_FILE)
+    except UsageError as err:   # a damaged state: said, not a traceback from inside the handler
+        return f"interrupted; {err}"
     if step is None:
         return INTERRUPTED_BEFORE_ANY_STATE
     return (f"interrupted; the last saved state is step {step} in {workdir / STATE_FILE}: rerun the same command "
@@ -682,7 +686,7 @@ def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> N
 
 def build_config(args: argparse.Namespace) -> ECARConfig:
     """--preset or --config, then each --set FIELD=VALUE (the value read as JSON, else as a string)."""
-    config = ECARConfig.from_json(Path(args.config).read_text()) if args.config else ECARConfig.preset(args.preset)
+    config = ECARConfig.from_json(read_record(args.config)) if args.config else ECARConfig.preset(args.preset)
     changes = {}
     for kv in args.set:
         field, value = kv.split("=", 1)
