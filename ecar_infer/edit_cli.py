@@ -94,6 +94,8 @@ def read_image(path: str, what: str, size: int | None):
         raise cli.UsageError(f"cannot read {what} {path}: not an image file ({err})") from None
     except Image.DecompressionBombError as err:  # neither an OSError nor a ValueError
         raise cli.UsageError(f"{what} {path} is too large to decode: {err}") from None
+    except ValueError as err:   # Pillow's bound on a PNG's text chunks ("Decompressed Data Too Large")
+        raise cli.UsageError(f"cannot read {what} {path}: {err}") from None
     width, height = image.size
     if size is not None and (width, height) != (size, size):
         raise cli.UsageError(f"{what} {path} is {width}x{height} pixels but the model makes {size}x{size} images: "

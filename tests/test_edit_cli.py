@@ -205,6 +205,11 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
     see_through = np.full((16, 16, 4), 255, dtype=np.uint8)
     see_through[:, :8, 3] = 0
     Image.fromarray(see_through, "RGBA").save(tmp_path / "see_through.png")
+    from PIL import PngImagePlugin
+
+    chatty = PngImagePlugin.PngInfo()
+    chatty.add_text("comment", "x" * (2 << 20), zip=True)
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "chatty.png", pnginfo=chatty)
     out = tmp_path / "never.png"
     cases = [
         (("--image", tmp_path / "missing.png", "--mask", "left"), "--image .*missing.png: no such file"),
@@ -221,6 +226,8 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
         # found while --fit prepares the mask (before edit()), and said as one line too
         (("--image", path, "--mask", tmp_path / "see_through.png", "--fit"), "the mask image has transparent pixels"),
         (("--image", tmp_path / "junk.png", "--mask", "left"), "not an image file"),
+        # Pillow refuses a PNG text chunk of over 1 MB with a ValueError, which was a traceback
+        (("--image", tmp_path / "chatty.png", "--mask", "left"), "cannot read --image .*chatty.png: Decompressed data too large"),
         (("--image", path, "--mask", tmp_path / "small.png"), "--mask .* is 8x8 pixels"),
         (("--image", path, "--mask", "middle"), "no such file, and not a built-in region"),
         # the library's errors (EditInputError), said in the command line's terms
