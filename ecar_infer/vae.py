@@ -258,6 +258,9 @@ def _read_autoencoder(path: Path):
         with safe_open(path, framework="pt") as f:
             metadata, names = f.metadata() or {}, list(f.keys())
         if metadata.get(CONFIG_KEY) is not None:
+            if len(metadata[CONFIG_KEY]) > MAX_CONFIG_BYTES:   # read, diffusers would print it whole
+                raise VAEError(f"its {CONFIG_KEY} metadata is {len(metadata[CONFIG_KEY]):,} characters, which no "
+                               f"diffusers config is (about 1 KB)")
             return _load_single_file(path, metadata[CONFIG_KEY])
         if metadata.get("format") == "ecar":
             raise VAEError("it is an E-CAR checkpoint, not a VAE")
@@ -298,7 +301,8 @@ def build_decoder(config: ECARConfig, vae: str | os.PathLike | None = None, devi
     if abs(vae_cfg.scaling_factor - config.vae_scaling_factor) > 1e-6:
         logger.warning(f"the VAE's scaling_factor {vae_cfg.scaling_factor} differs from the model's "
                        f"{config.vae_scaling_factor}; decoding with the model's (it was trained with it)")
-    if vae.dtype != dtype:  # (diffusers warns on every .to() that names a dtype)
+    # every weight, not only the first (vae.dtype): a file may mix fp16 and fp32, and decode would then fail
+    if {p.dtype for p in vae.parameters()} != {dtype}:   # (diffusers warns on every .to() that names a dtype)
         vae = vae.to(dtype=dtype)
     decoder = AutoencoderDecoder(vae.to(device).eval(), config.vae_scaling_factor)
     decoder.set_memory_options(slicing, tiling)

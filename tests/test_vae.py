@@ -256,6 +256,27 @@ def test_a_vae_whose_weights_hold_nan_or_inf_is_refused(vae, tmp_path, craft):
         load_autoencoder(path)
 
 
+@pytest.mark.parametrize("craft", [crafted_file, crafted_folder], ids=["single file", "diffusers folder"])
+def test_a_vae_of_mixed_float_dtypes_decodes(vae, tmp_path, craft):
+    """One weight stored in fp16 among fp32 ones loaded, and the decoder cast the VAE only if its first weight
+    differed from the dtype asked for: every image was sampled, then decode failed on the dtype."""
+    def half(tensors):
+        tensors["decoder.conv_out.weight"] = tensors["decoder.conv_out.weight"].half()
+
+    mixed = craft(vae, tmp_path / ("mixed.safetensors" if craft is crafted_file else "mixed"), edit_tensors=half)
+    decoder = build_decoder(TINY_VAE, load_autoencoder(mixed), dtype=torch.float32)
+    assert {p.dtype for p in decoder.vae.parameters()} == {torch.float32}
+    assert decoder.decode(torch.randn(1, 4, 16, 16)).isfinite().all()
+
+
+def test_a_single_file_vaes_config_metadata_over_a_megabyte_is_refused_unparsed(vae, tmp_path):
+    """A 60 MB config cost 1.9 GB, and diffusers printed it whole to stderr."""
+    path = crafted_file(vae, tmp_path / "big.safetensors", edit_config=lambda c: c.update(notes="x" * (2 << 20)))
+    with pytest.raises(VAEError, match=r"big.safetensors: its diffusers_config metadata is 2,.* characters, which no "
+                                       r"diffusers config is"):
+        load_autoencoder(path)
+
+
 def test_a_crafted_config_beside_pickled_weights_is_refused_before_anything_is_built(vae, tmp_path):
     """The bound held only beside safetensors weights: beside a pickled .bin, diffusers built whatever
     config.json asked for (1 KB of layers_per_block 8000: 22 s and 1.8 GB). A folder of neither kind, or
