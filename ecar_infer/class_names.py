@@ -41,8 +41,9 @@ def parse_class_names(text: str | None, num_classes: int) -> list[str] | None:
         raise ClassNameError(f"{METADATA_KEY} must be a JSON list of non-empty strings")
     if len(names) != num_classes:
         raise ClassNameError(f"{METADATA_KEY} has {len(names)} names for {num_classes} classes")
-    # a newline or tab in a name (a folder may be called so) would break one-line errors and the grid labels
-    controlled = next((n for n in names if any(unicodedata.category(ch) == "Cc" for ch in n)), None)
+    # a newline or tab in a name (a folder may be called so) would break one-line errors and the grid labels;
+    # Unicode's line and paragraph separators (Zl, Zp) break lines as well
+    controlled = next((n for n in names if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in n)), None)
     if controlled is not None:
         raise ClassNameError(f"{METADATA_KEY} has a name with a control character (a newline, a tab): "
                              f"{controlled!r}")

@@ -86,6 +86,9 @@ def test_names_made_of_digits_are_found_by_name_first():
                                            ('["a", "a"]', r"\('a' and 'a'\), or repeat"),
                                            # a folder may be called so: it broke --label-rows and one-line errors
                                            ('["a\\nb", "c"]', r"a control character .*: 'a\\nb'"),
+                                           ('["a\\u2028b", "c"]', r"a control character"),   # a line separator
+                                           # at the end too (names read with readlines()), where strip() drops it
+                                           ('["a\\n", "c"]', r"a control character .*: 'a\\n'"),
                                            ('["Straße", "STRASSE"]', "differ only in case")])  # casefold, not lower
 def test_malformed_entries_are_refused(text, problem):
     with pytest.raises(ClassNameError, match=problem):

@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import re
@@ -215,8 +216,9 @@ def test_a_file_where_the_parts_folder_goes_is_a_user_error(ckpt, tmp_path, caps
     assert (tmp_path / "s.npz.parts").read_text() == "mine"
 
 
-@pytest.mark.parametrize("damage", [lambda whole: b"", lambda whole: whole[:100], lambda whole: whole[:-1]],
-                         ids=["empty", "cut short", "its last byte lost"])
+@pytest.mark.parametrize("damage", [lambda whole: b"", lambda whole: whole[:100], lambda whole: whole[:-1],
+                                    lambda whole: bytes(8) + whole[8:]],
+                         ids=["empty", "cut short", "its last byte lost", "its signature zeroed"])
 def test_an_empty_or_cut_png_in_an_outdir_is_sampled_again(ckpt, tmp_path, capsys, damage):
     """A power loss or a copy cut short can leave an empty or cut file: its batch counted as written (a cut one
     still does not: only a whole PNG does)."""
@@ -905,6 +907,19 @@ def test_a_name_too_long_for_its_temporary_file_is_refused_before_sampling(ckpt,
                       f"made into the temporary name it is written through (14 characters longer); choose a "
                       f"shorter one\n")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_guidance_bound_itself_is_accepted_on_the_command_line_as_by_the_api(ckpt, tmp_path, capsys):
+    """--cfg-scale 10000 and -10000 sample, as sampler.plan(cfg_scale=10000) does: the bound is inclusive on
+    both sides of the API; the next number beyond it is refused."""
+    from ecar_infer.cli import guidance_float
+
+    for weight in ("10000", "-1e4"):
+        code, _, stderr = run(capsys, "--ckpt", ckpt, "--class", "1", f"--cfg-scale={weight}", "--steps", "1",
+                              "--out", tmp_path / "g.png", "-q")
+        assert code == 0, stderr
+    with pytest.raises(argparse.ArgumentTypeError, match="within -10,000..10,000, got '10000.000000000002'"):
+        guidance_float("10000.000000000002")
 
 
 def test_the_largest_seeds_are_accepted(ckpt, tmp_path, capsys):

@@ -647,7 +647,12 @@ def test_linked_folders_inside_a_class_are_followed_once(tmp_path):
 @pytest.mark.parametrize("labels, problem", [([0, 1, 3], r"label 3 of image 2 is outside the classes 0-2 \(1 such "
                                                         r"label\(s\)\); give `class_names` one name per class, or "
                                                         r"leave it out and --set num_classes=4"),
-                                             ([0, -1, 1], "label -1 of image 1 is outside"),
+                                             # the advice counts the classes up to the largest label
+                                             ([0, 5, 1], r"label 5 of image 1 is outside the classes 0-2 .*"
+                                                         r"--set num_classes=6$"),
+                                             # no class count fixes a negative label
+                                             ([0, -1, 1], "label -1 of image 1 is outside the classes 0-2 "
+                                                          r"\(1 such label\(s\)\); labels count the classes from 0$"),
                                              ([0.0, 1.0, 2.0], "labels must be a 1-D integer array")])
 def test_npz_labels_out_of_range(tmp_path, labels, problem):
     path = tmp_path / "d.npz"

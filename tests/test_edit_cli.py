@@ -134,6 +134,21 @@ def test_fit_takes_a_mask_drawn_on_an_image_stored_sideways_as_viewers_show_it(c
     assert np.array_equal(got[fitted_keep], upright[fitted_keep])
 
 
+def test_fit_says_the_upright_size_of_an_image_stored_sideways_when_its_mask_differs(ckpt, tmp_path, capsys):
+    """The sizes a refused --fit pair is said to have are those it is compared at, upright as viewers show
+    them: a photo stored 24x20 with EXIF orientation 6 is 20x24 (it said 24x20, the size no viewer shows)."""
+    stored = Image.fromarray(np.zeros((20, 24), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "phone.png", exif=exif)
+    Image.fromarray(np.full((24, 24), 255, np.uint8)).save(tmp_path / "square.png")
+    code, _, stderr = run(capsys, "--ckpt", ckpt, "--image", tmp_path / "phone.png", "--mask", tmp_path / "square.png",
+                          "--fit", "--class", "4", "--steps", "1", "--out", tmp_path / "e.png", "-q")
+    assert code == 2
+    assert re.search(r"--mask \S*square.png is 24x24 pixels but --image \S*phone.png is 20x24 \(upright, as viewers "
+                     r"show them\)", stderr), stderr
+
+
 def test_every_output_of_several_batches_holds_each_image_in_its_place(ckpt, image, tmp_path, capsys):
     """With --batch-size smaller than the request (4 images in batches of 3 and 1), each file of --outdir and
     each tile of the --out grid is image k's edit (class and seed SEED+k), as the Python API returns it."""

@@ -65,6 +65,26 @@ def test_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert report["real_fd"] == pytest.approx(quality.frechet_distance(ref.features(real), ref.features(ref.heldout)))
 
 
+def test_digits32_is_judged_against_its_whole_training_split(monkeypatch):
+    """On digits32 the nearest-neighbour share searches the whole training split (the 20,000 images
+    ecar-train reads), and the real FD draws images the classifier did not see: the reference is
+    build_reference's default, not edit_quality's 4,000-image split (which searched a fifth of the images a
+    model could have copied)."""
+    class Built(Exception):
+        pass
+
+    calls = []
+
+    def build_reference(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise Built
+
+    monkeypatch.setattr(quality, "build_reference", build_reference)
+    with pytest.raises(Built):
+        guidance.main(["--ckpt", "ecar-digits32", "--setting", "1:0,1", "--seed-sets", "1", "--per-class", "1"])
+    assert calls == [((), {})]
+
+
 def test_data_of_other_classes_than_the_models_is_refused(tmp_path, capsys):
     """The benchmark passes the model's class names on: data of its classes in another order is a usage error
     (class k of the samples would be judged as another class)."""

@@ -298,6 +298,9 @@ def judging_tools():
     ("no such checkpoint", ["--ckpt", "{tmp}/nope.safetensors"], "nope.safetensors"),
     ("a latent model without its VAE", ["--ckpt", "{tmp}/latent.safetensors"], "this model decodes through an SD-VAE"),
     ("per-class 0", ["--per-class", "0"], "argument --per-class"),
+    # said as such, before the model is loaded (the usage line names --heldout whatever the error)
+    ("--data without --heldout", ["--ckpt", "{tmp}/latent.safetensors", "--data", "{tmp}"],
+     "--heldout is needed with --data"),
 ])
 def test_the_judging_tools_say_what_is_wrong_in_one_line(tool, problem, args, said, tmp_path, capsys):
     """A missing checkpoint or VAE was a traceback, and so was --per-class 0 (and 1 for quality)."""
@@ -320,3 +323,43 @@ def test_the_quality_tool_needs_two_samples_per_class_for_its_pairs(capsys):
     assert exit_info.value.code == 2
     assert "argument --per-class: must be an integer of at least 2 (the diversity check compares pairs)" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool, args, said", [
+    ("quality", ["--seed", "-1"], "argument --seed: must be an integer in 0..18446744073709551615 (2**64-1), got '-1'"),
+    ("quality", ["--seed", str(2 ** 64)], "argument --seed: must be an integer in 0.."),
+    ("edit_quality", ["--seed", "-1"], "argument --seed: must be an integer in 0.."),
+    ("edit_quality", ["--vary-images", "0"], "argument --vary-images: must be a positive integer, got '0'"),
+    ("edit_quality", ["--vary-images", "-1"], "argument --vary-images: must be a positive integer"),
+    ("guidance", ["--seed-sets", "0"], "argument --seed-sets: must be a positive integer, got '0'"),
+    ("guidance", ["--threads", "0"], "argument --threads: must be a positive integer, got '0'"),
+])
+def test_the_judging_tools_refuse_seeds_and_counts_out_of_range_before_any_work(tool, args, said, tmp_path, capsys):
+    """A negative seed was a traceback after the reference was built, --vary-images -1 varied all images
+    but the last, --seed-sets 0 wrote a report of no rows and --threads 0 was torch's RuntimeError: each is
+    an argument error, one line and status 2, before the checkpoint is read."""
+    main, extra = judging_tools()[tool]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", str(tmp_path / "never-read.safetensors"), *args, *extra])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and said in err[-1], err
+
+
+def test_the_judging_tools_judge_the_shipped_digits_model_on_digits32_by_default():
+    """Without options, quality and edit_quality judge ecar-digits32 on digits32 (no VAE); the guidance
+    benchmark, which compares settings of a model the user names, requires --ckpt."""
+    import argparse
+
+    from ecar_infer.training.quality import add_judge_arguments
+    from ecar_infer.weights import shipped_checkpoint
+
+    parser = argparse.ArgumentParser()
+    add_judge_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.ckpt, args.vae, args.data, args.heldout) == (str(shipped_checkpoint("ecar-digits32")), None,
+                                                              "digits32", None)
+    required = argparse.ArgumentParser()
+    add_judge_arguments(required, ckpt_required=True)
+    with pytest.raises(SystemExit):
+        required.parse_args([])
+    assert required.parse_args(["--ckpt", "x"]).ckpt == "x"

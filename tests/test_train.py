@@ -1020,6 +1020,12 @@ def test_a_run_that_diverges_stops_at_once_and_keeps_its_last_saved_state(tmp_pa
                         rf", with its EMA in .*ema.safetensors\. --resume would diverge again at the same step: "
                         rf"start a new run \(another --workdir\) with a lower --lr than 0.001, or with --init from "
                         rf"the EMA", err), err
+    # each number in its place: a weight gone NaN makes both NaN; a blown-up gradient leaves the loss finite
+    said = re.search(r"\(loss (\S+), gradient norm (\S+)\)", err).groups()
+    if blows_up == "loss":
+        assert said == ("nan", "nan"), said
+    else:
+        assert said[0] not in ("nan", "inf") and said[1] == "inf", said
     for name in ("state.safetensors", "ema.safetensors"):
         assert (run / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     assert not (run / "final.safetensors").exists()
@@ -1033,7 +1039,17 @@ def test_an_out_that_is_a_file_the_work_folder_keeps_is_refused(tmp_path, capsys
         assert f"that is the work folder's {kept}, which the run keeps writing; choose another file" in err
 
 
-@pytest.mark.parametrize("inside", ["default workdir", "--workdir", "--out"])
+def test_an_out_that_is_the_npz_data_set_is_refused(tmp_path, capsys):
+    """The final checkpoint would have replaced the training data."""
+    class_npz(tmp_path / "pets.npz", ["cat", "dog", "fish"])
+    run = TINY_RUN[:4] + TINY_RUN[6:] + ["--data", str(tmp_path / "pets.npz"), "--set", "num_classes=3"]
+    err = user_error(capsys, run + ["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "pets.npz")])
+    assert f"--out {tmp_path / 'pets.npz'} is the data set --data {tmp_path / 'pets.npz'}: the final checkpoint " \
+           f"would replace it; choose another file" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("inside", ["default workdir", "--workdir", "--workdir the folder itself", "--out"])
 def test_outputs_inside_the_image_folder_are_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, inside):
     """From inside the data folder, `--data .` put the default runs/NAME there, and its own folder was then
     listed as a class without images; a --workdir or --out inside it made sample grids and checkpoints
@@ -1051,6 +1067,8 @@ def test_outputs_inside_the_image_folder_are_refused_before_anything_is_written(
                                      "--workdir outside it"),
         "--workdir": ([str(data), "--workdir", str(data / "cat" / "run")], f"--workdir {data / 'cat' / 'run'} lies "
                       f"inside the image folder --data {data}, whose every image is training data"),
+        "--workdir the folder itself": ([str(data), "--workdir", str(data)], f"--workdir {data} lies inside the image "
+                                        f"folder --data {data}, whose every image is training data"),
         "--out": ([str(data), "--workdir", str(tmp_path / "run"), "--out", str(data / "cat" / "0.png")],
                   f"--out {data / 'cat' / '0.png'} lies inside the image folder"),
     }[inside]

@@ -247,9 +247,10 @@ def _check_labels(labels: np.ndarray, class_names: list[str], where: str, images
         raise DataError(f"{where}: {images} images but {len(labels)} labels")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
+        advice = ("labels count the classes from 0" if labels.min() < 0 else
+                  f"give `class_names` one name per class, or leave it out and --set num_classes={int(labels.max()) + 1}")
         raise DataError(f"{where}: label {labels[bad[0]]} of image {bad[0]} is outside the classes "
-                        f"0-{num_classes - 1} ({len(bad)} such label(s)); give `class_names` one name per class, or "
-                        f"leave it out and --set num_classes={int(labels.max()) + 1}")
+                        f"0-{num_classes - 1} ({len(bad)} such label(s)); {advice}")
     empty = np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0)
     if len(empty):
         named = [str(i) if class_names[i] == str(i) else f"{i} ({class_names[i]})" for i in empty]

@@ -517,6 +517,9 @@ def check_outputs(workdir: Path, final: Path, data: str) -> None:
     image folder --data (its sample grids and loss plot would become training images, and a resume would
     then find other data)."""
     folder = Path(data)
+    if folder.is_file() and final.resolve() == folder.resolve():
+        raise UsageError(f"--out {final} is the data set --data {data}: the final checkpoint would replace it; "
+                         f"choose another file")
     if folder.is_dir():
         for option, path in (("--workdir", workdir), ("--out", final)):
             if path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents:
