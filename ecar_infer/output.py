@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .checks import MAX_RECORD_BYTES
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -119,12 +120,15 @@ def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: st
         first = None
         for i, file in enumerate(map(Path, files)):
             try:
-                with np.load(file, allow_pickle=False) as data:
-                    images = data["arr_0"]
+                shape, _ = npz_member_header(file, "arr_0")   # a damaged header: known before numpy allocates it
+                count = shape[0] if shape else 0
+                if sizes is None or count == sizes[i]:
+                    with np.load(file, allow_pickle=False) as data:
+                        images = data["arr_0"]
             except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:   # a damaged or empty file
                 raise ValueError(f"{file.name} cannot be read ({err})") from None
-            if sizes is not None and len(images) != sizes[i]:
-                raise ValueError(f"{file.name} holds {len(images)} images, not {sizes[i]}")
+            if sizes is not None and count != sizes[i]:
+                raise ValueError(f"{file.name} holds {count} images, not {sizes[i]}")
             first = first or (file.name, images.dtype, images.shape[1:])
             if (images.dtype, images.shape[1:]) != first[1:]:
                 raise ValueError(f"{file.name} holds images of {images.dtype} {images.shape[1:]} where {first[0]} "
@@ -134,12 +138,29 @@ def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: st
     _write_npz(path, arrays(), labels, settings)
 
 
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) from the .npy header at the start of the file object `f`."""
+    version = np.lib.format.read_magic(f)
+    return (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
+
+
+def npz_member_header(path: str | os.PathLike, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of the member `name` of an .npz, from its header alone: what a damaged or crafted
+    header describes is known before numpy allocates it. KeyError if there is no such member."""
+    with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
+        shape, _, dtype = npy_header(f)
+    return shape, dtype
+
+
 def npz_settings(path: str | os.PathLike) -> str | None:
     """The `settings` text join_npz stored in a sample file, or None if it has none; OSError or ValueError
     if the file is no .npz."""
     with np.load(path, allow_pickle=False) as data:
         if "settings" not in data.files:
             return None
+        shape, dtype = npz_member_header(path, "settings")
+        if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * MAX_RECORD_BYTES:   # before it is read
+            raise ValueError(f"its settings entry is {dtype} {list(shape)}, not a string of a record's size")
         settings = data["settings"]
     if settings.shape != () or settings.dtype.kind != "U":
         raise ValueError("its settings entry is not a string")

@@ -1,4 +1,5 @@
 import argparse
+import io
 import json
 import os
 import re
@@ -164,10 +165,14 @@ def test_a_finished_npz_is_not_sampled_again_nor_replaced_by_another_request(ckp
                             "records no ecar-sample settings"),
                            (lambda: path.write_text("not an npz"), "is not a sample file"),
                            (lambda: path.write_bytes(b""), "is not a sample file"),   # was an EOFError traceback
-                           (lambda: path.write_bytes(whole[:300]), "is not a sample file")):
+                           (lambda: path.write_bytes(whole[:300]), "is not a sample file"),
+                           # a settings entry declaring 10**10 strings: allocated before it was read
+                           (lambda: npz_of_headers(path, arr_0=((1, 2, 2, 3), np.uint8), settings=((10**10,), "<U1")),
+                            r"is not a sample file \(its settings entry is <U1 \[10000000000\], not a string of a "
+                            r"record's size\)")):
             other()
             code, stdout, stderr = run(capsys, *args)
-            assert code == 2 and stderr.startswith(f"ecar-sample: error: {path} exists and {why}"), stderr
+            assert code == 2 and re.match(f"ecar-sample: error: {re.escape(str(path))} exists and {why}", stderr), stderr
             assert stderr.endswith(": write elsewhere, or delete it\n") and sorted(tmp_path.iterdir()) == [path]
     path.unlink()
     assert run(capsys, *args)[0] == 0 and path.read_bytes() == whole
@@ -349,12 +354,26 @@ def test_batches_missing_at_the_end_are_a_user_error_and_the_parts_stay(ckpt, tm
                                                                             "run.json"]
 
 
+def npz_of_headers(path, **members):
+    """An .npz whose members are .npy headers of the (shape, dtype) given, and no data: what a crafted or damaged
+    file can declare."""
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, (shape, dtype) in members.items():
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                          "fortran_order": False, "shape": shape})
+            archive.writestr(name + ".npy", header.getvalue())
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda part: np.savez(part, arr_0=np.array([None], dtype=object)), r"batch000000.npz cannot be read \(Object arrays"),
+    # a header declaring 10**10 images: numpy allocated them before anything was compared (a MemoryError)
+    (lambda part: npz_of_headers(part, arr_0=((10**10, 16, 16, 3), np.uint8)),
+     r"batch000000.npz holds 10000000000 images, not 1"),
     (lambda part: np.savez(part, arr_0=np.zeros((1, 8, 16, 3), np.uint8)),
      r"batch000001.npz holds images of uint8 \(16, 16, 3\) where batch000000.npz holds uint8 \(8, 16, 3\)"),
     (lambda part: np.savez(part, arr_0=np.zeros((3, 16, 16, 3), np.uint8)), r"batch000000.npz holds 3 images, not 1"),
-], ids=["pickled", "another size", "another number"])
+], ids=["pickled", "a header of 10**10 images", "another size", "another number"])
 def test_a_damaged_batch_file_is_a_user_error_and_the_parts_stay(ckpt, tmp_path, capsys, monkeypatch, damage, why):
     """A batch file in FILE.parts/ damaged after it was written (a copy cut short) failed the join at the end
     with a BadZipFile or ValueError traceback: one line now, naming the file (for a batch of another image size, that

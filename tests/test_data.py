@@ -677,6 +677,29 @@ def test_npz_arrays_of_the_wrong_form_are_named(tmp_path, arrays, problem, save)
         open_npz(path, RGB16, tmp_path / "cache")
 
 
+@pytest.mark.parametrize("arrays, problem", [
+    (dict(labels=np.zeros(10, np.int64)), r"3 images but `labels` of shape \[10\]: give one label per image"),
+    (dict(class_names=np.array(["a", "b", "c", "d"])), r"`class_names` of <U1 \[4\] for 3 images"),
+    (dict(class_names=np.array(["x" * 1025, "b"])), r"`class_names` of <U1025 \[2\] for 3 images: give a 1-D array of "
+                                                    r"one name per class, each of at most 1,024 characters"),
+], ids=["more labels than images", "more class names than images", "a class name too long"])
+def test_labels_and_class_names_are_bounded_by_the_image_count_before_they_are_loaded(tmp_path, arrays, problem,
+                                                                                       monkeypatch):
+    """A zip bomb of a few MB declaring 400 million labels was loaded whole (3.4 GB) before its count was
+    compared with the images'. The headers are read first now; the members are never loaded."""
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, **{"images": random_images(3, 16, 16), "labels": np.arange(3), **arrays})
+    loaded = np.lib.npyio.NpzFile.__getitem__
+
+    def refuse_the_bounded(self, key):
+        assert key not in arrays, f"{key} was loaded"
+        return loaded(self, key)
+
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", refuse_the_bounded)
+    with pytest.raises(DataError, match=f"d.npz: {problem}"):
+        open_npz(path, RGB16, tmp_path / "cache")
+
+
 def npy_bytes(array: np.ndarray, shape=None) -> bytes:
     """An .npy file of `array`, its header declaring `shape` (default: the array's own)."""
     header = io.BytesIO()

@@ -40,8 +40,9 @@ import numpy as np
 import torch
 
 from ..checks import some_of
-from ..class_names import ClassNameError, encode_class_names
+from ..class_names import MAX_NAME_CHARS, ClassNameError, encode_class_names
 from ..config import ECARConfig
+from ..output import npy_header
 from ..pil_input import as_model_image, resize_center_crop
 from .diskcache import cached_array, is_cached
 
@@ -272,16 +273,11 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 
 # ---- .npz ------------------------------------------------------------------------------------------
-def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(f)
-    return (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
-
-
 def _member_header(path: Path, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """The .npy header of the member `name` of an .npz; a DataError if it describes more bytes than the member
     holds (a damaged file: numpy would ask for all of them from memory before reading any)."""
     with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
-        shape, fortran, dtype = _npy_header(f)
+        shape, fortran, dtype = npy_header(f)
         described, held = f.tell() + dtype.itemsize * math.prod(shape), archive.getinfo(name + ".npy").file_size
     if dtype.hasobject:   # pickled Python objects, which are never loaded (their size says nothing either)
         raise DataError(f"{path}: `{name}` holds Python objects ({dtype}), which a data set never loads; save it as "
@@ -302,11 +298,23 @@ def _npz_member_memmap(path: Path, name: str) -> np.ndarray | None:
         f.seek(info.header_offset)
         local = f.read(30)   # the local file header: its name and extra field lengths are at 26 and 28
         f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
-        shape, fortran, dtype = _npy_header(f)
+        shape, fortran, dtype = npy_header(f)
         offset = f.tell()
     if dtype.hasobject:
         return None
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
+def _check_small_member(path: Path, name: str, images: int) -> None:
+    """`labels` (one per image) and `class_names` (at most one per image) bounded from their headers by the
+    image count, before they are loaded: a zip bomb of a few MB declaring billions of labels was loaded whole.
+    Their form is checked once loaded."""
+    shape, _, dtype = _member_header(path, name)
+    if name == "labels" and math.prod(shape) > images:
+        raise DataError(f"{path}: {images} images but `labels` of shape {list(shape)}: give one label per image")
+    if name == "class_names" and (math.prod(shape) > images or dtype.itemsize > 4 * MAX_NAME_CHARS):
+        raise DataError(f"{path}: `class_names` of {dtype} {list(shape)} for {images} images: give a 1-D array of "
+                        f"one name per class, each of at most {MAX_NAME_CHARS:,} characters")
 
 
 class _CompressedRows:
@@ -330,7 +338,7 @@ class _CompressedRows:
             if self._stream is None or a < self._row:   # (re)open at the start of the member
                 self._archive = zipfile.ZipFile(self.path)
                 self._stream = self._archive.open(self.name + ".npy")
-                _npy_header(self._stream)
+                npy_header(self._stream)
                 self._row = 0
             while self._row < a:   # skip rows a resumed build has already done
                 self._stream.read(self.row_bytes)
@@ -369,13 +377,13 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
             if not {member, "labels"} <= names:
                 raise DataError(f"{path}: an .npz data set needs `images` (uint8 [N, H, W, C], or `arr_0`) and "
                                 f"`labels` ([N] integers); it has {sorted(names)}")
-            for small in {"labels", "class_names"} & names:   # before numpy allocates what they describe
-                _member_header(path, small)
-            labels = np.asarray(f["labels"])
-            class_names = _class_names(f["class_names"], path) if "class_names" in names else None
             images = _npz_member_memmap(path, member)
             if images is None:   # compressed: decompressed row by row into the cache below
                 images = _CompressedRows(path, member)
+            for small in {"labels", "class_names"} & names:   # before numpy allocates what they describe
+                _check_small_member(path, small, images.shape[0] if images.shape else 0)
+            labels = np.asarray(f["labels"])
+            class_names = _class_names(f["class_names"], path) if "class_names" in names else None
     except (OSError, ValueError, zipfile.BadZipFile, KeyError, EOFError, zlib.error) as err:   # the last two: a
         if isinstance(err, DataError):                                                      # damaged compressed member
             raise
