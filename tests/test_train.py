@@ -803,6 +803,11 @@ def test_a_resume_state_whose_tensors_do_not_fit_is_one_line(tmp_path, capsys):
         "recent_losses must be a list of losses, got a tensor of shape [2, 2]":
             ({**tensors, "recent_losses": torch.zeros(2, 2, dtype=torch.float64)}, meta),
         "its step -1 is negative": (tensors, {**meta, "step": "-1"}),
+        # values no saved run holds: a NaN moment made the first step write NaN weights into every file
+        f"{moment} hold NaN or infinite values, which no saved run does":
+            ({**tensors, moment: torch.full_like(tensors[moment], float("nan"))}, meta),
+        "model.trunk.class_emb.weight hold integers where a run keeps floats":
+            ({**tensors, "model.trunk.class_emb.weight": tensors["model.trunk.class_emb.weight"].to(torch.int8)}, meta),
     }
     for why, (damaged, metadata) in damages.items():
         save_file(damaged, state, metadata=metadata)

@@ -48,7 +48,7 @@ from typing import NoReturn
 from ..atomic import atomic_path
 from ..class_names import METADATA_KEY as CLASS_NAMES_KEY
 from ..class_names import encode_class_names, label_rows
-from ..checks import open_regular, parse_json, read_record
+from ..checks import open_regular, parse_json, read_record, some_of
 from ..cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, check_writable_file,
                    check_writable_folder, checked, content_sha256, make_folder, normalize, positive_int, seed_int,
                    stops_on_sigterm, user_errors)
@@ -224,6 +224,13 @@ class Trainer:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         if ECARConfig.from_json(meta["config"]) != self.config:
             raise ValueError(f"{path} was trained with a different config; start a new --workdir")
+        # values as a saved run holds them: a NaN moment made the first step write NaN weights everywhere
+        integers = sorted(k for k, v in tensors.items() if k != "rng" and not v.is_floating_point())
+        if integers:
+            raise TypeError(f"{some_of(integers, 3)} hold integers where a run keeps floats")
+        nonfinite = sorted(k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all())
+        if nonfinite:
+            raise TypeError(f"{some_of(nonfinite, 3)} hold NaN or infinite values, which no saved run does")
         strip = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
         self.model.load_state_dict(strip("model."))
         self.ema.load_state_dict(strip("ema."))
