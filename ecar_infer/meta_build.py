@@ -79,12 +79,19 @@ def build_within(build: Callable[[], M], shapes: dict[str, tuple[int, ...]]) -> 
     """build() on the meta device, stopped with a BuildError once it registers more than BUDGET x the
     tensors or elements of `shapes` (the file's tensor table), or when torch cannot hold its sizes."""
     elements = sum(math.prod(shape) for shape in shapes.values())
+    return build_bounded(build, BUDGET * len(shapes), BUDGET * elements,
+                         f"does not match its config: the config describes a model larger than the {len(shapes)} "
+                         f"tensor(s) ({elements:,} elements) the file holds")
+
+
+def build_bounded(build: Callable[[], M], tensors: int, elements: int, too_large: str) -> M:
+    """build() on the meta device, stopped with BuildError(too_large) once it registers more than `tensors`
+    tensors or `elements` elements, or with a BuildError when torch cannot hold its sizes."""
     try:
-        with (_registration_budget(BUDGET * len(shapes), BUDGET * elements), torch.device("meta"), _ShapesOnly()):
+        with _registration_budget(tensors, elements), torch.device("meta"), _ShapesOnly():
             return build()
     except _OverBudget:
-        raise BuildError(f"does not match its config: the config describes a model larger than the "
-                         f"{len(shapes)} tensor(s) ({elements:,} elements) the file holds") from None
+        raise BuildError(too_large) from None
     except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as err:  # sizes torch cannot hold
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise BuildError(f"its config cannot be built: {first_line}") from None

@@ -1044,6 +1044,29 @@ def test_an_out_that_is_a_file_the_work_folder_keeps_is_refused(tmp_path, capsys
         assert f"that is the work folder's {kept}, which the run keeps writing; choose another file" in err
 
 
+@pytest.mark.parametrize("change", ["depth=10000000", "width=1048576", "num_classes=1000000000"])
+def test_a_config_far_too_large_to_train_is_refused_before_the_data(tmp_path, capsys, monkeypatch, change):
+    """A typo such as --set depth=10000000 built the model for minutes and gigabytes before failing; it is
+    counted on the meta device now, stopped at the bound, before the data is opened."""
+    import ecar_infer.training.data as data_module
+
+    monkeypatch.setattr(data_module, "open_data", lambda *a, **k: pytest.fail("the data was opened"))
+    err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--set", change])
+    assert "the config asks for a model of more than 20,000,000,000 weights or 10,000 tensors (ecar-xl has under " \
+           "1,000,000,000 and 400); check --set and --config" in err
+
+
+def test_an_npz_of_fewer_images_than_classes_is_refused_before_naming_them(tmp_path):
+    """Without class_names, a name was made for each of num_classes (a billion, after a typo) first."""
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((3, 16, 16, 1), np.uint8), labels=np.arange(3))
+    from ecar_infer.training.data import DataError, open_npz
+
+    with pytest.raises(DataError, match=r"d.npz: 3 images for num_classes=100000000, which needs one image of each "
+                                        r"class at least; give the data's class count"):
+        open_npz(path, ECARConfig.preset("ecar-tiny").replace(num_classes=10**8), tmp_path / "cache")
+
+
 def test_an_out_that_is_the_npz_data_set_is_refused(tmp_path, capsys):
     """The final checkpoint would have replaced the training data."""
     class_npz(tmp_path / "pets.npz", ["cat", "dog", "fish"])

@@ -397,6 +397,9 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
     if images.shape[1] * images.shape[2] > 2 * Image.MAX_IMAGE_PIXELS:   # as PIL refuses a folder's image
         raise DataError(f"{path}: images of {images.shape[2]}x{images.shape[1]} pixels are too large to decode (more "
                         f"than {2 * Image.MAX_IMAGE_PIXELS:,} pixels); resize them first")
+    if class_names is None and config.num_classes > len(images):   # before a name is made for each of them
+        raise DataError(f"{path}: {len(images)} images for num_classes={config.num_classes}, which needs one image of "
+                        f"each class at least; give the data's class count (--set num_classes=N) or `class_names`")
     class_names = class_names or [str(i) for i in range(config.num_classes)]
     labels = _check_labels(labels, class_names, str(path), len(images))
     data = ImageSet.undecoded(labels, class_names, str(path), images.shape[-1])

@@ -694,6 +694,26 @@ def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> N
         raise ValueError(f"--metadata: {err.problem}; fix or drop that entry") from None
 
 
+# What a config may ask ecar-train to build: far beyond ecar-xl (729M weights in 322 tensors), and
+# beyond what one GPU holds with AdamW's two moments; it catches a typo (--set depth=10000000) at once, which
+# built for minutes and gigabytes before it failed
+MAX_TRAIN_WEIGHTS, MAX_TRAIN_TENSORS = 20_000_000_000, 10_000
+
+
+def check_trainable_size(config: ECARConfig) -> None:
+    """Refuse, before the data, a config larger than MAX_TRAIN_WEIGHTS or MAX_TRAIN_TENSORS: counted by
+    building it on the meta device, stopped as soon as it passes either."""
+    from ..meta_build import BuildError, build_bounded
+    from ..model import ECARModel
+
+    too_large = (f"asks for a model of more than {MAX_TRAIN_WEIGHTS:,} weights or {MAX_TRAIN_TENSORS:,} tensors "
+                 f"(ecar-xl has under 1,000,000,000 and 400); check --set and --config")
+    try:
+        build_bounded(lambda: ECARModel(config), MAX_TRAIN_TENSORS, MAX_TRAIN_WEIGHTS, too_large)
+    except BuildError as err:
+        raise UsageError(f"the config {err}") from None
+
+
 def build_config(args: argparse.Namespace) -> ECARConfig:
     """--preset or --config, then each --set FIELD=VALUE (the value read as JSON, else as a string)."""
     config = ECARConfig.from_json(read_record(args.config)) if args.config else ECARConfig.preset(args.preset)
@@ -852,6 +872,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
         log(f"--resume: {workdir} holds no saved run; starting one")
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
     config = build_config(args)
+    check_trainable_size(config)
     check_metadata(metadata, config, final)
     # a resume never reads --init (the state holds the weights): it may be left out, and then the record's
     # init is kept; given, it must still be the run's (its file then must exist to be compared)
