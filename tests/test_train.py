@@ -668,6 +668,23 @@ def test_a_resume_drops_the_row_a_killed_run_cut_short_in_loss_csv(tmp_path, cap
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("damage", ["abc,0.5,0.5,0.001,0.1,10,840\n", "2,x,0.5,0.001,0.1,10,840\n",
+                                    "2,0.5,0.5,0.001,0.1,10,840,extra\n", "2," + "9" * 200_000 + "\n"],
+                         ids=["a step that is no number", "a loss that is no number", "a field too many",
+                              "a field past csv's limit"])
+def test_a_damaged_row_of_loss_csv_is_dropped_not_a_traceback(tmp_path, capsys, damage):
+    """A damaged loss.csv was a ValueError or csv.Error traceback at the resume, or at the first plot (after
+    training had run); its damaged rows are left out now, as a row cut short is."""
+    run = TINY_RUN + ["--workdir", str(tmp_path)]
+    main(run + ["--until", "2"])
+    with open(tmp_path / "loss.csv", "a") as f:
+        f.write(damage)
+    main(run + ["--resume"])
+    with open(tmp_path / "loss.csv", newline="") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
 def class_npz(path, class_names):
     np.savez(path, images=np.zeros((6, 16, 16, 1), np.uint8), labels=np.arange(6) % 3, class_names=class_names)
 

@@ -31,17 +31,34 @@ def at_most_every(seconds: float, report: Callable[[int, int], None],
     return paced
 
 
+def whole_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a loss log that hold a number in every column: a row cut short by a killed run, or damaged
+    (a field that is no number, one past csv's size limit, which ends the reading), is left out."""
+    rows = []
+    with open(path, newline="") as f:
+        try:
+            for row in csv.DictReader(f):
+                try:
+                    int(row["step"]), [float(row[column]) for column in COLUMNS[1:]]
+                except (KeyError, TypeError, ValueError):   # TypeError: a field missing (None)
+                    continue
+                if None not in row:   # no fields beyond the columns
+                    rows.append(row)
+        except csv.Error:
+            pass
+    return rows
+
+
 class TrainLog:
     """Appends one row per step to `path`. A resumed run first drops the rows after the step it resumes
-    from (steps an interrupted run logged after its last saved state), so the log has each step once, and a
-    row cut short by a killed run (its fields missing)."""
+    from (steps an interrupted run logged after its last saved state), so the log has each step once, and
+    rows cut short by a killed run or damaged (whole_rows)."""
 
     def __init__(self, path: str | Path, resume_step: int = 0) -> None:
         self.path = Path(path)
         rows = []
         if resume_step and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if None not in r.values() and int(r["step"]) <= resume_step]
+            rows = [r for r in whole_rows(self.path) if int(r["step"]) <= resume_step]
         text = io.StringIO()
         writer = csv.DictWriter(text, COLUMNS)
         writer.writeheader()
@@ -62,8 +79,7 @@ class TrainLog:
         """loss.png: the loss of every step and its trailing mean, on a log scale (matplotlib, imported here)."""
         from matplotlib.figure import Figure
 
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        rows = whole_rows(self.path)
         if not rows:
             return
         steps = [int(r["step"]) for r in rows]
