@@ -179,7 +179,8 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
     model.add_argument("--vae-slicing", action="store_true", help="decode the batch one image at a time")
     model.add_argument("--vae-tiling", action="store_true", help="decode in overlapping tiles")
     sampling = p.add_argument_group("sampling (defaults: the checkpoint's recommended settings)")
-    sampling.add_argument("--cfg-scale", type=guidance_float, metavar="W", help="classifier-free guidance weight w")
+    sampling.add_argument("--cfg-scale", type=guidance_float, metavar="W",
+                          help="classifier-free guidance weight w (-10,000..10,000)")
     sampling.add_argument("--cfg-schedule", choices=CFG_SCHEDULES, help="guidance over the stages")
     sampling.add_argument("--cfg-interval", type=interval_spec, metavar="LO,HI",
                           help="guide only where LO <= sigma <= HI (0,1: everywhere)")
