@@ -107,10 +107,11 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     return f
 
 
-def read_record(path: str | os.PathLike, limit: int = MAX_RECORD_BYTES) -> str:
-    """The text of a small file this program or its user wrote (a settings record, a config): a regular file
-    of at most `limit` bytes; OSError or ValueError otherwise."""
-    with open_regular(path) as f:
+def read_record(path: str | os.PathLike, limit: int = MAX_RECORD_BYTES, pipes: bool = False) -> str:
+    """The text of a small file this program or its user wrote (a settings record, a config): at most `limit`
+    bytes of a regular file, or with `pipes` of a pipe too (a config the user gives as `<(...)`, whose writer
+    is theirs); OSError or ValueError otherwise."""
+    with (open(path, "rb") if pipes else open_regular(path)) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path} is larger than {limit:,} bytes, which no record or config of ecar_infer is")

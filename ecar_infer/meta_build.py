@@ -81,12 +81,13 @@ def build_within(build: Callable[[], M], shapes: dict[str, tuple[int, ...]]) -> 
     elements = sum(math.prod(shape) for shape in shapes.values())
     return build_bounded(build, BUDGET * len(shapes), BUDGET * elements,
                          f"does not match its config: the config describes a model larger than the {len(shapes)} "
-                         f"tensor(s) ({elements:,} elements) the file holds")
+                         f"tensor(s) ({elements:,} elements) the file holds", "its config")
 
 
-def build_bounded(build: Callable[[], M], tensors: int, elements: int, too_large: str) -> M:
+def build_bounded(build: Callable[[], M], tensors: int, elements: int, too_large: str, config_is: str) -> M:
     """build() on the meta device, stopped with BuildError(too_large) once it registers more than `tensors`
-    tensors or `elements` elements, or with a BuildError when torch cannot hold its sizes."""
+    tensors or `elements` elements, or with a BuildError "{config_is} cannot be built: ..." when torch cannot
+    hold its sizes."""
     try:
         with _registration_budget(tensors, elements), torch.device("meta"), _ShapesOnly():
             return build()
@@ -94,7 +95,7 @@ def build_bounded(build: Callable[[], M], tensors: int, elements: int, too_large
         raise BuildError(too_large) from None
     except (RuntimeError, TypeError, ValueError, OverflowError, MemoryError) as err:  # sizes torch cannot hold
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise BuildError(f"its config cannot be built: {first_line}") from None
+        raise BuildError(f"{config_is} cannot be built: {first_line}") from None
 
 
 def mismatch(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> str | None:

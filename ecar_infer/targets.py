@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from .atomic import atomic_write_text, make_durable, temporaries_of
-from .checks import parse_json, read_record, some_of
+from .checks import open_regular, parse_json, read_record, some_of
 from .output import join_npz, make_grid, npz_settings, save_image, save_npz
 
 RECORD = "run.json"
@@ -204,7 +204,13 @@ class NpzTarget(Target):
         save_npz(images, [self.labels[i] for i in self.batches[batch]], self.part(batch))
 
     def holds(self, batch: int) -> bool:   # an empty or cut file (a power loss, a copy cut short) is sampled again
-        return self.finished_before or zipfile.is_zipfile(self.part(batch))   # False for a missing file too
+        if self.finished_before:
+            return True
+        try:
+            with open_regular(self.part(batch)) as f:   # a FIFO would wait for a writer
+                return zipfile.is_zipfile(f)
+        except (OSError, ValueError):   # a missing file too
+            return False
 
     def foreign_files(self) -> list[Path]:
         return [path for path in map(self.part, range(len(self.batches))) if path.exists()]
@@ -231,7 +237,7 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"   # the IEND chunk: length 0, type, 
 def png_is_whole(path: Path) -> bool:
     """Whether `path` is a PNG file that reaches its end chunk (cheap: its first and last bytes only)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:   # a FIFO would wait for a writer
             if f.read(8) != b"\x89PNG\r\n\x1a\n":
                 return False
             f.seek(0, os.SEEK_END)
@@ -239,7 +245,7 @@ def png_is_whole(path: Path) -> bool:
                 return False
             f.seek(-len(PNG_END), os.SEEK_END)
             return f.read() == PNG_END
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 

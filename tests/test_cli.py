@@ -168,8 +168,8 @@ def test_a_finished_npz_is_not_sampled_again_nor_replaced_by_another_request(ckp
                            (lambda: path.write_bytes(whole[:300]), "is not a sample file"),
                            # a settings entry declaring 10**10 strings: allocated before it was read
                            (lambda: npz_of_headers(path, arr_0=((1, 2, 2, 3), np.uint8), settings=((10**10,), "<U1")),
-                            r"is not a sample file \(its settings entry is <U1 \[10000000000\], not a string of a "
-                            r"record's size\)")):
+                            r"is not a sample file \(its settings describes <U1 \[10000000000\], 40,000,000,128 "
+                            r"bytes, but holds 128\)")):
             other()
             code, stdout, stderr = run(capsys, *args)
             assert code == 2 and re.match(f"ecar-sample: error: {re.escape(str(path))} exists and {why}", stderr), stderr
@@ -235,6 +235,14 @@ def test_an_empty_or_cut_png_in_an_outdir_is_sampled_again(ckpt, tmp_path, capsy
     pngs[1].write_bytes(damage(whole))
     code, stdout, stderr = run(capsys, *args)
     assert code == 0 and pngs[1].read_bytes() == whole, stderr
+
+
+def test_a_fifo_where_a_png_goes_is_not_a_written_image(tmp_path):
+    """Reading it to see whether it is a whole PNG waited for a writer, forever; it is no image."""
+    from ecar_infer.targets import png_is_whole
+
+    os.mkfifo(tmp_path / "class001_seed000000.png")
+    assert not png_is_whole(tmp_path / "class001_seed000000.png")
 
 
 def test_a_finished_outdir_says_there_is_nothing_to_sample(ckpt, tmp_path, capsys, monkeypatch):
@@ -369,11 +377,15 @@ def npz_of_headers(path, **members):
     (lambda part: np.savez(part, arr_0=np.array([None], dtype=object)), r"batch000000.npz cannot be read \(Object arrays"),
     # a header declaring 10**10 images: numpy allocated them before anything was compared (a MemoryError)
     (lambda part: npz_of_headers(part, arr_0=((10**10, 16, 16, 3), np.uint8)),
-     r"batch000000.npz holds 10000000000 images, not 1"),
+     r"batch000000.npz cannot be read \(its arr_0 describes uint8 \[10000000000, 16, 16, 3\], 7,680,000,000,128 bytes, "
+     r"but holds 128\)"),
+    # one image of 10**6 x 10**6 pixels: its count was right, and numpy allocated it
+    (lambda part: npz_of_headers(part, arr_0=((1, 10**6, 10**6, 3), np.uint8)),
+     r"batch000000.npz cannot be read \(its arr_0 describes uint8 \[1, 1000000, 1000000, 3\]"),
     (lambda part: np.savez(part, arr_0=np.zeros((1, 8, 16, 3), np.uint8)),
      r"batch000001.npz holds images of uint8 \(16, 16, 3\) where batch000000.npz holds uint8 \(8, 16, 3\)"),
     (lambda part: np.savez(part, arr_0=np.zeros((3, 16, 16, 3), np.uint8)), r"batch000000.npz holds 3 images, not 1"),
-], ids=["pickled", "a header of 10**10 images", "another size", "another number"])
+], ids=["pickled", "a header of 10**10 images", "a header of one huge image", "another size", "another number"])
 def test_a_damaged_batch_file_is_a_user_error_and_the_parts_stay(ckpt, tmp_path, capsys, monkeypatch, damage, why):
     """A batch file in FILE.parts/ damaged after it was written (a copy cut short) failed the join at the end
     with a BadZipFile or ValueError traceback: one line now, naming the file (for a batch of another image size, that

@@ -242,7 +242,8 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
         (("--image", path, "--mask", tmp_path / "see_through.png", "--fit"), "the mask image has transparent pixels"),
         (("--image", tmp_path / "junk.png", "--mask", "left"), "not an image file"),
         # Pillow refuses a PNG text chunk of over 1 MB with a ValueError, which was a traceback
-        (("--image", tmp_path / "chatty.png", "--mask", "left"), "cannot read --image .*chatty.png: Decompressed data too large"),
+        (("--image", tmp_path / "chatty.png", "--mask", "left"),
+         "(?i)cannot read --image .*chatty.png: Decompressed data too large"),   # Pillow's case changed over versions
         (("--image", path, "--mask", tmp_path / "small.png"), "--mask .* is 8x8 pixels"),
         (("--image", path, "--mask", "middle"), "no such file, and not a built-in region"),
         # the library's errors (EditInputError), said in the command line's terms

@@ -315,6 +315,19 @@ def test_the_judging_tools_say_what_is_wrong_in_one_line(tool, problem, args, sa
     assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err) and said in err[-1], err
 
 
+@pytest.mark.parametrize("tool", ["quality", "edit_quality", "guidance"])
+def test_digits32_judges_only_models_of_digits32s_form(tool, capsys):
+    """--data digits32 is the default: a model of other images (the emoji model) was sampled, then failed in
+    sklearn ("X has 3072 features, but PCA is expecting 1024")."""
+    main, extra = judging_tools()[tool]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--ckpt", "ecar-emoji32", *extra])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2
+    assert err[-1].endswith("--data digits32 (the default) judges models of 32x32 grayscale digits in 10 classes; "
+                            "give this model's own data with --data and --heldout"), err
+
+
 def test_the_quality_tool_needs_two_samples_per_class_for_its_pairs(capsys):
     from ecar_infer.training.quality import main
 

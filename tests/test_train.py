@@ -668,16 +668,17 @@ def test_a_resume_drops_the_row_a_killed_run_cut_short_in_loss_csv(tmp_path, cap
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("damage", ["abc,0.5,0.5,0.001,0.1,10,840\n", "2,x,0.5,0.001,0.1,10,840\n",
-                                    "2,0.5,0.5,0.001,0.1,10,840,extra\n", "2," + "9" * 200_000 + "\n"],
+@pytest.mark.parametrize("damage", [b"abc,0.5,0.5,0.001,0.1,10,840\n", b"2,x,0.5,0.001,0.1,10,840\n",
+                                    b"2,0.5,0.5,0.001,0.1,10,840,extra\n", b"2," + b"9" * 200_000 + b"\n",
+                                    b"2,\xff\xfe,0.5,0.001,0.1,10,840\n"],
                          ids=["a step that is no number", "a loss that is no number", "a field too many",
-                              "a field past csv's limit"])
+                              "a field past csv's limit", "bytes that are no UTF-8"])
 def test_a_damaged_row_of_loss_csv_is_dropped_not_a_traceback(tmp_path, capsys, damage):
     """A damaged loss.csv was a ValueError or csv.Error traceback at the resume, or at the first plot (after
     training had run); its damaged rows are left out now, as a row cut short is."""
     run = TINY_RUN + ["--workdir", str(tmp_path)]
     main(run + ["--until", "2"])
-    with open(tmp_path / "loss.csv", "a") as f:
+    with open(tmp_path / "loss.csv", "ab") as f:
         f.write(damage)
     main(run + ["--resume"])
     with open(tmp_path / "loss.csv", newline="") as f:
@@ -896,26 +897,40 @@ def test_a_resume_state_with_a_damaged_header_is_one_line(tmp_path, content):
         trainer_module.saved_step(state)
 
 
-@pytest.mark.parametrize("fifo", ["state.safetensors", "settings.json", "config"])
+@pytest.mark.parametrize("fifo", ["state.safetensors", "settings.json"])
 def test_a_fifo_in_place_of_a_runs_file_is_one_line_not_a_hang(tmp_path, fifo):
-    """Opening a FIFO for reading waits for a writer: a resume state, a settings record or a --config that is
-    one hung ecar-train, and the state's even past SIGTERM (its handler read it again). Run as a command with
-    a time limit, so that a hang fails rather than stops the suite."""
+    """Opening a FIFO for reading waits for a writer: a resume state or a settings record that is one hung
+    ecar-train, and the state's even past SIGTERM (its handler read it again). Run as a command with a time
+    limit, so that a hang fails rather than stops the suite. (A --config may be a pipe: test below.)"""
     import subprocess
     import sys
 
     run = TINY_RUN + ["--workdir", str(tmp_path / "run")]
     main(run + ["--until", "2"])
-    config = tmp_path / "tiny.json"
-    config.write_text(ECARConfig.preset("ecar-tiny").to_json())
-    target = tmp_path / "run" / fifo if fifo != "config" else config
+    target = tmp_path / "run" / fifo
     target.unlink()
     os.mkfifo(target)
-    args = run if fifo != "config" else ["--config", str(config)] + run[2:]   # in place of --preset
-    done = subprocess.run([sys.executable, "-m", "ecar_infer.training.trainer", *args, "--resume"],
+    done = subprocess.run([sys.executable, "-m", "ecar_infer.training.trainer", *run, "--resume"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "is not a regular file (a FIFO, a device or a folder)" in done.stderr
+
+
+def test_a_config_may_come_through_a_pipe(tmp_path):
+    """`--config <(make_config)`: a pipe whose writer is the user's is read as a file is (the records of a run
+    are refused as pipes, above)."""
+    import subprocess
+    import sys
+
+    pipe = tmp_path / "config.pipe"
+    os.mkfifo(pipe)
+    writer = subprocess.Popen(["sh", "-c", f"cat > {pipe}"], stdin=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen([sys.executable, "-m", "ecar_infer.training.trainer", "--config", str(pipe),
+                                *TINY_RUN[2:], "--workdir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True)
+    writer.communicate(ECARConfig.preset("ecar-tiny").to_json(), timeout=120)
+    _, err = trainer.communicate(timeout=300)
+    assert trainer.returncode == 0, err
+    assert (tmp_path / "run" / "final.safetensors").exists()
 
 
 def test_a_settings_record_larger_than_any_record_is_refused_unread(tmp_path, capsys):
@@ -1053,6 +1068,18 @@ def test_a_run_that_diverges_stops_at_once_and_keeps_its_last_saved_state(tmp_pa
     assert not (run / "final.safetensors").exists()
     with open(run / "loss.csv", newline="") as f:
         assert [int(row["step"]) for row in csv.DictReader(f)] == [1, 2]
+
+
+def test_a_run_that_diverges_before_any_save_says_nothing_was_kept(tmp_path, capsys, monkeypatch):
+    """Diverged at step 1, nothing was saved: the line offered "--init from the EMA", which did not exist."""
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args: torch.tensor(float("inf")))
+    with pytest.raises(SystemExit) as exit_info:
+        main(TINY_RUN + ["--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exit_info.value.code == 1
+    assert re.fullmatch(r"ecar-train: error: the run diverged at step 1 \(loss .*, gradient norm inf\); nothing was "
+                        r"saved before it\. --resume would diverge again at the same step: start a new run \(another "
+                        r"--workdir\) with a lower --lr than 0.001", err), err
 
 
 def test_an_out_that_is_a_file_the_work_folder_keeps_is_refused(tmp_path, capsys):

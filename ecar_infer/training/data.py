@@ -42,7 +42,7 @@ import torch
 from ..checks import some_of
 from ..class_names import MAX_NAME_CHARS, ClassNameError, encode_class_names
 from ..config import ECARConfig
-from ..output import npy_header
+from ..output import npy_header, npz_member_header
 from ..pil_input import as_model_image, resize_center_crop
 from .diskcache import cached_array, is_cached
 
@@ -276,9 +276,7 @@ def _stamp(path: Path) -> tuple[int, int]:
 def _member_header(path: Path, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
     """The .npy header of the member `name` of an .npz; a DataError if it describes more bytes than the member
     holds (a damaged file: numpy would ask for all of them from memory before reading any)."""
-    with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
-        shape, fortran, dtype = npy_header(f)
-        described, held = f.tell() + dtype.itemsize * math.prod(shape), archive.getinfo(name + ".npy").file_size
+    shape, fortran, dtype, described, held = npz_member_header(path, name)
     if dtype.hasobject:   # pickled Python objects, which are never loaded (their size says nothing either)
         raise DataError(f"{path}: `{name}` holds Python objects ({dtype}), which a data set never loads; save it as "
                         f"a numeric array (np.asarray(..., dtype=np.uint8) for images, integers for labels)")
@@ -368,7 +366,9 @@ def open_npz(path: str | os.PathLike, config: ECARConfig, cache_dir: str | os.Pa
     chunk of a cache build (resizing)."""
     path = Path(path)
     size = config.image_size
-    if not zipfile.is_zipfile(path):   # else numpy reads it as a pickle, and suggests allow_pickle
+    with open(path, "rb") as f:   # opened here: an unreadable file is an OSError, not "no zip archive"
+        is_zip = zipfile.is_zipfile(f)
+    if not is_zip:   # else numpy reads it as a pickle, and suggests allow_pickle
         raise DataError(f"{path}: not an .npz file (not a zip archive); write the data set with np.savez")
     try:
         with np.load(path, allow_pickle=False) as f:

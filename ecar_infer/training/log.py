@@ -35,7 +35,7 @@ def whole_rows(path: Path) -> list[dict[str, str]]:
     """The rows of a loss log that hold a number in every column: a row cut short by a killed run, or damaged
     (a field that is no number, one past csv's size limit, which ends the reading), is left out."""
     rows = []
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="replace") as f:   # bytes that are no UTF-8: a row that is no number
         try:
             for row in csv.DictReader(f):
                 try:

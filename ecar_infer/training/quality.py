@@ -266,6 +266,10 @@ def judge_of_data(parser: argparse.ArgumentParser, args, sampler) -> Reference |
     import tempfile
 
     if args.data == "digits32":
+        config = sampler.config
+        if (config.latent_kind, config.latent_channels, config.image_size, config.num_classes) != ("pixel", 1, 32, 10):
+            parser.error("--data digits32 (the default) judges models of 32x32 grayscale digits in 10 classes; give "
+                         "this model's own data with --data and --heldout")
         return None
     with tempfile.TemporaryDirectory() as cache:
         try:

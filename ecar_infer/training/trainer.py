@@ -379,13 +379,17 @@ class Diverged(Exception):
 
 def diverged(err: Diverged, workdir: Path, lr: float) -> str:
     """The line printed when a run diverges: what was kept, and why --resume would not help."""
-    saved = saved_step(workdir / STATE_FILE)
+    try:
+        saved = saved_step(workdir / STATE_FILE)
+    except UsageError:   # a state damaged since it was read: not this step's doing, and not to be read now
+        saved = None
     kept = ("nothing was saved before it" if saved is None else
             f"nothing of it was saved: the last saved state is step {saved} in {workdir / STATE_FILE}, with its EMA "
             f"in {workdir / EMA_FILE}")
+    start_from = "" if saved is None else ", or with --init from the EMA"
     return (f"the run diverged at step {err.step} (loss {err.loss:g}, gradient norm {err.grad_norm:g}); {kept}. "
             f"--resume would diverge again at the same step: start a new run (another --workdir) with a lower "
-            f"--lr than {lr:g}, or with --init from the EMA")
+            f"--lr than {lr:g}{start_from}")
 
 
 def user_error(message: str) -> NoReturn:
@@ -706,17 +710,18 @@ def check_trainable_size(config: ECARConfig) -> None:
     from ..meta_build import BuildError, build_bounded
     from ..model import ECARModel
 
-    too_large = (f"asks for a model of more than {MAX_TRAIN_WEIGHTS:,} weights or {MAX_TRAIN_TENSORS:,} tensors "
-                 f"(ecar-xl has under 1,000,000,000 and 400); check --set and --config")
+    too_large = (f"the config asks for a model of more than {MAX_TRAIN_WEIGHTS:,} weights or {MAX_TRAIN_TENSORS:,} "
+                 f"tensors (ecar-xl has under 1,000,000,000 and 400)")
     try:
-        build_bounded(lambda: ECARModel(config), MAX_TRAIN_TENSORS, MAX_TRAIN_WEIGHTS, too_large)
+        build_bounded(lambda: ECARModel(config), MAX_TRAIN_TENSORS, MAX_TRAIN_WEIGHTS, too_large, "the config")
     except BuildError as err:
-        raise UsageError(f"the config {err}") from None
+        raise UsageError(f"{err}; check --set and --config") from None
 
 
 def build_config(args: argparse.Namespace) -> ECARConfig:
     """--preset or --config, then each --set FIELD=VALUE (the value read as JSON, else as a string)."""
-    config = ECARConfig.from_json(read_record(args.config)) if args.config else ECARConfig.preset(args.preset)
+    config = (ECARConfig.from_json(read_record(args.config, pipes=True)) if args.config
+              else ECARConfig.preset(args.preset))
     changes = {}
     for kv in args.set:
         field, value = kv.split("=", 1)
