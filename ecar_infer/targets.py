@@ -35,6 +35,17 @@ def differing_settings(saved: dict, settings: dict) -> list[str]:
     return sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
 
 
+# record keys that are no option's name: said with the options that set them
+KEY_OPTIONS = {"ckpt_sha256": "the content of --ckpt", "vae_sha256": "the content of --vae",
+               "labels_sha256": "the images per class: --class, --per-class"}
+
+
+def named_settings(keys: list[str]) -> str:
+    """'cfg_scale, labels_sha256 (the images per class: --class, --per-class)': differing record keys as a
+    refusal names them."""
+    return ", ".join(f"{key} ({KEY_OPTIONS[key]})" if key in KEY_OPTIONS else key for key in keys)
+
+
 def parse_settings(text: str) -> dict:
     """A settings record's text as a dict (a JSON object); ValueError if it is not one."""
     saved = parse_json(text)
@@ -96,7 +107,8 @@ class Target:
             if differ and not self.holds_anything():   # stopped before its first batch was saved: nothing to keep
                 write_settings(record, settings)
             elif differ:
-                raise ResumeError(f"{self.where()} holds images of a run with other settings ({', '.join(differ)}): "
+                raise ResumeError(f"{self.where()} holds images of a run with other settings "
+                                  f"({named_settings(differ)}): "
                                   f"rerun that command to finish it, write elsewhere, or delete {self.where()}")
         else:
             self.check_no_foreign_files()
@@ -182,7 +194,7 @@ class NpzTarget(Target):
             raise ResumeError(f"{self.path} exists and records no ecar-sample settings: write elsewhere, or delete it")
         differ = differing_settings(saved, settings)
         if differ:
-            raise ResumeError(f"{self.path} holds the finished run of other settings ({', '.join(differ)}): write "
+            raise ResumeError(f"{self.path} holds the finished run of other settings ({named_settings(differ)}): write "
                               f"elsewhere, or delete {self.path}")
         shutil.rmtree(self.parts, ignore_errors=True)   # without its record: a finish() cut short while removing it
         return []

@@ -172,7 +172,8 @@ def test_a_finished_npz_is_not_sampled_again_nor_replaced_by_another_request(ckp
                             r"bytes, but holds 128\)")):
             other()
             code, stdout, stderr = run(capsys, *args)
-            assert code == 2 and re.match(f"ecar-sample: error: {re.escape(str(path))} exists and {why}", stderr), stderr
+            assert code == 2, stderr
+            assert re.match(f"ecar-sample: error: {re.escape(str(path))} exists and {why}", stderr), stderr
             assert stderr.endswith(": write elsewhere, or delete it\n") and sorted(tmp_path.iterdir()) == [path]
     path.unlink()
     assert run(capsys, *args)[0] == 0 and path.read_bytes() == whole
@@ -649,7 +650,10 @@ def test_a_rerun_with_other_settings_is_refused(field, output, ckpt, tmp_path, c
     assert code == 2 and stdout == "" and len(lines) == 1, stderr
     line = lines[0]
     assert line.startswith(f"ecar-sample: error: {where.format(**files)} holds images of a run with other settings (")
-    assert field.split("-")[0] in line.split("(")[1].split(")")[0].split(", ")
+    key = field.split("-")[0]
+    named = {"ckpt_sha256": "ckpt_sha256 (the content of --ckpt)", "vae_sha256": "vae_sha256 (the content of --vae)",
+             "labels_sha256": "labels_sha256 (the images per class: --class, --per-class)"}.get(key, key)
+    assert f"other settings ({named}" in line or f", {named}" in line, line
     assert "rerun that command to finish it" in line
     assert sorted(tmp_path.rglob("run.json"))[0].read_bytes() == record  # the record is left as it was
 

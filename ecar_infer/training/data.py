@@ -233,7 +233,8 @@ class ImageSet:
         try:   # the names must make a valid checkpoint entry: found now, not at the first checkpoint
             encode_class_names(self.class_names, config.num_classes)
         except ClassNameError as err:
-            raise DataError(f"{self.description}: {err}; give each class a distinct, non-empty, one-line name") from None
+            raise DataError(f"{self.description}: {err}; give each class a distinct, non-empty, one-line "
+                            f"name") from None
         if not len(self):
             raise DataError(f"{self.description}: no images")
 
@@ -249,7 +250,8 @@ def _check_labels(labels: np.ndarray, class_names: list[str], where: str, images
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         advice = ("labels count the classes from 0" if labels.min() < 0 else
-                  f"give `class_names` one name per class, or leave it out and --set num_classes={int(labels.max()) + 1}")
+                  f"give `class_names` one name per class, or leave it out and --set "
+                  f"num_classes={int(labels.max()) + 1}")
         raise DataError(f"{where}: label {labels[bad[0]]} of image {bad[0]} is outside the classes "
                         f"0-{num_classes - 1} ({len(bad)} such label(s)); {advice}")
     empty = np.flatnonzero(np.bincount(labels, minlength=num_classes) == 0)
