@@ -1111,6 +1111,19 @@ def test_an_npz_of_fewer_images_than_classes_is_refused_before_naming_them(tmp_p
         open_npz(path, ECARConfig.preset("ecar-tiny").replace(num_classes=10**8), tmp_path / "cache")
 
 
+def test_a_new_run_refuses_an_existing_out_before_training(tmp_path, capsys):
+    """Another run's model at --out was replaced at the end of a new run, without a word; a resume writes it."""
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"another run's model")
+    err = user_error(capsys, TINY_RUN + ["--workdir", str(tmp_path / "run"), "--out", str(out)])
+    assert f"--out {out} exists: a new run would replace it at its end; choose another --out, or delete it" in err
+    assert out.read_bytes() == b"another run's model" and not (tmp_path / "run").exists()
+    out.unlink()
+    main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--out", str(out), "--until", "2"])
+    main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--out", str(out), "--resume"])   # the run's own --out
+    assert load_checkpoint(out).checkpoint_metadata["training_steps"] == "4"
+
+
 def test_an_out_that_is_the_npz_data_set_is_refused(tmp_path, capsys):
     """The final checkpoint would have replaced the training data."""
     class_npz(tmp_path / "pets.npz", ["cat", "dog", "fish"])

@@ -873,6 +873,9 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     if step is not None and not args.resume:   # before the data: opening it may take hours
         raise UsageError(f"{workdir} holds a run at step {step}: pass --resume to continue it, or choose another "
                          f"--workdir (or delete {workdir})")
+    if step is None and not args.resume and final.exists():   # another run's model, found before hours of training
+        raise UsageError(f"--out {final} exists: a new run would replace it at its end; choose another --out, or "
+                         f"delete it")
     if step is None and args.resume:   # how torchrun jobs are started too; said, in case --workdir is mistyped
         log(f"--resume: {workdir} holds no saved run; starting one")
     metadata = dict(kv.split("=", 1) for kv in args.metadata)
