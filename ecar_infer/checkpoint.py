@@ -146,7 +146,8 @@ def _check_entries(path: Path, config: ECARConfig, metadata: dict[str, str]) -> 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | str | None = None) -> ECARModel:
     """An ECARModel in eval mode from a checkpoint written by save_checkpoint: a path, or the name of a shipped
-    model ("ecar-digits32") where no file of that name exists. `dtype` as in Sampler.from_pretrained.
+    model ("ecar-digits32") where no file of that name exists. `device` and `dtype` as in
+    Sampler.from_pretrained.
 
     The model is built on the meta device within what the file's tensor table allows, every stored
     tensor's name, shape and dtype is checked against it, then the weights are assigned (cast to `dtype`
@@ -155,18 +156,18 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     from .weights import checkpoint_path
 
-    path = checkpoint_path(path)
-    if dtype is not None:
-        from .sampler import resolve_dtype
+    from .sampler import resolve_device, resolve_dtype
 
-        dtype = resolve_dtype(dtype, torch.device(device))
+    path = checkpoint_path(path)
+    device = resolve_device(device)   # "auto", "CPU", a missing GPU: as from_pretrained takes and refuses them
+    if dtype is not None:
+        dtype = resolve_dtype(dtype, device)
     metadata, entries = _read_header(path)
     config = _config(path, metadata)
     model = _build_on_meta(path, config, entries)   # first: it bounds the config by the file (num_stages, classes)
     _check_entries(path, config, metadata)
     stored_dtype = _check_tensors(path, model, entries)
     dtype = stored_dtype if dtype is None else dtype
-    device = torch.device(device)
     by_file: dict[Path, list[str]] = {}
     for name, (_, _, file) in entries.items():
         by_file.setdefault(file, []).append(name)

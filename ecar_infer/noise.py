@@ -36,12 +36,12 @@ def draw_noise(seeds: list[int], plan: StagePlan, edit: bool = False) -> Request
     edits = [[] for _ in range(plan.num_stages)]
     for seed in seeds:
         gen = torch.Generator().manual_seed(int(seed))
-        starts.append(torch.randn(c, plan.latent_sides[0], plan.latent_sides[0], generator=gen))
+        starts.append(torch.randn(c, plan.latent_sides[0], plan.latent_sides[0], generator=gen, dtype=torch.float32))
         for s in range(1, plan.num_stages):
             side = plan.latent_sides[s]
-            jumps[s - 1].append(torch.randn(c, side, side, generator=gen))
+            jumps[s - 1].append(torch.randn(c, side, side, generator=gen, dtype=torch.float32))
         if edit:
             for s, side in enumerate(plan.latent_sides):
-                edits[s].append(torch.randn(c, side, side, generator=gen))
+                edits[s].append(torch.randn(c, side, side, generator=gen, dtype=torch.float32))
     return RequestNoise(torch.stack(starts), [torch.stack(xs) for xs in jumps],
                         [torch.stack(eps) for eps in edits] if edit else None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from typing import Sequence
@@ -123,6 +124,11 @@ class Sampler:
     max_engines: how many request shapes (batch bucket, step structure, edit pattern) keep their static
         buffers, KV cache and CUDA graphs between requests; the least recently used is dropped beyond
         that (ecar-xl's KV cache alone is about 5 GiB at bucket 64). clear_cache() drops them all.
+    defaults: the sampling settings a request gets where it leaves one out (default: those the model's
+        checkpoint metadata recommends, if it was loaded from one).
+
+    A sampler runs one request at a time: requests from several threads (a web demo's workers) wait for
+    each other, since requests of one shape share an engine's static buffers.
     """
 
     def __init__(self, model: ECARModel, decoder=None, defaults: SamplingDefaults | None = None,
@@ -135,12 +141,14 @@ class Sampler:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.decoder = decoder if decoder is not None else build_decoder(model.config)
-        self.defaults = defaults or SamplingDefaults.for_config(model.config)
+        self.defaults = defaults or SamplingDefaults.from_metadata(getattr(model, "checkpoint_metadata", {}),
+                                                                   model.config)
         self.runner = GraphRunner(self.device, cuda_graphs=cuda_graphs, compile=compile)
         self._tf32 = tf32
         self.progress = progress
         self.max_engines = max_engines
         self._engines: OrderedDict[tuple, StageEngine] = OrderedDict()  # least recently used first
+        self._busy = threading.Lock()   # held by a request, and by clear_cache
 
     def __repr__(self) -> str:
         """What a user checks first: the model, where and how it samples, and the defaults a request gets."""
@@ -183,8 +191,7 @@ class Sampler:
         dtype = resolve_dtype(dtype, device)
         model = load_checkpoint(checkpoint_path(path), device=device, dtype=dtype)
         decoder = build_decoder(model.config, vae, device, vae_dtype(dtype), slicing=vae_slicing, tiling=vae_tiling)
-        metadata = getattr(model, "checkpoint_metadata", {})
-        return cls(model, decoder, SamplingDefaults.from_metadata(metadata, model.config), **kwargs)
+        return cls(model, decoder, **kwargs)   # the defaults: the checkpoint's recommended
 
     @classmethod
     def from_config(cls, config: ECARConfig, device: str | torch.device | None = "auto",
@@ -360,8 +367,9 @@ class Sampler:
                    desc="sampling" if edit is None else "editing")
         started = time.perf_counter() if started is None else started
         pieces = []
-        # the bar is closed however the loop ends, so a line printed after an interrupt starts on its own line
-        with self._on_device():
+        # one request at a time (the class docstring); the bar is closed however the loop ends, so a line
+        # printed after an interrupt starts on its own line
+        with self._busy, self._on_device():
             with bar:
                 for chunk in chunks:
                     part = None if edit is None else edit.select(chunk)
@@ -371,8 +379,8 @@ class Sampler:
                     pieces.append(latent.float().cpu() if output_type == "latent"
                                   else convert(self._decode(latent, part), output_type))
             images = join_outputs(pieces, output_type)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - started
         return SampleOutput(images, seeds, labels, {"total_s": elapsed, "images_per_s": len(labels) / elapsed})
 
@@ -427,9 +435,10 @@ class Sampler:
 
     def clear_cache(self) -> None:
         """Drop every cached engine with its buffers, KV cache and graphs (they are rebuilt on next use)."""
-        for engine in self._engines.values():
-            self.runner.forget(engine.key)
-        self._engines.clear()
+        with self._busy:
+            for engine in self._engines.values():
+                self.runner.forget(engine.key)
+            self._engines.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -260,3 +260,62 @@ def test_the_lazy_names_of_the_package_are_listed():
     import ecar_infer
 
     assert set(ecar_infer.__all__) <= set(dir(ecar_infer))
+
+
+def test_requests_from_two_threads_give_the_images_each_gives_alone():
+    """Requests of one shape share an engine's static buffers: two threads on one sampler overwrote each
+    other's (images off by up to 255 levels). A sampler runs one request at a time now."""
+    import threading
+
+    sampler = Sampler.from_config("ecar-tiny", device="cpu", progress=False)
+    alone = {seed: sampler.generate(list(range(8)), seed=seed, steps_per_stage=20, output_type="np").images
+             for seed in (0, 50)}
+    together = {}
+
+    def request(seed):
+        together[seed] = sampler.generate(list(range(8)), seed=seed, steps_per_stage=20, output_type="np").images
+
+    threads = [threading.Thread(target=request, args=(seed,)) for seed in (0, 50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for seed in (0, 50):
+        assert np.array_equal(together[seed], alone[seed]), seed
+
+
+def test_an_images_noise_does_not_follow_torchs_default_dtype():
+    """torch.set_default_dtype(torch.float64) made the noise draws float64, another stream: other images for
+    the same seed."""
+    sampler = Sampler.from_config("ecar-tiny", device="cpu", progress=False)
+    want = sampler.generate([1, 2], seed=3, steps_per_stage=2, output_type="latent").images
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = sampler.generate([1, 2], seed=3, steps_per_stage=2, output_type="latent").images
+    finally:
+        torch.set_default_dtype(default)
+    assert torch.equal(got, want)
+
+
+def test_load_checkpoint_takes_devices_as_from_pretrained_does():
+    """It passed the device to torch as given: "auto" and "CPU" were RuntimeErrors from inside torch."""
+    from ecar_infer import load_checkpoint
+
+    for device in ("auto", "CPU", torch.device("cpu")):
+        assert next(load_checkpoint("ecar-digits32", device=device).parameters()).device.type in ("cpu", "cuda")
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        load_checkpoint("ecar-digits32", device="gpu")
+
+
+def test_a_sampler_of_a_loaded_model_takes_its_checkpoints_recommended_settings():
+    """Sampler(load_checkpoint(...)) sampled at 20 steps unguided while from_pretrained gave the card's
+    settings; both give the checkpoint's recommended now, and given defaults still win."""
+    from ecar_infer import load_checkpoint
+
+    model = load_checkpoint("ecar-digits32")
+    assert Sampler(model, progress=False).defaults == Sampler.from_pretrained("ecar-digits32", device="cpu").defaults
+    assert Sampler(model, progress=False).defaults.cfg_scale == 2.0
+    mine = SamplingDefaults(steps_per_stage=3)
+    assert Sampler(model, defaults=mine).defaults == mine
+    assert Sampler.from_pretrained("ecar-digits32", device="cpu", defaults=mine).defaults == mine
