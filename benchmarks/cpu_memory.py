@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"settings": {k: v for k, v in vars(args).items() if k != "out"},
                "load_average_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
                "results": results}
-    write_outputs(payload, markdown, args.out, None)
+    write_outputs(payload, markdown, args.out, None, args)
     return 0
 
 

@@ -64,6 +64,18 @@ def parse_spec(spec: str, default_steps: int) -> tuple[str, int]:
     return name, int(steps) if steps else default_steps
 
 
+def preset_spec(text: str) -> str:
+    """An argparse type: 'NAME' or 'NAME@STEPS' of a preset that exists and a positive step count."""
+    from ecar_infer.registry import preset_names
+
+    name, _, steps = text.partition("@")
+    if name not in preset_names():
+        raise argparse.ArgumentTypeError(f"no preset {name!r}; the presets are {', '.join(preset_names())}")
+    if steps and not (steps.isdecimal() and int(steps) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME or NAME@STEPS with STEPS a positive integer")
+    return text
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of fn, as torch.utils.flop_counter counts them. Runs under no_grad with the
     reference kernels, so the count does not depend on which backends are installed."""
@@ -245,7 +257,7 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.flops", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS))
+    parser.add_argument("--presets", nargs="+", type=preset_spec, default=list(PRESETS))
     parser.add_argument("--steps", type=int, default=STEPS_PER_STAGE,
                         help="E-CAR steps per stage for presets without their own @STEPS")
     parser.add_argument("--cfg-scale", type=float, default=GUIDANCE_SCALE)
@@ -257,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = build_report(args.presets, args.steps, args.cfg_scale, args.dit_steps, args.cfg_interval)
     markdown = render_markdown(report)
-    write_outputs(report, markdown, args.json, args.markdown)
+    write_outputs(report, markdown, args.json, args.markdown, args)
     print(markdown)
     return 0
 

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"guidance {s['cfg']:g} on sigma {s['interval'][0]:g}-{s['interval'][1]:g}: accuracy "
               f"{100 * s['accuracy']:.2f}%, FD {s['fd']:.3f} ({s['fd_range'][0]:.3f}-{s['fd_range'][1]:.3f}), "
               f"nearest-neighbour share {s['memorisation_nearest']:.3f} over {s['seed_sets']} seed sets")
-    write_outputs(report, "", args.out, None)
+    write_outputs(report, "", args.out, None, args)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from benchmarks.heads_table import render_table
+from benchmarks.report import environment, write_outputs
 from ecar_infer import CheckpointError, Sampler, keep_freed_memory
-from ecar_infer.atomic import atomic_write_text
 from ecar_infer.checkpoint import read_checkpoint_header
 from ecar_infer.cli import interval_spec
 from ecar_infer.schedule import StageSteps
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     samplers = {ckpt: digits32_sampler(parser, ckpt) for ckpt in args.ckpt}
     keep_freed_memory()  # as ecar-sample does: times are what the command line gets
     torch.set_num_threads(args.threads)
+    env = environment(torch.device("cpu"))   # date, CPU, threads and load, before any measurement
     ref = build_reference()
     real_features = ref.features(ref.heldout)
     real_nearest = nearest_train_distance(ref.heldout[:NUM_CLASSES * args.per_class], ref.train)
@@ -163,11 +164,13 @@ def main(argv: list[str] | None = None) -> None:
                        "seconds_64": time_64(sampler, args.repeats, **settings), **training_steps(sampler)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    report = {"rows": rows, "real_heldout_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),
+    report = {"environment": env, "rows": rows,
+              "real_heldout_accuracy": ref.accuracy(ref.heldout, ref.heldout_labels),
               "real_nearest_train": real_nearest, "real_fd": real_fd,
               "real_isolated_pixels": isolated_pixels(ref.heldout),
-              "threads": args.threads, "per_class": args.per_class, "seed": args.seed, "torch": torch.__version__}
-    atomic_write_text(args.out, json.dumps(report, indent=1))
+              "threads": args.threads, "per_class": args.per_class, "seed": args.seed, "repeats": args.repeats,
+              "torch": torch.__version__}
+    write_outputs(report, "", args.out, None, args)
     print(render_table([(args.out, report)]))
 
 

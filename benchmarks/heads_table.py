@@ -69,7 +69,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.heads_table", description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", help="JSON reports written by python -m benchmarks.heads --out")
     args = parser.parse_args(argv)
-    print(render_table([(path, json.loads(Path(path).read_text())) for path in args.reports]))
+    reports = []
+    for path in args.reports:
+        try:
+            report = json.loads(Path(path).read_text())
+            reports.append((path, report))
+            if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
+                raise ValueError("no rows")
+        except (OSError, ValueError) as err:
+            parser.error(f"{path}: not a report of python -m benchmarks.heads ({err})")
+    print(render_table(reports))
 
 
 if __name__ == "__main__":

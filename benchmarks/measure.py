@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import torch
 
+from ecar_infer.atomic import atomic_write_text
+
 _STATM = Path("/proc/self/statm")
 SAMPLE_S = 0.005
 GPU_WARMUP_S = 0.5  # matmul_peak's warm-up on a GPU before its timed products
@@ -45,9 +47,9 @@ def write_profile(fn: Callable[[], Any], device: torch.device, path: Path, row_l
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])) as prof:
             fn()
         sort = "self_device_time_total" if gpu else "self_cpu_time_total"
-        path.write_text(prof.key_averages().table(sort_by=sort, row_limit=row_limit) + "\n")
+        atomic_write_text(path, prof.key_averages().table(sort_by=sort, row_limit=row_limit) + "\n")
     except Exception as err:  # any profiler failure (see above)
-        path.write_text(f"profiling failed: {one_line(err)}\n")
+        atomic_write_text(path, f"profiling failed: {one_line(err)}\n")
 
 
 class DeviceFault(RuntimeError):

@@ -1,6 +1,7 @@
 """What every benchmark records beside its numbers (machine, versions, date) and how it writes them out."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -66,9 +67,14 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_outputs(payload: dict[str, Any], markdown: str, json_path: str | None, markdown_path: str | None) -> None:
-    """Write the JSON payload and the Markdown text where asked (parent folders are created)."""
-    for path, text in ((json_path, json.dumps(payload, indent=2) + "\n"), (markdown_path, markdown + "\n")):
+def write_outputs(payload: dict[str, Any], markdown: str, json_path: str | None, markdown_path: str | None,
+                  arguments: argparse.Namespace | None = None) -> None:
+    """Write the JSON payload and the Markdown text where asked (parent folders are created); `arguments`,
+    the command's parsed options with every default resolved, go first into the JSON, so that a published
+    number's record says how it was made."""
+    if arguments is not None:
+        payload = {"arguments": vars(arguments), **payload}
+    for path, text in ((json_path, json.dumps(payload, indent=2, default=str) + "\n"), (markdown_path, markdown + "\n")):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, text)

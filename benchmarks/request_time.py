@@ -21,7 +21,7 @@ import torch
 from ecar_infer import Sampler, keep_freed_memory
 from ecar_infer.cli import interval_spec, steps_spec
 
-from .report import write_outputs
+from .report import environment, write_outputs
 
 IMAGES = 64
 
@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--rounds must be at least 2 (the first is a warm-up)")
     keep_freed_memory()
     torch.set_num_threads(args.threads)
-    samplers = {c["ckpt"]: Sampler.from_pretrained(c["ckpt"], device="cpu", progress=False) for c in args.case}
+    env = environment(torch.device("cpu"))   # date, CPU, threads and load, before the checkpoints load
+    try:
+        samplers = {c["ckpt"]: Sampler.from_pretrained(c["ckpt"], device="cpu", progress=False) for c in args.case}
+    except ValueError as err:   # CheckpointError, VAEError: a file that is no checkpoint, or none
+        parser.error(str(err))
     load_before = os.getloadavg()[0]
     times: list[list[float]] = [[] for _ in args.case]
     for round_ in range(args.rounds):
@@ -77,9 +81,10 @@ def main(argv: list[str] | None = None) -> None:
         r["speedup_vs_first"] = results[0]["median_s"] / r["median_s"]
         print(f"{r['median_s']:.3f} s  {results[0]['median_s'] / r['median_s']:.2f}x  {r['ckpt']} {r['settings'] or ''}"
               f" (steps {r['resolved']['steps']}, guided steps {r['resolved']['guided_steps']})")
-    report = {"images": IMAGES, "threads": args.threads, "rounds": args.rounds, "torch": torch.__version__,
-              "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0], "cases": results}
-    write_outputs(report, "", args.out, None)
+    report = {"environment": env, "images": IMAGES, "threads": args.threads, "rounds": args.rounds,
+              "torch": torch.__version__, "load_1m_before": load_before, "load_1m_after": os.getloadavg()[0],
+              "cases": results}
+    write_outputs(report, "", args.out, None, args)
 
 
 if __name__ == "__main__":

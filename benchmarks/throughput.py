@@ -345,7 +345,7 @@ class Harness:
 
     def write(self) -> None:
         payload = self.payload()
-        write_outputs(payload, render_markdown(payload), self.args.json, self.args.markdown)
+        write_outputs(payload, render_markdown(payload), self.args.json, self.args.markdown, self.args)
 
 
 def _num(value: float | None, fmt: str = ".3g") -> str:
@@ -425,7 +425,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="ecar-b and DiT at batch 1, 2 repeats, DiT runs of at most 30 s (extrapolated)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default=None, help="default: bf16 on CUDA, fp32 elsewhere")
-    parser.add_argument("--models", nargs="+", help="E-CAR presets, NAME or NAME@STEPS (default: ecar-b ecar-l ecar-xl)")
+    parser.add_argument("--models", nargs="+", type=flops.preset_spec,
+                        help="E-CAR presets, NAME or NAME@STEPS (default: ecar-b ecar-l ecar-xl)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sweep (default: 1 8 64 256 on GPU, 1 on CPU)")
     parser.add_argument("--variant-batches", type=int, nargs="+",
                         help="batches at which the non-default E-CAR variants run (default: --batches)")
@@ -443,7 +444,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", help="write the tables as Markdown here (rewritten after every row)")
     parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler table of one default E-CAR call here")
     args = parser.parse_args(argv)
-    gpu = resolve_device(args.device).type == "cuda"
+    try:
+        gpu = resolve_device(args.device).type == "cuda"
+    except ValueError as err:   # no such device here
+        parser.error(f"--device: {err}")
     args.models = args.models or (["ecar-b"] if args.quick else list(flops.BASE_PRESETS))
     args.batches = args.batches or ([1] if args.quick or not gpu else GPU_BATCHES)
     args.variant_batches = args.variant_batches or args.batches

@@ -151,6 +151,9 @@ def test_heads_records_each_checkpoints_training_steps_for_the_table(tmp_path, m
                 "--repeats", "1", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert [r.get("training_steps") for r in saved["rows"]] == [22500, None]
+    # how the times were taken: the repeats, the options, the date, CPU, threads and load (they were missing)
+    assert saved["repeats"] == 1 and saved["arguments"]["per_class"] == 1
+    assert {"date", "device", "load_average_1m_at_start"} <= set(saved["environment"])
     # the rows' FD (10 images each) is read against the FD of 10 real training images the judge was not fit on
     real = small.features(small.train[100:110])
     assert saved["real_fd"] == pytest.approx(frechet_distance(real, small.features(small.heldout)))

@@ -21,6 +21,8 @@ def test_harness_writes_rows_json_and_markdown(tmp_path):
     throughput.main(["--device", "cpu", "--models", "ecar-tiny", "--steps", "2", "--no-dit", "--repeats", "3",
                      "--json", str(out_json), "--markdown", str(out_md)])
     payload = json.loads(out_json.read_text())
+    # the record says how it was made: every option, defaults resolved (the docs rebuilt commands by hand)
+    assert payload["arguments"]["models"] == ["ecar-tiny"] and payload["arguments"]["repeats"] == 3
     (row,) = payload["rows"]
     assert row["model"] == "ecar-tiny" and row["batch"] == 1 and row["error"] is None
     # each derived number is what it says: the median call, images per second of it, counted FLOPs per
@@ -383,3 +385,25 @@ def test_a_device_fault_in_dits_warm_up_also_stops_the_sweep(monkeypatch):
         h.dit(pipe, 2)
     assert h.rows[-1].model == throughput.DIT_NAME
     assert h.rows[-1].error == "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+@pytest.mark.parametrize("command, said", [
+    ("benchmarks.flops --presets nosuch", "argument --presets: no preset 'nosuch'; the presets are "),
+    ("benchmarks.flops --presets ecar-b@x", "'ecar-b@x': give NAME or NAME@STEPS with STEPS a positive integer"),
+    ("benchmarks.throughput --models nosuch --no-dit", "argument --models: no preset 'nosuch'"),
+    ("benchmarks.throughput --device gpu --no-dit", "--device: device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("benchmarks.heads_table {tmp}/nope.json", "nope.json: not a report of python -m benchmarks.heads"),
+    ("benchmarks.heads_table {tmp}/other.json", "other.json: not a report of python -m benchmarks.heads (no rows)"),
+    ("benchmarks.request_time --case {tmp}/nosuch.safetensors", "nosuch.safetensors: file not found"),
+])
+def test_a_harness_says_a_users_mistake_in_one_line(command, said, tmp_path, capsys):
+    """Each was a traceback (ConfigError, ValueError, FileNotFoundError, KeyError, CheckpointError)."""
+    import importlib
+
+    (tmp_path / "other.json").write_text('{"cases": []}')
+    module, *argv = command.format(tmp=tmp_path).split()
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and said in err[-1], err
+
