@@ -70,6 +70,7 @@ class Row:
     backends: dict[str, str] = field(default_factory=dict)
     note: str = ""
     error: str | None = None
+    runs: dict[int, list[float]] = field(default_factory=dict)   # an extrapolation's timed calls, by step count
 
     @property
     def images_per_s(self) -> float | None:
@@ -250,6 +251,7 @@ class Harness:
                     # at least 0: two noisy timings of nearly equal calls must not make a negative per-step time
                     step_s = max((measured.latency_s - shorter.latency_s) / (run_steps - other_steps), 0.0)
                     row.latency_s = measured.latency_s + (steps - run_steps) * step_s
+                    row.runs = {run_steps: measured.times, other_steps: shorter.times}   # both, to check the slope
                     row.note = (f"extrapolated from {min(run_steps, other_steps)}- and "
                                 f"{max(run_steps, other_steps)}-step runs: {steps} steps at their per-step slope")
                 else:

@@ -324,6 +324,8 @@ def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch)
     for row in h.rows:
         assert row.latency_s == pytest.approx(fixed + int(row.steps) * per_step, rel=1e-9)
         assert row.note.startswith("extrapolated from 1- and 46-step runs") and row.times == [25.1] * 3
+        # both runs that set the slope are in the record (the shorter one was not: the number was uncheckable)
+        assert row.runs == {46: [25.1] * 3, 1: [2.6] * 3}
     assert calls == [1, 1] + [46] * 3 + [1] * 3   # warm-up, the guess, then each point's timed calls, once
 
     calls.clear()   # where one step is all that fits, the second point is 2 steps
