@@ -164,7 +164,8 @@ class ECARConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "ECARConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`; a field it does not have is a ConfigError, as in from_dict."""
+        return self.from_dict({**self.to_dict(), **changes})
 
     @staticmethod
     def preset(name: str) -> "ECARConfig":

@@ -108,3 +108,6 @@ def test_from_json_rejects_bad_input():
         ECARConfig.from_json('{"wdth": 3}')
     with pytest.raises(ConfigError, match="JSON object"):
         ECARConfig.from_json("[1, 2]")
+    # replace() refuses a misspelt field the same way (it was dataclasses' TypeError)
+    with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['wdth'\]"):
+        ECARConfig.preset("ecar-tiny").replace(wdth=3)
