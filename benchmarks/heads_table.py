@@ -73,11 +73,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     for path in args.reports:
         try:
             report = json.loads(Path(path).read_text())
-            reports.append((path, report))
             if not isinstance(report, dict) or not isinstance(report.get("rows"), list):
                 raise ValueError("no rows")
         except (OSError, ValueError) as err:
             parser.error(f"{path}: not a report of python -m benchmarks.heads ({err})")
+        reports.append((path, report))
     print(render_table(reports))
 
 

@@ -74,7 +74,8 @@ def write_outputs(payload: dict[str, Any], markdown: str, json_path: str | None,
     number's record says how it was made."""
     if arguments is not None:
         payload = {"arguments": vars(arguments), **payload}
-    for path, text in ((json_path, json.dumps(payload, indent=2, default=str) + "\n"), (markdown_path, markdown + "\n")):
+    texts = ((json_path, json.dumps(payload, indent=2, default=str) + "\n"), (markdown_path, markdown + "\n"))
+    for path, text in texts:
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, text)

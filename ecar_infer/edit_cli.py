@@ -131,8 +131,8 @@ def prepare(args):
             raise cli.UsageError(f"--mask {mask}: no such file, and not a built-in region ({', '.join(REGIONS)})")
         mask = read_image(mask, "--mask", size)
         # fitted alike, they cover the same pixels only if the same size, as read (upright by their EXIF)
-        if args.fit and upright_size(mask) != upright_size(image):
-            (mask_w, mask_h), (image_w, image_h) = upright_size(mask), upright_size(image)
+        (mask_w, mask_h), (image_w, image_h) = upright_size(mask), upright_size(image)
+        if args.fit and (mask_w, mask_h) != (image_w, image_h):
             raise cli.UsageError(f"--mask {args.mask} is {mask_w}x{mask_h} pixels but --image {args.image} is "
                                  f"{image_w}x{image_h} (upright, as viewers show them): with --fit they must be the "
                                  f"same size")

@@ -234,10 +234,12 @@ def test_user_errors_are_one_line_with_status_2_and_write_nothing(ckpt, image, t
         (("--image", tmp_path / "small.png", "--mask", "left"),
          "is 8x8 pixels but the model makes 16x16 images: resize or crop it first, or give --fit"),
         (("--image", path, "--mask", tmp_path / "small.png", "--fit"),
-         "--mask .*small.png is 8x8 pixels but --image .*in.png is 16x16 \\(upright, as viewers show them\\): with --fit they must be the same size"),
+         "--mask .*small.png is 8x8 pixels but --image .*in.png is 16x16 \\(upright, as viewers show them\\): "
+         "with --fit they must be the same size"),
         # both sides count: fitted alike, a mask of the same width but another height covers other pixels
         (("--image", path, "--mask", tmp_path / "tall.png", "--fit"),
-         "--mask .*tall.png is 16x12 pixels but --image .*in.png is 16x16 \\(upright, as viewers show them\\): with --fit they must be the same size"),
+         "--mask .*tall.png is 16x12 pixels but --image .*in.png is 16x16 \\(upright, as viewers show them\\): "
+         "with --fit they must be the same size"),
         # found while --fit prepares the mask (before edit()), and said as one line too
         (("--image", path, "--mask", tmp_path / "see_through.png", "--fit"), "the mask image has transparent pixels"),
         (("--image", tmp_path / "junk.png", "--mask", "left"), "not an image file"),

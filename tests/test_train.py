@@ -520,7 +520,8 @@ def test_a_local_rank_without_a_gpu_is_one_line(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("args", [["--set", "num_classes=3"], ["--set", "bogus=1"],
                                   ["--out", "{tmp}/nodir/final.safetensors"],
                                   ["--data", "{data}", "--set", "num_classes=2", "--set", "latent_channels=3"]],
-                         ids=["wrong num_classes", "unknown config field", "missing --out folder", "an unreadable image"])
+                         ids=["wrong num_classes", "unknown config field", "missing --out folder",
+                              "an unreadable image"])
 def test_a_refused_run_leaves_no_empty_work_folder(tmp_path, tmp_path_factory, capsys, args):
     """The work folder (and the folders made for it) goes when a user error stops the run in it; one that
     was there before stays. An unreadable image is found while the cache is built: the build is discarded, and
