@@ -120,7 +120,7 @@ def join_npz(files: Sequence[str | os.PathLike], labels: Sequence[int], path: st
         first = None
         for i, file in enumerate(map(Path, files)):
             try:
-                shape, _ = _bounded_member_shape(file, "arr_0")   # a damaged header: known before numpy allocates it
+                shape, _, _ = npz_member_header(file, "arr_0")   # a damaged header: known before numpy allocates it
                 count = shape[0] if shape else 0
                 if sizes is None or count == sizes[i]:
                     with np.load(file, allow_pickle=False) as data:
@@ -144,23 +144,17 @@ def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
     return (np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f))
 
 
-def npz_member_header(path: str | os.PathLike, name: str
-                      ) -> tuple[tuple[int, ...], bool, np.dtype, int, int]:
-    """(shape, Fortran order, dtype, bytes it describes, bytes the member holds) of the member `name` of an
-    .npz, from its header alone: what a damaged or crafted header describes is known before numpy allocates
-    it (numpy allocates all of it before reading any). KeyError if there is no such member."""
+def npz_member_header(path: str | os.PathLike, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of the member `name` of an .npz, from its header alone. ValueError if it
+    describes more bytes than the member holds (a damaged or crafted file: numpy allocates all it describes
+    before reading any); the size of an array of Python objects is not checked (its bytes are a pickle):
+    callers that never load objects refuse them. KeyError if there is no such member."""
     with zipfile.ZipFile(path) as archive, archive.open(name + ".npy") as f:
         shape, fortran, dtype = npy_header(f)
         described, held = f.tell() + dtype.itemsize * math.prod(shape), archive.getinfo(name + ".npy").file_size
-    return shape, fortran, dtype, described, held
-
-
-def _bounded_member_shape(path: str | os.PathLike, name: str) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) of a member of a sample file; ValueError if its header describes more than it holds."""
-    shape, _, dtype, described, held = npz_member_header(path, name)
-    if described > held:
-        raise ValueError(f"its {name} describes {dtype} {list(shape)}, {described:,} bytes, but holds {held:,}")
-    return shape, dtype
+    if described > held and not dtype.hasobject:
+        raise ValueError(f"`{name}` describes {dtype} {list(shape)} ({described:,} bytes) but holds {held:,} bytes")
+    return shape, fortran, dtype
 
 
 def npz_settings(path: str | os.PathLike) -> str | None:
@@ -169,7 +163,7 @@ def npz_settings(path: str | os.PathLike) -> str | None:
     with np.load(path, allow_pickle=False) as data:
         if "settings" not in data.files:
             return None
-        shape, dtype = _bounded_member_shape(path, "settings")
+        shape, _, dtype = npz_member_header(path, "settings")
         if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * MAX_RECORD_BYTES:   # before it is read
             raise ValueError(f"its settings entry is {dtype} {list(shape)}, not a string of a record's size")
         return str(data["settings"])

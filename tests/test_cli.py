@@ -168,8 +168,8 @@ def test_a_finished_npz_is_not_sampled_again_nor_replaced_by_another_request(ckp
                            (lambda: path.write_bytes(whole[:300]), "is not a sample file"),
                            # a settings entry declaring 10**10 strings: allocated before it was read
                            (lambda: npz_of_headers(path, arr_0=((1, 2, 2, 3), np.uint8), settings=((10**10,), "<U1")),
-                            r"is not a sample file \(its settings describes <U1 \[10000000000\], 40,000,000,128 "
-                            r"bytes, but holds 128\)")):
+                            r"is not a sample file \(`settings` describes <U1 \[10000000000\] \(40,000,000,128 "
+                            r"bytes\) but holds 128 bytes\)")):
             other()
             code, stdout, stderr = run(capsys, *args)
             assert code == 2, stderr
@@ -378,11 +378,11 @@ def npz_of_headers(path, **members):
     (lambda part: np.savez(part, arr_0=np.array([None], dtype=object)), r"batch000000.npz cannot be read \(Object arrays"),
     # a header declaring 10**10 images: numpy allocated them before anything was compared (a MemoryError)
     (lambda part: npz_of_headers(part, arr_0=((10**10, 16, 16, 3), np.uint8)),
-     r"batch000000.npz cannot be read \(its arr_0 describes uint8 \[10000000000, 16, 16, 3\], 7,680,000,000,128 bytes, "
-     r"but holds 128\)"),
+     r"batch000000.npz cannot be read \(`arr_0` describes uint8 \[10000000000, 16, 16, 3\] \(7,680,000,000,128 "
+     r"bytes\) but holds 128 bytes\)"),
     # one image of 10**6 x 10**6 pixels: its count was right, and numpy allocated it
     (lambda part: npz_of_headers(part, arr_0=((1, 10**6, 10**6, 3), np.uint8)),
-     r"batch000000.npz cannot be read \(its arr_0 describes uint8 \[1, 1000000, 1000000, 3\]"),
+     r"batch000000.npz cannot be read \(`arr_0` describes uint8 \[1, 1000000, 1000000, 3\]"),
     (lambda part: np.savez(part, arr_0=np.zeros((1, 8, 16, 3), np.uint8)),
      r"batch000001.npz holds images of uint8 \(16, 16, 3\) where batch000000.npz holds uint8 \(8, 16, 3\)"),
     (lambda part: np.savez(part, arr_0=np.zeros((3, 16, 16, 3), np.uint8)), r"batch000000.npz holds 3 images, not 1"),

@@ -276,15 +276,15 @@ def _stamp(path: Path) -> tuple[int, int]:
 
 # ---- .npz ------------------------------------------------------------------------------------------
 def _member_header(path: Path, name: str) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """The .npy header of the member `name` of an .npz; a DataError if it describes more bytes than the member
-    holds (a damaged file: numpy would ask for all of them from memory before reading any)."""
-    shape, fortran, dtype, described, held = npz_member_header(path, name)
+    """The .npy header of the member `name` of an .npz; a DataError if it holds Python objects or describes
+    more bytes than it holds (a damaged file: numpy would ask for all of them from memory before reading any)."""
+    try:
+        shape, fortran, dtype = npz_member_header(path, name)
+    except ValueError as err:
+        raise DataError(f"{path}: {err}: the file is truncated or damaged; write it again") from None
     if dtype.hasobject:   # pickled Python objects, which are never loaded (their size says nothing either)
         raise DataError(f"{path}: `{name}` holds Python objects ({dtype}), which a data set never loads; save it as "
                         f"a numeric array (np.asarray(..., dtype=np.uint8) for images, integers for labels)")
-    if described > held:
-        raise DataError(f"{path}: `{name}` describes an array of {dtype} {list(shape)} ({described:,} bytes) but "
-                        f"holds {held:,} bytes: the file is truncated or damaged; write it again")
     return shape, fortran, dtype
 
 
