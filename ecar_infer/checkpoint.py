@@ -29,7 +29,7 @@ from .checks import is_finite_real, parse_json
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
 from .config import ConfigError, ECARConfig
-from .defaults import SamplingDefaults
+from .defaults import SamplingDefaults, close_recommended_key
 from .model import ECARModel
 from .atomic import atomic_path
 from .meta_build import BuildError, build_within, mismatch, some
@@ -128,6 +128,10 @@ def metadata_entries(path: Path, config: ECARConfig, extra: dict[str, str]) -> d
     bad = sorted(k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str))
     if bad:
         raise CheckpointError(path, f"extra_metadata keys and values must be strings; not so for {bad}")
+    misspelt = {key: near for key in extra for near in close_recommended_key(key)}
+    if misspelt:   # kept, never read: a model saved with recomended_cfg samples unguided
+        key, near = next(iter(misspelt.items()))
+        raise CheckpointError(path, f"the sampler reads no entry {key!r} (did you mean {near}?)")
     _check_entries(path, config, extra)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_json(), **extra}
 

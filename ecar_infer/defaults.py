@@ -20,6 +20,22 @@ _SIGMA = r"[01](\.[0-9]{1,16})?"
 _INTERVAL = re.compile(f"{_SIGMA},{_SIGMA}")  # "0.55,1"
 
 
+def close_recommended_key(key: str) -> list[str]:
+    """[the recommended_* key that `key` is a typo of (another case, or at most two letters added, dropped or
+    changed)], or [] (for a right key too)."""
+    return [known for known in RECOMMENDED_KEYS if key != known and _edit_distance(key.lower(), known) <= 2][:1]
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest letters added, dropped or changed to turn `a` into `b`."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        previous, row[0] = row[0], i
+        for j, y in enumerate(b, start=1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (x != y))
+    return row[-1]
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     """Defaults of generate(); a checkpoint's recommended_* metadata overrides them."""

@@ -264,7 +264,13 @@ def test_save_leaves_no_temporary_files_and_rejects_bad_metadata(model, tmp_path
         save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"recommended_cfg": 3.0})
     with pytest.raises(CheckpointError, match="recommended_steps must be"):
         save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"recommended_steps": "ten"})
-    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+    # a misspelt key is kept and never read: the model would sample unguided without a word
+    with pytest.raises(CheckpointError, match=r"reads no entry 'recomended_cfg' \(did you mean recommended_cfg\?\)"):
+        save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"recomended_cfg": "3"})
+    with pytest.raises(CheckpointError, match="did you mean recommended_steps"):
+        save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"Recommended_Steps": "3"})
+    save_checkpoint(model, tmp_path / "n.safetensors", extra_metadata={"recommended_by": "x", "note": "y"})   # not typos
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "n.safetensors"]
 
 
 # ---- one clear error per bad file ------------------------------------------------------------------

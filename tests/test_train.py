@@ -466,8 +466,8 @@ def test_cli_names_the_npz_of_bad_class_names(tmp_path, capsys):
     (["--metadata", "config=x"], "--metadata: extra_metadata may not set the reserved key(s) ['config']; fix"),
     (["--metadata", 'class_names=["a"]'], "--metadata: class_names has 1 names for 10 classes; fix or drop"),
     (["--metadata", "recommended_cfg"], "--metadata takes KEY=VALUE"),
-    (["--metadata", "recomended_cfg=3"], "--metadata recomended_cfg: the sampler reads no such entry; did you mean "
-                                         "recommended_cfg?"),
+    (["--metadata", "recomended_cfg=3"], "--metadata: the sampler reads no entry 'recomended_cfg' (did you mean "
+                                         "recommended_cfg?); fix or drop that entry"),
     (["--metadata", "recommended_step=2"], "did you mean recommended_steps?"),
     (["--metadata", "recommended-cfg=2"], "did you mean recommended_cfg?"),   # a dash for the underscore
     (["--ema-decay", "2"], "argument --ema-decay: must be a number in [0, 1), got '2'"),

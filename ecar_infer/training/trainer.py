@@ -681,24 +681,16 @@ def init_path(spec: str, config: ECARConfig) -> Path:
 
 
 def check_metadata(metadata: dict[str, str], config: ECARConfig, out: Path) -> None:
-    """Refuse --metadata entries the checkpoint writer would refuse at the end of the run, now, and a key one
-    typo away from an entry the sampler reads (recomended_cfg: kept, never read, the model unguided)."""
-    import difflib
-
+    """Refuse --metadata entries the checkpoint writer would refuse at the end of the run, now: a bad value, or
+    a key one typo away from an entry the sampler reads."""
     from ..checkpoint import CheckpointError, metadata_entries
-    from ..defaults import RECOMMENDED_KEYS
 
-    for key in metadata:
-        near = difflib.get_close_matches(key, RECOMMENDED_KEYS, n=1, cutoff=0.8)
-        if near and key != near[0]:
-            raise ValueError(f"--metadata {key}: the sampler reads no such entry; did you mean {near[0]}?")
     try:
         metadata_entries(out, config, metadata)
     except CheckpointError as err:
         raise ValueError(f"--metadata: {err.problem}; fix or drop that entry") from None
 
 
-# What a config may ask ecar-train to build: far beyond ecar-xl (729M weights in 322 tensors), and
 # beyond what one GPU holds with AdamW's two moments; it catches a typo (--set depth=10000000) at once, which
 # built for minutes and gigabytes before it failed
 MAX_TRAIN_WEIGHTS, MAX_TRAIN_TENSORS = 20_000_000_000, 10_000
