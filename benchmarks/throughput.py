@@ -68,6 +68,7 @@ class Row:
     peak_bytes: int | None = None
     reserved_bytes: int | None = None       # CUDA: graph pools included (measure.PeakMemory)
     backends: dict[str, str] = field(default_factory=dict)
+    decode_side: int | None = None          # the side of the latents each call decodes; None: no VAE decode
     note: str = ""
     error: str | None = None
     runs: dict[int, list[float]] = field(default_factory=dict)   # an extrapolation's timed calls, by step count
@@ -110,7 +111,7 @@ class Harness:
         self.peak: dict[str, Any] = {"flops_per_s": 0.0}
         self.update_peak()
         self.rows: list[Row] = []
-        self.decode_s: dict[int, float] = {}
+        self.decode_s: dict[tuple[int, int], float] = {}   # (batch, latent side): the VAE decode's latency
         self.profile_path: str | None = None
         self.env = environment(device)
         self.vae = None
@@ -152,15 +153,16 @@ class Harness:
         return self.vae
 
     # ---- cases -----------------------------------------------------------------------------------
-    def vae_decode(self, batch: int) -> None:
-        latent_side = DIT_XL_2["sample_size"]
+    def vae_decode(self, batch: int, latent_side: int) -> None:
+        """The decode alone of `batch` latents of `latent_side` (32 for DiT-XL/2 and the ImageNet presets)."""
         decoder = AutoencoderDecoder(self.shared_vae(), self.shared_vae().config.scaling_factor)
         z = torch.randn(batch, DIT_XL_2["in_channels"], latent_side, latent_side, device=self.device)
-        row = Row(VAE_NAME, "AutoencoderKL", batch, "-", flops.vae_decode_flops(latent_side))
+        variant = "AutoencoderKL" + ("" if latent_side == DIT_XL_2["sample_size"] else f", {latent_side}x{latent_side}")
+        row = Row(VAE_NAME, variant, batch, "-", flops.vae_decode_flops(latent_side))
         warm = functools.partial(decoder.decode, z[:1] if self.cheap_warmup else z)
         self.measure(row, functools.partial(decoder.decode, z), warm)
         if row.latency_s:
-            self.decode_s[batch] = row.latency_s
+            self.decode_s[batch, latent_side] = row.latency_s
         self.add(row)
 
     def build(self, preset: str) -> tuple[ECARConfig, int, ECARModel, Any]:
@@ -197,8 +199,8 @@ class Harness:
                 sampler = Sampler(model, decoder, progress=False, **options)
                 call = self.generate_call(sampler, config, batch, steps)
                 warm = functools.partial(call, steps_per_stage=1) if self.cheap_warmup else call
-                row = Row(preset, variant_label(backend, graphs), batch,
-                          f"{steps} x {config.num_stages} stages", per_image)
+                row = Row(preset, variant_label(backend, graphs), batch, f"{steps} x {config.num_stages} stages",
+                          per_image, decode_side=config.latent_size if config.latent_kind == "sd-vae" else None)
                 clear_chosen_backends()  # the row names the backends of its own calls only
                 self.measure(row, call, warm, backend)
                 row.backends = {op: name for op, name in sorted(chosen_backends().items())}
@@ -219,7 +221,7 @@ class Harness:
             return pipe(class_labels=labels, guidance_scale=flops.GUIDANCE_SCALE, num_inference_steps=steps,
                         output_type="pt").images.cpu()
 
-        decode = self.decode_s.get(batch, 0.0)
+        decode = self.decode_s.get((batch, DIT_XL_2["sample_size"]), 0.0)
         try:
             for _ in range(self.args.warmup):
                 call(1)
@@ -230,7 +232,8 @@ class Harness:
         measured: Row | None = None
         shorter: Row | None = None   # the second point of an extrapolation
         for steps in sorted(self.args.dit_steps):
-            row = Row(DIT_NAME, "DDPM, CFG", batch, str(steps), steps * per_step + decode_flops)
+            row = Row(DIT_NAME, "DDPM, CFG", batch, str(steps), steps * per_step + decode_flops,
+                      decode_side=DIT_XL_2["sample_size"])
             if measured is None or decode + steps * step_guess <= self.args.max_call_s:
                 run_steps = max(1, min(steps, int((self.args.max_call_s - decode) / step_guess)))
                 measured = self.measure(dataclasses.replace(row, steps=str(run_steps)),
@@ -280,8 +283,8 @@ class Harness:
         out = {"images_per_s": row.images_per_s, "mfu": None, "images_per_s_without_decode": None}
         if row.images_per_s:
             out["mfu"] = row.flops_per_image * row.images_per_s / self.peak["flops_per_s"]
-            decode = self.decode_s.get(row.batch)
-            if row.model != VAE_NAME and decode and row.latency_s > decode:
+            decode = self.decode_s.get((row.batch, row.decode_side))
+            if decode and row.latency_s > decode:
                 out["images_per_s_without_decode"] = row.batch / (row.latency_s - decode)
         return out
 
@@ -396,8 +399,8 @@ def render_markdown(payload: dict[str, Any]) -> str:
              f"TFLOP/s measured ({peak['how']}; the higher of the run's start and end). E-CAR: {s['ecar']}; {DIT_NAME}: {s['dit']}. Median of "
              f"{s['repeats']} timed calls (their range and count in parentheses) after {s['warmup']} warm-up "
              f"call(s), {s['warmup_kind']}; peak memory: "
-             f"{s['memory']}. Every latency includes the VAE decode; \"without decode\" subtracts the "
-             f"{VAE_NAME} row of the same batch.",
+             f"{s['memory']}. The latencies of latent models include the VAE decode; \"without decode\" "
+             f"subtracts the {VAE_NAME} row of the same batch and latent size.",
              markdown_table(headers, rows)]
     if payload["summary"]:
         steps = sorted({k for x in payload["summary"] for k in x["speedup_vs_dit"]}, key=int, reverse=True)
@@ -474,11 +477,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()  # as ecar-sample does, for both E-CAR and DiT: ecar_infer/cpu_memory.py
     device = resolve_device(args.device)
     harness = Harness(args, device, resolve_dtype(args.dtype, device))
-    needs_vae = args.dit_batches or any(ECARConfig.preset(flops.parse_spec(m, args.steps)[0]).latent_kind == "sd-vae"
-                                        for m in args.models)
-    if needs_vae:
+    configs = [ECARConfig.preset(flops.parse_spec(m, args.steps)[0]) for m in args.models]
+    decode_sides = {c.latent_size for c in configs if c.latent_kind == "sd-vae"}   # one decode row per latent size
+    if args.dit_batches:
+        decode_sides.add(DIT_XL_2["sample_size"])
+    for side in sorted(decode_sides):
         for batch in sorted(set(args.batches) | set(args.dit_batches)):
-            harness.vae_decode(batch)
+            harness.vae_decode(batch, side)
     stopped = None
     try:
         # DiT right after the first preset's default path: the issue-5 targets compare those two, so when the

@@ -131,7 +131,7 @@ def test_dit_runs_right_after_the_first_presets_default_path_and_the_profile_las
     DiT's. The profile comes after every timed row, since the profiler slows later launches."""
     order = []
     monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": 1e12, "how": "stub"})
-    monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch: order.append(f"vae b{batch}"))
+    monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch, side: order.append(f"vae b{batch}"))
     monkeypatch.setattr(throughput.Harness, "ecar", lambda self, preset, variants=slice(None):
                         order.append(f"{preset} {variants.start}:{variants.stop}"))
     monkeypatch.setattr(throughput.Harness, "dit", lambda self, pipe, batch: order.append(f"dit b{batch}"))
@@ -208,7 +208,7 @@ def test_an_interrupted_sweep_still_measures_the_peak_again_and_writes(monkeypat
     cold GPU, may be low and inflate every MFU) and the results are written before the exit."""
     peaks = iter([1e12, 3e12])
     monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": next(peaks), "how": "stub"})
-    monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch: None)
+    monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch, side: None)
 
     def ecar(self, preset, variants=slice(None)):
         if preset != "ecar-tiny":
@@ -231,6 +231,30 @@ def harness(monkeypatch, *argv, peaks=(1e12,)):
     return throughput.Harness(args, torch.device("cpu"), torch.float32)
 
 
+def test_without_decode_subtracts_the_decode_of_the_rows_own_latent_size_and_none_from_a_pixel_model(monkeypatch):
+    """A pixel preset decodes nothing, and ecar-tiny-vae decodes 16x16 latents: each subtracted the 32x32
+    decode timed for DiT. main times one decode row per latent size the run's models and DiT decode."""
+    Row = throughput.Row
+    h = harness(monkeypatch)
+    h.decode_s = {(2, 32): 0.5, (2, 16): 0.25}
+    pixel, small, large = (Row("m", "auto", 2, "-", 1, latency_s=1.0, decode_side=side) for side in (None, 16, 32))
+    assert [h.derived(r)["images_per_s_without_decode"] for r in (pixel, small, large)] == [None, 2 / 0.75, 2 / 0.5]
+    assert h.derived(Row("m", "auto", 2, "-", 1, latency_s=1.0, decode_side=8))["images_per_s_without_decode"] is None
+
+    decodes = []
+    monkeypatch.setattr(throughput, "matmul_peak", lambda *a, **k: {"flops_per_s": 1e12, "how": "stub"})
+    monkeypatch.setattr(throughput.Harness, "vae_decode", lambda self, batch, side: decodes.append((batch, side)))
+    monkeypatch.setattr(throughput.Harness, "ecar", lambda self, preset, variants=slice(None): None)
+    for models, dit, expected in [(["ecar-tiny", "ecar-digits32"], ["--no-dit"], []),
+                                  (["ecar-tiny-vae"], ["--no-dit"], [(1, 16)]),
+                                  (["ecar-tiny-vae", "ecar-tiny"], ["--dit-batches", "1", "--dit-steps", "1"],
+                                   [(1, 16), (1, 32)])]:
+        monkeypatch.setattr(throughput, "run_dit", lambda harness, device, batches: None)
+        decodes.clear()
+        assert throughput.main(["--device", "cpu", "--models", *models, "--batches", "1", *dit]) == 0
+        assert decodes == expected, models
+
+
 def test_the_peak_is_the_highest_measured(monkeypatch):
     h = harness(monkeypatch, peaks=(2e12, 5e12, 3e12))
     assert h.peak["flops_per_s"] == 2e12
@@ -246,15 +270,16 @@ def test_derived_columns_and_the_summary_against_dit_at_each_step_count(monkeypa
     The speedups are the default path's; the fastest variant stands beside them."""
     Row, VAE, DIT = throughput.Row, throughput.VAE_NAME, throughput.DIT_NAME
     h = harness(monkeypatch)
-    h.decode_s = {4: 0.5}
+    h.decode_s = {(4, 32): 0.5}
+    side = {"decode_side": 32}
     h.rows = [Row(VAE, "AutoencoderKL", 4, "-", 1e9, latency_s=0.5),
-              Row("ecar-xl", "auto", 4, "20 x 4 stages", 2e11, latency_s=2.0),
-              Row("ecar-xl", "triton", 4, "20 x 4 stages", 2e11, latency_s=1.0),
-              Row("ecar-xl", "sdpa", 4, "20 x 4 stages", 2e11, error="OutOfMemoryError: x"),
-              Row(DIT, "DDPM, CFG", 4, "250", 1e13, latency_s=100.0),
-              Row(DIT, "DDPM, CFG", 4, "50", 2e12, latency_s=20.0),
-              Row(DIT, "DDPM, CFG", 1, "250", 1e13, latency_s=10.0),
-              Row("ecar-xl", "auto", 1, "20 x 4 stages", 2e11, latency_s=0.25)]
+              Row("ecar-xl", "auto", 4, "20 x 4 stages", 2e11, latency_s=2.0, **side),
+              Row("ecar-xl", "triton", 4, "20 x 4 stages", 2e11, latency_s=1.0, **side),
+              Row("ecar-xl", "sdpa", 4, "20 x 4 stages", 2e11, error="OutOfMemoryError: x", **side),
+              Row(DIT, "DDPM, CFG", 4, "250", 1e13, latency_s=100.0, **side),
+              Row(DIT, "DDPM, CFG", 4, "50", 2e12, latency_s=20.0, **side),
+              Row(DIT, "DDPM, CFG", 1, "250", 1e13, latency_s=10.0, **side),
+              Row("ecar-xl", "auto", 1, "20 x 4 stages", 2e11, latency_s=0.25, **side)]
     vae, slow, fast, failed, dit250 = (h.derived(r) for r in h.rows[:5])
     assert fast == pytest.approx({"images_per_s": 4.0, "mfu": 2e11 * 4.0 / 1e12, "images_per_s_without_decode": 8.0})
     assert slow["images_per_s_without_decode"] == pytest.approx(4 / 1.5)
@@ -318,7 +343,7 @@ def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch)
     monkeypatch.setattr(flops, "dit_step_flops", lambda guided=True: {"params": 1, "step": 1000 if guided else 500})
     monkeypatch.setattr(flops, "vae_decode_flops", lambda side: 7)
     h = harness(monkeypatch, "--dit-steps", "250", "100", "--max-call-s", "30", "--repeats", "3")
-    h.decode_s[2] = decode
+    h.decode_s[2, 32] = decode
     h.dit(pipe, 2)
     assert [(r.steps, r.flops_per_image) for r in h.rows] == [("100", 100 * 1000 + 7), ("250", 250 * 1000 + 7)]
     for row in h.rows:
@@ -330,7 +355,7 @@ def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch)
 
     calls.clear()   # where one step is all that fits, the second point is 2 steps
     h = harness(monkeypatch, "--dit-steps", "250", "--max-call-s", "2.5", "--repeats", "1")
-    h.decode_s[2] = decode
+    h.decode_s[2, 32] = decode
     h.dit(pipe, 2)
     assert h.rows[0].latency_s == pytest.approx(fixed + 250 * per_step, rel=1e-9)
     assert h.rows[0].note.startswith("extrapolated from 1- and 2-step runs")
@@ -338,14 +363,14 @@ def test_long_dit_runs_are_measured_short_and_extrapolated_linearly(monkeypatch)
     calls.clear()   # noise that times the 1-step run above the longer one: no negative per-step time
     monkeypatch.setattr(throughput, "time_call", lambda fn, device: (fn(), 9.0 if calls[-1] == 1 else 8.0)[1])
     h = harness(monkeypatch, "--dit-steps", "250", "--max-call-s", "30", "--repeats", "1")
-    h.decode_s[2] = decode
+    h.decode_s[2, 32] = decode
     h.dit(pipe, 2)
     assert h.rows[0].latency_s == 8.0   # the longer run's time, extrapolated at 0 s per step
 
     monkeypatch.setattr(throughput, "time_call", lambda fn, device: (fn(), fixed + per_step * calls[-1])[1])
     calls.clear()
     h = harness(monkeypatch, "--dit-steps", "50", "20", "--max-call-s", "35")
-    h.decode_s[2] = decode
+    h.decode_s[2, 32] = decode
     h.dit(pipe, 2)
     assert [(r.steps, r.latency_s, r.note) for r in h.rows] == [("20", 12.1, ""), ("50", 27.1, "")]  # measured
 
@@ -370,7 +395,9 @@ def test_ecar_rows_count_the_decode_of_a_latent_model(monkeypatch):
     (row,) = h.rows
     config = ECARConfig.preset("ecar-tiny-vae")
     assert row.flops_per_image == flops.ecar_flops(config, 3)["generator"] + 1000 * config.latent_size
-    assert row.steps == "3 x 3 stages"
+    assert row.steps == "3 x 3 stages" and row.decode_side == config.latent_size == 16
+    h.ecar("ecar-tiny")
+    assert h.rows[-1].decode_side is None   # a pixel model decodes nothing
 
 
 def test_markdown_table_has_one_separator_per_column():
