@@ -1,6 +1,7 @@
 """The latent cache of latent models, with a tiny random AutoencoderKL: it matches a direct encode, an
 interrupted encode resumes, training samples z from it and never runs the encoder."""
 import argparse
+import re
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from ecar_infer import ECARConfig, load_checkpoint
 from ecar_infer.training import latents
-from ecar_infer.training.data import DataDraws, open_npz
+from ecar_infer.training.data import DataDraws, DataError, open_npz
 from ecar_infer.training.latents import LatentBatches, encode_moments, latent_moments
 from ecar_infer.training.trainer import main, open_training_data
 from ecar_infer.vae import save_autoencoder
@@ -281,3 +282,48 @@ def test_the_rank_that_builds_the_caches_reports_them(images, tmp_path, capsys):
     capsys.readouterr()
     prepare(args, TrainSettings(steps=1, batch_size=2), torch.device("cpu"), 1, 1, lambda message: None)
     assert capsys.readouterr().out == "ecar-train: rank 1: latent cache: 5/5 images encoded (100%)\n"
+
+
+def test_a_latent_cache_damaged_with_nan_is_named_and_a_rebuilt_one_resumes(images, tmp_path, capsys):
+    """A NaN in a finished latent cache (a disk fault, a hand-edited file) made the step that drew it read as
+    a diverged run, whose advice (a lower --lr, a new run) could never help. The line now names the cache
+    row; deleting the cache and resuming trains on, as a straight run does."""
+    save_autoencoder(tiny_autoencoder(), tmp_path / "vae.safetensors")
+    config = tmp_path / "config.json"
+    config.write_text(CONFIG.to_json())
+    common = ["--config", str(config), "--data", images.description, "--vae", str(tmp_path / "vae.safetensors"),
+              "--batch-size", "4", "--steps", "3", "--ckpt-every", "1", "--sample-every", "0", "--device", "cpu",
+              "--cache-dir", str(tmp_path / "latents")]
+    main(common + ["--workdir", str(tmp_path / "straight")])
+    (cache,) = (tmp_path / "latents").glob("latents-*.npy")
+    main(common + ["--workdir", str(tmp_path / "run"), "--until", "1"])
+    whole = cache.read_bytes()
+    damaged = np.lib.format.open_memmap(cache, mode="r+")
+    damaged[:, :, 0, 0, 3, 5] = np.nan   # every image: step 2 draws one of them
+    del damaged
+    with pytest.raises(SystemExit) as exit_info:
+        main(common + ["--workdir", str(tmp_path / "run"), "--resume"])
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert exit_info.value.code == 1
+    assert re.fullmatch(rf"ecar-train: error: step 2 read data that is not finite \(row \d of the latent cache "
+                        rf"{re.escape(str(cache))}\); nothing of it was saved: the last saved state is step 1 in .*\. "
+                        rf"Delete that file and --resume: the cache is built again", err), err
+    cache.unlink()
+    main(common + ["--workdir", str(tmp_path / "run"), "--resume"])
+    assert cache.read_bytes() == whole
+    for name in ("final.safetensors", "state.safetensors"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_a_vae_that_encodes_an_image_to_nan_is_refused_naming_the_image(images, tmp_path, monkeypatch):
+    """A VAE with a NaN weight, or one that overflows on an image, wrote NaN into the cache, which surfaced
+    hours later as a diverged run; the encode now refuses it, naming the images."""
+    def encode(vae, x):
+        moments = encode_moments(vae, x)
+        moments[-1, 1, 0, 0, 0] = np.inf   # the last image of each batch: images 1, 3 and 4
+        return moments
+
+    monkeypatch.setattr(latents, "encode_moments", encode)
+    with pytest.raises(DataError, match=r"five.npz.*: the VAE encodes image\(s\) 1 \(counting from 0\) to NaN or "
+                                        r"infinite values; check the VAE's weights, or leave those images out"):
+        latent_moments(images, tiny_autoencoder(), flips=False, cache_dir=tmp_path / "cache", batch=2)

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataDraws, ImageSet, digest
+from ..checks import some_of
+from .data import MAX_NAMED, DataDraws, DataError, ImageSet, digest
 from .diskcache import cached_array
 
 ENCODE_BATCH = 32
@@ -61,7 +62,12 @@ def latent_moments(images: ImageSet, vae, flips: bool, cache_dir: str | os.PathL
     def encode(a: int, b: int) -> np.ndarray:
         x = images.images(np.arange(a, b))
         out = [encode_moments(vae, x)] + ([encode_moments(vae, x.flip(-1))] if flips else [])
-        return torch.stack(out, dim=1).numpy()
+        moments = torch.stack(out, dim=1).numpy()
+        bad = [str(a + i) for i in np.flatnonzero(~np.isfinite(moments.reshape(b - a, -1)).all(axis=1))]
+        if bad:   # refused here, where the image is known, not as a diverged run at the step that draws it
+            raise DataError(f"{images.description}: the VAE encodes image(s) {some_of(bad, MAX_NAMED)} (counting "
+                            f"from 0) to NaN or infinite values; check the VAE's weights, or leave those images out")
+        return moments
 
     name = f"latents-{digest(key)}.npy"
     return cached_array(Path(cache_dir) / name, key, (len(images), views, 2, c, side, side), np.float32,
@@ -90,6 +96,10 @@ class LatentBatches:
     def draw(self, gen: torch.Generator, batch: int) -> DataDraws:
         flip = torch.rand(batch, generator=gen) < 0.5 if self.moments.shape[1] == 2 else None
         return DataDraws(flip=flip, eps=torch.randn(batch, *self.moments.shape[3:], generator=gen))
+
+    def source_of(self, row: int) -> str:
+        """Where row `row` of the data comes from, for a message."""
+        return f"row {row} of the latent cache {Path(self.moments.filename)}"
 
     def x0(self, index: torch.Tensor, draws: DataDraws) -> torch.Tensor:
         view = np.zeros(len(index), dtype=np.int64) if draws.flip is None else draws.flip.numpy().astype(np.int64)

@@ -187,10 +187,28 @@ class Trainer:
         # one read of both; the gradients are all-reduced, so every rank sees the same norm and stops alike
         value, norm = torch.stack([total, grad_norm.to(total)]).tolist()
         if not (math.isfinite(value) and math.isfinite(norm)):   # before this step's files are written
-            raise Diverged(self.step + 1, value, norm)
+            row = self._first_nonfinite_row(draws, data_draws)
+            raise Diverged(self.step + 1, value, norm, None if row is None else self.data.source_of(row))
         self.recent_losses.append(value)
         self.step += 1
         return value
+
+    def _first_nonfinite_row(self, draws, data_draws) -> int | None:
+        """The first row of the data, over all ranks, whose x0 in this step was not finite (a damaged latent
+        cache, which would read as a diverged run), or None. Called once a step has diverged, on every rank
+        (the loss and gradient norm they compare are all-reduced)."""
+        import torch
+        import torch.distributed as dist
+
+        rows = []
+        for m in range(self.accum):
+            micro, micro_data = draws.shard(m, self.accum), data_draws.shard(m, self.accum)
+            finite = self.data.x0(micro.index, micro_data).flatten(1).isfinite().all(dim=1)
+            rows += micro.index[~finite].tolist()
+        first = torch.tensor(min(rows, default=len(self.data)), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        return None if first.item() == len(self.data) else int(first.item())
 
     # ---- resume state ---------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -372,9 +390,10 @@ class Diverged(Exception):
     """A step whose loss or gradient norm is not finite: the weights it updated are lost, and so would be
     every file written from them."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float):
+    def __init__(self, step: int, loss: float, grad_norm: float, bad_data: str | None = None):
         super().__init__(f"step {step}: loss {loss}, gradient norm {grad_norm}")
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        self.bad_data = bad_data   # where the step's data itself was not finite, if it was
 
 
 def diverged(err: Diverged, workdir: Path, lr: float) -> str:
@@ -386,6 +405,9 @@ def diverged(err: Diverged, workdir: Path, lr: float) -> str:
     kept = ("nothing was saved before it" if saved is None else
             f"nothing of it was saved: the last saved state is step {saved} in {workdir / STATE_FILE}, with its EMA "
             f"in {workdir / EMA_FILE}")
+    if err.bad_data:   # not the weights' doing: the same state trains on once the data is whole
+        return (f"step {err.step} read data that is not finite ({err.bad_data}); {kept}. Delete that file and "
+                f"--resume: the cache is built again")
     start_from = "" if saved is None else ", or with --init from the EMA"
     return (f"the run diverged at step {err.step} (loss {err.loss:g}, gradient norm {err.grad_norm:g}); {kept}. "
             f"--resume would diverge again at the same step: start a new run (another --workdir) with a lower "
