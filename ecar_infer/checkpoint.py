@@ -25,7 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checks import is_finite_real, parse_json
+from .checks import (MAX_HEADER_BYTES, is_finite_real, oversized_header, parse_json,
+                     safetensors_header_length)
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
 from .config import ConfigError, ECARConfig
@@ -42,8 +43,6 @@ INDEX_SUFFIX = ".safetensors.index.json"
 FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in FLOAT_DTYPES.items()}
 MAX_CONFIG_CHARS = 1 << 16   # a config entry is about 700 characters; JSON would take ~30x a crafted one's size
-MAX_HEADER_BYTES = 16 << 20   # an E-CAR header is its tensor table (34 kB for ecar-xl), its config and its
-                              # class names (30 kB for 1,000); safetensors' own bound, 100 MB, takes it ~2 s to parse
 MAX_INDEX_BYTES = 16 << 20   # a shard index names each tensor once: a few hundred kB for the largest preset
 PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive, or a bare pickle (protocol 2+)
 
@@ -227,10 +226,9 @@ def _read_header(path: Path) -> tuple[dict[str, str], Entries]:
 
 def _read_file(path: Path) -> tuple[dict[str, str], Entries]:
     """The metadata and tensor table of one .safetensors file (its header only; no tensor data is read)."""
-    header_len = _header_length(path)
-    if header_len is not None and header_len > MAX_HEADER_BYTES:
-        raise CheckpointError(path, f"its safetensors header is {header_len:,} bytes, more than an E-CAR "
-                                    f"checkpoint's header can need ({MAX_HEADER_BYTES:,}); it is not read")
+    oversized = oversized_header(path, "an E-CAR checkpoint's header")
+    if oversized:
+        raise CheckpointError(path, oversized)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -243,14 +241,6 @@ def _read_file(path: Path) -> tuple[dict[str, str], Entries]:
     return metadata, entries
 
 
-def _header_length(path: Path) -> int | None:
-    """The header length a safetensors file starts with, or None where the file does not look like one (a
-    safetensors file begins with its header's length, then "{")."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return int.from_bytes(head[:8], "little") if len(head) == 9 and head[8:9] == b"{" else None
-
-
 def _why_unreadable(path: Path, err: Exception) -> str:
     """Explain why safetensors could not open a file (its own messages are terse)."""
     with open(path, "rb") as f:
@@ -259,7 +249,7 @@ def _why_unreadable(path: Path, err: Exception) -> str:
         return ("looks like a torch.save pickle, not safetensors; pickles can run code and are never loaded "
                 "(convert it in a trusted session: load it, then save_checkpoint(model, PATH))")
     size = path.stat().st_size
-    header_len = _header_length(path)
+    header_len = safetensors_header_length(path)
     if header_len is not None:
         if 8 + header_len > size or 8 + header_len + _data_bytes(path, header_len) > size:
             return f"truncated safetensors file (only {size} bytes; its header describes more)"

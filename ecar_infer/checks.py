@@ -15,6 +15,26 @@ from collections.abc import Iterable
 from typing import BinaryIO
 
 MAX_RECORD_BYTES = 1 << 20   # a settings record or a config file: a few kB in practice
+MAX_HEADER_BYTES = 16 << 20   # of a safetensors file we read: an E-CAR header is its tensor table (34 kB for ecar-xl),
+                              # config and class names (30 kB for 1,000), SD-VAE's about 30 kB; safetensors' own
+                              # bound, 100 MB, takes it ~2 s and hundreds of MB to parse
+
+
+def safetensors_header_length(path: str | os.PathLike) -> int | None:
+    """The header length a safetensors file starts with, or None where the file does not look like one (a
+    safetensors file begins with its header's length, then "{")."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return int.from_bytes(head[:8], "little") if len(head) == 9 and head[8:9] == b"{" else None
+
+
+def oversized_header(path: str | os.PathLike, what: str) -> str | None:
+    """Why the safetensors file `path` is not read, where its header is larger than `what` can need."""
+    length = safetensors_header_length(path)
+    if length is not None and length > MAX_HEADER_BYTES:
+        return (f"its safetensors header is {length:,} bytes, more than {what} can need ({MAX_HEADER_BYTES:,}); "
+                f"it is not read")
+    return None
 
 
 def is_integer(value) -> bool:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from .checks import is_finite_real, parse_json
+from .checks import is_finite_real, oversized_header, parse_json
 from .config import ECARConfig
 from .atomic import atomic_path
 from .meta_build import BuildError, build_within, mismatch, names_differ, shapes_differ, some
@@ -128,8 +128,16 @@ def _tensor_table(path: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes from a safetensors file's header (no tensor is read)."""
     from safetensors import safe_open
 
+    _check_header_size(path)
     with safe_open(path, framework="pt") as f:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def _check_header_size(path: Path) -> None:
+    """Refuse a header that safetensors would take seconds and hundreds of MB to parse."""
+    oversized = oversized_header(path, "a VAE's header")
+    if oversized:
+        raise VAEError(oversized)
 
 
 def _build_bounded(config: dict, shapes: dict[str, tuple[int, ...]]):
@@ -255,6 +263,7 @@ def _read_autoencoder(path: Path):
                 return _load_folder(path)
         from safetensors import safe_open
 
+        _check_header_size(path)
         with safe_open(path, framework="pt") as f:
             metadata, names = f.metadata() or {}, list(f.keys())
         if metadata.get(CONFIG_KEY) is not None:

@@ -277,6 +277,35 @@ def test_a_single_file_vaes_config_metadata_over_a_megabyte_is_refused_unparsed(
         load_autoencoder(path)
 
 
+@pytest.mark.parametrize("kind", ["single file", "folder"])
+def test_a_vae_whose_safetensors_header_is_past_the_bound_is_refused_unparsed(vae, tmp_path, kind):
+    """The bound load_checkpoint keeps (16 MiB of header) did not hold for a VAE: safetensors parsed a
+    header of up to 100 MB (seconds, hundreds of MB) before anything was checked. Just under it still loads."""
+    from safetensors.torch import save_file
+
+    from ecar_infer.checks import MAX_HEADER_BYTES
+
+    def weights(path, notes):
+        metadata = {"format": "pt", "notes": notes}
+        if kind == "single file":
+            metadata[CONFIG_KEY] = vae.to_json_string()
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, path, metadata=metadata)
+
+    def crafted(notes):
+        if kind == "single file":
+            weights(tmp_path / "v.safetensors", notes)
+            return tmp_path / "v.safetensors"
+        vae.save_pretrained(tmp_path / "v")
+        weights(tmp_path / "v" / "diffusion_pytorch_model.safetensors", notes)
+        return tmp_path / "v"
+
+    with pytest.raises(VAEError, match=r"could not load the VAE at .*v(\.safetensors)?: its safetensors header is "
+                                       r"16,7\d\d,\d{3} bytes, more than a VAE's header can need \(16,777,216\); it is "
+                                       r"not read"):
+        load_autoencoder(crafted("x" * MAX_HEADER_BYTES))
+    assert load_autoencoder(crafted("x" * (MAX_HEADER_BYTES - 100_000))) is not None
+
+
 def test_a_crafted_config_beside_pickled_weights_is_refused_before_anything_is_built(vae, tmp_path):
     """The bound held only beside safetensors weights: beside a pickled .bin, diffusers built whatever
     config.json asked for (1 KB of layers_per_block 8000: 22 s and 1.8 GB). A folder of neither kind, or
