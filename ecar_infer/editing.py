@@ -388,6 +388,9 @@ def build_request(pixels: torch.Tensor, count: int, mask: Any, mode: str, from_s
     the user's mask, mode and from_stage (checked here, with clear errors), and the model's encoder."""
     if mode not in MODES:
         raise EditInputError(f"mode must be one of {MODES}, got {mode!r}")
+    if from_stage is None and mode == "vary" and config.num_stages == 1:   # the default would keep nothing
+        raise EditInputError("mode 'vary' keeps the coarse stages of the image, and this model has one stage: there "
+                             "is nothing to keep (sample instead, or inpaint with a mask)")
     if from_stage is None:  # vary: regenerate the last stage only, keeping the layout (docs/BENCHMARKS.md)
         from_stage = config.num_stages - 1 if mode == "vary" else 0
     if not is_integer(from_stage) or not 0 <= from_stage < config.num_stages:

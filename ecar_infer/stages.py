@@ -80,10 +80,9 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def stage_position_embedding(grid: int, full_grid: int, dim: int) -> torch.Tensor:
-    """[grid*grid, dim] fixed 2-D sin-cos embedding of each token's centre in the unit square.
-
-    Centres are measured in units of the finest token grid (u * full_grid), so all stages share one
-    spatial frame and a stage-s token lands between the finer tokens it covers.
+    """[grid*grid, dim] fixed 2-D sin-cos embedding of each token's centre, measured in units of the finest
+    token grid (a centre u in the unit square at u * full_grid), so all stages share one spatial frame and a
+    stage-s token lands between the finer tokens it covers (docs/MODEL.md, "AR transformer").
     """
     centres = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid * full_grid
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")

@@ -415,6 +415,17 @@ def test_vary_by_default_regenerates_only_the_last_stage(sampler):
     assert torch.equal(vary(), vary(from_stage=2)) and not torch.equal(vary(), vary(from_stage=1))
 
 
+def test_vary_without_from_stage_on_a_one_stage_model_is_refused():
+    """Its default, the last stage, is stage 0 there: the image was ignored and a plain sample came back."""
+    one_stage = Sampler(random_model(TINY.replace(num_stages=1), seed=5), progress=False)
+    with pytest.raises(EditInputError, match="mode 'vary' keeps the coarse stages of the image, and this model has "
+                                             "one stage: there is nothing to keep"):
+        one_stage.edit(digit_like(1)[0], [2], mode="vary", seed=3, steps_per_stage=2)
+    kept = one_stage.edit(digit_like(1)[0], [2], mode="vary", from_stage=0, seed=3, steps_per_stage=2,
+                          output_type="latent")   # asked for by name, it is plain sampling, as on any model
+    assert torch.equal(kept.images, one_stage.generate([2], seed=3, steps_per_stage=2, output_type="latent").images)
+
+
 def test_edits_regenerate_alone_and_do_not_depend_on_batching(sampler):
     images = digit_like(5, seed=4)
     kwargs = dict(mask="center", mode="outpaint", seed=50, steps_per_stage=2, cfg_scale=2.0, output_type="latent")
