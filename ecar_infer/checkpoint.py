@@ -25,15 +25,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checks import (MAX_HEADER_BYTES, is_finite_real, oversized_header, parse_json,
-                     safetensors_header_length)
+from .checks import (MAX_HEADER_BYTES, is_finite_real, oversized_header, parse_json, safetensors_header_length,
+                     some_of)
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import ClassNameError, parse_class_names
 from .config import ConfigError, ECARConfig
 from .defaults import SamplingDefaults, close_recommended_key
 from .model import ECARModel
 from .atomic import atomic_path
-from .meta_build import BuildError, build_within, mismatch, some
+from .meta_build import BuildError, build_within, mismatch
 
 FORMAT = "ecar"
 FORMAT_VERSION = "1"
@@ -183,8 +183,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     nonfinite.append(name)
                 state[name] = stored.to(dtype)
     if nonfinite:
-        raise CheckpointError(path, f"{some(sorted(nonfinite))} hold NaN or infinite values: the file is corrupt, or "
-                                    f"it was saved from a training run that diverged")
+        raise CheckpointError(path, f"{some_of(sorted(nonfinite))} hold NaN or infinite values: the file is "
+                                    f"corrupt, or it was saved from a training run that diverged")
     model.load_state_dict(state, strict=True, assign=True)
     # the meta build left the config-derived (non-persistent) buffers on meta: compute them for real
     for name, value in model.config_buffers().items():
@@ -358,7 +358,7 @@ def _check_tensors(path: Path, model: ECARModel, entries: Entries) -> torch.dtyp
     dtypes = {entries[n][1] for n in expected}
     not_float = sorted(n for n in expected if entries[n][1] not in FLOAT_DTYPES)
     if not_float or len(dtypes) != 1:
-        detail = (f"{some([f'{n} is {entries[n][1]}' for n in not_float])}" if not_float
+        detail = (f"{some_of([f'{n} is {entries[n][1]}' for n in not_float])}" if not_float
                   else f"found {sorted(dtypes)}")
         raise CheckpointError(path, f"all tensors must share one dtype of {sorted(FLOAT_DTYPES)}: {detail}")
     return FLOAT_DTYPES[dtypes.pop()]

@@ -147,7 +147,7 @@ def parse_json(text: str | bytes):
         raise ValueError("JSON nested too deeply") from None
 
 
-def some_of(items, limit: int) -> str:
+def some_of(items, limit: int = 4) -> str:
     """'a, b, c' or, past `limit` items, 'a, b and N more': the items an error names."""
     shown = ", ".join(map(str, items[:limit]))
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -7,7 +7,7 @@ import json
 import unicodedata
 from typing import TYPE_CHECKING
 
-from .checks import parse_json
+from .checks import parse_json, some_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -67,8 +67,7 @@ def list_classes(names: list[str] | None, num_classes: int, limit: int = 50) -> 
     """'0 Smileys & Emotion, 1 People & Body, ...' (or the index range of a model without names)."""
     if not names:
         return f"indices 0-{num_classes - 1} (this model has no class names)"
-    shown = ", ".join(f"{i} {n}" for i, n in enumerate(names[:limit]))
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    return some_of([f"{i} {n}" for i, n in enumerate(names)], limit)
 
 
 def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:

@@ -74,10 +74,6 @@ class ECARConfig:
         return self.width // self.num_heads
 
     @property
-    def head_attention_dim(self) -> int:
-        return self.head_width // self.head_num_heads
-
-    @property
     def shortcut(self) -> bool:
         return self.head_objective == "shortcut"
 

@@ -17,6 +17,8 @@ import torch
 from torch.nn.modules.module import register_module_buffer_registration_hook, register_module_parameter_registration_hook
 from torch.overrides import TorchFunctionMode
 
+from .checks import some_of
+
 # The build may register at most this many times the file's tensors, and elements: the stored weights plus
 # the config-derived tables that are not stored (a position table), which are far smaller.
 BUDGET = 2
@@ -111,16 +113,14 @@ def shapes_differ(tensors) -> str | None:
     """The message for the (name, shape in the file, shape the config gives) whose shapes differ; None if none."""
     misshaped = [f"{name} is {list(found)}, expected {list(wanted)}"
                  for name, found, wanted in tensors if tuple(found) != tuple(wanted)]
-    return f"{len(misshaped)} tensor(s) with the wrong shape: {some(misshaped)}" if misshaped else None
+    return f"{len(misshaped)} tensor(s) with the wrong shape: {some_of(misshaped)}" if misshaped else None
 
 
 def names_differ(missing, unexpected) -> str | None:
     """The message for tensors the config expects and the file lacks, and the reverse; None if neither."""
     missing, unexpected = sorted(missing), sorted(unexpected)
-    parts = [f"{len(missing)} missing tensor(s) {some(missing)}"] if missing else []
-    parts += [f"{len(unexpected)} unexpected tensor(s) {some(unexpected)}"] if unexpected else []
+    parts = [f"{len(missing)} missing tensor(s) {some_of(missing)}"] if missing else []
+    parts += [f"{len(unexpected)} unexpected tensor(s) {some_of(unexpected)}"] if unexpected else []
     return f"does not match its config: {'; '.join(parts)}" if parts else None
 
 
-def some(items: list[str], limit: int = 4) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")

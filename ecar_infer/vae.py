@@ -18,10 +18,10 @@ from typing import Iterator
 
 import torch
 
-from .checks import is_finite_real, oversized_header, parse_json
+from .checks import is_finite_real, oversized_header, parse_json, some_of
 from .config import ECARConfig
 from .atomic import atomic_path
-from .meta_build import BuildError, build_within, mismatch, names_differ, shapes_differ, some
+from .meta_build import BuildError, build_within, mismatch, names_differ, shapes_differ
 
 logger = logging.getLogger("ecar_infer")
 
@@ -244,8 +244,8 @@ def load_autoencoder(path: str | os.PathLike):
                        f"number")
     nonfinite = [name for name, t in vae.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
     if nonfinite:
-        raise VAEError(f"could not load the VAE at {path}: {some(sorted(nonfinite))} hold NaN or infinite values: the "
-                       f"file is corrupt, or it was saved from a training run that diverged")
+        raise VAEError(f"could not load the VAE at {path}: {some_of(sorted(nonfinite))} hold NaN or infinite "
+                       f"values: the file is corrupt, or it was saved from a training run that diverged")
     return vae
 
 

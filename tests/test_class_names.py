@@ -102,9 +102,9 @@ def test_malformed_entries_are_refused(text, problem):
 def test_listing_is_bounded():
     assert list_classes(None, 5) == "indices 0-4 (this model has no class names)"
     many = [f"c{i}" for i in range(1000)]
-    assert list_classes(many, 1000, limit=3) == "0 c0, 1 c1, 2 c2, ... (997 more)"
+    assert list_classes(many, 1000, limit=3) == "0 c0, 1 c1, 2 c2 and 997 more"
     assert list_classes(many[:3], 3, limit=3) == "0 c0, 1 c1, 2 c2"  # all shown: nothing "more"
-    assert list_classes(many[:4], 4, limit=3) == "0 c0, 1 c1, 2 c2, ... (1 more)"
+    assert list_classes(many[:4], 4, limit=3) == "0 c0, 1 c1, 2 c2 and 1 more"
 
 
 @pytest.fixture

@@ -616,11 +616,11 @@ def test_class_count_must_match_the_config_and_the_error_shows_the_classes_found
                                         r"whose sub-folders are the classes"):
         open_image_folder(root, RGB16.replace(num_classes=10), tmp_path / "cache")
     assert class_counts([f"c{k}" for k in range(25)], np.arange(25).repeat(2), limit=3) == \
-        "c0: 2 images, c1: 2, c2: 2, ... (22 more)"
+        "c0: 2 images, c1: 2, c2: 2 and 22 more"
 
 
 def test_class_counts_show_every_class_and_only_a_real_remainder():
-    """Exactly `limit` classes are all shown, with no "... (0 more)"; a class without images (digits32 with
+    """Exactly `limit` classes are all shown, with no "and 0 more"; a class without images (digits32 with
     --train-size below 10) is shown with 0, not left out of the run's log."""
     assert class_counts(["a", "b", "c"], [0, 1, 2, 2], limit=3) == "a: 1 images, b: 1, c: 2"
     assert class_counts(["a", "b", "c"], [0, 0]) == "a: 2 images, b: 0, c: 0"

@@ -67,10 +67,8 @@ class DataError(ValueError):
 def class_counts(class_names: list[str], labels, limit: int = 20) -> str:
     """'cat: 120 images, dog: 98, ...' for the first `limit` classes, then a count of the rest."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
-    shown = [f"{name}: {count:,}" + (" images" if k == 0 else "")
-             for k, (name, count) in enumerate(zip(class_names[:limit], counts))]
-    more = len(class_names) - limit
-    return ", ".join(shown) + (f", ... ({more:,} more)" if more > 0 else "")
+    return some_of([f"{name}: {count:,}" + (" images" if k == 0 else "")
+                    for k, (name, count) in enumerate(zip(class_names, counts))], limit)
 
 
 def _unreadable(failures: list[tuple[Path, Exception]]) -> DataError:
