@@ -45,8 +45,12 @@ GREY = 0.0  # mid-grey in [-1, 1]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (what a user's PNGs hold)."""
-    return ((images.transpose(0, 2, 3, 1) + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    """[N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] (what a user's PNGs hold), as the sampler converts."""
+    import torch
+
+    from ..output import to_uint8 as tensor_to_uint8
+
+    return tensor_to_uint8(torch.from_numpy(np.ascontiguousarray(images))).numpy()
 
 
 def to_unit(images: np.ndarray) -> np.ndarray:
