@@ -1499,6 +1499,48 @@ def test_ddp_trains_a_one_stage_model(one_thread):
             torch.testing.assert_close(ddp[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _diverge_worker(rank, port, out, bad_row):
+    """The data row `bad_row` is NaN in the second step (a damaged cache row, which only rank 1 reads)."""
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device, rank, world = setup_distributed("cpu")
+    trainer = make_trainer(ECARConfig.preset("ecar-tiny"), digits16_split(), DDP_SETTINGS, rank, world)
+    x0 = trainer.data.x0
+
+    def damaged(index, draws):
+        x = x0(index, draws)
+        return x.masked_fill(index[:, None, None, None] == bad_row, float("nan")) if trainer.step == 1 else x
+
+    trainer.data.x0 = damaged
+    trainer.data.source_of = lambda row: f"row {row} here"
+    try:
+        for _ in range(DDP_STEPS):
+            trainer.train_step()
+    except trainer_module.Diverged as err:
+        out[f"stopped{rank}"] = (err.step, err.bad_data)
+    teardown_distributed(trainer)
+    os._exit(0)
+
+
+def test_ddp_ranks_stop_alike_and_name_bad_data_that_one_rank_read(one_thread):
+    """The step's data check is gathered over the ranks: rank 0, which prints the line, names the row that
+    only rank 1 read, and both ranks stop at the same step (a rank going on alone would hang the other)."""
+    single = make_trainer(ECARConfig.preset("ecar-tiny"), digits16_split(), DDP_SETTINGS)
+    single.train_step()
+    reads = record_reads(single)
+    single.train_step()
+    bad_row = min(set(reads[0][1::2]) - set(reads[0][0::2]))   # a row of step 2 that rank 1 reads, rank 0 not
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_diverge_worker, args=(port, out, bad_row), nprocs=2)
+        out = dict(out)
+    assert out["stopped0"] == out["stopped1"] == (2, f"row {bad_row} here")
+
+
 def _agree_worker(rank, port, out):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
