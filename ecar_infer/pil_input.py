@@ -17,9 +17,12 @@ well, but one with transparent pixels is refused first: ecar_infer/editing.py.)
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MAX_ASPECT = 8   # a longer side beyond this many times the shorter is cropped first (resize_center_crop)
+CHUNK_PIXELS = 1 << 22   # a 16- or 32-bit image is scaled to 8 bits this many pixels at a time
 
 
 def as_model_image(image, channels: int):
@@ -29,9 +32,9 @@ def as_model_image(image, channels: int):
 
     turn = _orientation_fix(image)
     if image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM"):
-        image = _gray8(np.asarray(image).astype(np.float32) / 257.0)  # 65535 -> 255
+        image = _gray8(image, 1 / 257.0)  # 65535 -> 255
     elif image.mode in ("I", "F"):
-        image = _gray8(_to_8_bit_scale(np.asarray(image), image.mode))
+        image = _gray8(image, _to_8_bit_scale(image))
     elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:   # a PNG's tRNS colour key
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -44,24 +47,39 @@ def as_model_image(image, channels: int):
     return image
 
 
-def _gray8(levels: np.ndarray):
+def _rows(image):
+    """(top row, the values of the rows from it) of a 16- or 32-bit PIL image, CHUNK_PIXELS at a time: the
+    image whole as float64 (and its temporaries) took 9-17 bytes a pixel, 3 GB at Pillow's largest size (2 x 89M)."""
+    width, height = image.size
+    step = max(1, CHUNK_PIXELS // max(width, 1))
+    for top in range(0, height, step):
+        yield top, np.asarray(image.crop((0, top, width, min(top + step, height)))).astype(np.float64)
+
+
+def _gray8(image, scale: float):
+    """The mode-L image of a 16- or 32-bit image's values times `scale` (0..255 after it), rounded."""
     from PIL import Image
 
-    return Image.fromarray(np.round(levels).astype(np.uint8), "L")
+    out = np.empty((image.size[1], image.size[0]), np.uint8)
+    for top, values in _rows(image):
+        out[top:top + len(values)] = np.round(values * scale)
+    return Image.fromarray(out, "L")
 
 
-def _to_8_bit_scale(values: np.ndarray, mode: str) -> np.ndarray:
-    """A 32-bit image's values on the 0..255 scale, by their range (the rules above); a ValueError otherwise."""
-    values = values.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError(f"a 32-bit image (mode {mode}) with NaN or infinite values")
-    low, high = float(values.min()), float(values.max())
+def _to_8_bit_scale(image) -> float:
+    """What a 32-bit image's values are multiplied by to lie on the 0..255 scale, by their range (the rules
+    above); a ValueError otherwise."""
+    low, high, mode = math.inf, -math.inf, image.mode
+    for _, values in _rows(image):
+        if not np.isfinite(values).all():
+            raise ValueError(f"a 32-bit image (mode {mode}) with NaN or infinite values")
+        low, high = min(low, float(values.min())), max(high, float(values.max()))
     if low >= 0 and mode == "F" and high <= 1:
-        return values * 255.0
+        return 255.0
     if low >= 0 and high <= 255:
-        return values
+        return 1.0
     if low >= 0 and mode == "I" and high <= 65535:
-        return values / 257.0
+        return 1 / 257.0
     raise ValueError(f"a 32-bit image (mode {mode}) with values from {low:g} to {high:g}: its scale cannot be "
                      f"known; convert it to 8 or 16 bits first")
 
