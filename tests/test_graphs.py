@@ -150,7 +150,9 @@ def test_units_touch_no_host_data(model, dtype):
     with torch.device("meta"):
         meta_model = ECARModel(model.config).to(dtype)
     engine = StageEngine(meta_model, 2, mixed_steps(model))
-    for _, _, fn in engine.units():
+    units = list(engine.units())
+    assert len(units) >= model.config.num_stages   # the test runs something: a trunk unit per stage at least
+    for _, _, fn in units:
         fn()
 
 

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")
 
 from ecar_infer import ECARConfig, Sampler  # noqa: E402
-from ecar_infer.kernels import chosen_backends, force_backend  # noqa: E402
+from ecar_infer.kernels import chosen_backends, clear_chosen_backends, force_backend  # noqa: E402
 from ecar_infer.kernels.triton_support import INTERPRETING  # noqa: E402
 
 DEVICE = "cpu" if INTERPRETING else "cuda"
@@ -38,6 +38,7 @@ def test_generate_through_triton_matches_reference(config, interval):
                   output_type="latent", progress=False)
     with force_backend("reference"):
         expected = sampler.generate(**kwargs).images
+    clear_chosen_backends()   # the record keeps earlier tests' choices: only this run's may count
     with force_backend("triton"):
         got = sampler.generate(**kwargs).images
         used = chosen_backends()
@@ -45,4 +46,5 @@ def test_generate_through_triton_matches_reference(config, interval):
            "upsample_renoise") + (("euler_step_",) if interval else ())
     assert {op: used[op] for op in ops} == dict.fromkeys(ops, "triton")
     assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # fp32 (ieee dots): 1.2e-5 measured on values up to 4.6 (the interpreter); 1e-4 let a 10x drift through
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())

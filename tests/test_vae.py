@@ -423,7 +423,10 @@ def test_decoder_runs_in_the_dtype_asked_for():
     assert {p.dtype for p in decoder.vae.parameters()} == {torch.bfloat16}
     images = decoder.decode(z)
     assert images.dtype == torch.float32
-    torch.testing.assert_close(images, expected, rtol=0.1, atol=0.1)
+    with torch.no_grad():   # the decoder is the bf16 VAE on the scaled latents, exactly
+        bf16 = decoder.vae.decode((z / 0.5).to(torch.bfloat16)).sample.float()
+    torch.testing.assert_close(images, bf16, rtol=0, atol=0)
+    torch.testing.assert_close(images, expected, rtol=3e-2, atol=3e-2)   # bf16's own drift measured 0.019
     back = build_decoder(TINY_VAE, decoder.vae, dtype=torch.float32)
     assert {p.dtype for p in back.vae.parameters()} == {torch.float32}
 
