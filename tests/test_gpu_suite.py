@@ -184,7 +184,9 @@ def test_the_suite_ends_within_its_total_budget(tmp_path):
     log = (tmp_path / "suite.log").read_text()
     assert f"the suite's {total}s are spent" in log
     limits = [int(x) for x in re.findall(r"start \(limit (\d+)s\)", log)]
-    assert limits and max(limits) <= total - 12  # a part's limit, its 10 s grace and 2 s after it fit in what is left
+    # a part's limit, its 10 s grace and 2 s after it fit in what is left; where the set-up itself took more
+    # than 33 s (a loaded machine), no part starts, which is right too (the rehearsal above runs every part)
+    assert max(limits, default=0) <= total - 12 and len(limits) == skipped.count(False)
     assert int(re.search(r"done in (\d+)s", log).group(1)) <= total
 
 
