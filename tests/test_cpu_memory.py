@@ -10,9 +10,9 @@ import pytest
 import ecar_infer.cli
 import ecar_infer.cpu_memory
 import ecar_infer.edit_cli
+import ecar_infer.training.command
 import ecar_infer.training.edit_quality
 import ecar_infer.training.quality
-import ecar_infer.training.trainer
 
 # In a fresh process: optionally keep freed memory, then run a step that allocates two 64 MiB tensors and frees
 # them, 16 times, and count the minor page faults of the least faulting of the last 4 steps (2 x 16,384 pages of
@@ -62,7 +62,7 @@ def test_environment_variable_turns_it_off():
     assert not kept and count > PAGES // 2
 
 
-PROGRAMS = [ecar_infer.cli, ecar_infer.edit_cli, ecar_infer.training.trainer, ecar_infer.training.quality,
+PROGRAMS = [ecar_infer.cli, ecar_infer.edit_cli, ecar_infer.training.command, ecar_infer.training.quality,
             ecar_infer.training.edit_quality]
 
 

@@ -43,7 +43,8 @@ def test_the_readme_training_example_builds_the_shipped_emoji_architecture():
     """"Training on your own data" trains the architecture of weights/ecar-emoji32.safetensors (for its
     own classes), as it says."""
     from ecar_infer import load_checkpoint
-    from ecar_infer.training.trainer import build_config, parse_args
+    from ecar_infer.training.command import parse_args
+    from ecar_infer.training.prepare import build_config
 
     section = (REPO / "README.md").read_text().split("## Training on your own data")[1]
     command = re.search(r"^    ecar-train (.*?[^\\])$", section, flags=re.S | re.M)[1].replace("\\\n", " ").split()

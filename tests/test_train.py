@@ -19,12 +19,16 @@ from PIL import Image
 from conftest import refuse_writes_in
 from ecar_infer import ECARConfig, load_checkpoint
 from ecar_infer.cli import UsageError
+from ecar_infer.training import command as command_module
+from ecar_infer.training import prepare as prepare_module
 from ecar_infer.training import trainer as trainer_module
+from ecar_infer.training import workdir as workdir_module
 from ecar_infer.training.data import DataDraws, ImageSet, PixelBatches
 from ecar_infer.training.digits import build_split
 from ecar_infer.training.objective import FlowMatchingObjective, StepDraws, draw_step, stage_targets
-from ecar_infer.training.trainer import (Trainer, TrainSettings, check_ranks_agree, main, setup_distributed,
-                                         teardown_distributed)
+from ecar_infer.training.command import main
+from ecar_infer.training.ranks import check_ranks_agree, setup_distributed, teardown_distributed
+from ecar_infer.training.trainer import Trainer, TrainSettings
 
 SETTINGS = TrainSettings(steps=40, batch_size=16, lr=3e-3, warmup=5, seed=0)
 
@@ -227,7 +231,7 @@ def test_the_default_settings_are_the_documented_recipe():
     assert (d.steps, d.batch_size, d.lr, d.warmup, d.weight_decay, d.grad_clip, d.ema_decay, d.seed) == (
         3000, 64, 1e-3, 50, 0.01, 1.0, 0.995, 0)
     assert d.lr_at(d.steps) == pytest.approx(1e-4) and d.lr_at(d.warmup) == pytest.approx(1e-3)
-    args = trainer_module.parse_args([])
+    args = command_module.parse_args([])
     assert (args.steps, args.batch_size, args.lr, args.warmup, args.weight_decay, args.ema_decay, args.seed) == (
         3000, 64, 1e-3, 50, 0.01, 0.995, 0)
 
@@ -546,20 +550,20 @@ def test_removed_if_left_empty_removes_what_it_made_and_left_empty_only(tmp_path
     parents made for it, goes; a folder that was there before stays with its empty sub-folders, and one that
     holds a file (a cache's lock beside the cache's files counts) stays whole."""
     made = tmp_path / "runs" / "new"
-    with pytest.raises(KeyboardInterrupt), trainer_module.removed_if_left_empty(made):
+    with pytest.raises(KeyboardInterrupt), workdir_module.removed_if_left_empty(made):
         (made / "cache" / "empty").mkdir(parents=True)
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "old" / "samples").mkdir(parents=True)
-    with pytest.raises(KeyboardInterrupt), trainer_module.removed_if_left_empty(tmp_path / "old"):
+    with pytest.raises(KeyboardInterrupt), workdir_module.removed_if_left_empty(tmp_path / "old"):
         raise KeyboardInterrupt
     assert (tmp_path / "old" / "samples").is_dir()
-    with pytest.raises(ValueError), trainer_module.removed_if_left_empty(made):
+    with pytest.raises(ValueError), workdir_module.removed_if_left_empty(made):
         (made / "cache").mkdir(parents=True)
         (made / "cache" / "x.lock").write_text("")   # a build discarded on bad data: its lock alone
         raise ValueError
     assert list(tmp_path.iterdir()) == [tmp_path / "old"]
-    with pytest.raises(ValueError), trainer_module.removed_if_left_empty(made):
+    with pytest.raises(ValueError), workdir_module.removed_if_left_empty(made):
         (made / "cache").mkdir(parents=True)
         (made / "cache" / "x.lock").write_text("")
         (made / "cache" / "x.partial.npy").write_text("")   # a build stopped midway, to resume
@@ -579,26 +583,26 @@ def test_an_unwritable_workdir_or_out_folder_is_refused_before_training(tmp_path
 
 
 def test_every_option_says_its_default_and_may_be_spelled_with_underscores():
-    for action in trainer_module.build_parser()._actions:
+    for action in command_module.build_parser()._actions:
         if action.dest != "help":
             assert "default" in action.help, action.option_strings
-    args = trainer_module.parse_args(["--batch_size", "8", "--ema_decay=0.9", "--set", "num_classes=5"])
+    args = command_module.parse_args(["--batch_size", "8", "--ema_decay=0.9", "--set", "num_classes=5"])
     assert (args.batch_size, args.ema_decay, args.set) == (8, 0.9, ["num_classes=5"])
 
 
 def test_the_range_checks_take_their_documented_bounds():
     """[0, 1) for --ema-decay and >= 0 for the non-negative options include 0 (an EMA that is the weights, no
     warmup, no weight decay, no sample grids)."""
-    args = trainer_module.parse_args(["--ema-decay", "0", "--warmup", "0", "--weight-decay", "0",
+    args = command_module.parse_args(["--ema-decay", "0", "--warmup", "0", "--weight-decay", "0",
                                       "--sample-every", "0"])
     assert (args.ema_decay, args.warmup, args.weight_decay, args.sample_every) == (0.0, 0, 0.0, 0)
-    assert trainer_module.parse_args(["--ema-decay", "0.999999"]).ema_decay == 0.999999
+    assert command_module.parse_args(["--ema-decay", "0.999999"]).ema_decay == 0.999999
 
 
 def test_the_default_workdir_follows_the_data(tmp_path):
     (tmp_path / "pets").mkdir()
     (tmp_path / "faces.npz").write_bytes(b"")
-    workdir = lambda *argv: trainer_module.parse_args(list(argv)).workdir  # noqa: E731
+    workdir = lambda *argv: command_module.parse_args(list(argv)).workdir  # noqa: E731
     assert workdir() == os.path.join("runs", "digits32")
     assert workdir("--data", f"{tmp_path}/pets/") == os.path.join("runs", "pets")
     assert workdir("--data", str(tmp_path / "faces.npz")) == os.path.join("runs", "faces")
@@ -895,7 +899,7 @@ def test_a_resume_state_with_a_damaged_header_is_one_line(tmp_path, content):
     state = tmp_path / "state.safetensors"
     state.write_bytes(content)
     with pytest.raises(UsageError, match=r"cannot be read \(.*\): delete it to start over"):
-        trainer_module.saved_step(state)
+        workdir_module.saved_step(state)
 
 
 @pytest.mark.parametrize("fifo", ["state.safetensors", "settings.json"])
@@ -911,7 +915,7 @@ def test_a_fifo_in_place_of_a_runs_file_is_one_line_not_a_hang(tmp_path, fifo):
     target = tmp_path / "run" / fifo
     target.unlink()
     os.mkfifo(target)
-    done = subprocess.run([sys.executable, "-m", "ecar_infer.training.trainer", *run, "--resume"],
+    done = subprocess.run([sys.executable, "-m", "ecar_infer.training.command", *run, "--resume"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "is not a regular file (a FIFO, a device or a folder)" in done.stderr
@@ -926,7 +930,7 @@ def test_a_config_may_come_through_a_pipe(tmp_path):
     pipe = tmp_path / "config.pipe"
     os.mkfifo(pipe)
     writer = subprocess.Popen(["sh", "-c", f"cat > {pipe}"], stdin=subprocess.PIPE, text=True)
-    trainer = subprocess.Popen([sys.executable, "-m", "ecar_infer.training.trainer", "--config", str(pipe),
+    trainer = subprocess.Popen([sys.executable, "-m", "ecar_infer.training.command", "--config", str(pipe),
                                 *TINY_RUN[2:], "--workdir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True)
     writer.communicate(ECARConfig.preset("ecar-tiny").to_json(), timeout=120)
     _, err = trainer.communicate(timeout=300)
@@ -944,7 +948,7 @@ def test_a_settings_record_larger_than_any_record_is_refused_unread(tmp_path, ca
 
 
 def test_until_may_be_steps():
-    assert trainer_module.parse_args(TINY_RUN + ["--until", "4"]).until == 4   # TINY_RUN has --steps 4
+    assert command_module.parse_args(TINY_RUN + ["--until", "4"]).until == 4   # TINY_RUN has --steps 4
 
 
 def test_a_larger_steps_extends_a_run_and_says_so(tmp_path, capsys):
@@ -987,7 +991,7 @@ def test_until_at_or_before_the_saved_step_is_an_error(tmp_path, capsys):
 
 @pytest.mark.parametrize("at_step, line", [
     (3, "interrupted; the last saved state is step 2 in {state}: rerun the same command with --resume to continue it"),
-    (1, trainer_module.INTERRUPTED_BEFORE_ANY_STATE),   # --ckpt-every 2
+    (1, workdir_module.INTERRUPTED_BEFORE_ANY_STATE),   # --ckpt-every 2
 ], ids=["after a saved state", "before any saved state"])
 def test_ctrl_c_prints_one_line_with_the_saved_step_and_exits_130(tmp_path, capsys, monkeypatch, at_step, line):
     train_step = Trainer.train_step
@@ -1175,7 +1179,7 @@ def interrupted(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 
 builtins.__import__ = interrupted
-from ecar_infer.training.trainer import main   # what the ecar-train script runs
+from ecar_infer.training.command import main   # what the ecar-train script runs
 main({argv!r})
 """
 
@@ -1188,7 +1192,7 @@ def test_ctrl_c_while_torch_is_imported_is_one_line(tmp_path, saved):
     import sys
 
     argv = TINY_RUN + ["--workdir", str(tmp_path)]
-    line = trainer_module.INTERRUPTED_BEFORE_ANY_STATE
+    line = workdir_module.INTERRUPTED_BEFORE_ANY_STATE
     if saved:
         main(argv + ["--until", "2"])
         argv += ["--resume"]
@@ -1251,12 +1255,12 @@ def test_ctrl_c_while_the_data_opens_is_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer_module, "open_training_data", interrupted)
-    monkeypatch.setattr(trainer_module, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
+    monkeypatch.setattr(prepare_module, "open_training_data", interrupted)
+    monkeypatch.setattr(command_module, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
     with pytest.raises(SystemExit) as exit_info:
         main(TINY_RUN + ["--workdir", str(tmp_path)])
     assert exit_info.value.code == 130
-    assert capsys.readouterr().err == f"ecar-train: {trainer_module.INTERRUPTED_BEFORE_ANY_STATE}\n"
+    assert capsys.readouterr().err == f"ecar-train: {workdir_module.INTERRUPTED_BEFORE_ANY_STATE}\n"
 
 
 def test_init_takes_a_shipped_models_name(tmp_path, monkeypatch):
@@ -1596,5 +1600,5 @@ def test_the_stage_noise_option_offers_exactly_the_objectives_pairings():
     the objective's STAGE_NOISE."""
     from ecar_infer.training.objective import STAGE_NOISE
 
-    action = next(a for a in trainer_module.build_parser()._actions if "--stage-noise" in a.option_strings)
+    action = next(a for a in command_module.build_parser()._actions if "--stage-noise" in a.option_strings)
     assert tuple(action.choices) == STAGE_NOISE and action.default == TrainSettings().stage_noise == STAGE_NOISE[0]
