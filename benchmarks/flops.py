@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ecar_infer import ECARConfig
-from ecar_infer.cli import interval_spec
+from ecar_infer.command import interval_spec
 from ecar_infer.engine import StageEngine
 from ecar_infer.kernels import force_backend
 from ecar_infer.model import ECARModel

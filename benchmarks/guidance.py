@@ -20,7 +20,7 @@ import json
 import torch
 
 from ecar_infer import Sampler, keep_freed_memory
-from ecar_infer.cli import interval_spec, positive_int, steps_spec
+from ecar_infer.command import interval_spec, positive_int, steps_spec
 from ecar_infer.training import quality
 
 from .report import write_outputs

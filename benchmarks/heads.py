@@ -32,7 +32,7 @@ from benchmarks.heads_table import render_table
 from benchmarks.report import environment, write_outputs
 from ecar_infer import CheckpointError, Sampler, keep_freed_memory
 from ecar_infer.checkpoint import read_checkpoint_header
-from ecar_infer.cli import interval_spec
+from ecar_infer.command import interval_spec
 from ecar_infer.schedule import StageSteps
 from ecar_infer.training.digits import NUM_CLASSES
 from ecar_infer.training.quality import build_reference, flat, frechet_distance, generate, nearest_distances

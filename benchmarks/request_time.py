@@ -19,7 +19,7 @@ import time
 import torch
 
 from ecar_infer import Sampler, keep_freed_memory
-from ecar_infer.cli import interval_spec, steps_spec
+from ecar_infer.command import interval_spec, steps_spec
 
 from .report import environment, write_outputs
 

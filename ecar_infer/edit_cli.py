@@ -27,6 +27,8 @@ from pathlib import Path
 
 from . import cli, distributed
 from .checks import some_of
+from .command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, StderrHandler, UsageError, image_count,
+                      normalize, one_line, stops_on_sigterm, user_errors)
 from .cpu_memory import keep_freed_memory
 
 PROG = "ecar-edit"
@@ -54,7 +56,7 @@ def in_cli_terms(message: str) -> str:
     return message
 
 
-def build_parser() -> cli.Parser:
+def build_parser() -> Parser:
     from .editing import MODES, REGIONS  # (torch: imported inside main, where Ctrl-C ends in one line)
 
     p = cli.build_parser(PROG, DESCRIPTION, DEFAULT_OUT, torchrun=False)
@@ -81,29 +83,29 @@ def read_image(path: str, what: str, size: int | None):
     from PIL import Image, UnidentifiedImageError
 
     if not path:   # Path("") is the current folder
-        raise cli.UsageError(f"{what} is empty: give an image file")
+        raise UsageError(f"{what} is empty: give an image file")
     if Path(path).exists() and not Path(path).is_file():   # a FIFO would make Image.open wait forever
-        raise cli.UsageError(f"{what} {path}: not a regular file (a folder, a FIFO or a device); give an image file")
+        raise UsageError(f"{what} {path}: not a regular file (a folder, a FIFO or a device); give an image file")
     try:
         with warnings.catch_warnings():   # Pillow's two-line warning over 89M pixels; its error at twice that holds
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
     except FileNotFoundError:
-        raise cli.UsageError(f"{what} {path}: no such file") from None
+        raise UsageError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as err:
-        raise cli.UsageError(f"cannot read {what} {path}: not an image file ({err})") from None
+        raise UsageError(f"cannot read {what} {path}: not an image file ({err})") from None
     except Image.DecompressionBombError as err:  # neither an OSError nor a ValueError
-        raise cli.UsageError(f"{what} {path} is too large to decode: {err}") from None
+        raise UsageError(f"{what} {path} is too large to decode: {err}") from None
     except ValueError as err:   # Pillow's bound on a PNG's text chunks ("Decompressed Data Too Large")
-        raise cli.UsageError(f"cannot read {what} {path}: {err}") from None
+        raise UsageError(f"cannot read {what} {path}: {err}") from None
     width, height = image.size
     if size is not None and (width, height) != (size, size):
-        raise cli.UsageError(f"{what} {path} is {width}x{height} pixels but the model makes {size}x{size} images: "
-                             f"resize or crop it first, or give --fit")
+        raise UsageError(f"{what} {path} is {width}x{height} pixels but the model makes {size}x{size} images: "
+                         f"resize or crop it first, or give --fit")
     try:
         image.load()
     except (OSError, ValueError) as err:
-        raise cli.UsageError(f"cannot read {what} {path}: {err}") from None
+        raise UsageError(f"cannot read {what} {path}: {err}") from None
     return image
 
 
@@ -115,9 +117,9 @@ def prepare(args):
     labels = cli.expand_classes(args.classes, config.num_classes, args.per_class, sampler.class_names)
     cli.check_sampling_args(args, sampler, len(labels))
     if len(labels) > cli.MAX_GRID_IMAGES:   # ecar-sample's --outdir and --npz write batch by batch; edit() does not
-        raise cli.UsageError(f"--class and --per-class ask for {len(labels):,} edits: ecar-edit holds every image in "
-                             f"memory until it writes them, whatever the output, at most {cli.MAX_GRID_IMAGES:,}; "
-                             f"split the request (by --class, or with another --seed)")
+        raise UsageError(f"--class and --per-class ask for {len(labels):,} edits: ecar-edit holds every image in "
+                         f"memory until it writes them, whatever the output, at most {cli.MAX_GRID_IMAGES:,}; "
+                         f"split the request (by --class, or with another --seed)")
     from .editing import REGIONS, fitted_image, fitted_mask
     from .pil_input import upright_size
 
@@ -128,14 +130,14 @@ def prepare(args):
         mask = mask.lower()
     elif mask is not None:
         if not Path(mask).exists():
-            raise cli.UsageError(f"--mask {mask}: no such file, and not a built-in region ({', '.join(REGIONS)})")
+            raise UsageError(f"--mask {mask}: no such file, and not a built-in region ({', '.join(REGIONS)})")
         mask = read_image(mask, "--mask", size)
         # fitted alike, they cover the same pixels only if the same size, as read (upright by their EXIF)
         (mask_w, mask_h), (image_w, image_h) = upright_size(mask), upright_size(image)
         if args.fit and (mask_w, mask_h) != (image_w, image_h):
-            raise cli.UsageError(f"--mask {args.mask} is {mask_w}x{mask_h} pixels but --image {args.image} is "
-                                 f"{image_w}x{image_h} (upright, as viewers show them): with --fit they must be the "
-                                 f"same size")
+            raise UsageError(f"--mask {args.mask} is {mask_w}x{mask_h} pixels but --image {args.image} is "
+                             f"{image_w}x{image_h} (upright, as viewers show them): with --fit they must be the "
+                             f"same size")
         if args.fit:
             mask = fitted_mask(mask, config.image_size)
     if args.fit:
@@ -153,16 +155,16 @@ def check_no_overwrite(args, target) -> None:
     if args.npz:
         for path in (Path(args.npz), Path(f"{args.npz}.parts")):
             if path.exists():
-                raise cli.UsageError(f"--npz {args.npz}: {path} exists, and ecar-edit does not replace it: write "
-                                     f"elsewhere, or delete it")
+                raise UsageError(f"--npz {args.npz}: {path} exists, and ecar-edit does not replace it: write "
+                                 f"elsewhere, or delete it")
     elif isinstance(target, FolderTarget):
         record, found = target.record_path(), target.foreign_files()
         if record.exists():
-            raise cli.UsageError(f"--outdir {args.outdir} holds an ecar-sample run ({record.name}): write the edits "
-                                 f"elsewhere")
+            raise UsageError(f"--outdir {args.outdir} holds an ecar-sample run ({record.name}): write the edits "
+                             f"elsewhere")
         if found:
-            raise cli.UsageError(f"--outdir {args.outdir} already holds {some_of([p.name for p in found], 1)} of "
-                                 f"the files this request would write: write elsewhere, or move them away")
+            raise UsageError(f"--outdir {args.outdir} already holds {some_of([p.name for p in found], 1)} of "
+                             f"the files this request would write: write elsewhere, or move them away")
 
 
 def write(args, target, out) -> str:
@@ -182,8 +184,8 @@ def write(args, target, out) -> str:
 def warnings_to_stderr():
     """ecar_infer's warnings print as `ecar-edit: warning: ...` for the duration of the command."""
     logger = logging.getLogger("ecar_infer")
-    others = [h for h in logger.handlers if isinstance(h, cli.StderrHandler)]
-    handler = cli.StderrHandler()
+    others = [h for h in logger.handlers if isinstance(h, StderrHandler)]
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
     handler.setLevel(logging.WARNING)
     for h in others:
@@ -197,7 +199,7 @@ def warnings_to_stderr():
             logger.addHandler(h)
 
 
-@cli.stops_on_sigterm
+@stops_on_sigterm
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     keep_freed_memory()
@@ -207,11 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     with warnings_to_stderr():
         try:
             if distributed.launched_world_size() > 1:
-                raise cli.UsageError("ecar-edit runs in one process: run it without torchrun (every rank would "
-                                     "edit the same images and write the same file)")
+                raise UsageError("ecar-edit runs in one process: run it without torchrun (every rank would "
+                                 "edit the same images and write the same file)")
             from .editing import EditInputError
 
-            args = build_parser().parse_args(cli.normalize(sys.argv[1:] if argv is None else list(argv)))
+            args = build_parser().parse_args(normalize(sys.argv[1:] if argv is None else list(argv)))
             args = cli.resolve_output(args, DEFAULT_OUT)
             try:  # prepare() and edit() check the inputs (image, mask, mode, from_stage) before any sampling
                 sampler, labels, image, mask = prepare(args)
@@ -224,25 +226,25 @@ def main(argv: list[str] | None = None) -> int:
                                    output_type="np", batch_size=args.batch_size,
                                    progress=not (args.quiet or args.no_progress))
             except EditInputError as err:
-                raise cli.UsageError(in_cli_terms(str(err))) from None
+                raise UsageError(in_cli_terms(str(err))) from None
             writing = True
             try:
                 written = write(args, target, out)
             except OSError as err:
                 print(f"{PROG}: error: could not write the output: {err}", file=sys.stderr)
-                return cli.EXIT_FAILED
+                return EXIT_FAILED
         except KeyboardInterrupt:  # before user_errors(), whose imports must not run inside an interrupted import
             saved = target.saved() if writing and target else "nothing was written"
-        except cli.user_errors() as err:
-            print(f"{PROG}: error: {cli.one_line(err)}", file=sys.stderr)
-            return cli.EXIT_USER_ERROR
+        except user_errors() as err:
+            print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
+            return EXIT_USER_ERROR
     if saved is not None:  # said once the interrupted call is unwound, so that its progress bar is closed
         print(f"{PROG}: interrupted: {saved}", file=sys.stderr)
-        return cli.EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     if not args.quiet:
         seconds = out.timings["total_s"]
         rate = f" ({len(labels) / seconds:.2f} images/s)" if seconds > 0 else ""
-        print(f"edited {cli.image_count(len(labels))} in {seconds:.2f} s{rate}; wrote {written}; "
+        print(f"edited {image_count(len(labels))} in {seconds:.2f} s{rate}; wrote {written}; "
               f"total {time.perf_counter() - started:.2f} s")
     return 0
 

@@ -970,24 +970,25 @@ def test_the_bounds_a_typo_reaches_are_inclusive_and_the_grid_bound_is_a_grids(m
     not; --outdir and --npz write image by image, so the grid's bound is not theirs."""
     from types import SimpleNamespace
 
-    from ecar_infer import cli
+    from ecar_infer import cli, command
 
-    assert cli.steps_spec("1000") == 1000 and cli.steps_spec("1,1000,2") == (1, 1000, 2)
+    assert command.steps_spec("1000") == 1000 and command.steps_spec("1,1000,2") == (1, 1000, 2)
     monkeypatch.setattr(cli, "MAX_IMAGES", 20)
     assert len(cli.expand_classes([[None]], 10, 2)) == 20
-    with pytest.raises(cli.UsageError, match="ask for 10 x 3 = 30 images, more than the 20 one command samples"):
+    with pytest.raises(command.UsageError, match="ask for 10 x 3 = 30 images, more than the 20 one command samples"):
         cli.expand_classes([[None]], 10, 3)
     sampler = SimpleNamespace(config=SimpleNamespace(num_stages=3, shortcut=False))
     args = lambda **output: SimpleNamespace(steps=None, seed=0, **{"out": None, **output})  # noqa: E731
     cli.check_sampling_args(args(out="g.png"), sampler, cli.MAX_GRID_IMAGES)
-    with pytest.raises(cli.UsageError, match="at most 10,000 \\(this request has 10,001\\)"):
+    with pytest.raises(command.UsageError, match="at most 10,000 \\(this request has 10,001\\)"):
         cli.check_sampling_args(args(out="g.png"), sampler, cli.MAX_GRID_IMAGES + 1)
     for output in (dict(outdir="d"), dict(npz="x.npz")):
         cli.check_sampling_args(args(**output), sampler, cli.MAX_GRID_IMAGES + 1)
 
 
 def test_a_grid_under_several_ranks_is_refused_before_any_work(tmp_path):
-    from ecar_infer.cli import UsageError, check_output, parse_args
+    from ecar_infer.cli import check_output, parse_args
+    from ecar_infer.command import UsageError
 
     for out in (["--out", str(tmp_path / "x.png")], []):  # --out, or the default grid samples.png
         with pytest.raises(UsageError, match="under torchrun write --npz FILE or --outdir DIR"):
@@ -1122,11 +1123,11 @@ def test_sigterm_is_an_interrupt_while_the_commands_run(program, monkeypatch, ca
     exercises): while main runs, SIGTERM raises KeyboardInterrupt; after it, the handler is back."""
     import signal
 
-    from ecar_infer import cli, edit_cli
+    from ecar_infer import cli, command, edit_cli
 
     module = cli if program == "ecar-sample" else edit_cli
     before, seen = signal.getsignal(signal.SIGTERM), []
     monkeypatch.setattr(module, "keep_freed_memory", lambda: seen.append(signal.getsignal(signal.SIGTERM)))
     with pytest.raises(SystemExit):
         module.main(["--help"])
-    assert seen and seen[0] is cli._raise_interrupt and signal.getsignal(signal.SIGTERM) is before
+    assert seen and seen[0] is command._raise_interrupt and signal.getsignal(signal.SIGTERM) is before

@@ -362,13 +362,13 @@ def test_an_output_that_cannot_be_written_is_refused_before_editing(ckpt, image,
 def test_ctrl_c_while_the_model_loads_is_one_line(ckpt, image, capsys, monkeypatch):
     """As ecar-sample: ^C during start-up does not import the error types to match it (an import inside an
     interrupted import fails with a traceback)."""
-    from ecar_infer import cli
+    from ecar_infer import cli, edit_cli
 
     def interrupted_import(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "load_sampler", interrupted_import)
-    monkeypatch.setattr(cli, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
+    monkeypatch.setattr(edit_cli, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
     code, stdout, stderr = run(capsys, "--ckpt", ckpt, "--image", image[0], "--mask", "left", "--class", "1")
     assert code == 130 and stdout == "" and stderr == "ecar-edit: interrupted: nothing was written\n"
 

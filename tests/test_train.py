@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import refuse_writes_in
 from ecar_infer import ECARConfig, load_checkpoint
-from ecar_infer.cli import UsageError
+from ecar_infer.command import UsageError
 from ecar_infer.training import command as command_module
 from ecar_infer.training import prepare as prepare_module
 from ecar_infer.training import trainer as trainer_module
@@ -1240,7 +1240,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
 def test_stops_on_sigterm_restores_the_handler_it_replaced():
     import signal
 
-    from ecar_infer.cli import stops_on_sigterm
+    from ecar_infer.command import stops_on_sigterm
 
     before, seen = signal.getsignal(signal.SIGTERM), []
     stops_on_sigterm(lambda: seen.append(signal.getsignal(signal.SIGTERM)))()

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from ..cli import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, checked, normalize, positive_int,
-                   seed_int, stops_on_sigterm, user_errors)
+from ..command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, checked, normalize,
+                       positive_int, seed_int, stops_on_sigterm, user_errors)
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
 from ..registry import preset_names

@@ -185,7 +185,7 @@ def pictures(folder: str, images: np.ndarray, completed: dict, varied: dict, row
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..cli import positive_int, seed_int
+    from ..command import positive_int, seed_int
     from ..cpu_memory import keep_freed_memory
     from ..editing import image_channels
 

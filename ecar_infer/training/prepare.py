@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..checks import read_record
-from ..cli import UsageError
+from ..command import UsageError
 from ..config import ConfigError, ECARConfig
 from ..weights import checkpoint_path, shipped_models
 from .ranks import say

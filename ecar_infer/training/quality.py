@@ -279,7 +279,7 @@ def judge_of_data(parser: argparse.ArgumentParser, args, sampler) -> Reference |
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..cli import checked, seed_int
+    from ..command import checked, seed_int
     from ..cpu_memory import keep_freed_memory
     from ..schedule import plan_for
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..cli import UsageError
+from ..command import UsageError
 from .trainer import Trainer
 
 # torch takes seconds to import: each function imports what it uses (ecar_infer/training/command.py says why)

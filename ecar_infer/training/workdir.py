@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from ..checks import open_regular, parse_json
-from ..cli import UsageError, check_writable_file, check_writable_folder, content_sha256, make_folder
+from ..command import UsageError, check_writable_file, check_writable_folder, content_sha256, make_folder
 from ..config import ECARConfig
 from ..weights import checkpoint_path
 from .trainer import Diverged, TrainSettings
