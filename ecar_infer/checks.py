@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterable
 from typing import BinaryIO
 
+MAX_SEED = 2**64 - 1   # torch.Generator.manual_seed's range (negative seeds would alias large ones)
 MAX_RECORD_BYTES = 1 << 20   # a settings record or a config file: a few kB in practice
 MAX_HEADER_BYTES = 16 << 20   # of a safetensors file we read: an E-CAR header is its tensor table (34 kB for ecar-xl),
                               # config and class names (30 kB for 1,000), SD-VAE's about 30 kB; safetensors' own

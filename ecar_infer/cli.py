@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import distributed
-from .checks import MAX_GUIDANCE
+from .checks import MAX_GUIDANCE, MAX_SEED
 from .class_names import ClassNameError, list_classes, match_key, resolve_class
-from .command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, MAX_SEED, Parser, StderrHandler, UsageError,
+from .command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, StderrHandler, UsageError,
                       check_writable_file, check_writable_folder, checked, content_sha256, image_count,
                       interval_spec, make_folder, normalize, one_line, positive_int, seed_int, steps_spec,
                       stops_on_sigterm, user_errors)

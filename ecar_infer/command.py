@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import NoReturn
 
 from .atomic import create_temporary
+from .checks import MAX_SEED
 from .config import ConfigError
 from .schedule import MAX_STEPS_PER_STAGE
 
 EXIT_USER_ERROR, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
-MAX_SEED = 2**64 - 1   # torch.Generator's seed range
 
 
 class UsageError(Exception):

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .checks import guidance_weight, integers, is_integer, switches
+from .checks import MAX_SEED, guidance_weight, integers, is_integer, switches
 from .class_names import METADATA_KEY as CLASS_NAMES_KEY
 from .class_names import parse_class_names, resolve_class
 from .config import ECARConfig
@@ -41,7 +41,6 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 # request shapes whose engines stay cached: a CLI run needs two (full chunks and the last); an edit adds one
 DEFAULT_MAX_ENGINES = 4
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range (negative seeds would alias large ones)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -902,6 +902,19 @@ def test_a_resume_state_with_a_damaged_header_is_one_line(tmp_path, content):
         workdir_module.saved_step(state)
 
 
+def test_a_resume_state_whose_header_is_past_the_bound_is_not_parsed(tmp_path):
+    """A whole, valid state padded to a header over 16 MiB (MAX_HEADER_BYTES, what checkpoints and VAEs are
+    held to) was parsed, at about 30 times its size in memory; it is refused unparsed."""
+    table = '{"__metadata__":{"step":"2"},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    state = tmp_path / "state.safetensors"
+    state.write_bytes(damaged_header(None, table))
+    assert workdir_module.saved_step(state) == 2
+    state.write_bytes(damaged_header(None, table + " " * (16 << 20)))
+    with pytest.raises(UsageError, match=r"cannot be read \(its header is 16,777,\d{3} bytes, more than a training "
+                                         r"state's can need\): delete it to start over"):
+        workdir_module.saved_step(state)
+
+
 @pytest.mark.parametrize("fifo", ["state.safetensors", "settings.json"])
 def test_a_fifo_in_place_of_a_runs_file_is_one_line_not_a_hang(tmp_path, fifo):
     """Opening a FIFO for reading waits for a writer: a resume state or a settings record that is one hung

@@ -17,7 +17,7 @@ import glob
 import os
 from pathlib import Path
 
-from ..checks import open_regular, parse_json
+from ..checks import MAX_HEADER_BYTES, open_regular, parse_json
 from ..command import UsageError, check_writable_file, check_writable_folder, content_sha256, make_folder
 from ..config import ECARConfig
 from ..weights import checkpoint_path
@@ -117,6 +117,8 @@ def header_metadata(path: Path) -> dict[str, str]:
         size = int.from_bytes(f.read(8), "little")
         if size > file_size - 8:   # a damaged length: read as is, an OverflowError or a MemoryError
             raise ValueError(f"its header length {size} is beyond the file's {file_size} bytes")
+        if size > MAX_HEADER_BYTES:   # a state's header is its tensor table: parsing a damaged one took ~30x its size
+            raise ValueError(f"its header is {size:,} bytes, more than a training state's can need")
         header = parse_json(f.read(size))
     try:
         ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
