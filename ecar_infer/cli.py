@@ -30,10 +30,10 @@ from pathlib import Path
 from . import distributed
 from .checks import MAX_GUIDANCE, MAX_SEED
 from .class_names import ClassNameError, list_classes, match_key, resolve_class
-from .command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, StderrHandler, UsageError,
-                      check_writable_file, check_writable_folder, checked, content_sha256, image_count,
-                      interval_spec, make_folder, normalize, one_line, positive_int, seed_int, steps_spec,
-                      stops_on_sigterm, user_errors)
+from .command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, UsageError, check_writable_file,
+                      check_writable_folder, checked, content_sha256, image_count, interval_spec, make_folder,
+                      normalize, one_line, positive_int, seed_int, steps_spec, stops_on_sigterm, user_errors,
+                      warnings_to_stderr)
 from .cpu_memory import keep_freed_memory
 from .registry import get_preset, preset_names
 from .schedule import CFG_SCHEDULES
@@ -464,8 +464,13 @@ def summary(tally: distributed.Tally, seconds: float, written: str, total: float
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     keep_freed_memory()
-    _route_warnings()
     rank0 = distributed.launched_rank() == 0  # under torchrun every rank runs this; rank 0 speaks for all
+    with warnings_to_stderr(PROG, shown=rank0):
+        return _run(argv, started, rank0)
+
+
+def _run(argv: list[str] | None, started: float, rank0: bool) -> int:
+    """ecar-sample once its warnings are routed: every failure ends in one line and an exit status."""
     try:
         args = parse_args(sys.argv[1:] if argv is None else list(argv))
     except UsageError as err:
@@ -497,17 +502,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     finally:
         distributed.leave(group)
-
-
-def _route_warnings() -> None:
-    """ecar_infer's warnings (random VAE, unused VAE, ...) print as `ecar-sample: warning: ...`, once: under
-    torchrun every rank would say the same, so only rank 0 does."""
-    logger = logging.getLogger("ecar_infer")
-    if not any(isinstance(h, StderrHandler) for h in logger.handlers):
-        handler = StderrHandler()
-        handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
-        handler.setLevel(logging.WARNING if distributed.launched_rank() == 0 else logging.CRITICAL + 1)
-        logger.addHandler(handler)
 
 
 if __name__ == "__main__":

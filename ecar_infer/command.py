@@ -7,6 +7,7 @@ of a checkpoint or VAE for a run's settings record, and one-line messages and wa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import hashlib
@@ -196,3 +197,23 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+
+@contextlib.contextmanager
+def warnings_to_stderr(prog: str, shown: bool = True):
+    """ecar_infer's warnings (random VAE, unused VAE, ...) print as `PROG: warning: ...` for the duration of
+    the command; shown=False keeps them quiet (under torchrun every rank would say the same: rank 0 speaks)."""
+    logger = logging.getLogger("ecar_infer")
+    others = [h for h in logger.handlers if isinstance(h, StderrHandler)]
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+    handler.setLevel(logging.WARNING if shown else logging.CRITICAL + 1)
+    for h in others:
+        logger.removeHandler(h)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        for h in others:
+            logger.addHandler(h)

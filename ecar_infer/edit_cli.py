@@ -17,19 +17,17 @@ prints what was written and exits with status 130.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from . import cli, distributed
 from .checks import some_of
-from .command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, StderrHandler, UsageError, image_count,
-                      normalize, one_line, stops_on_sigterm, user_errors)
+from .command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, UsageError, image_count, normalize,
+                      one_line, stops_on_sigterm, user_errors, warnings_to_stderr)
 from .cpu_memory import keep_freed_memory
+from .pil_input import ImageTooLarge, open_image
 
 PROG = "ecar-edit"
 DEFAULT_OUT = "edits.png"
@@ -80,22 +78,20 @@ def build_parser() -> Parser:
 def read_image(path: str, what: str, size: int | None):
     """A PIL image from `path`, checked to be size x size before its pixels are decoded (bounded work for
     any file); of any size for size None (PIL refuses a decompression bomb, over 2 x 89M pixels)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if not path:   # Path("") is the current folder
         raise UsageError(f"{what} is empty: give an image file")
     if Path(path).exists() and not Path(path).is_file():   # a FIFO would make Image.open wait forever
         raise UsageError(f"{what} {path}: not a regular file (a folder, a FIFO or a device); give an image file")
     try:
-        with warnings.catch_warnings():   # Pillow's two-line warning over 89M pixels; its error at twice that holds
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+        image = open_image(path)
     except FileNotFoundError:
         raise UsageError(f"{what} {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as err:
         raise UsageError(f"cannot read {what} {path}: not an image file ({err})") from None
-    except Image.DecompressionBombError as err:  # neither an OSError nor a ValueError
-        raise UsageError(f"{what} {path} is too large to decode: {err}") from None
+    except ImageTooLarge as err:
+        raise UsageError(f"{what} {path} is {err}") from None
     except ValueError as err:   # Pillow's bound on a PNG's text chunks ("Decompressed Data Too Large")
         raise UsageError(f"cannot read {what} {path}: {err}") from None
     width, height = image.size
@@ -180,25 +176,6 @@ def write(args, target, out) -> str:
     return target.finish()
 
 
-@contextlib.contextmanager
-def warnings_to_stderr():
-    """ecar_infer's warnings print as `ecar-edit: warning: ...` for the duration of the command."""
-    logger = logging.getLogger("ecar_infer")
-    others = [h for h in logger.handlers if isinstance(h, StderrHandler)]
-    handler = StderrHandler()
-    handler.setFormatter(logging.Formatter(f"{PROG}: warning: %(message)s"))
-    handler.setLevel(logging.WARNING)
-    for h in others:
-        logger.removeHandler(h)
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        for h in others:
-            logger.addHandler(h)
-
-
 @stops_on_sigterm
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
@@ -206,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     target = None  # where the output goes
     writing = False  # whether the edits are being written (before that, a Ctrl-C has written nothing)
     saved = None   # on Ctrl-C: what is on disk
-    with warnings_to_stderr():
+    with warnings_to_stderr(PROG):
         try:
             if distributed.launched_world_size() > 1:
                 raise UsageError("ecar-edit runs in one process: run it without torchrun (every rank would "

@@ -18,11 +18,30 @@ well, but one with transparent pixels is refused first: ecar_infer/editing.py.)
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
 MAX_ASPECT = 8   # a longer side beyond this many times the shorter is cropped first (resize_center_crop)
 CHUNK_PIXELS = 1 << 22   # a 16- or 32-bit image is scaled to 8 bits this many pixels at a time
+
+
+class ImageTooLarge(ValueError):
+    """An image past Pillow's decompression-bomb bound (2 x Image.MAX_IMAGE_PIXELS pixels)."""
+
+
+def open_image(path):
+    """Image.open (the header only; pixels are decoded on load()), raising OSError or ValueError for a file
+    that cannot be used: Pillow's error for a decompression bomb (a small file that decodes into gigabytes)
+    is neither, and is ImageTooLarge here; its two-line warning below that bound is silenced."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"too large to decode: {err}") from None
 
 
 def as_model_image(image, channels: int):

@@ -818,6 +818,12 @@ def test_random_init_warns_that_the_images_are_noise(tmp_path, capsys):
                                "--out", out, "--quiet")
     assert code == 0 and out.exists() and stdout == ""
     assert "ecar-sample: warning: --random-init ecar-tiny: RANDOM weights, the images are noise" in stderr
+    # the route lasts as long as the command: a library caller's later warnings are not labelled ecar-sample
+    import logging
+
+    from ecar_infer.command import StderrHandler
+
+    assert not any(isinstance(h, StderrHandler) for h in logging.getLogger("ecar_infer").handlers)
 
 
 @pytest.fixture(scope="module")

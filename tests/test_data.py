@@ -312,7 +312,7 @@ def test_a_finished_folder_cache_opens_no_image(tmp_path, monkeypatch, channels)
     def no_open(path):
         raise AssertionError(f"opened {path}")
 
-    monkeypatch.setattr(data_module, "_open", no_open)
+    monkeypatch.setattr(data_module, "open_image", no_open)
     assert np.array_equal(open_image_folder(root, config, tmp_path / "cache").pixels, built)
 
 

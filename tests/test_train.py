@@ -902,6 +902,22 @@ def test_a_resume_state_with_a_damaged_header_is_one_line(tmp_path, content):
         workdir_module.saved_step(state)
 
 
+def test_ecar_infers_warnings_print_as_ecar_train_warnings(tmp_path, capsys, monkeypatch):
+    """They reached stderr through Python's last-resort handler, bare, with no program name."""
+    import logging
+
+    train_step = Trainer.train_step
+
+    def warned(self):
+        if self.step == 0:
+            logging.getLogger("ecar_infer").warning("something to know")
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", warned)
+    main(TINY_RUN + ["--workdir", str(tmp_path / "run"), "--until", "1"])
+    assert "ecar-train: warning: something to know\n" in capsys.readouterr().err
+
+
 def test_a_resume_state_whose_header_is_past_the_bound_is_not_parsed(tmp_path):
     """A whole, valid state padded to a header over 16 MiB (MAX_HEADER_BYTES, what checkpoints and VAEs are
     held to) was parsed, at about 30 times its size in memory; it is refused unparsed."""

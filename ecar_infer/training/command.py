@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, checked, normalize,
-                       positive_int, seed_int, stops_on_sigterm, user_errors)
+                       positive_int, seed_int, stops_on_sigterm, user_errors, warnings_to_stderr)
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
 from ..registry import preset_names
@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()
     args = None
     try:   # from the start: the first seconds import torch
-        args = parse_args(argv)
-        train(args)
+        with warnings_to_stderr("ecar-train", shown=launched_rank() == 0):
+            args = parse_args(argv)
+            train(args)
     except KeyboardInterrupt:
         if launched_rank() == 0:
             line = interrupted(Path(args.workdir)) if args else "interrupted: nothing was written"

@@ -43,7 +43,7 @@ from ..checks import some_of
 from ..class_names import MAX_NAME_CHARS, ClassNameError, encode_class_names
 from ..config import ECARConfig
 from ..output import npy_header, npz_member_header
-from ..pil_input import as_model_image, resize_center_crop
+from ..pil_input import as_model_image, open_image, resize_center_crop
 from .diskcache import cached_array, is_cached
 
 DIGITS32 = "digits32"
@@ -80,21 +80,9 @@ def _unreadable(failures: list[tuple[Path, Exception]]) -> DataError:
     return DataError(f"{len(failures)} images cannot be read: {named}; remove or replace them")
 
 
-def _open(path: str | os.PathLike):
-    """Image.open, raising OSError or ValueError for a file that cannot be used. PIL refuses an image of
-    more than twice Image.MAX_IMAGE_PIXELS (a decompression bomb: a small file that decodes into gigabytes)
-    with an error of its own that is neither."""
-    from PIL import Image
-
-    try:
-        return Image.open(path)
-    except Image.DecompressionBombError as err:
-        raise ValueError(f"too large to decode: {err}") from None
-
-
 def _decode_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
-    """load_image, raising OSError or ValueError for an unreadable file (_open)."""
-    with _open(path) as image:
+    """load_image, raising OSError or ValueError for an unreadable file (pil_input.open_image)."""
+    with open_image(path) as image:
         image.load()
         image = as_model_image(image, channels)
     array = np.asarray(resize_center_crop(image, size), dtype=np.uint8)
@@ -111,14 +99,14 @@ def load_image(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
 
 def _open_header(path: Path) -> None:
     """Read an image file's header only (cheap): fails on a file that is not an image at all."""
-    with _open(path):
+    with open_image(path):
         pass
 
 
 def _is_color(path: Path) -> bool:
     """Whether an image file holds color, from its header: a palette image is color if any entry of its palette
     is (a grayscale GIF or PNG-8 has a palette of grays)."""
-    with _open(path) as image:
+    with open_image(path) as image:
         if set(image.getbands()) <= GRAY_BANDS:
             return False
         if image.mode in ("P", "PA"):
