@@ -242,7 +242,8 @@ def load_model(args, group: distributed.Group):
         raise
 
 
-def expand_classes(specs: list[list[str | None]], num_classes: int, n: int, names: list[str] | None = None) -> list[int]:
+def expand_classes(specs: list[list[str | None]], num_classes: int, n: int,
+                   names: list[str] | None = None) -> list[int]:
     """The class of every image: each --class part, a class name (exact, by match_key: so a class named
     "2" or "3d" is found by its name), an index, a range LO-HI, or None for all, then `n` images per class."""
     classes = []
@@ -293,7 +294,7 @@ def check_sampling_args(args, sampler, count: int) -> None:
             raise UsageError(f"--steps: {err}") from None
 
 
-DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+SETTINGS_DTYPE = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}   # as records spell it
 
 
 def run_settings(args, sampler, labels: list[int]) -> dict:
@@ -323,7 +324,7 @@ def run_settings(args, sampler, labels: list[int]) -> dict:
         cfg_interval=None if interval is None else list(interval),
         steps=[steps] * config.num_stages if isinstance(steps, int) else list(steps),
         device=sampler.device.type,
-        dtype=DTYPE_NAMES[str(sampler.dtype)],
+        dtype=SETTINGS_DTYPE[str(sampler.dtype)],
         cuda_graphs=sampler.runner.graphs_enabled,
         compile=args.compile,
         tf32=args.tf32 if cuda else None,

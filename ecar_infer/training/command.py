@@ -33,8 +33,8 @@ from ..registry import preset_names
 from .prepare import prepare
 from .ranks import check_ranks_agree, say, setup_distributed, teardown_distributed
 from .trainer import Diverged, TrainSettings, sample_grid
-from .workdir import (EMA_FILE, LOG_FILE, PLOT_FILE, SAMPLES_DIR, STATE_FILE, default_workdir, diverged, final_path,
-                      interrupted, removed_if_left_empty)
+from .workdir import (EMA_FILE, LOG_FILE, PLOT_FILE, SAMPLES_DIR, STATE_FILE, default_workdir, divergence_message,
+                      final_path, interruption_message, removed_if_left_empty)
 
 # torch, numpy, the model and the objective take seconds to import, so each function imports what it uses (here
 # and in prepare, trainer, workdir and ranks): main() then catches a Ctrl-C during those seconds (one line, not a
@@ -190,7 +190,7 @@ def train(args: argparse.Namespace) -> None:
     try:
         with removed_if_left_empty(Path(args.workdir)):
             trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
-    except KeyboardInterrupt:   # before user_errors(), whose imports must not run inside an interrupted import
+    except KeyboardInterrupt:   # before user_errors(), whose imports must not run inside an interruption_message import
         raise
     except (*user_errors(), ValueError, OSError) as err:
         user_error(str(err))
@@ -223,7 +223,8 @@ def train(args: argparse.Namespace) -> None:
                 bar.close()
                 if rank == 0:
                     train_log.close()
-                    print(f"ecar-train: error: {diverged(err, workdir, settings.lr)}", file=sys.stderr, flush=True)
+                    print(f"ecar-train: error: {divergence_message(err, workdir, settings.lr)}", file=sys.stderr,
+                          flush=True)
                 raise SystemExit(EXIT_FAILED) from None
             seconds = time.perf_counter() - started
             images_per_s = settings.batch_size / seconds
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             train(args)
     except KeyboardInterrupt:
         if launched_rank() == 0:
-            line = interrupted(Path(args.workdir)) if args else "interrupted: nothing was written"
+            line = interruption_message(Path(args.workdir)) if args else "interrupted: nothing was written"
             print(f"ecar-train: {line}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_INTERRUPTED) from None
 

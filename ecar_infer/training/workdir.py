@@ -206,7 +206,7 @@ INTERRUPTED_BEFORE_ANY_STATE = ("interrupted before any state was saved; rerun t
                                 "data cache it was building goes on from where it stopped)")
 
 
-def interrupted(workdir: Path) -> str:
+def interruption_message(workdir: Path) -> str:
     """The line printed when Ctrl-C stops a run: where it can be continued from."""
     try:
         step = saved_step(workdir / STATE_FILE)
@@ -218,7 +218,7 @@ def interrupted(workdir: Path) -> str:
             f"with --resume to continue it")
 
 
-def diverged(err: Diverged, workdir: Path, lr: float) -> str:
+def divergence_message(err: Diverged, workdir: Path, lr: float) -> str:
     """The line printed when a run diverges: what was kept, and why --resume would not help."""
     try:
         saved = saved_step(workdir / STATE_FILE)
