@@ -69,7 +69,7 @@ def save_checkpoint(model: ECARModel, path: str | os.PathLike, extra_metadata: d
     if path.is_dir():
         raise CheckpointError(path, "is a directory; give the checkpoint a file name, e.g. model.safetensors")
     carried = getattr(model, "checkpoint_metadata", {})
-    metadata = metadata_entries(path, model.config, {**carried, **(extra_metadata or {})})
+    metadata = metadata_entries(path, model.config, {**carried, **(extra_metadata or {})}, new=extra_metadata or {})
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
     dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1 or not dtypes <= set(DTYPE_NAMES):
@@ -118,16 +118,19 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
             f.write(text.ljust(length))
 
 
-def metadata_entries(path: Path, config: ECARConfig, extra: dict[str, str]) -> dict[str, str]:
+def metadata_entries(path: Path, config: ECARConfig, extra: dict[str, str], new: dict[str, str] | None = None
+                     ) -> dict[str, str]:
     """The metadata a checkpoint at `path` is written with: the reserved entries and `extra`, checked (a
-    CheckpointError names what save_checkpoint would refuse; ecar-train checks its --metadata with it)."""
+    CheckpointError names what save_checkpoint would refuse; ecar-train checks its --metadata with it). The
+    keys of `new` (default: all of `extra`) must not be typos of the recommended_* keys; entries carried over
+    from a loaded checkpoint are not held to that, so that a file which loads can always be saved again."""
     clash = sorted(set(extra) & set(RESERVED_KEYS))
     if clash:
         raise CheckpointError(path, f"extra_metadata may not set the reserved key(s) {clash}")
     bad = sorted(k for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str))
     if bad:
         raise CheckpointError(path, f"extra_metadata keys and values must be strings; not so for {bad}")
-    misspelt = {key: near for key in extra for near in close_recommended_key(key)}
+    misspelt = {key: near for key in (extra if new is None else new) for near in close_recommended_key(key)}
     if misspelt:   # kept, never read: a model saved with recomended_cfg samples unguided
         key, near = next(iter(misspelt.items()))
         raise CheckpointError(path, f"the sampler reads no entry {key!r} (did you mean {near}?)")

@@ -21,9 +21,12 @@ _INTERVAL = re.compile(f"{_SIGMA},{_SIGMA}")  # "0.55,1"
 
 
 def close_recommended_key(key: str) -> list[str]:
-    """[the recommended_* key that `key` is a typo of (another case, or at most two letters added, dropped or
-    changed)], or [] (for a right key too)."""
-    return [known for known in RECOMMENDED_KEYS if key != known and _edit_distance(key.lower(), known) <= 2][:1]
+    """[the recommended_* key that `key` is a typo of], or [] (for a right key too): another case or a dash for
+    an underscore, or one letter added, dropped or changed (two in the long cfg_schedule and cfg_interval keys),
+    so that keys of their own such as recommended_seeds or recommended_cpu stay free."""
+    spelt = key.lower().replace("-", "_")
+    return [known for known in RECOMMENDED_KEYS
+            if key != known and _edit_distance(spelt, known) <= (2 if len(known) >= 20 else 1)][:1]
 
 
 def _edit_distance(a: str, b: str) -> int:

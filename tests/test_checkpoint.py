@@ -269,7 +269,13 @@ def test_save_leaves_no_temporary_files_and_rejects_bad_metadata(model, tmp_path
         save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"recomended_cfg": "3"})
     with pytest.raises(CheckpointError, match="did you mean recommended_steps"):
         save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={"Recommended_Steps": "3"})
-    save_checkpoint(model, tmp_path / "n.safetensors", extra_metadata={"recommended_by": "x", "note": "y"})   # not typos
+    own_keys = {"recommended_by": "x", "recommended_seeds": "1,2", "recommended_cpu": "x", "note": "y"}
+    save_checkpoint(model, tmp_path / "n.safetensors", extra_metadata=own_keys)   # keys of their own, not typos
+    # a typo carried over from a loaded file does not stop it from being saved again (the user cannot drop it
+    # through extra_metadata, which only adds or overrides)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "checkpoint_metadata", {"recomended_cfg": "3"}, raising=False)
+        save_checkpoint(model, tmp_path / "n.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "n.safetensors"]
 
 

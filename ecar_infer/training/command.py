@@ -190,7 +190,7 @@ def train(args: argparse.Namespace) -> None:
     try:
         with removed_if_left_empty(Path(args.workdir)):
             trainer, decoder, metadata = prepare(args, settings, device, rank, world, log)
-    except KeyboardInterrupt:   # before user_errors(), whose imports must not run inside an interruption_message import
+    except KeyboardInterrupt:   # before user_errors(), whose imports must not run inside an interrupted import
         raise
     except (*user_errors(), ValueError, OSError) as err:
         user_error(str(err))

@@ -112,6 +112,7 @@ def build_config(args: argparse.Namespace) -> ECARConfig:
     return ECARConfig.from_dict({**config.to_dict(), **changes}) if changes else config
 
 
+# What a config may ask ecar-train to build: far beyond ecar-xl (729M weights in 322 tensors), and
 # beyond what one GPU holds with AdamW's two moments; it catches a typo (--set depth=10000000) at once, which
 # built for minutes and gigabytes before it failed
 MAX_TRAIN_WEIGHTS, MAX_TRAIN_TENSORS = 20_000_000_000, 10_000
