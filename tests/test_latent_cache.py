@@ -310,7 +310,7 @@ def test_a_latent_cache_damaged_with_nan_is_named_and_a_rebuilt_one_resumes(imag
     assert exit_info.value.code == 1
     assert re.fullmatch(rf"ecar-train: error: step 2 read data that is not finite \(row \d of the latent cache "
                         rf"{re.escape(str(cache))}\); nothing of it was saved: the last saved state is step 1 in .*\. "
-                        rf"Delete that file and --resume: the cache is built again", err), err
+                        rf"Delete the latent cache {cache.name} and --resume: it is built again", err), err
     cache.unlink()
     main(common + ["--workdir", str(tmp_path / "run"), "--resume"])
     assert cache.read_bytes() == whole

@@ -1546,7 +1546,7 @@ def _diverge_worker(rank, port, out, bad_row):
         return x.masked_fill(index[:, None, None, None] == bad_row, float("nan")) if trainer.step == 1 else x
 
     trainer.data.x0 = damaged
-    trainer.data.source_of = lambda row: f"row {row} here"
+    trainer.data.not_finite = lambda row: (f"row {row} here", "fix it")
     try:
         for _ in range(DDP_STEPS):
             trainer.train_step()
@@ -1571,7 +1571,7 @@ def test_ddp_ranks_stop_alike_and_name_bad_data_that_one_rank_read(one_thread):
         out = manager.dict()
         mp.spawn(_diverge_worker, args=(port, out, bad_row), nprocs=2)
         out = dict(out)
-    assert out["stopped0"] == out["stopped1"] == (2, f"row {bad_row} here")
+    assert out["stopped0"] == out["stopped1"] == (2, (f"row {bad_row} here", "fix it"))
 
 
 def _agree_worker(rank, port, out):

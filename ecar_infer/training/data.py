@@ -565,9 +565,9 @@ class PixelBatches:
     def draw(self, gen: torch.Generator, batch: int) -> DataDraws:
         return DataDraws(flip=torch.rand(batch, generator=gen) < 0.5 if self.flip else None)
 
-    def source_of(self, row: int) -> str:
-        """Where row `row` of the data comes from, for a message."""
-        return f"image {row} of {self.images.description}"
+    def not_finite(self, row: int) -> tuple[str, str]:
+        """(where row `row` comes from, what to do) where its values are not finite."""
+        return f"image {row} of {self.images.description}", "Every image of the data must be finite"
 
     def x0(self, index: torch.Tensor, draws: DataDraws) -> torch.Tensor:
         x = self.images.images(index.numpy())

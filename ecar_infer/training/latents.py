@@ -97,9 +97,11 @@ class LatentBatches:
         flip = torch.rand(batch, generator=gen) < 0.5 if self.moments.shape[1] == 2 else None
         return DataDraws(flip=flip, eps=torch.randn(batch, *self.moments.shape[3:], generator=gen))
 
-    def source_of(self, row: int) -> str:
-        """Where row `row` of the data comes from, for a message."""
-        return f"row {row} of the latent cache {Path(self.moments.filename)}"
+    def not_finite(self, row: int) -> tuple[str, str]:
+        """(where row `row` comes from, what to do) where its values are not finite: the cache is damaged."""
+        cache = Path(self.moments.filename)
+        return (f"row {row} of the latent cache {cache}",
+                f"Delete the latent cache {cache.name} and --resume: it is built again")
 
     def x0(self, index: torch.Tensor, draws: DataDraws) -> torch.Tensor:
         view = np.zeros(len(index), dtype=np.int64) if draws.flip is None else draws.flip.numpy().astype(np.int64)

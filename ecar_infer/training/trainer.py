@@ -151,7 +151,7 @@ class Trainer:
         value, norm = torch.stack([total, grad_norm.to(total)]).tolist()
         if not (math.isfinite(value) and math.isfinite(norm)):   # before this step's files are written
             row = self._first_nonfinite_row(draws, data_draws)
-            raise Diverged(self.step + 1, value, norm, None if row is None else self.data.source_of(row))
+            raise Diverged(self.step + 1, value, norm, None if row is None else self.data.not_finite(row))
         self.recent_losses.append(value)
         self.step += 1
         return value
@@ -275,10 +275,10 @@ class Diverged(Exception):
     """A step whose loss or gradient norm is not finite: the weights it updated are lost, and so would be
     every file written from them."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float, bad_data: str | None = None):
+    def __init__(self, step: int, loss: float, grad_norm: float, bad_data: tuple[str, str] | None = None):
         super().__init__(f"step {step}: loss {loss}, gradient norm {grad_norm}")
         self.step, self.loss, self.grad_norm = step, loss, grad_norm
-        self.bad_data = bad_data   # where the step's data itself was not finite, if it was
+        self.bad_data = bad_data   # (where, what to do) where the step's data itself was not finite
 
 
 CLASS_EMBEDDING = "trunk.class_emb.weight"   # [num_classes + 1, width]: an --init of other classes may differ

@@ -228,8 +228,8 @@ def divergence_message(err: Diverged, workdir: Path, lr: float) -> str:
             f"nothing of it was saved: the last saved state is step {saved} in {workdir / STATE_FILE}, with its EMA "
             f"in {workdir / EMA_FILE}")
     if err.bad_data:   # not the weights' doing: the same state trains on once the data is whole
-        return (f"step {err.step} read data that is not finite ({err.bad_data}); {kept}. Delete that file and "
-                f"--resume: the cache is built again")
+        where, fix = err.bad_data
+        return f"step {err.step} read data that is not finite ({where}); {kept}. {fix}"
     start_from = "" if saved is None else ", or with --init from the EMA"
     return (f"the run diverged at step {err.step} (loss {err.loss:g}, gradient norm {err.grad_norm:g}); {kept}. "
             f"--resume would diverge again at the same step: start a new run (another --workdir) with a lower "
