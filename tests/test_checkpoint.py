@@ -279,6 +279,25 @@ def test_save_leaves_no_temporary_files_and_rejects_bad_metadata(model, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "n.safetensors"]
 
 
+@pytest.mark.parametrize("key, near", [
+    ("RECOMMENDED_CFG", "recommended_cfg"),               # another case only: 15 letters off before lower()
+    ("recomended_cfg_intervl", "recommended_cfg_interval"),    # two letters dropped
+    ("recommended_stepss", "recommended_steps"),         # a letter added at the end
+    ("recommmended_cfg", "recommended_cfg"),             # a letter added inside
+    ("recommended_by", None), ("recommended_cfg_scale", None), ("note", None),   # three or more off: not typos
+])
+def test_a_metadata_key_up_to_two_letters_off_a_recommended_one_is_refused(model, tmp_path, key, near):
+    """The typo rule is 'another case, or at most two letters added, dropped or changed': with a tighter bound,
+    a case-sensitive comparison or a distance that never counts an added letter, recomended_cfg_intervl,
+    RECOMMENDED_CFG or recommended_stepss would be saved, kept and never read (the model sampling unguided)."""
+    if near is None:
+        save_checkpoint(model, tmp_path / "n.safetensors", extra_metadata={key: "x"})
+        return
+    with pytest.raises(CheckpointError, match=rf"reads no entry '{key}' \(did you mean {near}\?\)"):
+        save_checkpoint(model, tmp_path / "x.safetensors", extra_metadata={key: "3"})
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- one clear error per bad file ------------------------------------------------------------------
 def write_bad(kind, model, path):
     """Write the bad checkpoint `kind` to path."""

@@ -150,6 +150,28 @@ def test_deep_images_are_scaled_a_few_rows_at_a_time_in_bounded_memory(monkeypat
     assert peak < 3 * side * side, f"{peak:,} bytes for a {side}x{side} image"   # the 8-bit result, its array
 
 
+@pytest.mark.parametrize("chunk", [2 * 5 + 1, 3], ids=["two rows a chunk", "a row wider than a chunk"])
+def test_a_deep_images_scale_is_its_whole_range_wherever_its_extremes_lie(monkeypatch, chunk):
+    """The range that picks the scale is gathered over every chunk of rows: from the last chunk alone, a
+    16-bit value in the first rows was read on the 8-bit scale (and wrapped), and a negative value there
+    went unrefused; a NaN is refused in any chunk, not the first only. A row wider than CHUNK_PIXELS is read
+    a row at a time (a chunk of no rows: an error)."""
+    from ecar_infer import pil_input
+
+    monkeypatch.setattr(pil_input, "CHUNK_PIXELS", chunk)
+    values = np.random.default_rng(1).integers(0, 256, (7, 5))
+    values[0, 0] = 65535
+    got = np.asarray(pil_input.as_model_image(Image.fromarray(values.astype(np.int32)), 1))
+    assert np.array_equal(got, np.round(values / 257).astype(np.uint8))
+    values[0, 0] = -1
+    with pytest.raises(ValueError, match=r"a 32-bit image \(mode F\) with values from -1 to 25\d: its scale cannot"):
+        pil_input.as_model_image(Image.fromarray(values.astype(np.float32)), 1)
+    floats = values.astype(np.float32)
+    floats[0, 0], floats[-1, -1] = 0, np.nan   # in the last chunk only: it was read as 0
+    with pytest.raises(ValueError, match=r"a 32-bit image \(mode F\) with NaN or infinite values"):
+        pil_input.as_model_image(Image.fromarray(floats), 1)
+
+
 def test_a_palette_image_with_a_transparent_colour_is_composited_on_white():
     from ecar_infer.pil_input import as_model_image
 

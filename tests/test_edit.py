@@ -426,6 +426,21 @@ def test_vary_without_from_stage_on_a_one_stage_model_is_refused():
     assert torch.equal(kept.images, one_stage.generate([2], seed=3, steps_per_stage=2, output_type="latent").images)
 
 
+def test_only_varys_default_on_a_one_stage_model_is_refused():
+    """The refusal is of vary's default on one stage alone: a one-stage model still inpaints by default (the
+    refusal's own advice), and a two-stage model varies its last stage by default, keeping the first."""
+    one_stage = Sampler(random_model(TINY.replace(num_stages=1), seed=5), progress=False)
+    out = one_stage.edit(digit_like(1)[0], [2], mask="center", seed=3, steps_per_stage=2, output_type="latent")
+    assert out.images.shape == (1, 1, 16, 16)
+    two_stages = Sampler(random_model(TINY.replace(num_stages=2), seed=5), progress=False)
+
+    def vary(**kwargs):
+        return two_stages.edit(digit_like(1)[0], [2], mode="vary", seed=3, steps_per_stage=2, output_type="latent",
+                               **kwargs).images
+
+    assert torch.equal(vary(), vary(from_stage=1))
+
+
 def test_edits_regenerate_alone_and_do_not_depend_on_batching(sampler):
     images = digit_like(5, seed=4)
     kwargs = dict(mask="center", mode="outpaint", seed=50, steps_per_stage=2, cfg_scale=2.0, output_type="latent")

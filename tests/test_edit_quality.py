@@ -36,6 +36,15 @@ def test_uint8_round_trip_keeps_the_channels():
     assert np.abs(to_unit(u) - images).max() <= 1 / 127.5
 
 
+def test_uint8_of_a_mirrored_or_float64_view_is_the_mirror_of_its_uint8():
+    """to_uint8 goes through torch (the sampler's own conversion), which takes no array of negative strides:
+    handed a mirrored view (a horizontal flip, images[..., ::-1]) as is, it raised instead of converting."""
+    images = np.random.default_rng(0).uniform(-1.05, 1.05, (2, 3, 4, 5))   # float64, a little out of range
+    mirrored = to_uint8(images[..., ::-1])
+    assert np.array_equal(mirrored, to_uint8(images)[:, :, ::-1])
+    assert np.array_equal(to_uint8(images), np.clip(np.round((images.transpose(0, 2, 3, 1) + 1) * 127.5), 0, 255))
+
+
 class ChangesOnePixel:
     """A stand-in sampler whose edits return the input with the bottom-right pixel changed in all three
     channels (or only in `channels`): kept when the top or left half is regenerated, not when the bottom or

@@ -330,3 +330,22 @@ def test_a_vae_that_encodes_an_image_to_nan_is_refused_naming_the_image(images, 
     with pytest.raises(DataError, match=r"five.npz.*: the VAE encodes image\(s\) 1 \(counting from 0\) to NaN or "
                                         r"infinite values; check the VAE's weights, or leave those images out"):
         latent_moments(images, tiny_autoencoder(), flips=False, cache_dir=tmp_path / "cache", batch=2)
+
+
+def test_an_image_a_later_encode_batch_turns_to_nan_is_named_by_its_own_number(images, tmp_path, monkeypatch):
+    """The images are encoded a batch at a time: an image's number is its batch's start plus its place in the
+    batch. Counted within the batch, image 3 (the second of the second batch) would be named as image 1, and
+    the user would leave the wrong image out."""
+    calls = []
+
+    def encode(vae, x):
+        calls.append(len(x))
+        moments = encode_moments(vae, x)
+        if len(calls) == 2:
+            moments[1, 0, 0, 0, 0] = np.nan
+        return moments
+
+    monkeypatch.setattr(latents, "encode_moments", encode)
+    with pytest.raises(DataError, match=r"five.npz.*: the VAE encodes image\(s\) 3 \(counting from 0\) to NaN"):
+        latent_moments(images, tiny_autoencoder(), flips=False, cache_dir=tmp_path / "cache", batch=2)
+    assert calls == [2, 2]

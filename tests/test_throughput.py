@@ -255,6 +255,28 @@ def test_without_decode_subtracts_the_decode_of_the_rows_own_latent_size_and_non
         assert decodes == expected, models
 
 
+def test_each_decode_row_is_kept_under_its_own_latent_size_and_named_by_it(monkeypatch):
+    """vae_decode times one latent size: its latency is what a row of that size subtracts, so stored under
+    the DiT size (32) a 16x16 decode would stand for DiT's and none would be found for ecar-tiny-vae; the
+    table's variant names a size other than DiT's, or two decode rows of one batch read alike. A model call
+    no longer than its decode gives no 'without decode' figure (it was a division by zero)."""
+    monkeypatch.setattr(throughput, "time_call", lambda fn, device: (fn(), 0.25 if sides[-1] == 16 else 0.5)[1])
+    monkeypatch.setattr(throughput, "AutoencoderDecoder", lambda vae, scaling: SimpleNamespace(
+        decode=lambda z: sides.append(z.shape[-1])))
+    monkeypatch.setattr(flops, "vae_decode_flops", lambda side: 1000 * side)
+    sides = [None]
+    h = harness(monkeypatch, "--warmup", "0", "--repeats", "1")
+    h.vae = SimpleNamespace(config=SimpleNamespace(scaling_factor=0.18215))
+    h.vae_decode(2, 16)
+    h.vae_decode(2, 32)
+    assert h.decode_s == {(2, 16): 0.25, (2, 32): 0.5}
+    assert [(r.variant, r.flops_per_image) for r in h.rows] == [("AutoencoderKL, 16x16", 16000),
+                                                                 ("AutoencoderKL", 32000)]
+    Row = throughput.Row
+    assert h.derived(Row("m", "auto", 2, "-", 1, latency_s=0.25, decode_side=16))["images_per_s_without_decode"] is None
+    assert h.derived(Row("m", "auto", 2, "-", 1, latency_s=0.75, decode_side=16))["images_per_s_without_decode"] == 4.0
+
+
 def test_the_peak_is_the_highest_measured(monkeypatch):
     h = harness(monkeypatch, peaks=(2e12, 5e12, 3e12))
     assert h.peak["flops_per_s"] == 2e12

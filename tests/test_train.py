@@ -1574,6 +1574,27 @@ def test_ddp_ranks_stop_alike_and_name_bad_data_that_one_rank_read(one_thread):
     assert out["stopped0"] == out["stopped1"] == (2, (f"row {bad_row} here", "fix it"))
 
 
+def test_a_diverged_step_names_the_first_non_finite_row_of_all_its_micro_batches():
+    """The data check reads every micro-batch of the step (--accum) and names the lowest row that is not
+    finite: checking the first micro-batch alone missed NaN rows drawn by a later one, and the line blamed
+    the weights (a lower --lr, a new run); taking another row than the lowest named a row at random."""
+    trainer = make_trainer(ECARConfig.preset("ecar-tiny"), digits16_split(), DDP_SETTINGS, accum=2)
+    x0, calls, bad = trainer.data.x0, [], set()
+
+    def damaged(index, draws):
+        calls.append(index.tolist())
+        if len(calls) == 2:   # the second micro-batch: two of its rows that the first did not draw
+            bad.update(sorted(set(calls[1]) - set(calls[0]))[-2:])
+        x = x0(index, draws)
+        return x.masked_fill(torch.isin(index, torch.tensor(sorted(bad) or [-1]))[:, None, None, None], float("nan"))
+
+    trainer.data.x0 = damaged
+    with pytest.raises(trainer_module.Diverged) as err:
+        trainer.train_step()
+    assert len(bad) == 2 and len(calls[0]) == len(calls[1]) == 4
+    assert err.value.step == 1 and err.value.bad_data == f"image {min(bad)} of digits16"
+
+
 def _agree_worker(rank, port, out):
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -306,6 +306,30 @@ def test_a_vae_whose_safetensors_header_is_past_the_bound_is_refused_unparsed(va
     assert load_autoencoder(crafted("x" * (MAX_HEADER_BYTES - 100_000))) is not None
 
 
+@pytest.mark.parametrize("config", [True, False], ids=["with its config", "without (an LDM file)"])
+def test_a_single_file_vaes_header_is_measured_before_safetensors_parses_it(tmp_path, monkeypatch, config):
+    """The bound is the header's length, read from the file's first 8 bytes before safetensors parses any of
+    it: checked only once safe_open had read the metadata, the oversized header was parsed all the same (and
+    a file without a config was never bounded). A header of exactly MAX_HEADER_BYTES is within the bound."""
+    import json
+
+    import safetensors
+
+    from ecar_infer.checks import MAX_HEADER_BYTES, oversized_header
+
+    def file_with_header(length):
+        header = json.dumps({"__metadata__": {"format": "pt", **({CONFIG_KEY: "{}"} if config else {})}}).encode()
+        path = tmp_path / f"{length}.safetensors"
+        path.write_bytes(length.to_bytes(8, "little") + header.ljust(length))
+        return path
+
+    assert oversized_header(file_with_header(MAX_HEADER_BYTES), "a VAE's header") is None
+    monkeypatch.setattr(safetensors, "safe_open", lambda *args, **kwargs: pytest.fail("safetensors parsed it"))
+    with pytest.raises(VAEError, match=r"its safetensors header is 16,777,217 bytes, more than a VAE's header can "
+                                       r"need \(16,777,216\); it is not read"):
+        load_autoencoder(file_with_header(MAX_HEADER_BYTES + 1))
+
+
 def test_a_crafted_config_beside_pickled_weights_is_refused_before_anything_is_built(vae, tmp_path):
     """The bound held only beside safetensors weights: beside a pickled .bin, diffusers built whatever
     config.json asked for (1 KB of layers_per_block 8000: 22 s and 1.8 GB). A folder of neither kind, or
