@@ -284,12 +284,15 @@ def test_save_leaves_no_temporary_files_and_rejects_bad_metadata(model, tmp_path
     ("recomended_cfg_intervl", "recommended_cfg_interval"),    # two letters dropped
     ("recommended_stepss", "recommended_steps"),         # a letter added at the end
     ("recommmended_cfg", "recommended_cfg"),             # a letter added inside
+    ("recommended-steps", "recommended_steps"),          # a dash for the underscore
     ("recommended_by", None), ("recommended_cfg_scale", None), ("note", None),   # three or more off: not typos
+    ("recommended_seeds", None), ("recommended_cpu", None),   # two off a short key: keys of their own
 ])
-def test_a_metadata_key_up_to_two_letters_off_a_recommended_one_is_refused(model, tmp_path, key, near):
-    """The typo rule is 'another case, or at most two letters added, dropped or changed': with a tighter bound,
-    a case-sensitive comparison or a distance that never counts an added letter, recomended_cfg_intervl,
-    RECOMMENDED_CFG or recommended_stepss would be saved, kept and never read (the model sampling unguided)."""
+def test_a_metadata_key_a_letter_or_two_off_a_recommended_one_is_refused(model, tmp_path, key, near):
+    """The typo rule is 'another case or a dash, or one letter added, dropped or changed (two in the long
+    cfg_schedule and cfg_interval keys)': with a tighter bound, a case-sensitive comparison or a distance that
+    never counts an added letter, recomended_cfg_intervl, RECOMMENDED_CFG or recommended_stepss would be saved,
+    kept and never read (the model sampling unguided); with a looser one, keys of the user's own are refused."""
     if near is None:
         save_checkpoint(model, tmp_path / "n.safetensors", extra_metadata={key: "x"})
         return
