@@ -231,7 +231,7 @@ def _read_file(path: Path) -> tuple[dict[str, str], Entries]:
     """The metadata and tensor table of one .safetensors file (its header only; no tensor data is read)."""
     oversized = oversized_header(path, "an E-CAR checkpoint's header")
     if oversized:
-        raise CheckpointError(path, oversized)
+        raise CheckpointError(path, f"its {oversized}")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

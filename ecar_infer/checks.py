@@ -30,10 +30,11 @@ def safetensors_header_length(path: str | os.PathLike) -> int | None:
 
 
 def oversized_header(path: str | os.PathLike, what: str) -> str | None:
-    """Why the safetensors file `path` is not read, where its header is larger than `what` can need."""
+    """Why the safetensors file `path` is not read ("safetensors header is ... bytes, ..."), where its header is
+    larger than `what` can need."""
     length = safetensors_header_length(path)
     if length is not None and length > MAX_HEADER_BYTES:
-        return (f"its safetensors header is {length:,} bytes, more than {what} can need ({MAX_HEADER_BYTES:,}); "
+        return (f"safetensors header is {length:,} bytes, more than {what} can need ({MAX_HEADER_BYTES:,}); "
                 f"it is not read")
     return None
 

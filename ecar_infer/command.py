@@ -166,7 +166,8 @@ def content_sha256(path: Path) -> str:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file())
     elif path.name.endswith(INDEX_SUFFIX):  # load_checkpoint has checked the index and its shards
-        files = [path, *(path.parent / name for name in sorted(set(json.loads(path.read_text())["weight_map"].values())))]
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        files = [path, *(path.parent / name for name in shards)]
     else:
         files = [path]
     base = path if path.is_dir() else path.parent

@@ -66,13 +66,16 @@ def as_model_image(image, channels: int):
     return image
 
 
-def _rows(image):
-    """(top row, the values of the rows from it) of a 16- or 32-bit PIL image, CHUNK_PIXELS at a time: the
-    image whole as float64 (and its temporaries) took 9-17 bytes a pixel, 3 GB at Pillow's largest size (2 x 89M)."""
+def _tiles(image):
+    """(top, left, values as float64) of a 16- or 32-bit PIL image, at most CHUNK_PIXELS at a time (whole rows,
+    or pieces of a row wider than that): the image whole as float64 and its temporaries took 9-17 bytes a pixel,
+    3 GB at Pillow's largest size (2 x 89M pixels)."""
     width, height = image.size
-    step = max(1, CHUNK_PIXELS // max(width, 1))
-    for top in range(0, height, step):
-        yield top, np.asarray(image.crop((0, top, width, min(top + step, height)))).astype(np.float64)
+    rows, columns = max(1, CHUNK_PIXELS // max(width, 1)), min(width, CHUNK_PIXELS)
+    for top in range(0, height, rows):
+        for left in range(0, width, columns):
+            box = (left, top, min(left + columns, width), min(top + rows, height))
+            yield top, left, np.asarray(image.crop(box)).astype(np.float64)
 
 
 def _gray8(image, scale: float):
@@ -80,8 +83,8 @@ def _gray8(image, scale: float):
     from PIL import Image
 
     out = np.empty((image.size[1], image.size[0]), np.uint8)
-    for top, values in _rows(image):
-        out[top:top + len(values)] = np.round(values * scale)
+    for top, left, values in _tiles(image):
+        out[top:top + values.shape[0], left:left + values.shape[1]] = np.round(values * scale)
     return Image.fromarray(out, "L")
 
 
@@ -89,7 +92,7 @@ def _to_8_bit_scale(image) -> float:
     """What a 32-bit image's values are multiplied by to lie on the 0..255 scale, by their range (the rules
     above); a ValueError otherwise."""
     low, high, mode = math.inf, -math.inf, image.mode
-    for _, values in _rows(image):
+    for _, _, values in _tiles(image):
         if not np.isfinite(values).all():
             raise ValueError(f"a 32-bit image (mode {mode}) with NaN or infinite values")
         low, high = min(low, float(values.min())), max(high, float(values.max()))

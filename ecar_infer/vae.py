@@ -124,20 +124,20 @@ def _config_object(text: str | bytes, where: str) -> dict:
     return config
 
 
-def _tensor_table(path: Path) -> dict[str, tuple[int, ...]]:
-    """Names and shapes from a safetensors file's header (no tensor is read)."""
+def _tensor_table(path: Path, whose: str = "its") -> dict[str, tuple[int, ...]]:
+    """Names and shapes from a safetensors file's header (no tensor is read); whose: the file, in a message."""
     from safetensors import safe_open
 
-    _check_header_size(path)
+    _check_header_size(path, whose)
     with safe_open(path, framework="pt") as f:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
-def _check_header_size(path: Path) -> None:
+def _check_header_size(path: Path, whose: str = "its") -> None:
     """Refuse a header that safetensors would take seconds and hundreds of MB to parse."""
     oversized = oversized_header(path, "a VAE's header")
     if oversized:
-        raise VAEError(oversized)
+        raise VAEError(f"{whose} {oversized}")
 
 
 def _build_bounded(config: dict, shapes: dict[str, tuple[int, ...]]):
@@ -177,7 +177,7 @@ def _folder_tensor_table(folder: Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of a folder's weights without reading them (a pickled file memory-mapped); a
     VAEError for a folder of neither kind (a sharded one among them), which could not bound the build."""
     if (folder / FOLDER_WEIGHTS).is_file():
-        return _tensor_table(folder / FOLDER_WEIGHTS)
+        return _tensor_table(folder / FOLDER_WEIGHTS, f"its {FOLDER_WEIGHTS}'s")
     if (folder / FOLDER_PICKLED).is_file():
         state = torch.load(folder / FOLDER_PICKLED, map_location="cpu", mmap=True, weights_only=True)
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):

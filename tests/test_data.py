@@ -172,6 +172,29 @@ def test_a_deep_images_scale_is_its_whole_range_wherever_its_extremes_lie(monkey
         pil_input.as_model_image(Image.fromarray(floats), 1)
 
 
+@pytest.mark.parametrize("shape", [(1, 200_000), (200_000, 1), (3, 70_001)], ids=["a row", "a column", "rows"])
+def test_rows_wider_than_a_chunk_are_scaled_in_pieces(monkeypatch, shape):
+    """A chunk held whole rows, at least one: Pillow takes a single row of up to 178M pixels, which then went
+    to float64 whole (about 25 bytes a pixel). A row wider than CHUNK_PIXELS is cut into pieces."""
+    import tracemalloc
+
+    from ecar_infer import pil_input
+
+    values = np.random.default_rng(2).random(shape, dtype=np.float32)
+    values.flat[-1] = 1.0   # the range, [0, 1]: intensities
+    image = Image.fromarray(values, "F")
+    monkeypatch.setattr(pil_input, "CHUNK_PIXELS", 1000)
+    tracemalloc.start()
+    try:
+        got = np.asarray(pil_input.as_model_image(image, 1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(got, np.round(values.astype(np.float64) * 255).astype(np.uint8))
+    # a few 8-bit copies of the result (numpy's and PIL's); a float64 of the whole row alone is 8 bytes a pixel
+    assert peak < 5 * values.size, f"{peak:,} bytes for {values.size:,} pixels"
+
+
 def test_a_palette_image_with_a_transparent_colour_is_composited_on_white():
     from ecar_infer.pil_input import as_model_image
 

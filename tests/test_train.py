@@ -1285,7 +1285,8 @@ def test_ctrl_c_while_the_data_opens_is_one_line(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(prepare_module, "open_training_data", interrupted)
-    monkeypatch.setattr(command_module, "user_errors", lambda: pytest.fail("user_errors() imported during an interrupt"))
+    monkeypatch.setattr(command_module, "user_errors",
+                        lambda: pytest.fail("user_errors() imported during an interrupt"))
     with pytest.raises(SystemExit) as exit_info:
         main(TINY_RUN + ["--workdir", str(tmp_path)])
     assert exit_info.value.code == 130
