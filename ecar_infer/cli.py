@@ -74,8 +74,9 @@ def build_parser(prog: str = PROG, description: str = DESCRIPTION, default_out: 
     """ecar-sample's options; with torchrun=False, those of a command that runs in one process and writes
     its output once, at the end (ecar-edit): no --rank-timeout, and no help about ranks or resuming.
 
-    Every option is spelled so that torchrun passes it through to the script: none is a prefix of a
-    torchrun option (as --n is of --nnodes and --nproc-per-node), which tests/test_cli.py checks."""
+    Every option but --n is spelled so that torchrun passes it through to the script: none is a prefix of a
+    torchrun option. --n is (of --nnodes and --nproc-per-node): the short form of --per-class, kept for the
+    plain command; under torchrun write --per-class (tests/test_cli.py checks both)."""
     from .weights import default_checkpoint, shipped_models
 
     p = Parser(prog=prog, description=description, allow_abbrev=False)  # --clas is a typo, not --class
