@@ -22,6 +22,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -167,6 +168,32 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+@dataclass
+class StepOutputs:
+    """What rank 0 writes after a step: at each checkpoint the EMA and the loss plot, sample grids, the
+    final file at the last step, and the resume state last of all."""
+
+    workdir: Path
+    out: Path            # the final file (or ema-stepN.safetensors with --until)
+    metadata: dict[str, str]
+    decoder: object
+    ckpt_every: int
+    sample_every: int    # 0: no grids
+
+    def write(self, trainer, train_log, last: bool) -> None:
+        checkpoint = trainer.step % self.ckpt_every == 0 or last
+        if checkpoint:
+            trainer.export_ema(self.workdir / EMA_FILE, self.metadata)   # samples as the grids and the final file do
+            train_log.plot(self.workdir / PLOT_FILE)
+        if self.sample_every and (trainer.step % self.sample_every == 0 or last):
+            sample_grid(trainer, self.decoder, self.workdir / SAMPLES_DIR / f"step{trainer.step:07d}.png",
+                        self.metadata)
+        if last:
+            trainer.export_ema(self.out, self.metadata)
+        if checkpoint:   # last: the state marks the step done, so a stop before it redoes the step (exactly)
+            trainer.save_state(self.workdir / STATE_FILE)   # on resume, and every file of the step is written again
+
+
 def train(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
@@ -212,6 +239,7 @@ def train(args: argparse.Namespace) -> None:
             f"rate never reaches --lr {settings.lr:g}; give fewer --warmup steps")
     stop = settings.steps if args.until is None else min(args.until, settings.steps)
     out = final_path(args) if stop == settings.steps else workdir / f"ema-step{stop}.safetensors"
+    outputs = StepOutputs(workdir, out, metadata, decoder, args.ckpt_every, sample_every)
     with tqdm(total=settings.steps, initial=trainer.step, disable=rank != 0, unit="step", dynamic_ncols=True,
               mininterval=1.0 if sys.stderr.isatty() else 30.0) as bar:   # closed before an interruption's line
         while trainer.step < stop:
@@ -235,17 +263,7 @@ def train(args: argparse.Namespace) -> None:
                 continue
             train_log.append(step=trainer.step, loss=loss, loss_avg=trainer.loss_avg, lr=lr, step_seconds=seconds,
                              images_per_s=images_per_s, tokens_per_s=images_per_s * trainer.tokens_per_image)
-            last = trainer.step == stop
-            checkpoint = trainer.step % args.ckpt_every == 0 or last
-            if checkpoint:
-                trainer.export_ema(workdir / EMA_FILE, metadata)   # samples as the grids and the final file do
-                train_log.plot(workdir / PLOT_FILE)
-            if sample_every and (trainer.step % sample_every == 0 or last):
-                sample_grid(trainer, decoder, workdir / SAMPLES_DIR / f"step{trainer.step:07d}.png", metadata)
-            if last:
-                trainer.export_ema(out, metadata)
-            if checkpoint:   # last: the state marks the step done, so a stop before it redoes the step (exactly)
-                trainer.save_state(workdir / STATE_FILE)   # on resume, and every file of the step is written again
+            outputs.write(trainer, train_log, last=trainer.step == stop)
     if rank == 0:
         train_log.close()
         log(f"wrote {out} (step {trainer.step}, mean loss of the last {len(trainer.recent_losses)} steps "
