@@ -3,6 +3,7 @@ one string per class, written by ecar-train), resolving a user's class by index 
 the rows of an image grid."""
 from __future__ import annotations
 
+import functools
 import json
 import unicodedata
 from typing import TYPE_CHECKING
@@ -99,19 +100,68 @@ def resolve_class(text: str, names: list[str] | None, num_classes: int) -> int:
 def label_rows(grid: np.ndarray, labels: list[str], row_height: int, pad: int = 2) -> np.ndarray:
     """A uint8 [H, W, C] grid with a white margin on the left holding one text label per row of
     images (rows of `row_height` pixels separated by `pad`)."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    font = ImageFont.load_default()
+    drawn = [drawable(label) for label in labels]
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    margin = max(int(measure.textlength(label, font=font)) for label in labels) + 2 * pad
+    margin = max(int(measure.textlength(text, font=font)) for text, font in drawn) + 2 * pad
     h, w, c = grid.shape
     canvas = Image.new("RGB", (margin + w, h), (255, 255, 255))
     canvas.paste(Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB"), (margin, 0))
     draw = ImageDraw.Draw(canvas)
-    for r, label in enumerate(labels):
+    for r, (text, font) in enumerate(drawn):
         top = r * (row_height + pad)
-        draw.text((pad, top + row_height // 2), label, fill=(0, 0, 0), font=font, anchor="lm")
+        draw.text((pad, top + row_height // 2), text, fill=(0, 0, 0), font=font, anchor="lm")
     import numpy as np
 
     out = np.asarray(canvas)
     return out[..., :1] if c == 1 else out
+
+
+# Pillow's default font draws ASCII only: "café" came out "caf" and a box. A system font of wide coverage,
+# where one is installed (most Linux systems have DejaVu), draws what it can.
+WIDE_FONTS = ("DejaVuSans.ttf",)
+
+
+def drawable(label: str):
+    """(text, font): the label in the first font that has all its glyphs; else in the default font with its
+    accents dropped (NFKD) and any character still missing drawn as "?" (no font here has CJK or emoji)."""
+    fonts = _fonts()
+    for font in fonts:
+        if all(_has_glyph(font, ch) for ch in label):
+            return label, font
+    plain = "".join(ch for ch in unicodedata.normalize("NFKD", label) if not unicodedata.combining(ch))
+    return "".join(ch if _has_glyph(fonts[0], ch) else "?" for ch in plain), fonts[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _fonts() -> tuple:
+    """Pillow's default font, then each of WIDE_FONTS found on the system, at the default's size."""
+    from PIL import ImageFont
+
+    default = ImageFont.load_default()
+    fonts = [default]
+    for name in WIDE_FONTS:
+        try:
+            fonts.append(ImageFont.truetype(name, _size(default)))
+        except OSError:   # not installed
+            pass
+    return tuple(fonts)
+
+
+def _size(font) -> int:
+    return getattr(font, "size", 11)   # a bitmap font (Pillow built without FreeType) has no size: 11 px tall
+
+
+def _has_glyph(font, ch: str) -> bool:
+    """Whether `font` draws `ch` as itself rather than as its missing-glyph box (a space always counts)."""
+    return ch.isspace() or _glyph(font, ch) != _glyph(font, "\ue000")   # U+E000: private use, in no font here
+
+
+def _glyph(font, ch: str) -> bytes:
+    from PIL import Image, ImageDraw
+
+    size = _size(font)
+    image = Image.new("L", (4 * size, 2 * size))
+    ImageDraw.Draw(image).text((size, size // 2), ch, fill=255, font=font)
+    return image.tobytes()

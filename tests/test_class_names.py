@@ -210,6 +210,24 @@ def test_label_rows_keeps_grayscale_and_places_each_label_by_its_row():
     assert ink_rows.min() < 16 and ink_rows.max() >= 18   # ink in both rows
 
 
+def test_labels_are_drawn_in_a_font_that_has_their_glyphs_or_spelt_plainly(monkeypatch):
+    """Pillow's default font draws ASCII only: "café" came out "caf" and a missing-glyph box, a CJK name a row
+    of boxes. A label goes to the first font that has all its glyphs (DejaVu Sans, where installed); without
+    one, its accents are dropped and what is still missing is drawn as "?"."""
+    from ecar_infer import class_names
+
+    default = class_names._fonts()[0]
+    assert class_names.drawable("Food & Drink") == ("Food & Drink", default)
+    assert not class_names._has_glyph(default, "é") and class_names._has_glyph(default, "e")
+    if len(class_names._fonts()) > 1:   # a wide font is installed (DejaVu Sans on most Linux systems)
+        text, font = class_names.drawable("café")
+        assert text == "café" and font is class_names._fonts()[1]
+    monkeypatch.setattr(class_names, "_fonts", lambda: (default,))   # a system without one
+    assert [class_names.drawable(name)[0] for name in ("café", "Ñandú", "猫", "a猫b")] == ["cafe", "Nandu", "?", "a?b"]
+    grid = np.full((16, 16, 3), 128, np.uint8)
+    assert label_rows(grid, ["café"], 16).shape == label_rows(grid, ["cafe"], 16).shape
+
+
 @pytest.mark.parametrize("labels, columns, expected", [
     ([0, 0, 0, 0, 1, 1, 2, 3, 3, 3], 3,     # rows [0 0 0] [0 1 1] [2 3 3] [3]
      ["Smileys & Emotion", "Smileys & Emotion, People & Body", "Animals & Nature, Food & Drink", "Food & Drink"]),
