@@ -223,7 +223,8 @@ def test_labels_are_drawn_in_a_font_that_has_their_glyphs_or_spelt_plainly(monke
         text, font = class_names.drawable("café")
         assert text == "café" and font is class_names._fonts()[1]
     monkeypatch.setattr(class_names, "_fonts", lambda: (default,))   # a system without one
-    assert [class_names.drawable(name)[0] for name in ("café", "Ñandú", "猫", "a猫b")] == ["cafe", "Nandu", "?", "a?b"]
+    plain = [class_names.drawable(name)[0] for name in ("café", "Ñandú", "猫", "a猫b")]
+    assert plain == ["cafe", "Nandu", "?", "a?b"]
     grid = np.full((16, 16, 3), 128, np.uint8)
     assert label_rows(grid, ["café"], 16).shape == label_rows(grid, ["cafe"], 16).shape
 
