@@ -54,9 +54,12 @@ def in_cli_terms(message: str) -> str:
     return message
 
 
-def build_parser() -> Parser:
-    from .editing import MODES, REGIONS  # (torch: imported inside main, where Ctrl-C ends in one line)
+# editing.py's MODES and REGIONS, spelled out: --help must not import torch (editing does); a test keeps them equal
+MODES = ("inpaint", "outpaint", "vary")
+REGIONS = ("left", "right", "top", "bottom", "center", "border")
 
+
+def build_parser() -> Parser:
     p = cli.build_parser(PROG, DESCRIPTION, DEFAULT_OUT, torchrun=False)
     edit = p.add_argument_group("what to edit")
     edit.add_argument("--image", required=True, metavar="PNG",
@@ -116,7 +119,7 @@ def prepare(args):
         raise UsageError(f"--class and --per-class ask for {len(labels):,} edits: ecar-edit holds every image in "
                          f"memory until it writes them, whatever the output, at most {cli.MAX_GRID_IMAGES:,}; "
                          f"split the request (by --class, or with another --seed)")
-    from .editing import REGIONS, fitted_image, fitted_mask
+    from .editing import fitted_image, fitted_mask
     from .pil_input import upright_size
 
     size = None if args.fit else config.image_size
@@ -188,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             if distributed.launched_world_size() > 1:
                 raise UsageError("ecar-edit runs in one process: run it without torchrun (every rank would "
                                  "edit the same images and write the same file)")
-            from .editing import EditInputError
-
             args = build_parser().parse_args(normalize(sys.argv[1:] if argv is None else list(argv)))
             args = cli.resolve_output(args, DEFAULT_OUT)
+            from .editing import EditInputError   # torch: after --help, and inside the Ctrl-C handling
+
             try:  # prepare() and edit() check the inputs (image, mask, mode, from_stage) before any sampling
                 sampler, labels, image, mask = prepare(args)
                 seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
@@ -212,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_FAILED
         except KeyboardInterrupt:  # before user_errors(), whose imports must not run inside an interrupted import
             saved = target.saved() if writing and target else "nothing was written"
+        except SystemExit:   # --help and argparse's errors: matched here, before user_errors() imports torch
+            raise
         except user_errors() as err:
             print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
             return EXIT_USER_ERROR

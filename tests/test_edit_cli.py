@@ -529,3 +529,10 @@ def test_sample_files_are_never_replaced(ckpt, image, tmp_path, capsys, monkeypa
         assert code == 2 and stderr.startswith(f"ecar-edit: error: {why.format(tmp=tmp_path)}"), stderr
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
+
+def test_the_modes_and_regions_ecar_edit_offers_are_editings():
+    """ecar-edit spells out --mode's choices and --mask's regions (its --help must not import torch, which
+    editing.py does): they must stay editing.py's."""
+    from ecar_infer import edit_cli, editing
+
+    assert (edit_cli.MODES, edit_cli.REGIONS) == (editing.MODES, editing.REGIONS)
