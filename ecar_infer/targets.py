@@ -30,9 +30,13 @@ class ResumeError(Exception):
 
 
 def differing_settings(saved: dict, settings: dict) -> list[str]:
-    """The names of the settings whose values in a saved record and in `settings` differ, sorted."""
+    """The names of the settings whose values in a saved record and in `settings` differ, sorted. Unguided
+    (cfg_scale 1 in both), the guidance schedule and interval change no pixel, so they are not compared: a
+    rerun that spells them otherwise resumes (records written before this rule included)."""
     now = json.loads(json.dumps(settings))  # tuples -> lists, as saved
-    return sorted(k for k in now.keys() | saved.keys() if now.get(k) != saved.get(k))
+    unguided = now.get("cfg_scale") == saved.get("cfg_scale") == 1.0
+    ignored = {"cfg_schedule", "cfg_interval"} if unguided else set()
+    return sorted(k for k in (now.keys() | saved.keys()) - ignored if now.get(k) != saved.get(k))
 
 
 # record keys that are no option's name: said with the options that set them

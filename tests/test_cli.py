@@ -780,6 +780,27 @@ def test_a_write_that_fails_is_one_line_with_status_1(ckpt, tmp_path, capsys, mo
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.json"]
 
 
+def test_an_unguided_rerun_resumes_whatever_guidance_schedule_and_interval_it_spells(ckpt, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """At --cfg-scale 1 the schedule and the interval change no pixel, so a rerun that spells them otherwise
+    resumes and writes what one run writes (it was refused, as if its images would differ); guided, they
+    still count."""
+    base = ["--ckpt", ckpt, "--class", "1", "--per-class", "3", "--steps", "2", "--batch-size", "2", "-q"]
+    assert run(capsys, *base, "--cfg-scale", "1", "--outdir", tmp_path / "straight")[0] == 0
+    args = [*base, "--cfg-scale", "1", "--outdir", tmp_path / "out"]
+    start_and_interrupt(capsys, monkeypatch, args + ["--cfg-schedule", "linear", "--cfg-interval", "0.2,0.8"])
+    assert run(capsys, *args)[0] == 0
+
+    def images(folder):
+        return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+    assert len(images(tmp_path / "out")) == 3 and images(tmp_path / "out") == images(tmp_path / "straight")
+    guided = [*base, "--cfg-scale", "2", "--outdir", tmp_path / "guided"]
+    start_and_interrupt(capsys, monkeypatch, guided)
+    code, _, stderr = run(capsys, *guided, "--cfg-schedule", "linear")
+    assert code == 2 and "of a run with other settings (cfg_schedule)" in stderr, stderr
+
+
 @pytest.mark.parametrize("change", ["a field missing", "a field more", "unreadable", "nested too deeply",
                                     "not an object"])
 def test_a_settings_record_that_differs_in_any_way_is_refused(ckpt, tmp_path, capsys, monkeypatch, change):
