@@ -114,7 +114,9 @@ BF16_TOLERANCE = {"mlp": 6e-2, "attention-shortcut": 3e-2}
 
 @pytest.mark.parametrize("head", ["mlp", "attention-shortcut"])
 @torch.no_grad()
-def test_bf16_fast_path_near_fp32_reference_ecar_b(head):
+def test_bf16_fast_path_near_fp32_reference_ecar_b(head, record_property):
+    """Also records, in the GPU suite's junit XML, the fast path's drift and that of the bf16 reference ops, so
+    that the tolerance can become a multiple of the latter (flash-attn's rule) once a GPU has measured both."""
     config = ECARConfig.preset("ecar-b" if head == "mlp" else "ecar-b-attn-sc")
     kwargs = dict(class_labels=[0, 207, 980], seed=0, steps_per_stage=2, cfg_scale=1.5, output_type="latent")
     fast = Sampler.from_config(config, device="cuda", dtype="bf16", seed=0, progress=False)
@@ -124,8 +126,15 @@ def test_bf16_fast_path_near_fp32_reference_ecar_b(head):
                                     cuda_graphs=False, tf32=False)
     with force_backend("reference"):
         expected = reference.generate(**kwargs).images
+    del reference
+    bf16_ops = Sampler.from_config(config, device="cuda", dtype="bf16", seed=0, progress=False, cuda_graphs=False)
+    with force_backend("reference"):
+        ops_error = relative_error(bf16_ops.generate(**kwargs).images, expected)
     error = relative_error(got, expected)
-    assert error <= BF16_TOLERANCE[head], f"bf16 fast path is {error:.3g} (relative L2) from the fp32 reference"
+    record_property("fast_path_relative_error", f"{error:.4g}")
+    record_property("bf16_reference_ops_relative_error", f"{ops_error:.4g}")
+    assert error <= BF16_TOLERANCE[head], (f"bf16 fast path is {error:.3g} (relative L2) from the fp32 reference; "
+                                           f"the bf16 reference ops are {ops_error:.3g}")
 
 
 # In a child process: a failed capture that left the CUDA allocator broken (as torch before 2.12 does unless
