@@ -447,6 +447,20 @@ def test_each_bad_file_gets_one_clear_error(kind, model, tmp_path):
     assert re.search(BAD_FILES[kind], message), message
 
 
+def test_a_checkpoint_whose_header_is_past_the_bound_is_named_in_a_sentence(tmp_path):
+    """The refusal of an oversized header reads 'checkpoint PATH: its safetensors header is N bytes, ...' (the
+    shared reason, 'safetensors header is ...', is worded for whose header it is; without 'its' the line lost
+    its subject). The length is read from the first 8 bytes: nothing of the header is parsed."""
+    from ecar_infer.checks import MAX_HEADER_BYTES
+
+    path = tmp_path / "big.safetensors"
+    path.write_bytes((MAX_HEADER_BYTES + 1).to_bytes(8, "little") + b"{")
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(info.value) == (f"checkpoint {path}: its safetensors header is 16,777,217 bytes, more than an E-CAR "
+                               f"checkpoint's header can need (16,777,216); it is not read")
+
+
 def test_finite_weights_cast_to_fp16_are_not_refused(model, tmp_path):
     """Finiteness is checked on the stored tensors: fp32 weights beyond fp16's range load as fp16 (they
     overflow to infinity there, which is the caller's choice of dtype, not a corrupt file)."""

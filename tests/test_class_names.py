@@ -229,6 +229,34 @@ def test_labels_are_drawn_in_a_font_that_has_their_glyphs_or_spelt_plainly(monke
     assert label_rows(grid, ["café"], 16).shape == label_rows(grid, ["cafe"], 16).shape
 
 
+def test_each_label_is_measured_and_drawn_in_its_own_font():
+    """A row's label is drawn in the font drawable() picked for it, whatever the other rows' labels (drawn in
+    the first row's font, 'cat' below 'café' came out in DejaVu Sans), and the margin is measured in that font:
+    measured in the default font, 'café' in DejaVu Sans (wider) ran into the grid."""
+    from ecar_infer import class_names
+
+    if len(class_names._fonts()) < 2:
+        pytest.skip("no wide font (DejaVu Sans) installed")
+    assert class_names.drawable("café")[1] is not class_names.drawable("cat")[1]
+    grid = np.full((16 * 2 + 2, 16, 3), 128, np.uint8)
+    out = label_rows(grid, ["café", "cat"], row_height=16)
+    margin = out.shape[1] - 16
+    assert np.array_equal(out[:, margin:], grid), "a label ran into the grid"
+    alone = label_rows(grid[:16], ["cat"], row_height=16)
+    shown = alone.shape[1] - 16
+    assert np.array_equal(out[18:34, :shown], alone[:, :shown])
+
+
+def test_the_wide_font_has_the_defaults_size_and_a_label_no_font_draws_whole_is_in_the_default():
+    """The wide font is loaded at the default font's size (a larger one made accented rows taller than the
+    others), and a label that no font draws whole falls back to the default font, spelt plainly."""
+    from ecar_infer import class_names
+
+    default, *wide = class_names._fonts()
+    assert all(class_names._size(font) == class_names._size(default) for font in wide)
+    assert class_names.drawable("猫") == ("?", default) and class_names.drawable("Ñandú猫") == ("Nandu?", default)
+
+
 @pytest.mark.parametrize("labels, columns, expected", [
     ([0, 0, 0, 0, 1, 1, 2, 3, 3, 3], 3,     # rows [0 0 0] [0 1 1] [2 3 3] [3]
      ["Smileys & Emotion", "Smileys & Emotion, People & Body", "Animals & Nature, Food & Drink", "Food & Drink"]),

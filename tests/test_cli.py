@@ -801,6 +801,25 @@ def test_an_unguided_rerun_resumes_whatever_guidance_schedule_and_interval_it_sp
     assert code == 2 and "of a run with other settings (cfg_schedule)" in stderr, stderr
 
 
+@pytest.mark.parametrize("saved_scale, now_scale, differ", [
+    (1, 1.0, []),                                            # unguided both: 1 and 1.0 alike, schedules ignored
+    (2.0, 1.0, ["cfg_interval", "cfg_schedule", "cfg_scale"]),   # the saved run was guided: they all count
+    (1.0, 2.0, ["cfg_interval", "cfg_schedule", "cfg_scale"]),
+    (2.0, 2.0, ["cfg_interval", "cfg_schedule"]),
+])
+def test_the_guidance_schedule_and_interval_are_ignored_only_where_both_runs_are_unguided(saved_scale, now_scale,
+                                                                                          differ):
+    """differing_settings leaves cfg_schedule and cfg_interval out only where both sides have cfg_scale 1:
+    unguided on one side alone, the guided run's schedule shaped its pixels, and a refusal naming cfg_scale
+    alone sent the user back with --cfg-scale set, to be refused again for the schedule."""
+    from ecar_infer.targets import differing_settings
+
+    saved = {"cfg_scale": saved_scale, "cfg_schedule": "constant", "cfg_interval": None, "steps": [2, 2]}
+    now = {"cfg_scale": now_scale, "cfg_schedule": "linear", "cfg_interval": (0.2, 0.8), "steps": (2, 2)}
+    assert differing_settings(saved, now) == sorted(differ)
+    assert differing_settings(json.loads(json.dumps(now)), saved) == sorted(differ)   # either side saved
+
+
 @pytest.mark.parametrize("change", ["a field missing", "a field more", "unreadable", "nested too deeply",
                                     "not an object"])
 def test_a_settings_record_that_differs_in_any_way_is_refused(ckpt, tmp_path, capsys, monkeypatch, change):

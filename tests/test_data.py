@@ -195,6 +195,24 @@ def test_rows_wider_than_a_chunk_are_scaled_in_pieces(monkeypatch, shape):
     assert peak < 5 * values.size, f"{peak:,} bytes for {values.size:,} pixels"
 
 
+@pytest.mark.parametrize("size, chunk, tiles", [
+    ((5, 7), 11, [(0, 0, (2, 5)), (2, 0, (2, 5)), (4, 0, (2, 5)), (6, 0, (1, 5))]),   # as many whole rows as fit
+    ((7, 2), 3, [(0, 0, (1, 3)), (0, 3, (1, 3)), (0, 6, (1, 1)), (1, 0, (1, 3)), (1, 3, (1, 3)), (1, 6, (1, 1))]),
+], ids=["whole rows", "pieces of rows"])
+def test_a_deep_image_is_read_in_tiles_of_as_many_pixels_as_a_chunk_holds(monkeypatch, size, chunk, tiles):
+    """Each tile holds as many whole rows as CHUNK_PIXELS allows (a row wider than that, in pieces of CHUNK_PIXELS
+    and a last partial one): a tile of one row whatever the width gave the same pixels a crop a row (200,000
+    crops for a column of 200,000 pixels)."""
+    from ecar_infer import pil_input
+
+    monkeypatch.setattr(pil_input, "CHUNK_PIXELS", chunk)
+    values = np.arange(size[0] * size[1], dtype=np.float32).reshape(size[1], size[0])
+    got = list(pil_input._tiles(Image.fromarray(values, "F")))
+    assert [(top, left, v.shape) for top, left, v in got] == tiles
+    for top, left, v in got:
+        assert np.array_equal(v, values[top:top + v.shape[0], left:left + v.shape[1]])
+
+
 def test_a_palette_image_with_a_transparent_colour_is_composited_on_white():
     from ecar_infer.pil_input import as_model_image
 

@@ -1064,6 +1064,38 @@ def test_a_stop_between_a_steps_files_and_its_state_redoes_the_step_on_resume(tm
         assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("where", ["the sample grid", "the final file"])
+def test_a_stop_in_any_file_of_the_last_step_before_its_state_redoes_the_step(tmp_path, capsys, monkeypatch, where):
+    """The state is saved after every other file of the step, not only after the EMA export: saved before the
+    sample grid or the final file, a stop there left that file unwritten for good (the rerun was refused,
+    "already at step 4")."""
+    run = TINY_RUN + ["--workdir", str(tmp_path / "run"), "--sample-every", "2"]
+    main(TINY_RUN + ["--workdir", str(tmp_path / "straight"), "--sample-every", "2"])
+    sample_grid, export_ema = command_module.sample_grid, Trainer.export_ema
+
+    def grid_stopped(trainer, *args):
+        if trainer.step == 4:
+            raise KeyboardInterrupt
+        return sample_grid(trainer, *args)
+
+    def final_stopped(self, path, *args):
+        if Path(path).name == "final.safetensors":
+            raise KeyboardInterrupt
+        return export_ema(self, path, *args)
+
+    with monkeypatch.context() as patch:
+        if where == "the sample grid":
+            patch.setattr(command_module, "sample_grid", grid_stopped)
+        else:
+            patch.setattr(Trainer, "export_ema", final_stopped)
+        with pytest.raises(SystemExit):
+            main(run)
+    assert workdir_module.saved_step(tmp_path / "run" / "state.safetensors") == 2
+    main(run + ["--resume"])
+    for name in ("final.safetensors", "ema.safetensors", "samples/step0000004.png", "state.safetensors"):
+        assert (tmp_path / "run" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
 @pytest.mark.parametrize("blows_up", ["loss", "gradient"])
 def test_a_run_that_diverges_stops_at_once_and_keeps_its_last_saved_state(tmp_path, capsys, monkeypatch, blows_up):
     """A step whose loss (a weight gone NaN) or gradient norm (the loss still finite) is not finite stops the
