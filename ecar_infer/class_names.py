@@ -144,7 +144,7 @@ def _fonts() -> tuple:
     for name in WIDE_FONTS:
         try:
             fonts.append(ImageFont.truetype(name, _size(default)))
-        except OSError:   # not installed
+        except (OSError, ImportError):   # not installed, or Pillow built without FreeType
             pass
     return tuple(fonts)
 
@@ -154,8 +154,12 @@ def _size(font) -> int:
 
 
 def _has_glyph(font, ch: str) -> bool:
-    """Whether `font` draws `ch` as itself rather than as its missing-glyph box (a space always counts)."""
-    return ch.isspace() or _glyph(font, ch) != _glyph(font, "\ue000")   # U+E000: private use, in no font here
+    """Whether `font` draws `ch` as itself rather than as its missing-glyph box."""
+    from PIL import ImageFont
+
+    if not isinstance(font, ImageFont.FreeTypeFont):   # Pillow's bitmap font (no FreeType): printable ASCII
+        return ch.isascii() and ch.isprintable()
+    return _glyph(font, ch) != _glyph(font, "\ue000")   # U+E000: private use, in no font here
 
 
 def _glyph(font, ch: str) -> bytes:

@@ -71,7 +71,7 @@ def _tiles(image):
     or pieces of a row wider than that): the image whole as float64 and its temporaries took 9-17 bytes a pixel,
     3 GB at Pillow's largest size (2 x 89M pixels)."""
     width, height = image.size
-    rows, columns = max(1, CHUNK_PIXELS // max(width, 1)), min(width, CHUNK_PIXELS)
+    rows, columns = max(1, CHUNK_PIXELS // max(width, 1)), max(1, min(width, CHUNK_PIXELS))   # 1: no pixels
     for top in range(0, height, rows):
         for left in range(0, width, columns):
             box = (left, top, min(left + columns, width), min(top + rows, height))

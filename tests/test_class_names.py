@@ -257,6 +257,39 @@ def test_the_wide_font_has_the_defaults_size_and_a_label_no_font_draws_whole_is_
     assert class_names.drawable("猫") == ("?", default) and class_names.drawable("Ñandú猫") == ("Nandu?", default)
 
 
+def test_labels_are_drawn_by_a_pillow_built_without_freetype(monkeypatch):
+    """There the default is a bitmap font of printable ASCII and truetype() raises ImportError: the wide font
+    was looked for with `except OSError` and U+E000 drawn in the bitmap font (a UnicodeEncodeError), so every
+    labelled grid failed, "cat" included."""
+    from PIL import ImageFont
+
+    from ecar_infer import class_names
+
+    def no_freetype(*args, **kwargs):
+        raise ImportError("The _imagingft C module is not installed")
+
+    monkeypatch.setattr(ImageFont, "load_default", ImageFont.load_default_imagefont)
+    monkeypatch.setattr(ImageFont, "truetype", no_freetype)
+    class_names._fonts.cache_clear()
+    try:
+        assert [class_names.drawable(name)[0] for name in ("cat", "café", "猫")] == ["cat", "cafe", "?"]
+        assert len(class_names._fonts()) == 1
+        out = label_rows(np.full((16, 16, 3), 128, np.uint8), ["café"], 16)
+        assert (out[:, : out.shape[1] - 16] < 128).any()   # ink in the margin
+    finally:
+        class_names._fonts.cache_clear()
+
+
+def test_a_space_the_default_font_lacks_sends_the_label_to_a_wide_font():
+    """A no-break space counted as drawn (any whitespace did), and the default font drew it as a box."""
+    from ecar_infer import class_names
+
+    default = class_names._fonts()[0]
+    assert class_names._has_glyph(default, " ") and not class_names._has_glyph(default, "\xa0")
+    if len(class_names._fonts()) > 1:
+        assert class_names.drawable("a\xa0b") == ("a\xa0b", class_names._fonts()[1])
+
+
 @pytest.mark.parametrize("labels, columns, expected", [
     ([0, 0, 0, 0, 1, 1, 2, 3, 3, 3], 3,     # rows [0 0 0] [0 1 1] [2 3 3] [3]
      ["Smileys & Emotion", "Smileys & Emotion, People & Body", "Animals & Nature, Food & Drink", "Food & Drink"]),

@@ -213,6 +213,13 @@ def test_a_deep_image_is_read_in_tiles_of_as_many_pixels_as_a_chunk_holds(monkey
         assert np.array_equal(v, values[top:top + v.shape[0], left:left + v.shape[1]])
 
 
+def test_a_deep_image_of_no_pixels_is_read_as_pillow_reads_it():
+    """A 16-bit image 0 pixels wide met a chunk of 0 columns (range() arg 3 must not be zero)."""
+    from ecar_infer.pil_input import as_model_image
+
+    assert as_model_image(Image.fromarray(np.zeros((3, 0), np.uint16)), 1).size == (0, 3)
+
+
 def test_a_palette_image_with_a_transparent_colour_is_composited_on_white():
     from ecar_infer.pil_input import as_model_image
 
