@@ -45,7 +45,7 @@ from ecar_infer.sampler import vae_dtype
 from ecar_infer.vae import build_decoder, sd_vae_random
 
 from .flops import GUIDANCE_SCALE, STEPS_PER_STAGE
-from .measure import DeviceFault, FaultWatch, PeakMemory, median, one_line, time_call, write_profile
+from .measure import DeviceFault, FaultWatch, PeakMemory, error_summary, median, time_call, write_profile
 from .report import environment, environment_line, markdown_table, write_outputs
 
 
@@ -158,7 +158,7 @@ class Bench:
                 call()
                 write_profile(call, self.device, file)
         except Exception as err:  # the warm-up call failed: a profile is never worth the rows, say why in its file
-            file.write_text(f"profiling failed: {one_line(err)}\n")
+            file.write_text(f"profiling failed: {error_summary(err)}\n")
         self.profiles.append(file.name)
         del sampler
         self.faults.release()

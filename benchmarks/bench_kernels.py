@@ -39,7 +39,7 @@ from ecar_infer.graphs import recover_from_failed_capture  # noqa: E402
 from ecar_infer.kernels import dispatch, flash, force_backend  # noqa: E402
 from ecar_infer.stages import StagePlan  # noqa: E402
 
-from benchmarks.measure import matmul_peak, one_line, time_call  # noqa: E402
+from benchmarks.measure import error_summary, matmul_peak, time_call  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -265,7 +265,7 @@ def _capture(fn: Callable, sets: list[tuple], calls: int) -> tuple[torch.cuda.CU
     except Exception as err:
         recover_from_failed_capture(pool, stream)  # so that the next case can capture
         torch.cuda.synchronize()
-        return None, one_line(err)
+        return None, error_summary(err)
     torch.cuda.synchronize()
     return graph, ""
 

@@ -49,7 +49,7 @@ def write_profile(fn: Callable[[], Any], device: torch.device, path: Path, row_l
         sort = "self_device_time_total" if gpu else "self_cpu_time_total"
         atomic_write_text(path, prof.key_averages().table(sort_by=sort, row_limit=row_limit) + "\n")
     except Exception as err:  # any profiler failure (see above)
-        atomic_write_text(path, f"profiling failed: {one_line(err)}\n")
+        atomic_write_text(path, f"profiling failed: {error_summary(err)}\n")
 
 
 class DeviceFault(RuntimeError):
@@ -66,7 +66,8 @@ def is_device_fault(err: BaseException) -> bool:
     return type(err).__name__ == "AcceleratorError" or "CUDA error" in text or "Triton Error [CUDA]" in text
 
 
-def one_line(err: BaseException) -> str:
+def error_summary(err: BaseException) -> str:
+    """'ErrorType: its first line' (at most 200 characters), as a benchmark row records a failure."""
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
 
 
@@ -87,7 +88,7 @@ class FaultWatch:
 
     def row_error(self, err: BaseException) -> str:
         """err as a row's one-line error, remembered as the fault if it left the device unusable."""
-        text = one_line(err)
+        text = error_summary(err)
         if is_device_fault(err):
             self.fault = self.fault or text
         return text
@@ -96,7 +97,7 @@ class FaultWatch:
         try:
             release(self.device)
         except Exception as err:  # after a sticky CUDA error even freeing the cache fails
-            self.fault = self.fault or one_line(err)
+            self.fault = self.fault or error_summary(err)
 
     def stop_if_faulted(self) -> None:
         if self.fault:

@@ -197,20 +197,6 @@ def load_sampler(args, group: distributed.Group = distributed.Group()):
     if args.vae is not None and model_config(args).latent_kind == "pixel":
         raise UsageError(f"--vae {args.vae}: this model works in pixel space and decodes without a VAE; leave "
                          f"--vae out")
-    return load_model(args, group)
-
-
-def model_config(args):
-    """The config of --random-init's preset or of --ckpt's header (a checkpoint that cannot be read is
-    refused here, as loading it would be)."""
-    if args.random_init:
-        return get_preset(args.random_init)
-    from .checkpoint import read_checkpoint_header
-
-    return read_checkpoint_header(checkpoint_path(args.ckpt))[0]
-
-
-def load_model(args, group: distributed.Group):
     from .kernels.dispatch import forced_backend
     from .sampler import Sampler
 
@@ -241,6 +227,16 @@ def load_model(args, group: distributed.Group):
             raise UsageError(f"{path} is a latent-space model that decodes through an SD-VAE: pass --vae PATH "
                              f"(a local diffusers AutoencoderKL folder or .safetensors file)") from None
         raise
+
+
+def model_config(args):
+    """The config of --random-init's preset or of --ckpt's header (a checkpoint that cannot be read is
+    refused here, as loading it would be)."""
+    if args.random_init:
+        return get_preset(args.random_init)
+    from .checkpoint import read_checkpoint_header
+
+    return read_checkpoint_header(checkpoint_path(args.ckpt))[0]
 
 
 def expand_classes(specs: list[list[str | None]], num_classes: int, n: int,
