@@ -28,9 +28,6 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
             world: int, log) -> tuple[Trainer, object, dict[str, str]]:
     """(the trainer at its start or resumed step, the decoder for sample grids, the final metadata), or a
     user error: every check that can fail comes before the first step."""
-    import torch
-    from safetensors import SafetensorError
-
     from ..targets import write_settings
 
     workdir, final = Path(args.workdir), final_path(args)
@@ -67,18 +64,7 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
         recorded_steps = check_same_run(workdir, record, unknown=init_unknown)
         if init_unknown:
             record["init_sha256"] = recorded_settings(workdir).get("init_sha256")
-        try:
-            trainer.load_state(workdir / STATE_FILE)
-        except KeyError as err:   # a damaged state: a tensor or metadata entry missing
-            raise unreadable_state(workdir / STATE_FILE, f"it lacks {err}") from None
-        except (torch.OutOfMemoryError, torch.AcceleratorError):   # RuntimeErrors of the device, not of the file:
-            raise                                                     # the state is sound, never say to delete it
-        except (ConfigError, RuntimeError, SafetensorError, TypeError) as err:   # a tensor of another shape, a config
-            if CPU_OUT_OF_MEMORY in str(err):   # the CPU's out-of-memory is a plain RuntimeError: the state is sound
-                raise UsageError(f"not enough memory to load the resume state {workdir / STATE_FILE} "
-                                 f"({' '.join(str(err).split())[:200]}); it is kept: resume where more memory is "
-                                 f"free") from None
-            raise unreadable_state(workdir / STATE_FILE, err) from None
+        load_resume_state(trainer, workdir / STATE_FILE)
         if settings.steps <= trainer.step:
             raise UsageError(f"--steps {settings.steps}: the run in {workdir} is already at step {trainer.step}; "
                              f"give more --steps to extend it")
@@ -96,6 +82,26 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     if rank == 0:
         write_settings(workdir / SETTINGS_FILE, record)
     return trainer, decoder, metadata
+
+
+def load_resume_state(trainer: Trainer, state: Path) -> None:
+    """trainer.load_state, its failures said as what they mean: a damaged file (delete it to start over) or too
+    little memory (the file is sound and kept)."""
+    import torch
+    from safetensors import SafetensorError
+
+    try:
+        trainer.load_state(state)
+    except KeyError as err:   # a damaged state: a tensor or metadata entry missing
+        raise unreadable_state(state, f"it lacks {err}") from None
+    except (torch.OutOfMemoryError, torch.AcceleratorError):   # RuntimeErrors of the device, not of the file:
+        raise                                                     # the state is sound, never say to delete it
+    except (ConfigError, RuntimeError, SafetensorError, TypeError) as err:   # a tensor of another shape, a config
+        if CPU_OUT_OF_MEMORY in str(err):   # the CPU's out-of-memory is a plain RuntimeError: the state is sound
+            raise UsageError(f"not enough memory to load the resume state {state} "
+                             f"({' '.join(str(err).split())[:200]}); it is kept: resume where more memory is "
+                             f"free") from None
+        raise unreadable_state(state, err) from None
 
 
 def build_config(args: argparse.Namespace) -> ECARConfig:
