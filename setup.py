@@ -28,7 +28,7 @@ setup(
         "console_scripts": [
             "ecar-sample=ecar_infer.cli:main",
             "ecar-edit=ecar_infer.edit_cli:main",
-            "ecar-train=ecar_infer.training.command:main",
+            "ecar-train=ecar_infer.training.train_cli:main",
         ]
     },
 )

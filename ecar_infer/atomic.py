@@ -1,6 +1,6 @@
 """Atomic file writes: the helper that the project's outputs (samples, checkpoints, trainer state,
 benchmark reports, the latent cache's small files) go through; the latent cache's big array is filled in
-place and renamed when complete (training/diskcache.py), and profiler tables are plain writes.
+place and renamed when complete (training/diskcache.py).
 
 A write goes to a temporary file beside the target and is renamed onto it only when complete, so the
 target is either absent, the old file, or the whole new file: never half written (resume logic that

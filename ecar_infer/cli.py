@@ -12,7 +12,8 @@ atomically. --outdir and --npz write each batch as soon as it is sampled (--npz 
 into FILE at the end) beside a record of the run's settings, so rerunning an interrupted command (Ctrl-C
 exits with status 130) resumes it, with any number of ranks, and a rerun with other settings is refused.
 Under torchrun (WORLD_SIZE > 1) each rank samples its share of the batches on its own device; the result
-is byte-identical to one process (ecar_infer/distributed.py).
+is byte-identical to one process (ecar_infer/distributed.py). ecar-edit (edit_cli.py) shares its options,
+model loading, class expansion and outputs from here.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """What the ecar commands share: ecar-sample (cli.py), ecar-edit (edit_cli.py), ecar-train
-(training/command.py), the evaluation scripts and the benchmarks. The user error and the exit statuses,
+(training/train_cli.py), the evaluation scripts and the benchmarks. The user error and the exit statuses,
 SIGTERM stopping a command as Ctrl-C does, argument types, the parser whose errors are user errors, option
 names spelled with underscores, the checks that an output can be written before any work, the content hash
 of a checkpoint or VAE for a run's settings record, and one-line messages and warnings on stderr.

@@ -10,7 +10,7 @@ import pytest
 import ecar_infer.cli
 import ecar_infer.cpu_memory
 import ecar_infer.edit_cli
-import ecar_infer.training.command
+import ecar_infer.training.train_cli
 import ecar_infer.training.edit_quality
 import ecar_infer.training.quality
 
@@ -62,7 +62,7 @@ def test_environment_variable_turns_it_off():
     assert not kept and count > PAGES // 2
 
 
-PROGRAMS = [ecar_infer.cli, ecar_infer.edit_cli, ecar_infer.training.command, ecar_infer.training.quality,
+PROGRAMS = [ecar_infer.cli, ecar_infer.edit_cli, ecar_infer.training.train_cli, ecar_infer.training.quality,
             ecar_infer.training.edit_quality]
 
 

@@ -194,7 +194,7 @@ def test_a_channels_last_tensor_gets_a_hint():
 
 
 def test_a_fitted_image_keeps_its_colour_and_is_read_as_training_reads_it(tmp_path):
-    """ecar-edit --fit brings an image to a colour model's size as the trainer's load_image does, in colour
+    """ecar-edit --fit brings an image to a colour model's size as training's data.load_image does, in colour
     (read in the model's channels, not in grey), so a fine-tuned model edits what it was trained on."""
     from ecar_infer.training.data import load_image
 

@@ -70,7 +70,7 @@ def test_mask_file_white_is_kept_and_outdir_names_match_the_python_api(ckpt, ima
 
 
 def test_fit_reads_an_image_of_any_size_as_training_does_and_its_mask_alike(ckpt, tmp_path, capsys):
-    """--fit brings a 24x20 image to the model's 16x16 by the training rule (the same pixels as the trainer's
+    """--fit brings a 24x20 image to the model's 16x16 by the training rule (the same pixels as training's
     load_image), and a mask image of the same size by the same rule, so it covers the same pixels."""
     from ecar_infer.training.data import load_image
 

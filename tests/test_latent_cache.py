@@ -11,7 +11,7 @@ from ecar_infer import ECARConfig, load_checkpoint
 from ecar_infer.training import latents
 from ecar_infer.training.data import DataDraws, DataError, open_npz
 from ecar_infer.training.latents import LatentBatches, encode_moments, latent_moments
-from ecar_infer.training.command import main
+from ecar_infer.training.train_cli import main
 from ecar_infer.training.prepare import open_training_data
 from ecar_infer.vae import save_autoencoder
 from test_vae import tiny_autoencoder
@@ -272,7 +272,7 @@ def test_a_resume_with_other_settings_is_refused_before_decoding_or_encoding(ima
 def test_the_rank_that_builds_the_caches_reports_them(images, tmp_path, capsys):
     """Under torchrun the ranks race for a cache's lock and any one of them builds it while the others wait:
     the builder reports its progress, named, even where it is not rank 0 (which waits silently)."""
-    from ecar_infer.training.command import parse_args
+    from ecar_infer.training.train_cli import parse_args
     from ecar_infer.training.prepare import prepare
     from ecar_infer.training.trainer import TrainSettings
 

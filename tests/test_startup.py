@@ -46,7 +46,7 @@ load_checkpoint(default_checkpoint())
 """) == []
 
 
-@pytest.mark.parametrize("module", ["cli", "edit_cli", "training.command"])
+@pytest.mark.parametrize("module", ["cli", "edit_cli", "training.train_cli"])
 def test_command_line_help_imports_no_torch(module):
     """`ecar-sample --help`, `ecar-edit --help` and `ecar-train --help` answer without importing torch (about
     2 s on a 2-core machine; ecar-edit's imported it before reading its options)."""

@@ -19,14 +19,14 @@ from PIL import Image
 from conftest import refuse_writes_in
 from ecar_infer import ECARConfig, load_checkpoint
 from ecar_infer.command import UsageError
-from ecar_infer.training import command as command_module
+from ecar_infer.training import train_cli as train_cli_module
 from ecar_infer.training import prepare as prepare_module
 from ecar_infer.training import trainer as trainer_module
 from ecar_infer.training import workdir as workdir_module
 from ecar_infer.training.data import DataDraws, ImageSet, PixelBatches
 from ecar_infer.training.digits import build_split
 from ecar_infer.training.objective import FlowMatchingObjective, StepDraws, draw_step, stage_targets
-from ecar_infer.training.command import main
+from ecar_infer.training.train_cli import main
 from ecar_infer.training.ranks import check_ranks_agree, setup_distributed, teardown_distributed
 from ecar_infer.training.trainer import Trainer, TrainSettings
 
@@ -231,7 +231,7 @@ def test_the_default_settings_are_the_documented_recipe():
     assert (d.steps, d.batch_size, d.lr, d.warmup, d.weight_decay, d.grad_clip, d.ema_decay, d.seed) == (
         3000, 64, 1e-3, 50, 0.01, 1.0, 0.995, 0)
     assert d.lr_at(d.steps) == pytest.approx(1e-4) and d.lr_at(d.warmup) == pytest.approx(1e-3)
-    args = command_module.parse_args([])
+    args = train_cli_module.parse_args([])
     assert (args.steps, args.batch_size, args.lr, args.warmup, args.weight_decay, args.ema_decay, args.seed) == (
         3000, 64, 1e-3, 50, 0.01, 0.995, 0)
 
@@ -583,26 +583,26 @@ def test_an_unwritable_workdir_or_out_folder_is_refused_before_training(tmp_path
 
 
 def test_every_option_says_its_default_and_may_be_spelled_with_underscores():
-    for action in command_module.build_parser()._actions:
+    for action in train_cli_module.build_parser()._actions:
         if action.dest != "help":
             assert "default" in action.help, action.option_strings
-    args = command_module.parse_args(["--batch_size", "8", "--ema_decay=0.9", "--set", "num_classes=5"])
+    args = train_cli_module.parse_args(["--batch_size", "8", "--ema_decay=0.9", "--set", "num_classes=5"])
     assert (args.batch_size, args.ema_decay, args.set) == (8, 0.9, ["num_classes=5"])
 
 
 def test_the_range_checks_take_their_documented_bounds():
     """[0, 1) for --ema-decay and >= 0 for the non-negative options include 0 (an EMA that is the weights, no
     warmup, no weight decay, no sample grids)."""
-    args = command_module.parse_args(["--ema-decay", "0", "--warmup", "0", "--weight-decay", "0",
+    args = train_cli_module.parse_args(["--ema-decay", "0", "--warmup", "0", "--weight-decay", "0",
                                       "--sample-every", "0"])
     assert (args.ema_decay, args.warmup, args.weight_decay, args.sample_every) == (0.0, 0, 0.0, 0)
-    assert command_module.parse_args(["--ema-decay", "0.999999"]).ema_decay == 0.999999
+    assert train_cli_module.parse_args(["--ema-decay", "0.999999"]).ema_decay == 0.999999
 
 
 def test_the_default_workdir_follows_the_data(tmp_path):
     (tmp_path / "pets").mkdir()
     (tmp_path / "faces.npz").write_bytes(b"")
-    workdir = lambda *argv: command_module.parse_args(list(argv)).workdir  # noqa: E731
+    workdir = lambda *argv: train_cli_module.parse_args(list(argv)).workdir  # noqa: E731
     assert workdir() == os.path.join("runs", "digits32")
     assert workdir("--data", f"{tmp_path}/pets/") == os.path.join("runs", "pets")
     assert workdir("--data", str(tmp_path / "faces.npz")) == os.path.join("runs", "faces")
@@ -944,7 +944,7 @@ def test_a_fifo_in_place_of_a_runs_file_is_one_line_not_a_hang(tmp_path, fifo):
     target = tmp_path / "run" / fifo
     target.unlink()
     os.mkfifo(target)
-    done = subprocess.run([sys.executable, "-m", "ecar_infer.training.command", *run, "--resume"],
+    done = subprocess.run([sys.executable, "-m", "ecar_infer.training.train_cli", *run, "--resume"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "is not a regular file (a FIFO, a device or a folder)" in done.stderr
@@ -959,7 +959,7 @@ def test_a_config_may_come_through_a_pipe(tmp_path):
     pipe = tmp_path / "config.pipe"
     os.mkfifo(pipe)
     writer = subprocess.Popen(["sh", "-c", f"cat > {pipe}"], stdin=subprocess.PIPE, text=True)
-    trainer = subprocess.Popen([sys.executable, "-m", "ecar_infer.training.command", "--config", str(pipe),
+    trainer = subprocess.Popen([sys.executable, "-m", "ecar_infer.training.train_cli", "--config", str(pipe),
                                 *TINY_RUN[2:], "--workdir", str(tmp_path / "run")], stderr=subprocess.PIPE, text=True)
     writer.communicate(ECARConfig.preset("ecar-tiny").to_json(), timeout=120)
     _, err = trainer.communicate(timeout=300)
@@ -977,7 +977,7 @@ def test_a_settings_record_larger_than_any_record_is_refused_unread(tmp_path, ca
 
 
 def test_until_may_be_steps():
-    assert command_module.parse_args(TINY_RUN + ["--until", "4"]).until == 4   # TINY_RUN has --steps 4
+    assert train_cli_module.parse_args(TINY_RUN + ["--until", "4"]).until == 4   # TINY_RUN has --steps 4
 
 
 def test_a_larger_steps_extends_a_run_and_says_so(tmp_path, capsys):
@@ -1071,7 +1071,7 @@ def test_a_stop_in_any_file_of_the_last_step_before_its_state_redoes_the_step(tm
     "already at step 4")."""
     run = TINY_RUN + ["--workdir", str(tmp_path / "run"), "--sample-every", "2"]
     main(TINY_RUN + ["--workdir", str(tmp_path / "straight"), "--sample-every", "2"])
-    sample_grid, export_ema = command_module.sample_grid, Trainer.export_ema
+    sample_grid, export_ema = train_cli_module.sample_grid, Trainer.export_ema
 
     def grid_stopped(trainer, *args):
         if trainer.step == 4:
@@ -1085,7 +1085,7 @@ def test_a_stop_in_any_file_of_the_last_step_before_its_state_redoes_the_step(tm
 
     with monkeypatch.context() as patch:
         if where == "the sample grid":
-            patch.setattr(command_module, "sample_grid", grid_stopped)
+            patch.setattr(train_cli_module, "sample_grid", grid_stopped)
         else:
             patch.setattr(Trainer, "export_ema", final_stopped)
         with pytest.raises(SystemExit):
@@ -1240,7 +1240,7 @@ def interrupted(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 
 builtins.__import__ = interrupted
-from ecar_infer.training.command import main   # what the ecar-train script runs
+from ecar_infer.training.train_cli import main   # what the ecar-train script runs
 main({argv!r})
 """
 
@@ -1317,7 +1317,7 @@ def test_ctrl_c_while_the_data_opens_is_one_line(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(prepare_module, "open_training_data", interrupted)
-    monkeypatch.setattr(command_module, "user_errors",
+    monkeypatch.setattr(train_cli_module, "user_errors",
                         lambda: pytest.fail("user_errors() imported during an interrupt"))
     with pytest.raises(SystemExit) as exit_info:
         main(TINY_RUN + ["--workdir", str(tmp_path)])
@@ -1683,5 +1683,5 @@ def test_the_stage_noise_option_offers_exactly_the_objectives_pairings():
     the objective's STAGE_NOISE."""
     from ecar_infer.training.objective import STAGE_NOISE
 
-    action = next(a for a in command_module.build_parser()._actions if "--stage-noise" in a.option_strings)
+    action = next(a for a in train_cli_module.build_parser()._actions if "--stage-noise" in a.option_strings)
     assert tuple(action.choices) == STAGE_NOISE and action.default == TrainSettings().stage_noise == STAGE_NOISE[0]

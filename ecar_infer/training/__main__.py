@@ -1,4 +1,4 @@
 """`python -m ecar_infer.training` (and `torchrun ... -m ecar_infer.training`) is `ecar-train`."""
-from .command import main
+from .train_cli import main
 
 main()

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..output import atomic_path
+from ..atomic import atomic_path
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..output import atomic_path
+from ..atomic import atomic_path
 from ..pil_input import as_model_image, resize_center_crop
 from .data import DataError
 

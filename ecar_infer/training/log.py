@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..output import atomic_path
+from ..atomic import atomic_path
 
 COLUMNS = ("step", "loss", "loss_avg", "lr", "step_seconds", "images_per_s", "tokens_per_s")
 PROGRESS_SECONDS = 10.0   # a cache build's progress: one line at most this often (ImageNet: ~100 lines, not 40,000)

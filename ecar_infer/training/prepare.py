@@ -1,4 +1,4 @@
-"""Everything ecar-train checks before its first step (ecar_infer/training/command.py): the outputs, the
+"""Everything ecar-train checks before its first step (ecar_infer/training/train_cli.py): the outputs, the
 work folder's run against --resume, the config, --metadata, --init, the batch split and the data, the
 cheap checks before the data opens (which may take hours); then the trainer, at its start or resumed
 step."""
@@ -18,7 +18,7 @@ from .trainer import Trainer, TrainSettings, check_batch_split, check_init_fits
 from .workdir import (SETTINGS_FILE, STATE_FILE, check_outputs, check_same_run, final_path, recorded_settings,
                       recorded_vae_id, run_settings, saved_step, unreadable_state)
 
-# torch takes seconds to import: each function imports what it uses (ecar_infer/training/command.py says why)
+# torch takes seconds to import: each function imports what it uses (ecar_infer/training/train_cli.py says why)
 
 
 CPU_OUT_OF_MEMORY = "DefaultCPUAllocator"   # in torch's message when a CPU allocation fails (a RuntimeError)

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..command import UsageError
 from .trainer import Trainer
 
-# torch takes seconds to import: each function imports what it uses (ecar_infer/training/command.py says why)
+# torch takes seconds to import: each function imports what it uses (ecar_infer/training/train_cli.py says why)
 
 
 def say(message: str, rank: int = 0) -> None:

@@ -1,6 +1,7 @@
-"""The training state of ecar-train (ecar_infer/training/command.py): the model, the EMA of its weights (what
+"""The training state of ecar-train (ecar_infer/training/train_cli.py): the model, the EMA of its weights (what
 ships), AdamW, the step generator and the step counter; one training step of the objective of docs/MODEL.md
-("Training objective"), and the resume state.
+("Training objective"), and the resume state. Also what depends on the training state alone: whether an
+--init checkpoint fits the config, whether the batch splits over the ranks, and the EMA's sample grids.
 
 Every random draw of a step (batch indices, per-stage noise, r, label drops, then the data's flips and
 latent noise) comes from one CPU generator for the whole global batch, and rank k trains on rows
@@ -28,7 +29,7 @@ from ..class_names import encode_class_names, label_rows
 from ..checks import some_of
 from ..config import ECARConfig
 
-# torch takes seconds to import: each function imports what it uses (ecar_infer/training/command.py says why)
+# torch takes seconds to import: each function imports what it uses (ecar_infer/training/train_cli.py says why)
 
 
 LOSS_WINDOW = 100   # the steps whose losses loss_avg averages

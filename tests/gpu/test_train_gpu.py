@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ecar_infer import ECARConfig, Sampler, load_checkpoint
-from ecar_infer.training.command import main
+from ecar_infer.training.train_cli import main
 from ecar_infer.training.trainer import TrainSettings
 from test_train import digits16_split, make_trainer
 

@@ -1,5 +1,6 @@
-"""Reference trainer: the training objective of docs/MODEL.md ("Training objective"), AdamW, an EMA of the
-weights (what ships), periodic and resumable checkpoints, and data parallel training with torchrun.
+"""`ecar-train`: the command line and the training loop of the reference trainer (the objective of
+docs/MODEL.md, "Training objective"; AdamW; an EMA of the weights, which is what ships), with periodic and
+resumable checkpoints and data parallel training with torchrun.
 
     ecar-train --preset ecar-digits32 --threads 1 --out my-digits32.safetensors      # work folder runs/digits32
     ecar-train --data my_images/ --preset ecar-emoji32-attn-sc --set depth=8 --set num_classes=5 --flip
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from ..command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, UsageError, checked, normalize,
+from ..command import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USER_ERROR, Parser, UsageError, checked, normalize,
                        positive_int, seed_int, stops_on_sigterm, user_errors, warnings_to_stderr)
 from ..cpu_memory import keep_freed_memory
 from ..distributed import launched_rank
@@ -61,11 +62,6 @@ def user_error(message: str) -> NoReturn:
     """A mistake the user can fix: one line on stderr, exit status 2 (before any training)."""
     print(f"ecar-train: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_USER_ERROR)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:   # argparse's own errors too: one line, status 2
-        user_error(f"{message} (see ecar-train --help)")
 
 
 def build_parser() -> Parser:
@@ -148,6 +144,14 @@ def build_parser() -> Parser:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked: a mistake is a user error (one line, status 2)."""
+    try:
+        return _checked_options(argv)
+    except UsageError as err:
+        user_error(str(err))
+
+
+def _checked_options(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(normalize(sys.argv[1:] if argv is None else list(argv)))
     for option in ("metadata", "set"):
