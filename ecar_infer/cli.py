@@ -295,7 +295,7 @@ def check_sampling_args(args, sampler, count: int) -> None:
 SETTINGS_DTYPE = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}   # as records spell it
 
 
-def run_settings(args, sampler, labels: list[int]) -> dict:
+def sampling_record(args, sampler, labels: list[int]) -> dict:
     """What decides the pixels of a run, with every default resolved (so spelling out a default is no
     change): a rerun writes into the same --npz or --outdir only if all of it agrees."""
 
@@ -351,7 +351,7 @@ def make_target(args, sampler, labels: list[int], seeds: list[int]):
     return GridTarget(args.out, labels, seeds, args.batch_size, columns, names)
 
 
-def prepare(args, group: distributed.Group) -> Job:
+def prepare_job(args, group: distributed.Group) -> Job:
     check_output(args, group.world)
     sampler = load_sampler(args, group)
     labels = expand_classes(args.classes, sampler.config.num_classes, args.per_class, sampler.class_names)
@@ -359,7 +359,7 @@ def prepare(args, group: distributed.Group) -> Job:
     seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
     kwargs = dict(cfg_scale=args.cfg_scale, steps_per_stage=args.steps, cfg_schedule=args.cfg_schedule,
                   cfg_interval=args.cfg_interval, output_type="np", progress=False)
-    return Job(sampler, make_target(args, sampler, labels, seeds), run_settings(args, sampler, labels), kwargs)
+    return Job(sampler, make_target(args, sampler, labels, seeds), sampling_record(args, sampler, labels), kwargs)
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def plan(args, group: distributed.Group) -> tuple[Job | None, list[int] | str]:
     settings record and lists the batches it lacks. Every rank gets the same answer: the batches to sample,
     or the error that stops the run."""
     try:
-        job, error = prepare(args, group), None
+        job, error = prepare_job(args, group), None
     except KeyboardInterrupt:  # before user_errors(), whose imports must not run inside an interrupted import
         raise
     except user_errors() as err:

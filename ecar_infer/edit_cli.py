@@ -108,7 +108,7 @@ def read_image(path: str, what: str, size: int | None):
     return image
 
 
-def prepare(args):
+def prepare_edit(args):
     """Everything before editing, where every user error shows up: (sampler, labels, image, mask)."""
     cli.check_output(args, world=1)
     sampler = cli.load_sampler(args)
@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             args = cli.resolve_output(args, DEFAULT_OUT)
             from .editing import EditInputError   # torch: after --help, and inside the Ctrl-C handling
 
-            try:  # prepare() and edit() check the inputs (image, mask, mode, from_stage) before any sampling
-                sampler, labels, image, mask = prepare(args)
+            try:  # prepare_edit() and edit() check the inputs (image, mask, mode, from_stage) before any sampling
+                sampler, labels, image, mask = prepare_edit(args)
                 seeds = [args.seed + k for k in range(len(labels))]  # image k gets seed SEED+k
                 target = None if args.npz else cli.make_target(args, sampler, labels, seeds)
                 check_no_overwrite(args, target)

@@ -16,7 +16,7 @@ from ..weights import checkpoint_path, shipped_models
 from .ranks import say
 from .trainer import Trainer, TrainSettings, check_batch_split, check_init_fits
 from .workdir import (SETTINGS_FILE, STATE_FILE, check_outputs, check_same_run, final_path, recorded_settings,
-                      recorded_vae_id, run_settings, saved_step, unreadable_state)
+                      recorded_vae_id, training_record, saved_step, unreadable_state)
 
 # torch takes seconds to import: each function imports what it uses (ecar_infer/training/train_cli.py says why)
 
@@ -53,13 +53,13 @@ def prepare(args: argparse.Namespace, settings: TrainSettings, device: torch.dev
     init_unknown = ("init_sha256",) if step is not None and not args.init else ()
     check_batch_split(settings.batch_size, world, args.accum)   # before the data too
     if step is not None:   # before the data, whose decoding and encoding may take hours: all but what they decide
-        check_same_run(workdir, run_settings(args, config, settings),
+        check_same_run(workdir, training_record(args, config, settings),
                        unknown=("data", "config.vae_scaling_factor", *init_unknown))
     data, config, decoder = open_training_data(args, config, device, Path(args.cache_dir or workdir / "cache"), log,
                                                recorded_vae_id(workdir) if step is not None else None,
                                                functools.partial(say, rank=rank))
     trainer = Trainer(config, settings, data, device, rank, world, args.accum, args.grad_checkpoint, args.compile)
-    record = run_settings(args, config, settings, data)
+    record = training_record(args, config, settings, data)
     if step is not None:
         recorded_steps = check_same_run(workdir, record, unknown=init_unknown)
         if init_unknown:

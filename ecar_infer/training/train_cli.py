@@ -51,7 +51,7 @@ decay_float = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 # What a --resume may change: none of it changes the trained numbers (--threads, --accum, the world size
 # and the device only their float rounding: the same command on the same machine resumes bit-identically).
-# Everything else is in the settings record (run_settings).
+# Everything else is in the settings record (training_record).
 FREE_ON_RESUME = ("--until, --out, --ckpt-every, --sample-every, --metadata, --device, --threads, --accum, "
                   "--grad-checkpoint, --compile, --cache-dir and the number of ranks; --init may be left out (a "
                   "resume never reads it); a larger --steps extends the run (its learning-rate schedule then spans "

@@ -2,7 +2,7 @@
 
 The work folder belongs to one run: a command that finds a run's state there continues it with --resume
 and is refused without it, and a --resume whose settings differ from the run's record
-(<workdir>/settings.json: the config, the data's identity, the optimisation settings; run_settings) is
+(<workdir>/settings.json: the config, the data's identity, the optimisation settings; training_record) is
 refused, naming them. The folder holds the resume state (state.safetensors, ecar_infer/training/trainer.py),
 the EMA checkpoint (ema.safetensors), loss.csv and loss.png, and samples/stepNNNNNNN.png, grids of EMA
 samples, one row per class (for 10 evenly spaced classes when there are more). Also here: the lines printed
@@ -29,7 +29,7 @@ EMA_FILE = "ema.safetensors"
 LOG_FILE = "loss.csv"
 PLOT_FILE = "loss.png"
 SAMPLES_DIR = "samples"
-SETTINGS_FILE = "settings.json"   # the record of what decides the trained numbers (run_settings)
+SETTINGS_FILE = "settings.json"   # the record of what decides the trained numbers (training_record)
 
 
 def default_workdir(data: str) -> str:
@@ -134,7 +134,7 @@ def header_metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
-def run_settings(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data=None) -> dict:
+def training_record(args: argparse.Namespace, config: ECARConfig, settings: TrainSettings, data=None) -> dict:
     """What decides the trained numbers, with every default resolved (spelling out a default is no
     change), for the settings record: a --resume must agree on all of it. Without `data`, all but the
     data's identity (what a resume can check before the data opens)."""
