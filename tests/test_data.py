@@ -123,13 +123,24 @@ def test_a_32_bit_image_of_unknown_scale_is_refused_by_name(tmp_path, values, mo
         load_image(path, 2, 1)
 
 
+def gray_and_peak_bytes(image):
+    """(as_model_image(image, 1) as an array, the peak of the bytes numpy allocated meanwhile)."""
+    import tracemalloc
+
+    from ecar_infer.pil_input import as_model_image
+
+    tracemalloc.start()
+    try:
+        return np.asarray(as_model_image(image, 1)), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
 def test_deep_images_are_scaled_a_few_rows_at_a_time_in_bounded_memory(monkeypatch, mode):
     """The whole image as float64 and its temporaries took 9-17 bytes a pixel (3 GB at Pillow's largest
     size); now a few rows at a time. The range that picks the scale is still the whole image's: here its
     largest value lies in the last rows only."""
-    import tracemalloc
-
     from ecar_infer import pil_input
 
     side = 1000
@@ -140,12 +151,7 @@ def test_deep_images_are_scaled_a_few_rows_at_a_time_in_bounded_memory(monkeypat
     scale = {"I;16": 1 / 257, "I": 1 / 257, "F": 1.0}[mode]
     whole = np.round(values * scale).astype(np.uint8)
     monkeypatch.setattr(pil_input, "CHUNK_PIXELS", 3 * side + 7)   # chunks of 3 rows, the last one shorter
-    tracemalloc.start()
-    try:
-        got = np.asarray(pil_input.as_model_image(image, 1))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = gray_and_peak_bytes(image)
     assert np.array_equal(got, whole)
     assert peak < 3 * side * side, f"{peak:,} bytes for a {side}x{side} image"   # the 8-bit result, its array
 
@@ -176,20 +182,13 @@ def test_a_deep_images_scale_is_its_whole_range_wherever_its_extremes_lie(monkey
 def test_rows_wider_than_a_chunk_are_scaled_in_pieces(monkeypatch, shape):
     """A chunk held whole rows, at least one: Pillow takes a single row of up to 178M pixels, which then went
     to float64 whole (about 25 bytes a pixel). A row wider than CHUNK_PIXELS is cut into pieces."""
-    import tracemalloc
-
     from ecar_infer import pil_input
 
     values = np.random.default_rng(2).random(shape, dtype=np.float32)
     values.flat[-1] = 1.0   # the range, [0, 1]: intensities
     image = Image.fromarray(values, "F")
     monkeypatch.setattr(pil_input, "CHUNK_PIXELS", 1000)
-    tracemalloc.start()
-    try:
-        got = np.asarray(pil_input.as_model_image(image, 1))
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    got, peak = gray_and_peak_bytes(image)
     assert np.array_equal(got, np.round(values.astype(np.float64) * 255).astype(np.uint8))
     # a few 8-bit copies of the result (numpy's and PIL's); a float64 of the whole row alone is 8 bytes a pixel
     assert peak < 5 * values.size, f"{peak:,} bytes for {values.size:,} pixels"

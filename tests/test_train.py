@@ -1292,7 +1292,7 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
         run.kill()
         run.wait()
     assert run.returncode == 130, err
-    assert err.splitlines()[-1].startswith(f"ecar-train: interrupted; the last saved state is step "), err
+    assert err.splitlines()[-1].startswith("ecar-train: interrupted; the last saved state is step "), err
     assert err.splitlines()[-1].endswith(f"in {workdir / 'state.safetensors'}: rerun the same command with --resume "
                                          f"to continue it"), err
     assert "Traceback" not in err and not list(workdir.rglob("*.tmp"))
@@ -1510,15 +1510,20 @@ def _ddp_worker(rank, port, out, config_json=None):
     os._exit(0)
 
 
-def run_two_ranks(config_json=None) -> dict:
-    """What the two gloo DDP ranks of _ddp_worker report."""
+def spawn_two_ranks(worker, *args) -> dict:
+    """What two gloo ranks running worker(rank, port, out, *args) put in `out`."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_ddp_worker, args=(port, out, config_json), nprocs=2)
+        mp.spawn(worker, args=(port, out, *args), nprocs=2)
         return dict(out)
+
+
+def run_two_ranks(config_json=None) -> dict:
+    """What the two gloo DDP ranks of _ddp_worker report."""
+    return spawn_two_ranks(_ddp_worker, config_json)
 
 
 @pytest.fixture(scope="module")
@@ -1597,13 +1602,7 @@ def test_ddp_ranks_stop_alike_and_name_bad_data_that_one_rank_read(one_thread):
     reads = record_reads(single)
     single.train_step()
     bad_row = min(set(reads[0][1::2]) - set(reads[0][0::2]))   # a row of step 2 that rank 1 reads, rank 0 not
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_diverge_worker, args=(port, out, bad_row), nprocs=2)
-        out = dict(out)
+    out = spawn_two_ranks(_diverge_worker, bad_row)
     assert out["stopped0"] == out["stopped1"] == (2, (f"row {bad_row} here", "fix it"))
 
 
@@ -1649,13 +1648,7 @@ def test_ranks_that_resume_different_steps_or_read_different_data_are_refused(on
     rank 1 another step; every rank refuses instead of training different weights under one DDP. Ranks whose
     data differs (a copy per machine, one of them changed) are refused as well: DDP would average the
     gradients of different images."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_agree_worker, args=(port, out), nprocs=2)
-        out = dict(out)
+    out = spawn_two_ranks(_agree_worker)
     assert out["same0"] == out["same1"] == "ok"
     assert out["differ0"] == out["differ1"] == (
         "the ranks found different runs in --workdir runs/x (steps [7, 8], by rank): every rank must see the "
